@@ -1,0 +1,127 @@
+"""``load(path_or_repo)``: mlx-community directories, Hugging Face hub ids (from the
+local cache only) and GGUF files, all into mlx-lm's model classes and tokenizer wrapper."""
+
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+from mlx_lm.utils import _get_classes, load_model, load_tokenizer, save_config
+
+from . import gguf
+from .errors import ModelError
+
+
+def default_dtype():
+    """float32 where MLX runs on the CPU (its float16 is ~35x slower there);
+    None (keep the stored dtype, as mlx-lm does) where Metal runs."""
+    return None if mx.metal.is_available() else mx.float32
+
+
+def resolve(path_or_repo: str, revision: str | None = None) -> Path:
+    """A local path, or a hub id found in huggingface_hub's cache. Never downloads."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        return path
+    looks_like_repo = path_or_repo.count("/") == 1 and not path_or_repo.startswith((".", "/", "~"))
+    if not looks_like_repo:
+        raise ModelError(f"model path '{path_or_repo}' does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(path_or_repo, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, OSError):
+        raise ModelError(
+            f"model '{path_or_repo}' is not a local path and is not in the Hugging Face cache; "
+            f"download it first with `hf download {path_or_repo}` on a machine with network access"
+        ) from None
+
+
+def _is_gguf(path: Path) -> bool:
+    if path.suffix.lower() == ".gguf":
+        return True
+    with open(path, "rb") as fid:
+        return fid.read(4) == gguf.GGUF_MAGIC
+
+
+def cast_floats(model: nn.Module, dtype) -> None:
+    """Cast every floating parameter (norms, scales, biases, float weights) to ``dtype``."""
+    if dtype is None:
+        return
+    model.update(
+        tree_map(
+            lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+            model.parameters(),
+        )
+    )
+
+
+def load_gguf(path: Path, lazy: bool = False):
+    """``(model, tokenizer, config)`` from a GGUF file, quantized tensors kept as they are."""
+    metadata, tensors = gguf.read_header(path)
+    config = gguf.model_config(metadata, tensors, path)
+    weights = gguf.load_weights(path)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    if quantization := config.get("quantization"):
+        # As mlx-lm's load_model: per-module overrides, else quantize what has scales.
+        nn.quantize(
+            model,
+            group_size=quantization["group_size"],
+            bits=quantization["bits"],
+            class_predicate=lambda p, m: quantization.get(
+                p, hasattr(m, "to_quantized") and f"{p}.scales" in weights
+            ),
+        )
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_config(config, Path(tmp) / "config.json")
+        gguf.write_tokenizer(metadata, path, tmp)
+        tokenizer = load_tokenizer(Path(tmp), eos_token_ids=config.get("eos_token_id"))
+    if not lazy:
+        mx.eval(model.parameters())
+    return model, tokenizer, config
+
+
+def _check_model_dir(path: Path):
+    if not (path / "config.json").is_file():
+        raise ModelError(f"'{path}' is not a model directory (no config.json)")
+    if not any(path.glob("model*.safetensors")):
+        raise ModelError(f"'{path}' is not a model directory (no model*.safetensors)")
+
+
+def load(
+    path_or_repo: str,
+    *,
+    dtype="auto",
+    lazy: bool = False,
+    return_config: bool = False,
+    revision: str | None = None,
+):
+    """Load ``(model, tokenizer)`` from an mlx directory, a cached hub id or a ``.gguf`` file.
+
+    ``dtype``: compute dtype of the floating parameters; ``"auto"`` keeps the stored
+    dtype on Metal and uses float32 on the CPU backend; ``None`` keeps the stored dtype.
+    """
+    path = resolve(str(path_or_repo), revision)
+    if path.is_file():
+        if not _is_gguf(path):
+            raise ModelError(f"'{path}' is neither a model directory nor a GGUF file")
+        model, tokenizer, config = load_gguf(path, lazy=True)
+    elif path.is_dir():
+        _check_model_dir(path)
+        model, config = load_model(path, lazy=True)
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    else:
+        raise ModelError(f"'{path}' is neither a model directory nor a GGUF file")
+    if config.get("qspec", {}).get("rotation"):
+        from .quant.rotate import apply_online_rotations
+
+        apply_online_rotations(model, config)
+    cast_floats(model, default_dtype() if dtype == "auto" else dtype)
+    if not lazy:
+        mx.eval(model.parameters())
+    return (model, tokenizer, config) if return_config else (model, tokenizer)
