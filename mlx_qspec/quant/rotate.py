@@ -1,0 +1,304 @@
+"""QuaRot-style rotation of a llama-family model, so that its activations quantize to 4 bits.
+
+Activation outliers make per-token A4 useless for drafting (SPEC.md §6). An orthogonal change
+of basis spreads each outlier over many channels without changing the function the model
+computes:
+
+- RMSNorm gains are folded into the linears that read the norm (norm weights become 1), so
+  the norm commutes with a rotation of the residual stream;
+- the residual stream is rotated by one orthogonal ``Q``: the embedding and the linears that
+  read it (q/k/v, gate/up, LM head) get ``W Q``, the linears that write it (o_proj, down_proj)
+  get ``Qᵀ W``;
+- online Hadamard transforms run on the inputs of ``o_proj`` (per head) and ``down_proj``
+  (whole intermediate); their transposes are folded into those weights.
+
+The rotated model is then re-quantized to 4-bit (round-to-nearest, or mlx-lm's GPTQ). It is
+a different model from the original (the rounding differs); speculative decoding is lossless
+with respect to it. Its forward runs the online Hadamards in verify and draft alike.
+"""
+
+import copy
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+WEIGHT_BITS = 4
+WEIGHT_GROUP = 32
+EMBED_BITS = 8
+EMBED_GROUP = 32
+ONLINE = ("o_proj", "down_proj")
+RESIDUAL_KINDS = ("random", "block-hadamard")
+_HADAMARD_BASES = (1, 12, 20, 28)
+_LLAMA_FAMILY = ("llama",)
+
+
+def hadamard_size_ok(n: int) -> bool:
+    """Whether ``mx.hadamard_transform`` takes size ``n`` (m·2^k, m ∈ {1, 12, 20, 28}).
+
+    Decided arithmetically: MLX 0.32 can crash (double free) instead of raising on some
+    unsupported sizes, 576 among them, so never probe it with a call.
+    """
+    for m in _HADAMARD_BASES:
+        if n >= m and n % m == 0 and (n // m) & (n // m - 1) == 0:
+            return True
+    return False
+
+
+def check_rotatable(config: dict) -> None:
+    """Raise ValueError naming the first size or feature the rotation cannot take.
+
+    Cheap and compute-free, so the converter can call it before loading any weights.
+    """
+    mt = config.get("model_type")
+    if mt not in _LLAMA_FAMILY:
+        raise ValueError(f"--rotate supports model_type {_LLAMA_FAMILY}, not {mt!r}")
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            raise ValueError(f"--rotate does not support linear biases ({key}=true)")
+    hidden = config["hidden_size"]
+    inter = config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    if not hadamard_size_ok(inter):
+        raise ValueError(
+            f"--rotate: intermediate_size {inter} is not a size mx.hadamard_transform takes "
+            f"(m*2^k, m in {_HADAMARD_BASES}); the online Hadamard before down_proj needs it"
+        )
+    if not hadamard_size_ok(head_dim):
+        raise ValueError(
+            f"--rotate: head_dim {head_dim} is not a size mx.hadamard_transform takes "
+            f"(m*2^k, m in {_HADAMARD_BASES}); the per-head Hadamard before o_proj needs it"
+        )
+    for name, n in (("hidden_size", hidden), ("intermediate_size", inter),
+                    ("num_attention_heads*head_dim", heads * head_dim)):
+        if n % WEIGHT_GROUP:
+            raise ValueError(
+                f"--rotate: {name} {n} is not a multiple of the quantization group "
+                f"size {WEIGHT_GROUP}"
+            )
+
+
+class OnlineHadamard(nn.Module):
+    """Applies a (block-wise) Hadamard to the input, then the wrapped linear.
+
+    The linear stays reachable as ``self.linear`` so tree-walking layer replacement (the
+    draft/verify linear) still finds and swaps it; the transform then runs in every mode.
+    """
+
+    def __init__(self, linear: nn.Module, block: int):
+        super().__init__()
+        self.linear = linear
+        self.block = block
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear(_block_hadamard(x, self.block))
+
+
+def _block_hadamard(x: mx.array, block: int) -> mx.array:
+    """Orthonormal Hadamard on each consecutive ``block`` of the last axis."""
+    shape = x.shape
+    y = mx.hadamard_transform(x.reshape(*shape[:-1], shape[-1] // block, block),
+                              scale=block**-0.5)
+    return y.reshape(shape)
+
+
+def apply_online_rotations(model: nn.Module, config: dict) -> nn.Module:
+    """Wrap ``o_proj`` and ``down_proj`` of a freshly loaded rotated model in their Hadamards.
+
+    Does nothing when config.json carries no rotation; wrapping twice is a no-op.
+    """
+    rot = config.get("qspec", {}).get("rotation")
+    if rot is None:
+        return model
+    blocks = rot["online_blocks"]
+    for layer in model.model.layers:
+        for parent, name in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
+            mod = getattr(parent, name)
+            if not isinstance(mod, OnlineHadamard):
+                setattr(parent, name, OnlineHadamard(mod, blocks[name]))
+    return model
+
+
+def _float_weight(m: nn.Module) -> mx.array:
+    """The module's weight as float32, dequantized if it is stored quantized."""
+    if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size,
+                          bits=m.bits, mode=m.mode)
+    else:
+        w = m.weight
+    return w.astype(mx.float32)
+
+
+def _scale_dtype(model: nn.Module) -> mx.Dtype:
+    """Keep the source's storage dtype for scales/biases (float16 costs 1 bit/weight less)."""
+    for _, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        if isinstance(m, nn.QuantizedLinear):
+            return m.scales.dtype
+    return mx.float32
+
+
+def residual_rotation(d: int, kind: str = "random", seed: int = 0) -> mx.array:
+    """A d×d orthogonal matrix for the residual stream.
+
+    ``random``: Haar-random (QR of a seeded Gaussian), mixes all d channels.
+    ``block-hadamard``: random signs, then Hadamard on the largest blocks MLX takes that
+    divide d (576 → 3 blocks of 192), so outliers mix only within a block.
+    """
+    key = mx.random.key(seed)
+    if kind == "random":
+        a = mx.random.normal((d, d), key=key, dtype=mx.float32)
+        q, r = mx.linalg.qr(a, stream=mx.cpu)
+        return q * mx.sign(mx.diag(r))[None, :]
+    if kind == "block-hadamard":
+        block = max(b for b in range(1, d + 1) if d % b == 0 and hadamard_size_ok(b))
+        signs = mx.where(mx.random.bernoulli(key=key, shape=(d,)), 1.0, -1.0)
+        return _block_hadamard(mx.diag(signs.astype(mx.float32)), block)
+    raise ValueError(f"residual rotation must be one of {RESIDUAL_KINDS}, not {kind!r}")
+
+
+def rotate_weights(model: nn.Module, config: dict, *, residual: str = "random",
+                   seed: int = 0, progress: bool = True) -> dict:
+    """Float32 weights of the rotated model (norms fused, Q applied, Hadamards folded).
+
+    Keys are mlx-lm's (``lm_head.weight`` always present: fusing the final norm gain unties
+    the head from the embedding). Computing with these weights plus
+    :func:`apply_online_rotations` gives the original model's logits up to float rounding.
+    """
+    check_rotatable(config)
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    inter = config["intermediate_size"]
+    Q = residual_rotation(hidden, residual, seed)
+    inner = model.model
+    embed = _float_weight(inner.embed_tokens)
+    head = embed if getattr(model, "lm_head", None) is None else _float_weight(model.lm_head)
+    out = {
+        "model.embed_tokens.weight": embed @ Q,
+        "lm_head.weight": (head * inner.norm.weight.astype(mx.float32)) @ Q,
+        "model.norm.weight": mx.ones((hidden,), mx.float32),
+    }
+    mx.eval(out)
+    n = len(inner.layers)
+    for i, layer in enumerate(inner.layers):
+        p = f"model.layers.{i}."
+        attn, mlp = layer.self_attn, layer.mlp
+        g_attn = layer.input_layernorm.weight.astype(mx.float32)
+        g_mlp = layer.post_attention_layernorm.weight.astype(mx.float32)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            out[p + f"self_attn.{name}.weight"] = (_float_weight(getattr(attn, name)) * g_attn) @ Q
+        for name in ("gate_proj", "up_proj"):
+            out[p + f"mlp.{name}.weight"] = (_float_weight(getattr(mlp, name)) * g_mlp) @ Q
+        # o = h Wᵀ; online h ↦ h H, so the stored weight is (Qᵀ W) H, row by row.
+        out[p + "self_attn.o_proj.weight"] = _block_hadamard(Q.T @ _float_weight(attn.o_proj),
+                                                             head_dim)
+        out[p + "mlp.down_proj.weight"] = _block_hadamard(Q.T @ _float_weight(mlp.down_proj),
+                                                          inter)
+        out[p + "input_layernorm.weight"] = mx.ones((hidden,), mx.float32)
+        out[p + "post_attention_layernorm.weight"] = mx.ones((hidden,), mx.float32)
+        mx.eval(out)
+        if progress:
+            print(f"\rrotate: layer {i + 1}/{n}", end="" if i + 1 < n else "\n",
+                  file=sys.stderr, flush=True)
+    return out
+
+
+def rotated_config(config: dict, *, residual: str, seed: int, method: str) -> dict:
+    """config.json of the rotated 4-bit model: untied head, 8-bit embedding/head, rotation."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    cfg = copy.deepcopy(config)
+    cfg.pop("quantization_config", None)
+    cfg["tie_word_embeddings"] = False
+    cfg["quantization"] = {
+        "group_size": WEIGHT_GROUP, "bits": WEIGHT_BITS, "mode": "affine",
+        "model.embed_tokens": {"group_size": EMBED_GROUP, "bits": EMBED_BITS},
+        "lm_head": {"group_size": EMBED_GROUP, "bits": EMBED_BITS},
+    }
+    cfg.setdefault("qspec", {})["rotation"] = {
+        "online_hadamard": list(ONLINE),
+        "online_blocks": {"o_proj": head_dim, "down_proj": config["intermediate_size"]},
+        "residual": residual,
+        "seed": seed,
+        "method": method,
+    }
+    return cfg
+
+
+def build_model(weights: dict, config: dict) -> nn.Module:
+    """An mlx-lm model from (weights, config) in saved layout, online Hadamards applied.
+
+    The same steps as loading the saved directory, without the disk round-trip.
+    """
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    quant = config.get("quantization")
+    if quant is not None:
+        nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
+                    class_predicate=lambda p, m: quant.get(p, hasattr(m, "to_quantized")))
+    model.load_weights(list(weights.items()))
+    model.eval()
+    apply_online_rotations(model, config)
+    mx.eval(model.parameters())
+    return model
+
+
+def _quantize_rtn(w: mx.array, bits: int, group: int, prefix: str, dtype) -> dict:
+    q, s, b = mx.quantize(w, group_size=group, bits=bits)
+    return {prefix + "weight": q, prefix + "scales": s.astype(dtype),
+            prefix + "biases": b.astype(dtype)}
+
+
+def _gptq(fw: dict, config: dict, calibration: mx.array, dtype) -> dict:
+    """Re-quantize the linears with mlx-lm's GPTQ on the float rotated model.
+
+    Embedding and head are RTN 8-bit beforehand, so GPTQ (which takes every ``nn.Linear``)
+    sees exactly the 4-bit linears, with the Hessians of their post-Hadamard inputs.
+    """
+    from mlx_lm.quant.gptq import gptq_quantize
+
+    float_cfg = {k: v for k, v in config.items() if k != "quantization"}
+    model = build_model(fw, float_cfg)
+    model.model.embed_tokens = model.model.embed_tokens.to_quantized(group_size=EMBED_GROUP,
+                                                                     bits=EMBED_BITS)
+    model.lm_head = model.lm_head.to_quantized(group_size=EMBED_GROUP, bits=EMBED_BITS)
+    gptq_quantize(model, calibration, WEIGHT_BITS, WEIGHT_GROUP, EMBED_BITS, EMBED_GROUP,
+                  batch_size=1)
+    params = {k.replace(".linear.", "."): v for k, v in tree_flatten(model.parameters())}
+    return {k: (v.astype(dtype) if k.endswith(("scales", "biases")) else v)
+            for k, v in params.items()}
+
+
+def rotate_model(model: nn.Module, config: dict, *, method: str = "rtn",
+                 calibration: mx.array | None = None, residual: str = "random",
+                 seed: int = 0, progress: bool = True) -> tuple[dict, dict]:
+    """Rotate and re-quantize: ``(weights, config)`` as mlx-lm's save would write them.
+
+    ``method``: ``"rtn"`` (round-to-nearest) or ``"gptq"`` (mlx-lm's GPTQ; needs
+    ``calibration``, int token ids of shape (samples, length)). Linears 4-bit group 32,
+    embedding and the now-untied LM head 8-bit group 32; scales keep the source's dtype.
+    """
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"method must be 'rtn' or 'gptq', not {method!r}")
+    if method == "gptq" and calibration is None:
+        raise ValueError("method='gptq' needs calibration token ids (samples, length)")
+    check_rotatable(config)
+    dtype = _scale_dtype(model)
+    cfg = rotated_config(config, residual=residual, seed=seed, method=method)
+    fw = rotate_weights(model, config, residual=residual, seed=seed, progress=progress)
+    if method == "gptq":
+        return _gptq(fw, cfg, calibration, dtype), cfg
+    weights = {}
+    for k, w in fw.items():
+        if not k.endswith("proj.weight") and k not in ("model.embed_tokens.weight",
+                                                        "lm_head.weight"):
+            weights[k] = w
+            continue
+        prefix = k[: -len("weight")]
+        big = k in ("model.embed_tokens.weight", "lm_head.weight")
+        weights.update(_quantize_rtn(w, EMBED_BITS if big else WEIGHT_BITS,
+                                     EMBED_GROUP if big else WEIGHT_GROUP, prefix, dtype))
+        mx.eval(weights)
+    return weights, cfg
