@@ -1,0 +1,107 @@
+"""``python -m mlx_qspec.convert --model X.gguf --mlx-path DIR``: GGUF → an mlx-community
+style directory that stock mlx-lm loads. The quantized tensors are copied as they are
+(no dequantize / requantize), so stock mlx-lm on DIR computes what we compute on X.gguf.
+``--rotate`` writes the QuaRot-rotated model instead (loadable by mlx_qspec only).
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.utils import save_config, save_model
+
+from . import gguf
+from .errors import ModelError
+from .loader import cast_floats, load_gguf, resolve
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def progress(label: str, done: int, total: int, stream=sys.stderr) -> None:
+    """A one-line progress bar, redrawn in place."""
+    width = 30
+    filled = width * done // max(total, 1)
+    end = "\n" if done >= total else ""
+    stream.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{end}")
+    stream.flush()
+
+
+def _check_destination(mlx_path: Path) -> None:
+    if mlx_path.exists() and (not mlx_path.is_dir() or any(mlx_path.iterdir())):
+        raise ModelError(f"--mlx-path '{mlx_path}' exists and is not empty; refusing to overwrite")
+
+
+def convert(
+    model: str,
+    mlx_path: str,
+    dtype: str | None = None,
+    rotate: bool = False,
+    rotate_method: str = "rtn",
+) -> Path:
+    """Convert a GGUF file to an mlx directory; returns the directory."""
+    mlx_path = Path(mlx_path)
+    _check_destination(mlx_path)
+    src = resolve(model)
+    if not src.is_file():
+        raise ModelError(f"--model '{model}' is not a GGUF file")
+    if dtype is not None and dtype not in DTYPES:
+        raise ModelError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    metadata, _ = gguf.read_header(src)
+    model_obj, _, config = load_gguf(src, lazy=True)
+    if rotate:
+        from .quant.rotate import check_rotatable
+
+        check_rotatable(config)
+    cast_floats(model_obj, DTYPES.get(dtype))
+
+    layers = model_obj.layers
+    for i, layer in enumerate(layers):
+        mx.eval(layer.parameters())
+        progress("loading", i + 1, len(layers))
+    mx.eval(model_obj.parameters())
+
+    created = not mlx_path.exists()
+    mlx_path.mkdir(parents=True, exist_ok=True)
+    try:
+        if rotate:
+            from mlx.utils import tree_unflatten
+
+            from .quant.rotate import rotate_model
+
+            weights, config = rotate_model(model_obj, config, method=rotate_method)
+            model_obj.update(tree_unflatten(list(weights.items())))
+        print("writing model.safetensors", file=sys.stderr)
+        save_model(mlx_path, model_obj, donate_model=True)
+        save_config(config, mlx_path / "config.json")
+        gguf.write_tokenizer(metadata, src, mlx_path)
+    except BaseException:
+        if created:
+            shutil.rmtree(mlx_path, ignore_errors=True)
+        raise
+    print(f"wrote {mlx_path}", file=sys.stderr)
+    return mlx_path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="mlx_qspec.convert", description="Convert a GGUF model to an mlx directory."
+    )
+    parser.add_argument("--model", "--hf-path", required=True, help="The .gguf file to convert")
+    parser.add_argument("--mlx-path", default="mlx_model", help="Directory to write (must not exist or be empty)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="dtype of the float parameters (norms, scales, biases); default: as stored")
+    parser.add_argument("--rotate", action="store_true",
+                        help="QuaRot-style rotation for 4-bit activation drafts (loadable by mlx_qspec only)")
+    parser.add_argument("--rotate-method", choices=["rtn", "gptq"], default="rtn",
+                        help="How the rotated weights are re-quantized to 4 bits")
+    args = parser.parse_args(argv)
+    try:
+        convert(args.model, args.mlx_path, args.dtype, args.rotate, args.rotate_method)
+    except ModelError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()
