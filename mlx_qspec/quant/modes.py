@@ -58,7 +58,7 @@ DRAFT_MODES: dict[str, DraftMode] = {
 }
 
 
-def draft_mode_help() -> str:
+def draft_help() -> str:
     """One line per valid ``--draft`` name, for the CLI's help text."""
     lines = [f"{NONE}: no speculation, plain decoding"]
     lines += [f"{name}: {_describe(m)}" for name, m in DRAFT_MODES.items()]
