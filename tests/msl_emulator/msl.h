@@ -1,0 +1,602 @@
+// The Metal Shading Language subset, in C++17, for running Metal kernels on Linux.
+//
+// Threads of a threadgroup are cooperative fibers (ucontext): a barrier or a SIMD-group
+// op suspends the fiber until every live thread it concerns has arrived, so barriers
+// and 32-wide SIMD-group ops behave as on an Apple GPU. Device and constant buffers are
+// reached only through msl::dptr, which bounds-checks every access (naming the buffer and
+// index) and counts the bytes loaded through const (input) buffers.
+#pragma once
+#include <cstdint>
+#include <cstddef>
+#include <cstring>
+#include <cstdio>
+#include <limits>
+#include <type_traits>
+#include <stdexcept>
+#include <string>
+#include <ucontext.h>
+
+typedef unsigned int uint;
+typedef unsigned short ushort;
+typedef unsigned char uchar;
+typedef unsigned long ulong;
+typedef _Float16 half;
+typedef _Float16 float16_t;
+
+// ---------------------------------------------------------------- bfloat16
+struct bfloat16_t {
+  uint16_t bits;
+  bfloat16_t() = default;
+  static uint16_t from_float(float f) {
+    uint32_t u; std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN
+    u += 0x7fffu + ((u >> 16) & 1u);                                          // RNE
+    return uint16_t(u >> 16);
+  }
+  template <class F, class = std::enable_if_t<std::is_arithmetic<F>::value>>
+  bfloat16_t(F f) : bits(from_float(float(f))) {}
+  operator float() const { uint32_t u = uint32_t(bits) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+};
+typedef bfloat16_t bfloat;
+#define MSL_BF_OP(op) \
+  inline bfloat16_t operator op(bfloat16_t a, bfloat16_t b) { return bfloat16_t(float(a) op float(b)); } \
+  inline bfloat16_t& operator op##=(bfloat16_t& a, bfloat16_t b) { a = a op b; return a; }
+MSL_BF_OP(+) MSL_BF_OP(-) MSL_BF_OP(*) MSL_BF_OP(/)
+#undef MSL_BF_OP
+inline bfloat16_t operator-(bfloat16_t a) { return bfloat16_t(-float(a)); }
+#define MSL_BF_CMP(op) inline bool operator op(bfloat16_t a, bfloat16_t b) { return float(a) op float(b); }
+MSL_BF_CMP(<) MSL_BF_CMP(>) MSL_BF_CMP(<=) MSL_BF_CMP(>=) MSL_BF_CMP(==) MSL_BF_CMP(!=)
+#undef MSL_BF_CMP
+
+// ---------------------------------------------------------------- vectors
+template <class T, int N> struct vec;
+template <class T, int N, int... I> struct swz {
+  T d[N];
+  operator vec<T, sizeof...(I)>() const { return vec<T, sizeof...(I)>(d[I]...); }
+  swz& operator=(const vec<T, sizeof...(I)>& v) { int k = 0; ((d[I] = v[k++]), ...); return *this; }
+};
+
+#define MSL_VEC_COMMON(N)                                                              \
+  vec() = default;                                                                    \
+  template <class S, class = std::enable_if_t<std::is_convertible<S, T>::value && !std::is_class<S>::value>> \
+  vec(S s) { for (int i = 0; i < N; i++) (*this)[i] = T(s); }                            \
+  vec(bfloat16_t s) { for (int i = 0; i < N; i++) (*this)[i] = T(float(s)); }              \
+  template <class U> explicit vec(const vec<U, N>& o) { for (int i = 0; i < N; i++) (*this)[i] = static_cast<T>(o[i]); } \
+  T& operator[](int i) { return (&x)[i]; }                                            \
+  const T& operator[](int i) const { return (&x)[i]; }
+
+template <class T> struct vec<T, 2> {
+  union { struct { T x, y; }; struct { T r, g; };
+    @SWIZZLES_2@ };
+  MSL_VEC_COMMON(2)
+  vec(T a, T b) { x = a; y = b; }
+};
+template <class T> struct vec<T, 3> {
+  union { struct { T x, y, z; }; struct { T r, g, b; }; T _pad[4];
+    @SWIZZLES_3@ };
+  MSL_VEC_COMMON(3)
+  vec(T a, T b, T c) { x = a; y = b; z = c; }
+  vec(vec<T, 2> a, T c) { x = a.x; y = a.y; z = c; }
+  vec(T a, vec<T, 2> b) { x = a; y = b.x; z = b.y; }
+};
+template <class T> struct vec<T, 4> {
+  union { struct { T x, y, z, w; }; struct { T r, g, b, a; };
+    @SWIZZLES_4@ };
+  MSL_VEC_COMMON(4)
+  vec(T a, T b, T c, T d) { x = a; y = b; z = c; w = d; }
+  vec(vec<T, 2> a, vec<T, 2> b) { x = a.x; y = a.y; z = b.x; w = b.y; }
+  vec(vec<T, 3> a, T d) { x = a.x; y = a.y; z = a.z; w = d; }
+  vec(T a, vec<T, 3> b) { x = a; y = b.x; z = b.y; w = b.z; }
+  vec(vec<T, 2> a, T c, T d) { x = a.x; y = a.y; z = c; w = d; }
+  vec(T a, T b, vec<T, 2> c) { x = a; y = b; z = c.x; w = c.y; }
+};
+// Metal's packed vectors: no padding, same element access.
+template <class T, int N> struct packed_vec {
+  T d[N];
+  T& operator[](int i) { return d[i]; }
+  const T& operator[](int i) const { return d[i]; }
+  operator vec<T, N>() const { vec<T, N> v; for (int i = 0; i < N; i++) v[i] = d[i]; return v; }
+  packed_vec() = default;
+  packed_vec(const vec<T, N>& v) { for (int i = 0; i < N; i++) d[i] = v[i]; }
+};
+
+template <class T> struct is_vec : std::false_type {};
+template <class T, int N> struct is_vec<vec<T, N>> : std::true_type {};
+
+#define MSL_VEC_BINOP(op)                                                                       \
+  template <class T, int N> vec<T, N> operator op(const vec<T, N>& a, const vec<T, N>& b) {    \
+    vec<T, N> r; for (int i = 0; i < N; i++) r[i] = T(a[i] op b[i]); return r; }                \
+  template <class T, int N, class S, class = std::enable_if_t<!is_vec<S>::value>>               \
+  vec<T, N> operator op(const vec<T, N>& a, S b) { return a op vec<T, N>(T(b)); }               \
+  template <class T, int N, class S, class = std::enable_if_t<!is_vec<S>::value>>               \
+  vec<T, N> operator op(S a, const vec<T, N>& b) { return vec<T, N>(T(a)) op b; }               \
+  template <class T, int N, class S> vec<T, N>& operator op##=(vec<T, N>& a, const S& b) { a = a op b; return a; }
+MSL_VEC_BINOP(+) MSL_VEC_BINOP(-) MSL_VEC_BINOP(*) MSL_VEC_BINOP(/) MSL_VEC_BINOP(%)
+MSL_VEC_BINOP(&) MSL_VEC_BINOP(|) MSL_VEC_BINOP(^) MSL_VEC_BINOP(<<) MSL_VEC_BINOP(>>)
+#undef MSL_VEC_BINOP
+template <class T, int N> vec<T, N> operator-(const vec<T, N>& a) { vec<T, N> r; for (int i = 0; i < N; i++) r[i] = -a[i]; return r; }
+template <class T, int N> vec<T, N> operator~(const vec<T, N>& a) { vec<T, N> r; for (int i = 0; i < N; i++) r[i] = ~a[i]; return r; }
+#define MSL_VEC_CMP(op)                                                                          \
+  template <class T, int N> vec<bool, N> operator op(const vec<T, N>& a, const vec<T, N>& b) {  \
+    vec<bool, N> r; for (int i = 0; i < N; i++) r[i] = a[i] op b[i]; return r; }                 \
+  template <class T, int N, class S, class = std::enable_if_t<!is_vec<S>::value>>                \
+  vec<bool, N> operator op(const vec<T, N>& a, S b) { return a op vec<T, N>(T(b)); }
+MSL_VEC_CMP(<) MSL_VEC_CMP(>) MSL_VEC_CMP(<=) MSL_VEC_CMP(>=) MSL_VEC_CMP(==) MSL_VEC_CMP(!=)
+#undef MSL_VEC_CMP
+
+#define MSL_VEC_TYPES(T, name) \
+  typedef vec<T, 2> name##2; typedef vec<T, 3> name##3; typedef vec<T, 4> name##4; \
+  typedef packed_vec<T, 2> packed_##name##2; typedef packed_vec<T, 3> packed_##name##3; \
+  typedef packed_vec<T, 4> packed_##name##4;
+MSL_VEC_TYPES(float, float) MSL_VEC_TYPES(half, half) MSL_VEC_TYPES(bfloat16_t, bfloat)
+MSL_VEC_TYPES(int, int) MSL_VEC_TYPES(uint, uint) MSL_VEC_TYPES(short, short)
+MSL_VEC_TYPES(ushort, ushort) MSL_VEC_TYPES(char, char) MSL_VEC_TYPES(uchar, uchar)
+MSL_VEC_TYPES(bool, bool) MSL_VEC_TYPES(long, long) MSL_VEC_TYPES(ulong, ulong)
+#undef MSL_VEC_TYPES
+
+// ---------------------------------------------------------------- device buffers
+namespace msl {
+struct BufInfo {
+  const char* name;
+  char* base;
+  size_t bytes;
+  size_t itemsize;
+  uint64_t loaded;
+};
+inline BufInfo* g_bufs = nullptr;
+inline int g_nbufs = 0;
+
+[[noreturn]] inline void oob(const BufInfo* b, const void* p, size_t n) {
+  char msg[512];
+  if (!b) {
+    std::snprintf(msg, sizeof msg, "out-of-bounds: access at %p outside every buffer", p);
+  } else {
+    long long off = (long long)((const char*)p - b->base);
+    std::snprintf(msg, sizeof msg,
+                  "out-of-bounds access to buffer '%s': element %lld (byte offset %lld, %zu bytes) "
+                  "but the buffer has %zu elements (%zu bytes)",
+                  b->name, off >= 0 ? off / (long long)b->itemsize : off / (long long)b->itemsize - 1,
+                  off, n, b->bytes / b->itemsize, b->bytes);
+  }
+  throw std::runtime_error(msg);
+}
+inline BufInfo* find_buf(const void* p) {
+  for (int i = 0; i < g_nbufs; i++)
+    if ((const char*)p >= g_bufs[i].base && (const char*)p < g_bufs[i].base + g_bufs[i].bytes) return &g_bufs[i];
+  return nullptr;
+}
+
+// A pointer into a device or constant buffer: bounds-checked, counts loads.
+template <class T> struct dptr {
+  T* p = nullptr;
+  BufInfo* b = nullptr;
+  dptr() = default;
+  dptr(T* p_, BufInfo* b_) : p(p_), b(b_) {}
+  dptr(std::nullptr_t) {}
+  dptr(T* raw) : p(raw), b(find_buf(raw)) {}  // e.g. &x[i]: recover the buffer
+  template <class U, class = std::enable_if_t<std::is_convertible<U*, T*>::value>>
+  dptr(const dptr<U>& o) : p(o.p), b(o.b) {}
+  template <class U, class = std::enable_if_t<!std::is_convertible<U*, T*>::value>, class = void>
+  explicit dptr(const dptr<U>& o) : p((T*)(o.p)), b(o.b) {}  // reinterpret (C-style cast)
+  T& at(long long i) const {
+    T* q = p + i;
+    if (!b || (char*)q < b->base || (char*)(q + 1) > b->base + b->bytes) oob(b, q, sizeof(T));
+    if (std::is_const<T>::value) b->loaded += sizeof(T);
+    return *q;
+  }
+  template <class I, class = std::enable_if_t<std::is_integral<I>::value || std::is_enum<I>::value>>
+  T& operator[](I i) const { return at((long long)i); }
+  T& operator*() const { return at(0); }
+  T* operator->() const { at(0); return p; }
+  explicit operator bool() const { return p != nullptr; }
+  template <class I, class = std::enable_if_t<std::is_integral<I>::value>>
+  dptr operator+(I i) const { return dptr(p + (long long)i, b); }
+  template <class I, class = std::enable_if_t<std::is_integral<I>::value>>
+  dptr operator-(I i) const { return dptr(p - (long long)i, b); }
+  ptrdiff_t operator-(const dptr& o) const { return p - o.p; }
+  template <class I> dptr& operator+=(I i) { p += (long long)i; return *this; }
+  template <class I> dptr& operator-=(I i) { p -= (long long)i; return *this; }
+  dptr& operator++() { ++p; return *this; }
+  dptr& operator--() { --p; return *this; }
+  dptr operator++(int) { dptr t = *this; ++p; return t; }
+  dptr operator--(int) { dptr t = *this; --p; return t; }
+  bool operator==(const dptr& o) const { return p == o.p; }
+  bool operator!=(const dptr& o) const { return p != o.p; }
+  bool operator<(const dptr& o) const { return p < o.p; }
+  bool operator>(const dptr& o) const { return p > o.p; }
+  bool operator<=(const dptr& o) const { return p <= o.p; }
+  bool operator>=(const dptr& o) const { return p >= o.p; }
+};
+template <class T, class I, class = std::enable_if_t<std::is_integral<I>::value>>
+dptr<T> operator+(I i, const dptr<T>& d) { return d + i; }
+
+template <class To, class From> To ptr_cast(From f) {
+  if constexpr (std::is_pointer<To>::value && std::is_pointer<From>::value) return reinterpret_cast<To>(f);
+  else if constexpr (std::is_pointer<From>::value || std::is_pointer<To>::value) return (To)(f);
+  else return To(f);
+}
+
+// ---------------------------------------------------------------- fibers
+enum State { RUNNABLE, WAIT_SIMD, WAIT_BAR, DONE };
+struct Thread {
+  ucontext_t ctx;
+  State state;
+  int simd_kind;
+  unsigned op_parity;
+  vec<uint, 3> tpig, tpitg;
+  uint tiitg, lane, sg;
+};
+struct Group {
+  Thread* threads;
+  int n;
+  vec<uint, 3> tgpig, tptg, dtptg, tgpg, grid;
+  alignas(16) unsigned char slots[32][2][32][64];  // [SIMD group][parity][lane][bytes]
+  uint32_t mask[32][2];
+};
+inline Thread* cur = nullptr;
+inline Group* grp = nullptr;
+inline ucontext_t sched_ctx;
+
+inline void yield(State s, int kind = 0) {
+  Thread* t = cur;
+  t->state = s;
+  t->simd_kind = kind;
+  swapcontext(&t->ctx, &sched_ctx);
+}
+
+// SIMD-group ops: deposit this lane's value, wait for the lanes of the SIMD group that
+// reach an op of the same kind, then read theirs. Two slot buffers alternate so a lane
+// that runs ahead to the next op does not overwrite values others still read.
+template <class T> const unsigned char* simd_exchange(const T& v, int kind, uint32_t* mask_out) {
+  static_assert(sizeof(T) <= 64, "simd op on a type wider than 64 bytes");
+  Thread* t = cur;
+  unsigned par = t->op_parity;
+  std::memcpy(grp->slots[t->sg][par][t->lane], &v, sizeof(T));
+  yield(WAIT_SIMD, kind);
+  t->op_parity ^= 1u;
+  *mask_out = grp->mask[t->sg][par];
+  return &grp->slots[t->sg][par][0][0];
+}
+template <class T> inline T slot(const unsigned char* s, int l) { T v; std::memcpy(&v, s + 64 * l, sizeof(T)); return v; }
+}  // namespace msl
+
+// ---------------------------------------------------------------- barriers
+enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4, mem_threadgroup_imageblock = 8 };
+inline mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags(int(a) | int(b)); }
+inline void threadgroup_barrier(mem_flags = mem_flags::mem_none) { msl::yield(msl::WAIT_BAR); }
+inline void simdgroup_barrier(mem_flags = mem_flags::mem_none) { uint32_t m; msl::simd_exchange(0, 99, &m); }
+
+// ---------------------------------------------------------------- SIMD-group functions
+template <class T> inline T metal_max_(T a, T b);
+template <class T> inline T metal_min_(T a, T b);
+#define MSL_SIMD_REDUCE(fname, kind, init, combine)                                   \
+  template <class T> T fname(T v) {                                                   \
+    uint32_t m; const unsigned char* s = msl::simd_exchange(v, kind, &m);             \
+    bool first = true; T acc{};                                                       \
+    for (int l = 0; l < 32; l++) if (m >> l & 1u) {                                   \
+      T o = msl::slot<T>(s, l); if (first) { acc = o; first = false; } else { combine; } } \
+    return acc; }
+MSL_SIMD_REDUCE(simd_sum, 1, 0, acc = acc + o)
+MSL_SIMD_REDUCE(simd_product, 2, 1, acc = acc * o)
+MSL_SIMD_REDUCE(simd_max, 3, 0, acc = metal_max_(acc, o))
+MSL_SIMD_REDUCE(simd_min, 4, 0, acc = metal_min_(acc, o))
+MSL_SIMD_REDUCE(simd_and, 5, 0, acc = acc & o)
+MSL_SIMD_REDUCE(simd_or, 6, 0, acc = acc | o)
+MSL_SIMD_REDUCE(simd_xor, 7, 0, acc = acc ^ o)
+#undef MSL_SIMD_REDUCE
+#define MSL_SIMD_PREFIX(fname, kind, inclusive, combine)                              \
+  template <class T> T fname(T v) {                                                   \
+    uint32_t m; const unsigned char* s = msl::simd_exchange(v, kind, &m);             \
+    T acc = T(kind == 11 || kind == 13 ? 1 : 0); uint me = msl::cur->lane;            \
+    for (uint l = 0; l < (inclusive ? me + 1 : me); l++) if (m >> l & 1u) { T o = msl::slot<T>(s, l); combine; } \
+    return acc; }
+MSL_SIMD_PREFIX(simd_prefix_inclusive_sum, 10, true, acc = acc + o)
+MSL_SIMD_PREFIX(simd_prefix_inclusive_product, 11, true, acc = acc * o)
+MSL_SIMD_PREFIX(simd_prefix_exclusive_sum, 12, false, acc = acc + o)
+MSL_SIMD_PREFIX(simd_prefix_exclusive_product, 13, false, acc = acc * o)
+#undef MSL_SIMD_PREFIX
+// Reading a lane that is inactive or out of range is undefined in Metal; here it reads
+// that lane's slot as deposited (or stale), like hardware returning garbage.
+#define MSL_SIMD_SHUFFLE(fname, kind, src)                                           \
+  template <class T, class I> T fname(T v, I d) {                                    \
+    uint32_t m; const unsigned char* s = msl::simd_exchange(v, kind, &m);            \
+    int me = int(msl::cur->lane); int from = (src);                                  \
+    if (from < 0 || from > 31 || !(m >> from & 1u)) return v;                        \
+    return msl::slot<T>(s, from); }
+MSL_SIMD_SHUFFLE(simd_shuffle, 20, int(d))
+MSL_SIMD_SHUFFLE(simd_broadcast, 21, int(d))
+MSL_SIMD_SHUFFLE(simd_shuffle_xor, 22, me ^ int(d))
+MSL_SIMD_SHUFFLE(simd_shuffle_down, 23, me + int(d))
+MSL_SIMD_SHUFFLE(simd_shuffle_up, 24, me - int(d))
+MSL_SIMD_SHUFFLE(simd_shuffle_rotate_down, 25, (me + int(d)) & 31)
+MSL_SIMD_SHUFFLE(simd_shuffle_rotate_up, 26, (me - int(d)) & 31)
+#undef MSL_SIMD_SHUFFLE
+template <class T, class I> T simd_shuffle_and_fill_down(T v, T fill, I d) {
+  uint32_t m; const unsigned char* s = msl::simd_exchange(v, 27, &m);
+  int from = int(msl::cur->lane) + int(d);
+  return from < 32 ? msl::slot<T>(s, from) : msl::slot<T>(s + 0, 0) * 0 + fill;
+}
+template <class T> T simd_broadcast_first(T v) {
+  uint32_t m; const unsigned char* s = msl::simd_exchange(v, 28, &m);
+  for (int l = 0; l < 32; l++) if (m >> l & 1u) return msl::slot<T>(s, l);
+  return v;
+}
+inline bool simd_all(bool v) { uint32_t m; auto s = msl::simd_exchange(v, 30, &m); for (int l = 0; l < 32; l++) if ((m >> l & 1u) && !msl::slot<bool>(s, l)) return false; return true; }
+inline bool simd_any(bool v) { uint32_t m; auto s = msl::simd_exchange(v, 31, &m); for (int l = 0; l < 32; l++) if ((m >> l & 1u) && msl::slot<bool>(s, l)) return true; return false; }
+struct simd_vote { uint64_t v; explicit simd_vote(uint64_t x) : v(x) {} operator uint64_t() const { return v; } bool all() const; bool any() const { return v != 0; } };
+inline simd_vote simd_ballot(bool v) { uint32_t m; auto s = msl::simd_exchange(v, 32, &m); uint64_t r = 0; for (int l = 0; l < 32; l++) if ((m >> l & 1u) && msl::slot<bool>(s, l)) r |= 1ull << l; return simd_vote(r); }
+inline simd_vote simd_active_threads_mask() { uint32_t m; msl::simd_exchange(true, 33, &m); return simd_vote(m); }
+inline bool simd_is_first() { uint32_t m; msl::simd_exchange(true, 34, &m); for (int l = 0; l < 32; l++) if (m >> l & 1u) return msl::cur->lane == uint(l); return false; }
+// quad-group shuffles use the same machinery, within 4 lanes
+template <class T, class I> T quad_shuffle(T v, I d) { return simd_shuffle(v, (msl::cur->lane & ~3u) + (uint(d) & 3u)); }
+template <class T, class I> T quad_shuffle_xor(T v, I d) { return simd_shuffle(v, msl::cur->lane ^ (uint(d) & 3u)); }
+template <class T, class I> T quad_broadcast(T v, I d) { return simd_shuffle(v, (msl::cur->lane & ~3u) + (uint(d) & 3u)); }
+
+// ---------------------------------------------------------------- atomics
+enum memory_order { memory_order_relaxed, memory_order_acquire, memory_order_release, memory_order_acq_rel, memory_order_seq_cst };
+template <class T> struct atomic { T v; };
+typedef atomic<int> atomic_int;
+typedef atomic<uint> atomic_uint;
+typedef atomic<float> atomic_float;
+template <class T, class U> void atomic_store_explicit(atomic<T>* a, U v, memory_order) { a->v = T(v); }
+template <class T> T atomic_load_explicit(const atomic<T>* a, memory_order) { return a->v; }
+template <class T, class U> T atomic_exchange_explicit(atomic<T>* a, U v, memory_order) { T o = a->v; a->v = T(v); return o; }
+template <class T, class U> T atomic_fetch_add_explicit(atomic<T>* a, U v, memory_order) { T o = a->v; a->v = T(o + v); return o; }
+template <class T, class U> T atomic_fetch_sub_explicit(atomic<T>* a, U v, memory_order) { T o = a->v; a->v = T(o - v); return o; }
+template <class T, class U> T atomic_fetch_max_explicit(atomic<T>* a, U v, memory_order) { T o = a->v; if (T(v) > o) a->v = T(v); return o; }
+template <class T, class U> T atomic_fetch_min_explicit(atomic<T>* a, U v, memory_order) { T o = a->v; if (T(v) < o) a->v = T(v); return o; }
+template <class T, class U> T atomic_fetch_and_explicit(atomic<T>* a, U v, memory_order) { T o = a->v; a->v = o & T(v); return o; }
+template <class T, class U> T atomic_fetch_or_explicit(atomic<T>* a, U v, memory_order) { T o = a->v; a->v = o | T(v); return o; }
+template <class T, class U> T atomic_fetch_xor_explicit(atomic<T>* a, U v, memory_order) { T o = a->v; a->v = o ^ T(v); return o; }
+template <class T, class U> bool atomic_compare_exchange_weak_explicit(atomic<T>* a, T* expected, U desired, memory_order, memory_order) {
+  if (a->v == *expected) { a->v = T(desired); return true; } *expected = a->v; return false; }
+
+// ---------------------------------------------------------------- metal:: math
+namespace metal {
+template <class T> struct numeric_limits : std::numeric_limits<T> {};
+template <> struct numeric_limits<half> {
+  static constexpr bool is_specialized = true;
+  static half max() { return half(65504.0f); }
+  static half min() { return half(6.103515625e-05f); }
+  static half lowest() { return half(-65504.0f); }
+  static half epsilon() { return half(0.0009765625f); }
+  static half infinity() { return half(__builtin_inff()); }
+  static half quiet_NaN() { return half(__builtin_nanf("")); }
+};
+template <> struct numeric_limits<bfloat16_t> {
+  static constexpr bool is_specialized = true;
+  static bfloat16_t max() { return bfloat16_t(3.38953139e38f); }
+  static bfloat16_t lowest() { return bfloat16_t(-3.38953139e38f); }
+  static bfloat16_t infinity() { return bfloat16_t(__builtin_inff()); }
+  static bfloat16_t quiet_NaN() { return bfloat16_t(__builtin_nanf("")); }
+};
+using ::vec;
+
+// Unary float functions, computed in float (double for double), applied per element of a vector.
+#define MSL_UNARY(fname, expr)                                                          \
+  inline float fname(float x) { return (expr); }                                        \
+  inline half fname(half h) { float x = float(h); return half(expr); }                  \
+  inline bfloat16_t fname(bfloat16_t h) { float x = float(h); return bfloat16_t(expr); } \
+  template <class T, int N> vec<T, N> fname(const vec<T, N>& v) { vec<T, N> r; for (int i = 0; i < N; i++) r[i] = fname(v[i]); return r; }
+MSL_UNARY(exp, __builtin_expf(x)) MSL_UNARY(exp2, __builtin_exp2f(x)) MSL_UNARY(exp10, __builtin_powf(10.0f, x))
+MSL_UNARY(log, __builtin_logf(x)) MSL_UNARY(log2, __builtin_log2f(x)) MSL_UNARY(log10, __builtin_log10f(x))
+MSL_UNARY(sqrt, __builtin_sqrtf(x)) MSL_UNARY(rsqrt, 1.0f / __builtin_sqrtf(x))
+MSL_UNARY(sin, __builtin_sinf(x)) MSL_UNARY(cos, __builtin_cosf(x)) MSL_UNARY(tan, __builtin_tanf(x))
+MSL_UNARY(asin, __builtin_asinf(x)) MSL_UNARY(acos, __builtin_acosf(x)) MSL_UNARY(atan, __builtin_atanf(x))
+MSL_UNARY(sinh, __builtin_sinhf(x)) MSL_UNARY(cosh, __builtin_coshf(x)) MSL_UNARY(tanh, __builtin_tanhf(x))
+MSL_UNARY(floor, __builtin_floorf(x)) MSL_UNARY(ceil, __builtin_ceilf(x)) MSL_UNARY(trunc, __builtin_truncf(x))
+MSL_UNARY(round, __builtin_roundf(x)) MSL_UNARY(rint, __builtin_rintf(x)) MSL_UNARY(fabs, __builtin_fabsf(x))
+MSL_UNARY(fract, x - __builtin_floorf(x)) MSL_UNARY(saturate, x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x))
+MSL_UNARY(sign, x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f)) MSL_UNARY(erf, __builtin_erff(x))
+MSL_UNARY(log1p, __builtin_log1pf(x)) MSL_UNARY(expm1, __builtin_expm1f(x))
+#undef MSL_UNARY
+inline double exp(double x) { return __builtin_exp(x); }
+inline double sqrt(double x) { return __builtin_sqrt(x); }
+inline double log(double x) { return __builtin_log(x); }
+
+template <class T> std::enable_if_t<std::is_integral<T>::value, T> abs(T x) { return x < 0 ? T(-x) : x; }
+inline float abs(float x) { return __builtin_fabsf(x); }
+inline half abs(half x) { return x < half(0) ? half(-x) : x; }
+inline bfloat16_t abs(bfloat16_t x) { return bfloat16_t(__builtin_fabsf(float(x))); }
+template <class T, int N> vec<T, N> abs(const vec<T, N>& v) { vec<T, N> r; for (int i = 0; i < N; i++) r[i] = abs(v[i]); return r; }
+
+template <class T> inline T min_(T a, T b) { return b < a ? b : a; }
+template <class T> inline T max_(T a, T b) { return a < b ? b : a; }
+inline float min_(float a, float b) { return __builtin_fminf(a, b); }
+inline float max_(float a, float b) { return __builtin_fmaxf(a, b); }
+template <class T> T min(T a, T b) { return min_(a, b); }
+template <class T> T max(T a, T b) { return max_(a, b); }
+template <class T> T fmin(T a, T b) { return min_(a, b); }
+template <class T> T fmax(T a, T b) { return max_(a, b); }
+template <class T, int N> vec<T, N> min(const vec<T, N>& a, const vec<T, N>& b) { vec<T, N> r; for (int i = 0; i < N; i++) r[i] = min_(a[i], b[i]); return r; }
+template <class T, int N> vec<T, N> max(const vec<T, N>& a, const vec<T, N>& b) { vec<T, N> r; for (int i = 0; i < N; i++) r[i] = max_(a[i], b[i]); return r; }
+template <class T> T clamp(T x, T lo, T hi) { return min(max(x, lo), hi); }
+template <class T, int N> vec<T, N> clamp(const vec<T, N>& x, T lo, T hi) { vec<T, N> r; for (int i = 0; i < N; i++) r[i] = clamp(x[i], lo, hi); return r; }
+template <class T> T mix(T x, T y, T a) { return x + (y - x) * a; }
+template <class T> T select(T a, T b, bool c) { return c ? b : a; }
+template <class T, int N> vec<T, N> select(const vec<T, N>& a, const vec<T, N>& b, const vec<bool, N>& c) { vec<T, N> r; for (int i = 0; i < N; i++) r[i] = c[i] ? b[i] : a[i]; return r; }
+inline float pow(float x, float y) { return __builtin_powf(x, y); }
+inline float powr(float x, float y) { return __builtin_powf(x, y); }
+inline float fmod(float x, float y) { return __builtin_fmodf(x, y); }
+inline float atan2(float y, float x) { return __builtin_atan2f(y, x); }
+inline float copysign(float x, float y) { return __builtin_copysignf(x, y); }
+inline float fma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+inline half fma(half a, half b, half c) { return half(__builtin_fmaf(float(a), float(b), float(c))); }
+inline float ldexp(float x, int e) { return __builtin_ldexpf(x, e); }
+template <class T> bool isnan(T x) { return __builtin_isnan(float(x)); }
+template <class T> bool isinf(T x) { return __builtin_isinf(float(x)); }
+template <class T> bool isfinite(T x) { return __builtin_isfinite(float(x)); }
+template <class T> bool signbit(T x) { return __builtin_signbit(float(x)); }
+template <class T, int N> T dot(const vec<T, N>& a, const vec<T, N>& b) { T s = T(0); for (int i = 0; i < N; i++) s += a[i] * b[i]; return s; }
+template <class T, int N> T length(const vec<T, N>& a) { return sqrt(dot(a, a)); }
+template <class T, int N> vec<T, N> normalize(const vec<T, N>& a) { return a * rsqrt(dot(a, a)); }
+template <class T> T popcount(T x) { return T(__builtin_popcountll((unsigned long long)(std::make_unsigned_t<T>)x)); }
+template <class T> T clz(T x) { return x == 0 ? T(sizeof(T) * 8) : T(__builtin_clzll((unsigned long long)(std::make_unsigned_t<T>)x) - (64 - 8 * sizeof(T))); }
+template <class T> T ctz(T x) { return x == 0 ? T(sizeof(T) * 8) : T(__builtin_ctzll((unsigned long long)x)); }
+template <class T> T reverse_bits(T x) { T r = 0; for (unsigned i = 0; i < 8 * sizeof(T); i++) if (x >> i & 1) r |= T(1) << (8 * sizeof(T) - 1 - i); return r; }
+template <class T> T mulhi(T a, T b) { return T(((__int128)a * (__int128)b) >> (8 * sizeof(T))); }
+template <class To, class From> To as_type(const From& f) {
+  static_assert(sizeof(To) == sizeof(From), "as_type needs equal sizes");
+  To t; std::memcpy(&t, &f, sizeof(To)); return t; }
+namespace precise { using metal::exp; using metal::exp2; using metal::log; using metal::log2; using metal::sqrt; using metal::rsqrt; using metal::sin; using metal::cos; using metal::tanh; using metal::pow; using metal::fmin; using metal::fmax; using metal::abs; using metal::fabs; }
+namespace fast { using metal::exp; using metal::exp2; using metal::log; using metal::log2; using metal::sqrt; using metal::rsqrt; using metal::sin; using metal::cos; using metal::tanh; using metal::pow; using metal::fmin; using metal::fmax; using metal::abs; using metal::fabs; }
+}  // namespace metal
+template <class T> inline T metal_max_(T a, T b) { return metal::max(a, b); }
+template <class T> inline T metal_min_(T a, T b) { return metal::min(a, b); }
+using namespace metal;
+#define METAL_FUNC inline
+#define METAL_CONST_ARG(...)
+#define METAL_PRAGMA_UNROLL _Pragma("GCC unroll 8")
+
+// ---------------------------------------------------------------- the scheduler
+namespace msl {
+inline std::string g_error;
+inline void (*g_entry)() = nullptr;
+
+inline void fiber_main() {
+  try {
+    g_entry();
+  } catch (const std::exception& e) {
+    if (g_error.empty()) g_error = e.what();
+  }
+  cur->state = DONE;
+  // returning resumes sched_ctx through uc_link
+}
+
+// Run one threadgroup to completion: each round runs every runnable fiber until it
+// waits or ends; then SIMD ops are released per SIMD group (over the lanes that reached
+// an op of that kind: the active lanes), and a barrier once every live thread waits at one.
+inline bool run_group(Group& g, char* stacks, size_t stack_size) {
+  grp = &g;
+  for (int i = 0; i < g.n; i++) {
+    Thread& t = g.threads[i];
+    t.state = RUNNABLE;
+    t.op_parity = 0;
+    getcontext(&t.ctx);
+    t.ctx.uc_stack.ss_sp = stacks + (size_t)i * stack_size;
+    t.ctx.uc_stack.ss_size = stack_size;
+    t.ctx.uc_link = &sched_ctx;
+    makecontext(&t.ctx, (void (*)())fiber_main, 0);
+  }
+  std::memset(g.mask, 0, sizeof g.mask);
+  int nsg = (g.n + 31) / 32;
+  for (;;) {
+    for (int i = 0; i < g.n; i++) {
+      Thread& t = g.threads[i];
+      if (t.state != RUNNABLE) continue;
+      cur = &t;
+      swapcontext(&sched_ctx, &t.ctx);
+      if (!g_error.empty()) return false;
+    }
+    bool released = false, alive = false, all_bar = true;
+    for (int s = 0; s < nsg; s++) {
+      int lo = 32 * s, hi = lo + 32 < g.n ? lo + 32 : g.n;
+      int kind = -1;
+      for (int i = lo; i < hi; i++)
+        if (g.threads[i].state == WAIT_SIMD) { kind = g.threads[i].simd_kind; break; }
+      if (kind < 0) continue;
+      uint32_t m = 0; unsigned par = 0;
+      for (int i = lo; i < hi; i++) {
+        Thread& t = g.threads[i];
+        if (t.state == WAIT_SIMD && t.simd_kind == kind) { m |= 1u << (i - lo); par = t.op_parity; }
+      }
+      for (int i = lo; i < hi; i++) {
+        Thread& t = g.threads[i];
+        if (t.state == WAIT_SIMD && t.simd_kind == kind) {
+          if (t.op_parity != par) { g_error = "SIMD-group lanes out of step (divergent SIMD ops)"; return false; }
+          t.state = RUNNABLE;
+        }
+      }
+      g.mask[s][par] = m;
+      released = true;
+    }
+    if (released) continue;
+    for (int i = 0; i < g.n; i++) {
+      State st = g.threads[i].state;
+      if (st != DONE) alive = true;
+      if (st != DONE && st != WAIT_BAR) all_bar = false;
+    }
+    if (!alive) return true;
+    if (!all_bar) { g_error = "deadlock: threads wait on different synchronisation points"; return false; }
+    for (int i = 0; i < g.n; i++) if (g.threads[i].state == WAIT_BAR) g.threads[i].state = RUNNABLE;
+  }
+}
+
+// Launch over the grid, threadgroup by threadgroup; edge threadgroups are partial
+// (Metal's dispatchThreads with non-uniform threadgroup sizes).
+inline int launch_grid(const unsigned* grid, const unsigned* tg, void (*entry)(), char* err, size_t errlen) {
+  g_error.clear();
+  g_entry = entry;
+  unsigned n = tg[0] * tg[1] * tg[2];
+  const size_t stack_size = 256 * 1024;
+  static char* stacks = nullptr;
+  static unsigned stacks_n = 0;
+  static Thread* threads = nullptr;
+  if (stacks_n < n) {
+    delete[] stacks; delete[] threads;
+    stacks = new char[(size_t)n * stack_size];
+    threads = new Thread[n];
+    stacks_n = n;
+  }
+  static Group g;
+  g.threads = threads;
+  g.dtptg = vec<uint, 3>(tg[0], tg[1], tg[2]);
+  g.grid = vec<uint, 3>(grid[0], grid[1], grid[2]);
+  for (int d = 0; d < 3; d++) g.tgpg[d] = (grid[d] + tg[d] - 1) / tg[d];
+  for (uint gz = 0; gz < g.tgpg[2]; gz++)
+    for (uint gy = 0; gy < g.tgpg[1]; gy++)
+      for (uint gx = 0; gx < g.tgpg[0]; gx++) {
+        g.tgpig = vec<uint, 3>(gx, gy, gz);
+        for (int d = 0; d < 3; d++) {
+          uint start = g.tgpig[d] * tg[d];
+          g.tptg[d] = grid[d] - start < tg[d] ? grid[d] - start : tg[d];
+        }
+        g.n = int(g.tptg[0] * g.tptg[1] * g.tptg[2]);
+        int i = 0;
+        for (uint z = 0; z < g.tptg[2]; z++)
+          for (uint y = 0; y < g.tptg[1]; y++)
+            for (uint x = 0; x < g.tptg[0]; x++, i++) {
+              Thread& t = threads[i];
+              t.tpitg = vec<uint, 3>(x, y, z);
+              t.tpig = vec<uint, 3>(gx * tg[0] + x, gy * tg[1] + y, gz * tg[2] + z);
+              t.tiitg = uint(i);
+              t.lane = uint(i % 32);
+              t.sg = uint(i / 32);
+            }
+        if (!run_group(g, stacks, stack_size)) {
+          std::snprintf(err, errlen, "%s (threadgroup %u,%u,%u)", g_error.c_str(), gx, gy, gz);
+          return 1;
+        }
+      }
+  return 0;
+}
+
+// The values of MLX's attribute parameters, for the current thread.
+inline vec<uint, 3> attr3(int which) {
+  switch (which) {
+    case 0: return cur->tpig;
+    case 1: return cur->tpitg;
+    case 2: return grp->tgpig;
+    case 3: return grp->tgpg;
+    case 4: return grp->grid;              // threads_per_grid / grid_size
+    case 5: return grp->tptg;              // threads_per_threadgroup
+    case 6: return grp->dtptg;             // dispatch_threads_per_threadgroup
+    default: return vec<uint, 3>(0u);      // grid_origin
+  }
+}
+inline uint attr1(int which) {
+  switch (which) {
+    case 0: return cur->tiitg;
+    case 1: return cur->lane;
+    case 2: return cur->sg;
+    case 3: return uint((grp->n + 31) / 32);                     // simdgroups_per_threadgroup
+    case 4: return 32u;                                          // threads_per_simdgroup, thread_execution_width
+    case 5: return cur->tiitg % 4;                               // thread_index_in_quadgroup
+    case 6: return cur->tiitg / 4;                               // quadgroup_index_in_threadgroup
+    case 7: return uint((grp->n + 3) / 4);                       // quadgroups_per_threadgroup
+    case 8: { uint d = grp->dtptg[0] * grp->dtptg[1] * grp->dtptg[2]; return (d + 31) / 32; }
+    case 9: { uint d = grp->dtptg[0] * grp->dtptg[1] * grp->dtptg[2]; return (d + 3) / 4; }
+    default: return 0;
+  }
+}
+}  // namespace msl
