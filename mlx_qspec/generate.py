@@ -288,12 +288,11 @@ def setup_arg_parser():
 def run(args) -> None:
     from .loader import load
     from .quant.modes import default_draft, parse_draft
-    from .speculative import make_sampler
+    from .speculative import check_num_draft_tokens, make_sampler
 
     if args.draft != "auto":
         parse_draft(args.draft)
-    if args.draft != "none" and args.num_draft_tokens > 32:
-        raise ModelError(f"--num-draft-tokens must be 1..32, got {args.num_draft_tokens}")
+    check_num_draft_tokens(args.num_draft_tokens)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     if not prompt.strip():
         raise ModelError("the prompt is empty")
