@@ -250,6 +250,9 @@ def setup_arg_parser():
     parser = _ArgumentParser(
         prog="mlx_qspec.generate",
         description="Generate text with exactly-lossless self-speculative decoding.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="draft modes (--draft):\n  auto: the best mode the model supports\n  "
+        + draft_help().replace("\n", "\n  "),
     )
     parser.add_argument(
         "--model",
@@ -275,7 +278,9 @@ def setup_arg_parser():
                         help="Token count after which the KV cache is quantized (with --kv-bits)")
     parser.add_argument("--ignore-chat-template", action="store_true",
                         help="Use the raw prompt without the tokenizer's chat template")
-    parser.add_argument("--draft", default="auto", help=draft_help())
+    parser.add_argument("--draft", default="auto",
+                        help="How the draft reads activations: none, auto, a8, a8-g32, a4-g32, … "
+                        "(listed below; default: auto)")
     parser.add_argument(
         "--num-draft-tokens", type=_positive_int("--num-draft-tokens"), default=DEFAULT_NUM_DRAFT_TOKENS,
         help="Tokens drafted per verify pass (1..32)",
