@@ -113,33 +113,8 @@ def stream_generate(
             **kwargs,
         )
 
-    with wired_limit(model):
-        tic = time.perf_counter()
-        for n, (token, logprobs, from_draft) in enumerate(token_generator):
-            if n == 0:
-                prompt_time = time.perf_counter() - tic
-                prompt_tps = prompt.size / prompt_time
-                tic = time.perf_counter()
-            if token in tokenizer.eos_token_ids:
-                break
-            detokenizer.add_token(token)
-            if (n + 1) == max_tokens:
-                break
-            yield GenerationResponse(
-                text=detokenizer.last_segment,
-                token=token,
-                logprobs=logprobs,
-                from_draft=from_draft,
-                prompt_tokens=prompt.size,
-                prompt_tps=prompt_tps,
-                generation_tokens=n + 1,
-                generation_tps=(n + 1) / (time.perf_counter() - tic),
-                peak_memory=mx.get_peak_memory() / 1e9,
-                stats=stats,
-            )
-        token_generator.close()
-        detokenizer.finalize()
-        yield GenerationResponse(
+    def response(n, token, logprobs, from_draft, finish_reason=None):
+        return GenerationResponse(
             text=detokenizer.last_segment,
             token=token,
             logprobs=logprobs,
@@ -149,9 +124,26 @@ def stream_generate(
             generation_tokens=n + 1,
             generation_tps=(n + 1) / (time.perf_counter() - tic),
             peak_memory=mx.get_peak_memory() / 1e9,
-            finish_reason="stop" if token in tokenizer.eos_token_ids else "length",
+            finish_reason=finish_reason,
             stats=stats,
         )
+
+    with wired_limit(model):
+        tic = time.perf_counter()
+        for n, (token, logprobs, from_draft) in enumerate(token_generator):
+            if n == 0:
+                prompt_tps = prompt.size / (time.perf_counter() - tic)
+                tic = time.perf_counter()
+            if token in tokenizer.eos_token_ids:
+                break
+            detokenizer.add_token(token)
+            if (n + 1) == max_tokens:
+                break
+            yield response(n, token, logprobs, from_draft)
+        token_generator.close()
+        detokenizer.finalize()
+        finish_reason = "stop" if token in tokenizer.eos_token_ids else "length"
+        yield response(n, token, logprobs, from_draft, finish_reason)
 
 
 def generate(
