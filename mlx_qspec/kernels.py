@@ -1,12 +1,221 @@
 """Matmuls whose fast path is a custom kernel, each with its MLX-op reference.
 
-Model code calls these functions only; on a Mac with Metal the kernels from
-``metal/`` run, elsewhere the MLX reference does. Both compute the same thing.
+Model code calls the dispatchers only — :func:`act_quant_matmul` (the W4A4 / W4A8 draft),
+:func:`verify_matmul` (W4A16 for a verify block of M ≤ 16 rows) and :func:`nested_matmul`
+(8-bit weights as two 4-bit planes). On a Mac with Metal the kernels from ``metal/`` run
+(:func:`backend` says ``"metal"``); elsewhere, and for shapes a kernel does not support,
+the MLX reference does. Both compute the same thing: integer parts exactly, float parts
+to rounding. The ``metal_*`` functions always run the kernel and raise ``ValueError`` on
+shapes it does not support; the ``*_reference`` functions are the plain-MLX definitions.
+
+Each Metal kernel is one file in ``metal/``: a header comment (what a thread does, what it
+reads per output, why the launch shape), then ``// --- body ---`` and the body that
+``mx.fast.metal_kernel`` wraps. Kernel objects are built on first use, through whatever
+``mx.fast.metal_kernel`` is at that moment, so a test can substitute the MSL emulator.
 """
+
+from functools import lru_cache
+from pathlib import Path
 
 import mlx.core as mx
 
-from .quant.activations import fake_quantize_activations
+from .quant.activations import (
+    ACT_BITS,
+    ACT_GROUP_SIZES,
+    fake_quantize_activations,
+    quantize_activations,
+)
+
+METAL_DIR = Path(__file__).resolve().parent.parent / "metal"
+MAX_M = 16  # rows a small-M kernel takes: a draft step or a verify block of γ+1 ≤ 16
+WEIGHT_GROUP_SIZES = (32, 64, 128)
+FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+_BODY_MARK = "// --- body ---"
+_NSG = 2  # SIMD groups per threadgroup in the matmuls
+
+
+def _read_sources() -> dict[str, tuple[str, str]]:
+    """name → (header, body) for every ``metal/*.metal`` (empty when not shipped)."""
+    out = {}
+    if METAL_DIR.is_dir():
+        for path in sorted(METAL_DIR.glob("*.metal")):
+            header, mark, body = path.read_text().partition(_BODY_MARK)
+            if not mark:
+                raise RuntimeError(f"{path} has no '{_BODY_MARK}' line")
+            out[path.stem] = (header, body)
+    return out
+
+
+SOURCES = _read_sources()
+
+_SIGNATURES = {
+    "act_quant": (["x", "hscale"], ["codes", "scales", "sums"]),
+    "w4a16_verify": (["x", "w", "scales", "biases"], ["y"]),
+    "w4a_int_matmul": (["codes", "ascales", "sums", "w", "scales", "biases"], ["y"]),
+    "nested_matmul_draft": (["x", "upper", "scales", "biases"], ["y"]),
+    "nested_matmul_verify": (["x", "upper", "lower", "scales", "biases"], ["y"]),
+}
+
+
+def backend() -> str:
+    """Which path the dispatchers take here: ``"metal"`` or ``"mlx-reference"``."""
+    return "metal" if mx.metal.is_available() and SOURCES else "mlx-reference"
+
+
+@lru_cache(maxsize=None)
+def _kernel(name: str):
+    """Build the kernel object on first use (creating it needs no GPU; running it does)."""
+    file = "nested_matmul" if name.startswith("nested_matmul") else name
+    if file not in SOURCES:
+        raise RuntimeError(f"Metal source {file}.metal not found in {METAL_DIR}")
+    header, body = SOURCES[file]
+    if name == "nested_matmul_draft":
+        header += "\n#define PLANES 1\n"
+    elif name == "nested_matmul_verify":
+        header += "\n#define PLANES 2\n"
+    inputs, outputs = _SIGNATURES[name]
+    return mx.fast.metal_kernel(
+        name=name, input_names=inputs, output_names=outputs, source=body, header=header
+    )
+
+
+def clear_kernel_cache():
+    """Forget built kernel objects, so the next call builds them through the current
+    ``mx.fast.metal_kernel`` (a test swapping in the emulator calls this)."""
+    _kernel.cache_clear()
+
+
+# ---------------------------------------------------------------- shape checks
+def _check_float(name: str, a: mx.array):
+    if a.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {a.dtype}")
+
+
+def _check_w4(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int):
+    """Validate a 4-bit MLX weight against x; return (M, K, N)."""
+    if group_size not in WEIGHT_GROUP_SIZES:
+        raise ValueError(f"weight group size must be one of {WEIGHT_GROUP_SIZES}, got {group_size}")
+    if w.dtype != mx.uint32 or w.ndim != 2:
+        raise ValueError(f"4-bit weight must be a 2-D uint32 array, got {w.dtype} {w.shape}")
+    K = x.shape[-1]
+    N = w.shape[0]
+    if K % group_size or w.shape[1] * 8 != K:
+        raise ValueError(f"input size {K} does not match a 4-bit weight {w.shape} with group size {group_size}")
+    for nm, a in (("scales", scales), ("biases", biases)):
+        _check_float(nm, a)
+        if a.shape != (N, K // group_size):
+            raise ValueError(f"{nm} shape {a.shape} != {(N, K // group_size)}")
+    M = x.size // K if K else 0
+    if not 1 <= M <= MAX_M:
+        raise ValueError(f"small-M kernel takes 1..{MAX_M} rows, got {M}")
+    return M, K, N
+
+
+def _rows_per_simdgroup(group_size: int, planes: int = 1) -> int:
+    """Output features per SIMD group: 4, or 2 where a group's words would crowd registers."""
+    return 4 if group_size // 8 * planes <= 8 else 2
+
+
+def _matmul_launch(N: int, rn: int):
+    per_tg = rn * _NSG
+    return dict(grid=((N + per_tg - 1) // per_tg * _NSG * 32, 1, 1), threadgroup=(_NSG * 32, 1, 1))
+
+
+# ---------------------------------------------------------------- activation quantization
+def act_quant_reference(x, bits, group_size=None, *, sum_size, hadamard=0):
+    """MLX-op definition of :func:`metal_act_quant`: (codes, scales, code sums per sum_size)."""
+    if hadamard:
+        K = x.shape[-1]
+        xb = x.reshape(*x.shape[:-1], K // hadamard, hadamard)
+        x = mx.hadamard_transform(xb, scale=hadamard**-0.5).reshape(x.shape)
+    codes, scales = quantize_activations(x, bits, group_size)
+    K = x.shape[-1]
+    cs = codes.astype(mx.int32).reshape(*x.shape[:-1], K // sum_size, sum_size).sum(-1)
+    return codes, scales, cs
+
+
+def metal_act_quant(x, bits, group_size=None, *, sum_size, hadamard=0):
+    """The fused kernel ``act_quant.metal``: per-token (or per-group) absmax → int codes
+    (int8, shape of x), scales (x's dtype, ``(..., K // group)``), and int32 code sums per
+    ``sum_size`` values — what the W4A4 formula's bias term needs. ``hadamard`` > 0 first
+    applies a block Hadamard of that size (as ``mx.hadamard_transform`` per block)."""
+    if bits not in ACT_BITS:
+        raise ValueError(f"activation bits must be one of {ACT_BITS}, got {bits}")
+    _check_float("x", x)
+    K = x.shape[-1]
+    age = K if group_size is None else group_size
+    if group_size is not None and group_size not in ACT_GROUP_SIZES:
+        raise ValueError(f"activation group size must be one of {ACT_GROUP_SIZES}, got {group_size}")
+    if K == 0 or K % age:
+        raise ValueError(f"activation group size {age} does not divide input size {K}")
+    if sum_size not in (4, 8, 16, 32, 64, 128) or age % sum_size or K % sum_size:
+        raise ValueError(f"code-sum block {sum_size} must be a power of two in 4..128 dividing {age}")
+    if hadamard and (hadamard not in (2, 4, 8, 16, 32, 64, 128) or K % hadamard):
+        raise ValueError(f"Hadamard block {hadamard} must be a power of two in 2..128 dividing {K}")
+    lead = x.shape[:-1]
+    M = x.size // K
+    nsg = max(1, min(8, (K + 127) // 128))
+    codes, scales, sums = _kernel("act_quant")(
+        inputs=[x.reshape(M, K), mx.array(hadamard**-0.5 if hadamard else 1.0, mx.float32)],
+        template=[("T", x.dtype), ("K", K), ("AG", group_size or 0), ("SG", sum_size),
+                  ("QMAX", 2 ** (bits - 1) - 1), ("HB", hadamard), ("NSG", nsg)],
+        grid=(nsg * 32, M, 1),
+        threadgroup=(nsg * 32, 1, 1),
+        output_shapes=[(M, K), (M, K // age), (M, K // sum_size)],
+        output_dtypes=[mx.int8, x.dtype, mx.int32],
+    )
+    return (codes.reshape(x.shape), scales.reshape(*lead, K // age),
+            sums.reshape(*lead, K // sum_size))
+
+
+# ---------------------------------------------------------------- W4A4 / W4A8
+def int_matmul_reference(codes, ascales, w, scales, biases, *, group_size, out_dtype):
+    """``dequant(a) @ dequant(W)^T`` from activation codes and their scales."""
+    from .quant.activations import dequantize_activations
+
+    xq = dequantize_activations(codes, ascales.astype(out_dtype))
+    return mx.quantized_matmul(xq, w, scales, biases, transpose=True, group_size=group_size, bits=4)
+
+
+def metal_int_matmul(codes, ascales, sums, w, scales, biases, *, group_size, act_group_size=None,
+                     out_dtype=mx.float32):
+    """The kernel ``w4a_int_matmul.metal``: int8 activation codes (from :func:`metal_act_quant`
+    with ``sum_size = min(act group, group_size)``) × MLX 4-bit weights, integer inner sums,
+    one float epilogue per block. Returns ``(..., N)`` in ``out_dtype``."""
+    if codes.dtype != mx.int8 or sums.dtype != mx.int32:
+        raise ValueError("codes must be int8 and sums int32 (from metal_act_quant)")
+    _check_float("activation scales", ascales)
+    M, K, N = _check_w4(codes, w, scales, biases, group_size)
+    age = K if act_group_size is None else act_group_size
+    if K % age:
+        raise ValueError(f"activation group size {age} does not divide input size {K}")
+    sub = min(age, group_size)
+    if ascales.size != M * (K // age) or sums.size != M * (K // sub):
+        raise ValueError("activation scales / sums do not match codes and group sizes")
+    rn = _rows_per_simdgroup(group_size)
+    y = _kernel("w4a_int_matmul")(
+        inputs=[codes.reshape(M, K), ascales.reshape(M, K // age), sums.reshape(M, K // sub),
+                w, scales, biases],
+        template=[("T", out_dtype), ("K", K), ("N", N), ("M", M), ("WG", group_size),
+                  ("AG", act_group_size or 0), ("RN", rn), ("NSG", _NSG)],
+        output_shapes=[(M, N)],
+        output_dtypes=[out_dtype],
+        **_matmul_launch(N, rn),
+    )[0]
+    return y.reshape(*codes.shape[:-1], N)
+
+
+def _int_path_ok(x, w, scales, biases, group_size, bits, act_bits, act_group_size) -> bool:
+    if bits != 4 or act_bits not in ACT_BITS:
+        return False
+    if act_group_size is not None and (act_group_size not in ACT_GROUP_SIZES or x.shape[-1] % act_group_size):
+        return False
+    try:
+        _check_float("x", x)
+        _check_w4(x, w, scales, biases, group_size)
+    except ValueError:
+        return False
+    return True
 
 
 def act_quant_matmul(
@@ -23,10 +232,111 @@ def act_quant_matmul(
     """``x @ W^T`` with x quantized to ``act_bits`` symmetric codes (per token, or per
     ``act_group_size`` features) and W an MLX affine-quantized weight (W4A4 / W4A8).
 
-    Reference: quantize → dequantize x, then MLX's ``quantized_matmul``. The
-    result equals ``dequant(a) @ dequant(W)^T``.
+    Metal: ``act_quant`` then ``w4a_int_matmul`` (4-bit weights, ≤ 16 rows). Otherwise the
+    reference: quantize → dequantize x, then MLX's ``quantized_matmul``. Both equal
+    ``dequant(a) @ dequant(W)^T``.
     """
+    if backend() == "metal" and _int_path_ok(x, w, scales, biases, group_size, bits, act_bits,
+                                              act_group_size):
+        K = x.shape[-1]
+        sub = min(act_group_size or K, group_size)
+        codes, ascales, sums = metal_act_quant(x, act_bits, act_group_size, sum_size=sub)
+        return metal_int_matmul(codes, ascales, sums, w, scales, biases, group_size=group_size,
+                                act_group_size=act_group_size, out_dtype=x.dtype)
     xq = fake_quantize_activations(x, act_bits, act_group_size)
     return mx.quantized_matmul(
         xq, w, scales, biases, transpose=True, group_size=group_size, bits=bits
     )
+
+
+# ---------------------------------------------------------------- W4A16 verify
+def metal_verify_matmul(x, w, scales, biases, *, group_size):
+    """The kernel ``w4a16_verify.metal``: ``x @ W^T`` for ≤ 16 rows, each weight byte read
+    once for all rows. Returns ``(..., N)`` in x's dtype."""
+    _check_float("x", x)
+    M, K, N = _check_w4(x, w, scales, biases, group_size)
+    rn = _rows_per_simdgroup(group_size)
+    y = _kernel("w4a16_verify")(
+        inputs=[x.reshape(M, K), w, scales, biases],
+        template=[("T", x.dtype), ("K", K), ("N", N), ("M", M), ("WG", group_size),
+                  ("RN", rn), ("NSG", _NSG)],
+        output_shapes=[(M, N)],
+        output_dtypes=[x.dtype],
+        **_matmul_launch(N, rn),
+    )[0]
+    return y.reshape(*x.shape[:-1], N)
+
+
+def verify_matmul(x, w, scales, biases, *, group_size, bits=4):
+    """The verify pass's ``x @ W^T`` (activations in compute dtype). Metal kernel for 4-bit
+    weights and ≤ 16 rows; MLX's ``quantized_matmul`` otherwise (prefill, other bit widths)."""
+    if backend() == "metal" and bits == 4 and x.dtype in FLOAT_DTYPES:
+        try:
+            _check_w4(x, w, scales, biases, group_size)
+        except ValueError:
+            pass
+        else:
+            return metal_verify_matmul(x, w, scales, biases, group_size=group_size)
+    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
+
+# ---------------------------------------------------------------- nested planes
+def split_planes(w8: mx.array) -> tuple[mx.array, mx.array]:
+    """MLX 8-bit packed codes (N, K/4) uint32 → (upper, lower) 4-bit planes, each in MLX's
+    4-bit packing (N, K/8): code c = 16·upper + lower. Scales and biases stay the 8-bit ones."""
+    if w8.dtype != mx.uint32 or w8.ndim != 2:
+        raise ValueError(f"8-bit weight must be a 2-D uint32 array, got {w8.dtype} {w8.shape}")
+    shifts = mx.array([0, 8, 16, 24], mx.uint32)
+    c = ((w8[..., None] >> shifts) & 0xFF).reshape(w8.shape[0], -1)  # (N, K) codes
+    nib = mx.array([4 * i for i in range(8)], mx.uint32)
+
+    def pack(q):
+        q = q.reshape(q.shape[0], -1, 8) << nib
+        return q.sum(-1).astype(mx.uint32)  # disjoint bits: the sum is the OR
+
+    return pack(c >> 4), pack(c & 0xF)
+
+
+def nested_matmul_reference(x, upper, lower, scales, biases, *, group_size, draft):
+    """Plain MLX: verify = qmm(x, U, 16s, b) + qmm(x, L, s, 0), the 8-bit result; draft =
+    qmm(x, U, 16s, b + 7.5s), the lower plane replaced by its mid-point."""
+    qmm = lambda w_, s_, b_: mx.quantized_matmul(  # noqa: E731
+        x, w_, s_, b_, transpose=True, group_size=group_size, bits=4)
+    if draft:
+        return qmm(upper, 16 * scales, biases + 7.5 * scales)
+    return qmm(upper, 16 * scales, biases) + qmm(lower, scales, mx.zeros_like(biases))
+
+
+def metal_nested_matmul(x, upper, lower, scales, biases, *, group_size, draft):
+    """The kernel ``nested_matmul.metal``: draft reads the upper plane only (half the weight
+    bytes), verify reads both planes in one pass. ``lower`` is unused (may be None) for the
+    draft. ≤ 16 rows; returns ``(..., N)`` in x's dtype."""
+    _check_float("x", x)
+    M, K, N = _check_w4(x, upper, scales, biases, group_size)
+    if not draft and (lower is None or lower.shape != upper.shape or lower.dtype != mx.uint32):
+        raise ValueError("the verify variant needs a lower plane shaped like the upper plane")
+    rn = _rows_per_simdgroup(group_size, 1 if draft else 2)
+    planes = [upper] if draft else [upper, lower]
+    y = _kernel("nested_matmul_draft" if draft else "nested_matmul_verify")(
+        inputs=[x.reshape(M, K), *planes, scales, biases],
+        template=[("T", x.dtype), ("K", K), ("N", N), ("M", M), ("WG", group_size),
+                  ("RN", rn), ("NSG", _NSG)],
+        output_shapes=[(M, N)],
+        output_dtypes=[x.dtype],
+        **_matmul_launch(N, rn),
+    )[0]
+    return y.reshape(*x.shape[:-1], N)
+
+
+def nested_matmul(x, upper, lower, scales, biases, *, group_size, draft):
+    """``x @ W^T`` for an 8-bit weight kept as two 4-bit planes: ``draft=True`` reads the
+    upper plane only. Metal kernel for ≤ 16 rows, the MLX reference otherwise."""
+    if backend() == "metal" and x.dtype in FLOAT_DTYPES:
+        try:
+            _check_w4(x, upper, scales, biases, group_size)
+        except ValueError:
+            pass
+        else:
+            return metal_nested_matmul(x, upper, lower, scales, biases, group_size=group_size,
+                                       draft=draft)
+    return nested_matmul_reference(x, upper, lower, scales, biases, group_size=group_size, draft=draft)
