@@ -169,7 +169,7 @@ def speculative_generate_step(
     ``prompt_cache`` (one trimmable cache per layer) is updated in place: when the
     generator ends it holds the prompt and every emitted token but the last.
     ``logprobs`` are the verify's (after ``logits_processors``), as plain decoding
-    gives them.
+    gives them. Bad arguments raise ValueError here, before any compute.
     """
     mode = check_draft(model, draft)
     if mode is None:
@@ -180,9 +180,20 @@ def speculative_generate_step(
     if not can_trim_prompt_cache(cache):
         types = {type(c).__name__ for c in cache if not c.is_trimmable()}
         raise ValueError(f"speculative decoding needs a trimmable prompt cache, got {types}")
-    switch = install(model)
     stats = SpecStats() if stats is None else stats
     stats.draft, stats.num_draft_tokens = mode.name, gamma
+    return _generate(
+        prompt, model, install(model), mode, gamma, max_tokens, dist,
+        logits_processors, cache, prefill_step_size, kv_bits, kv_group_size,
+        quantized_kv_start, stats,
+    )
+
+
+def _generate(
+    prompt, model, switch, mode, gamma, max_tokens, dist, logits_processors, cache,
+    prefill_step_size, kv_bits, kv_group_size, quantized_kv_start, stats,
+):
+    """The loop behind :func:`speculative_generate_step`, its arguments already checked."""
     quantize_cache = lambda: maybe_quantize_kv_cache(  # noqa: E731
         cache, quantized_kv_start, kv_group_size, kv_bits
     )

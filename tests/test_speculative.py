@@ -1,0 +1,226 @@
+"""The self-speculative loop: greedy output equals plain decoding token for token, the
+shared cache ends as plain decoding leaves it, and sampling keeps the verify's distribution."""
+
+import math
+from collections import Counter
+from itertools import islice, product
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import make_logits_processors
+from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
+
+from conftest import build_tiny_model
+from mlx_qspec.quant.linear import find_switch, install
+from mlx_qspec.quant.modes import DRAFT_MODES, DraftMode
+from mlx_qspec.speculative import SpecStats, make_sampler, speculative_generate_step
+
+PROMPTS = [
+    [5, 77, 140, 3, 250, 19, 64, 8],
+    [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17],
+    [42],
+]
+MAX_TOKENS = 21  # ends inside a block for every γ > 1 and mid-pair for γ = 1
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny_model()
+
+
+def plain(model, prompt, max_tokens, **kw):
+    return [(t, lp) for t, lp in generate_step(mx.array(prompt), model, max_tokens=max_tokens, **kw)]
+
+
+def spec(model, prompt, **kw):
+    stats = SpecStats()
+    out = list(speculative_generate_step(mx.array(prompt), model, stats=stats, **kw))
+    return out, stats
+
+
+def plain_cache(model, tokens):
+    """The cache plain decoding leaves after feeding ``tokens``: prefill, then one at a time."""
+    cache = make_prompt_cache(model)
+    model(mx.array(tokens[:-1])[None], cache=cache)
+    for t in tokens[-1:]:
+        model(mx.array([[t]]), cache=cache)
+    mx.eval([c.state for c in cache])
+    return cache
+
+
+def kv_gap(a, b):
+    """Largest |difference| between two caches' live keys/values (lengths must match)."""
+    assert [c.offset for c in a] == [c.offset for c in b]
+    return max(
+        mx.abs(x[..., : ca.offset, :] - y[..., : cb.offset, :]).max().item()
+        for ca, cb in zip(a, b)
+        for x, y in ((ca.keys, cb.keys), (ca.values, cb.values))
+    )
+
+
+_totals = Counter()
+
+
+@pytest.mark.parametrize("gamma", [1, 2, 4, 8])
+@pytest.mark.parametrize("draft", list(DRAFT_MODES))
+def test_greedy_equals_plain_decode(model, draft, gamma):
+    for i, prompt in enumerate(PROMPTS):
+        ref = plain(model, prompt, MAX_TOKENS)
+        out, st = spec(model, prompt, draft=draft, num_draft_tokens=gamma,
+                       max_tokens=MAX_TOKENS, prefill_step_size=5)
+        assert [t for t, _, _ in out] == [t for t, _ in ref], (draft, gamma, i)
+        for (_, lp, _), (_, ref_lp) in zip(out, ref):
+            assert mx.array_equal(lp, ref_lp)
+        assert st.emitted == MAX_TOKENS == st.accepted + st.verify_passes
+        assert sum(d for _, _, d in out) == st.accepted <= st.drafted <= gamma * st.verify_passes
+        assert st.tokens_per_verify == pytest.approx(MAX_TOKENS / st.verify_passes)
+        _totals[draft, "accepted"] += st.accepted
+        _totals[draft, "rejected"] += st.drafted - st.accepted
+    assert find_switch(model).draft is None
+
+
+def test_both_accept_and_reject_paths_ran():
+    """The exactness sweep above is only worth something if drafts were both kept and cut."""
+    assert _totals, "run with the sweep"
+    for draft in ("a4", "a4-g32"):
+        assert _totals[draft, "accepted"] > 0 and _totals[draft, "rejected"] > 0, draft
+    assert _totals["a8-g32", "accepted"] > 0
+
+
+def test_cache_after_run_equals_plain_decoding(model):
+    prompt = PROMPTS[0]
+    cache = make_prompt_cache(model)
+    out, st = spec(model, prompt, draft="a4", num_draft_tokens=4, max_tokens=MAX_TOKENS,
+                   prompt_cache=cache)
+    assert 0 < st.accepted < st.drafted
+    tokens = prompt + [t for t, _, _ in out][:-1]
+    assert cache[0].offset == len(tokens)
+    assert kv_gap(cache, plain_cache(model, tokens)) < 1e-5
+    # The test can tell: K/V the draft wrote differ from the verify's by far more.
+    with install(model).drafting(DraftMode(4)):
+        drafted = plain_cache(model, tokens)
+    assert kv_gap(drafted, plain_cache(model, tokens)) > 1e-2
+
+
+def test_eos_inside_an_accepted_block(model):
+    """A consumer that stops at EOS mid-block gets plain decoding's tokens and a cache that
+    holds exactly what it was shown; the model is back in verify mode."""
+    prompt = PROMPTS[1]
+    full, _ = spec(model, prompt, draft="a8-g32", num_draft_tokens=8, max_tokens=40)
+    toks = [t for t, _, _ in full]
+    j = next(i for i, (t, _, d) in enumerate(full) if d and t not in toks[:i] and
+             i + 1 < len(full) and full[i + 1][2])
+    eos = toks[j]
+
+    cache = make_prompt_cache(model)
+    gen = speculative_generate_step(mx.array(prompt), model, draft="a8-g32",
+                                    num_draft_tokens=8, max_tokens=40, prompt_cache=cache)
+    got = []
+    for t, _, _ in gen:
+        got.append(t)
+        if t == eos:
+            break
+    gen.close()
+    ref = [t for t, _ in plain(model, prompt, 40)]
+    assert got == ref[: j + 1] and got[-1] == eos
+    assert find_switch(model).draft is None
+    tokens = prompt + got[:-1]
+    assert kv_gap(cache, plain_cache(model, tokens)) < 1e-5
+
+
+def test_unbounded_max_tokens_and_logits_processors_stay_exact(model):
+    procs = make_logits_processors(repetition_penalty=1.5, repetition_context_size=6)
+    ref = [t for t, _ in plain(model, PROMPTS[0], 30, logits_processors=procs)]
+    assert ref != [t for t, _ in plain(model, PROMPTS[0], 30)]  # the penalty matters
+    gen = speculative_generate_step(mx.array(PROMPTS[0]), model, draft="a4-g16",
+                                    num_draft_tokens=4, max_tokens=-1, logits_processors=procs)
+    assert [t for t, _, _ in islice(gen, 30)] == ref
+    gen.close()
+
+
+def test_sampler_draws_like_mlx_lm():
+    lp = mx.log(mx.softmax(mx.random.normal((3, 256)) * 3, axis=-1))
+    for kw in (dict(temp=0.7, top_p=0.9), dict(temp=1.2, min_p=0.05, top_k=20), dict(temp=0)):
+        mx.random.seed(7)
+        ours = make_sampler(**kw)(lp)
+        mx.random.seed(7)
+        assert mx.array_equal(ours, mlx_lm_make_sampler(**kw)(lp)), kw
+
+
+def _chi2_pvalue(counts: Counter, probs: dict, n: int) -> float:
+    """Pearson chi-square p-value; cells expecting < 5 (and unseen outcomes) pooled."""
+    big = {k for k, p in probs.items() if p * n >= 5}
+    obs = [counts[k] for k in big] + [n - sum(counts[k] for k in big)]
+    exp = [probs[k] * n for k in big] + [n * (1 - sum(probs[k] for k in big))]
+    if exp[-1] < 1e-9:
+        if obs[-1]:
+            return 0.0
+        obs, exp = obs[:-1], exp[:-1]
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    df = len(obs) - 1
+    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))  # Wilson–Hilferty
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def _joint(model, prompt, sampler, steps, mode=None):
+    """Exact distribution of the first ``steps`` tokens, by enumerating the filtered support."""
+    out = {(): 1.0}
+    with install(model).drafting(mode):
+        for _ in range(steps):
+            nxt = {}
+            for prefix, pp in out.items():
+                logits = model(mx.array([*prompt, *prefix])[None])[0, -1:]
+                p = mx.exp(sampler.distribution(logits - mx.logsumexp(logits, -1, keepdims=True)))[0]
+                for t, pt in enumerate(p.tolist()):
+                    if pt > 0:
+                        nxt[prefix + (t,)] = pp * pt
+            out = nxt
+    return out
+
+
+def test_speculative_sampling_keeps_the_verify_distribution(model):
+    """Chi-square of the first three tokens against the verify's exact joint distribution;
+    the same samples must be far from the draft's own distribution (the test has power)."""
+    prompt, steps, n = PROMPTS[0], 3, 800
+    sampler = make_sampler(temp=1.0, top_k=4)
+    p_joint = _joint(model, prompt, sampler, steps)
+    q_joint = _joint(model, prompt, sampler, steps, DraftMode(4))
+
+    cache = make_prompt_cache(model)
+    model(mx.array(prompt[:-1])[None], cache=cache)
+    mx.random.seed(1234)
+    counts, stats = Counter(), SpecStats()
+    for _ in range(n):
+        gen = speculative_generate_step(mx.array(prompt[-1:]), model, draft="a4",
+                                        num_draft_tokens=2, max_tokens=steps, sampler=sampler,
+                                        prompt_cache=cache, stats=stats)
+        counts[tuple(t for t, _, _ in gen)] += 1
+        trim_prompt_cache(cache, steps)
+    assert cache[0].offset == len(prompt) - 1
+    assert 0.1 < stats.acceptance < 0.9  # both the accept and the residual paths ran
+    p_value, q_value = _chi2_pvalue(counts, p_joint, n), _chi2_pvalue(counts, q_joint, n)
+    print(f"chi-square p-values: verify {p_value:.3g}, draft {q_value:.3g}")
+    assert p_value > 1e-3
+    assert q_value < 1e-6
+
+
+def test_bad_arguments_fail_before_any_compute():
+    model = build_tiny_model()
+    prompt = mx.array(PROMPTS[0])
+    cases = [
+        (dict(draft="a5"), "'a5'"),
+        (dict(draft="none"), "'none'"),
+        (dict(draft="a8", num_draft_tokens=0), "got 0"),
+        (dict(draft="a8", num_draft_tokens=33), "got 33"),
+        (dict(draft="a8", num_draft_tokens=2.0), "got 2.0"),
+        (dict(draft="a8", sampler=mlx_lm_make_sampler(temp=0.8)), "make_sampler"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            speculative_generate_step(prompt, model, **kw)
+    odd = build_tiny_model(hidden_size=96, intermediate_size=160)
+    with pytest.raises(ValueError, match="a8-g64"):
+        speculative_generate_step(prompt, odd, draft="a8-g64")
+    assert find_switch(model) is None and find_switch(odd) is None
