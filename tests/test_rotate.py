@@ -11,7 +11,9 @@ from mlx_qspec.quant.rotate import (
     OnlineHadamard,
     apply_online_rotations,
     build_model,
+    check_residual,
     check_rotatable,
+    hadamard_factors,
     hadamard_size_ok,
     residual_rotation,
     rotate_model,
@@ -42,7 +44,7 @@ def tiny_model(quantized: bool):
 TOKENS = mx.array([[3, 17, 200, 45, 9, 128, 77, 1, 250, 60, 33, 5]])
 
 
-@pytest.mark.parametrize("residual", ["random", "block-hadamard"])
+@pytest.mark.parametrize("residual", ["hadamard", "random"])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_float_rotation_preserves_logits(residual, quantized):
     model = tiny_model(quantized)
@@ -57,7 +59,7 @@ def test_float_rotation_preserves_logits(residual, quantized):
 
 
 def test_residual_rotation_is_orthogonal_and_seeded():
-    for kind in ("random", "block-hadamard"):
+    for kind in ("hadamard", "random"):
         q = residual_rotation(576, kind, seed=3)
         assert mx.allclose(q @ q.T, mx.eye(576), atol=1e-4).item()
         assert mx.array_equal(q, residual_rotation(576, kind, seed=3)).item()
@@ -102,7 +104,7 @@ def test_gptq_beats_rtn_on_its_calibration_data():
 
 @pytest.mark.parametrize("key, value, word", [
     ("intermediate_size", 1000, "intermediate_size 1000"),
-    ("intermediate_size", 576, "intermediate_size 576"),
+    ("intermediate_size", 11 * 32, "intermediate_size 352"),
     ("head_dim", 24 + 12, "head_dim 36"),
     ("hidden_size", 80, "multiple of the quantization group"),
     ("model_type", "gemma3", "gemma3"),
@@ -123,3 +125,15 @@ def test_hadamard_size_rule_matches_mlx():
         assert not hadamard_size_ok(n)
     check_rotatable({**CONFIG, "hidden_size": 576, "num_attention_heads": 9,
                      "intermediate_size": 1536})
+
+
+def test_kronecker_hadamard_for_sizes_mlx_does_not_take():
+    assert hadamard_factors(576) == (12, 48)
+    assert hadamard_factors(1536) == (1536,)
+    assert hadamard_factors(11 * 32) is None
+    h = residual_rotation(576, "hadamard") * 24  # a ±1 matrix: a true Hadamard of order 576
+    assert mx.array_equal(mx.abs(mx.round(h)), mx.ones_like(h)).item()
+    assert mx.allclose(h, mx.round(h), atol=1e-4).item()
+    check_residual({**CONFIG, "hidden_size": 352}, "random")
+    with pytest.raises(ValueError, match="hidden_size 352"):
+        check_residual({**CONFIG, "hidden_size": 352}, "hadamard")

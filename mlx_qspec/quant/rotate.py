@@ -18,6 +18,7 @@ with respect to it. Its forward runs the online Hadamards in verify and draft al
 """
 
 import copy
+import math
 import sys
 
 import mlx.core as mx
@@ -29,7 +30,7 @@ WEIGHT_GROUP = 32
 EMBED_BITS = 8
 EMBED_GROUP = 32
 ONLINE = ("o_proj", "down_proj")
-RESIDUAL_KINDS = ("random", "block-hadamard")
+RESIDUAL_KINDS = ("hadamard", "random")
 _HADAMARD_BASES = (1, 12, 20, 28)
 _LLAMA_FAMILY = ("llama",)
 
@@ -44,6 +45,31 @@ def hadamard_size_ok(n: int) -> bool:
         if n >= m and n % m == 0 and (n // m) & (n // m - 1) == 0:
             return True
     return False
+
+
+def hadamard_factors(n: int) -> tuple[int, ...] | None:
+    """Sizes whose Kronecker product is a Hadamard of order ``n`` that MLX can apply.
+
+    ``(n,)`` when MLX takes n, else a pair (576 → 12 × 48: a Hadamard of order 576 as two
+    small transforms), else None.
+    """
+    if hadamard_size_ok(n):
+        return (n,)
+    for a in range(2, n):
+        if n % a == 0 and hadamard_size_ok(a) and hadamard_size_ok(n // a):
+            return (a, n // a)
+    return None
+
+
+def _hadamard(x: mx.array, factors) -> mx.array:
+    """Orthonormal Kronecker-Hadamard on each consecutive prod(factors) block of the last axis."""
+    shape, k = x.shape, len(factors)
+    n = math.prod(factors)
+    y = x.reshape(*shape[:-1], shape[-1] // n, *factors)
+    for i, f in enumerate(factors):
+        ax = y.ndim - k + i
+        y = mx.moveaxis(mx.hadamard_transform(mx.moveaxis(y, ax, -1), scale=f**-0.5), -1, ax)
+    return y.reshape(shape)
 
 
 def check_rotatable(config: dict) -> None:
@@ -61,16 +87,14 @@ def check_rotatable(config: dict) -> None:
     inter = config["intermediate_size"]
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
-    if not hadamard_size_ok(inter):
-        raise ValueError(
-            f"--rotate: intermediate_size {inter} is not a size mx.hadamard_transform takes "
-            f"(m*2^k, m in {_HADAMARD_BASES}); the online Hadamard before down_proj needs it"
-        )
-    if not hadamard_size_ok(head_dim):
-        raise ValueError(
-            f"--rotate: head_dim {head_dim} is not a size mx.hadamard_transform takes "
-            f"(m*2^k, m in {_HADAMARD_BASES}); the per-head Hadamard before o_proj needs it"
-        )
+    for name, n, where in (("intermediate_size", inter, "before down_proj"),
+                           ("head_dim", head_dim, "per head before o_proj")):
+        if hadamard_factors(n) is None:
+            raise ValueError(
+                f"--rotate: {name} {n} is not a Hadamard size mx.hadamard_transform can "
+                f"apply (m*2^k, m in {_HADAMARD_BASES}, or a product of two such); the "
+                f"online Hadamard {where} needs it"
+            )
     for name, n in (("hidden_size", hidden), ("intermediate_size", inter),
                     ("num_attention_heads*head_dim", heads * head_dim)):
         if n % WEIGHT_GROUP:
@@ -80,28 +104,30 @@ def check_rotatable(config: dict) -> None:
             )
 
 
+def check_residual(config: dict, residual: str) -> None:
+    """Raise ValueError if the residual rotation ``residual`` cannot be built for this model."""
+    if residual not in RESIDUAL_KINDS:
+        raise ValueError(f"residual rotation must be one of {RESIDUAL_KINDS}, not {residual!r}")
+    d = config["hidden_size"]
+    if residual == "hadamard" and hadamard_factors(d) is None:
+        raise ValueError(f"--rotate: hidden_size {d} has no Hadamard MLX can build; "
+                         f"use the 'random' residual rotation")
+
+
 class OnlineHadamard(nn.Module):
-    """Applies a (block-wise) Hadamard to the input, then the wrapped linear.
+    """Applies a (block-wise, Kronecker) Hadamard to the input, then the wrapped linear.
 
     The linear stays reachable as ``self.linear`` so tree-walking layer replacement (the
     draft/verify linear) still finds and swaps it; the transform then runs in every mode.
     """
 
-    def __init__(self, linear: nn.Module, block: int):
+    def __init__(self, linear: nn.Module, factors):
         super().__init__()
         self.linear = linear
-        self.block = block
+        self.factors = tuple(factors)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear(_block_hadamard(x, self.block))
-
-
-def _block_hadamard(x: mx.array, block: int) -> mx.array:
-    """Orthonormal Hadamard on each consecutive ``block`` of the last axis."""
-    shape = x.shape
-    y = mx.hadamard_transform(x.reshape(*shape[:-1], shape[-1] // block, block),
-                              scale=block**-0.5)
-    return y.reshape(shape)
+        return self.linear(_hadamard(x, self.factors))
 
 
 def apply_online_rotations(model: nn.Module, config: dict) -> nn.Module:
@@ -112,12 +138,12 @@ def apply_online_rotations(model: nn.Module, config: dict) -> nn.Module:
     rot = config.get("qspec", {}).get("rotation")
     if rot is None:
         return model
-    blocks = rot["online_blocks"]
+    factors = rot["online_factors"]
     for layer in model.model.layers:
         for parent, name in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
             mod = getattr(parent, name)
             if not isinstance(mod, OnlineHadamard):
-                setattr(parent, name, OnlineHadamard(mod, blocks[name]))
+                setattr(parent, name, OnlineHadamard(mod, factors[name]))
     return model
 
 
@@ -139,26 +165,32 @@ def _scale_dtype(model: nn.Module) -> mx.Dtype:
     return mx.float32
 
 
-def residual_rotation(d: int, kind: str = "random", seed: int = 0) -> mx.array:
+def residual_rotation(d: int, kind: str = "hadamard", seed: int = 0) -> mx.array:
     """A d×d orthogonal matrix for the residual stream.
 
-    ``random``: Haar-random (QR of a seeded Gaussian), mixes all d channels.
-    ``block-hadamard``: random signs, then Hadamard on the largest blocks MLX takes that
-    divide d (576 → 3 blocks of 192), so outliers mix only within a block.
+    ``hadamard``: seeded random signs, then a Hadamard of order d (Kronecker of two sizes
+    MLX takes when d itself is not one); it spreads outliers over all d channels and
+    measured better for A4 drafts than ``random`` (Haar-random, QR of a seeded Gaussian).
     """
     key = mx.random.key(seed)
     if kind == "random":
         a = mx.random.normal((d, d), key=key, dtype=mx.float32)
         q, r = mx.linalg.qr(a, stream=mx.cpu)
         return q * mx.sign(mx.diag(r))[None, :]
-    if kind == "block-hadamard":
-        block = max(b for b in range(1, d + 1) if d % b == 0 and hadamard_size_ok(b))
+    if kind == "hadamard":
         signs = mx.where(mx.random.bernoulli(key=key, shape=(d,)), 1.0, -1.0)
-        return _block_hadamard(mx.diag(signs.astype(mx.float32)), block)
+        return _hadamard(mx.diag(signs.astype(mx.float32)), hadamard_factors(d))
     raise ValueError(f"residual rotation must be one of {RESIDUAL_KINDS}, not {kind!r}")
 
 
-def rotate_weights(model: nn.Module, config: dict, *, residual: str = "random",
+def _online_factors(config: dict) -> dict:
+    """Per-head Hadamard before o_proj, whole-width Hadamard before down_proj."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return {"o_proj": list(hadamard_factors(head_dim)),
+            "down_proj": list(hadamard_factors(config["intermediate_size"]))}
+
+
+def rotate_weights(model: nn.Module, config: dict, *, residual: str = "hadamard",
                    seed: int = 0, progress: bool = True) -> dict:
     """Float32 weights of the rotated model (norms fused, Q applied, Hadamards folded).
 
@@ -167,9 +199,9 @@ def rotate_weights(model: nn.Module, config: dict, *, residual: str = "random",
     :func:`apply_online_rotations` gives the original model's logits up to float rounding.
     """
     check_rotatable(config)
+    check_residual(config, residual)
     hidden = config["hidden_size"]
-    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
-    inter = config["intermediate_size"]
+    factors = _online_factors(config)
     Q = residual_rotation(hidden, residual, seed)
     inner = model.model
     embed = _float_weight(inner.embed_tokens)
@@ -191,10 +223,10 @@ def rotate_weights(model: nn.Module, config: dict, *, residual: str = "random",
         for name in ("gate_proj", "up_proj"):
             out[p + f"mlp.{name}.weight"] = (_float_weight(getattr(mlp, name)) * g_mlp) @ Q
         # o = h Wᵀ; online h ↦ h H, so the stored weight is (Qᵀ W) H, row by row.
-        out[p + "self_attn.o_proj.weight"] = _block_hadamard(Q.T @ _float_weight(attn.o_proj),
-                                                             head_dim)
-        out[p + "mlp.down_proj.weight"] = _block_hadamard(Q.T @ _float_weight(mlp.down_proj),
-                                                          inter)
+        out[p + "self_attn.o_proj.weight"] = _hadamard(Q.T @ _float_weight(attn.o_proj),
+                                                       factors["o_proj"])
+        out[p + "mlp.down_proj.weight"] = _hadamard(Q.T @ _float_weight(mlp.down_proj),
+                                                    factors["down_proj"])
         out[p + "input_layernorm.weight"] = mx.ones((hidden,), mx.float32)
         out[p + "post_attention_layernorm.weight"] = mx.ones((hidden,), mx.float32)
         mx.eval(out)
@@ -206,7 +238,6 @@ def rotate_weights(model: nn.Module, config: dict, *, residual: str = "random",
 
 def rotated_config(config: dict, *, residual: str, seed: int, method: str) -> dict:
     """config.json of the rotated 4-bit model: untied head, 8-bit embedding/head, rotation."""
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     cfg = copy.deepcopy(config)
     cfg.pop("quantization_config", None)
     cfg["tie_word_embeddings"] = False
@@ -217,7 +248,7 @@ def rotated_config(config: dict, *, residual: str, seed: int, method: str) -> di
     }
     cfg.setdefault("qspec", {})["rotation"] = {
         "online_hadamard": list(ONLINE),
-        "online_blocks": {"o_proj": head_dim, "down_proj": config["intermediate_size"]},
+        "online_factors": _online_factors(config),
         "residual": residual,
         "seed": seed,
         "method": method,
@@ -272,7 +303,7 @@ def _gptq(fw: dict, config: dict, calibration: mx.array, dtype) -> dict:
 
 
 def rotate_model(model: nn.Module, config: dict, *, method: str = "rtn",
-                 calibration: mx.array | None = None, residual: str = "random",
+                 calibration: mx.array | None = None, residual: str = "hadamard",
                  seed: int = 0, progress: bool = True) -> tuple[dict, dict]:
     """Rotate and re-quantize: ``(weights, config)`` as mlx-lm's save would write them.
 
@@ -285,6 +316,7 @@ def rotate_model(model: nn.Module, config: dict, *, method: str = "rtn",
     if method == "gptq" and calibration is None:
         raise ValueError("method='gptq' needs calibration token ids (samples, length)")
     check_rotatable(config)
+    check_residual(config, residual)
     dtype = _scale_dtype(model)
     cfg = rotated_config(config, residual=residual, seed=seed, method=method)
     fw = rotate_weights(model, config, residual=residual, seed=seed, progress=progress)
