@@ -23,7 +23,6 @@ from mlx_qspec.quant.modes import (
     parse_draft,
     supported_draft_modes,
 )
-from mlx_qspec.quant.rotate import OnlineHadamard
 
 TOKENS = mx.array([[3, 17, 200, 45, 9, 128, 77]])
 
@@ -103,9 +102,20 @@ def test_mode_switch_rebuilds_nothing_and_spares_head_and_embedding(tiny_model):
     assert all(m.switch is switch for _, m in _qspec_layers(tiny_model))
 
 
+class _Wrapper(nn.Module):
+    """Holds its linear as a child, as the rotated model's online-Hadamard wrapper does."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def __call__(self, x):
+        return self.linear(mx.hadamard_transform(x))
+
+
 def test_install_reaches_linears_wrapped_in_online_hadamards(tiny_model):
     attn = tiny_model.model.layers[0].self_attn
-    attn.o_proj = OnlineHadamard(attn.o_proj, 32)
+    attn.o_proj = _Wrapper(attn.o_proj)
     switch = install(tiny_model)
     assert isinstance(attn.o_proj.linear, QSpecLinear)
     x = mx.random.normal((1, 2, 128))

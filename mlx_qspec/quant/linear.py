@@ -36,8 +36,11 @@ class ModeSwitch:
 class QSpecLinear(nn.QuantizedLinear):
     """A ``QuantizedLinear`` whose input is quantized when its switch is in a draft mode.
 
-    Subclasses ``QuantizedLinear`` (same parameter names, same verify numerics) so
-    code that saves, inspects or counts a quantized model sees nothing new.
+    Subclasses ``QuantizedLinear`` (same parameter names) so code that saves, inspects
+    or counts a quantized model sees nothing new. Verify goes through
+    ``kernels.verify_matmul`` for every row count up to a verify block, so a one-token
+    step and a γ+1-token verify take the same kernel path (MLX's own
+    ``quantized_matmul`` elsewhere, where it is bit-identical to ``QuantizedLinear``).
     """
 
     def __init__(self, layer: nn.QuantizedLinear, switch: ModeSwitch):
@@ -52,12 +55,11 @@ class QSpecLinear(nn.QuantizedLinear):
     def __call__(self, x):
         draft = self.switch.draft
         if draft is None:
-            y = mx.quantized_matmul(
+            y = kernels.verify_matmul(
                 x,
                 self["weight"],
-                scales=self["scales"],
-                biases=self["biases"],
-                transpose=True,
+                self["scales"],
+                self["biases"],
                 group_size=self.group_size,
                 bits=self.bits,
             )
