@@ -102,6 +102,7 @@ template <class T, int N> struct packed_vec {
 
 template <class T> struct is_vec : std::false_type {};
 template <class T, int N> struct is_vec<vec<T, N>> : std::true_type {};
+template <class T, int N, int... I> struct is_vec<swz<T, N, I...>> : std::true_type {};  // not a scalar
 
 #define MSL_VEC_BINOP(op)                                                                       \
   template <class T, int N> vec<T, N> operator op(const vec<T, N>& a, const vec<T, N>& b) {    \
@@ -114,6 +115,19 @@ template <class T, int N> struct is_vec<vec<T, N>> : std::true_type {};
 MSL_VEC_BINOP(+) MSL_VEC_BINOP(-) MSL_VEC_BINOP(*) MSL_VEC_BINOP(/) MSL_VEC_BINOP(%)
 MSL_VEC_BINOP(&) MSL_VEC_BINOP(|) MSL_VEC_BINOP(^) MSL_VEC_BINOP(<<) MSL_VEC_BINOP(>>)
 #undef MSL_VEC_BINOP
+// Arithmetic on a swizzle (q.xyz * 2.0f) goes through the vector it names.
+#define MSL_SWZ_BINOP(op)                                                                       \
+  template <class T, int N, int... I, class S>                                                  \
+  auto operator op(const swz<T, N, I...>& a, const S& b) { return vec<T, sizeof...(I)>(a) op b; } \
+  template <class T, int N, int... I, class S, class = std::enable_if_t<!std::is_same<S, swz<T, N, I...>>::value>> \
+  auto operator op(const S& a, const swz<T, N, I...>& b) { return a op vec<T, sizeof...(I)>(b); }
+#define MSL_SWZ_BINOP2(op) \
+  template <class T, int N, int... I, int M, int... J>                                          \
+  auto operator op(const swz<T, N, I...>& a, const swz<T, M, J...>& b) { return vec<T, sizeof...(I)>(a) op vec<T, sizeof...(J)>(b); }
+MSL_SWZ_BINOP2(+) MSL_SWZ_BINOP2(-) MSL_SWZ_BINOP2(*) MSL_SWZ_BINOP2(/)
+#undef MSL_SWZ_BINOP2
+MSL_SWZ_BINOP(+) MSL_SWZ_BINOP(-) MSL_SWZ_BINOP(*) MSL_SWZ_BINOP(/)
+#undef MSL_SWZ_BINOP
 template <class T, int N> vec<T, N> operator-(const vec<T, N>& a) { vec<T, N> r; for (int i = 0; i < N; i++) r[i] = -a[i]; return r; }
 template <class T, int N> vec<T, N> operator~(const vec<T, N>& a) { vec<T, N> r; for (int i = 0; i < N; i++) r[i] = ~a[i]; return r; }
 #define MSL_VEC_CMP(op)                                                                          \
