@@ -224,3 +224,13 @@ def test_bad_arguments_fail_before_any_compute():
     with pytest.raises(ValueError, match="a8-g64"):
         speculative_generate_step(prompt, odd, draft="a8-g64")
     assert find_switch(model) is None and find_switch(odd) is None
+
+
+def test_real_model_greedy_equals_plain_decode(smollm2):
+    """SmolLM2-135M Q4_1: the default draft drafts well and changes nothing."""
+    model, tokenizer = smollm2
+    prompt = tokenizer.encode("The Python Software Foundation is a non-profit organization that")
+    ref = [t for t, _ in plain(model, prompt, 10)]
+    out, st = spec(model, prompt, draft="a8-g32", num_draft_tokens=4, max_tokens=10)
+    assert [t for t, _, _ in out] == ref
+    assert st.acceptance > 0.5 and st.verify_passes < 10

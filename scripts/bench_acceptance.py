@@ -1,0 +1,161 @@
+"""Acceptance of each QSpec draft mode on real text: α, τ, verify passes per token, and
+whether greedy speculative output matched plain decoding, for each draft length γ.
+
+Counts, not speed: on MLX-CPU a verify of γ+1 rows costs ~γ+1 one-token steps, so
+Linux timings say nothing about a Mac. Prompts are real English shipped with every
+Python install (the license and stdlib module docs), continued greedily.
+
+    python scripts/bench_acceptance.py --modes a8 a8-g32 a4 a4-g32 --gammas 1 2 4 8 \
+        --json out/acceptance.json --plot out/acceptance.png
+"""
+
+import argparse
+import json
+import pydoc
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+
+from mlx_qspec import load
+from mlx_qspec.generate import default_model_path
+from mlx_qspec.quant.modes import check_draft
+from mlx_qspec.speculative import SpecStats, check_num_draft_tokens, speculative_generate_step
+
+DOC_MODULES = ["json", "argparse", "logging", "unittest", "subprocess", "collections", "asyncio"]
+
+
+def real_texts() -> list[str]:
+    """Paragraph-sized English texts: the Python license's history, then stdlib module docs."""
+    license_txt = (Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}."
+                   f"{sys.version_info.minor}" / "LICENSE.txt")
+    texts = []
+    if license_txt.is_file():
+        paras = [p.strip() for p in license_txt.read_text().split("\n\n")]
+        prose = [p for p in paras if len(p) > 400 and sum(map(str.isalpha, p)) > 0.7 * len(p)]
+        texts += [" ".join(p.split()) for p in prose][:2]
+    for name in DOC_MODULES:
+        doc = pydoc.getdoc(__import__(name))
+        if len(doc) > 300:
+            texts.append(" ".join(doc.split()))
+    return texts
+
+
+def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
+    texts = real_texts()
+    if len(texts) < n:
+        raise SystemExit(f"only {len(texts)} real texts found, asked for {n}")
+    return [tokenizer.encode(t)[:length] for t in texts[:n]]
+
+
+def run_config(model, prompt_sets, plain_outs, mode, gamma, max_tokens):
+    """One (mode, γ): totals over all prompts, and the greedy-match rate vs plain decode."""
+    stats, matched, total = SpecStats(), 0, 0
+    for prompt, ref in zip(prompt_sets, plain_outs):
+        out = [t for t, _, _ in speculative_generate_step(
+            mx.array(prompt), model, draft=mode, num_draft_tokens=gamma,
+            max_tokens=max_tokens, stats=stats)]
+        matched += sum(a == b for a, b in zip(out, ref))
+        total += len(ref)
+    return {
+        "draft": mode.name,
+        "gamma": gamma,
+        "drafted": stats.drafted,
+        "accepted": stats.accepted,
+        "verify_passes": stats.verify_passes,
+        "emitted": stats.emitted,
+        "acceptance": stats.acceptance,
+        "tokens_per_verify": stats.tokens_per_verify,
+        "verify_passes_per_token": stats.verify_passes / stats.emitted,
+        "greedy_match": matched / total,
+        "draft_time_s": stats.draft_time,
+        "verify_time_s": stats.verify_time,
+    }
+
+
+def print_table(rows):
+    head = f"{'draft':8} {'γ':>2} {'α':>6} {'τ':>6} {'verify/tok':>10} {'match':>6} {'drafted':>7} {'accepted':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['draft']:8} {r['gamma']:>2} {r['acceptance']:6.3f} {r['tokens_per_verify']:6.2f} "
+              f"{r['verify_passes_per_token']:10.3f} {r['greedy_match']:6.3f} {r['drafted']:7d} "
+              f"{r['accepted']:8d}")
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written to {path}", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    gammas = sorted({r["gamma"] for r in rows})
+    ax.plot(gammas, [g + 1 for g in gammas], "k:", label="τ = γ+1 (every draft accepted)")
+    for mode in dict.fromkeys(r["draft"] for r in rows):
+        pts = sorted((r["gamma"], r["tokens_per_verify"]) for r in rows if r["draft"] == mode)
+        ax.plot(*zip(*pts), "o-", label=mode)
+    ax.set_xlabel("draft length γ")
+    ax.set_ylabel("tokens per verify pass τ")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(gammas, [str(g) for g in gammas])
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}", file=sys.stderr)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="model path (default: the SmolLM2 test GGUF)")
+    ap.add_argument("--modes", nargs="+", default=["a8", "a8-g32", "a4", "a4-g32"])
+    ap.add_argument("--gammas", nargs="+", type=int, default=[1, 2, 4, 8])
+    ap.add_argument("--prompts", type=int, default=3, help="number of real-text prompts")
+    ap.add_argument("--prompt-tokens", type=int, default=64, help="tokens of text per prompt")
+    ap.add_argument("--max-tokens", type=int, default=24, help="tokens generated per prompt")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--plot", help="write a τ-vs-γ PNG here (needs matplotlib)")
+    args = ap.parse_args(argv)
+
+    try:
+        model, tokenizer = load(args.model or default_model_path())
+        modes = [check_draft(model, m) for m in args.modes]
+        gammas = [check_num_draft_tokens(g) for g in args.gammas]
+    except ValueError as e:
+        ap.exit(2, f"bench_acceptance: error: {e}\n")
+    prompt_sets = prompts(tokenizer, args.prompts, args.prompt_tokens)
+
+    t0 = time.perf_counter()
+    plain_outs = [[t for t, _ in generate_step(mx.array(p), model, max_tokens=args.max_tokens)]
+                  for p in prompt_sets]
+    print(f"plain decode: {len(prompt_sets)} prompts × {args.max_tokens} tokens "
+          f"in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+
+    rows, configs = [], [(m, g) for m in modes for g in gammas]
+    for i, (mode, gamma) in enumerate(configs, 1):
+        t = time.perf_counter()
+        rows.append(run_config(model, prompt_sets, plain_outs, mode, gamma, args.max_tokens))
+        r = rows[-1]
+        print(f"[{i}/{len(configs)}] {mode.name} γ={gamma}: α={r['acceptance']:.3f} "
+              f"τ={r['tokens_per_verify']:.2f} match={r['greedy_match']:.3f} "
+              f"({time.perf_counter() - t:.0f}s)", file=sys.stderr, flush=True)
+
+    print_table(rows)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(model=str(args.model or default_model_path()), prompts=len(prompt_sets),
+                    prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
+        Path(args.json).write_text(json.dumps({"config": meta, "rows": rows}, indent=1))
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
