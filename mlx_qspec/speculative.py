@@ -266,6 +266,10 @@ def _generate(
         try:
             while ntoks < limit:
                 k = int(min(gamma, limit - ntoks - 1))
+                if kv_bits is not None and cache[0].offset < quantized_kv_start:
+                    # Plain decoding reads a position in float iff it precedes the
+                    # switch to a quantized cache: no verify block straddles it.
+                    k = min(k, quantized_kv_start - 1 - cache[0].offset)
                 t0 = time.perf_counter()
                 drafts, q = draft_block(y, k)
                 if k:

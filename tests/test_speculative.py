@@ -140,6 +140,20 @@ def test_unbounded_max_tokens_and_logits_processors_stay_exact(model):
     gen.close()
 
 
+@pytest.mark.parametrize("start", [0, 13, 20])
+def test_quantized_kv_cache_stays_exact_across_the_switch(model, start):
+    """With --kv-bits the cache turns quantized mid-generation; a verify block that
+    straddled the switch would read float K/V where plain decoding reads quantized."""
+    kv = dict(kv_bits=8, kv_group_size=32, quantized_kv_start=start)
+    ref = plain(model, PROMPTS[0], 30, **kv)
+    cache = make_prompt_cache(model)
+    out, _ = spec(model, PROMPTS[0], draft="a4", num_draft_tokens=4, max_tokens=30,
+                  prompt_cache=cache, **kv)
+    assert [t for t, _, _ in out] == [t for t, _ in ref]
+    assert all(mx.array_equal(a[1], b[1]) for a, b in zip(out, ref))
+    assert all(hasattr(c, "bits") for c in cache)
+
+
 def test_sampler_draws_like_mlx_lm():
     lp = mx.log(mx.softmax(mx.random.normal((3, 256)) * 3, axis=-1))
     for kw in (dict(temp=0.7, top_p=0.9), dict(temp=1.2, min_p=0.05, top_k=20), dict(temp=0)):
