@@ -68,6 +68,15 @@ def test_act_quant_float16_bit_exact(emulated):
         assert mx.array_equal(g, r).item()
 
 
+def test_act_quant_rounds_half_to_even(emulated):
+    """Exact ties (scale 1): rint, as mx.round — round() would give 1, 2, 3, 4, -1, -3."""
+    ties = [7.0, 0.5, 1.5, 2.5, 3.5, -0.5, -2.5]
+    x = mx.array([ties + [0.0] * (128 - len(ties))])
+    codes, _, _ = kernels.metal_act_quant(x, 4, None, sum_size=32)
+    assert np.array(codes)[0, :7].tolist() == [7, 0, 2, 2, 4, 0, -2]
+    assert mx.array_equal(codes, kernels.act_quant_reference(x, 4, None, sum_size=32)[0]).item()
+
+
 def test_act_quant_zero_rows(emulated):
     x = mx.zeros((2, 128))
     codes, scales, sums = kernels.metal_act_quant(x, 4, None, sum_size=32)
@@ -80,6 +89,7 @@ def test_act_quant_zero_rows(emulated):
     (3, 320, 40, 32, 4, 16),       # odd M; act groups inside weight groups
     (16, 256, 36, 128, 8, 32),     # M = 16; N not a multiple of the rows per threadgroup
     (7, 512, 64, 32, 4, 128),      # act groups spanning weight groups
+    (2, 2112, 12, 32, 8, None),    # 66 groups per row: lanes loop 3 times, the last partly
 ])
 def test_int_matmul_matches_reference(emulated, M, K, N, group, act_bits, act_group):
     x = acts(M, K, seed=K + N)
@@ -131,6 +141,7 @@ def test_act_quant_matmul_dispatch(emulated, monkeypatch):
 # ------------------------------------------------------------------ W4A16 verify
 @pytest.mark.parametrize("M,K,N,group", [
     (1, 576, 40, 64), (5, 320, 36, 32), (8, 512, 64, 128), (16, 256, 24, 32), (3, 96, 8, 32),
+    (2, 2112, 12, 32),  # 66 groups per row: lanes loop 3 times, the last partly
 ])
 def test_verify_matmul_matches_quantized_matmul(emulated, M, K, N, group):
     x = acts(M, K, seed=M * K)
@@ -179,7 +190,7 @@ def test_split_planes_recombine_to_8bit():
     np.testing.assert_array_equal(c.reshape(16, -1), 16 * u.reshape(16, -1) + l_.reshape(16, -1))
 
 
-@pytest.mark.parametrize("M,K,N,group", [(1, 576, 40, 64), (8, 256, 36, 32), (16, 384, 16, 128), (3, 128, 8, 64)])
+@pytest.mark.parametrize("M,K,N,group", [(1, 576, 40, 64), (8, 256, 36, 32), (16, 384, 16, 128), (3, 128, 8, 64), (2, 2112, 12, 32)])
 def test_nested_matmul(emulated, M, K, N, group):
     x = acts(M, K, seed=N + M)
     w8, s, b = weight(N, K, group, seed=M, bits=8)

@@ -192,6 +192,8 @@ def test_header_helpers_vectors_atomics():
         float4 q = float4(float2(x[4*i], x[4*i+1]), x[4*i+2], x[4*i+3]);
         float3 t = q.xyz * 2.0f;
         uint bits = as_type<uint>(q.w);
+        float3 p = float3(((const device packed_float3*)x)[i]);  // 12-byte stride
+        t += p - float3(x[3*i], x[3*i+1], x[3*i+2]);
         float r = wsum<float, 4>(x + 4 * i) + t.z + metal::dot(q, float4(1.0f)) + float(bits == as_type<uint>(x[4*i+3]));
         atomic_store_explicit(&out0[i], r, memory_order_relaxed);
         atomic_fetch_add_explicit(&hist[uint(x[4*i]) % 4], 1, memory_order_relaxed);

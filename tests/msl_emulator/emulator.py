@@ -7,6 +7,21 @@ under ``mx.export_function`` (which prints the generated Metal source without ne
 GPU), translates that text to C++ against ``msl.h``, compiles it with g++ (cached by
 source hash) and runs it over the grid. Every device buffer is bounds-checked and the
 bytes loaded from each input buffer are counted (``kernel.last_loads``, ``launches``).
+
+Not covered (a kernel using these fails to compile here, or runs with the caveat):
+- ``simdgroup_matrix`` / ``simdgroup_multiply_accumulate``, Metal 4 tensor ops, textures,
+  samplers, imageblocks, function constants; length-4 and ``rgba`` multi-letter swizzles,
+  and swizzles passed straight to template functions (convert to a vector first).
+- Timing and the memory model: threadgroups run one at a time in grid order and threads
+  run one after another between sync points, so races are deterministic (a read before a
+  missing barrier sees the old value) and implicit SIMD lockstep is not assumed; kernels
+  that wait on other threadgroups deadlock here. Threadgroup-memory size is not limited.
+- Floating point: ``half`` is GCC's ``_Float16``, ``bfloat16_t`` rounds through float,
+  ``metal::fast`` is precise, transcendentals are glibc's (ulp differences from Apple's).
+- Byte counts are per-thread requests through const (input) buffers, with no cache or
+  coalescing model; scalars bound by ``constant T&`` and reads of outputs are not counted.
+- Inputs reach the kernel as contiguous copies (strides describe that copy); the kernel
+  cannot run inside ``mx.compile`` or another trace; ``stream`` is ignored.
 """
 
 from __future__ import annotations
