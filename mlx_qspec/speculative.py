@@ -95,7 +95,8 @@ class SpecStats:
 
     ``acceptance`` α = accepted ÷ drafted; ``tokens_per_verify`` τ = emitted ÷ verify
     passes (1 … γ+1). Times are host wall-clock seconds per mode (drafting waits
-    for its tokens, so the split is real, not just graph building).
+    for its tokens, so the split is real, not just graph building). Runs that share
+    one object add up.
     """
 
     draft: str = ""

@@ -3,7 +3,7 @@ shared cache ends as plain decoding leaves it, and sampling keeps the verify's d
 
 import math
 from collections import Counter
-from itertools import islice, product
+from itertools import islice
 
 import mlx.core as mx
 import pytest
@@ -60,12 +60,12 @@ def kv_gap(a, b):
     )
 
 
-_totals = Counter()
-
-
 @pytest.mark.parametrize("gamma", [1, 2, 4, 8])
 @pytest.mark.parametrize("draft", list(DRAFT_MODES))
 def test_greedy_equals_plain_decode(model, draft, gamma):
+    """Token for token and logprob for logprob; over the prompts, drafts are both kept and
+    cut (A4 disagrees often), so the accept, correction and bonus paths all run."""
+    accepted = drafted = 0
     for i, prompt in enumerate(PROMPTS):
         ref = plain(model, prompt, MAX_TOKENS)
         out, st = spec(model, prompt, draft=draft, num_draft_tokens=gamma,
@@ -76,17 +76,11 @@ def test_greedy_equals_plain_decode(model, draft, gamma):
         assert st.emitted == MAX_TOKENS == st.accepted + st.verify_passes
         assert sum(d for _, _, d in out) == st.accepted <= st.drafted <= gamma * st.verify_passes
         assert st.tokens_per_verify == pytest.approx(MAX_TOKENS / st.verify_passes)
-        _totals[draft, "accepted"] += st.accepted
-        _totals[draft, "rejected"] += st.drafted - st.accepted
+        accepted, drafted = accepted + st.accepted, drafted + st.drafted
+    assert accepted > 0
+    if draft.startswith("a4"):
+        assert accepted < drafted
     assert find_switch(model).draft is None
-
-
-def test_both_accept_and_reject_paths_ran():
-    """The exactness sweep above is only worth something if drafts were both kept and cut."""
-    assert _totals, "run with the sweep"
-    for draft in ("a4", "a4-g32"):
-        assert _totals[draft, "accepted"] > 0 and _totals[draft, "rejected"] > 0, draft
-    assert _totals["a8-g32", "accepted"] > 0
 
 
 def test_cache_after_run_equals_plain_decoding(model):

@@ -9,7 +9,6 @@ module is rebuilt and nothing is copied.
 
 from contextlib import contextmanager
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
