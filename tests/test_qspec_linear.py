@@ -131,7 +131,7 @@ def test_names_parse_round_trip_and_help_lists_them():
         assert parse_draft(name) == mode and mode.name == name
     assert len(DRAFT_MODES) == 10
     lines = draft_help().splitlines()
-    assert [line.split(":")[0] for line in lines] == ["none", *DRAFT_MODES]
+    assert [line.split(":")[0] for line in lines] == ["auto", "none", *DRAFT_MODES]
 
 
 @pytest.mark.parametrize("bad", ["a5", "a8-g48", "a4-g256", "w4a8", "", "a8-g"])
@@ -149,7 +149,7 @@ def test_draft_mode_the_model_cannot_run_is_rejected():
     assert find_switch(model) is None  # rejected before anything was installed
     names = [m.name for m in supported_draft_modes(model)]
     assert names == ["a8", "a8-g16", "a8-g32", "a4", "a4-g16", "a4-g32"]
-    assert default_draft(model) == DraftMode(8, 32)
+    assert default_draft(model) == check_draft(model, "auto") == DraftMode(8, 32)
 
     dense = llama.Model(llama.ModelArgs.from_dict(TINY))
     assert default_draft(dense) is None

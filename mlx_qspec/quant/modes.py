@@ -12,6 +12,7 @@ import mlx.nn as nn
 from .activations import ACT_BITS, ACT_GROUP_SIZES
 
 NONE = "none"
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,10 @@ DRAFT_MODES: dict[str, DraftMode] = {
 
 def draft_help() -> str:
     """One line per valid ``--draft`` name, for the CLI's help text."""
-    lines = [f"{NONE}: no speculation, plain decoding"]
+    lines = [
+        f"{AUTO}: the best draft mode the model supports",
+        f"{NONE}: no speculation, plain decoding",
+    ]
     lines += [f"{name}: {_describe(m)}" for name, m in DRAFT_MODES.items()]
     return "\n".join(lines)
 
@@ -98,7 +102,10 @@ def _input_dims(layer: nn.Module) -> int:
 
 
 def check_draft(model: nn.Module, mode: "str | DraftMode | None") -> DraftMode | None:
-    """Parse ``mode`` and make sure ``model`` can run it; ValueError before any compute."""
+    """Parse ``mode`` (``'auto'``: :func:`default_draft`) and make sure ``model`` can run it;
+    ValueError before any compute."""
+    if isinstance(mode, str) and mode.strip().lower() == AUTO:
+        return default_draft(model)
     mode = parse_draft(mode)
     if mode is None:
         return None
