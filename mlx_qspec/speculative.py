@@ -34,10 +34,14 @@ from mlx_lm.sample_utils import (
     greedy_sampler,
 )
 
+from . import kernels
 from .quant.linear import install
 from .quant.modes import DraftMode, check_draft
 
 MAX_DRAFT_TOKENS = 32
+# Verify rows per forward: within the row count the verify kernel takes, a verify row is
+# computed on the same kernel path as a one-token decode step (γ ≥ 16 needs two forwards).
+VERIFY_CHUNK = kernels.MAX_M
 
 
 class Sampler:
@@ -279,7 +283,10 @@ def _generate(
                 t1 = time.perf_counter()
                 drafts = mx.concatenate(drafts) if k else mx.array([], mx.uint32)
                 inputs = mx.concatenate([y, drafts.astype(mx.uint32)])
-                logits = model(inputs[None], cache=cache)[0]
+                logits = mx.concatenate([
+                    model(inputs[None, i : i + VERIFY_CHUNK], cache=cache)[0]
+                    for i in range(0, k + 1, VERIFY_CHUNK)
+                ])
                 context = mx.concatenate([history, drafts]) if logits_processors else None
                 lp = logprobs_of(logits, context)
                 ok, targets = accept(lp, drafts, q)

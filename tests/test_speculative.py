@@ -83,6 +83,15 @@ def test_greedy_equals_plain_decode(model, draft, gamma):
     assert find_switch(model).draft is None
 
 
+@pytest.mark.parametrize("gamma", [17, 32])
+def test_long_drafts_verify_in_chunks_and_stay_exact(model, gamma):
+    ref = plain(model, PROMPTS[0], 60)
+    out, st = spec(model, PROMPTS[0], draft="a8-g32", num_draft_tokens=gamma, max_tokens=60)
+    assert [t for t, _, _ in out] == [t for t, _ in ref]
+    assert all(mx.array_equal(a[1], b[1]) for a, b in zip(out, ref))
+    assert st.tokens_per_verify > 10  # one verify pass per block, however many forwards
+
+
 def test_cache_after_run_equals_plain_decoding(model):
     prompt = PROMPTS[0]
     cache = make_prompt_cache(model)
