@@ -208,6 +208,52 @@ def test_header_helpers_vectors_atomics():
     np.testing.assert_array_equal(np.array(hist), np.bincount(xn[:, 0].astype(int) % 4, minlength=4))
 
 
+def test_mlx_docs_example_with_preamble_helpers():
+    """MLX's own documented kernel: elem_to_loc and Limits come from the preamble MLX adds."""
+    src = """
+        uint elem = thread_position_in_grid.x;
+        T tmp = inp[elem_to_loc(elem, inp_shape, inp_strides, inp_ndim)];
+        out[elem] = metal::exp(tmp) + (Limits<T>::max > T(1) ? T(0) : T(1));
+    """
+    k = metal_kernel(name="myexp_strided", input_names=["inp"], output_names=["out"], source=src,
+                     ensure_row_contiguous=False)
+    a = mx.random.normal((4, 16)).astype(mx.float16).T
+    (b,) = k(inputs=[a], template=[("T", mx.float16)], grid=(a.size, 1, 1), threadgroup=(256, 1, 1),
+             output_shapes=[a.shape], output_dtypes=[a.dtype])
+    assert mx.allclose(b, mx.exp(a), rtol=1e-3)
+
+
+def test_every_position_attribute_mlx_adds():
+    src = """
+        uint i = thread_position_in_grid.x;
+        uint v[11] = {dispatch_quadgroups_per_threadgroup, dispatch_simdgroups_per_threadgroup,
+                      quadgroup_index_in_threadgroup, quadgroups_per_threadgroup,
+                      simdgroups_per_threadgroup, thread_execution_width, thread_index_in_quadgroup,
+                      threads_per_simdgroup, grid_size.x + grid_origin.x, threads_per_grid.x,
+                      simd_shuffle_and_fill_down(i, 1000u, 4u)};
+        for (int j = 0; j < 11; j++) out0[i * 11 + j] = v[j];
+    """
+    (out,), _ = run(src, [mx.zeros((1,))], [(72 * 11,)], [mx.uint32], (72, 1, 1), (64, 1, 1))
+    o = np.array(out).reshape(72, 11)
+    t = np.arange(72)
+    tg = np.where(t < 64, 64, 8)   # the second threadgroup is partial: 8 threads
+    lin = t % 64
+    np.testing.assert_array_equal(o[:, 0], 16)
+    np.testing.assert_array_equal(o[:, 1], 2)
+    np.testing.assert_array_equal(o[:, 2], lin // 4)
+    np.testing.assert_array_equal(o[:, 3], tg // 4)
+    np.testing.assert_array_equal(o[:, 4], (tg + 31) // 32)
+    np.testing.assert_array_equal(o[:, 5], 32)
+    np.testing.assert_array_equal(o[:, 6], lin % 4)
+    np.testing.assert_array_equal(o[:, 7], 32)
+    np.testing.assert_array_equal(o[:, 8], 72)
+    np.testing.assert_array_equal(o[:, 9], 72)
+    lane = lin % 32
+    width = np.where(t < 64, 32, 8)
+    defined = (lane + 4 < width) | (lane + 4 >= 32)  # reading a lane that does not exist is undefined
+    np.testing.assert_array_equal(o[defined, 10], np.where(lane + 4 < 32, t + 4, 1000)[defined])
+
+
 # ------------------------------------------------------------------ other people's kernels
 @pytest.fixture
 def mlx_lm_kernels(monkeypatch):

@@ -198,10 +198,10 @@ def build_cpp(src: str):
             ctype = _DEV_PTR.sub(_dev_ptr, ptype + " ").strip() if "*" in ptype or "&" in ptype else ptype
             if ctype.startswith("::msl::dptr<"):
                 elem = ctype[len("::msl::dptr<"):-1]
-                args.append(f"{ctype}(({elem}*)B[{b}].base, &B[{b}])")
+                args.append(f"{ctype}(({elem}*)msl_bufs_[{b}].base, &msl_bufs_[{b}])")
             else:  # a scalar by reference
                 elem = ctype.rstrip("&").strip()
-                args.append(f"*({elem}*)B[{b}].base")
+                args.append(f"*({elem}*)msl_bufs_[{b}].base")
             sig.append(f"{ctype} {pname}")
         elif attr in _ATTR3 or attr in _ATTR1:
             sig.append(f"{ptype} {pname}")
@@ -220,15 +220,15 @@ def build_cpp(src: str):
 {tmpl}void {fname}({", ".join(sig)}) {{
 {translate(body)}
 }}
-static ::msl::BufInfo B[{max(nb, 1)}];
+static ::msl::BufInfo msl_bufs_[{max(nb, 1)}];
 static void msl_entry() {{ {fname}{targs}({", ".join(args)}); }}
 extern "C" int msl_launch(void** data, const size_t* bytes, const size_t* items, const char** names,
                           unsigned long long* loaded, const unsigned* grid, const unsigned* tg,
                           char* err, size_t errlen) {{
-  for (int i = 0; i < {nb}; i++) B[i] = ::msl::BufInfo{{names[i], (char*)data[i], bytes[i], items[i], 0}};
-  ::msl::g_bufs = B; ::msl::g_nbufs = {nb};
+  for (int i = 0; i < {nb}; i++) msl_bufs_[i] = ::msl::BufInfo{{names[i], (char*)data[i], bytes[i], items[i], 0}};
+  ::msl::g_bufs = msl_bufs_; ::msl::g_nbufs = {nb};
   int rc = ::msl::launch_grid(grid, tg, msl_entry, err, errlen);
-  for (int i = 0; i < {nb}; i++) loaded[i] = B[i].loaded;
+  for (int i = 0; i < {nb}; i++) loaded[i] = msl_bufs_[i].loaded;
   return rc;
 }}
 """

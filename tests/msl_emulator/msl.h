@@ -328,7 +328,12 @@ MSL_SIMD_SHUFFLE(simd_shuffle_rotate_up, 26, (me - int(d)) & 31)
 template <class T, class I> T simd_shuffle_and_fill_down(T v, T fill, I d) {
   uint32_t m; const unsigned char* s = msl::simd_exchange(v, 27, &m);
   int from = int(msl::cur->lane) + int(d);
-  return from < 32 ? msl::slot<T>(s, from) : msl::slot<T>(s + 0, 0) * 0 + fill;
+  return from >= 32 ? fill : (m >> from & 1u) ? msl::slot<T>(s, from) : v;
+}
+template <class T, class I> T simd_shuffle_and_fill_up(T v, T fill, I d) {
+  uint32_t m; const unsigned char* s = msl::simd_exchange(v, 29, &m);
+  int from = int(msl::cur->lane) - int(d);
+  return from < 0 ? fill : (m >> from & 1u) ? msl::slot<T>(s, from) : v;
 }
 template <class T> T simd_broadcast_first(T v) {
   uint32_t m; const unsigned char* s = msl::simd_exchange(v, 28, &m);
@@ -370,6 +375,7 @@ namespace metal {
 template <class T> struct numeric_limits : std::numeric_limits<T> {};
 template <> struct numeric_limits<half> {
   static constexpr bool is_specialized = true;
+  static constexpr bool is_integer = false;
   static half max() { return half(65504.0f); }
   static half min() { return half(6.103515625e-05f); }
   static half lowest() { return half(-65504.0f); }
@@ -379,6 +385,7 @@ template <> struct numeric_limits<half> {
 };
 template <> struct numeric_limits<bfloat16_t> {
   static constexpr bool is_specialized = true;
+  static constexpr bool is_integer = false;
   static bfloat16_t max() { return bfloat16_t(3.38953139e38f); }
   static bfloat16_t lowest() { return bfloat16_t(-3.38953139e38f); }
   static bfloat16_t infinity() { return bfloat16_t(__builtin_inff()); }
@@ -429,13 +436,27 @@ template <class T, int N> vec<T, N> clamp(const vec<T, N>& x, T lo, T hi) { vec<
 template <class T> T mix(T x, T y, T a) { return x + (y - x) * a; }
 template <class T> T select(T a, T b, bool c) { return c ? b : a; }
 template <class T, int N> vec<T, N> select(const vec<T, N>& a, const vec<T, N>& b, const vec<bool, N>& c) { vec<T, N> r; for (int i = 0; i < N; i++) r[i] = c[i] ? b[i] : a[i]; return r; }
-inline float pow(float x, float y) { return __builtin_powf(x, y); }
-inline float powr(float x, float y) { return __builtin_powf(x, y); }
-inline float fmod(float x, float y) { return __builtin_fmodf(x, y); }
-inline float atan2(float y, float x) { return __builtin_atan2f(y, x); }
-inline float copysign(float x, float y) { return __builtin_copysignf(x, y); }
+#define MSL_BINARY(fname, expr)                                                        \
+  inline float fname(float x, float y) { return (expr); }                              \
+  inline half fname(half a, half b) { float x = float(a), y = float(b); return half(expr); } \
+  inline bfloat16_t fname(bfloat16_t a, bfloat16_t b) { float x = float(a), y = float(b); return bfloat16_t(expr); } \
+  template <class T, int N> vec<T, N> fname(const vec<T, N>& a, const vec<T, N>& b) { vec<T, N> r; for (int i = 0; i < N; i++) r[i] = fname(a[i], b[i]); return r; }
+MSL_BINARY(pow, __builtin_powf(x, y)) MSL_BINARY(powr, __builtin_powf(x, y))
+MSL_BINARY(fmod, __builtin_fmodf(x, y)) MSL_BINARY(atan2, __builtin_atan2f(x, y))
+MSL_BINARY(copysign, __builtin_copysignf(x, y)) MSL_BINARY(divide, x / y)
+MSL_BINARY(step, y < x ? 0.0f : 1.0f) MSL_BINARY(fdim, x > y ? x - y : 0.0f)
+#undef MSL_BINARY
 inline float fma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 inline half fma(half a, half b, half c) { return half(__builtin_fmaf(float(a), float(b), float(c))); }
+template <class T> T min3(T a, T b, T c) { return min(min(a, b), c); }
+template <class T> T max3(T a, T b, T c) { return max(max(a, b), c); }
+template <class T> T fmin3(T a, T b, T c) { return min(min(a, b), c); }
+template <class T> T fmax3(T a, T b, T c) { return max(max(a, b), c); }
+template <class T> T median3(T a, T b, T c) { return max(min(a, b), min(max(a, b), c)); }
+template <int N> bool all(const vec<bool, N>& v) { for (int i = 0; i < N; i++) if (!v[i]) return false; return true; }
+template <int N> bool any(const vec<bool, N>& v) { for (int i = 0; i < N; i++) if (v[i]) return true; return false; }
+inline bool all(bool v) { return v; }
+inline bool any(bool v) { return v; }
 inline float ldexp(float x, int e) { return __builtin_ldexpf(x, e); }
 template <class T> bool isnan(T x) { return __builtin_isnan(float(x)); }
 template <class T> bool isinf(T x) { return __builtin_isinf(float(x)); }
@@ -452,13 +473,50 @@ template <class T> T mulhi(T a, T b) { return T(((__int128)a * (__int128)b) >> (
 template <class To, class From> To as_type(const From& f) {
   static_assert(sizeof(To) == sizeof(From), "as_type needs equal sizes");
   To t; std::memcpy(&t, &f, sizeof(To)); return t; }
-namespace precise { using metal::exp; using metal::exp2; using metal::log; using metal::log2; using metal::sqrt; using metal::rsqrt; using metal::sin; using metal::cos; using metal::tanh; using metal::pow; using metal::fmin; using metal::fmax; using metal::abs; using metal::fabs; }
-namespace fast { using metal::exp; using metal::exp2; using metal::log; using metal::log2; using metal::sqrt; using metal::rsqrt; using metal::sin; using metal::cos; using metal::tanh; using metal::pow; using metal::fmin; using metal::fmax; using metal::abs; using metal::fabs; }
+namespace precise { using metal::divide; using metal::exp; using metal::exp2; using metal::log; using metal::log2; using metal::sqrt; using metal::rsqrt; using metal::sin; using metal::cos; using metal::tanh; using metal::pow; using metal::fmin; using metal::fmax; using metal::abs; using metal::fabs; }
+namespace fast { using metal::divide; using metal::exp; using metal::exp2; using metal::log; using metal::log2; using metal::sqrt; using metal::rsqrt; using metal::sin; using metal::cos; using metal::tanh; using metal::pow; using metal::fmin; using metal::fmax; using metal::abs; using metal::fabs; }
 }  // namespace metal
 template <class T> inline T metal_max_(T a, T b) { return metal::max(a, b); }
 template <class T> inline T metal_min_(T a, T b) { return metal::min(a, b); }
 using namespace metal;
 #define METAL_FUNC inline
+#define INFINITY __builtin_inff()
+#define NAN __builtin_nanf("")
+#define MAXFLOAT 3.40282347e38f
+#define FLT_MAX 3.40282347e38f
+#define FLT_MIN 1.17549435e-38f
+#define HALF_MAX 65504.0f
+#define M_PI_F 3.14159265358979323846f
+#define M_E_F 2.71828182845904523536f
+#define M_LN2_F 0.693147180559945309417f
+#define M_LOG2E_F 1.44269504088896340736f
+#define M_SQRT2_F 1.41421356237309504880f
+
+// What MLX prepends to every custom kernel (its utils preamble), in the parts kernels use.
+template <class U> struct Limits {
+  static inline const U max = metal::numeric_limits<U>::is_integer ? metal::numeric_limits<U>::max() : metal::numeric_limits<U>::infinity();
+  static inline const U min = metal::numeric_limits<U>::is_integer ? metal::numeric_limits<U>::min() : U(-metal::numeric_limits<U>::infinity());
+  static inline const U finite_max = metal::numeric_limits<U>::max();
+  static inline const U finite_min = metal::numeric_limits<U>::is_integer ? metal::numeric_limits<U>::min() : U(-metal::numeric_limits<U>::max());
+};
+template <> struct Limits<bool> { static inline const bool max = true, min = false; };
+template <class IdxT = int64_t, class E, class SP, class STP>
+inline IdxT elem_to_loc(E elem, SP shape, STP strides, int ndim) {
+  if constexpr (is_vec<E>::value) {  // (x, y, rest) as MLX's uint3 overload
+    IdxT loc = IdxT(elem.x) * IdxT(strides[ndim - 1]) + IdxT(elem.y) * IdxT(strides[ndim - 2]);
+    IdxT z = elem.z;
+    for (int d = ndim - 3; d >= 0; --d) { loc += (z % shape[d]) * IdxT(strides[d]); z /= shape[d]; }
+    return loc;
+  } else {
+    IdxT loc = 0, e = IdxT(elem);
+    for (int i = ndim - 1; i >= 0; --i) { loc += (e % shape[i]) * IdxT(strides[i]); e /= shape[i]; }
+    return loc;
+  }
+}
+template <class STP> inline int64_t elem_to_loc_1(uint elem, STP stride) { return int64_t(elem) * int64_t(stride); }
+template <class STP> inline int64_t elem_to_loc_2(vec<uint, 2> e, STP s) { return int64_t(e.x) * s[1] + int64_t(e.y) * s[0]; }
+template <class STP> inline int64_t elem_to_loc_3(vec<uint, 3> e, STP s) { return int64_t(e.x) * s[2] + int64_t(e.y) * s[1] + int64_t(e.z) * s[0]; }
+inline size_t ceildiv(size_t n, size_t m) { return (n + m - 1) / m; }
 #define METAL_CONST_ARG(...)
 #define METAL_PRAGMA_UNROLL _Pragma("GCC unroll 8")
 
