@@ -300,3 +300,16 @@ def test_mlx_lm_norm_add_norm_uses_threadgroup_barriers(mlx_lm_kernels):
     s = alpha * stream + beta * mx.fast.rms_norm(branch * post_w, None, 1e-6)
     assert mx.allclose(new_stream, s, atol=1e-5)
     assert mx.allclose(normed, mx.fast.rms_norm(s, norm.weight, 1e-5), atol=1e-5)
+
+
+def test_mlx_lm_expert_routing(mlx_lm_kernels):
+    """simd_max / simd_min top-k over experts, with a partial threadgroup (5 tokens · 32 < 256)."""
+    mx.random.seed(4)
+    logits, bias = mx.random.normal((5, 40)), mx.random.normal((40,)) * 0.1
+    inds, w = mlx_lm_kernels.expert_routing(logits, bias, top_k=4, multiplier=1.0, score_eps=1e-20,
+                                            route_scale=2.5)
+    score = mx.sigmoid(logits)
+    ref_inds = mx.argsort(-(score + bias), axis=-1)[:, :4]
+    sw = mx.take_along_axis(score, ref_inds, -1)
+    assert mx.array_equal(inds.astype(mx.int32), ref_inds.astype(mx.int32)).item()
+    assert mx.allclose(w, sw / (sw.sum(-1, keepdims=True) + 1e-20) * 2.5, atol=1e-6)
