@@ -24,6 +24,7 @@
     uint sg = simdgroup_index_in_threadgroup;
     uint lane = thread_index_in_simdgroup;
     auto xr = x + size_t(row) * K;
+    threadgroup float part[NSG];  // per-SIMD-group absmax, for the per-token scale
 
     float v[R][4];
     for (int r = 0; r < R; r++) {
@@ -73,7 +74,6 @@
         tok = metal::max(tok, m);
     }
     if (AG == 0) {
-        threadgroup float part[NSG];
         tok = simd_max(tok);
         if (lane == 0) {
             part[sg] = tok;

@@ -99,6 +99,8 @@ def _check_w4(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, grou
         raise ValueError(f"4-bit weight must be a 2-D uint32 array, got {w.dtype} {w.shape}")
     K = x.shape[-1]
     N = w.shape[0]
+    if w.size < 8:  # MLX binds arrays under 8 elements as `constant`, not `device`, memory
+        raise ValueError(f"weight {w.shape} is too small for the Metal kernels (fewer than 64 values)")
     if K % group_size or w.shape[1] * 8 != K:
         raise ValueError(f"input size {K} does not match a 4-bit weight {w.shape} with group size {group_size}")
     for nm, a in (("scales", scales), ("biases", biases)):

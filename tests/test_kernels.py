@@ -237,6 +237,8 @@ def test_unsupported_shapes_raise_clear_errors(emulated):
         kernels.metal_verify_matmul(acts(2, 128, seed=1), w, s, b, group_size=64)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         kernels.metal_verify_matmul(x.astype(mx.int32), w, s, b, group_size=64)
+    with pytest.raises(ValueError, match="too small"):
+        kernels.metal_verify_matmul(acts(1, 32, seed=1), *weight(1, 32, 32, seed=1), group_size=32)
     with pytest.raises(ValueError, match="does not divide"):
         kernels.metal_act_quant(acts(1, 96, seed=1), 4, 64, sum_size=32)
     with pytest.raises(ValueError, match="bits"):
@@ -255,3 +257,17 @@ def test_verify_dispatch_falls_back_for_prefill_and_8bit(emulated, monkeypatch):
         y = kernels.verify_matmul(x[:4], w, s, b, group_size=64)
     assert [r[0] for r in runs] == ["w4a16_verify"]
     close(y, mx.quantized_matmul(x[:4], w, s, b, transpose=True, group_size=64, bits=4))
+    w8, s8, b8 = weight(16, 256, 64, seed=19, bits=8)
+    with recording() as runs:
+        y = kernels.verify_matmul(x[:4], w8, s8, b8, group_size=64, bits=8)
+    assert runs == []
+    assert mx.array_equal(y, mx.quantized_matmul(x[:4], w8, s8, b8, transpose=True, group_size=64, bits=8)).item()
+
+
+def test_verify_matmul_bfloat16(emulated):
+    x, (w, s, b) = acts(3, 128, seed=20, dtype=mx.bfloat16), weight(16, 128, 32, seed=21, dtype=mx.bfloat16)
+    y = kernels.metal_verify_matmul(x, w, s, b, group_size=32)
+    assert y.dtype == mx.bfloat16
+    ref = mx.quantized_matmul(x.astype(mx.float32), w, s.astype(mx.float32), b.astype(mx.float32),
+                              transpose=True, group_size=32, bits=4)
+    close(y, ref, rtol=2.0**-7)

@@ -138,10 +138,20 @@ def test_out_of_bounds_write_and_vector_cast_fail():
     with pytest.raises(KernelError, match=r"'out0'.*element 10\b"):
         run("out0[thread_position_in_grid.x] = 1.0f;", [mx.zeros((1,))], [(10,)], [mx.float32],
             (11, 1, 1), (32, 1, 1))
-    # a uint4 view of a 6-word buffer: the second vector runs past its end
-    with pytest.raises(KernelError, match=r"'in0'"):
+    # a uint4 view of a 10-word buffer: the third vector runs past its end
+    with pytest.raises(KernelError, match=r"'in0'.*element 8\b"):
         run("auto v = (const device uint4*)in0; out0[0] = v[thread_position_in_grid.x].w;",
-            [mx.zeros((6,), mx.uint32)], [(1,)], [mx.uint32], (2, 1, 1), (2, 1, 1))
+            [mx.zeros((10,), mx.uint32)], [(1,)], [mx.uint32], (3, 1, 1), (3, 1, 1))
+
+
+def test_address_spaces_do_not_convert():
+    """MLX binds arrays under 8 elements as `constant`; casting one to `device` fails in Metal,
+    so it must fail here too."""
+    src = "auto p = (const device float*)(a); out0[0] = p[0];"
+    with pytest.raises(KernelError, match="does not compile"):
+        run(src, [mx.ones((3,))], [(1,)], [mx.float32], (1, 1, 1), (1, 1, 1), names=["a"])
+    (out,), _ = run(src, [mx.ones((8,))], [(1,)], [mx.float32], (1, 1, 1), (1, 1, 1), names=["a"])
+    assert out.item() == 1.0
 
 
 def test_byte_counts_per_buffer():

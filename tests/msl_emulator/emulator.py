@@ -118,7 +118,8 @@ def _dev_ptr(m: re.Match) -> str:
     const = bool(m.group(1) or m.group(3) or m.group(5)) or m.group(2) == "constant"
     t = m.group(4)
     if m.group(6) == "*":
-        return f"::msl::dptr<{'const ' if const else ''}{t}>"
+        kind = "dptr" if m.group(2) == "device" else "cptr"
+        return f"::msl::{kind}<{'const ' if const else ''}{t}>"
     return f"{'const ' if const else ''}{t}&"
 
 
@@ -196,7 +197,7 @@ def build_cpp(src: str):
             b = len(buffers)
             buffers.append((pname, int(idx)))
             ctype = _DEV_PTR.sub(_dev_ptr, ptype + " ").strip() if "*" in ptype or "&" in ptype else ptype
-            if ctype.startswith("::msl::dptr<"):
+            if ctype.startswith(("::msl::dptr<", "::msl::cptr<")):
                 elem = ctype[len("::msl::dptr<"):-1]
                 args.append(f"{ctype}(({elem}*)msl_bufs_[{b}].base, &msl_bufs_[{b}])")
             else:  # a scalar by reference

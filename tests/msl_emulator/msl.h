@@ -3,7 +3,7 @@
 // Threads of a threadgroup are cooperative fibers (ucontext): a barrier or a SIMD-group
 // op suspends the fiber until every live thread it concerns has arrived, so barriers
 // and 32-wide SIMD-group ops behave as on an Apple GPU. Device and constant buffers are
-// reached only through msl::dptr, which bounds-checks every access (naming the buffer and
+// reached only through msl::dptr / msl::cptr, which bounds-checks every access (naming the buffer and
 // index) and counts the bytes loaded through const (input) buffers.
 #pragma once
 #include <cstdint>
@@ -181,17 +181,18 @@ inline BufInfo* find_buf(const void* p) {
 }
 
 // A pointer into a device or constant buffer: bounds-checked, counts loads.
-template <class T> struct dptr {
+// AS: 0 device, 1 constant. Metal does not convert between address spaces; neither does this.
+template <class T, int AS> struct aptr {
   T* p = nullptr;
   BufInfo* b = nullptr;
-  dptr() = default;
-  dptr(T* p_, BufInfo* b_) : p(p_), b(b_) {}
-  dptr(std::nullptr_t) {}
-  dptr(T* raw) : p(raw), b(find_buf(raw)) {}  // e.g. &x[i]: recover the buffer
+  aptr() = default;
+  aptr(T* p_, BufInfo* b_) : p(p_), b(b_) {}
+  aptr(std::nullptr_t) {}
+  aptr(T* raw) : p(raw), b(find_buf(raw)) {}  // e.g. &x[i]: recover the buffer
   template <class U, class = std::enable_if_t<std::is_convertible<U*, T*>::value>>
-  dptr(const dptr<U>& o) : p(o.p), b(o.b) {}
+  aptr(const aptr<U, AS>& o) : p(o.p), b(o.b) {}
   template <class U, class = std::enable_if_t<!std::is_convertible<U*, T*>::value>, class = void>
-  explicit dptr(const dptr<U>& o) : p((T*)(o.p)), b(o.b) {}  // reinterpret (C-style cast)
+  explicit aptr(const aptr<U, AS>& o) : p((T*)(o.p)), b(o.b) {}  // reinterpret (C-style cast)
   T& at(long long i) const {
     T* q = p + i;
     if (!b || (char*)q < b->base || (char*)(q + 1) > b->base + b->bytes) oob(b, q, sizeof(T));
@@ -204,25 +205,27 @@ template <class T> struct dptr {
   T* operator->() const { at(0); return p; }
   explicit operator bool() const { return p != nullptr; }
   template <class I, class = std::enable_if_t<std::is_integral<I>::value>>
-  dptr operator+(I i) const { return dptr(p + (long long)i, b); }
+  aptr operator+(I i) const { return aptr(p + (long long)i, b); }
   template <class I, class = std::enable_if_t<std::is_integral<I>::value>>
-  dptr operator-(I i) const { return dptr(p - (long long)i, b); }
-  ptrdiff_t operator-(const dptr& o) const { return p - o.p; }
-  template <class I> dptr& operator+=(I i) { p += (long long)i; return *this; }
-  template <class I> dptr& operator-=(I i) { p -= (long long)i; return *this; }
-  dptr& operator++() { ++p; return *this; }
-  dptr& operator--() { --p; return *this; }
-  dptr operator++(int) { dptr t = *this; ++p; return t; }
-  dptr operator--(int) { dptr t = *this; --p; return t; }
-  bool operator==(const dptr& o) const { return p == o.p; }
-  bool operator!=(const dptr& o) const { return p != o.p; }
-  bool operator<(const dptr& o) const { return p < o.p; }
-  bool operator>(const dptr& o) const { return p > o.p; }
-  bool operator<=(const dptr& o) const { return p <= o.p; }
-  bool operator>=(const dptr& o) const { return p >= o.p; }
+  aptr operator-(I i) const { return aptr(p - (long long)i, b); }
+  ptrdiff_t operator-(const aptr& o) const { return p - o.p; }
+  template <class I> aptr& operator+=(I i) { p += (long long)i; return *this; }
+  template <class I> aptr& operator-=(I i) { p -= (long long)i; return *this; }
+  aptr& operator++() { ++p; return *this; }
+  aptr& operator--() { --p; return *this; }
+  aptr operator++(int) { aptr t = *this; ++p; return t; }
+  aptr operator--(int) { aptr t = *this; --p; return t; }
+  bool operator==(const aptr& o) const { return p == o.p; }
+  bool operator!=(const aptr& o) const { return p != o.p; }
+  bool operator<(const aptr& o) const { return p < o.p; }
+  bool operator>(const aptr& o) const { return p > o.p; }
+  bool operator<=(const aptr& o) const { return p <= o.p; }
+  bool operator>=(const aptr& o) const { return p >= o.p; }
 };
-template <class T, class I, class = std::enable_if_t<std::is_integral<I>::value>>
-dptr<T> operator+(I i, const dptr<T>& d) { return d + i; }
+template <class T, int AS, class I, class = std::enable_if_t<std::is_integral<I>::value>>
+aptr<T, AS> operator+(I i, const aptr<T, AS>& d) { return d + i; }
+template <class T> using dptr = aptr<T, 0>;
+template <class T> using cptr = aptr<T, 1>;
 
 template <class To, class From> To ptr_cast(From f) {
   if constexpr (std::is_pointer<To>::value && std::is_pointer<From>::value) return reinterpret_cast<To>(f);
