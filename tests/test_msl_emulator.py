@@ -264,6 +264,39 @@ def test_every_position_attribute_mlx_adds():
     np.testing.assert_array_equal(o[defined, 10], np.where(lane + 4 < 32, t + 4, 1000)[defined])
 
 
+def test_simdgroup_matrix_gemm():
+    """8x8 simdgroup matrices: a 16x16 tile GEMM over threadgroup memory (4 SIMD groups),
+    plus a transposed device load, a diagonal constructor and simdgroup_multiply."""
+    src = """
+        threadgroup float As[16 * 24];
+        threadgroup float Bs[24 * 16];
+        uint t = thread_index_in_threadgroup;
+        for (uint i = t; i < 16 * 24; i += 128) { As[i] = a[i]; Bs[i] = b[i]; }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        uint sg = simdgroup_index_in_threadgroup;
+        uint tr = sg / 2, tc = sg % 2;
+        simdgroup_float8x8 acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+        for (int k = 0; k < 24; k += 8) {
+            simdgroup_float8x8 ma, mb;
+            simdgroup_load(ma, As, 24, ulong2(k, tr * 8));
+            simdgroup_load(mb, Bs, 16, ulong2(tc * 8, k));
+            simdgroup_multiply_accumulate(acc, ma, mb, acc);
+        }
+        simdgroup_store(acc, out0, 16, ulong2(tc * 8, tr * 8));
+        simdgroup_float8x8 two(2.0f), bt;
+        simdgroup_load(bt, b, 16, ulong2(0, 0), true);
+        simdgroup_multiply(bt, two, bt);
+        if (sg == 0) simdgroup_store(bt, out1, 8);
+    """
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=(16, 24)).astype(np.float32), rng.normal(size=(24, 16)).astype(np.float32)
+    (o, o2), k = run(src, [mx.array(A), mx.array(B)], [(16, 16), (8, 8)], [mx.float32] * 2,
+                     (128, 1, 1), (128, 1, 1), names=["a", "b"])
+    np.testing.assert_allclose(np.array(o), A @ B, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(o2), 2 * B[:8, :8].T, rtol=1e-6)
+    assert k.last_loads["b"] == B.nbytes + 4 * 64 * 4  # staged once, plus each group's 8x8 load
+
+
 # ------------------------------------------------------------------ other people's kernels
 @pytest.fixture
 def mlx_lm_kernels(monkeypatch):

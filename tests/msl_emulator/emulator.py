@@ -9,7 +9,8 @@ source hash) and runs it over the grid. Every device buffer is bounds-checked an
 bytes loaded from each input buffer are counted (``kernel.last_loads``, ``launches``).
 
 Not covered (a kernel using these fails to compile here, or runs with the caveat):
-- ``simdgroup_matrix`` / ``simdgroup_multiply_accumulate``, Metal 4 tensor ops, textures,
+- ``simdgroup_matrix`` beyond 8x8 load/store/multiply(-accumulate) in MLX's lane layout,
+  Metal 4 tensor ops, textures,
   samplers, imageblocks, function constants; length-4 and ``rgba`` multi-letter swizzles,
   and swizzles passed straight to template functions (convert to a vector first).
 - Timing and the memory model: threadgroups run one at a time in grid order and threads

@@ -354,6 +354,81 @@ template <class T, class I> T quad_shuffle(T v, I d) { return simd_shuffle(v, (m
 template <class T, class I> T quad_shuffle_xor(T v, I d) { return simd_shuffle(v, msl::cur->lane ^ (uint(d) & 3u)); }
 template <class T, class I> T quad_broadcast(T v, I d) { return simd_shuffle(v, (msl::cur->lane & ~3u) + (uint(d) & 3u)); }
 
+// ---------------------------------------------------------------- simdgroup matrices
+// An 8x8 matrix spread over the 32 lanes of a SIMD group, two elements per lane, in the
+// layout MLX's steel kernels rely on: lane l holds row fm, columns fn and fn + 1 with
+// qid = l / 4, fm = (qid & 4) + (l / 2) % 4, fn = (qid & 2) * 2 + (l % 2) * 2.
+// Loads and stores move only the lane's own elements (so byte counts are faithful);
+// multiply(-accumulate) gathers the operands of every lane of the SIMD group.
+namespace msl {
+inline int sgm_row(uint l) { uint q = l / 4; return int((q & 4) + (l / 2) % 4); }
+inline int sgm_col(uint l) { uint q = l / 4; return int((q & 2) * 2 + (l % 2) * 2); }
+}  // namespace msl
+template <class T, int R, int C> struct simdgroup_matrix {
+  static_assert(R == 8 && C == 8, "only 8x8 simdgroup matrices are emulated");
+  vec<T, 2> e;
+  simdgroup_matrix() = default;
+  explicit simdgroup_matrix(T diag) {  // a diagonal matrix, as Metal's constructor
+    int r = msl::sgm_row(msl::cur->lane), c = msl::sgm_col(msl::cur->lane);
+    e[0] = r == c ? diag : T(0);
+    e[1] = r == c + 1 ? diag : T(0);
+  }
+  vec<T, 2>& thread_elements() { return e; }
+  const vec<T, 2>& thread_elements() const { return e; }
+};
+template <class T, int R, int C> simdgroup_matrix<T, R, C> make_filled_simdgroup_matrix(T v) {
+  simdgroup_matrix<T, R, C> m; m.e = vec<T, 2>(v); return m;
+}
+#define MSL_SGM_TYPES(T, name) \
+  typedef simdgroup_matrix<T, 8, 8> simdgroup_##name##8x8;
+MSL_SGM_TYPES(float, float) MSL_SGM_TYPES(half, half) MSL_SGM_TYPES(bfloat16_t, bfloat)
+#undef MSL_SGM_TYPES
+template <class T, class P, class S = ulong>
+void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, P src, S stride = 8, vec<ulong, 2> origin = vec<ulong, 2>(0ul),
+                    bool transpose = false) {
+  int r = msl::sgm_row(msl::cur->lane), c = msl::sgm_col(msl::cur->lane);
+  for (int i = 0; i < 2; i++) {
+    long rr = transpose ? c + i : r, cc = transpose ? r : c + i;
+    d.e[i] = T(src[(long)(origin.y + rr) * (long)stride + (long)origin.x + cc]);
+  }
+}
+template <class T, class P, class S = ulong>
+void simdgroup_store(const simdgroup_matrix<T, 8, 8>& a, P dst, S stride = 8, vec<ulong, 2> origin = vec<ulong, 2>(0ul),
+                     bool transpose = false) {
+  int r = msl::sgm_row(msl::cur->lane), c = msl::sgm_col(msl::cur->lane);
+  for (int i = 0; i < 2; i++) {
+    long rr = transpose ? c + i : r, cc = transpose ? r : c + i;
+    dst[(long)(origin.y + rr) * (long)stride + (long)origin.x + cc] = a.e[i];
+  }
+}
+namespace msl {
+template <class TA, class TB, class TC> struct SgmOperands { vec<TA, 2> a; vec<TB, 2> b; vec<TC, 2> c; };
+}
+template <class TD, class TA, class TB, class TC>
+void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
+                                   const simdgroup_matrix<TB, 8, 8>& b, const simdgroup_matrix<TC, 8, 8>& c) {
+  using Ops = msl::SgmOperands<TA, TB, TC>;
+  uint32_t m;
+  const unsigned char* s = msl::simd_exchange(Ops{a.e, b.e, c.e}, 40, &m);
+  float A[8][8] = {}, B[8][8] = {}, Cm[8][8] = {};
+  for (int l = 0; l < 32; l++) {
+    if (!(m >> l & 1u)) continue;
+    Ops o = msl::slot<Ops>(s, l);
+    int r = msl::sgm_row(l), col = msl::sgm_col(l);
+    for (int i = 0; i < 2; i++) { A[r][col + i] = float(o.a[i]); B[r][col + i] = float(o.b[i]); Cm[r][col + i] = float(o.c[i]); }
+  }
+  int r = msl::sgm_row(msl::cur->lane), col = msl::sgm_col(msl::cur->lane);
+  for (int i = 0; i < 2; i++) {
+    float acc = Cm[r][col + i];
+    for (int k = 0; k < 8; k++) acc = __builtin_fmaf(A[r][k], B[k][col + i], acc);
+    d.e[i] = TD(acc);
+  }
+}
+template <class TD, class TA, class TB>
+void simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a, const simdgroup_matrix<TB, 8, 8>& b) {
+  simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<TD, 8, 8>(TD(0)));
+}
+
 // ---------------------------------------------------------------- atomics
 enum memory_order { memory_order_relaxed, memory_order_acquire, memory_order_release, memory_order_acq_rel, memory_order_seq_cst };
 template <class T> struct atomic { T v; };
