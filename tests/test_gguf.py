@@ -208,9 +208,11 @@ def module_at(model, dotted):
 
 
 def dequantized(module):
-    """What a loaded module computes with, as float32 numpy."""
+    """The values a loaded module stores, as float32 numpy (dequantized in float32, where
+    they are exact whatever dtype the scales are kept in)."""
     if hasattr(module, "scales"):
-        w = mx.dequantize(module.weight, module.scales, module.biases,
+        f32 = mx.float32
+        w = mx.dequantize(module.weight, module.scales.astype(f32), module.biases.astype(f32),
                           group_size=module.group_size, bits=module.bits)
     else:
         w = module.weight
@@ -279,7 +281,8 @@ def test_forward_gives_finite_logits(tiny):
     _, _, model, _, _, _ = tiny
     logits = model(PROMPT)
     assert logits.shape == (1, PROMPT.shape[1], len(vocab()[0]))
-    assert logits.dtype == mx.float32
+    if not mx.metal.is_available():  # MLX-CPU computes in float32 (float16 is ~35x slower)
+        assert logits.dtype == mx.float32
     assert mx.isfinite(logits).all().item()
     assert mx.std(logits).item() > 0
 
@@ -338,7 +341,7 @@ def test_chat_template_applied(tiny):
 def test_convert_then_stock_mlx_lm_gives_same_logits(tiny, tmp_path):
     from mlx_lm.utils import load as mlx_lm_load
 
-    path, _, model, tokenizer, _, _ = tiny
+    path, _, _, tokenizer, _, _ = tiny
     out = tmp_path / "converted"
     proc = cli("convert", "--model", str(path), "--mlx-path", str(out), "--dtype", "float32")
     assert proc.returncode == 0, proc.stderr
@@ -346,7 +349,7 @@ def test_convert_then_stock_mlx_lm_gives_same_logits(tiny, tmp_path):
     for name, module in stock.named_modules():
         if hasattr(module, "scales"):
             assert module.scales.dtype == mx.float32, name
-    ours = model(PROMPT)
+    ours = mlx_qspec.load(path, dtype=mx.float32)[0](PROMPT)
     theirs = stock(PROMPT)
     assert theirs.dtype == mx.float32
     assert mx.array_equal(ours, theirs).item()
