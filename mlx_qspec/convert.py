@@ -62,7 +62,6 @@ def convert(
         progress("loading", i + 1, len(layers))
     mx.eval(model_obj.parameters())
 
-    created = not mlx_path.exists()
     mlx_path.mkdir(parents=True, exist_ok=True)
     try:
         if rotate:
@@ -77,8 +76,8 @@ def convert(
         save_config(config, mlx_path / "config.json")
         gguf.write_tokenizer(metadata, src, mlx_path)
     except BaseException:
-        if created:
-            shutil.rmtree(mlx_path, ignore_errors=True)
+        # The destination was absent or empty: clearing it loses nothing.
+        shutil.rmtree(mlx_path, ignore_errors=True)
         raise
     print(f"wrote {mlx_path}", file=sys.stderr)
     return mlx_path
