@@ -7,6 +7,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from mlx_lm.utils import load_model, save_config, save_model
 
+from mlx_qspec.quant.linear import QSpecLinear, install, set_mode
 from mlx_qspec.quant.rotate import (
     OnlineHadamard,
     apply_online_rotations,
@@ -89,6 +90,15 @@ def test_saved_directory_reloads_to_in_memory_model(tmp_path):
     assert isinstance(down.linear, nn.QuantizedLinear)
     assert mx.array_equal(loaded(TOKENS), out).item()
 
+    # The draft/verify layer swap finds the linear inside the Hadamard wrapper.
+    install(loaded)
+    assert isinstance(loaded.model.layers[0].self_attn.o_proj.linear, QSpecLinear)
+    assert mx.array_equal(loaded(TOKENS), out).item()
+    set_mode(loaded, "a4")
+    drafted = loaded(TOKENS)
+    assert not mx.array_equal(drafted, out).item()
+    assert (drafted.argmax(-1) == out.argmax(-1)).mean().item() > 0.5
+
 
 def test_gptq_beats_rtn_on_its_calibration_data():
     model = tiny_model(True)
@@ -109,6 +119,7 @@ def test_gptq_beats_rtn_on_its_calibration_data():
     ("hidden_size", 80, "multiple of the quantization group"),
     ("model_type", "gemma3", "gemma3"),
     ("mlp_bias", True, "mlp_bias"),
+    ("qspec", {"rotation": {"seed": 0}}, "already rotated"),
 ])
 def test_check_rotatable_rejects(key, value, word):
     with pytest.raises(ValueError, match=word):

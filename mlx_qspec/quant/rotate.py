@@ -80,6 +80,8 @@ def check_rotatable(config: dict) -> None:
     mt = config.get("model_type")
     if mt not in _LLAMA_FAMILY:
         raise ValueError(f"--rotate supports model_type {_LLAMA_FAMILY}, not {mt!r}")
+    if config.get("qspec", {}).get("rotation"):
+        raise ValueError("--rotate: the model is already rotated (config.json has qspec.rotation)")
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
             raise ValueError(f"--rotate does not support linear biases ({key}=true)")
@@ -184,7 +186,11 @@ def residual_rotation(d: int, kind: str = "hadamard", seed: int = 0) -> mx.array
 
 
 def _online_factors(config: dict) -> dict:
-    """Per-head Hadamard before o_proj, whole-width Hadamard before down_proj."""
+    """Per-head Hadamard before o_proj, whole-width Hadamard before down_proj.
+
+    A whole-width Hadamard before o_proj too (576 = 12 × 48) made its input Gaussian
+    (kurtosis 5.8 → 3) but measured the same A4 agreement on SmolLM2, so per head it stays.
+    """
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     return {"o_proj": list(hadamard_factors(head_dim)),
             "down_proj": list(hadamard_factors(config["intermediate_size"]))}
