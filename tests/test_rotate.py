@@ -13,6 +13,7 @@ from mlx_qspec.quant.rotate import (
     apply_online_rotations,
     build_model,
     check_residual,
+    calibration_tokens,
     check_rotatable,
     hadamard_factors,
     hadamard_size_ok,
@@ -69,7 +70,7 @@ def test_residual_rotation_is_orthogonal_and_seeded():
 
 def test_saved_directory_reloads_to_in_memory_model(tmp_path):
     model = tiny_model(True)
-    weights, cfg = rotate_model(model, CONFIG, progress=False)
+    weights, cfg = rotate_model(model, CONFIG, method="rtn", progress=False)
     assert weights["model.layers.0.mlp.down_proj.weight"].dtype == mx.uint32
     assert weights["lm_head.scales"].shape == (256, 64 // 32)
     mem = build_model(weights, cfg)
@@ -148,3 +149,17 @@ def test_kronecker_hadamard_for_sizes_mlx_does_not_take():
     check_residual({**CONFIG, "hidden_size": 352}, "random")
     with pytest.raises(ValueError, match="hidden_size 352"):
         check_residual({**CONFIG, "hidden_size": 352}, "hadamard")
+
+
+class ByteTokenizer:
+    def encode(self, text):
+        return list(text.encode())
+
+
+def test_calibration_and_method_errors():
+    calib = calibration_tokens(ByteTokenizer(), samples=3, length=64)
+    assert calib.shape == (3, 64) and calib.dtype == mx.int32
+    with pytest.raises(ValueError, match="calibration token ids"):
+        rotate_model(tiny_model(True), CONFIG, method="gptq", progress=False)
+    with pytest.raises(ValueError, match="'awq'"):
+        rotate_model(tiny_model(True), CONFIG, method="awq", progress=False)
