@@ -22,6 +22,7 @@ import mlx.core as mx
 from .quant.activations import (
     ACT_BITS,
     ACT_GROUP_SIZES,
+    dequantize_activations,
     fake_quantize_activations,
     quantize_activations,
 )
@@ -173,8 +174,6 @@ def metal_act_quant(x, bits, group_size=None, *, sum_size, hadamard=0):
 # ---------------------------------------------------------------- W4A4 / W4A8
 def int_matmul_reference(codes, ascales, w, scales, biases, *, group_size, out_dtype):
     """``dequant(a) @ dequant(W)^T`` from activation codes and their scales."""
-    from .quant.activations import dequantize_activations
-
     xq = dequantize_activations(codes, ascales.astype(out_dtype))
     return mx.quantized_matmul(xq, w, scales, biases, transpose=True, group_size=group_size, bits=4)
 
