@@ -40,6 +40,18 @@ def acts(M, K, seed, dtype=mx.float32):
     return (x * mx.where(mx.arange(K) % 37 == 0, 8.0, 1.0)).astype(dtype)
 
 
+def test_every_metal_file_is_documented_and_has_a_kernel():
+    """One kernel per file, each with a header comment saying what it reads and its launch."""
+    files = sorted(kernels.METAL_DIR.glob("*.metal"))
+    assert {f.stem for f in files} == set(kernels.SOURCES)
+    built = {"nested_matmul" if n.startswith("nested_matmul") else n for n in kernels._SIGNATURES}
+    assert built == set(kernels.SOURCES)
+    for name, (header, body) in kernels.SOURCES.items():
+        assert header.startswith(f"// {name} —"), name
+        assert "Launch" in header and ("Per output" in header or "Reads per" in header), name
+        assert body.strip(), name
+
+
 # ------------------------------------------------------------------ act_quant
 @pytest.mark.parametrize("M,K,bits,group,sum_size,hadamard", [
     (1, 576, 4, None, 64, 0),      # per token; K = 4.5 chunks of 128

@@ -33,6 +33,7 @@ import hashlib
 import itertools
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -259,6 +260,7 @@ def compile_cpp(cpp: str) -> ctypes.CDLL:
             raise KernelError("the kernel does not compile in the MSL emulator:\n" + "\n".join(lines)
                               + f"\n(full source: {d / 'k.cpp'})")
         os.replace(d / "k.so", so)
+        shutil.rmtree(d)  # a failed compile keeps its directory, for reading the source
     lib = ctypes.CDLL(str(so))
     lib.msl_launch.restype = ctypes.c_int
     _LIBS[key] = lib
