@@ -29,7 +29,7 @@ def test_barrier_orders_threadgroup_memory():
         threadgroup float buf[256];
         uint t = thread_index_in_threadgroup;
         buf[t] = in0[thread_position_in_grid.x];
-        threadgroup_barrier(mem_flags::mem_threadgroup);
+        metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
         out0[thread_position_in_grid.x] = buf[threads_per_threadgroup.x - 1 - t];
         // a tree sum over the threadgroup: log2(256) barrier phases
         for (uint s = 128; s > 0; s >>= 1) {
@@ -65,7 +65,7 @@ def test_simd_ops_match_numpy_with_partial_simdgroup():
         uint lane = thread_index_in_simdgroup;
         int v = in0[i];
         out0[i * 12 + 0] = simd_sum(v);
-        out0[i * 12 + 1] = simd_max(v);
+        out0[i * 12 + 1] = metal::simd_max(v);
         out0[i * 12 + 2] = simd_min(v);
         out0[i * 12 + 3] = simd_prefix_inclusive_sum(v);
         out0[i * 12 + 4] = simd_prefix_exclusive_sum(v);

@@ -554,6 +554,25 @@ template <class To, class From> To as_type(const From& f) {
 namespace precise { using metal::divide; using metal::exp; using metal::exp2; using metal::log; using metal::log2; using metal::sqrt; using metal::rsqrt; using metal::sin; using metal::cos; using metal::tanh; using metal::pow; using metal::fmin; using metal::fmax; using metal::abs; using metal::fabs; }
 namespace fast { using metal::divide; using metal::exp; using metal::exp2; using metal::log; using metal::log2; using metal::sqrt; using metal::rsqrt; using metal::sin; using metal::cos; using metal::tanh; using metal::pow; using metal::fmin; using metal::fmax; using metal::abs; using metal::fabs; }
 }  // namespace metal
+// Everything above that Metal declares in namespace metal, reachable as metal::name too.
+namespace metal {
+using ::mem_flags; using ::threadgroup_barrier; using ::simdgroup_barrier;
+using ::simd_sum; using ::simd_product; using ::simd_max; using ::simd_min; using ::simd_and;
+using ::simd_or; using ::simd_xor; using ::simd_prefix_inclusive_sum; using ::simd_prefix_exclusive_sum;
+using ::simd_prefix_inclusive_product; using ::simd_prefix_exclusive_product; using ::simd_shuffle;
+using ::simd_broadcast; using ::simd_shuffle_xor; using ::simd_shuffle_down; using ::simd_shuffle_up;
+using ::simd_shuffle_rotate_down; using ::simd_shuffle_rotate_up; using ::simd_shuffle_and_fill_down;
+using ::simd_shuffle_and_fill_up; using ::simd_broadcast_first; using ::simd_all; using ::simd_any;
+using ::simd_ballot; using ::simd_is_first; using ::quad_shuffle; using ::quad_shuffle_xor; using ::quad_broadcast;
+using ::memory_order; using ::memory_order_relaxed; using ::atomic; using ::atomic_int; using ::atomic_uint;
+using ::atomic_float; using ::atomic_store_explicit; using ::atomic_load_explicit; using ::atomic_exchange_explicit;
+using ::atomic_fetch_add_explicit; using ::atomic_fetch_sub_explicit; using ::atomic_fetch_max_explicit;
+using ::atomic_fetch_min_explicit; using ::atomic_fetch_and_explicit; using ::atomic_fetch_or_explicit;
+using ::atomic_fetch_xor_explicit; using ::atomic_compare_exchange_weak_explicit;
+using ::simdgroup_matrix; using ::simdgroup_float8x8; using ::simdgroup_half8x8; using ::simdgroup_bfloat8x8;
+using ::simdgroup_load; using ::simdgroup_store; using ::simdgroup_multiply; using ::simdgroup_multiply_accumulate;
+using ::make_filled_simdgroup_matrix;
+}  // namespace metal
 template <class T> inline T metal_max_(T a, T b) { return metal::max(a, b); }
 template <class T> inline T metal_min_(T a, T b) { return metal::min(a, b); }
 using namespace metal;
