@@ -59,6 +59,20 @@ def test_missing_barrier_is_visible():
     assert np.array(out)[0] != 63.0  # thread 0 read slot 63 before thread 63 wrote it
 
 
+def test_threadgroup_memory_starts_uninitialised_in_every_group():
+    """Group 0 writes all 32 slots, group 1 only 16: its other 16 must not show group 0's."""
+    src = """
+        threadgroup float buf[32];
+        uint t = thread_index_in_threadgroup;
+        if (threadgroup_position_in_grid.x == 0 || t < 16) buf[t] = 1.0f;
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        out0[thread_position_in_grid.x] = buf[t];
+    """
+    (out,), _ = run(src, [mx.zeros((1,))], [(64,)], [mx.float32], (64, 1, 1), (32, 1, 1))
+    o = np.array(out)
+    assert (o[:48] == 1.0).all() and np.isnan(o[48:]).all()
+
+
 def test_simd_ops_match_numpy_with_partial_simdgroup():
     src = """
         uint i = thread_position_in_grid.x;

@@ -113,6 +113,7 @@ def generated_source(real_kernel, inputs, template, output_shapes, output_dtypes
 _TYPE = r"[A-Za-z_][\w:]*(?:\s*<[^;{}()]*?>)?"
 _DEV_PTR = re.compile(r"(\bconst\s+)?\b(device|constant)\s+(const\s+)?(" + _TYPE + r")\s*(const\b\s*)?([*&])")
 _LOCAL_PTR = re.compile(r"(\bconst\s+)?\b(threadgroup|thread)\s+(const\s+)?(" + _TYPE + r")\s*([*&])")
+_TG_DECL = re.compile(r"\bthreadgroup\s+((?:const\s+)?" + _TYPE + r")\s+(\w+)((?:\s*\[[^\]]*\])*)\s*;")
 _HALF_LIT = re.compile(r"\b(\d+\.\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+|\d+)[hH]\b")
 
 
@@ -134,6 +135,7 @@ def translate(text: str) -> str:
     text = _LOCAL_PTR.sub(lambda m: f"{m.group(1) or ''}{m.group(3) or ''}{m.group(4)}{m.group(5)}", text)
     # What is left of `threadgroup` declares threadgroup memory: shared by the group's
     # fibers, and groups run one after another, so a static is exactly that.
+    text = _TG_DECL.sub(r"static \1 \2\3; ::msl::tg_poison(&\2, sizeof(\2));", text)
     text = re.sub(r"\bthreadgroup\s+(?=[A-Za-z_])", "static ", text)
     text = re.sub(r"\bconst\s+constant\b|\bconstant\s+const\b|\bconstant\b", "const", text)
     text = re.sub(r"\b(device|thread)\s+(?=[A-Za-z_])", "", text)

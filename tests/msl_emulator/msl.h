@@ -619,6 +619,23 @@ inline size_t ceildiv(size_t n, size_t m) { return (n + m - 1) / m; }
 
 // ---------------------------------------------------------------- the scheduler
 namespace msl {
+// Threadgroup memory is uninitialised on a GPU: each threadgroup finds its arrays filled
+// with 0xFF bytes (NaN, -1), so a read of a slot no thread wrote is loud, not stale.
+inline unsigned g_group_gen = 1;
+struct TgReg { void* p; unsigned gen; };
+inline TgReg g_tg[256];
+inline int g_ntg = 0;
+inline void tg_poison(void* p, size_t n) {
+  for (int i = 0; i < g_ntg; i++) {
+    if (g_tg[i].p == p) {
+      if (g_tg[i].gen != g_group_gen) { g_tg[i].gen = g_group_gen; std::memset(p, 0xFF, n); }
+      return;
+    }
+  }
+  if (g_ntg < 256) g_tg[g_ntg++] = TgReg{p, g_group_gen};
+  std::memset(p, 0xFF, n);
+}
+
 inline std::string g_error;
 inline void (*g_entry)() = nullptr;
 
@@ -732,6 +749,7 @@ inline int launch_grid(const unsigned* grid, const unsigned* tg, void (*entry)()
               t.lane = uint(i % 32);
               t.sg = uint(i / 32);
             }
+        g_group_gen++;
         if (!run_group(g, stacks, stack_size)) {
           std::snprintf(err, errlen, "%s (threadgroup %u,%u,%u)", g_error.c_str(), gx, gy, gz);
           return 1;
