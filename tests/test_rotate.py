@@ -5,7 +5,7 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
-from mlx_lm.utils import load_model, save_config, save_model
+from mlx_lm.utils import load_model
 
 from mlx_qspec.quant.linear import QSpecLinear, install, set_mode
 from mlx_qspec.quant.rotate import (
@@ -21,6 +21,7 @@ from mlx_qspec.quant.rotate import (
     rotate_model,
     rotate_weights,
     rotated_config,
+    save_rotated,
 )
 
 CONFIG = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
@@ -78,10 +79,9 @@ def test_saved_directory_reloads_to_in_memory_model(tmp_path):
     ref, out = model(TOKENS), mem(TOKENS)
     assert mx.abs(out - ref).max().item() < 0.5 * mx.abs(ref).max().item()
 
-    # Write with mlx-lm's own save functions, load with its loader, then patch.
-    staged = build_model(weights, {k: v for k, v in cfg.items() if k != "qspec"})
-    save_model(tmp_path, staged)
-    save_config(dict(cfg), tmp_path / "config.json")
+    # Written with mlx-lm's own save functions, loaded with its loader, then patched.
+    save_rotated(tmp_path, weights, cfg)
+    assert "o_proj.linear" not in (tmp_path / "model.safetensors.index.json").read_text()
     loaded, loaded_cfg = load_model(tmp_path)
     assert isinstance(loaded.lm_head, nn.QuantizedLinear) and loaded.lm_head.bits == 8
     assert not isinstance(loaded.model.layers[0].mlp.down_proj, OnlineHadamard)

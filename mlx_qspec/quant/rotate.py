@@ -305,6 +305,20 @@ def _gptq(fw: dict, config: dict, calibration: mx.array) -> dict:
     return {k.replace(".linear.", "."): v for k, v in tree_flatten(model.parameters())}
 
 
+def save_rotated(path, weights: dict, config: dict) -> None:
+    """Write ``(weights, config)`` with mlx-lm's own ``save_model``/``save_config``.
+
+    The model is staged without its Hadamard wrappers so the tensor names are mlx-lm's
+    (``o_proj.weight``, not ``o_proj.linear.weight``); loading re-applies the wrappers.
+    """
+    from mlx_lm.utils import save_config, save_model
+
+    path = Path(path)
+    staged = build_model(weights, {k: v for k, v in config.items() if k != "qspec"})
+    save_model(path, staged, donate_model=True)
+    save_config(copy.deepcopy(config), path / "config.json")
+
+
 def _rtn(fw: dict) -> dict:
     """Round-to-nearest: linears 4-bit, embedding and head 8-bit, norms as they are."""
     weights = {}
