@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from mlx_lm.utils import save_config, save_model
 
 from . import gguf
@@ -38,7 +39,7 @@ def convert(
     mlx_path: str,
     dtype: str | None = None,
     rotate: bool = False,
-    rotate_method: str = "rtn",
+    rotate_method: str = "gptq",
 ) -> Path:
     """Convert a GGUF file to an mlx directory; returns the directory."""
     mlx_path = Path(mlx_path)
@@ -49,12 +50,19 @@ def convert(
     if dtype is not None and dtype not in DTYPES:
         raise ModelError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     metadata, _ = gguf.read_header(src)
-    model_obj, _, config = load_gguf(src, lazy=True)
+    model_obj, tokenizer, config = load_gguf(src, lazy=True)
     if rotate:
-        from .quant.rotate import check_rotatable
+        from .quant.rotate import calibration_tokens, check_rotatable, rotate_model, save_rotated
 
-        check_rotatable(config)
-    cast_floats(model_obj, DTYPES.get(dtype))
+        try:
+            check_rotatable(config)
+        except ValueError as e:
+            raise ModelError(f"{src}: {e}") from None
+    # Rotation and GPTQ compute in float32 (MLX-CPU float16 is ~35x slower); the
+    # written scales keep the source's dtype unless --dtype says otherwise.
+    stored = [v.dtype for _, v in tree_flatten(model_obj.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+    out_dtype = DTYPES.get(dtype) or min(stored, key=lambda d: d.size)
+    cast_floats(model_obj, mx.float32 if rotate else DTYPES.get(dtype))
 
     layers = model_obj.layers
     for i, layer in enumerate(layers):
@@ -65,15 +73,20 @@ def convert(
     mlx_path.mkdir(parents=True, exist_ok=True)
     try:
         if rotate:
-            from mlx.utils import tree_unflatten
-
-            from .quant.rotate import rotate_model
-
-            weights, config = rotate_model(model_obj, config, method=rotate_method)
-            model_obj.update(tree_unflatten(list(weights.items())))
-        print("writing model.safetensors", file=sys.stderr)
-        save_model(mlx_path, model_obj, donate_model=True)
-        save_config(config, mlx_path / "config.json")
+            calibration = calibration_tokens(tokenizer) if rotate_method == "gptq" else None
+            weights, config = rotate_model(
+                model_obj, config, method=rotate_method, calibration=calibration
+            )
+            weights = {
+                k: v.astype(out_dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+                for k, v in weights.items()
+            }
+            print("writing model.safetensors", file=sys.stderr)
+            save_rotated(mlx_path, weights, config)
+        else:
+            print("writing model.safetensors", file=sys.stderr)
+            save_model(mlx_path, model_obj, donate_model=True)
+            save_config(config, mlx_path / "config.json")
         gguf.write_tokenizer(metadata, src, mlx_path)
     except BaseException:
         # The destination was absent or empty: clearing it loses nothing.
@@ -93,8 +106,9 @@ def main(argv=None):
                         help="dtype of the float parameters (norms, scales, biases); default: as stored")
     parser.add_argument("--rotate", action="store_true",
                         help="QuaRot-style rotation for 4-bit activation drafts (loadable by mlx_qspec only)")
-    parser.add_argument("--rotate-method", choices=["rtn", "gptq"], default="rtn",
-                        help="How the rotated weights are re-quantized to 4 bits")
+    parser.add_argument("--rotate-method", choices=["gptq", "rtn"], default="gptq",
+                        help="How the rotated weights are re-quantized to 4 bits: mlx-lm's GPTQ "
+                        "(calibrated on Python stdlib text) or round-to-nearest")
     args = parser.parse_args(argv)
     try:
         convert(args.model, args.mlx_path, args.dtype, args.rotate, args.rotate_method)

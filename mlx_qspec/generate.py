@@ -325,6 +325,7 @@ def run(args) -> None:
         sys.stdout.write(response.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
     if args.verbose:
         print(summary_line(response), file=sys.stderr)
 

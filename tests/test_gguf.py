@@ -139,7 +139,7 @@ def write_gguf(path, metadata, tensors):
     return len(out)
 
 
-def tiny_llama(path, *, arch="llama", tied=True, pre="smollm", override=None, seed=0):
+def tiny_llama(path, *, arch="llama", tied=True, pre="smollm", override=None, seed=0, ffn=FFN):
     """Write a tiny llama GGUF; returns ``{mlx parameter path: (type, float32 values)}``."""
     rng = np.random.default_rng(seed)
     tokens, types = vocab()
@@ -149,7 +149,7 @@ def tiny_llama(path, *, arch="llama", tied=True, pre="smollm", override=None, se
         f"{arch}.context_length": CONTEXT,
         f"{arch}.embedding_length": HIDDEN,
         f"{arch}.block_count": LAYERS,
-        f"{arch}.feed_forward_length": FFN,
+        f"{arch}.feed_forward_length": ffn,
         f"{arch}.attention.head_count": HEADS,
         f"{arch}.attention.head_count_kv": KV_HEADS,
         f"{arch}.attention.layer_norm_rms_epsilon": EPS,
@@ -168,7 +168,7 @@ def tiny_llama(path, *, arch="llama", tied=True, pre="smollm", override=None, se
     shapes = {
         "attn_q": (HIDDEN, HIDDEN), "attn_k": (KV_HEADS * head_dim, HIDDEN),
         "attn_v": (KV_HEADS * head_dim, HIDDEN), "attn_output": (HIDDEN, HIDDEN),
-        "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN),
+        "ffn_gate": (ffn, HIDDEN), "ffn_up": (ffn, HIDDEN), "ffn_down": (HIDDEN, ffn),
     }
     specs = [("token_embd.weight", "model.embed_tokens", (len(tokens), HIDDEN), "Q8_0")]
     for i in range(LAYERS):
@@ -355,6 +355,35 @@ def test_convert_then_stock_mlx_lm_gives_same_logits(tiny, tmp_path):
     assert mx.array_equal(ours, theirs).item()
     text = "<|im_start|>user\nhello the 12<|im_end|>"
     assert stock_tokenizer.encode(text) == tokenizer.encode(text)
+
+
+def test_convert_rotate_loads_and_speculates_exactly(tiny, tmp_path):
+    """--rotate writes a directory mlx_qspec loads with its online Hadamards, on which
+    speculative greedy decoding equals plain decoding; the source's scale dtype is kept."""
+    from mlx_qspec.generate import stream_generate
+    from mlx_qspec.quant.rotate import OnlineHadamard
+
+    path = tiny[0]
+    out = tmp_path / "rotated"
+    proc = cli("convert", "--model", str(path), "--mlx-path", str(out), "--rotate")
+    assert proc.returncode == 0, proc.stderr
+    assert mx.load(str(out / "model.safetensors"))["model.layers.0.self_attn.q_proj.scales"].dtype == mx.float16
+    model, tokenizer, config = mlx_qspec.load(out, return_config=True)
+    assert config["qspec"]["rotation"]["method"] == "gptq"
+    assert isinstance(model.model.layers[0].mlp.down_proj, OnlineHadamard)
+    prompt = PROMPT[0, :-1]
+    plain = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=12)]
+    spec = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=12,
+                                             draft="a4-g32", num_draft_tokens=3)]
+    assert spec == plain
+
+
+def test_convert_rotate_rejects_unrotatable_sizes(tmp_path):
+    path = tmp_path / "odd.gguf"
+    tiny_llama(path, ffn=352)  # 11 * 32: no Hadamard of that size in MLX
+    proc = cli("convert", "--model", str(path), "--mlx-path", str(tmp_path / "out"), "--rotate")
+    assert_one_line_error(proc, "intermediate_size 352")
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- (d) bad input
