@@ -256,9 +256,14 @@ def metal_verify_matmul(x, w, scales, biases, *, group_size):
     once for all rows. Returns ``(..., N)`` in x's dtype."""
     _check_float("x", x)
     M, K, N = _check_w4(x, w, scales, biases, group_size)
-    rn = _rows_per_simdgroup(group_size)
-    y = _kernel("w4a16_verify")(
-        inputs=[x.reshape(M, K), w, scales, biases],
+    return _float_matmul("w4a16_verify", x, [w], scales, biases, M, K, N, group_size,
+                         _rows_per_simdgroup(group_size))
+
+
+def _float_matmul(name, x, planes, scales, biases, M, K, N, group_size, rn):
+    """Launch a float-activation small-M matmul kernel; ``(..., N)`` in x's dtype."""
+    y = _kernel(name)(
+        inputs=[x.reshape(M, K), *planes, scales, biases],
         template=[("T", x.dtype), ("K", K), ("N", N), ("M", M), ("WG", group_size),
                   ("RN", rn), ("NSG", _NSG)],
         output_shapes=[(M, N)],
@@ -316,17 +321,10 @@ def metal_nested_matmul(x, upper, lower, scales, biases, *, group_size, draft):
     M, K, N = _check_w4(x, upper, scales, biases, group_size)
     if not draft and (lower is None or lower.shape != upper.shape or lower.dtype != mx.uint32):
         raise ValueError("the verify variant needs a lower plane shaped like the upper plane")
-    rn = _rows_per_simdgroup(group_size, 1 if draft else 2)
     planes = [upper] if draft else [upper, lower]
-    y = _kernel("nested_matmul_draft" if draft else "nested_matmul_verify")(
-        inputs=[x.reshape(M, K), *planes, scales, biases],
-        template=[("T", x.dtype), ("K", K), ("N", N), ("M", M), ("WG", group_size),
-                  ("RN", rn), ("NSG", _NSG)],
-        output_shapes=[(M, N)],
-        output_dtypes=[x.dtype],
-        **_matmul_launch(N, rn),
-    )[0]
-    return y.reshape(*x.shape[:-1], N)
+    return _float_matmul("nested_matmul_draft" if draft else "nested_matmul_verify", x, planes,
+                         scales, biases, M, K, N, group_size,
+                         _rows_per_simdgroup(group_size, len(planes)))
 
 
 def nested_matmul(x, upper, lower, scales, biases, *, group_size, draft):
