@@ -175,6 +175,8 @@ def tiny_llama(path, *, arch="llama", tied=True, pre="smollm", override=None, se
         specs.append((f"blk.{i}.attn_norm.weight", f"model.layers.{i}.input_layernorm", (HIDDEN,), "F32"))
         for k, shape in shapes.items():
             specs.append((f"blk.{i}.{k}.weight", f"model.layers.{i}.{MLX_NAMES[k]}", shape, BLOCK_TYPES[k]))
+            if arch == "qwen2" and k in ("attn_q", "attn_k", "attn_v"):  # qwen2: q/k/v biases
+                specs.append((f"blk.{i}.{k}.bias", f"model.layers.{i}.{MLX_NAMES[k]}.bias", shape[:1], "F32"))
         specs.append((f"blk.{i}.ffn_norm.weight", f"model.layers.{i}.post_attention_layernorm", (HIDDEN,), "F32"))
     specs.append(("output_norm.weight", "model.norm", (HIDDEN,), "F32"))
     if not tied:
@@ -300,6 +302,23 @@ def test_untied_float_head(tmp_path):
 
 
 # ---------------------------------------------------------------- (b) tokenizer
+
+
+def test_qwen2_gguf_matches_stock_mlx_lm(tmp_path):
+    """qwen2 GGUFs keep the NeoX RoPE layout (no Q/K permutation) and their q/k/v biases."""
+    from mlx_lm.utils import load as mlx_lm_load
+
+    from mlx_qspec.convert import convert
+
+    path = tmp_path / "qwen2.gguf"
+    expected, _ = tiny_llama(path, arch="qwen2", seed=3)
+    model, _, config = mlx_qspec.load(path, dtype=mx.float32, return_config=True)
+    assert config["model_type"] == "qwen2" and config["rope_traditional"] is False
+    bias = "model.layers.1.self_attn.k_proj.bias"
+    assert np.array_equal(np.array(model.layers[1].self_attn.k_proj.bias), expected[bias][1])
+    convert(str(path), str(tmp_path / "mlx"), dtype="float32")
+    stock, _ = mlx_lm_load(str(tmp_path / "mlx"))
+    assert mx.array_equal(model(PROMPT), stock(PROMPT)).item()
 
 
 def test_tokenizer_round_trips_and_keeps_specials(tiny):
