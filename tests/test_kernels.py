@@ -162,14 +162,18 @@ def test_verify_matmul_matches_quantized_matmul(emulated, M, K, N, group):
     close(y, mx.quantized_matmul(x, w, s, b, transpose=True, group_size=group, bits=4))
 
 
-def test_verify_matmul_float16(emulated):
-    """float16 in and out (as on a Mac): within float16 rounding of the float32 result."""
-    x, (w, s, b) = acts(4, 256, seed=5, dtype=mx.float16), weight(32, 256, 64, seed=6, dtype=mx.float16)
-    y = kernels.metal_verify_matmul(x, w, s, b, group_size=64)
-    assert y.dtype == mx.float16
+@pytest.mark.parametrize("dtype, M, K, N, group, rtol", [
+    (mx.float16, 4, 256, 32, 64, 2.0**-10),
+    (mx.bfloat16, 3, 128, 16, 32, 2.0**-7),
+])
+def test_verify_matmul_half_precision(emulated, dtype, M, K, N, group, rtol):
+    """float16 / bfloat16 in and out (as on a Mac): within their rounding of the float32 result."""
+    x, (w, s, b) = acts(M, K, seed=5, dtype=dtype), weight(N, K, group, seed=6, dtype=dtype)
+    y = kernels.metal_verify_matmul(x, w, s, b, group_size=group)
+    assert y.dtype == dtype
     ref = mx.quantized_matmul(x.astype(mx.float32), w, s.astype(mx.float32), b.astype(mx.float32),
-                              transpose=True, group_size=64, bits=4)
-    close(y, ref, rtol=2.0**-10)
+                              transpose=True, group_size=group, bits=4)
+    close(y, ref, rtol=rtol)
 
 
 def _weight_bytes(loads, names):
@@ -274,12 +278,3 @@ def test_verify_dispatch_falls_back_for_prefill_and_8bit(emulated, monkeypatch):
         y = kernels.verify_matmul(x[:4], w8, s8, b8, group_size=64, bits=8)
     assert runs == []
     assert mx.array_equal(y, mx.quantized_matmul(x[:4], w8, s8, b8, transpose=True, group_size=64, bits=8)).item()
-
-
-def test_verify_matmul_bfloat16(emulated):
-    x, (w, s, b) = acts(3, 128, seed=20, dtype=mx.bfloat16), weight(16, 128, 32, seed=21, dtype=mx.bfloat16)
-    y = kernels.metal_verify_matmul(x, w, s, b, group_size=32)
-    assert y.dtype == mx.bfloat16
-    ref = mx.quantized_matmul(x.astype(mx.float32), w, s.astype(mx.float32), b.astype(mx.float32),
-                              transpose=True, group_size=32, bits=4)
-    close(y, ref, rtol=2.0**-7)
