@@ -49,8 +49,7 @@ def convert(
         raise ModelError(f"--model '{model}' is not a GGUF file")
     if dtype is not None and dtype not in DTYPES:
         raise ModelError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
-    metadata, _ = gguf.read_header(src)
-    model_obj, tokenizer, config = load_gguf(src, lazy=True)
+    model_obj, tokenizer, config, metadata = load_gguf(src)
     if rotate:
         from .quant.rotate import calibration_tokens, check_rotatable, rotate_model, save_rotated
 
@@ -112,7 +111,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         convert(args.model, args.mlx_path, args.dtype, args.rotate, args.rotate_method)
-    except ModelError as e:
+    except (ModelError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 

@@ -17,7 +17,7 @@ from typing import Any, Generator, List, Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse as _MLXGenerationResponse
-from mlx_lm.generate import generate_step, wired_limit
+from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, generate_step, wired_limit
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .errors import ModelError
@@ -27,8 +27,6 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PROMPT = "hello"
 DEFAULT_MAX_TOKENS = 100
 DEFAULT_NUM_DRAFT_TOKENS = 4
-DEFAULT_QUANTIZED_KV_START = 5000
-KV_BITS = (4, 8)
 
 
 @dataclass
@@ -92,8 +90,11 @@ def stream_generate(
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
 
+    from .quant.modes import check_draft
+
     stats = None
-    if draft in (None, "none"):
+    mode = check_draft(model, draft)
+    if mode is None:
         token_generator = (
             (token, logprobs, False)
             for token, logprobs in generate_step(prompt, model, max_tokens=max_tokens, **kwargs)
@@ -103,10 +104,11 @@ def stream_generate(
 
         stats = SpecStats()
         kwargs.pop("max_kv_size", None)
+        kwargs.pop("prompt_progress_callback", None)
         token_generator = speculative_generate_step(
             prompt,
             model,
-            draft=draft,
+            draft=mode,
             num_draft_tokens=num_draft_tokens,
             max_tokens=max_tokens,
             stats=stats,
@@ -230,12 +232,6 @@ def _non_negative_float(name):
     return parse
 
 
-def _kv_bits(value):
-    if value not in {str(b) for b in KV_BITS}:
-        raise argparse.ArgumentTypeError(f"--kv-bits must be 4 or 8, got '{value}'")
-    return int(value)
-
-
 def setup_arg_parser():
     from .quant.modes import draft_help
 
@@ -243,8 +239,7 @@ def setup_arg_parser():
         prog="mlx_qspec.generate",
         description="Generate text with exactly-lossless self-speculative decoding.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="draft modes (--draft):\n  auto: the best mode the model supports\n  "
-        + draft_help().replace("\n", "\n  "),
+        epilog="draft modes (--draft):\n  " + draft_help().replace("\n", "\n  "),
     )
     parser.add_argument(
         "--model",
@@ -263,9 +258,12 @@ def setup_arg_parser():
     parser.add_argument("--top-k", type=_positive_int("--top-k", 0), default=0, help="Sampling top-k")
     parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
     parser.add_argument("--max-kv-size", type=_positive_int("--max-kv-size"), default=None,
-                        help="Maximum key-value cache size (plain decoding only)")
-    parser.add_argument("--kv-bits", type=_kv_bits, default=None, help="KV cache quantization bits (4 or 8)")
-    parser.add_argument("--kv-group-size", type=int, default=64, help="KV cache quantization group size")
+                        help="Maximum key-value cache size (plain decoding: a rotating cache "
+                        "cannot be rewound, so --draft auto then means none)")
+    parser.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
+                        help="KV cache quantization bits")
+    parser.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64,
+                        help="KV cache quantization group size")
     parser.add_argument("--quantized-kv-start", type=int, default=DEFAULT_QUANTIZED_KV_START,
                         help="Token count after which the KV cache is quantized (with --kv-bits)")
     parser.add_argument("--ignore-chat-template", action="store_true",
@@ -284,11 +282,17 @@ def setup_arg_parser():
 
 def run(args) -> None:
     from .loader import load
-    from .quant.modes import default_draft, parse_draft
+    from .quant.modes import AUTO, NONE, parse_draft
     from .speculative import check_num_draft_tokens, make_sampler
 
-    if args.draft != "auto":
-        parse_draft(args.draft)
+    draft = args.draft.strip().lower()
+    if draft != AUTO:
+        parse_draft(draft)  # an unknown name fails before the model loads
+    if args.max_kv_size is not None and draft != NONE:
+        if draft != AUTO:
+            raise ModelError(f"--max-kv-size cannot be combined with --draft {args.draft} "
+                             "(a rotating cache cannot be rewound); use --draft none")
+        draft = NONE
     check_num_draft_tokens(args.num_draft_tokens)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     if not prompt.strip():
@@ -298,7 +302,6 @@ def run(args) -> None:
 
     model_path = args.model or default_model_path()
     model, tokenizer = load(model_path)
-    draft = default_draft(model) if args.draft == "auto" else args.draft
 
     use_chat_template = not args.ignore_chat_template and tokenizer.has_chat_template
     if use_chat_template:

@@ -60,10 +60,12 @@ class TensorInfo:
 
 
 class _Reader:
-    def __init__(self, fid, path):
-        self.fid, self.path = fid, path
+    def __init__(self, fid, path, size):
+        self.fid, self.path, self.size = fid, path, size
 
     def read(self, n):
+        if n > self.size - self.fid.tell():
+            raise ModelError(f"{self.path}: truncated GGUF file (header ends early)")
         data = self.fid.read(n)
         if len(data) != n:
             raise ModelError(f"{self.path}: truncated GGUF file (header ends early)")
@@ -96,7 +98,7 @@ def read_header(path):
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as fid:
-        r = _Reader(fid, path)
+        r = _Reader(fid, path, size)
         if fid.read(4) != GGUF_MAGIC:
             raise ModelError(f"{path}: not a GGUF file (bad magic bytes)")
         version = r.scalar("<I")
@@ -112,7 +114,10 @@ def read_header(path):
         tensors = []
         for _ in range(n_tensors):
             name = r.string()
-            dims = tuple(r.scalar("<Q") for _ in range(r.scalar("<I")))
+            n_dims = r.scalar("<I")
+            if n_dims > 8:
+                raise ModelError(f"{path}: corrupt GGUF header (tensor '{name}' has {n_dims} dims)")
+            dims = tuple(r.scalar("<Q") for _ in range(n_dims))
             type_id, offset = r.scalar("<I"), r.scalar("<Q")
             if type_id not in GGML_TYPES:
                 raise ModelError(f"{path}: tensor '{name}' has unknown GGML type id {type_id}")
@@ -120,10 +125,17 @@ def read_header(path):
             count = 1
             for d in dims:
                 count *= d
+            if count % block_values:
+                raise ModelError(
+                    f"{path}: tensor '{name}' has {count} values, not a whole number of "
+                    f"{type_name} blocks of {block_values}"
+                )
             nbytes = count // block_values * block_bytes
             # GGUF lists dims fastest-first; MLX shapes are slowest-first.
             tensors.append(TensorInfo(name, dims[::-1], type_name, offset, nbytes))
         alignment = metadata.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment <= 0:
+            raise ModelError(f"{path}: corrupt GGUF header (general.alignment {alignment!r})")
         data_start = -(-fid.tell() // alignment) * alignment
     unsupported = [t for t in tensors if t.type_name not in SUPPORTED_TYPES]
     if unsupported:
@@ -250,7 +262,9 @@ def tokenizer_files(metadata, path):
         raise ModelError(
             f"{path}: GGUF tokenizer model '{kind}' is not supported (only byte-level BPE, 'gpt2')"
         )
-    tokens = metadata["tokenizer.ggml.tokens"]
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ModelError(f"{path}: GGUF metadata lacks tokenizer.ggml.tokens")
     types = metadata.get("tokenizer.ggml.token_type", [1] * len(tokens))
     merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))

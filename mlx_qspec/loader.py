@@ -32,7 +32,7 @@ def resolve(path_or_repo: str, revision: str | None = None) -> Path:
 
     try:
         return Path(snapshot_download(path_or_repo, revision=revision, local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, OSError):
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
         raise ModelError(
             f"model '{path_or_repo}' is not a local path and is not in the Hugging Face cache; "
             f"download it first with `hf download {path_or_repo}` on a machine with network access"
@@ -58,15 +58,13 @@ def cast_floats(model: nn.Module, dtype) -> None:
     )
 
 
-def load_gguf(path: Path, lazy: bool = False):
-    """``(model, tokenizer, config)`` from a GGUF file, quantized tensors kept as they are."""
-    metadata, tensors = gguf.read_header(path)
-    config = gguf.model_config(metadata, tensors, path)
-    weights = gguf.load_weights(path)
+def build_model(weights: dict, config: dict) -> nn.Module:
+    """An mlx-lm model from weights in saved layout and their config, as mlx-lm's
+    ``load_model`` builds it (per-module quantization overrides, else quantize what has
+    scales), without a round trip through files."""
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     if quantization := config.get("quantization"):
-        # As mlx-lm's load_model: per-module overrides, else quantize what has scales.
         nn.quantize(
             model,
             group_size=quantization["group_size"],
@@ -77,13 +75,24 @@ def load_gguf(path: Path, lazy: bool = False):
         )
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
+    return model
+
+
+def load_gguf(path: Path):
+    """``(model, tokenizer, config, metadata)`` from a GGUF file, quantized tensors kept as
+    they are; parameters stay lazy."""
+    metadata, tensors = gguf.read_header(path)
+    config = gguf.model_config(metadata, tensors, path)
+    try:
+        weights = gguf.load_weights(path)
+    except (RuntimeError, ValueError) as e:
+        raise ModelError(f"{path}: cannot read tensors: {e}") from None
+    model = build_model(weights, config)
     with tempfile.TemporaryDirectory() as tmp:
-        save_config(config, Path(tmp) / "config.json")
+        save_config(dict(config), Path(tmp) / "config.json")
         gguf.write_tokenizer(metadata, path, tmp)
         tokenizer = load_tokenizer(Path(tmp), eos_token_ids=config.get("eos_token_id"))
-    if not lazy:
-        mx.eval(model.parameters())
-    return model, tokenizer, config
+    return model, tokenizer, config, metadata
 
 
 def _check_model_dir(path: Path):
@@ -110,11 +119,16 @@ def load(
     if path.is_file():
         if not _is_gguf(path):
             raise ModelError(f"'{path}' is neither a model directory nor a GGUF file")
-        model, tokenizer, config = load_gguf(path, lazy=True)
+        model, tokenizer, config, _ = load_gguf(path)
     elif path.is_dir():
         _check_model_dir(path)
-        model, config = load_model(path, lazy=True)
-        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+        try:
+            model, config = load_model(path, lazy=True)
+            tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+        except ModelError:
+            raise
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"{path}: cannot load the model: {e}") from None
     else:
         raise ModelError(f"'{path}' is neither a model directory nor a GGUF file")
     if config.get("qspec", {}).get("rotation"):

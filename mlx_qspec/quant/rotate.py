@@ -268,21 +268,11 @@ def rotated_config(config: dict, *, residual: str, seed: int, method: str) -> di
 
 
 def build_model(weights: dict, config: dict) -> nn.Module:
-    """An mlx-lm model from (weights, config) in saved layout, online Hadamards applied.
+    """An mlx-lm model from (weights, config) in saved layout, online Hadamards applied:
+    the loaded rotated directory, without the disk round-trip."""
+    from ..loader import build_model as build_plain
 
-    The same steps as loading the saved directory, without the disk round-trip.
-    """
-    from mlx_lm.utils import _get_classes
-
-    model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))
-    quant = config.get("quantization")
-    if quant is not None:
-        nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
-                    class_predicate=lambda p, m: quant.get(p, hasattr(m, "to_quantized")))
-    model.load_weights(list(weights.items()))
-    model.eval()
-    apply_online_rotations(model, config)
+    model = apply_online_rotations(build_plain(weights, config), config)
     mx.eval(model.parameters())
     return model
 
