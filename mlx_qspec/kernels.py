@@ -1,8 +1,9 @@
 """Matmuls whose fast path is a custom kernel, each with its MLX-op reference.
 
-Model code calls the dispatchers only — :func:`act_quant_matmul` (the W4A4 / W4A8 draft),
-:func:`verify_matmul` (W4A16 for a verify block of M ≤ 16 rows) and :func:`nested_matmul`
-(8-bit weights as two 4-bit planes). On a Mac with Metal the kernels from ``metal/`` run
+Model code calls the dispatchers only — :func:`act_quant_matmul` (the W4A4 / W4A8 draft)
+and :func:`verify_matmul` (W4A16 for a verify block of M ≤ 16 rows). :func:`nested_matmul`
+(8-bit weights as two 4-bit planes, the draft reading the upper one) is ready for the
+QuantSpec-style nested draft; no model path uses it yet. On a Mac with Metal the kernels from ``metal/`` run
 (:func:`backend` says ``"metal"``); elsewhere, and for shapes a kernel does not support,
 the MLX reference does. Both compute the same thing: integer parts exactly, float parts
 to rounding. The ``metal_*`` functions always run the kernel and raise ``ValueError`` on
