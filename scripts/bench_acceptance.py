@@ -1,8 +1,13 @@
-"""Acceptance of each QSpec draft mode on real text: α, τ, verify passes per token, and
-whether greedy speculative output matched plain decoding, for each draft length γ.
+"""Acceptance of each QSpec draft mode on real text: α, τ, verify passes per token,
+weight bytes read per token relative to plain decoding, and whether greedy speculative
+output matched plain decoding, for each draft length γ.
 
 Counts, not speed: on MLX-CPU a verify of γ+1 rows costs ~γ+1 one-token steps, so
-Linux timings say nothing about a Mac. Prompts are real English shipped with every
+Linux timings say nothing about a Mac. Bytes are the regime a Mac decodes in (bound by
+bytes read, SPEC.md §6b): every draft step and every verify pass reads all weights once
+(the verify kernel reads each weight byte once for its γ+1 rows), plain decoding once per
+token, so ``bytes/tok`` = (draft steps + verify passes) ÷ emitted tokens; above 1 the
+draft costs more bytes than it saves. Prompts are real English shipped with every
 Python install (the license and stdlib module docs), continued greedily.
 
     python scripts/bench_acceptance.py --modes a8 a8-g32 a4 a4-g32 --gammas 1 2 4 8 \
@@ -17,6 +22,8 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
 from mlx_qspec import load
@@ -50,6 +57,15 @@ def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     return [tokenizer.encode(t)[:length] for t in texts[:n]]
 
 
+def forward_weight_bytes(model) -> int:
+    """Weight bytes one forward reads: every linear and the LM head (a tied embedding
+    table is read whole as the head; the lookup's one row per token is left out)."""
+    heads = [] if hasattr(model, "lm_head") else [model.model.embed_tokens]
+    linear = (nn.Linear, nn.QuantizedLinear)
+    modules = [m for _, m in model.named_modules() if isinstance(m, linear)] + heads
+    return sum(v.nbytes for m in modules for _, v in tree_flatten(m.parameters()))
+
+
 def run_config(model, prompt_sets, plain_outs, mode, gamma, max_tokens):
     """One (mode, γ): totals over all prompts, and the greedy-match rate vs plain decode."""
     stats, matched, total = SpecStats(), 0, 0
@@ -69,6 +85,7 @@ def run_config(model, prompt_sets, plain_outs, mode, gamma, max_tokens):
         "acceptance": stats.acceptance,
         "tokens_per_verify": stats.tokens_per_verify,
         "verify_passes_per_token": stats.verify_passes / stats.emitted,
+        "weight_bytes_per_token_vs_plain": (stats.drafted + stats.verify_passes) / stats.emitted,
         "greedy_match": matched / total,
         # τ if every draft were accepted: max_tokens cuts the last block short.
         "tokens_per_verify_ceiling": total / sum(-(-len(r) // (gamma + 1)) for r in plain_outs),
@@ -78,14 +95,16 @@ def run_config(model, prompt_sets, plain_outs, mode, gamma, max_tokens):
 
 
 def print_table(rows):
-    head = (f"{'draft':8} {'γ':>2} {'α':>6} {'τ':>6} {'τ max':>6} {'verify/tok':>10} {'match':>6} "
+    head = (f"{'draft':8} {'γ':>2} {'α':>6} {'τ':>6} {'τ max':>6} {'verify/tok':>10} "
+            f"{'bytes/tok':>9} {'match':>6} "
             f"{'drafted':>7} {'accepted':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['draft']:8} {r['gamma']:>2} {r['acceptance']:6.3f} {r['tokens_per_verify']:6.2f} "
               f"{r['tokens_per_verify_ceiling']:6.2f} "
-              f"{r['verify_passes_per_token']:10.3f} {r['greedy_match']:6.3f} {r['drafted']:7d} "
+              f"{r['verify_passes_per_token']:10.3f} {r['weight_bytes_per_token_vs_plain']:9.2f} "
+              f"{r['greedy_match']:6.3f} {r['drafted']:7d} "
               f"{r['accepted']:8d}")
 
 
@@ -155,7 +174,8 @@ def main(argv=None):
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         meta = dict(model=str(args.model or default_model_path()), prompts=len(prompt_sets),
-                    prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
+                    prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
+                    forward_weight_bytes=forward_weight_bytes(model))
         Path(args.json).write_text(json.dumps({"config": meta, "rows": rows}, indent=1))
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
