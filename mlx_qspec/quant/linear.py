@@ -53,21 +53,12 @@ class QSpecLinear(nn.QuantizedLinear):
 
     def __call__(self, x):
         draft = self.switch.draft
+        args = (x, self["weight"], self["scales"], self["biases"])
         if draft is None:
-            y = kernels.verify_matmul(
-                x,
-                self["weight"],
-                self["scales"],
-                self["biases"],
-                group_size=self.group_size,
-                bits=self.bits,
-            )
+            y = kernels.verify_matmul(*args, group_size=self.group_size, bits=self.bits)
         else:
             y = kernels.act_quant_matmul(
-                x,
-                self["weight"],
-                self["scales"],
-                self["biases"],
+                *args,
                 group_size=self.group_size,
                 bits=self.bits,
                 act_bits=draft.act_bits,
