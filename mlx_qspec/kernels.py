@@ -340,3 +340,60 @@ def nested_matmul(x, upper, lower, scales, biases, *, group_size, draft):
             return metal_nested_matmul(x, upper, lower, scales, biases, group_size=group_size,
                                        draft=draft)
     return nested_matmul_reference(x, upper, lower, scales, biases, group_size=group_size, draft=draft)
+
+
+# ---------------------------------------------------------------- attention over a nested KV cache
+def nested_attention_reference(q, keys, values, *, scale, mask, upper, key_block, value_group):
+    """Plain MLX attention over a QuantSpec-style hierarchical KV cache (``kv_cache.py``).
+
+    ``keys`` = ``(upper, lower, scales, mins, buffer)``: ``upper``/``lower`` (B, Hkv, D, Tq/8)
+    uint32 4-bit planes grouped per channel over ``key_block`` tokens, ``scales``/``mins``
+    (B, Hkv, D, Tq/key_block), ``buffer`` (B, Hkv, Tb, D) the recent tokens in float.
+    ``values`` the same with planes (B, Hkv, Tq, D/8) grouped per token over ``value_group``
+    channels, ``scales``/``mins`` (B, Hkv, Tq, D/value_group). A quantized value is
+    ``min + s·U`` (``upper=True``: the draft's 4-bit view) or ``min + s·U + (s/16)·(L − 8)``
+    (the verify's view, ~8 bits: the lower plane stores the signed residual + 8). Tq may be
+    0 (planes None). ``q`` (B, Hq, L, D), Hq a multiple of Hkv; ``mask`` None, ``"causal"``
+    (the L queries are the last L of the Tq + Tb positions) or an array broadcastable to
+    (B, Hq, L, Tq + Tb) (bool: True attends; float: added). Returns (B, Hq, L, D) in q's dtype.
+    """
+    ku, kl, ks, kb, kbuf = keys
+    vu, vl, vs, vb, vbuf = values
+    B, Hq, L, D = q.shape
+    Hkv = kbuf.shape[1]
+    R = Hq // Hkv
+    Tq = 0 if ku is None else ku.shape[-1] * 8
+    T = Tq + kbuf.shape[2]
+    qg = (q * scale).reshape(B, Hkv, R, L, D)
+
+    def planes(x, u, lo, s, m, group, transpose):
+        """``x @ dequant(planes)`` for the chosen view (two 4-bit reads for the verify)."""
+        ex = lambda a: mx.expand_dims(a, 2)  # noqa: E731  broadcast over the R query heads
+        qmm = lambda w_, s_, b_: mx.quantized_matmul(  # noqa: E731
+            x, ex(w_), ex(s_), ex(b_), transpose=transpose, group_size=group, bits=4)
+        out = qmm(u, s, m)
+        if not upper:
+            out = out + qmm(lo, s * (1 / 16), s * -0.5)
+        return out
+
+    scores = qg @ mx.expand_dims(kbuf, 2).swapaxes(-1, -2)
+    if Tq:
+        scores = mx.concatenate(
+            [planes(qg, ku, kl, ks, kb, key_block, False), scores], axis=-1)
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"unknown attention mask {mask!r}")
+        mask = mx.arange(T)[None] <= (mx.arange(L) + T - L)[:, None]
+    if mask is not None:
+        if mask.ndim == 4:  # (B, Hq or 1, L, T) → (B, Hkv or 1, R or 1, L, T)
+            mask = (mask.reshape(mask.shape[0], Hkv, R, L, T) if mask.shape[1] == Hq
+                    else mx.expand_dims(mask, 2))
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    p = mx.softmax(scores.astype(mx.float32), axis=-1, precise=True).astype(q.dtype)
+    out = p[..., Tq:] @ mx.expand_dims(vbuf, 2)
+    if Tq:
+        out = out + planes(p[..., :Tq], vu, vl, vs, vb, value_group, False)
+    return out.reshape(B, Hq, L, D)

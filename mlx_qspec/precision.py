@@ -1,0 +1,127 @@
+"""Precision: how one forward reads the model — one value, set per forward, context-local.
+
+A draft is not a second model but a way of reading the same memory with fewer bits:
+how 8-bit weights are read (both 4-bit planes, or only the upper one), how activations
+enter the quantized linears (compute dtype, or 8/4-bit codes per token or per group), and
+how a nested KV cache is read (both planes, or only the upper one). The speculative loop
+sets a :class:`Precision` for each forward with :func:`reading`; layers and caches read it
+with :func:`current`. It lives in a :class:`contextvars.ContextVar`, so it never leaks out
+of the ``with`` block, and two threads (two requests of a server) never see each other's.
+
+Names compose with ``+``: ``a8``, ``a4-g32``, ``w-upper``, ``kv-upper``, ``a8+kv-upper``…
+The full precision (what plain decoding and every verify read) is named ``verify``.
+"""
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+ACT_BITS = (4, 8)
+ACT_GROUP_SIZES = (16, 32, 64, 128)
+FULL, UPPER = "full", "upper"
+VERIFY_NAME = "verify"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """One way of reading the model. The default reads everything at full precision."""
+
+    weights: str = FULL  # 8-bit weights: both planes (full) or the upper plane only
+    act_bits: int | None = None  # None: activations in the compute dtype
+    act_group_size: int | None = None  # None: one activation scale per token
+    kv: str = FULL  # nested KV cache: both planes (full) or the upper plane only
+
+    def __post_init__(self):
+        for axis in ("weights", "kv"):
+            if getattr(self, axis) not in (FULL, UPPER):
+                raise ValueError(f"{axis} precision must be {FULL!r} or {UPPER!r}, got {getattr(self, axis)!r}")
+        if self.act_bits is not None and self.act_bits not in ACT_BITS:
+            raise ValueError(f"draft activation bits must be one of {ACT_BITS}, got {self.act_bits}")
+        if self.act_group_size is not None:
+            if self.act_bits is None:
+                raise ValueError("an activation group size needs activation bits")
+            if self.act_group_size not in ACT_GROUP_SIZES:
+                raise ValueError(
+                    f"draft activation group size must be one of {ACT_GROUP_SIZES}, "
+                    f"got {self.act_group_size}"
+                )
+
+    @property
+    def is_full(self) -> bool:
+        return self == FULL_PRECISION
+
+    @property
+    def terms(self) -> list[str]:
+        """The name's ``+``-separated parts, in canonical order (activations, weights, KV)."""
+        out = []
+        if self.act_bits is not None:
+            g = "" if self.act_group_size is None else f"-g{self.act_group_size}"
+            out.append(f"a{self.act_bits}{g}")
+        if self.weights == UPPER:
+            out.append("w-upper")
+        if self.kv == UPPER:
+            out.append("kv-upper")
+        return out
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.terms) or VERIFY_NAME
+
+    def __str__(self):
+        return self.name
+
+
+FULL_PRECISION = Precision()
+
+# Every single term a draft name may contain, and what it sets.
+TERMS: dict[str, dict] = {
+    **{
+        f"a{bits}{'' if g is None else f'-g{g}'}": dict(act_bits=bits, act_group_size=g)
+        for bits in sorted(ACT_BITS, reverse=True)
+        for g in (None, *ACT_GROUP_SIZES)
+    },
+    "w-upper": dict(weights=UPPER),
+    "kv-upper": dict(kv=UPPER),
+}
+
+
+def _axis(term: str) -> str:
+    return "activations" if term.startswith("a") else term.split("-")[0]
+
+
+def parse(name: str) -> Precision:
+    """``'a8+kv-upper'`` → ``Precision(act_bits=8, kv='upper')``; ValueError naming the bad
+    part for an unknown term or two terms on one axis (``a8+a4``)."""
+    terms = [t.strip() for t in str(name).strip().lower().split("+")]
+    fields, axes = {}, {}
+    for term in terms:
+        if term not in TERMS:
+            raise ValueError(
+                f"unknown draft term {term!r} in {name!r}; terms: {', '.join(TERMS)} "
+                "(combine with '+', e.g. a8+kv-upper)"
+            )
+        axis = _axis(term)
+        if axis in axes:
+            raise ValueError(f"draft {name!r} reads {axis} two ways ({axes[axis]} and {term})")
+        axes[axis] = term
+        fields.update(TERMS[term])
+    return Precision(**fields)
+
+
+_current: ContextVar[Precision] = ContextVar("mlx_qspec_precision", default=FULL_PRECISION)
+
+
+def current() -> Precision:
+    """The precision the forward being built reads at (full outside any :func:`reading`)."""
+    return _current.get()
+
+
+@contextmanager
+def reading(precision: Precision):
+    """Build the forwards inside the block at ``precision``; the previous one comes back after."""
+    token = _current.set(precision)
+    try:
+        yield precision
+    finally:
+        _current.reset(token)
+
