@@ -1,0 +1,283 @@
+"""When does a draft pay? A cost model for ``--draft auto``.
+
+Speculation pays only where a verify of γ+1 rows costs about one decode step and a draft
+step costs less than one: on a Mac at batch 1, where bytes read decide speed. Where a
+forward over k rows costs ~k× one row (MLX on CPU), no draft can pay, and the rule is
+never to be slower than plain decoding. So ``auto`` measures the costs on the loaded
+model and its cache (:func:`calibrate`, cached on disk by :func:`calibrate_cached`),
+estimates acceptance (priors from SPEC.md §6, then a running :class:`AcceptanceEstimate`)
+and lets :func:`choose` pick a draft and γ, or plain decoding with the reason why.
+
+The roofline helpers at the end model a Mac's speed from bytes read, for benchmarks.
+"""
+
+import bisect
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import can_trim_prompt_cache
+
+from . import precision
+
+GAMMAS = (1, 2, 3, 4, 6, 8)
+CALIBRATION_ROWS = (1, 5, 9)
+
+
+def expected_tokens(alpha: float, gamma: int) -> float:
+    """τ, tokens emitted per verify when each draft is accepted with probability α (i.i.d.)."""
+    if alpha >= 1:
+        return gamma + 1.0
+    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+@dataclass
+class CostTable:
+    """Seconds per forward: the verify precision by number of rows, and each draft at one row."""
+
+    verify: dict[int, float]
+    draft: dict[str, float]
+
+    def verify_cost(self, rows: int) -> float:
+        """Linear between measured row counts, linear past the ends; from one point, ∝ rows
+        (the pessimistic guess: no draft pays)."""
+        xs = sorted(self.verify)
+        if len(xs) == 1:
+            return self.verify[xs[0]] * rows / xs[0]
+        i = min(max(bisect.bisect_left(xs, rows), 1), len(xs) - 1)
+        x0, x1 = xs[i - 1], xs[i]
+        y0, y1 = self.verify[x0], self.verify[x1]
+        return y0 + (y1 - y0) * (rows - x0) / (x1 - x0)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What to decode with: ``draft`` None (and ``gamma`` 0) means plain decoding."""
+
+    draft: str | None
+    gamma: int
+    speedup: float  # modeled, over plain decoding (1.0 for plain)
+    reason: str  # machine-friendly, no spaces
+
+
+def speedup(table: CostTable, draft: str, alpha: float, gamma: int) -> float:
+    """Plain seconds per token ÷ speculative seconds per token for one draft and γ."""
+    block = gamma * table.draft[draft] + table.verify_cost(gamma + 1)
+    return expected_tokens(alpha, gamma) * table.verify_cost(1) / block
+
+
+def choose(
+    table: CostTable, acceptance: dict[str, float], gammas=GAMMAS, margin: float = 0.05
+) -> Choice:
+    """The draft and γ with the best modeled speedup, or plain decoding if none beats
+    1 + ``margin``; the reason names what stops speculation from paying."""
+    names = [n for n in table.draft if n in acceptance]
+    if not names:
+        return Choice(None, 0, 1.0, "no_draft_candidates")
+    best, name, gamma = max(
+        ((speedup(table, n, acceptance[n], g), n, g) for n in names for g in gammas),
+        key=lambda t: t[0],
+    )
+    if best > 1 + margin:
+        return Choice(name, gamma, best, f"modeled_speedup_{best:.2f}")
+    return Choice(None, 0, 1.0, _why_plain(table, names, acceptance, gammas, margin))
+
+
+def _why_plain(table, names, acceptance, gammas, margin) -> str:
+    """The first bound that already fails: free drafts accepted always (the verify's rows
+    cost too much), then the cheapest draft accepted always (drafts plus verify cost more
+    than the tokens they give), else acceptance is too low."""
+    v1 = table.verify_cost(1)
+    if max((g + 1) * v1 / table.verify_cost(g + 1) for g in gammas) <= 1 + margin:
+        g = max(gammas)
+        return f"verify_cost_grows_with_rows(x{table.verify_cost(g + 1) / v1:.1f}_at_{g + 1}_rows)"
+    cheapest = min(names, key=table.draft.get)
+    perfect, g = max((speedup(table, cheapest, 1.0, g), g) for g in gammas)
+    if perfect <= 1 + margin:
+        return (
+            f"draft_too_costly({cheapest}_x{table.draft[cheapest] / v1:.2f},"
+            f"verify_x{table.verify_cost(g + 1) / v1:.1f}_at_{g + 1}_rows)"
+        )
+    top = max(names, key=acceptance.get)
+    return f"acceptance_too_low({top}_{acceptance[top]:.2f})"
+
+
+# Per-token top-1 agreement of each single draft term with the verify, SPEC.md §6
+# (SmolLM2-135M Q4_1, teacher-forced on real text).
+PRIOR_ACCEPTANCE = {
+    "a8": 0.91,  # A8 per-token: 0.905 (first probe), 0.910 (second probe)
+    "a8-g32": 0.975,  # A8 group-32: 0.975 (first probe), 0.979 (second probe)
+    "a4": 0.09,  # A4 per-token: 0.09 (first probe)
+    "a4-g32": 0.6,  # A4 group-32: 0.58 (first probe), 0.607 (second probe)
+    "a4-g16": 0.66,  # A4 group-16: 0.66 (first probe)
+    "kv-upper": 0.94,  # upper nibble of 8-bit KV, keys per channel over 64-token blocks: 0.942
+    "w-upper": 0.83,  # Q8_0 LM head read as its upper nibble: 0.833 (only the head was measured)
+}
+
+
+def prior_acceptance(name: str) -> float:
+    """A draft's prior acceptance: the product of its terms' priors (``a8+kv-upper`` →
+    0.91 · 0.94). ValueError for a term never measured."""
+    alpha = 1.0
+    for term in precision.parse(name).terms:
+        if term not in PRIOR_ACCEPTANCE:
+            known = ", ".join(PRIOR_ACCEPTANCE)
+            raise ValueError(f"no measured acceptance for draft term {term!r} (measured: {known})")
+        alpha *= PRIOR_ACCEPTANCE[term]
+    return alpha
+
+
+class AcceptanceEstimate:
+    """Acceptance as it runs: an exponential moving average over drafted tokens that starts
+    at the prior; a block of k drafts weighs as k observations (``window`` ≈ memory in drafts)."""
+
+    def __init__(self, prior: float, window: int = 32):
+        self.value = prior
+        self.decay = 1 - 1 / window
+
+    def update(self, drafted: int, accepted: int):
+        if drafted > 0:
+            rate = accepted / drafted
+            self.value = rate + (self.value - rate) * self.decay**drafted
+
+
+# ---------------------------------------------------------------- calibration
+def _rewind(cache, offsets):
+    """Trim each layer back to its offset (a failed forward may have appended to some only)."""
+    for c, offset in zip(cache, offsets):
+        c.trim(c.offset - offset)
+
+
+def _time_forward(model, cache, rows: int, read: precision.Precision) -> float:
+    """Seconds for one evaluated forward of ``rows`` tokens at ``read``; the cache is
+    trimmed back after, also when the forward raises."""
+    offsets = [c.offset for c in cache]
+    inputs = mx.zeros((1, rows), dtype=mx.uint32)
+    try:
+        with precision.reading(read):
+            start = time.perf_counter()
+            mx.eval(model(inputs, cache=cache))
+            return time.perf_counter() - start
+    finally:
+        _rewind(cache, offsets)
+
+
+def calibrate(model, cache, candidates, rows=CALIBRATION_ROWS, repeats: int = 3) -> CostTable:
+    """Measure, on ``model`` with its prefilled ``cache`` as it stands (cost depends on
+    context), the median seconds of a verify forward at each row count and of a one-row
+    forward for each draft candidate. A candidate that cannot run here (ValueError) is left
+    out. The cache ends exactly as it started: row counts are capped at a cache's
+    ``room() + 1`` (past it, the nested KV cache quantizes positions a rewind cannot reach)."""
+    if not can_trim_prompt_cache(cache):
+        raise ValueError("calibration needs a trimmable cache")
+    start = cache[0].offset
+    limit = min((c.room() + 1 for c in cache if hasattr(c, "room")), default=math.inf)
+
+    def median(n, read):
+        return statistics.median(_time_forward(model, cache, n, read) for _ in range(repeats))
+
+    _time_forward(model, cache, 1, precision.FULL_PRECISION)  # warm-up
+    verify = {n: median(n, precision.FULL_PRECISION) for n in sorted({min(n, limit) for n in rows})}
+    draft = {}
+    for name in candidates:
+        try:
+            draft[name] = median(1, precision.parse(name))
+        except ValueError:
+            continue
+    assert cache[0].offset == start, "calibration left the cache moved"
+    return CostTable(verify, draft)
+
+
+def fingerprint(model) -> str:
+    """Model class, layer count and parameter bytes: enough to tell loaded models apart."""
+    nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__name__}:layers={len(model.layers)}:bytes={nbytes}"
+
+
+def device_name() -> str:
+    """The default device and its chip, e.g. ``Device(gpu, 0):Apple M3 Max``."""
+    return f"{mx.default_device()}:{mx.device_info().get('device_name', 'unknown')}"
+
+
+def context_bucket(offset: int) -> int:
+    """The context length rounded up to a power of two, at least 256."""
+    return max(256, 1 << math.ceil(math.log2(max(offset, 1))))
+
+
+def cache_path() -> Path:
+    return Path(os.environ.get("MLX_QSPEC_CACHE") or Path.home() / ".cache" / "mlx_qspec") / "costs.json"
+
+
+def _load(path: Path) -> dict:
+    try:
+        store = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return store if isinstance(store, dict) else {}
+
+
+def _stored(entry, rows, candidates) -> CostTable | None:
+    """The stored table if it covers ``rows`` and ``candidates``; None if not or malformed."""
+    try:
+        verify = {int(n): float(t) for n, t in entry["verify"].items()}
+        draft = {n: float(t) for n, t in entry["draft"].items()}
+        covered = set(rows) <= set(verify) and set(candidates) <= set(entry["tried"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return CostTable(verify, draft) if covered else None
+
+
+def calibrate_cached(model, cache, candidates, rows=CALIBRATION_ROWS, repeats: int = 3) -> CostTable:
+    """:func:`calibrate`, or its stored result for the same model, device, MLX version and
+    context bucket if that covered these rows and candidates. A corrupt store is rewritten."""
+    key = "|".join(
+        (fingerprint(model), device_name(), f"mlx={mx.__version__}", f"ctx={context_bucket(cache[0].offset)}")
+    )
+    path = cache_path()
+    store = _load(path)
+    table = _stored(store.get(key), rows, candidates)
+    if table is None:
+        table = calibrate(model, cache, candidates, rows, repeats)
+        store[key] = dict(verify=table.verify, draft=table.draft, tried=sorted(candidates))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(store, indent=1, sort_keys=True))
+    return table
+
+
+# ---------------------------------------------------------------- bytes roofline
+# Apple's published unified-memory bandwidths, GB/s.
+CHIPS = {
+    "M1": 68.25,
+    "M1 Pro": 200,
+    "M1 Max": 400,
+    "M2": 100,
+    "M2 Pro": 200,
+    "M2 Max": 400,
+    "M3": 100,
+    "M3 Pro": 150,
+    "M3 Max": 400,
+    "M4": 120,
+    "M4 Pro": 273,
+    "M4 Max": 546,
+}
+
+
+def modeled_tokens_per_s(bytes_per_token: float, bandwidth_gbs: float, efficiency: float = 0.75) -> float:
+    """Batch-1 decode speed when bytes read decide it: ``efficiency`` of peak bandwidth."""
+    return efficiency * bandwidth_gbs * 1e9 / bytes_per_token
+
+
+def modeled_speedup(
+    draft_bytes_per_block: float, verify_bytes_per_block: float, tau: float, plain_bytes_per_token: float
+) -> float:
+    """Plain time per token ÷ speculative time per token, bytes-bound: a forward costs the
+    bytes it reads, so a verify of γ+1 rows costs its bytes (its kernel stays memory-bound up
+    to γ+1 rows). A block (γ drafts + one verify) emits ``tau`` tokens. Bandwidth cancels."""
+    return plain_bytes_per_token * tau / (draft_bytes_per_block + verify_bytes_per_block)
