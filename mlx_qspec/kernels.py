@@ -1,13 +1,16 @@
-"""Matmuls whose fast path is a custom kernel, each with its MLX-op reference.
+"""Matmuls and attention whose fast path is a custom kernel, each with its MLX-op reference.
 
 Model code calls the dispatchers only — :func:`act_quant_matmul` (the W4A4 / W4A8 draft)
 and :func:`verify_matmul` (W4A16 for a verify block of M ≤ 16 rows). :func:`nested_matmul`
 (8-bit weights as two 4-bit planes, the draft reading the upper one) is ready for the
-QuantSpec-style nested draft; no model path uses it yet. On a Mac with Metal the kernels from ``metal/`` run
-(:func:`backend` says ``"metal"``); elsewhere, and for shapes a kernel does not support,
-the MLX reference does. Both compute the same thing: integer parts exactly, float parts
-to rounding. The ``metal_*`` functions always run the kernel and raise ``ValueError`` on
-shapes it does not support; the ``*_reference`` functions are the plain-MLX definitions.
+QuantSpec-style nested draft; no model path uses it yet. :func:`nested_attention`
+(``attention.py``'s path over the nested KV cache) runs decode, draft and verify rows through
+one kernel that reads the cache once per kv head for all of them. On a Mac with Metal the
+kernels from ``metal/`` run (:func:`backend` says ``"metal"``); elsewhere, and for shapes a
+kernel does not support, the MLX reference does. Both compute the same thing: integer parts
+exactly, float parts to rounding. The ``metal_*`` functions always run the kernel and raise
+``ValueError`` on shapes it does not support; the ``*_reference`` functions are the plain-MLX
+definitions.
 
 Each Metal kernel is one file in ``metal/``: a header comment (what a thread does, what it
 reads per output, why the launch shape), then ``// --- body ---`` and the body that
@@ -56,6 +59,11 @@ _SIGNATURES = {
     "w4a_int_matmul": (["codes", "ascales", "sums", "w", "scales", "biases"], ["y"]),
     "nested_matmul_draft": (["x", "upper", "scales", "biases"], ["y"]),
     "nested_matmul_verify": (["x", "upper", "lower", "scales", "biases"], ["y"]),
+    # built by _attention_kernel: the draft variant drops k_lower and v_lower
+    "nested_attention": (["q", "scale", "sizes", "k_upper", "k_lower", "k_scales", "k_mins",
+                          "k_buf", "v_upper", "v_lower", "v_scales", "v_mins", "v_buf"],
+                         ["o_part", "ml_part"]),
+    "nested_attention_combine": (["o_part", "ml_part"], ["out"]),
 }
 
 
@@ -290,28 +298,35 @@ def verify_matmul(x, w, scales, biases, *, group_size, bits=4):
 # ---------------------------------------------------------------- nested planes
 def split_planes(w8: mx.array) -> tuple[mx.array, mx.array]:
     """MLX 8-bit packed codes (N, K/4) uint32 → (upper, lower) 4-bit planes, each in MLX's
-    4-bit packing (N, K/8): code c = 16·upper + lower. Scales and biases stay the 8-bit ones."""
+    4-bit packing (N, K/8): code c = 16·upper + lower. Scales and biases stay the 8-bit ones.
+    Works on bytes (a uint8 view): byte j of the 8-bit array is code j, byte j of a 4-bit
+    plane holds codes 2j (low nibble) and 2j+1 (high nibble)."""
     if w8.dtype != mx.uint32 or w8.ndim != 2:
         raise ValueError(f"8-bit weight must be a 2-D uint32 array, got {w8.dtype} {w8.shape}")
-    shifts = mx.array([0, 8, 16, 24], mx.uint32)
-    c = ((w8[..., None] >> shifts) & 0xFF).reshape(w8.shape[0], -1)  # (N, K) codes
-    nib = mx.array([4 * i for i in range(8)], mx.uint32)
+    c = w8.view(mx.uint8).reshape(w8.shape[0], -1, 2)  # (N, K/2, 2): codes 2j, 2j+1
+    even, odd = c[..., 0], c[..., 1]
+    upper = (even >> 4) | (odd & 0xF0)
+    lower = (even & 0xF) | ((odd & 0xF) << 4)
+    return upper.view(mx.uint32), lower.view(mx.uint32)
 
-    def pack(q):
-        q = q.reshape(q.shape[0], -1, 8) << nib
-        return q.sum(-1).astype(mx.uint32)  # disjoint bits: the sum is the OR
 
-    return pack(c >> 4), pack(c & 0xF)
+def merge_planes(upper: mx.array, lower: mx.array) -> mx.array:
+    """Inverse of :func:`split_planes`: the MLX 8-bit packed codes, bit for bit."""
+    u, lo = upper.view(mx.uint8), lower.view(mx.uint8)
+    even = ((u & 0xF) << 4) | (lo & 0xF)
+    odd = (u & 0xF0) | (lo >> 4)
+    return mx.stack([even, odd], axis=-1).reshape(upper.shape[0], -1).view(mx.uint32)
 
 
 def nested_matmul_reference(x, upper, lower, scales, biases, *, group_size, draft):
-    """Plain MLX: verify = qmm(x, U, 16s, b) + qmm(x, L, s, 0), the 8-bit result; draft =
-    qmm(x, U, 16s, b + 7.5s), the lower plane replaced by its mid-point."""
-    qmm = lambda w_, s_, b_: mx.quantized_matmul(  # noqa: E731
-        x, w_, s_, b_, transpose=True, group_size=group_size, bits=4)
+    """Plain MLX: verify = MLX's 8-bit ``quantized_matmul`` on the merged codes (bit for bit
+    the 8-bit layer); draft = qmm(x, U, 16s, b + 7.5s), the lower plane replaced by its
+    mid-point, reading half the bytes."""
     if draft:
-        return qmm(upper, 16 * scales, biases + 7.5 * scales)
-    return qmm(upper, 16 * scales, biases) + qmm(lower, scales, mx.zeros_like(biases))
+        return mx.quantized_matmul(x, upper, 16 * scales, biases + 7.5 * scales, transpose=True,
+                                   group_size=group_size, bits=4)
+    return mx.quantized_matmul(x, merge_planes(upper, lower), scales, biases, transpose=True,
+                               group_size=group_size, bits=8)
 
 
 def metal_nested_matmul(x, upper, lower, scales, biases, *, group_size, draft):
@@ -397,3 +412,131 @@ def nested_attention_reference(q, keys, values, *, scale, mask, upper, key_block
     if Tq:
         out = out + planes(p[..., :Tq], vu, vl, vs, vb, value_group, False)
     return out.reshape(B, Hq, L, D)
+
+
+ATTN_HEAD_DIMS = (32, 64, 128)
+ATTN_MAX_ROWS = 128  # R·L query rows of one kv head: 32 SIMD groups × _ATTN_SLOTS
+_ATTN_SLOTS = 4  # query rows per SIMD group, fixed: decode and verify run one compiled kernel
+_ATTN_CHUNK = 512  # positions per threadgroup, fixed: a row's arithmetic depends on T only
+
+
+@lru_cache(maxsize=None)
+def _attention_kernel(draft: bool, make):
+    """``nested_attention.metal`` as its draft variant (PLANES 1: the lower planes are not even
+    inputs) or its verify variant, built through ``make`` — the ``mx.fast.metal_kernel`` of the
+    moment, so a test's emulator gets kernels of its own. Inputs are read in place through
+    their strides (no copy of the cache's slices)."""
+    header, body = SOURCES["nested_attention"]
+    inputs, outputs = _SIGNATURES["nested_attention"]
+    if draft:
+        inputs = [n for n in inputs if n not in ("k_lower", "v_lower")]
+    return make(name="nested_attention_draft" if draft else "nested_attention_verify",
+                input_names=inputs, output_names=outputs, source=body,
+                header=header + f"\n#define PLANES {1 if draft else 2}\n",
+                ensure_row_contiguous=False)
+
+
+def _check_attention(q, keys, values, mask, upper, key_block, value_group):
+    """Validate a call for the attention kernel; return (Tq, Tb, causal)."""
+    _check_float("q", q)
+    if q.ndim != 4:
+        raise ValueError(f"q must be (B, Hq, L, D), got {q.shape}")
+    B, Hq, L, D = q.shape
+    if D not in ATTN_HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {ATTN_HEAD_DIMS}, got {D}")
+    if not 1 <= L <= MAX_M:
+        raise ValueError(f"the attention kernel takes 1..{MAX_M} query rows, got {L}")
+    causal = isinstance(mask, str) and mask == "causal"
+    if mask is not None and not causal:
+        raise ValueError("the attention kernel takes mask None or 'causal', not an array mask")
+    if {key_block, value_group} - set(WEIGHT_GROUP_SIZES) or D % value_group:
+        raise ValueError(f"key block {key_block} / value group {value_group} must be one of "
+                         f"{WEIGHT_GROUP_SIZES}, the value group dividing head dim {D}")
+    ku, kl, ks, km, kbuf = keys
+    vu, vl, vs, vm, vbuf = values
+    for nm, a in (("key buffer", kbuf), ("value buffer", vbuf)):
+        _check_float(nm, a)
+        if a.ndim != 4 or a.shape[0] != B or a.shape[3] != D or a.shape != kbuf.shape:
+            raise ValueError(f"{nm} {a.shape} is not (B, Hkv, Tb, {D}) like the key buffer")
+    Hkv, Tb = kbuf.shape[1], kbuf.shape[2]
+    if Hq % Hkv or Hq // Hkv * L > ATTN_MAX_ROWS:
+        raise ValueError(f"{Hq} query heads over {Hkv} kv heads at {L} rows: need a multiple "
+                         f"and at most {ATTN_MAX_ROWS} rows per kv head")
+    Tq = 0 if ku is None else ku.shape[-1] * 8
+    if Tq:
+        if Tq % key_block:
+            raise ValueError(f"{Tq} quantized positions are not whole key blocks of {key_block}")
+        want = [(ku, (B, Hkv, D, Tq // 8), "key planes"),
+                (vu, (B, Hkv, Tq, D // 8), "value planes")]
+        if not upper:
+            want += [(kl, (B, Hkv, D, Tq // 8), "key planes"),
+                     (vl, (B, Hkv, Tq, D // 8), "value planes")]
+        for a, shape, nm in want:
+            if a is None or a.dtype != mx.uint32 or a.shape != shape:
+                raise ValueError(f"{nm} must be uint32 {shape}")
+        kg, vg = (B, Hkv, D, Tq // key_block), (B, Hkv, Tq, D // value_group)
+        for a, shape in ((ks, kg), (km, kg), (vs, vg), (vm, vg)):
+            _check_float("scales / mins", a)
+            if a.shape != shape:
+                raise ValueError(f"scales / mins {a.shape} != {shape}")
+    if Tq + Tb == 0 or (causal and Tq + Tb < L):
+        raise ValueError(f"{Tq + Tb} cached positions for {L} causal query rows")
+    return Tq, Tb, causal
+
+
+def metal_nested_attention(q, keys, values, *, scale, mask, upper, key_block, value_group):
+    """The kernels ``nested_attention.metal`` then ``nested_attention_combine.metal``: what
+    :func:`nested_attention_reference` computes, reading each KV byte once per kv head for
+    all R·L query rows (a verify block costs about a decode step's bytes); the draft variant
+    (``upper=True``) reads no lower plane. Head dim 32/64/128, 1..16 rows, mask None or
+    ``"causal"``; raises ValueError otherwise. Returns (B, Hq, L, D) in q's dtype."""
+    Tq, Tb, causal = _check_attention(q, keys, values, mask, upper, key_block, value_group)
+    B, Hq, L, D = q.shape
+    ku, kl, ks, km, kbuf = keys
+    vu, vl, vs, vm, vbuf = values
+    Hkv = kbuf.shape[1]
+    rows = Hq // Hkv * L
+    nsg = max(8, -(-rows // _ATTN_SLOTS))
+    chunks = -(-(Tq + Tb) // _ATTN_CHUNK)
+
+    def given(a, planes=False):  # an absent part (Tq or Tb = 0): a placeholder, never read
+        if a is not None and a.size:
+            return a
+        return mx.zeros((1, 1, 1, 8), mx.uint32 if planes else kbuf.dtype)
+
+    kq = [given(ku, True), *([] if upper else [given(kl, True)]), given(ks), given(km)]
+    vq = [given(vu, True), *([] if upper else [given(vl, True)]), given(vs), given(vm)]
+    sizes = mx.array([Tq, Tb, Hq // Hkv, L, Hkv, key_block, value_group, int(causal)], mx.int32)
+    o_part, ml_part = _attention_kernel(upper, mx.fast.metal_kernel)(
+        inputs=[q, mx.array(scale, mx.float32), sizes, *kq, given(kbuf), *vq, given(vbuf)],
+        template=[("D", D), ("MAXR", _ATTN_SLOTS), ("TC", _ATTN_CHUNK)],
+        grid=(chunks * nsg * 32, B * Hkv, 1),
+        threadgroup=(nsg * 32, 1, 1),
+        output_shapes=[(B * Hkv, chunks, rows, D), (B * Hkv, chunks, rows, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    return _kernel("nested_attention_combine")(
+        inputs=[o_part, ml_part],
+        template=[("T", q.dtype), ("D", D)],
+        grid=(D, B * Hq * L, 1),
+        threadgroup=(D, 256 // D, 1),
+        output_shapes=[(B, Hq, L, D)],
+        output_dtypes=[q.dtype],
+    )[0]
+
+
+def nested_attention(q, keys, values, *, scale, mask, upper, key_block, value_group):
+    """Attention over a nested KV cache (``attention.py`` calls this). On Metal the kernel, so
+    a verify block reads the cache about once and every row runs the decode step's arithmetic;
+    otherwise, and for what the kernel does not take (L > 16, array masks, other head dims),
+    :func:`nested_attention_reference`."""
+    if backend() == "metal":
+        try:
+            _check_attention(q, keys, values, mask, upper, key_block, value_group)
+        except ValueError:
+            pass
+        else:
+            return metal_nested_attention(q, keys, values, scale=scale, mask=mask, upper=upper,
+                                          key_block=key_block, value_group=value_group)
+    return nested_attention_reference(q, keys, values, scale=scale, mask=mask, upper=upper,
+                                      key_block=key_block, value_group=value_group)

@@ -80,3 +80,4 @@ def counting(counter: ReadCounter, rows: int = 0):
         _active.reset(token)
         counter.forwards += 1
         counter.rows += rows
+

@@ -1,23 +1,24 @@
-"""QSpec self-speculative decoding: one model, one KV cache, two ways of reading it.
+"""Self-speculative decoding: one model, one KV cache, read at two precisions.
 
-Each block: the model in a draft mode (quantized activations) proposes γ tokens,
-appending γ draft-precision positions to the cache; one verify forward over
-``[last, d1..dγ]`` rewrites those positions at verify precision and scores every
-draft; the accepted prefix plus one verify token are emitted and the cache is
-trimmed to the accepted length. Greedy output equals plain decoding token for
-token; at temperature > 0 the speculative-sampling rule keeps the verify's
-distribution exactly.
+Each block: the model read at the draft's precision (fewer weight, activation or KV bits)
+proposes γ tokens, appending γ draft-precision positions to the cache; one verify forward
+at full precision over ``[last, d1..dγ]`` rewrites those positions and scores every draft;
+the accepted prefix plus one verify token are emitted and the cache is trimmed to the
+accepted length. The loop sets the precision of every forward it builds (never relying on
+an ambient one). Greedy output equals plain decoding token for token; at temperature > 0
+the speculative-sampling rule keeps the verify's distribution exactly.
 """
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Generator, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import (
     DEFAULT_QUANTIZED_KV_START,
+    generate_step,
     generation_stream,
     maybe_quantize_kv_cache,
 )
@@ -34,11 +35,14 @@ from mlx_lm.sample_utils import (
     greedy_sampler,
 )
 
-from . import kernels
+from . import attention, cost, kernels, precision, reads
+from .precision import FULL_PRECISION, Precision
 from .quant.linear import install
-from .quant.modes import DraftMode, check_draft
+from .kv_cache import NestedKVCache
+from .quant.modes import AUTO, auto_candidates, check_draft
 
 MAX_DRAFT_TOKENS = 32
+DEFAULT_DRAFT_TOKENS = 4  # γ of an explicit draft when none is given
 # Verify rows per forward: within the row count the verify kernel takes, a verify row is
 # computed on the same kernel path as a one-token decode step (γ ≥ 16 needs two forwards).
 VERIFY_CHUNK = kernels.MAX_M
@@ -95,12 +99,14 @@ def make_sampler(
 
 @dataclass
 class SpecStats:
-    """Counts and times of one speculative run, filled in as the generator goes.
+    """Counts, times and bytes read of one generation, filled in as the generator goes.
 
     ``acceptance`` α = accepted ÷ drafted; ``tokens_per_verify`` τ = emitted ÷ verify
-    passes (1 … γ+1). Times are host wall-clock seconds per mode (drafting waits
-    for its tokens, so the split is real, not just graph building). Runs that share
-    one object add up.
+    passes (1 … γ+1). Times are host wall-clock seconds per phase (drafting waits for its
+    tokens, so the split is real). ``draft_reads`` / ``verify_reads`` count the bytes the
+    draft and verify forwards read (:mod:`mlx_qspec.reads`); a plain step reads what one
+    verify forward reads at the same context. ``auto_reason`` says what ``auto`` chose and
+    why. Runs that share one object add up.
     """
 
     draft: str = ""
@@ -112,6 +118,9 @@ class SpecStats:
     prefill_time: float = 0.0
     draft_time: float = 0.0
     verify_time: float = 0.0
+    auto_reason: str = ""
+    draft_reads: reads.ReadCounter = field(default_factory=reads.ReadCounter)
+    verify_reads: reads.ReadCounter = field(default_factory=reads.ReadCounter)
 
     @property
     def acceptance(self) -> float:
@@ -121,12 +130,32 @@ class SpecStats:
     def tokens_per_verify(self) -> float:
         return self.emitted / self.verify_passes if self.verify_passes else 0.0
 
-    def as_dict(self) -> dict:
+    def bytes_per_token(self, half: bool = False) -> dict:
+        """Bytes read per emitted token: by the drafts, the verifies, both, and by plain
+        decoding at the same context (``half``: float arrays counted as a Mac's float16)."""
+        n = lambda c: c.bytes_f16() if half else c.bytes()  # noqa: E731
+        per = lambda b: b / self.emitted if self.emitted else 0.0  # noqa: E731
+        v = self.verify_reads
         return {
-            **asdict(self),
-            "acceptance": self.acceptance,
-            "tokens_per_verify": self.tokens_per_verify,
+            "draft": per(n(self.draft_reads)),
+            "verify": per(n(v)),
+            "total": per(n(self.draft_reads) + n(v)),
+            "plain": n(v) / v.forwards if v.forwards else 0.0,
         }
+
+    def __str__(self):
+        b = self.bytes_per_token()
+        return (f"SpecStats(draft={self.draft}, acceptance={self.acceptance:.3f}, "
+                f"tokens_per_verify={self.tokens_per_verify:.3f}, drafted={self.drafted}, "
+                f"accepted={self.accepted}, verify_passes={self.verify_passes}, "
+                f"bytes_per_token={b['total']:.0f}, plain_bytes_per_token={b['plain']:.0f})")
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if not k.endswith("_reads")}
+        d.update(acceptance=self.acceptance, tokens_per_verify=self.tokens_per_verify)
+        d.update({f"{k}_bytes_per_token": v for k, v in self.bytes_per_token().items()})
+        d.update({f"{k}_bytes_per_token_f16": v for k, v in self.bytes_per_token(True).items()})
+        return d
 
 
 def check_num_draft_tokens(n) -> int:
@@ -138,6 +167,13 @@ def check_num_draft_tokens(n) -> int:
     return n
 
 
+def check_draft_p_min(p) -> float:
+    """``draft_p_min`` is a probability in [0, 1): ValueError naming the value otherwise."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"draft_p_min must be a number in [0, 1), got {p!r}")
+    return float(p)
+
+
 def _resolve_sampler(sampler) -> Optional[Sampler]:
     """None for greedy; a :class:`Sampler` at temp > 0; ValueError for opaque samplers."""
     if sampler is None or sampler is greedy_sampler:
@@ -146,16 +182,138 @@ def _resolve_sampler(sampler) -> Optional[Sampler]:
         return None if sampler.greedy else sampler
     raise ValueError(
         f"speculative decoding cannot read the distribution of sampler {sampler!r}; "
-        "build it with mlx_qspec.speculative.make_sampler(temp=..., top_p=..., ...)"
+        "build it with mlx_qspec.make_sampler(temp=..., top_p=..., ...)"
     )
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """Everything the loop and plain decoding read through: QSpec layers and our attention."""
+    install(model)
+    attention.install(model)
+    return model
+
+
+class _FullPrecision:
+    """``model`` read at full precision, each forward's reads counted in ``counter``: for
+    mlx-lm's ``generate_step``, which calls the model and nothing else of it."""
+
+    def __init__(self, model, counter: reads.ReadCounter):
+        self.model, self.counter = model, counter
+
+    def __call__(self, inputs, *args, **kwargs):
+        with precision.reading(FULL_PRECISION), reads.counting(self.counter, inputs.shape[-1]):
+            return self.model(inputs, *args, **kwargs)
+
+
+def prefill(model, tokens: mx.array, cache, step: int, after=None):
+    """Feed ``tokens`` into ``cache`` at full precision in chunks of ``step``, as mlx-lm's
+    ``generate_step`` does with a prompt's first n − 1 tokens (same chunks, same cache)."""
+    while tokens.size:
+        n = min(step, tokens.size)
+        with precision.reading(FULL_PRECISION):
+            model(tokens[:n][None], cache=cache)
+        if after is not None:
+            after()
+        mx.eval([c.state for c in cache])
+        tokens = tokens[n:]
+        mx.clear_cache()
+
+
+def decode_plainly(y, model, cache, *, max_tokens, stats, history=None, sampler=None,
+                   logits_processors=None, **kwargs):
+    """mlx-lm's own ``generate_step`` from an already prefilled cache, yielding
+    ``(token, logprobs, False)``: plain decoding, pipelined as mlx-lm pipelines it. Every
+    forward is a one-token step counted in ``stats.verify_reads``; logits processors see
+    ``history`` (the tokens before ``y``) as if generate_step had prefilled them itself."""
+    if logits_processors and history is not None and history.size:
+        logits_processors = [
+            lambda toks, logits, proc=proc: proc(mx.concatenate([history, toks]), logits)
+            for proc in logits_processors
+        ]
+    counted = _FullPrecision(model, stats.verify_reads)
+    for tok, lp in generate_step(y, counted, max_tokens=max_tokens, sampler=sampler,
+                                 logits_processors=logits_processors, prompt_cache=cache, **kwargs):
+        stats.emitted += 1
+        stats.verify_passes += 1
+        yield tok, lp, False
+
+
+def plain_generate_step(prompt: mx.array, model: nn.Module, *, prompt_cache=None,
+                        prefill_step_size: int = 2048, stats: Optional["SpecStats"] = None,
+                        **kwargs):
+    """Plain decoding through the same layers and attention as speculation: the prompt's
+    first n − 1 tokens prefilled here in mlx-lm's chunks, then :func:`decode_plainly`.
+    ``kwargs`` go to mlx-lm's ``generate_step`` (sampler, logits_processors, kv_bits, …)."""
+    model = prepare(model)
+    cache = make_prompt_cache(model, kwargs.pop("max_kv_size", None)) if prompt_cache is None \
+        else prompt_cache
+    stats = SpecStats(draft="none") if stats is None else stats
+    quantize = lambda: maybe_quantize_kv_cache(  # noqa: E731
+        cache, kwargs.get("quantized_kv_start", DEFAULT_QUANTIZED_KV_START),
+        kwargs.get("kv_group_size", 64), kwargs.get("kv_bits"))
+    t0 = time.perf_counter()
+    prompt = prompt.astype(mx.uint32)
+    prefill(model, prompt[:-1], cache, prefill_step_size, quantize)
+    stats.prefill_time += time.perf_counter() - t0
+    yield from decode_plainly(prompt[-1:], model, cache, stats=stats, history=prompt[:-1],
+                              **kwargs)
+
+
+class _AdaptiveGamma:
+    """γ for each block from the cost table and a running acceptance estimate (``auto``);
+    γ = 0 (a plain step) once the model says drafting no longer pays."""
+
+    def __init__(self, table, draft: str, gammas):
+        self.table, self.draft, self.gammas = table, draft, gammas
+        self.estimate = cost.AcceptanceEstimate(cost.prior_acceptance(draft))
+        self.off = False
+
+    def __call__(self) -> int:
+        if self.off:
+            return 0
+        choice = cost.choose(self.table, {self.draft: self.estimate.value}, gammas=self.gammas)
+        self.off = choice.draft is None
+        return choice.gamma
+
+    def update(self, drafted: int, accepted: int):
+        if drafted:
+            self.estimate.update(drafted, accepted)
+
+
+def kv_mode_of(cache) -> str:
+    """``nested``, ``8bit`` or ``fp``: how the cache stores K/V (what ``kv-upper`` needs)."""
+    if cache and all(isinstance(c, NestedKVCache) for c in cache):
+        return "nested"
+    return "8bit" if cache and all(hasattr(c, "bits") for c in cache) else "fp"
+
+
+def resolve_auto(model, cache, num_draft_tokens: Optional[int], stats: "SpecStats"):
+    """``auto`` on a prefilled cache: calibrate forward costs at this context (cached per
+    model, device and context), then pick the draft and γ the cost model favours, or none.
+    Returns ``(precision or None, gamma policy)`` and records the choice in ``stats``."""
+    candidates = [  # drafts whose acceptance has been measured: the model needs a prior
+        c for c in auto_candidates(model, kv_mode_of(cache))
+        if all(t in cost.PRIOR_ACCEPTANCE for t in precision.parse(c).terms)
+    ]
+    gamma_max = num_draft_tokens or max(cost.GAMMAS)
+    gammas = tuple(g for g in cost.GAMMAS if g <= gamma_max)
+    if not candidates:
+        stats.draft, stats.auto_reason = "none", "no_draft_runs_on_this_model"
+        return None, None
+    table = cost.calibrate_cached(model, cache, candidates)
+    choice = cost.choose(table, {c: cost.prior_acceptance(c) for c in candidates}, gammas=gammas)
+    stats.draft, stats.auto_reason = choice.draft or "none", choice.reason
+    if choice.draft is None:
+        return None, None
+    return precision.parse(choice.draft), _AdaptiveGamma(table, choice.draft, gammas)
 
 
 def speculative_generate_step(
     prompt: mx.array,
     model: nn.Module,
     *,
-    draft: "str | DraftMode",
-    num_draft_tokens: int = 4,
+    draft: "str | Precision",
+    num_draft_tokens: Optional[int] = None,
     max_tokens: int = 256,
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     logits_processors: Optional[List[Callable[[mx.array, mx.array], mx.array]]] = None,
@@ -164,45 +322,62 @@ def speculative_generate_step(
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+    draft_p_min: float = 0.0,
     stats: Optional[SpecStats] = None,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Yield ``(token, logprobs, from_draft)`` like mlx-lm's ``speculative_generate_step``.
 
-    ``draft`` is a draft-mode name (``'a8'``, ``'a4-g32'``, …) or :class:`DraftMode`;
-    the QSpec layers are installed on ``model`` if needed and it is left in verify
-    mode however the generator ends. ``max_tokens < 0`` never stops on its own.
-    ``prompt_cache`` (one trimmable cache per layer) is updated in place: when the
-    generator ends it holds the prompt and every emitted token but the last.
-    ``logprobs`` are the verify's (after ``logits_processors``), as plain decoding
-    gives them. Bad arguments raise ValueError here, before any compute.
+    ``draft`` is a draft name (``'a8'``, ``'w-upper'``, ``'a8-g32+kv-upper'``, …), a
+    :class:`Precision`, or ``'auto'``: after the prefill the cost model picks a draft and
+    adapts γ (≤ ``num_draft_tokens``, default 8) to the acceptance it sees, or decodes
+    plainly where no draft pays (``stats.auto_reason`` says why). An explicit draft runs
+    ``num_draft_tokens`` (default 4) per block, fewer where the draft's top probability
+    falls below ``draft_p_min``. QSpec layers and our attention are installed on ``model``
+    if needed. ``max_tokens < 0`` never stops on its own. ``prompt_cache`` (one trimmable
+    cache per layer; a :class:`NestedKVCache` list for ``kv-upper``) is updated in place:
+    when the generator ends it holds the prompt and every emitted token but the last.
+    ``logprobs`` are the verify's (after ``logits_processors``), as plain decoding gives
+    them. Bad arguments raise ValueError here, before any compute.
     """
-    mode = check_draft(model, draft)
-    if mode is None:
-        raise ValueError(f"speculative decoding needs a draft mode, got {draft!r}")
-    gamma = check_num_draft_tokens(num_draft_tokens)
-    dist = _resolve_sampler(sampler)
     cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
+    auto = isinstance(draft, str) and draft.strip().lower() == AUTO
+    mode = None if auto else check_draft(model, draft, kv_mode_of(cache))
+    if mode is None and not auto:
+        raise ValueError(f"speculative decoding needs a draft, got {draft!r}")
+    if num_draft_tokens is not None:
+        check_num_draft_tokens(num_draft_tokens)
+    draft_p_min = check_draft_p_min(draft_p_min)
+    dist = _resolve_sampler(sampler)
     if not can_trim_prompt_cache(cache):
         types = {type(c).__name__ for c in cache if not c.is_trimmable()}
         raise ValueError(f"speculative decoding needs a trimmable prompt cache, got {types}")
+    if prompt.size == 0:
+        raise ValueError("the prompt is empty")
     stats = SpecStats() if stats is None else stats
-    stats.draft, stats.num_draft_tokens = mode.name, gamma
+    if not auto:
+        stats.draft = mode.name
+    stats.num_draft_tokens = num_draft_tokens or (0 if auto else DEFAULT_DRAFT_TOKENS)
     return _generate(
-        prompt, model, install(model), mode, gamma, max_tokens, dist,
-        logits_processors, cache, prefill_step_size, kv_bits, kv_group_size,
-        quantized_kv_start, stats,
+        prompt, prepare(model), mode if not auto else AUTO, num_draft_tokens, max_tokens,
+        dist, logits_processors, cache, prefill_step_size, kv_bits, kv_group_size,
+        quantized_kv_start, draft_p_min, stats,
     )
 
 
 def _generate(
-    prompt, model, switch, mode, gamma, max_tokens, dist, logits_processors, cache,
-    prefill_step_size, kv_bits, kv_group_size, quantized_kv_start, stats,
+    prompt, model, mode, num_draft_tokens, max_tokens, dist, logits_processors, cache,
+    prefill_step_size, kv_bits, kv_group_size, quantized_kv_start, draft_p_min, stats,
 ):
     """The loop behind :func:`speculative_generate_step`, its arguments already checked."""
     quantize_cache = lambda: maybe_quantize_kv_cache(  # noqa: E731
         cache, quantized_kv_start, kv_group_size, kv_bits
     )
     history = None  # prompt + emitted tokens, kept only for logits processors
+
+    def forward(tokens, at: Precision, counter):
+        """One forward at precision ``at``, its reads counted in ``counter``."""
+        with precision.reading(at), reads.counting(counter, tokens.size):
+            return model(tokens[None], cache=cache)[0]
 
     def logprobs_of(logits, context):
         """Row i of ``logits`` scored in ``context`` extended by the first i inputs."""
@@ -217,20 +392,19 @@ def _generate(
         return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
     def draft_block(y, k):
-        """k draft tokens (and their distributions at temp > 0), appending k cache positions."""
+        """Up to k draft tokens (and their distributions at temp > 0); the cache keeps the
+        positions the draft forwards appended (the caller trims them)."""
         tokens, q = [], []
-        with switch.drafting(mode):
-            for _ in range(k):
-                logits = model(y[None], cache=cache)[0, -1:]
-                context = mx.concatenate([history, *tokens]) if logits_processors else None
-                lp = logprobs_of(logits, context)
-                if dist is None:
-                    y = mx.argmax(lp, axis=-1)
-                else:
-                    q.append(dist.distribution(lp))
-                    y = mx.random.categorical(q[-1])
-                mx.async_eval(y)
-                tokens.append(y)
+        for _ in range(k):
+            lp = logprobs_of(forward(y, mode, stats.draft_reads)[-1:],
+                             mx.concatenate([history, *tokens]) if logits_processors else None)
+            qi = lp if dist is None else dist.distribution(lp)
+            y = mx.argmax(qi, axis=-1) if dist is None else mx.random.categorical(qi)
+            if draft_p_min and math.exp(qi.max().item()) < draft_p_min:
+                break  # llama.cpp's --draft-p-min: an unsure draft ends the block
+            mx.async_eval(y)
+            tokens.append(y)
+            q.append(qi)
         return tokens, q
 
     def accept(lp, drafts, q):
@@ -252,42 +426,57 @@ def _generate(
         bonus = mx.random.categorical(p[k:])
         return ok, mx.concatenate([fix, bonus])
 
+    def room():
+        """Drafts the next block may hold so that no verify block straddles a change in how
+        the cache reads earlier positions (plain decoding would read them two ways)."""
+        k = min((c.room() for c in cache if hasattr(c, "room")), default=MAX_DRAFT_TOKENS)
+        if kv_bits is not None and cache[0].offset < quantized_kv_start:
+            k = min(k, quantized_kv_start - 1 - cache[0].offset)
+        return k
+
     ntoks = 0
     with mx.stream(generation_stream):
         t0 = time.perf_counter()
-        y = prompt.astype(mx.uint32)
         start = cache[0].offset
-        while y.size > 1:
-            n = min(prefill_step_size, y.size - 1)
-            model(y[:n][None], cache=cache)
-            quantize_cache()
-            mx.eval([c.state for c in cache])
-            y = y[n:]
-            mx.clear_cache()
+        prefill(model, prompt[:-1].astype(mx.uint32), cache, prefill_step_size, quantize_cache)
+        y = prompt[-1:].astype(mx.uint32)
+        gamma_of = lambda: num_draft_tokens or DEFAULT_DRAFT_TOKENS  # noqa: E731
+        adaptive = None
+        if mode == AUTO:
+            mode, adaptive = resolve_auto(model, cache, num_draft_tokens, stats)
+        stats.prefill_time += time.perf_counter() - t0
+        gamma_of = adaptive or gamma_of
         if logits_processors:
             history = prompt.astype(mx.uint32)
-        stats.prefill_time += time.perf_counter() - t0
         limit = math.inf if max_tokens < 0 else max_tokens
         try:
+            if mode is None:  # auto found no draft that pays: mlx-lm's pipelined plain loop
+                for out in decode_plainly(
+                    y, model, cache, max_tokens=max_tokens, stats=stats,
+                    history=prompt[:-1].astype(mx.uint32), sampler=dist,
+                    logits_processors=logits_processors, kv_bits=kv_bits,
+                    kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
+                ):
+                    ntoks += 1
+                    yield out
+                return
             while ntoks < limit:
-                k = int(min(gamma, limit - ntoks - 1))
-                if kv_bits is not None and cache[0].offset < quantized_kv_start:
-                    # Plain decoding reads a position in float iff it precedes the
-                    # switch to a quantized cache: no verify block straddles it.
-                    k = min(k, quantized_kv_start - 1 - cache[0].offset)
+                k = int(max(0, min(gamma_of(), limit - ntoks - 1, room())))
                 t0 = time.perf_counter()
-                drafts, q = draft_block(y, k)
-                if k:
+                offset = cache[0].offset
+                drafts, q = draft_block(y, k) if k else ([], [])
+                if cache[0].offset > offset:
                     # Wait for the drafts before queuing the verify: costs one graph build
                     # of idle device, buys a true per-mode time split (with the verify
                     # queued behind them, MLX-CPU reported the drafts done only late).
                     mx.eval(drafts)
-                    trim_prompt_cache(cache, k)
+                    trim_prompt_cache(cache, cache[0].offset - offset)
+                k = len(drafts)
                 t1 = time.perf_counter()
                 drafts = mx.concatenate(drafts) if k else mx.array([], mx.uint32)
                 inputs = mx.concatenate([y, drafts.astype(mx.uint32)])
                 logits = mx.concatenate([
-                    model(inputs[None, i : i + VERIFY_CHUNK], cache=cache)[0]
+                    forward(inputs[i : i + VERIFY_CHUNK], FULL_PRECISION, stats.verify_reads)
                     for i in range(0, k + 1, VERIFY_CHUNK)
                 ])
                 context = mx.concatenate([history, drafts]) if logits_processors else None
@@ -298,6 +487,8 @@ def _generate(
                 n = ok.index(False) if False in ok else k
                 trim_prompt_cache(cache, k - n)
                 quantize_cache()
+                if adaptive:
+                    adaptive.update(k, n)
                 stats.draft_time += t1 - t0
                 stats.verify_time += time.perf_counter() - t1
                 stats.drafted += k
@@ -312,6 +503,5 @@ def _generate(
                     stats.emitted += 1
                     yield tok, lp[i], i < n
         finally:
-            switch.draft = None
             extra = cache[0].offset - (start + prompt.size + ntoks - 1)
             trim_prompt_cache(cache, max(extra, 0))

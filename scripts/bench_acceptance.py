@@ -1,16 +1,17 @@
 """Acceptance of each QSpec draft mode on real text: α, τ, verify passes per token,
-weight bytes read per token relative to plain decoding, and whether greedy speculative
-output matched plain decoding, for each draft length γ.
+bytes read per token relative to plain decoding (counted from the arrays each forward
+reads), and whether greedy speculative output matched plain decoding, for each draft γ.
 
 Counts, not speed: on MLX-CPU a verify of γ+1 rows costs ~γ+1 one-token steps, so
 Linux timings say nothing about a Mac. Bytes are the regime a Mac decodes in (bound by
 bytes read, SPEC.md §6b): every draft step and every verify pass reads all weights once
 (the verify kernel reads each weight byte once for its γ+1 rows), plain decoding once per
-token, so ``bytes/tok`` = (draft steps + verify passes) ÷ emitted tokens; above 1 the
-draft costs more bytes than it saves. Prompts are real English shipped with every
+token, so ``bytes/tok`` = bytes read by drafts and verifies ÷ what plain decoding reads
+per token at the same context; above 1 the draft costs more bytes than it saves. Prompts are real English shipped with every
 Python install (the license and stdlib module docs), continued greedily.
 
-    python scripts/bench_acceptance.py --modes a8 a8-g32 a4 a4-g32 --gammas 1 2 4 8 \
+    python scripts/bench_acceptance.py --modes a8 a8-g32 a4 a4-g32 w-upper kv-upper \
+        --kv-mode nested --gammas 1 2 4 8 \
         --json out/acceptance.json --plot out/acceptance.png
 """
 
@@ -22,14 +23,17 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten
-from mlx_lm.generate import generate_step
 
 from mlx_qspec import load
 from mlx_qspec.generate import default_model_path
+from mlx_qspec.kv_cache import KV_MODES, make_cache
 from mlx_qspec.quant.modes import check_draft
-from mlx_qspec.speculative import SpecStats, check_num_draft_tokens, speculative_generate_step
+from mlx_qspec.speculative import (
+    SpecStats,
+    check_num_draft_tokens,
+    plain_generate_step,
+    speculative_generate_step,
+)
 
 DOC_MODULES = ["json", "argparse", "logging", "unittest", "subprocess", "collections", "asyncio"]
 
@@ -57,22 +61,13 @@ def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     return [tokenizer.encode(t)[:length] for t in texts[:n]]
 
 
-def forward_weight_bytes(model) -> int:
-    """Weight bytes one forward reads: every linear and the LM head (a tied embedding
-    table is read whole as the head; the lookup's one row per token is left out)."""
-    heads = [] if hasattr(model, "lm_head") else [model.model.embed_tokens]
-    linear = (nn.Linear, nn.QuantizedLinear)
-    modules = [m for _, m in model.named_modules() if isinstance(m, linear)] + heads
-    return sum(v.nbytes for m in modules for _, v in tree_flatten(m.parameters()))
-
-
-def run_config(model, prompt_sets, plain_outs, mode, gamma, max_tokens):
+def run_config(model, prompt_sets, plain_outs, mode, gamma, max_tokens, kv_mode="fp"):
     """One (mode, γ): totals over all prompts, and the greedy-match rate vs plain decode."""
     stats, matched, total = SpecStats(), 0, 0
     for prompt, ref in zip(prompt_sets, plain_outs):
         out = [t for t, _, _ in speculative_generate_step(
             mx.array(prompt), model, draft=mode, num_draft_tokens=gamma,
-            max_tokens=max_tokens, stats=stats)]
+            max_tokens=max_tokens, stats=stats, prompt_cache=make_cache(model, kv_mode))]
         matched += sum(a == b for a, b in zip(out, ref))
         total += len(ref)
     return {
@@ -85,7 +80,8 @@ def run_config(model, prompt_sets, plain_outs, mode, gamma, max_tokens):
         "acceptance": stats.acceptance,
         "tokens_per_verify": stats.tokens_per_verify,
         "verify_passes_per_token": stats.verify_passes / stats.emitted,
-        "weight_bytes_per_token_vs_plain": (stats.drafted + stats.verify_passes) / stats.emitted,
+        "bytes_per_token_vs_plain": stats.bytes_per_token()["total"] / stats.bytes_per_token()["plain"],
+        **{f"{k}_bytes_per_token": v for k, v in stats.bytes_per_token().items()},
         "greedy_match": matched / total,
         # τ if every draft were accepted: max_tokens cuts the last block short.
         "tokens_per_verify_ceiling": total / sum(-(-len(r) // (gamma + 1)) for r in plain_outs),
@@ -103,7 +99,7 @@ def print_table(rows):
     for r in rows:
         print(f"{r['draft']:8} {r['gamma']:>2} {r['acceptance']:6.3f} {r['tokens_per_verify']:6.2f} "
               f"{r['tokens_per_verify_ceiling']:6.2f} "
-              f"{r['verify_passes_per_token']:10.3f} {r['weight_bytes_per_token_vs_plain']:9.2f} "
+              f"{r['verify_passes_per_token']:10.3f} {r['bytes_per_token_vs_plain']:9.2f} "
               f"{r['greedy_match']:6.3f} {r['drafted']:7d} "
               f"{r['accepted']:8d}")
 
@@ -140,6 +136,7 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="model path (default: the SmolLM2 test GGUF)")
     ap.add_argument("--modes", nargs="+", default=["a8", "a8-g32", "a4", "a4-g32"])
     ap.add_argument("--gammas", nargs="+", type=int, default=[1, 2, 4, 8])
+    ap.add_argument("--kv-mode", choices=KV_MODES, default="fp", help="KV cache for every run")
     ap.add_argument("--prompts", type=int, default=3, help="number of real-text prompts")
     ap.add_argument("--prompt-tokens", type=int, default=64, help="tokens of text per prompt")
     ap.add_argument("--max-tokens", type=int, default=24, help="tokens generated per prompt")
@@ -149,22 +146,24 @@ def main(argv=None):
 
     try:
         model, tokenizer = load(args.model or default_model_path())
-        modes = [check_draft(model, m) for m in args.modes]
+        modes = [check_draft(model, m, args.kv_mode) for m in args.modes]
         gammas = [check_num_draft_tokens(g) for g in args.gammas]
     except ValueError as e:
         ap.exit(2, f"bench_acceptance: error: {e}\n")
     prompt_sets = prompts(tokenizer, args.prompts, args.prompt_tokens)
 
     t0 = time.perf_counter()
-    plain_outs = [[t for t, _ in generate_step(mx.array(p), model, max_tokens=args.max_tokens)]
-                  for p in prompt_sets]
+    plain_outs = [[t for t, _, _ in plain_generate_step(
+        mx.array(p), model, max_tokens=args.max_tokens, prompt_cache=make_cache(model, args.kv_mode))]
+        for p in prompt_sets]
     print(f"plain decode: {len(prompt_sets)} prompts × {args.max_tokens} tokens "
           f"in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
 
     rows, configs = [], [(m, g) for m in modes for g in gammas]
     for i, (mode, gamma) in enumerate(configs, 1):
         t = time.perf_counter()
-        rows.append(run_config(model, prompt_sets, plain_outs, mode, gamma, args.max_tokens))
+        rows.append(run_config(model, prompt_sets, plain_outs, mode, gamma, args.max_tokens,
+                               args.kv_mode))
         r = rows[-1]
         print(f"[{i}/{len(configs)}] {mode.name} γ={gamma}: α={r['acceptance']:.3f} "
               f"τ={r['tokens_per_verify']:.2f} match={r['greedy_match']:.3f} "
@@ -175,7 +174,7 @@ def main(argv=None):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         meta = dict(model=str(args.model or default_model_path()), prompts=len(prompt_sets),
                     prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
-                    forward_weight_bytes=forward_weight_bytes(model))
+                    kv_mode=args.kv_mode)
         Path(args.json).write_text(json.dumps({"config": meta, "rows": rows}, indent=1))
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)

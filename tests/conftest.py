@@ -1,12 +1,18 @@
 """Shared fixtures: a tiny quantized llama built in-process, and the SmolLM2 test model."""
 
 import importlib.util
+import os
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx_lm.models import llama
+
+# Cost-model calibrations go to a fresh folder per test session (CLI subprocesses inherit
+# it), never to the user's cache, so no test depends on what an earlier run measured.
+os.environ["MLX_QSPEC_CACHE"] = tempfile.mkdtemp(prefix="mlx_qspec_cache_")
 
 TINY = dict(
     model_type="llama",
@@ -21,7 +27,8 @@ TINY = dict(
 )
 
 
-def build_tiny_model(seed: int = 0, residual_gain: float = 4.0, **overrides) -> nn.Module:
+def build_tiny_model(seed: int = 0, residual_gain: float = 4.0, head_bits: int = 4,
+                     **overrides) -> nn.Module:
     """A 4-bit (group 32) float32 llama whose greedy output is not one repeated token.
 
     Random weights make a model that repeats one token. Here the LM head is a
@@ -38,6 +45,9 @@ def build_tiny_model(seed: int = 0, residual_gain: float = 4.0, **overrides) -> 
     for layer in model.model.layers:
         layer.self_attn.o_proj.weight = layer.self_attn.o_proj.weight * residual_gain
         layer.mlp.down_proj.weight = layer.mlp.down_proj.weight * residual_gain
+    if head_bits != 4:  # an 8-bit head: what ``w-upper`` reads as its upper plane
+        nn.quantize(model, group_size=32, bits=head_bits,
+                    class_predicate=lambda path, m: path in ("lm_head", "model.embed_tokens"))
     nn.quantize(model, group_size=32, bits=4)
     mx.eval(model.parameters())
     return model

@@ -65,7 +65,11 @@ def test_stream_generate_response_fields(ours):
     assert last.generation_tokens == len(responses)
     assert last.prompt_tokens == len(tokenizer.encode("The sea is"))
     assert last.peak_memory > 0 and last.generation_tps > 0 and last.prompt_tps > 0
-    assert last.stats is None
+    # Plain decoding: no drafts, one verify-precision step per token, its reads counted.
+    assert last.stats.draft == "none" and last.stats.drafted == 0
+    assert last.stats.emitted == len(responses) == last.stats.verify_passes
+    per_token = last.stats.bytes_per_token()
+    assert per_token["draft"] == 0 and per_token["verify"] > 0 and per_token["plain"] > 0
 
 
 @pytest.mark.parametrize(

@@ -10,19 +10,11 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
 from conftest import TINY, build_tiny_model
-from mlx_qspec import kernels
+from mlx_qspec import kernels, precision
+from mlx_qspec.precision import TERMS, Precision, parse, reading
 from mlx_qspec.quant.activations import fake_quantize_activations
-from mlx_qspec.quant.linear import QSpecLinear, find_switch, install, set_mode
-from mlx_qspec.quant.modes import (
-    DRAFT_MODES,
-    DraftMode,
-    check_draft,
-    default_draft,
-    draft_help,
-    draftable_layers,
-    parse_draft,
-    supported_draft_modes,
-)
+from mlx_qspec.quant.linear import QSpecEmbedding, QSpecLinear, install, is_installed
+from mlx_qspec.quant.modes import activation_draft, check_draft, draft_help, draftable_layers
 
 TOKENS = mx.array([[3, 17, 200, 45, 9, 128, 77]])
 
@@ -32,7 +24,8 @@ def _param_bytes(model):
 
 
 def _qspec_layers(model):
-    return [(p, m) for p, m in model.named_modules() if isinstance(m, QSpecLinear)]
+    """The linears whose activations a draft quantizes (the LM head's stay full)."""
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, QSpecLinear) and m.act_draft]
 
 
 def test_draft_mode_adds_no_weight_copy(tiny_model):
@@ -43,9 +36,9 @@ def test_draft_mode_adds_no_weight_copy(tiny_model):
     gc.collect()
     mem_before = mx.get_active_memory()
 
-    switch = install(tiny_model)
+    install(tiny_model)
     mx.eval(tiny_model.parameters())
-    with switch.drafting(DraftMode(4, 32)):
+    with reading(parse("a4-g32")):
         mx.eval(tiny_model(TOKENS))
     mx.eval(tiny_model(TOKENS))
     gc.collect()
@@ -65,15 +58,15 @@ def test_verify_equals_quantized_linear_and_draft_equals_reference(tiny_model):
     x = mx.random.normal((1, 5, ql.weight.shape[1] * 32 // ql.bits))
     ref_verify = ql(x)
 
-    switch = install(tiny_model)
+    install(tiny_model)
     layer = tiny_model.model.layers[0].mlp.up_proj
     assert isinstance(layer, QSpecLinear) and layer.weight is ql.weight
     assert mx.array_equal(layer(x), ref_verify)
     assert mx.array_equal(tiny_model(TOKENS), plain)
 
     w = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=32, bits=4)
-    for mode in (DraftMode(8), DraftMode(4, 16), DraftMode(4)):
-        with switch.drafting(mode):
+    for mode in (Precision(act_bits=8), Precision(act_bits=4, act_group_size=16), Precision(act_bits=4)):
+        with reading(mode):
             y = layer(x)
         expect = kernels.act_quant_matmul(
             x, layer.weight, layer.scales, layer.biases, group_size=32, bits=4,
@@ -83,23 +76,26 @@ def test_verify_equals_quantized_linear_and_draft_equals_reference(tiny_model):
         dense = fake_quantize_activations(x, mode.act_bits, mode.act_group_size) @ w.T
         assert mx.allclose(y, dense, atol=1e-4, rtol=1e-4)
         assert not mx.allclose(y, ref_verify, atol=1e-4)
-    assert switch.draft is None
+    assert precision.current().is_full
 
 
-def test_mode_switch_rebuilds_nothing_and_spares_head_and_embedding(tiny_model):
-    switch = install(tiny_model)
+def test_precision_rebuilds_nothing_and_spares_the_heads_activations(tiny_model):
+    head_in = mx.random.normal((1, 3, 128))
+    head_ref = tiny_model.lm_head(head_in)
+    emb_ref = tiny_model.model.embed_tokens(TOKENS)
+    install(tiny_model)
     modules = [id(m) for _, m in tiny_model.named_modules()]
-    assert install(tiny_model) is switch and find_switch(tiny_model) is switch
-    verify_logits = tiny_model(TOKENS)
-    assert set_mode(tiny_model, "a4") is switch and switch.draft == DraftMode(4)
-    draft_logits = tiny_model(TOKENS)
-    assert set_mode(tiny_model, "none") is switch and switch.draft is None
+    install(tiny_model)
     assert [id(m) for _, m in tiny_model.named_modules()] == modules
+    verify_logits = tiny_model(TOKENS)
+    with reading(parse("a4")):
+        draft_logits = tiny_model(TOKENS)
+        assert mx.array_equal(tiny_model.lm_head(head_in), head_ref)  # the head reads full x
     assert not mx.allclose(verify_logits, draft_logits, atol=1e-3)
-    assert mx.array_equal(tiny_model(TOKENS), verify_logits)
-    assert type(tiny_model.lm_head) is nn.QuantizedLinear
-    assert type(tiny_model.model.embed_tokens) is nn.QuantizedEmbedding
-    assert all(m.switch is switch for _, m in _qspec_layers(tiny_model))
+    assert mx.array_equal(tiny_model(TOKENS), verify_logits)  # nothing outlived the block
+    assert isinstance(tiny_model.lm_head, QSpecLinear) and not tiny_model.lm_head.act_draft
+    assert isinstance(tiny_model.model.embed_tokens, QSpecEmbedding)
+    assert mx.array_equal(tiny_model.model.embed_tokens(TOKENS), emb_ref)
 
 
 class _Wrapper(nn.Module):
@@ -116,48 +112,62 @@ class _Wrapper(nn.Module):
 def test_install_reaches_linears_wrapped_in_online_hadamards(tiny_model):
     attn = tiny_model.model.layers[0].self_attn
     attn.o_proj = _Wrapper(attn.o_proj)
-    switch = install(tiny_model)
+    install(tiny_model)
     assert isinstance(attn.o_proj.linear, QSpecLinear)
     x = mx.random.normal((1, 2, 128))
     verify = attn.o_proj(x)
-    with switch.drafting(DraftMode(4)):
+    with reading(parse("a4")):
         assert not mx.allclose(attn.o_proj(x), verify, atol=1e-4)
 
 
-def test_names_parse_round_trip_and_help_lists_them():
-    assert parse_draft("none") is None and parse_draft(None) is None
-    assert parse_draft("A8-G32") == DraftMode(8, 32)
-    for name, mode in DRAFT_MODES.items():
-        assert parse_draft(name) == mode and mode.name == name
-    assert len(DRAFT_MODES) == 10
+def test_names_parse_round_trip_compose_and_help_lists_them():
+    assert check_draft(None, "none") is None
+    assert parse("A8-G32") == Precision(act_bits=8, act_group_size=32)
+    for term in TERMS:
+        assert parse(term).name == term
+    combo = parse("kv-upper+a8-g32+w-upper")
+    assert combo == Precision(weights="upper", act_bits=8, act_group_size=32, kv="upper")
+    assert combo.name == "a8-g32+w-upper+kv-upper" and parse(combo.name) == combo
+    assert len(TERMS) == 12
     lines = draft_help().splitlines()
-    assert [line.split(":")[0] for line in lines] == ["auto", "none", *DRAFT_MODES]
+    assert [line.split(":")[0] for line in lines[:-1]] == ["auto", "none", *TERMS]
 
 
-@pytest.mark.parametrize("bad", ["a5", "a8-g48", "a4-g256", "w4a8", "", "a8-g"])
-def test_unknown_draft_mode_names_the_value(bad):
+@pytest.mark.parametrize("bad", ["a5", "a8-g48", "a4-g256", "w4a8", "", "a8-g", "kv-lower"])
+def test_unknown_draft_term_names_the_value(bad):
     with pytest.raises(ValueError, match=repr(bad).replace("(", r"\(")):
-        parse_draft(bad)
+        parse(bad)
 
 
-def test_draft_mode_the_model_cannot_run_is_rejected():
+@pytest.mark.parametrize("bad, message", [
+    ("a8+a4", "activations two ways"),
+    ("kv-upper+kv-upper", "kv two ways"),
+    ("w-upper+a8-g32+w-upper", "w two ways"),
+])
+def test_two_terms_on_one_axis_are_an_error(bad, message):
+    with pytest.raises(ValueError, match=message):
+        parse(bad)
+
+
+def test_draft_the_model_cannot_run_is_rejected():
     model = build_tiny_model(hidden_size=96, intermediate_size=160)
     with pytest.raises(ValueError, match=r"a8-g64.*64 does not divide the input size 96"):
         check_draft(model, "a8-g64")
-    with pytest.raises(ValueError, match=r"a4-g64"):
-        set_mode(model, "a4-g64")
-    assert find_switch(model) is None  # rejected before anything was installed
-    names = [m.name for m in supported_draft_modes(model)]
-    assert names == ["a8", "a8-g16", "a8-g32", "a4", "a4-g16", "a4-g32"]
-    assert default_draft(model) == check_draft(model, "auto") == DraftMode(8, 32)
+    assert not is_installed(model)  # rejected before anything was installed
+    assert activation_draft(model) == "a8-g32"
+    with pytest.raises(ValueError, match="--kv-mode nested"):
+        check_draft(model, "kv-upper", "fp")
+    assert check_draft(model, "a8+kv-upper", "nested") == Precision(act_bits=8, kv="upper")
+    with pytest.raises(ValueError, match="no 8-bit layers"):
+        check_draft(model, "w-upper")
 
     dense = llama.Model(llama.ModelArgs.from_dict(TINY))
-    assert default_draft(dense) is None
+    assert activation_draft(dense) is None
     with pytest.raises(ValueError, match="no.*quantized|none"):
         check_draft(dense, "a8")
 
 
-def test_default_draft_follows_the_weight_group():
+def test_activation_draft_follows_the_weight_group():
     model = llama.Model(llama.ModelArgs.from_dict(TINY))
     nn.quantize(model, group_size=64, bits=4)
-    assert default_draft(model) == DraftMode(8, 64)
+    assert activation_draft(model) == "a8-g64"

@@ -7,7 +7,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from mlx_lm.utils import load_model
 
-from mlx_qspec.quant.linear import QSpecLinear, install, set_mode
+from mlx_qspec.precision import parse, reading
+from mlx_qspec.quant.linear import QSpecLinear, install
 from mlx_qspec.quant.rotate import (
     OnlineHadamard,
     apply_online_rotations,
@@ -95,8 +96,8 @@ def test_saved_directory_reloads_to_in_memory_model(tmp_path):
     install(loaded)
     assert isinstance(loaded.model.layers[0].self_attn.o_proj.linear, QSpecLinear)
     assert mx.array_equal(loaded(TOKENS), out).item()
-    set_mode(loaded, "a4")
-    drafted = loaded(TOKENS)
+    with reading(parse("a4")):
+        drafted = loaded(TOKENS)
     assert not mx.array_equal(drafted, out).item()
     assert (drafted.argmax(-1) == out.argmax(-1)).mean().item() > 0.5
 

@@ -13,9 +13,12 @@ from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
 
 from conftest import build_tiny_model
-from mlx_qspec.quant.linear import find_switch, install
-from mlx_qspec.quant.modes import DRAFT_MODES, DraftMode
+from mlx_qspec import precision
+from mlx_qspec.precision import FULL_PRECISION, TERMS, parse, reading
+from mlx_qspec.quant.linear import install, is_installed
 from mlx_qspec.speculative import SpecStats, make_sampler, speculative_generate_step
+
+ACTIVATION_DRAFTS = [t for t in TERMS if t.startswith("a")]
 
 PROMPTS = [
     [5, 77, 140, 3, 250, 19, 64, 8],
@@ -61,7 +64,7 @@ def kv_gap(a, b):
 
 
 @pytest.mark.parametrize("gamma", [1, 2, 4, 8])
-@pytest.mark.parametrize("draft", list(DRAFT_MODES))
+@pytest.mark.parametrize("draft", ACTIVATION_DRAFTS)
 def test_greedy_equals_plain_decode(model, draft, gamma):
     """Token for token and logprob for logprob; over the prompts, drafts are both kept and
     cut (A4 disagrees often), so the accept, correction and bonus paths all run."""
@@ -80,7 +83,7 @@ def test_greedy_equals_plain_decode(model, draft, gamma):
     assert accepted > 0
     if draft.startswith("a4"):
         assert accepted < drafted
-    assert find_switch(model).draft is None
+    assert precision.current().is_full
 
 
 @pytest.mark.parametrize("gamma", [17, 32])
@@ -102,7 +105,8 @@ def test_cache_after_run_equals_plain_decoding(model):
     assert cache[0].offset == len(tokens)
     assert kv_gap(cache, plain_cache(model, tokens)) < 1e-5
     # The test can tell: K/V the draft wrote differ from the verify's by far more.
-    with install(model).drafting(DraftMode(4)):
+    install(model)
+    with reading(parse("a4")):
         drafted = plain_cache(model, tokens)
     assert kv_gap(drafted, plain_cache(model, tokens)) > 1e-2
 
@@ -128,7 +132,7 @@ def test_eos_inside_an_accepted_block(model):
     gen.close()
     ref = [t for t, _ in plain(model, prompt, 40)]
     assert got == ref[: j + 1] and got[-1] == eos
-    assert find_switch(model).draft is None
+    assert precision.current().is_full
     tokens = prompt + got[:-1]
     assert kv_gap(cache, plain_cache(model, tokens)) < 1e-5
 
@@ -181,10 +185,11 @@ def _chi2_pvalue(counts: Counter, probs: dict, n: int) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def _joint(model, prompt, sampler, steps, mode=None):
+def _joint(model, prompt, sampler, steps, mode=FULL_PRECISION):
     """Exact distribution of the first ``steps`` tokens, by enumerating the filtered support."""
     out = {(): 1.0}
-    with install(model).drafting(mode):
+    install(model)
+    with reading(mode):
         for _ in range(steps):
             nxt = {}
             for prefix, pp in out.items():
@@ -203,7 +208,7 @@ def test_speculative_sampling_keeps_the_verify_distribution(model):
     prompt, steps, n = PROMPTS[0], 3, 800
     sampler = make_sampler(temp=1.0, top_k=4)
     p_joint = _joint(model, prompt, sampler, steps)
-    q_joint = _joint(model, prompt, sampler, steps, DraftMode(4))
+    q_joint = _joint(model, prompt, sampler, steps, parse("a4"))
 
     cache = make_prompt_cache(model)
     model(mx.array(prompt[:-1])[None], cache=cache)
@@ -240,7 +245,7 @@ def test_bad_arguments_fail_before_any_compute():
     odd = build_tiny_model(hidden_size=96, intermediate_size=160)
     with pytest.raises(ValueError, match="a8-g64"):
         speculative_generate_step(prompt, odd, draft="a8-g64")
-    assert find_switch(model) is None and find_switch(odd) is None
+    assert not is_installed(model) and not is_installed(odd)
 
 
 def test_real_model_greedy_equals_plain_decode(smollm2):

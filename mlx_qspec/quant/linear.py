@@ -1,105 +1,138 @@
-"""The draft/verify linear layer: one packed 4-bit weight read two ways.
+"""The draft/verify layers: one packed weight copy, read at the precision of the forward.
 
-:func:`install` swaps every affine :class:`mlx.nn.QuantizedLinear` of a loaded
-model (not the LM head, not embeddings) for a :class:`QSpecLinear` that holds the
-*same* weight, scales and biases arrays. All of a model's QSpec layers read one
-:class:`ModeSwitch`, so switching draft ↔ verify is one attribute write: no
-module is rebuilt and nothing is copied.
+:func:`install` swaps every affine :class:`mlx.nn.QuantizedLinear` of a loaded model for a
+:class:`QSpecLinear` and every affine :class:`mlx.nn.QuantizedEmbedding` for a
+:class:`QSpecEmbedding`. 4-bit layers keep the *same* weight, scales and biases arrays;
+8-bit layers are kept once as two 4-bit planes of the same codes (c = 16u + l), so the
+verify reads the exact 8-bit result and a ``w-upper`` draft reads the upper plane only.
+Each call reads :func:`mlx_qspec.precision.current` — nothing about the mode is stored in
+the model, so a precision never outlives the forward that set it — and counts the bytes it
+reads (:mod:`mlx_qspec.reads`). Plain decoding runs through these same layers, so a plain
+step and every verify row take one kernel path.
 """
 
-from contextlib import contextmanager
-
+import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
-from .. import kernels
-from .modes import DraftMode, check_draft, draftable_layers, parse_draft
+from .. import kernels, precision, reads
+from .activations import fake_quantize_activations
+from .modes import draftable_layers
 
 
-class ModeSwitch:
-    """The one mode all QSpec layers of a model read: ``draft`` None means verify."""
+def _init_weights(module: nn.Module, layer: nn.Module):
+    """Share ``layer``'s quantized arrays; 8-bit codes become upper and lower planes."""
+    module.group_size, module.bits, module.mode = layer.group_size, layer.bits, layer.mode
+    if layer.bits == 8:
+        module.upper, module.lower = kernels.split_planes(layer.weight)
+    else:
+        module.weight = layer.weight
+    module.scales, module.biases = layer.scales, layer.biases
 
-    def __init__(self):
-        self.draft: DraftMode | None = None
 
-    @contextmanager
-    def drafting(self, mode: DraftMode | None):
-        """Run the block in ``mode`` (None: verify) and restore the previous mode after."""
-        prev, self.draft = self.draft, mode
-        try:
-            yield
-        finally:
-            self.draft = prev
+def _describe(module: nn.Module) -> str:
+    """``repr`` details (the stock ones read ``weight``, which 8-bit layers no longer have)."""
+    packed = module["upper"] if "upper" in module else module["weight"]
+    planes = ", two 4-bit planes" if "upper" in module else ""
+    return (f"input_dims={packed.shape[1] * 32 // (4 if planes else module.bits)}, "
+            f"output_dims={packed.shape[0]}, group_size={module.group_size}, "
+            f"bits={module.bits}{planes}")
+
+
+def _matmul(module: nn.Module, x: mx.array, act_draft: bool) -> mx.array:
+    """``x @ W^T`` as the current precision reads W (and x, where ``act_draft``)."""
+    p = precision.current()
+    quantize_x = act_draft and p.act_bits is not None
+    s, b = module["scales"], module["biases"]
+    if "upper" in module:
+        upper_only = p.weights == precision.UPPER
+        lower = None if upper_only else module["lower"]
+        reads.count(reads.WEIGHTS, module["upper"], lower, s, b)
+        if quantize_x:
+            x = fake_quantize_activations(x, p.act_bits, p.act_group_size)
+        return kernels.nested_matmul(x, module["upper"], lower, s, b,
+                                     group_size=module.group_size, draft=upper_only)
+    w = module["weight"]
+    reads.count(reads.WEIGHTS, w, s, b)
+    if quantize_x:
+        return kernels.act_quant_matmul(x, w, s, b, group_size=module.group_size,
+                                        bits=module.bits, act_bits=p.act_bits,
+                                        act_group_size=p.act_group_size)
+    return kernels.verify_matmul(x, w, s, b, group_size=module.group_size, bits=module.bits)
 
 
 class QSpecLinear(nn.QuantizedLinear):
-    """A ``QuantizedLinear`` whose input is quantized when its switch is in a draft mode.
+    """A ``QuantizedLinear`` read at the forward's precision.
 
-    Subclasses ``QuantizedLinear`` (same parameter names) so code that saves, inspects
-    or counts a quantized model sees nothing new. Verify goes through
-    ``kernels.verify_matmul`` for every row count up to a verify block, so a one-token
-    step and a γ+1-token verify take the same kernel path (MLX's own
+    Subclasses ``QuantizedLinear`` so code that inspects a quantized model sees nothing
+    new. Verify goes through ``kernels.verify_matmul`` for every row count up to a verify
+    block, so a one-token step and a γ+1-token verify take the same kernel path (MLX's own
     ``quantized_matmul`` elsewhere, where it is bit-identical to ``QuantizedLinear``).
+    ``act_draft=False`` (the LM head) keeps activations at full precision in every draft.
     """
 
-    def __init__(self, layer: nn.QuantizedLinear, switch: ModeSwitch):
+    def __init__(self, layer: nn.QuantizedLinear, act_draft: bool = True):
         nn.Module.__init__(self)
-        self.group_size, self.bits, self.mode = layer.group_size, layer.bits, layer.mode
-        self.weight, self.scales, self.biases = layer.weight, layer.scales, layer.biases
+        _init_weights(self, layer)
         if "bias" in layer:
             self.bias = layer.bias
-        self.switch = switch
+        self.act_draft = act_draft
         self.freeze()
 
+    def _extra_repr(self):
+        return _describe(self) + f", act_draft={self.act_draft}"
+
     def __call__(self, x):
-        draft = self.switch.draft
-        args = (x, self["weight"], self["scales"], self["biases"])
-        if draft is None:
-            y = kernels.verify_matmul(*args, group_size=self.group_size, bits=self.bits)
-        else:
-            y = kernels.act_quant_matmul(
-                *args,
-                group_size=self.group_size,
-                bits=self.bits,
-                act_bits=draft.act_bits,
-                act_group_size=draft.act_group_size,
-            )
+        y = _matmul(self, x, self.act_draft)
         if "bias" in self:
             y = y + self["bias"]
         return y
 
 
-def find_switch(model: nn.Module) -> ModeSwitch | None:
-    """The switch of an installed model, or None if :func:`install` has not run."""
-    for _, m in model.named_modules():
-        if isinstance(m, QSpecLinear):
-            return m.switch
-    return None
+class QSpecEmbedding(nn.QuantizedEmbedding):
+    """A ``QuantizedEmbedding`` whose tied LM head (``as_linear``) is read at the forward's
+    precision; lookups always read the exact rows (a few rows: nothing to save)."""
+
+    def __init__(self, layer: nn.QuantizedEmbedding):
+        nn.Module.__init__(self)
+        _init_weights(self, layer)
+        self.num_embeddings, self.dims = layer.num_embeddings, layer.dims
+        self.freeze()
+
+    def _extra_repr(self):
+        return _describe(self)
+
+    def __call__(self, x):
+        if "upper" in self:
+            w = kernels.merge_planes(self["upper"][x.reshape(-1)], self["lower"][x.reshape(-1)])
+            w = w.reshape(*x.shape, -1)
+        else:
+            w = self["weight"][x]
+        return mx.dequantize(w, self["scales"][x], self["biases"][x],
+                             group_size=self.group_size, bits=self.bits)
+
+    def as_linear(self, x):
+        return _matmul(self, x, act_draft=False)
 
 
-def install(model: nn.Module) -> ModeSwitch:
-    """Put QSpec layers in ``model`` (idempotent) and return its mode switch.
+def install(model: nn.Module) -> nn.Module:
+    """Put QSpec layers in ``model`` (idempotent; layers quantized later join on the next
+    call) and return it. The layers hold no mode: they read the current precision."""
+    act = {id(m) for _, m in draftable_layers(model)}
 
-    Layers quantized after an earlier install join the existing switch.
-    """
-    switch = find_switch(model) or ModeSwitch()
-    targets = {id(m) for _, m in draftable_layers(model) if not isinstance(m, QSpecLinear)}
-    if targets:
+    def swap(_, m):
+        if isinstance(m, (QSpecLinear, QSpecEmbedding)) or getattr(m, "mode", None) != "affine":
+            return m
+        if isinstance(m, nn.QuantizedLinear):
+            return QSpecLinear(m, act_draft=id(m) in act)
+        if isinstance(m, nn.QuantizedEmbedding):
+            return QSpecEmbedding(m)
+        return m
 
-        def swap(_, m):
-            return QSpecLinear(m, switch) if id(m) in targets else m
-
-        leaves = tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module)
-        model.update_modules(leaves)
-    return switch
+    leaves = tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module)
+    model.update_modules(leaves)
+    return model
 
 
-def set_mode(model: nn.Module, mode: "str | DraftMode | None") -> ModeSwitch:
-    """Switch the whole model to a draft mode (name or :class:`DraftMode`) or to verify (None/'none').
-
-    Validates the mode against the model first: a mode it cannot run raises ValueError.
-    """
-    mode = check_draft(model, parse_draft(mode))
-    switch = install(model)
-    switch.draft = mode
-    return switch
+def is_installed(model: nn.Module) -> bool:
+    return any(isinstance(m, (QSpecLinear, QSpecEmbedding)) for _, m in model.named_modules())

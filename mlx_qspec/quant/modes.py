@@ -1,157 +1,135 @@
-"""Draft modes: how the draft reads activations, named so the name says the config.
+"""Draft names checked against a model and its KV mode, and listed for ``--help``.
 
-``a8`` quantizes the input of every quantized linear to 8-bit symmetric codes with
-one scale per token; ``a4-g32`` to 4-bit codes with one scale per 32 input
-features. ``none`` means no speculation (plain decoding).
+A draft name is a :class:`~mlx_qspec.precision.Precision` (``a8``, ``a4-g32``, ``w-upper``,
+``kv-upper``, ``a8+kv-upper``, …; ``precision.parse`` reads it). Whether a model can run it
+depends on the model: activation terms need affine-quantized linears whose input sizes the
+activation group divides, ``w-upper`` needs 8-bit weights (stored as two 4-bit planes),
+``kv-upper`` needs the nested KV cache. ``none`` is plain decoding; ``auto`` lets the cost
+model choose (``cost.py``), which may also mean plain decoding.
 """
-
-from dataclasses import dataclass
 
 import mlx.nn as nn
 
-from .activations import ACT_BITS, ACT_GROUP_SIZES
+from ..kv_cache import KV_MODES
+from ..precision import ACT_GROUP_SIZES, TERMS, UPPER, Precision, parse
 
 NONE = "none"
 AUTO = "auto"
+NESTED_KV = "nested"
 
 
-@dataclass(frozen=True)
-class DraftMode:
-    """Activation bits and granularity of the draft (``act_group_size=None``: per token)."""
-
-    act_bits: int
-    act_group_size: int | None = None
-
-    def __post_init__(self):
-        if self.act_bits not in ACT_BITS:
-            raise ValueError(
-                f"draft activation bits must be one of {ACT_BITS}, got {self.act_bits}"
-            )
-        if self.act_group_size is not None and self.act_group_size not in ACT_GROUP_SIZES:
-            raise ValueError(
-                f"draft activation group size must be one of {ACT_GROUP_SIZES}, "
-                f"got {self.act_group_size}"
-            )
-
-    @property
-    def name(self) -> str:
-        g = "" if self.act_group_size is None else f"-g{self.act_group_size}"
-        return f"a{self.act_bits}{g}"
-
-    def __str__(self):
-        return self.name
-
-
-def _describe(mode: DraftMode) -> str:
-    w = "W4A4" if mode.act_bits == 4 else "W4A8"
-    if mode.act_group_size is None:
-        return f"{w} draft: {mode.act_bits}-bit symmetric activations, one scale per token"
-    return (
-        f"{w} draft: {mode.act_bits}-bit symmetric activations, "
-        f"one scale per {mode.act_group_size} input features"
-    )
-
-
-DRAFT_MODES: dict[str, DraftMode] = {
-    m.name: m
-    for bits in sorted(ACT_BITS, reverse=True)
-    for m in [DraftMode(bits)] + [DraftMode(bits, g) for g in ACT_GROUP_SIZES]
-}
+def _describe(term: str) -> str:
+    if term == "w-upper":
+        return "8-bit weights read as their upper 4-bit plane (half the weight bytes)"
+    if term == "kv-upper":
+        return "nested KV cache read as its upper 4-bit plane (needs --kv-mode nested)"
+    p = parse(term)
+    w = "W4A4" if p.act_bits == 4 else "W4A8"
+    per = "token" if p.act_group_size is None else f"{p.act_group_size} input features"
+    return f"{w}: {p.act_bits}-bit symmetric activations, one scale per {per}"
 
 
 def draft_help() -> str:
-    """One line per valid ``--draft`` name, for the CLI's help text."""
+    """One line per ``--draft`` term, for the CLI's help text."""
     lines = [
-        f"{AUTO}: the best draft mode the model supports",
+        f"{AUTO}: the cost model picks a draft and its length, or plain decoding where "
+        "none can pay (it says why)",
         f"{NONE}: no speculation, plain decoding",
     ]
-    lines += [f"{name}: {_describe(m)}" for name, m in DRAFT_MODES.items()]
+    lines += [f"{term}: {_describe(term)}" for term in TERMS]
+    lines.append("combine terms with '+', one per axis: e.g. a8-g32+kv-upper, w-upper+kv-upper")
     return "\n".join(lines)
 
 
-def parse_draft(name: "str | DraftMode | None") -> DraftMode | None:
-    """``'a8-g32'`` → ``DraftMode(8, 32)``; ``'none'``/None → None; anything else: ValueError."""
-    if name is None or isinstance(name, DraftMode):
-        return name
-    key = str(name).strip().lower()
-    if key == NONE:
-        return None
-    if key not in DRAFT_MODES:
-        raise ValueError(
-            f"unknown draft mode {name!r}; valid: {', '.join([NONE, *DRAFT_MODES])}"
-        )
-    return DRAFT_MODES[key]
-
-
-def _is_draftable(module) -> bool:
-    """Affine-quantized linears are the layers a draft mode reads differently."""
-    return isinstance(module, nn.QuantizedLinear) and module.mode == "affine"
+def _is_quantized(module) -> bool:
+    return isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and module.mode == "affine"
 
 
 def draftable_layers(model: nn.Module, exclude=("lm_head",)) -> list[tuple[str, nn.Module]]:
-    """``(path, layer)`` for every linear the draft reads differently; the LM head stays."""
+    """``(path, layer)`` for every linear whose activations a draft quantizes; the LM head
+    and embeddings keep theirs (a draft reads them only through ``w-upper``)."""
     return [
         (path, m)
         for path, m in model.named_modules()
-        if _is_draftable(m) and path.split(".")[-1] not in exclude
+        if isinstance(m, nn.QuantizedLinear) and m.mode == "affine"
+        and path.split(".")[-1] not in exclude
     ]
 
 
+def eight_bit_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every 8-bit affine layer (linear, LM head, embedding): what ``w-upper`` reads in half."""
+    return [(p, m) for p, m in model.named_modules() if _is_quantized(m) and m.bits == 8]
+
+
 def _input_dims(layer: nn.Module) -> int:
-    return layer.weight.shape[-1] * 32 // layer.bits
+    return layer.weight.shape[-1] * 32 // layer.bits if "weight" in layer else layer.upper.shape[-1] * 8
 
 
-def check_draft(model: nn.Module, mode: "str | DraftMode | None") -> DraftMode | None:
-    """Parse ``mode`` (``'auto'``: :func:`default_draft`) and make sure ``model`` can run it;
-    ValueError before any compute."""
-    if isinstance(mode, str) and mode.strip().lower() == AUTO:
-        return default_draft(model)
-    mode = parse_draft(mode)
-    if mode is None:
+def check_draft(model: nn.Module, name, kv_mode: str = "fp") -> Precision | None:
+    """Parse a draft name (``none``/None → None) and make sure ``model`` with a ``kv_mode``
+    cache can run it: ValueError naming what to pass instead, before any compute.
+    (``auto`` is not a precision: the caller resolves it with the cost model.)"""
+    if name is None or isinstance(name, Precision):
+        precision = name
+    elif str(name).strip().lower() == NONE:
         return None
-    layers = draftable_layers(model)
-    if not layers:
+    else:
+        precision = parse(name)
+    if precision is None or precision.is_full:
+        raise ValueError(f"draft {name!r} reads nothing with fewer bits; use --draft none")
+    if kv_mode not in KV_MODES:
+        raise ValueError(f"unknown KV mode {kv_mode!r}; valid: {', '.join(KV_MODES)}")
+    if precision.kv == UPPER and kv_mode != NESTED_KV:
         raise ValueError(
-            f"draft mode {mode.name!r} needs a model with affine-quantized linear layers; "
-            "this model has none (quantize it to 4 bits first)"
+            f"draft {precision.name!r} reads the upper plane of a nested KV cache: "
+            f"pass --kv-mode nested (got --kv-mode {kv_mode})"
         )
-    if mode.act_group_size is not None:
-        for path, layer in layers:
-            k = _input_dims(layer)
-            if k % mode.act_group_size:
+    if precision.weights == UPPER and not eight_bit_layers(model):
+        raise ValueError(
+            f"draft {precision.name!r} reads 8-bit weights as their upper plane, and this model "
+            "has no 8-bit layers; use an -8bit model, or a8-g32 / kv-upper"
+        )
+    if precision.act_bits is not None:
+        layers = draftable_layers(model)
+        if not layers:
+            raise ValueError(
+                f"draft {precision.name!r} needs a model with affine-quantized linear layers; "
+                "this model has none (quantize it to 4 bits first)"
+            )
+        g = precision.act_group_size
+        for path, layer in layers if g else ():
+            if _input_dims(layer) % g:
                 raise ValueError(
-                    f"draft mode {mode.name!r}: activation group size "
-                    f"{mode.act_group_size} does not divide the input size {k} of {path}"
+                    f"draft {precision.name!r}: activation group size {g} does not divide "
+                    f"the input size {_input_dims(layer)} of {path}"
                 )
-    return mode
+    return precision
 
 
-def _runs(model: nn.Module, mode: DraftMode) -> bool:
+def _runs(model, name, kv_mode) -> bool:
     try:
-        check_draft(model, mode)
+        check_draft(model, name, kv_mode)
     except ValueError:
         return False
     return True
 
 
-def supported_draft_modes(model: nn.Module) -> list[DraftMode]:
-    """Every draft mode ``model`` can run, in the order of :data:`DRAFT_MODES`."""
-    return [mode for mode in DRAFT_MODES.values() if _runs(model, mode)]
+def activation_draft(model: nn.Module) -> str | None:
+    """The activation draft that agrees best with the verify on this model, or None.
 
-
-def default_draft(model: nn.Module) -> DraftMode | None:
-    """The best draft the model supports, or None when it has no quantized linears.
-
-    A8 with one activation scale per weight group: on the test model it agrees
-    with the verify on ~98 % of tokens (per-token A8: ~91 %, A4 g32: ~60 %), and
-    an activation group equal to the weight group keeps the integer kernel's
-    scale bookkeeping to one multiply per group. Falls back to the other A8
-    groupings, then per-token A8, which runs on every input size.
+    A8 with one activation scale per weight group: on the test model it agrees with the
+    verify on ~98 % of tokens (per-token A8: ~91 %, A4 g32: ~60 %). Falls back to the other
+    A8 groupings, then per-token A8, which runs on every input size.
     """
     layers = draftable_layers(model)
-    if not layers:
-        return None
-    weight_groups = sorted({layer.group_size for _, layer in layers})
-    prefs = [DraftMode(8, g) for g in weight_groups if g in ACT_GROUP_SIZES]
-    prefs += [DraftMode(8, g) for g in ACT_GROUP_SIZES] + [DraftMode(8)]
-    return next(mode for mode in prefs if _runs(model, mode))
+    groups = sorted({m.group_size for _, m in layers})
+    prefs = [f"a8-g{g}" for g in groups if g in ACT_GROUP_SIZES]
+    prefs += [f"a8-g{g}" for g in ACT_GROUP_SIZES] + ["a8"]
+    return next((p for p in prefs if _runs(model, p, "fp")), None)
+
+
+def auto_candidates(model: nn.Module, kv_mode: str) -> list[str]:
+    """The drafts ``auto`` weighs: those that read fewer bytes (the upper planes of 8-bit
+    weights and of a nested cache, alone and together) and the best activation draft."""
+    names = ["w-upper", "kv-upper", "w-upper+kv-upper", activation_draft(model)]
+    return [n for n in names if n and _runs(model, n, kv_mode)]

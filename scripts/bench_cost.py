@@ -1,0 +1,224 @@
+"""Modeled Mac speed of the drafts that read fewer bytes, from measured τ and counted bytes.
+
+Measured here (MLX-CPU, the test model by default): acceptance α and tokens per verify τ of
+each draft at γ on a long real-text context held in a nested KV cache (float buffer smaller
+than the context), and the bytes each draft and verify forward reads (counted from the arrays
+it touches, float arrays as a Mac's float16). Also counted: what plain decoding reads per
+token with a float16 KV cache and with an 8-bit one, at the same context.
+
+Modeled (labelled so in the table and JSON): tokens/s on the memory bandwidths of M1 … M4 Max
+(bytes-bound batch-1 decoding at 75 % of peak, a verify of γ+1 rows costing its bytes) at
+contexts 1k, 4k, 16k, 32k — plane bytes scaled linearly from the measured context, the float buffer kept, τ taken from
+the measured context. ``auto`` is modeled as the best draft or plain decoding, whichever is
+faster: never below 1.0×.
+
+    python scripts/bench_cost.py --context 1024 --max-tokens 64 --json out/cost.json --plot out/cost.png
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_qspec import load, reads
+from mlx_qspec.cost import CHIPS, modeled_speedup, modeled_tokens_per_s
+from mlx_qspec.generate import default_model_path
+from mlx_qspec.kv_cache import NestedKVCache, make_cache
+from mlx_qspec.quant.modes import check_draft
+from mlx_qspec.speculative import SpecStats, prefill, prepare, speculative_generate_step
+
+CONTEXTS = (1024, 4096, 16384, 32768)
+MODES = ("kv-upper", "w-upper+kv-upper", "w-upper", "a8-g32")
+DOC_MODULES = ["json", "argparse", "logging", "unittest", "subprocess", "collections", "asyncio",
+               "typing", "pathlib", "functools", "itertools", "re", "socket", "threading"]
+
+
+def long_text(tokenizer, n: int) -> list[int]:
+    """``n`` tokens of real English: the docs of stdlib modules, one after another."""
+    import pydoc
+
+    ids = []
+    for name in DOC_MODULES:
+        ids += tokenizer.encode(" ".join(pydoc.getdoc(__import__(name)).split()))
+        if len(ids) >= n:
+            return ids[:n]
+    raise SystemExit(f"only {len(ids)} tokens of stdlib docs found, asked for {n}")
+
+
+def per_forward(counter: reads.ReadCounter) -> dict:
+    """Mean f16 bytes per forward: weights and KV."""
+    f = max(counter.forwards, 1)
+    return {"weights": counter.bytes_f16(reads.WEIGHTS) / f, "kv": counter.bytes_f16(reads.KV) / f}
+
+
+def plain_reads(model, kv_mode: str, context: int) -> dict:
+    """Bytes one plain step reads at ``context`` with an fp or 8-bit cache. What is read does
+    not depend on the cached values, so the cache is filled with zeros, not prefilled."""
+    cache = make_cache(model, kv_mode)
+    args = model.args
+    heads = args.num_key_value_heads
+    dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+    zeros = mx.zeros((1, heads, context, dim), mx.float32)
+    for c in cache:
+        c.update_and_fetch(zeros, zeros)
+    counter = reads.ReadCounter()
+    with reads.counting(counter, 1):
+        mx.eval(model(mx.array([[0]]), cache=cache))
+    return per_forward(counter)
+
+
+def run_mode(model, prompt_last, state, mode, gamma, max_tokens):
+    cache = [NestedKVCache.from_state(s, m) for s, m in state]
+    stats = SpecStats()
+    t = time.perf_counter()
+    for _ in speculative_generate_step(prompt_last, model, draft=mode, num_draft_tokens=gamma,
+                                       max_tokens=max_tokens, prompt_cache=cache, stats=stats):
+        pass
+    kb = cache[0].state[4]  # the float key buffer (B, Hkv, nb, D): values' is the same size
+    return {
+        "buffer_kv_per_forward": 2 * 2 * kb.size * len(cache),  # K and V, float16
+        "buffer_tokens": kb.shape[2],
+        "draft": mode, "gamma": gamma, "acceptance": stats.acceptance,
+        "tokens_per_verify": stats.tokens_per_verify, "emitted": stats.emitted,
+        "draft_per_forward": per_forward(stats.draft_reads),
+        "verify_per_forward": per_forward(stats.verify_reads),
+        "bytes_per_token_f16": stats.bytes_per_token(half=True),
+        "seconds_cpu": time.perf_counter() - t,
+    }
+
+
+def model_rows(measured, plain_fp, plain_8bit, context0, gamma):
+    """Modeled rows: per chip × context, plain (fp16 KV, 8-bit KV) and each draft."""
+    scale = lambda kv, ctx: kv * ctx / context0  # noqa: E731  KV bytes grow with context
+    rows = []
+
+    def nested(kv, m, ctx):
+        """The float buffer stays (≤ 2 blocks); only the planes grow with the context."""
+        buf, nb = m["buffer_kv_per_forward"], m["buffer_tokens"]
+        return buf + (kv - buf) * (ctx - nb) / (context0 - nb)
+
+    for ctx in CONTEXTS:
+        plain16 = plain_fp["weights"] + scale(plain_fp["kv"], ctx)
+        plain8 = plain_8bit["weights"] + scale(plain_8bit["kv"], ctx)
+        drafts = {}
+        for m in measured:
+            d, v = m["draft_per_forward"], m["verify_per_forward"]
+            draft_block = gamma * (d["weights"] + nested(d["kv"], m, ctx))
+            verify_block = v["weights"] + nested(v["kv"], m, ctx)
+            drafts[m["draft"]] = {
+                "vs_fp16_plain": modeled_speedup(draft_block, verify_block, m["tokens_per_verify"], plain16),
+                "vs_8bit_plain": modeled_speedup(draft_block, verify_block, m["tokens_per_verify"], plain8),
+                "draft_over_verify_bytes": draft_block / gamma / verify_block,
+            }
+        best = max(drafts, key=lambda k: drafts[k]["vs_8bit_plain"])
+        for chip, bw in CHIPS.items():
+            rows.append({
+                "chip": chip, "context": ctx, "modeled": True,
+                "plain_fp16kv_tps": modeled_tokens_per_s(plain16, bw),
+                "plain_8bitkv_tps": modeled_tokens_per_s(plain8, bw),
+                **{f"{k}_x_fp16": v["vs_fp16_plain"] for k, v in drafts.items()},
+                **{f"{k}_x_8bit": v["vs_8bit_plain"] for k, v in drafts.items()},
+                "auto": best if drafts[best]["vs_8bit_plain"] > 1 else "none",
+                "auto_x_8bit": max(1.0, drafts[best]["vs_8bit_plain"]),
+                "draft_over_verify_bytes": {k: v["draft_over_verify_bytes"] for k, v in drafts.items()},
+            })
+    return rows
+
+
+def print_tables(measured, rows, context0):
+    print(f"measured at context {context0} (MLX-CPU counts; bytes as float16):")
+    print(f"{'draft':18} {'α':>6} {'τ':>5} {'draft B/fwd':>12} {'verify B/fwd':>13}")
+    for m in measured:
+        d, v = m["draft_per_forward"], m["verify_per_forward"]
+        print(f"{m['draft']:18} {m['acceptance']:6.3f} {m['tokens_per_verify']:5.2f} "
+              f"{d['weights'] + d['kv']:12.0f} {v['weights'] + v['kv']:13.0f}")
+    names = [m["draft"] for m in measured]
+    print("\nMODELED speedup over plain decoding (bytes-bound; M-series chips differ only in "
+          "absolute tokens/s, so one chip per context is shown):")
+    print(f"{'context':>7} {'plain16 tok/s':>13} " + " ".join(f"{n + ' x16/x8':>26}" for n in names)
+          + f" {'auto':>18}")
+    for r in rows:
+        if r["chip"] != "M4 Max":
+            continue
+        cells = " ".join(f"{r[n + '_x_fp16']:12.2f}/{r[n + '_x_8bit']:<13.2f}" for n in names)
+        print(f"{r['context']:7d} {r['plain_fp16kv_tps']:13.0f} {cells} "
+              f"{r['auto']:>12}{r['auto_x_8bit']:6.2f}")
+
+
+def plot(rows, names, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed (pip install -e '.[bench]'): no plot written to {path}",
+              file=sys.stderr)
+        return
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    pts = [r for r in rows if r["chip"] == "M4 Max"]
+    for n in names:
+        ax.plot([r["context"] for r in pts], [r[n + "_x_fp16"] for r in pts], "o-", label=f"{n} vs fp16-KV plain")
+        ax.plot([r["context"] for r in pts], [r[n + "_x_8bit"] for r in pts], "x--", label=f"{n} vs 8-bit-KV plain")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("modeled speedup (bytes-bound)")
+    ax.set_title("MODELED Mac speedup from measured τ and counted bytes")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="model path (default: the SmolLM2 test GGUF)")
+    ap.add_argument("--context", type=int, default=1024, help="tokens of real text before generating")
+    ap.add_argument("--max-tokens", type=int, default=64, help="tokens generated per draft")
+    ap.add_argument("--gamma", type=int, default=4)
+    ap.add_argument("--modes", nargs="+", default=list(MODES))
+    ap.add_argument("--json")
+    ap.add_argument("--plot")
+    args = ap.parse_args(argv)
+
+    model, tokenizer = load(args.model or default_model_path())
+    prepare(model)
+    try:
+        for m in args.modes:
+            check_draft(model, m, "nested")
+    except ValueError as e:
+        ap.exit(2, f"bench_cost: error: {e}\n")
+    ids = mx.array(long_text(tokenizer, args.context + 1))
+    t = time.perf_counter()
+    cache = make_cache(model, "nested")
+    print(f"prefill {args.context} tokens into a nested cache ...", file=sys.stderr, flush=True)
+    prefill(model, ids[:-1], cache, 256, lambda: print(".", end="", file=sys.stderr, flush=True))
+    print(f" {time.perf_counter() - t:.0f}s", file=sys.stderr)
+    state = [(c.state, c.meta_state) for c in cache]
+    measured = []
+    for i, mode in enumerate(args.modes, 1):
+        measured.append(run_mode(model, ids[-1:], state, mode, args.gamma, args.max_tokens))
+        m = measured[-1]
+        print(f"[{i}/{len(args.modes)}] {mode}: α={m['acceptance']:.3f} τ={m['tokens_per_verify']:.2f} "
+              f"({m['seconds_cpu']:.0f}s CPU)", file=sys.stderr, flush=True)
+    plain_fp = plain_reads(model, "fp", args.context)
+    plain_8bit = plain_reads(model, "8bit", args.context)
+    rows = model_rows(measured, plain_fp, plain_8bit, args.context, args.gamma)
+    print_tables(measured, rows, args.context)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({
+            "config": vars(args), "measured": measured, "plain_fp16kv_per_forward": plain_fp,
+            "plain_8bitkv_per_forward": plain_8bit, "modeled_rows": rows}, indent=1))
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot(rows, [m["draft"] for m in measured], args.plot)
+
+
+if __name__ == "__main__":
+    main()
