@@ -25,7 +25,7 @@ from .errors import ModelError
 from .kernels import backend
 from .kv_cache import KV_MODES, make_cache
 from .loader import load
-from .precision import parse
+from .precision import UPPER, parse
 from .quant.modes import AUTO, NONE
 from .quant.modes import draft_help
 from .speculative import (
@@ -308,8 +308,10 @@ def setup_arg_parser():
 
 def run(args) -> None:
     draft = args.draft.strip().lower()
-    if draft not in (AUTO, NONE):
-        parse(draft)  # an unknown name fails before the model loads
+    if draft not in (AUTO, NONE) and parse(draft).kv == UPPER and args.kv_mode != "nested":
+        # an unknown name, or a KV view the cache will not have, fails before the model loads
+        raise ModelError(f"--draft {args.draft} reads the upper plane of a nested KV cache: "
+                         f"pass --kv-mode nested (got --kv-mode {args.kv_mode})")
     if args.max_kv_size is not None and draft != NONE:
         if draft != AUTO:
             raise ModelError(f"--max-kv-size cannot be combined with --draft {args.draft} "

@@ -81,6 +81,7 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
         (["--kv-mode", "int4"], "--kv-mode"),
         (["--kv-mode", "nested", "--kv-bits", "8"], "--kv-bits applies to --kv-mode fp"),
         (["--draft-p-min", "1.5"], "--draft-p-min"),
+        (["--draft", "a8+kv-upper"], "pass --kv-mode nested"),
         (["--num-draft-tokens", "0"], "--num-draft-tokens"),
         (["--num-draft-tokens", "33"], "num_draft_tokens"),
         (["--model", "no-such-org/no-such-model"], "not in the Hugging Face cache"),
@@ -104,3 +105,4 @@ def test_directory_that_is_not_a_model(tmp_path, capsys):
         main(["--model", str(tmp_path), "--prompt", "hi"])
     assert exc.value.code == 2
     assert "not a model directory" in capsys.readouterr().err
+
