@@ -17,7 +17,7 @@ from typing import Any, Generator, List, Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse as _MLXGenerationResponse
-from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, generate_step, wired_limit
+from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, wired_limit
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -26,8 +26,7 @@ from .kernels import backend
 from .kv_cache import KV_MODES, make_cache
 from .loader import load
 from .precision import UPPER, parse
-from .quant.modes import AUTO, NONE
-from .quant.modes import draft_help
+from .quant.modes import AUTO, NONE, draft_help
 from .speculative import (
     SpecStats,
     check_draft_p_min,

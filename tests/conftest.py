@@ -7,8 +7,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 from mlx_lm.models import llama
+
+from mlx_qspec import kernels
+from msl_emulator import metal_kernel as emulated_metal_kernel
 
 # Cost-model calibrations go to a fresh folder per test session (CLI subprocesses inherit
 # it), never to the user's cache, so no test depends on what an earlier run measured.
@@ -75,3 +79,20 @@ def smollm2(smollm2_gguf):
     from mlx_qspec import load
 
     return load(smollm2_gguf)
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """Metal kernels built through the MSL emulator instead of mx.fast.metal_kernel."""
+    monkeypatch.setattr(mx.fast, "metal_kernel", emulated_metal_kernel)
+    kernels.clear_kernel_cache()
+    yield
+    kernels.clear_kernel_cache()
+
+
+def close(y, ref, rtol=1e-5):
+    """Within rtol of the reference, relative to the output's scale (sums cancel)."""
+    y, ref = np.array(y.astype(mx.float32)), np.array(ref.astype(mx.float32))
+    assert y.shape == ref.shape
+    err = np.abs(y - ref).max()
+    assert err <= rtol * np.abs(ref).max(), f"max error {err} vs scale {np.abs(ref).max()}"

@@ -4,30 +4,12 @@ several chunks; rows bit for bit what one-row calls give; the KV bytes each vari
 the dispatcher's choice of path; bad shapes."""
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 from mlx_qspec import kernels
 from mlx_qspec.kv_cache import NestedKVCache, nest
-from msl_emulator import metal_kernel as emulated_metal_kernel
+from conftest import close
 from msl_emulator import recording
-
-
-@pytest.fixture
-def emulated(monkeypatch):
-    """Kernels built through the emulator instead of mx.fast.metal_kernel."""
-    monkeypatch.setattr(mx.fast, "metal_kernel", emulated_metal_kernel)
-    kernels.clear_kernel_cache()
-    yield
-    kernels.clear_kernel_cache()
-
-
-def close(y, ref, rtol=1e-5):
-    """Within rtol of the reference, relative to the output's scale."""
-    y, ref = np.array(y.astype(mx.float32)), np.array(ref.astype(mx.float32))
-    assert y.shape == ref.shape
-    err = np.abs(y - ref).max()
-    assert err <= rtol * np.abs(ref).max(), f"max error {err} vs scale {np.abs(ref).max()}"
 
 
 def nested_cache(B, Hkv, D, Tq, Tb, key_block, value_group, seed, dtype=mx.float32):

@@ -7,14 +7,13 @@ of a forward never outlives it nor crosses threads; bytes are counted from what 
 import threading
 
 import mlx.core as mx
-import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
 from conftest import build_tiny_model
 from mlx_qspec import attention, kernels, precision, reads
-from mlx_qspec.kv_cache import NestedKVCache, make_cache
+from mlx_qspec.kv_cache import make_cache
 from mlx_qspec.precision import parse, reading
 from mlx_qspec.quant.linear import QSpecLinear, install
 from mlx_qspec.speculative import VERIFY_CHUNK, SpecStats, speculative_generate_step

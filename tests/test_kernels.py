@@ -7,25 +7,8 @@ import numpy as np
 import pytest
 
 from mlx_qspec import kernels
+from conftest import close
 from msl_emulator import recording
-from msl_emulator import metal_kernel as emulated_metal_kernel
-
-
-@pytest.fixture
-def emulated(monkeypatch):
-    """Kernels built through the emulator instead of mx.fast.metal_kernel."""
-    monkeypatch.setattr(mx.fast, "metal_kernel", emulated_metal_kernel)
-    kernels.clear_kernel_cache()
-    yield
-    kernels.clear_kernel_cache()
-
-
-def close(y, ref, rtol=1e-5):
-    """Within rtol of the reference, relative to the output's scale (sums cancel)."""
-    y, ref = np.array(y.astype(mx.float32)), np.array(ref.astype(mx.float32))
-    assert y.shape == ref.shape
-    err = np.abs(y - ref).max()
-    assert err <= rtol * np.abs(ref).max(), f"max error {err} vs scale {np.abs(ref).max()}"
 
 
 def weight(N, K, group_size, seed, bits=4, dtype=mx.float32):
