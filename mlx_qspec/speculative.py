@@ -276,8 +276,11 @@ class _AdaptiveGamma:
         return choice.gamma
 
     def update(self, drafted: int, accepted: int):
+        """A block is ``accepted`` agreements and, if it was cut, one disagreement: drafts
+        after the first rejection were never compared (counting them would make the
+        per-token agreement the cost model expects look lower than it is)."""
         if drafted:
-            self.estimate.update(drafted, accepted)
+            self.estimate.update(accepted + (accepted < drafted), accepted)
 
 
 def kv_mode_of(cache) -> str:
