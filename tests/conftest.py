@@ -96,3 +96,10 @@ def close(y, ref, rtol=1e-5):
     assert y.shape == ref.shape
     err = np.abs(y - ref).max()
     assert err <= rtol * np.abs(ref).max(), f"max error {err} vs scale {np.abs(ref).max()}"
+
+
+@pytest.fixture
+def mac(monkeypatch, emulated):
+    """A Mac as the dispatchers see it: Metal "available", every kernel through the emulator."""
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    assert kernels.backend() == "metal"

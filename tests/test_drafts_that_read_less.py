@@ -12,11 +12,11 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
 from conftest import build_tiny_model
-from mlx_qspec import attention, kernels, precision, reads
+from mlx_qspec import kernels, precision, reads
 from mlx_qspec.kv_cache import make_cache
 from mlx_qspec.precision import parse, reading
 from mlx_qspec.quant.linear import QSpecLinear, install
-from mlx_qspec.speculative import VERIFY_CHUNK, SpecStats, speculative_generate_step
+from mlx_qspec.speculative import VERIFY_CHUNK, SpecStats, prepare, speculative_generate_step
 
 BLOCK = 32  # the tiny model's head dim: key blocks and value groups of 32
 PROMPT = [(7 * i + 3) % 256 for i in range(100)]  # > 2 blocks: planes hold tokens already
@@ -26,14 +26,12 @@ MAX_TOKENS = 40  # generation crosses another flush
 @pytest.fixture(scope="module")
 def model():
     """Tiny llama with an 8-bit LM head and embedding (what w-upper halves)."""
-    m = build_tiny_model(head_bits=8)
-    attention.install(m)
-    return m
+    return build_tiny_model(head_bits=8)
 
 
 def plain(model, kv_mode, prompt=PROMPT, max_tokens=MAX_TOKENS):
-    """mlx-lm's own loop over the same layers and cache kind: the independent reference."""
-    install(model)
+    """mlx-lm's own loop over the same layers, attention and cache kind: the reference."""
+    prepare(model)
     cache = make_cache(model, kv_mode, BLOCK, BLOCK)
     return [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens,
                                         prompt_cache=cache)]
@@ -202,3 +200,25 @@ def test_auto_follows_the_cost_model_and_stays_exact(model, monkeypatch, verify_
     else:
         assert st.draft == "none" and st.drafted == 0
         assert st.auto_reason.startswith("verify_cost_grows_with_rows")
+
+
+def test_kv_upper_through_the_metal_kernels_equals_plain(mac):
+    """As a Mac runs it: the verify and nested-weight matmuls and the nested-cache attention
+    kernel (emulated), for every plain step and every verify row. The prompt fills the
+    planes (a prefill over more than 16 rows takes MLX's path on both sides alike) and the
+    generation crosses another flush."""
+    from msl_emulator import recording
+
+    model = build_tiny_model(head_bits=8)
+    prompt = PROMPT[:90]  # offset 90 → 102 crosses the flush at 96
+    with recording() as runs:
+        ref = plain(model, "nested", prompt, max_tokens=12)
+    assert {"w4a16_verify", "nested_matmul_verify", "nested_attention_verify"} <= {n for n, _ in runs}
+    stats = SpecStats()
+    with recording() as runs:
+        out = [t for t, _, _ in speculative_generate_step(
+            mx.array(prompt), model, draft="w-upper+kv-upper", num_draft_tokens=4, max_tokens=12,
+            prompt_cache=make_cache(model, "nested", BLOCK, BLOCK), stats=stats)]
+    assert {"nested_matmul_draft", "nested_attention_draft"} <= {n for n, _ in runs}
+    assert out == ref
+    assert stats.accepted > 0 and stats.verify_passes < 12
