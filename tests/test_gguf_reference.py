@@ -1,0 +1,295 @@
+"""The GGUF path against a model built from the test's own tensor values.
+
+The file is written by llama.cpp's own Python package (``gguf.GGUFWriter``), its tensors
+quantized by ``gguf.quants`` (Q4_0, Q4_1, Q8_0) after permuting the Q and K rows exactly as
+llama.cpp's converter does for RoPE (``LlamaModel.permute`` in convert_hf_to_gguf.py). The
+reference is mlx-lm's llama with standard (non-traditional) RoPE built directly from the
+original, un-permuted tensors, each dequantized with ``gguf.quants.dequantize`` — nothing
+on the reference side goes through ``mlx_qspec.gguf`` or ``mlx_qspec.convert``. So a
+mapping mistake shared by our reader and our converter (Q and K swapped, the RoPE layout,
+a norm on the wrong side) shows here, where a comparison of the two against each other
+would pass it.
+
+Also: our reader's tensors, dequantized in float32, equal ``gguf.quants.dequantize`` of
+the same file bytes (read back with ``gguf.GGUFReader``) bit for bit.
+"""
+
+from dataclasses import dataclass
+
+import gguf
+import mlx.core as mx
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+
+from conftest import byte_symbols
+import mlx_qspec
+from mlx_qspec import gguf as our_gguf
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+EOS_ID, BOS_ID = 2, 1
+# No default system prompt: the tokens a system prompt adds are exactly its own turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+# Tokens: the specials, then one token per byte. No merges, so any text is one token
+# per UTF-8 byte (plus one per special token): token counts are known without a tokenizer.
+TOKENS = SPECIALS + byte_symbols()
+TOKEN_TYPES = [3] * len(SPECIALS) + [1] * 256
+
+
+@dataclass(frozen=True)
+class Config:
+    hidden: int = 64
+    layers: int = 2
+    ffn: int = 128
+    heads: int = 4
+    kv_heads: int = 4
+    eps: float = 1e-5
+    theta: float = 10000.0
+    tied: bool = True
+
+    @property
+    def head_dim(self):
+        return self.hidden // self.heads
+
+
+MHA = Config()                                   # Q and K have the same shape
+GQA = Config(kv_heads=2, tied=False, theta=100000.0)  # as SmolLM2: fewer KV heads, own head
+
+# GGUF block tensor → (mlx-lm module, GGUF type); an independent copy of the mapping.
+BLOCK = {
+    "attn_norm": ("input_layernorm", Q.F32),
+    "attn_q": ("self_attn.q_proj", Q.Q4_0),
+    "attn_k": ("self_attn.k_proj", Q.Q4_1),
+    "attn_v": ("self_attn.v_proj", Q.Q8_0),
+    "attn_output": ("self_attn.o_proj", Q.Q4_0),
+    "ffn_gate": ("mlp.gate_proj", Q.Q4_1),
+    "ffn_up": ("mlp.up_proj", Q.Q4_0),
+    "ffn_down": ("mlp.down_proj", Q.Q8_0),
+    "ffn_norm": ("post_attention_layernorm", Q.F32),
+}
+BITS = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q8_0: 8}
+
+
+def permute(w, n_head, n_head_kv=None):
+    """llama.cpp's ``LlamaModel.permute``: HF's rotate-half row order → GGUF's interleaved."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute(w, n_head):
+    """Inverse of :func:`permute` (with the head count it was permuted with)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_tensors(cfg: Config, seed=0, embed_std=1.0):
+    """Original (HF-layout, un-permuted) float32 tensors: gguf name → (array, type, mlx name).
+    ``embed_std`` sets the spread of the (tied) logits: small makes sampling far from greedy."""
+    rng = np.random.default_rng(seed)
+    H, F, hd = cfg.hidden, cfg.ffn, cfg.head_dim
+    V = len(TOKENS)
+    normal = lambda shape, std: (rng.normal(0, std, shape)).astype(np.float32)  # noqa: E731
+    norm = lambda: rng.uniform(0.6, 1.4, (H,)).astype(np.float32)  # noqa: E731
+    shapes = {
+        "attn_q": (cfg.heads * hd, H, 0.3), "attn_k": (cfg.kv_heads * hd, H, 0.3),
+        "attn_v": (cfg.kv_heads * hd, H, 0.2), "attn_output": (H, cfg.heads * hd, 0.2),
+        "ffn_gate": (F, H, 0.2), "ffn_up": (F, H, 0.2), "ffn_down": (H, F, 0.15),
+    }
+    out = {"token_embd.weight": (normal((V, H), embed_std), Q.Q8_0, "model.embed_tokens.weight")}
+    for i in range(cfg.layers):
+        for key, (module, qtype) in BLOCK.items():
+            if key.endswith("norm"):
+                value = norm()
+            else:
+                rows, cols, std = shapes[key]
+                value = normal((rows, cols), std)
+                value[: rows // 4] += np.float32(0.1)  # a per-row offset: Q4_1 minima / Q4_0 asymmetry
+            out[f"blk.{i}.{key}.weight"] = (value, qtype, f"model.layers.{i}.{module}.weight")
+    out["output_norm.weight"] = (norm(), Q.F32, "model.norm.weight")
+    if not cfg.tied:
+        out["output.weight"] = (normal((V, H), 0.5), Q.F16, "lm_head.weight")
+    return out
+
+
+def write_gguf(path, cfg: Config, seed=0, embed_std=1.0):
+    """Write the tiny llama with llama.cpp's writer and quantizers. Returns the reference
+    weights (mlx-lm names, HF layout, float32 — each the gguf dequantization of what was
+    written, un-permuted)."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-reference")
+    w.add_context_length(256)
+    w.add_embedding_length(cfg.hidden)
+    w.add_block_count(cfg.layers)
+    w.add_feed_forward_length(cfg.ffn)
+    w.add_head_count(cfg.heads)
+    w.add_head_count_kv(cfg.kv_heads)
+    w.add_layer_norm_rms_eps(cfg.eps)
+    w.add_rope_freq_base(cfg.theta)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(TOKENS)
+    w.add_token_types(TOKEN_TYPES)
+    w.add_bos_token_id(BOS_ID)
+    w.add_eos_token_id(EOS_ID)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+    reference = {}
+    for name, (value, qtype, mlx_name) in hf_tensors(cfg, seed, embed_std).items():
+        stored = value
+        if name.endswith("attn_q.weight"):
+            stored = permute(value, cfg.heads, cfg.heads)
+        elif name.endswith("attn_k.weight"):
+            stored = permute(value, cfg.heads, cfg.kv_heads)
+        if qtype == Q.F32:
+            w.add_tensor(name, stored)
+            deq = stored
+        elif qtype == Q.F16:
+            w.add_tensor(name, stored.astype(np.float16))
+            deq = stored.astype(np.float16).astype(np.float32)
+        else:
+            data = gguf.quants.quantize(stored, qtype)
+            w.add_tensor(name, data, raw_dtype=qtype)
+            deq = gguf.quants.dequantize(data, qtype).reshape(stored.shape)
+        if name.endswith("attn_q.weight"):
+            deq = unpermute(deq, cfg.heads)
+        elif name.endswith("attn_k.weight"):
+            deq = unpermute(deq, cfg.kv_heads)
+        reference[mlx_name] = deq.astype(np.float32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return reference
+
+
+def reference_llama(cfg: Config, weights: dict, *, traditional=False):
+    """mlx-lm's llama, float weights straight from ``weights`` (no quantized layers)."""
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
+        intermediate_size=cfg.ffn, num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads, rms_norm_eps=cfg.eps, vocab_size=len(TOKENS),
+        rope_theta=cfg.theta, rope_traditional=traditional, tie_word_embeddings=cfg.tied,
+    )
+    model = llama.Model(args)
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+PROMPT = mx.array([[BOS_ID, 40, 71, 120, 7, 200, 3, 258, 150, 33, 80, 99, 12, 64, 250, 31]])
+
+
+def logits_of(model):
+    return np.array(model(PROMPT).astype(mx.float32), np.float64)[0]
+
+
+@pytest.fixture(scope="module", params=[MHA, GQA], ids=["mha-tied", "gqa-untied"])
+def written(request, tmp_path_factory):
+    cfg = request.param
+    path = tmp_path_factory.mktemp("gguf_ref") / "tiny.gguf"
+    reference = write_gguf(path, cfg)
+    return cfg, path, reference
+
+
+def test_permute_roundtrip():
+    w = np.arange(48 * 5, dtype=np.float32).reshape(48, 5)
+    for heads in (1, 2, 3):
+        p = permute(w, heads)
+        assert not np.array_equal(p, w)
+        np.testing.assert_array_equal(unpermute(p, heads), w)
+    # llama.cpp interleaves a head's two halves: GGUF row (h, i, j) is HF row (h, j, i)
+    p = permute(np.arange(8.0)[:, None], 1)
+    assert p[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+# ---------------------------------------------------------------- tensors, bit for bit
+def _gguf_to_mlx(name):
+    parts = name.split(".")
+    if parts[0] == "blk":
+        return f"model.layers.{parts[1]}.{BLOCK[parts[2]][0]}.{parts[3]}"
+    return {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+            "output": "lm_head"}[parts[0]] + "." + parts[1]
+
+
+def _dequantize_ours(get, base, qtype):
+    """Our stored triple (or float) for ``base`` dequantized in float32."""
+    if qtype in BITS:
+        f32 = mx.float32
+        w = mx.dequantize(get(f"{base}.weight"), get(f"{base}.scales").astype(f32),
+                          get(f"{base}.biases").astype(f32), group_size=32, bits=BITS[qtype])
+    else:
+        w = get(f"{base}.weight")
+    return np.array(w.astype(mx.float32))
+
+
+def test_reader_tensors_equal_gguf_dequantize_bit_for_bit(written):
+    cfg, path, _ = written
+    reader = gguf.GGUFReader(str(path))
+    ours = our_gguf.load_weights(path)
+    model = mlx_qspec.load(path)[0]
+    params = dict(tree_flatten(model.parameters()))
+    seen = 0
+    for t in reader.tensors:
+        qtype = Q(t.tensor_type)
+        shape = tuple(int(d) for d in reversed(t.shape))
+        expected = gguf.quants.dequantize(t.data, qtype).reshape(shape).astype(np.float32)
+        base = _gguf_to_mlx(t.name)[: -len(".weight")]
+        for label, get in (("reader", ours.__getitem__), ("loaded model", params.__getitem__)):
+            got = _dequantize_ours(get, base, qtype)
+            assert got.shape == expected.shape, (label, t.name, got.shape, expected.shape)
+            assert np.array_equal(got, expected), f"{label}: {t.name} differs from gguf's dequantize"
+        seen += 1
+    assert seen == sum(not k.endswith((".scales", ".biases")) for k in ours)
+    assert {Q(t.tensor_type) for t in reader.tensors} >= {Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.F32}
+
+
+# ---------------------------------------------------------------- forward
+RTOL = 2e-5  # float32 rounding: quantized_matmul vs dense matmul of the same values
+
+
+def _gap(a, b):
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+def test_forward_equals_model_built_from_the_tensors(written):
+    cfg, path, reference = written
+    ref = logits_of(reference_llama(cfg, reference))
+    ours = logits_of(mlx_qspec.load(path)[0])
+    gap = _gap(ours, ref)
+    assert gap <= RTOL, f"relative logit gap {gap:.3g}"
+    # The comparison has power: mistakes of the mapping give gaps orders of magnitude larger.
+    permuted = dict(reference)  # Q/K left in GGUF's row order under standard RoPE
+    for i in range(cfg.layers):
+        for proj, heads in (("q_proj", cfg.heads), ("k_proj", cfg.kv_heads)):
+            key = f"model.layers.{i}.self_attn.{proj}.weight"
+            permuted[key] = permute(reference[key], cfg.heads, heads)
+    assert _gap(logits_of(reference_llama(cfg, permuted)), ref) > 100 * RTOL
+    if cfg.heads == cfg.kv_heads:
+        swapped = dict(reference)
+        for i in range(cfg.layers):
+            q, k = (f"model.layers.{i}.self_attn.{p}_proj.weight" for p in "qk")
+            swapped[q], swapped[k] = reference[k], reference[q]
+        assert _gap(logits_of(reference_llama(cfg, swapped)), ref) > 100 * RTOL
+
+
+def test_converted_directory_equals_model_built_from_the_tensors(written, tmp_path):
+    """``mlx_qspec.convert`` → stock mlx-lm loads the directory → the same logits as the
+    model built from the tensors (the converter's mapping checked independently too)."""
+    from mlx_lm.utils import load as mlx_lm_load
+
+    from mlx_qspec.convert import convert
+
+    cfg, path, reference = written
+    out = convert(str(path), str(tmp_path / "mlx"), dtype="float32")
+    model, _ = mlx_lm_load(str(out))
+    gap = _gap(logits_of(model), logits_of(reference_llama(cfg, reference)))
+    assert gap <= RTOL, f"relative logit gap {gap:.3g}"
