@@ -57,6 +57,19 @@ def build_tiny_model(seed: int = 0, residual_gain: float = 4.0, head_bits: int =
     return model
 
 
+def byte_symbols():
+    """GPT-2's byte → printable unicode map (the byte-level BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
 @pytest.fixture
 def tiny_model():
     """A fresh tiny quantized llama (tests may install QSpec layers on it)."""

@@ -1,18 +1,17 @@
 """The self-speculative loop: greedy output equals plain decoding token for token, the
 shared cache ends as plain decoding leaves it, and sampling keeps the verify's distribution."""
 
-import math
-from collections import Counter
 from itertools import islice
 
 import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
 
 from conftest import build_tiny_model
+from sampling import chi2_pvalue, sample_first_tokens
 from mlx_qspec import precision
 from mlx_qspec.precision import FULL_PRECISION, TERMS, parse, reading
 from mlx_qspec.quant.linear import install, is_installed
@@ -170,21 +169,6 @@ def test_sampler_draws_like_mlx_lm():
         assert mx.array_equal(ours, mlx_lm_make_sampler(**kw)(lp)), kw
 
 
-def _chi2_pvalue(counts: Counter, probs: dict, n: int) -> float:
-    """Pearson chi-square p-value; cells expecting < 5 (and unseen outcomes) pooled."""
-    big = {k for k, p in probs.items() if p * n >= 5}
-    obs = [counts[k] for k in big] + [n - sum(counts[k] for k in big)]
-    exp = [probs[k] * n for k in big] + [n * (1 - sum(probs[k] for k in big))]
-    if exp[-1] < 1e-9:
-        if obs[-1]:
-            return 0.0
-        obs, exp = obs[:-1], exp[:-1]
-    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
-    df = len(obs) - 1
-    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))  # Wilson–Hilferty
-    return 0.5 * math.erfc(z / math.sqrt(2))
-
-
 def _joint(model, prompt, sampler, steps, mode=FULL_PRECISION):
     """Exact distribution of the first ``steps`` tokens, by enumerating the filtered support."""
     out = {(): 1.0}
@@ -210,19 +194,9 @@ def test_speculative_sampling_keeps_the_verify_distribution(model):
     p_joint = _joint(model, prompt, sampler, steps)
     q_joint = _joint(model, prompt, sampler, steps, parse("a4"))
 
-    cache = make_prompt_cache(model)
-    model(mx.array(prompt[:-1])[None], cache=cache)
-    mx.random.seed(1234)
-    counts, stats = Counter(), SpecStats()
-    for _ in range(n):
-        gen = speculative_generate_step(mx.array(prompt[-1:]), model, draft="a4",
-                                        num_draft_tokens=2, max_tokens=steps, sampler=sampler,
-                                        prompt_cache=cache, stats=stats)
-        counts[tuple(t for t, _, _ in gen)] += 1
-        trim_prompt_cache(cache, steps)
-    assert cache[0].offset == len(prompt) - 1
+    counts, stats = sample_first_tokens(model, prompt, sampler, steps, n, seed=1234)
     assert 0.1 < stats.acceptance < 0.9  # both the accept and the residual paths ran
-    p_value, q_value = _chi2_pvalue(counts, p_joint, n), _chi2_pvalue(counts, q_joint, n)
+    p_value, q_value = chi2_pvalue(counts, p_joint, n), chi2_pvalue(counts, q_joint, n)
     print(f"chi-square p-values: verify {p_value:.3g}, draft {q_value:.3g}")
     assert p_value > 1e-3
     assert q_value < 1e-6

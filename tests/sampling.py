@@ -1,0 +1,44 @@
+"""Shared by the speculative-sampling distribution tests: draw the first tokens many times
+from one prefilled cache, and Pearson's chi-square against an exact joint distribution."""
+
+import math
+from collections import Counter
+
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+from mlx_qspec.speculative import SpecStats, speculative_generate_step
+
+
+def sample_first_tokens(model, prompt, sampler, steps: int, n: int, seed: int,
+                        draft="a4", gamma=2):
+    """Counts of the first ``steps`` tokens over ``n`` speculative runs (one cache, rewound
+    after each run), and their stats."""
+    cache = make_prompt_cache(model)
+    model(mx.array(prompt[:-1])[None], cache=cache)
+    mx.random.seed(seed)
+    counts, stats = Counter(), SpecStats()
+    for _ in range(n):
+        gen = speculative_generate_step(mx.array(prompt[-1:]), model, draft=draft,
+                                        num_draft_tokens=gamma, max_tokens=steps,
+                                        sampler=sampler, prompt_cache=cache, stats=stats)
+        counts[tuple(t for t, _, _ in gen)] += 1
+        trim_prompt_cache(cache, steps)
+    assert cache[0].offset == len(prompt) - 1
+    return counts, stats
+
+
+def chi2_pvalue(counts: Counter, probs: dict, n: int) -> float:
+    """Pearson chi-square p-value; cells expecting < 5 (and unseen outcomes) pooled;
+    Wilson–Hilferty's normal approximation of the chi-square tail."""
+    big = [k for k, p in probs.items() if p * n >= 5]
+    obs = [counts[k] for k in big] + [n - sum(counts[k] for k in big)]
+    exp = [probs[k] * n for k in big] + [n * (1 - sum(probs[k] for k in big))]
+    if exp[-1] < 1e-9:
+        if obs[-1]:
+            return 0.0
+        obs, exp = obs[:-1], exp[:-1]
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    df = len(obs) - 1
+    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
+    return 0.5 * math.erfc(z / math.sqrt(2))
