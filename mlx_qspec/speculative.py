@@ -443,12 +443,11 @@ def _generate(
         start = cache[0].offset
         prefill(model, prompt[:-1].astype(mx.uint32), cache, prefill_step_size, quantize_cache)
         y = prompt[-1:].astype(mx.uint32)
-        gamma_of = lambda: num_draft_tokens or DEFAULT_DRAFT_TOKENS  # noqa: E731
         adaptive = None
         if mode == AUTO:
             mode, adaptive = resolve_auto(model, cache, num_draft_tokens, stats)
         stats.prefill_time += time.perf_counter() - t0
-        gamma_of = adaptive or gamma_of
+        gamma_of = adaptive or (lambda: num_draft_tokens or DEFAULT_DRAFT_TOKENS)
         if logits_processors:
             history = prompt.astype(mx.uint32)
         limit = math.inf if max_tokens < 0 else max_tokens
