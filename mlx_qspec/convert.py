@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import save_config, save_model
 
 from . import gguf
-from .errors import ModelError
+from .errors import ModelError, UserError
 from .loader import cast_floats, load_gguf, resolve
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -51,10 +51,13 @@ def convert(
         raise ModelError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     model_obj, tokenizer, config, metadata = load_gguf(src)
     if rotate:
-        from .quant.rotate import calibration_tokens, check_rotatable, rotate_model, save_rotated
+        from .quant.rotate import (
+            calibration_tokens, check_residual, check_rotatable, rotate_model, save_rotated,
+        )
 
         try:
             check_rotatable(config)
+            check_residual(config, "hadamard")
         except ValueError as e:
             raise ModelError(f"{src}: {e}") from None
     # Rotation and GPTQ compute in float32 (MLX-CPU float16 is ~35x slower); the
@@ -72,7 +75,10 @@ def convert(
     mlx_path.mkdir(parents=True, exist_ok=True)
     try:
         if rotate:
-            calibration = calibration_tokens(tokenizer) if rotate_method == "gptq" else None
+            try:
+                calibration = calibration_tokens(tokenizer) if rotate_method == "gptq" else None
+            except ValueError as e:
+                raise ModelError(f"--rotate-method gptq: {e}; use --rotate-method rtn") from None
             weights, config = rotate_model(
                 model_obj, config, method=rotate_method, calibration=calibration
             )
@@ -111,7 +117,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         convert(args.model, args.mlx_path, args.dtype, args.rotate, args.rotate_method)
-    except (ModelError, ValueError) as e:
+    except UserError as e:  # anything else is a bug: its traceback, exit 1
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 

@@ -1,5 +1,12 @@
-"""The one exception type for user mistakes: the CLI prints its message and exits 2."""
+"""User mistakes as their own exception type, so the CLI can tell them from bugs: a
+``UserError`` prints its one-line message and exits 2; anything else is a bug and keeps
+its traceback (exit 1)."""
 
 
-class ModelError(ValueError):
+class UserError(ValueError):
+    """An argument, flag or input the user gave cannot be used. A ``ValueError`` so that
+    API callers who catch ``ValueError`` for bad arguments keep working."""
+
+
+class ModelError(UserError):
     """A model path, file, hub id or option the user gave cannot be used."""

@@ -367,11 +367,16 @@ def run(args) -> None:
 
 
 def main(argv=None):
+    """Bad flags and user mistakes: one line, exit 2. Anything else is a bug and keeps its
+    traceback (exit 1)."""
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (ModelError, ValueError) as e:
+    except ValueError as e:
+        # UserError (ModelError included); also plain ValueError while the API's argument
+        # checks (precision, speculative, quant/modes, kv_cache) still raise it: once they
+        # raise UserError, catch UserError only.
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 

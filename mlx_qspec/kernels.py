@@ -31,7 +31,9 @@ from .quant.activations import (
     quantize_activations,
 )
 
-METAL_DIR = Path(__file__).resolve().parent.parent / "metal"
+_HERE = Path(__file__).resolve().parent
+# A wheel carries the sources inside the package; a source checkout keeps them at the top.
+METAL_DIR = _HERE / "metal" if (_HERE / "metal").is_dir() else _HERE.parent / "metal"
 MAX_M = 16  # rows a small-M kernel takes: a draft step or a verify block of γ+1 ≤ 16
 WEIGHT_GROUP_SIZES = (32, 64, 128)
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)

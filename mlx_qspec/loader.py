@@ -1,13 +1,21 @@
-"""``load(path_or_repo)``: mlx-community directories, Hugging Face hub ids (from the
-local cache only) and GGUF files, all into mlx-lm's model classes and tokenizer wrapper."""
+"""``load(path_or_repo)``: mlx-community directories, Hugging Face hub ids (cached or
+downloaded, as mlx-lm does) and GGUF files, all into mlx-lm's model classes and tokenizer
+wrapper."""
 
+import os
 import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
-from mlx_lm.utils import _get_classes, load_model, load_tokenizer, save_config
+from mlx_lm.utils import (
+    DEFAULT_ALLOW_PATTERNS,
+    _get_classes,
+    load_model,
+    load_tokenizer,
+    save_config,
+)
 
 from . import gguf
 from .errors import ModelError
@@ -20,8 +28,17 @@ def default_dtype():
     return None if mx.metal.is_available() else mx.float32
 
 
+def _offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub read it at import, or as the environment says now."""
+    from huggingface_hub import constants
+
+    now = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return constants.HF_HUB_OFFLINE or now
+
+
 def resolve(path_or_repo: str, revision: str | None = None) -> Path:
-    """A local path, or a hub id found in huggingface_hub's cache. Never downloads."""
+    """A local path, or a hub id as mlx-lm resolves it: the local cache first, then a
+    download of what is missing (mlx-lm's file patterns, huggingface_hub's progress bars)."""
     path = Path(path_or_repo).expanduser()
     if path.exists():
         return path
@@ -29,15 +46,42 @@ def resolve(path_or_repo: str, revision: str | None = None) -> Path:
     if not looks_like_repo:
         raise ModelError(f"model path '{path_or_repo}' does not exist")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
+    fetch = dict(revision=revision, allow_patterns=DEFAULT_ALLOW_PATTERNS)
+    not_here = f"model '{path_or_repo}' is not a local path and is not in the Hugging Face cache"
     try:
-        return Path(snapshot_download(path_or_repo, revision=revision, local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError, OSError):
-        raise ModelError(
-            f"model '{path_or_repo}' is not a local path and is not in the Hugging Face cache; "
-            f"download it first with `hf download {path_or_repo}` on a machine with network access"
-        ) from None
+        cached = Path(snapshot_download(path_or_repo, local_files_only=True, **fetch))
+        if _is_model_dir(cached):
+            return cached
+    except HFValidationError:
+        raise ModelError(f"model path '{path_or_repo}' does not exist") from None
+    except LocalEntryNotFoundError:
+        pass  # absent, or incomplete by the cached file listing
+    # partly cached (e.g. `hf download <id> config.json`): download what is missing
+    if _offline():
+        raise ModelError(f"{not_here} (HF_HUB_OFFLINE is set); download it first with "
+                         f"`hf download {path_or_repo}` on a machine with network access")
+    try:
+        return Path(snapshot_download(path_or_repo, **fetch))
+    except RepositoryNotFoundError:
+        raise ModelError(f"model '{path_or_repo}' is not a local path and not a model on the "
+                         "Hugging Face hub (private or gated? `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise ModelError(f"model '{path_or_repo}' has no revision '{revision}'") from None
+    except LocalEntryNotFoundError as e:  # how snapshot_download reports an unreachable hub
+        raise ModelError(f"{not_here}, and the hub cannot be reached "
+                         f"({type(e.__cause__ or e).__name__}); download it with "
+                         f"`hf download {path_or_repo}` on a machine with network access") from None
+    except HfHubHTTPError as e:
+        raise ModelError(f"model '{path_or_repo}': the hub refused the download "
+                         f"({str(e).splitlines()[0]})") from None
 
 
 def _is_gguf(path: Path) -> bool:
@@ -96,6 +140,10 @@ def load_gguf(path: Path):
     return model, tokenizer, config, metadata
 
 
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("model*.safetensors"))
+
+
 def _check_model_dir(path: Path):
     if not (path / "config.json").is_file():
         raise ModelError(f"'{path}' is not a model directory (no config.json)")
@@ -111,7 +159,7 @@ def load(
     return_config: bool = False,
     revision: str | None = None,
 ):
-    """Load ``(model, tokenizer)`` from an mlx directory, a cached hub id or a ``.gguf`` file.
+    """Load ``(model, tokenizer)`` from an mlx directory, a hub id or a ``.gguf`` file.
 
     ``dtype``: compute dtype of the floating parameters; ``"auto"`` keeps the stored
     dtype on Metal and uses float32 on the CPU backend; ``None`` keeps the stored dtype.
