@@ -21,7 +21,7 @@ from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, wired_limit
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .errors import ModelError
+from .errors import ModelError, UserError
 from .kernels import backend
 from .kv_cache import KV_MODES, make_cache
 from .loader import load
@@ -100,12 +100,12 @@ def stream_generate(
     ``prompt_cache``, ``kv_bits``, ``max_kv_size``, ``draft_p_min``, ….
     """
     if max_tokens == 0:
-        raise ValueError("Maximum number of tokens must be non-zero (use -1 for no limit).")
+        raise UserError("Maximum number of tokens must be non-zero (use -1 for no limit).")
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     prompt = _encode_prompt(tokenizer, prompt)
     if prompt.size == 0:
-        raise ValueError("The prompt is empty.")
+        raise UserError("The prompt is empty.")
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
 
@@ -113,11 +113,11 @@ def stream_generate(
     kwargs.pop("prompt_progress_callback", None)
     if kwargs.get("prompt_cache") is None:
         if kv_mode != "fp" and max_kv_size is not None:
-            raise ValueError(f"max_kv_size needs kv_mode 'fp' (a {kv_mode} cache does not rotate)")
+            raise UserError(f"max_kv_size needs kv_mode 'fp' (a {kv_mode} cache does not rotate)")
         kwargs["prompt_cache"] = (make_prompt_cache(model, max_kv_size) if kv_mode == "fp"
                                   else make_cache(model, kv_mode))
     if kv_mode != "fp" and kwargs.get("kv_bits") is not None:
-        raise ValueError(f"kv_bits quantizes an fp cache; with kv_mode {kv_mode!r} leave it unset")
+        raise UserError(f"kv_bits quantizes an fp cache; with kv_mode {kv_mode!r} leave it unset")
     stats = SpecStats()
     if draft is None or (isinstance(draft, str) and draft.strip().lower() == NONE):
         kwargs.pop("draft_p_min", None)
@@ -373,10 +373,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         run(args)
-    except ValueError as e:
-        # UserError (ModelError included); also plain ValueError while the API's argument
-        # checks (precision, speculative, quant/modes, kv_cache) still raise it: once they
-        # raise UserError, catch UserError only.
+    except UserError as e:  # ModelError included; any other exception is a bug
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 

@@ -22,6 +22,8 @@ from mlx_lm.models.cache import (
     make_prompt_cache,
 )
 
+from .errors import UserError
+
 GROUP_SIZES = (32, 64, 128)
 KV_MODES = ("fp", "8bit", "nested")
 
@@ -72,7 +74,7 @@ class NestedKVCache(_BaseCache):
     def __init__(self, block_size: int = 64, value_group_size: int = 64):
         for name, v in (("block_size", block_size), ("value_group_size", value_group_size)):
             if v not in GROUP_SIZES:
-                raise ValueError(f"nested KV {name} must be one of {GROUP_SIZES}, got {v}")
+                raise UserError(f"nested KV {name} must be one of {GROUP_SIZES}, got {v}")
         self.block_size = block_size
         self.value_group_size = value_group_size
         self.keys = self.values = None  # (upper, lower, scales, mins) storage, step-allocated
@@ -91,7 +93,7 @@ class NestedKVCache(_BaseCache):
         if D % g:
             ok = [s for s in GROUP_SIZES if D % s == 0]
             fix = f"pass value_group_size={max(ok)}" if ok else "nested KV needs a multiple of 32"
-            raise ValueError(f"value head dim {D} is not a multiple of value_group_size={g}; {fix}")
+            raise UserError(f"value head dim {D} is not a multiple of value_group_size={g}; {fix}")
         B, H, _, Dk = keys.shape
         self.kbuf = mx.zeros((B, H, 2 * self.block_size, Dk), keys.dtype)
         self.vbuf = mx.zeros((B, H, 2 * self.block_size, D), values.dtype)
@@ -247,7 +249,7 @@ def make_cache(model: nn.Module, kv_mode: str, block_size: int = 64, value_group
     64), ``nested`` :class:`NestedKVCache`. Groups along the head dim (8-bit, nested values)
     fall to the largest supported size that divides it (32 for a head dim of 32)."""
     if kv_mode not in KV_MODES:
-        raise ValueError(f"unknown kv mode {kv_mode!r}; choose one of {', '.join(KV_MODES)}")
+        raise UserError(f"unknown kv mode {kv_mode!r}; choose one of {', '.join(KV_MODES)}")
     if kv_mode == "fp":
         return make_prompt_cache(model)
     n = len(model.layers)

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from .errors import UserError
+
 ACT_BITS = (4, 8)
 ACT_GROUP_SIZES = (16, 32, 64, 128)
 FULL, UPPER = "full", "upper"
@@ -34,14 +36,14 @@ class Precision:
     def __post_init__(self):
         for axis in ("weights", "kv"):
             if getattr(self, axis) not in (FULL, UPPER):
-                raise ValueError(f"{axis} precision must be {FULL!r} or {UPPER!r}, got {getattr(self, axis)!r}")
+                raise UserError(f"{axis} precision must be {FULL!r} or {UPPER!r}, got {getattr(self, axis)!r}")
         if self.act_bits is not None and self.act_bits not in ACT_BITS:
-            raise ValueError(f"draft activation bits must be one of {ACT_BITS}, got {self.act_bits}")
+            raise UserError(f"draft activation bits must be one of {ACT_BITS}, got {self.act_bits}")
         if self.act_group_size is not None:
             if self.act_bits is None:
-                raise ValueError("an activation group size needs activation bits")
+                raise UserError("an activation group size needs activation bits")
             if self.act_group_size not in ACT_GROUP_SIZES:
-                raise ValueError(
+                raise UserError(
                     f"draft activation group size must be one of {ACT_GROUP_SIZES}, "
                     f"got {self.act_group_size}"
                 )
@@ -96,13 +98,13 @@ def parse(name: str) -> Precision:
     fields, axes = {}, {}
     for term in terms:
         if term not in TERMS:
-            raise ValueError(
+            raise UserError(
                 f"unknown draft term {term!r} in {name!r}; terms: {', '.join(TERMS)} "
                 "(combine with '+', e.g. a8+kv-upper)"
             )
         axis = _axis(term)
         if axis in axes:
-            raise ValueError(f"draft {name!r} reads {axis} two ways ({axes[axis]} and {term})")
+            raise UserError(f"draft {name!r} reads {axis} two ways ({axes[axis]} and {term})")
         axes[axis] = term
         fields.update(TERMS[term])
     return Precision(**fields)

@@ -36,9 +36,10 @@ from mlx_lm.sample_utils import (
 )
 
 from . import attention, cost, kernels, precision, reads
+from .errors import UserError
+from .kv_cache import NestedKVCache
 from .precision import FULL_PRECISION, Precision
 from .quant.linear import install
-from .kv_cache import NestedKVCache
 from .quant.modes import AUTO, auto_candidates, check_draft
 
 MAX_DRAFT_TOKENS = 32
@@ -161,7 +162,7 @@ class SpecStats:
 def check_num_draft_tokens(n) -> int:
     """γ must be an integer in 1..32: ValueError naming the value otherwise."""
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_DRAFT_TOKENS:
-        raise ValueError(
+        raise UserError(
             f"num_draft_tokens must be an integer from 1 to {MAX_DRAFT_TOKENS}, got {n!r}"
         )
     return n
@@ -170,7 +171,7 @@ def check_num_draft_tokens(n) -> int:
 def check_draft_p_min(p) -> float:
     """``draft_p_min`` is a probability in [0, 1): ValueError naming the value otherwise."""
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-        raise ValueError(f"draft_p_min must be a number in [0, 1), got {p!r}")
+        raise UserError(f"draft_p_min must be a number in [0, 1), got {p!r}")
     return float(p)
 
 
@@ -180,7 +181,7 @@ def _resolve_sampler(sampler) -> Optional[Sampler]:
         return None
     if isinstance(sampler, Sampler):
         return None if sampler.greedy else sampler
-    raise ValueError(
+    raise UserError(
         f"speculative decoding cannot read the distribution of sampler {sampler!r}; "
         "build it with mlx_qspec.make_sampler(temp=..., top_p=..., ...)"
     )
@@ -340,22 +341,22 @@ def speculative_generate_step(
     cache per layer; a :class:`NestedKVCache` list for ``kv-upper``) is updated in place:
     when the generator ends it holds the prompt and every emitted token but the last.
     ``logprobs`` are the verify's (after ``logits_processors``), as plain decoding gives
-    them. Bad arguments raise ValueError here, before any compute.
+    them. Bad arguments raise UserError (a ValueError) here, before any compute.
     """
     cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
     auto = isinstance(draft, str) and draft.strip().lower() == AUTO
     mode = None if auto else check_draft(model, draft, kv_mode_of(cache))
     if mode is None and not auto:
-        raise ValueError(f"speculative decoding needs a draft, got {draft!r}")
+        raise UserError(f"speculative decoding needs a draft, got {draft!r}")
     if num_draft_tokens is not None:
         check_num_draft_tokens(num_draft_tokens)
     draft_p_min = check_draft_p_min(draft_p_min)
     dist = _resolve_sampler(sampler)
     if not can_trim_prompt_cache(cache):
         types = {type(c).__name__ for c in cache if not c.is_trimmable()}
-        raise ValueError(f"speculative decoding needs a trimmable prompt cache, got {types}")
+        raise UserError(f"speculative decoding needs a trimmable prompt cache, got {types}")
     if prompt.size == 0:
-        raise ValueError("the prompt is empty")
+        raise UserError("the prompt is empty")
     stats = SpecStats() if stats is None else stats
     if not auto:
         stats.draft = mode.name

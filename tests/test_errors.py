@@ -37,7 +37,8 @@ def test_bad_flag_exits_2(capsys):
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("exc", [RuntimeError("internal"), KeyError("internal")])
+@pytest.mark.parametrize("exc", [RuntimeError("internal"), KeyError("internal"),
+                                 ValueError("an internal invariant")])
 def test_generate_lets_bugs_through(exc, monkeypatch):
     """Not a SystemExit(2): the original exception reaches the interpreter."""
     monkeypatch.setattr(generate, "load", boom(exc))

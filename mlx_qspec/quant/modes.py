@@ -10,6 +10,7 @@ model choose (``cost.py``), which may also mean plain decoding.
 
 import mlx.nn as nn
 
+from ..errors import UserError
 from ..kv_cache import KV_MODES
 from ..precision import ACT_GROUP_SIZES, TERMS, UPPER, Precision, parse
 
@@ -76,30 +77,30 @@ def check_draft(model: nn.Module, name, kv_mode: str = "fp") -> Precision | None
     else:
         precision = parse(name)
     if precision is None or precision.is_full:
-        raise ValueError(f"draft {name!r} reads nothing with fewer bits; use --draft none")
+        raise UserError(f"draft {name!r} reads nothing with fewer bits; use --draft none")
     if kv_mode not in KV_MODES:
-        raise ValueError(f"unknown KV mode {kv_mode!r}; valid: {', '.join(KV_MODES)}")
+        raise UserError(f"unknown KV mode {kv_mode!r}; valid: {', '.join(KV_MODES)}")
     if precision.kv == UPPER and kv_mode != NESTED_KV:
-        raise ValueError(
+        raise UserError(
             f"draft {precision.name!r} reads the upper plane of a nested KV cache: "
             f"pass --kv-mode nested (got --kv-mode {kv_mode})"
         )
     if precision.weights == UPPER and not eight_bit_layers(model):
-        raise ValueError(
+        raise UserError(
             f"draft {precision.name!r} reads 8-bit weights as their upper plane, and this model "
             "has no 8-bit layers; use an -8bit model, or a8-g32 / kv-upper"
         )
     if precision.act_bits is not None:
         layers = draftable_layers(model)
         if not layers:
-            raise ValueError(
+            raise UserError(
                 f"draft {precision.name!r} needs a model with affine-quantized linear layers; "
                 "this model has none (quantize it to 4 bits first)"
             )
         g = precision.act_group_size
         for path, layer in layers if g else ():
             if _input_dims(layer) % g:
-                raise ValueError(
+                raise UserError(
                     f"draft {precision.name!r}: activation group size {g} does not divide "
                     f"the input size {_input_dims(layer)} of {path}"
                 )
