@@ -1,11 +1,12 @@
 """Read llama-family GGUF files as MLX models without a dequantize round trip.
 
-``mx.load`` already turns Q4_0 / Q4_1 / Q8_0 tensors into MLX affine
-(weight, scales, biases) triples with group size 32. This module adds what it
-does not: a check of the header (so a truncated file, a foreign file or an
-unsupported tensor type is a clear error, not a crash deep inside MLX), the
-mapping of GGUF names and metadata onto an mlx-lm config, and the tokenizer,
-rebuilt from metadata as a Hugging Face fast tokenizer.
+Block-quantized tensors become MLX affine (weight, scales, biases) triples at group size 32,
+value for value: Q4_0 / Q4_1 / Q4_K at 4 bits, Q5_0 / Q5_1 / Q5_K at 5, Q8_0 at 8. Q6_K's
+16-value sub-blocks have no MLX form; it loads at 8 bits, exactly where a group allows and
+otherwise within half an 8-bit step (see ``_q6_k``). F32 / F16 / BF16 load as floats; other
+types are a one-line error. Also: a check of the header (a truncated or foreign file is a clear
+error, not a crash), GGUF names and metadata (RoPE scaling included) mapped onto an mlx-lm
+config, and the tokenizer rebuilt through transformers' GGUF converter.
 """
 
 import json
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from .errors import ModelError
 
@@ -22,15 +24,21 @@ GGUF_MAGIC = b"GGUF"
 # ggml type id -> (name, bytes per block, values per block)
 GGML_TYPES = {
     0: ("F32", 4, 1), 1: ("F16", 2, 1), 2: ("Q4_0", 18, 32), 3: ("Q4_1", 20, 32),
-    6: ("Q5_0", 22, 32), 7: ("Q5_1", 24, 32), 8: ("Q8_0", 34, 32), 9: ("Q8_1", 36, 32),
+    6: ("Q5_0", 22, 32), 7: ("Q5_1", 24, 32), 8: ("Q8_0", 34, 32), 9: ("Q8_1", 40, 32),
     10: ("Q2_K", 84, 256), 11: ("Q3_K", 110, 256), 12: ("Q4_K", 144, 256),
     13: ("Q5_K", 176, 256), 14: ("Q6_K", 210, 256), 15: ("Q8_K", 292, 256),
-    24: ("I8", 1, 1), 25: ("I16", 2, 1), 26: ("I32", 4, 1), 27: ("I64", 8, 1),
-    28: ("F64", 8, 1), 30: ("BF16", 2, 1),
+    16: ("IQ2_XXS", 66, 256), 17: ("IQ2_XS", 74, 256), 18: ("IQ3_XXS", 98, 256),
+    19: ("IQ1_S", 50, 256), 20: ("IQ4_NL", 18, 32), 21: ("IQ3_S", 110, 256),
+    22: ("IQ2_S", 82, 256), 23: ("IQ4_XS", 136, 256), 24: ("I8", 1, 1), 25: ("I16", 2, 1),
+    26: ("I32", 4, 1), 27: ("I64", 8, 1), 28: ("F64", 8, 1), 29: ("IQ1_M", 56, 256),
+    30: ("BF16", 2, 1), 34: ("TQ1_0", 54, 256), 35: ("TQ2_0", 66, 256), 39: ("MXFP4", 17, 32),
+    40: ("NVFP4", 36, 64), 41: ("Q1_0", 18, 128),
 }
-# Types kept as they are: floats, and the block formats MLX reads as affine triples.
-QUANT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
-SUPPORTED_TYPES = {"F32", "F16", *QUANT_BITS}
+# Block types -> bits of the MLX affine form (group 32) they load as. All exact, except
+# Q6_K (see ``_q6_k``). Floats load as floats; every other type is refused.
+QUANT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5, "Q6_K": 8}
+FLOAT_TYPES = {"F32", "F16", "BF16"}
+SUPPORTED_TYPES = FLOAT_TYPES | set(QUANT_BITS)
 GGUF_GROUP_SIZE = 32
 
 # GGUF architecture -> (mlx-lm model_type, Q/K rows permuted for the traditional RoPE)
@@ -130,6 +138,8 @@ def read_header(path):
                     f"{path}: tensor '{name}' has {count} values, not a whole number of "
                     f"{type_name} blocks of {block_values}"
                 )
+            if block_values > 1 and (not dims or dims[0] % block_values):
+                raise ModelError(f"{path}: tensor '{name}' rows are not whole {type_name} blocks")
             nbytes = count // block_values * block_bytes
             # GGUF lists dims fastest-first; MLX shapes are slowest-first.
             tensors.append(TensorInfo(name, dims[::-1], type_name, offset, nbytes))
@@ -142,9 +152,11 @@ def read_header(path):
         t = unsupported[0]
         raise ModelError(
             f"{path}: tensor '{t.name}' has GGML type {t.type_name}; supported types are "
-            f"{', '.join(sorted(SUPPORTED_TYPES))} (re-quantize the model to Q4_0, Q4_1 or Q8_0)"
+            f"{', '.join(sorted(SUPPORTED_TYPES))} (re-quantize the model, e.g. to Q4_K_M)"
         )
-    end = max((data_start + t.offset + t.nbytes for t in tensors), default=data_start)
+    for t in tensors:
+        t.offset += data_start  # from here on: where the data lies in the file
+    end = max((t.offset + t.nbytes for t in tensors), default=0)
     if end > size:
         raise ModelError(f"{path}: truncated GGUF file ({size} bytes, tensor data needs {end})")
     return metadata, tensors
@@ -196,6 +208,11 @@ def model_config(metadata, tensors, path):
         "vocab_size": len(metadata.get("tokenizer.ggml.tokens", ())) or int(meta("vocab_size")),
         "tie_word_embeddings": not any(t.name == "output.weight" for t in tensors),
     }
+    rotary = metadata.get(f"{arch}.rope.dimension_count", config["head_dim"])
+    if rotary != config["head_dim"]:
+        raise ModelError(f"{path}: partial RoPE ({rotary} of {config['head_dim']} dims) is not supported")
+    if scaling := rope_scaling(metadata, arch, path):
+        config["rope_scaling"] = scaling
     if model_type == "llama":
         config["attention_bias"] = any(t.name.endswith("attn_q.bias") for t in tensors)
     eos = metadata.get("tokenizer.ggml.eos_token_id")
@@ -225,55 +242,278 @@ def model_config(metadata, tensors, path):
     return config
 
 
+# ---------------------------------------------------------------- block formats -> MLX affine
+# Each decoder takes blocks (n, bytes per block) of uint8 and returns the integer codes
+# (n, values per block) and the float scale and bias of each 32-value group (n, groups),
+# with value = scale * code + bias: MLX's affine form at group size 32. The layouts are
+# ggml's (ggml-quants.c; gguf-py's ``quants.py`` dequantizes the same bytes).
+
+
+def _f16(blocks, start):
+    return blocks[:, start:start + 2].copy().view(np.float16)
+
+
+def _nibbles(qs, width):
+    """(n, bytes) -> (n, 2 * bytes) codes: per ``width`` bytes, the low nibbles, then the high
+    ones (width 16 in the 32-value formats, 32 in the k-quants)."""
+    qs = qs.reshape(len(qs), -1, 1, width)
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(len(qs), -1)
+
+
+def _high_bits(qh):
+    """(n, 4) bytes, a little-endian uint32 (Q5_0 / Q5_1) -> (n, 32) fifth bits."""
+    return np.unpackbits(qh, axis=1, bitorder="little")
+
+
+def _q4_0(b):
+    d = _f16(b, 0)
+    return _nibbles(b[:, 2:], 16), d, d * np.float16(-8)
+
+
+def _q4_1(b):
+    return _nibbles(b[:, 4:], 16), _f16(b, 0), _f16(b, 2)
+
+
+def _q5_0(b):
+    d = _f16(b, 0)
+    return _nibbles(b[:, 6:], 16) | (_high_bits(b[:, 2:6]) << 4), d, d * np.float16(-16)
+
+
+def _q5_1(b):
+    return _nibbles(b[:, 8:], 16) | (_high_bits(b[:, 4:8]) << 4), _f16(b, 0), _f16(b, 2)
+
+
+def _q8_0(b):
+    d = _f16(b, 0)
+    return (b[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8), d, d * np.float16(-128)
+
+
+def _k_scales(b):
+    """Q4_K / Q5_K: float32 scale d*sc and bias -dmin*m of the eight sub-blocks (6-bit sc, m).
+    Both products are exact in float32 (11-bit mantissa times a 6-bit integer)."""
+    d, dmin = _f16(b, 0).astype(np.float32), _f16(b, 2).astype(np.float32)
+    lo, hi, mix = b[:, 4:8], b[:, 8:12], b[:, 12:16]
+    sc = np.concatenate([lo & 0x3F, (mix & 0x0F) | ((lo >> 2) & 0x30)], axis=1)
+    m = np.concatenate([hi & 0x3F, (mix >> 4) | ((hi >> 2) & 0x30)], axis=1)
+    return d * sc, -(dmin * m)
+
+
+def _q4_k(b):
+    return _nibbles(b[:, 16:], 32), *_k_scales(b)
+
+
+def _q5_k(b):
+    # bit i of qh byte j is the fifth bit of value 32*i + j
+    high = np.unpackbits(b[:, 16:48, None], axis=2, bitorder="little").transpose(0, 2, 1)
+    return _nibbles(b[:, 48:], 32) | (high.reshape(len(b), 256) << 4), *_k_scales(b)
+
+
+def _q6_k(b):
+    """Q6_K: value = d * sc * (q - 32), sc an int8 per 16 values. MLX has no group 16, so each
+    32-value group becomes 8-bit affine over the integers n = sc*(q-32) of its two halves:
+    step gcd(sc1, sc2) where their span fits 256 levels (then exact), else span/255
+    (error at most half that step; measured on Gaussian weights: an RMS error 0.21 of Q6_K's
+    own, so 2 % more error in all)."""
+    n_blocks = len(b)
+    ql, qh = b[:, :128].reshape(n_blocks, 2, 1, 64), b[:, 128:192].reshape(n_blocks, 2, 1, 32)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2).reshape(n_blocks, 2, 4, 32)
+    high = np.concatenate([(qh >> s) & 0x03 for s in (0, 2, 4, 6)], axis=2)
+    q = (low | (high << 4)).reshape(n_blocks, 16, 16).astype(np.int32) - 32
+    sc = b[:, 192:208].view(np.int8).astype(np.int32)
+    n = (q * sc[:, :, None]).reshape(n_blocks, 8, 32)
+    lo, hi = n.min(axis=2), n.max(axis=2)
+    g = np.gcd(sc[:, 0::2], sc[:, 1::2])
+    step = np.where(hi - lo <= 255 * g, np.maximum(g, 1), (hi - lo) / 255).astype(np.float32)
+    codes = np.rint((n - lo[:, :, None]).astype(np.float32) / step[:, :, None]).clip(0, 255).astype(np.uint8)
+    d = _f16(b, 208).astype(np.float32)
+    return codes.reshape(n_blocks, 256), d * step, d * lo.astype(np.float32)
+
+
+_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
+             "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+_CHUNK_VALUES = 1 << 24  # bounds the numpy temporaries of one tensor's decoding
+
+
+def _pack(codes, bits):
+    """(rows, cols) codes -> MLX's packing: a little-endian bit stream in uint32 words."""
+    if bits == 8:
+        return codes.view(np.uint32)
+    if bits == 4:
+        return (codes[:, 0::2] | (codes[:, 1::2] << 4)).view(np.uint32)
+    stream = np.unpackbits(codes[:, :, None], axis=2, count=bits, bitorder="little")
+    return np.packbits(stream.reshape(len(codes), -1), axis=1, bitorder="little").view(np.uint32)
+
+
+def _quantized(data, info):
+    """(weight, scales, biases) for a block-quantized tensor; decoded by row chunks."""
+    _, block_bytes, block_values = next(v for v in GGML_TYPES.values() if v[0] == info.type_name)
+    bits = QUANT_BITS[info.type_name]
+    cols = info.shape[-1]
+    rows = info.nbytes // block_bytes * block_values // cols
+    blocks = data.reshape(rows, cols // block_values, block_bytes)
+    weight = np.empty((rows, cols * bits // 32), np.uint32)
+    scales = biases = None
+    step = max(1, _CHUNK_VALUES // cols)
+    for r in range(0, rows, step):
+        chunk = blocks[r:r + step].reshape(-1, block_bytes)
+        codes, s, z = _DECODERS[info.type_name](chunk)
+        if scales is None:
+            scales = np.empty((rows, cols // GGUF_GROUP_SIZE), s.dtype)
+            biases = np.empty_like(scales)
+        n = len(blocks[r:r + step])
+        weight[r:r + n] = _pack(codes.reshape(n, cols), bits)
+        scales[r:r + n] = s.reshape(n, -1)
+        biases[r:r + n] = z.reshape(n, -1)
+    shape = (*info.shape[:-1], -1)
+    return [mx.array(a.reshape(shape)) for a in (weight, scales, biases)]
+
+
+def _float(data, info):
+    if info.type_name == "BF16":
+        return mx.array(data.view(np.uint16).reshape(info.shape)).view(mx.bfloat16)
+    return mx.array(data.view({"F32": np.float32, "F16": np.float16}[info.type_name]).reshape(info.shape))
+
+
+def rope_scaling(metadata, arch, path):
+    """mlx-lm's ``rope_scaling`` for the GGUF's RoPE scaling metadata (None where there is
+    none); what mlx-lm cannot reproduce exactly is refused, never dropped."""
+    prefix = f"{arch}.rope.scaling."
+    keys = {k[len(prefix):]: v for k, v in metadata.items() if k.startswith(prefix)}
+    kind, factor = keys.pop("type", None), keys.pop("factor", None)
+    keys.pop("finetuned", None)  # informational
+    if kind is None and f"{arch}.rope.scale_linear" in metadata:  # the older spelling
+        kind, factor = "linear", metadata[f"{arch}.rope.scale_linear"]
+    if kind in (None, "none") and factor in (None, 1.0):
+        scaling = None
+    elif kind == "linear" and factor is not None:
+        scaling = {"type": "linear", "factor": float(factor)}
+    elif kind == "yarn" and factor is not None and "original_context_length" in keys:
+        # llama.cpp's YaRN with attn_factor 1 is mlx-lm's YarnRoPE (mscale 0.1 ln(factor) + 1)
+        if keys.get("attn_factor", 1.0) == 1.0:
+            keys.pop("attn_factor", None)
+        scaling = {"type": "yarn", "factor": float(factor),
+                   "original_max_position_embeddings": int(keys.pop("original_context_length"))}
+        for ours, theirs in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+            if theirs in keys:
+                scaling[ours] = float(keys.pop(theirs))
+    else:
+        raise ModelError(f"{path}: RoPE scaling '{kind}' (factor {factor}) is not supported")
+    keys.pop("original_context_length", None)  # linear: informational
+    if keys:
+        raise ModelError(f"{path}: RoPE scaling setting '{prefix}{sorted(keys)[0]}' is not supported")
+    return scaling
+
+
+_MX_LOAD_TYPES = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}
+
+
+def _checked_name(path, gguf_name):
+    """The mlx-lm name of a tensor (suffixes kept: '.weight', '.bias', mx.load's '.scales')."""
+    mlx_name = _mlx_name(gguf_name)
+    if mlx_name is None:
+        raise ModelError(f"{path}: unexpected tensor '{gguf_name}' for this architecture")
+    return mlx_name
+
+
 def load_weights(path):
-    """The GGUF tensors under mlx-lm's names, quantized ones as (weight, scales, biases)."""
-    raw = mx.load(str(path))
+    """The GGUF tensors under mlx-lm's names, block-quantized ones as MLX affine
+    (weight, scales, biases) triples at group size 32; scales and biases in float16 for the
+    32-value formats (as ``mx.load`` gives Q4_0 / Q4_1 / Q8_0), float32 for the k-quants
+    (d*sc needs 17 bits of mantissa)."""
+    _, tensors = read_header(path)
+    if all(t.type_name in _MX_LOAD_TYPES for t in tensors):
+        # MLX reads these itself, ~4x faster, into the same triples (checked on SmolLM2).
+        return {_checked_name(path, name): value for name, value in mx.load(str(path)).items()}
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
     weights = {}
-    for name, value in raw.items():
-        mlx_name = _mlx_name(name)
-        if mlx_name is None:
-            raise ModelError(f"{path}: unexpected tensor '{name}' for this architecture")
-        weights[mlx_name] = value
+    for info in tensors:
+        mlx_name = _checked_name(path, info.name)
+        data = raw[info.offset:info.offset + info.nbytes]
+        if info.type_name in FLOAT_TYPES:
+            weights[mlx_name] = _float(data, info)
+        else:
+            base = mlx_name[: -len(".weight")] if mlx_name.endswith(".weight") else mlx_name
+            w, s, b = _quantized(data, info)
+            weights[mlx_name], weights[f"{base}.scales"], weights[f"{base}.biases"] = w, s, b
     return weights
 
 
-def _pre_tokenizer(kind, path):
-    """The pre-tokenizer llama.cpp names with ``tokenizer.ggml.pre``."""
-    from tokenizers import pre_tokenizers
+# llama.cpp pre-tokenizers (``tokenizer.ggml.pre``) of byte-level BPE vocabularies that split
+# text with GPT-2's regex, or with it after cutting out every digit. transformers' converter
+# knows the others it can build (llama-bpe, qwen2, ...); any other name is refused, since a
+# wrong split gives other token ids without a visible error.
+_GPT2_SPLIT = {None, "default", "gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais"}
+_DIGITS_THEN_GPT2_SPLIT = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
 
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if kind in (None, "default", "gpt-2", "gpt2"):
-        return byte_level
-    if kind == "smollm":
-        # SmolLM splits every digit on its own before the GPT-2 regex.
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+
+def _converted_tokenizer(metadata, path):
+    """The Hugging Face ``tokenizers.Tokenizer`` transformers' GGUF converter builds from this
+    metadata (SentencePiece 'llama' and its gemma / phi3 variants, byte-level 'gpt2' with the
+    llama-3 / qwen2 / ... splits, unigram 't5'). Wrapped here because the module is
+    semi-private; it imports without torch."""
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_PRE_TOKENIZER_SPLITS, GGUF_SENTENCEPIECE_BUILDERS, GGUF_TOKENIZER_MAPPING,
+            convert_gguf_tokenizer,
         )
-    raise ModelError(f"{path}: GGUF pre-tokenizer '{kind}' is not supported")
+    except ImportError:
+        import transformers
+
+        raise ModelError(
+            f"{path}: rebuilding a GGUF tokenizer needs transformers' GGUF converter "
+            f"(transformers.integrations.gguf), absent from transformers {transformers.__version__}"
+        ) from None
+
+    kind, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre")
+    if kind == "gpt2" and pre not in _GPT2_SPLIT | _DIGITS_THEN_GPT2_SPLIT | set(GGUF_PRE_TOKENIZER_SPLITS):
+        raise ModelError(f"{path}: GGUF pre-tokenizer '{pre}' is not supported")
+    if not metadata.get("tokenizer.ggml.tokens"):
+        raise ModelError(f"{path}: GGUF metadata lacks tokenizer.ggml.tokens")
+    tokenizer_dict = {
+        name: metadata[f"tokenizer.{key}"]
+        for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
+        if f"tokenizer.{key}" in metadata
+    }
+    if kind == "gpt2":
+        tokenizer_dict.setdefault("merges", [])  # a byte-level vocabulary may have none
+    arch = metadata.get("general.architecture")
+    if kind == "llama" and arch not in GGUF_SENTENCEPIECE_BUILDERS:
+        # Its phi3 builder prepends '▁' to every text piece, as sentencepiece, llama.cpp and
+        # Llama / Mistral's own tokenizer.json do; the generic one (Metaspace, prepend 'first')
+        # drops that '▁' before text that starts with a space or a special token.
+        arch = "phi3"
+    try:
+        tok, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{path}: cannot build the GGUF tokenizer ('{kind}'): {e}") from None
+    if kind == "llama" and arch == "phi3" and metadata.get("tokenizer.ggml.add_space_prefix") is False:
+        from tokenizers import decoders, normalizers
+
+        # no '▁' prepended, so none stripped when decoding
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        )
+    if pre in _DIGITS_THEN_GPT2_SPLIT:
+        from tokenizers import pre_tokenizers
+
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer]
+        )
+    return tok
 
 
 def tokenizer_files(metadata, path):
-    """``{filename: json-able dict}`` for a Hugging Face fast tokenizer directory,
-    rebuilt from GGUF metadata (byte-level BPE, as llama.cpp's 'gpt2' model)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
+    """``{filename: json-able dict}`` for a Hugging Face fast tokenizer directory, rebuilt
+    from GGUF metadata; BOS / EOS added as llama.cpp adds them."""
+    from tokenizers import processors
 
-    kind = metadata.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ModelError(
-            f"{path}: GGUF tokenizer model '{kind}' is not supported (only byte-level BPE, 'gpt2')"
-        )
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    if not tokens:
-        raise ModelError(f"{path}: GGUF metadata lacks tokenizer.ggml.tokens")
-    types = metadata.get("tokenizer.ggml.token_type", [1] * len(tokens))
-    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    tok.pre_tokenizer = _pre_tokenizer(metadata.get("tokenizer.ggml.pre"), path)
-    tok.decoder = decoders.ByteLevel()
-    # GGUF token types: 3 = control (special), 4 = user-defined.
-    tok.add_tokens(
-        [AddedToken(t, special=ty == 3, normalized=False) for t, ty in zip(tokens, types) if ty in (3, 4)]
-    )
+    tok = _converted_tokenizer(metadata, path)
+    tokens = metadata["tokenizer.ggml.tokens"]
+    # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise.
+    sentencepiece = metadata.get("tokenizer.ggml.model") == "llama"
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", sentencepiece))
+    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
 
     def token(key):
         i = metadata.get(f"tokenizer.ggml.{key}_token_id")
@@ -283,8 +523,8 @@ def tokenizer_files(metadata, path):
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": 1 << 30,
         "clean_up_tokenization_spaces": False,
-        "add_bos_token": bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+        "add_bos_token": add_bos and token("bos") is not None,
+        "add_eos_token": add_eos and token("eos") is not None,
     }
     for key in ("bos", "eos", "unknown", "padding"):
         if token(key) is not None:
@@ -292,15 +532,19 @@ def tokenizer_files(metadata, path):
             tokenizer_config[f"{name}_token"] = token(key)
     if "tokenizer.chat_template" in metadata:
         tokenizer_config["chat_template"] = metadata["tokenizer.chat_template"]
-    if tokenizer_config["add_bos_token"] and token("bos") is not None:
-        from tokenizers import processors
-
-        bos = token("bos")
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-            special_tokens=[(bos, tokens.index(bos))],
-        )
-    return {"tokenizer.json": json.loads(tok.to_str()), "tokenizer_config.json": tokenizer_config}
+    added = {key: (token(key), metadata[f"tokenizer.ggml.{key}_token_id"])
+             for key in ("bos", "eos") if tokenizer_config[f"add_{key}_token"]}
+    bos = [added["bos"][0]] if "bos" in added else []
+    eos = [added["eos"][0]] if "eos" in added else []
+    tok.post_processor = processors.TemplateProcessing(
+        single=" ".join(bos + ["$A"] + eos), pair=" ".join(bos + ["$A"] + eos + bos + ["$B"] + eos),
+        special_tokens=list(dict(added.values()).items()),
+    )
+    data = json.loads(tok.to_str())
+    # A class's default specials the vocabulary lacks (GemmaTokenizer's <mask>, ...) would get
+    # ids past the model's embedding: leave them out.
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < len(tokens)]
+    return {"tokenizer.json": data, "tokenizer_config.json": tokenizer_config}
 
 
 def write_tokenizer(metadata, path, out_dir):

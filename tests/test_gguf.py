@@ -29,7 +29,7 @@ CHAT_TEMPLATE = (
     "{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-TYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12}
+TYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q2_K": 10}
 # Linear layers by type: both Q4 flavours and Q8_0 in every block, so the
 # per-module quantization overrides are exercised too.
 BLOCK_TYPES = {
@@ -81,8 +81,8 @@ def encode(rng, type_name, shape):
             m = rng.uniform(-0.3, 0.0, nb).astype(np.float16)
             head = np.concatenate([d.view(np.uint8).reshape(nb, 2), m.view(np.uint8).reshape(nb, 2)], 1)
             values = q.astype(np.float32) * d.astype(np.float32)[:, None] + m.astype(np.float32)[:, None]
-        else:  # Q4_K: only declared, never decoded
-            return rng.integers(0, 256, rows * cols // 256 * 144, dtype=np.uint8).tobytes(), None
+        else:  # Q2_K: only declared, never decoded (an unsupported type)
+            return rng.integers(0, 256, rows * cols // 256 * 84, dtype=np.uint8).tobytes(), None
         blocks = np.concatenate([head, packed], axis=1)
     return blocks.tobytes(), values.reshape(shape)
 
@@ -416,9 +416,9 @@ def bad_files(tiny, tmp_path_factory):
     foreign.write_bytes(b"PK\x03\x04 this is a zip, not a model " * 10)
     files["not gguf"] = (foreign, ["not a GGUF file"])
 
-    q4k = d / "q4k.gguf"
-    tiny_llama(q4k, override={"blk.1.ffn_down.weight": ("Q4_K", (HIDDEN, 256))})
-    files["q4_k"] = (q4k, ["blk.1.ffn_down.weight", "Q4_K"])
+    q2k = d / "q2k.gguf"
+    tiny_llama(q2k, override={"blk.1.ffn_down.weight": ("Q2_K", (HIDDEN, 256))})
+    files["q2_k"] = (q2k, ["blk.1.ffn_down.weight", "Q2_K"])
 
     mamba = d / "mamba.gguf"
     tiny_llama(mamba, arch="mamba")
@@ -456,7 +456,7 @@ def test_header_cut_anywhere_is_model_error(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("case,module", [("truncated data", "generate"), ("not gguf", "convert"),
-                                         ("q4_k", "convert"), ("mamba", "generate")])
+                                         ("q2_k", "convert"), ("mamba", "generate")])
 def test_cli_bad_file_is_one_line_exit_2(bad_files, case, module, tmp_path):
     path, words = bad_files[case]
     args = ["--model", str(path)]
