@@ -1,6 +1,7 @@
 """``python -m mlx_qspec.convert --model X.gguf --mlx-path DIR``: GGUF → an mlx-community
-style directory that stock mlx-lm loads. The quantized tensors are copied as they are
-(no dequantize / requantize), so stock mlx-lm on DIR computes what we compute on X.gguf.
+style directory that stock mlx-lm loads. The tensors are saved as the loader reads them
+(exact MLX forms for every type but Q6_K, which the loader reads as 8-bit), so stock mlx-lm
+on DIR computes what we compute on X.gguf.
 ``--rotate`` writes the QuaRot-rotated model instead (loadable by mlx_qspec only).
 """
 
