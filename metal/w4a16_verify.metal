@@ -1,30 +1,40 @@
 // w4a16_verify — the verify matmul: y = x @ W^T for M ≤ 16 rows of x (the γ+1 tokens of a
 // verify block) and W an MLX affine 4-bit weight in mlx-lm's own layout: w (N, K/8) uint32,
-// 8 codes per word, low nibble first; scales, biases (N, K/WG). y_mn = Σ_g s_gn Σ_{k∈g} q_nk
-// x_mk + b_gn Σ_{k∈g} x_mk.
+// 8 codes per word, low nibble first; scales, biases (N, K/WG). y_mn = Σ_k x_mk (s q_nk + b).
 //
-// Batch-1 decoding on Apple GPUs is bound by bytes read, so this kernel reads every weight
-// byte, scale and bias exactly once for all M rows: a verify pass then costs about one
-// decode step, not M of them (MLX's qmm grows ~linearly in M for small M).
+// Batch-1 decoding on Apple GPUs is bound by bytes read, so the kernel reads every weight
+// byte, scale and bias once for all M rows, and its ALU work per weight is one dequantize
+// (bitfield extract, convert, fma with scale and bias: 3 ops) plus one fma per row — not M
+// dequantizes — so a verify block stays near one decode step for as long as the chip's ALUs
+// keep up with its memory (MLX's qmv repeats the whole dot product per row on M1/M2).
 //
-// Launch: grid (ceil(N / (RN*NSG)) * NSG*32, 1, 1), threadgroup (NSG*32, 1, 1). Each SIMD
-// group owns RN consecutive output features; lane l takes weight groups l, l + 32, ...
-// and for each loads the group's WG/2 bytes (as uint4 vectors, contiguous across lanes),
-// its scale and bias into registers once, then runs all M activation rows against them:
-// per group and row, a float dot with the codes plus the bias term on Σx. At the end,
-// simd_sum reduces each of the M*RN accumulators over the lanes. Per output: K/2 weight
-// bytes + K/WG scales and biases, once for all M; the activations (M*K values) are read
-// once per SIMD group (from cache on a real GPU).
+// A thread: lanes are 4 groups of 8; a group owns RN consecutive outputs, and its lane kl
+// takes 32 consecutive K values (one uint4 per output) of each 256-value chunk. Per chunk the
+// threadgroup stages the chunk's M activation rows (as float) and its outputs' scales and
+// biases in threadgroup memory; the lane dequantizes its 32·RN weights once, word by word,
+// and accumulates x·w with fma into M·RN accumulators. At the end a 3-step xor shuffle sums
+// the 8 lanes of each output. Per row the arithmetic is the same chain whatever M is — a lane
+// sums its values in K order, the lanes in a fixed butterfly — so row m of an M-row call is
+// bit for bit the 1-row call (exactness across decode and verify needs it); simdgroup_matrix
+// tiles are not used for that reason (a one-row call would pay 8 rows of ALU, or run another
+// summation order than the tiles).
+// Per output: K/2 weight bytes + K/WG scales and biases, once for all M. Reads per
+// threadgroup: the M·K activations once, shared by its 4·RN·NSG outputs.
+//
+// Launch: grid (ceil(N / (4·RN·NSG)) · NSG·32, 1, 1), threadgroup (NSG·32, 1, 1).
 
 // --- body ---
     constexpr int NG = K / WG;
-    constexpr int WPG = WG / 8;
-    uint sg = simdgroup_index_in_threadgroup;
-    uint lane = thread_index_in_simdgroup;
-    uint n0 = (threadgroup_position_in_grid.x * NSG + sg) * RN;
-    if (n0 >= N) {
-        return;
-    }
+    constexpr int KC = 256;              // K values per chunk: 8 lanes × 32
+    constexpr int OT = 4 * RN * NSG;     // outputs per threadgroup
+    threadgroup float4 xs[M][KC / 4];
+    threadgroup float2 sb[OT][KC / WG];  // (scale, bias) of the chunk's groups
+
+    const int tid = thread_index_in_threadgroup;
+    const int lane = thread_index_in_simdgroup;
+    const int kl = lane % 8;
+    const int t0 = threadgroup_position_in_grid.x * OT;
+    const int o0 = (simdgroup_index_in_threadgroup * 4 + lane / 8) * RN;
 
     float acc[M][RN];
     for (int m = 0; m < M; m++) {
@@ -33,62 +43,59 @@
         }
     }
 
-    for (uint g = lane; g < NG; g += 32) {
-        uint wq[RN][WPG];
-        float sc[RN], bi[RN];
-        for (int r = 0; r < RN; r++) {
-            uint n = n0 + r;
-            if (n < N) {
-                auto wr = (const device uint4*)(w + size_t(n) * (K / 8) + g * WPG);
-                for (int j = 0; j < WPG / 4; j++) {
-                    uint4 q = wr[j];
-                    wq[r][4 * j] = q.x;
-                    wq[r][4 * j + 1] = q.y;
-                    wq[r][4 * j + 2] = q.z;
-                    wq[r][4 * j + 3] = q.w;
-                }
-                sc[r] = static_cast<float>(scales[size_t(n) * NG + g]);
-                bi[r] = static_cast<float>(biases[size_t(n) * NG + g]);
-            } else {
-                for (int j = 0; j < WPG; j++) {
-                    wq[r][j] = 0;
-                }
-                sc[r] = 0.0f;
-                bi[r] = 0.0f;
-            }
+    for (int k0 = 0; k0 < K; k0 += KC) {
+        const int kc = min(KC, K - k0);  // a multiple of 32: WG divides K
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        for (int i = tid; i < M * kc / 4; i += NSG * 32) {
+            const int m = i / (kc / 4);
+            xs[m][i % (kc / 4)] = float4(((const device vec<T, 4>*)(x + m * K + k0))[i % (kc / 4)]);
         }
-        for (int m = 0; m < M; m++) {
-            auto xr = (const device vec<T, 4>*)(x + size_t(m) * K + g * WG);
-            float xs = 0.0f;
-            float d[RN];
-            for (int r = 0; r < RN; r++) {
-                d[r] = 0.0f;
+        for (int i = tid; i < OT * kc / WG; i += NSG * 32) {
+            const int o = i / (kc / WG), g = k0 / WG + i % (kc / WG);
+            float2 v = float2(0.0f);
+            if (t0 + o < N) {
+                v = float2(float(scales[(t0 + o) * NG + g]), float(biases[(t0 + o) * NG + g]));
             }
-            for (int j = 0; j < WPG; j++) {
-                vec<T, 4> a = xr[2 * j], b = xr[2 * j + 1];
-                float xv[8] = {float(a.x), float(a.y), float(a.z), float(a.w),
-                               float(b.x), float(b.y), float(b.z), float(b.w)};
+            sb[o][i % (kc / WG)] = v;
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (kl * 32 >= kc) {
+            continue;
+        }
+        uint4 q[RN];
+        float2 s[RN];
+        for (int r = 0; r < RN; r++) {
+            const int n = t0 + o0 + r;
+            q[r] = n < N ? ((const device uint4*)(w + n * (K / 8)))[k0 / 32 + kl] : uint4(0);
+            s[r] = sb[o0 + r][kl * 32 / WG];
+        }
+        for (int j = 0; j < 4; j++) {
+            float wv[RN][8];
+            for (int r = 0; r < RN; r++) {
                 for (int i = 0; i < 8; i++) {
-                    xs += xv[i];
+                    wv[r][i] = fma(float(extract_bits(q[r][j], 4 * i, 4)), s[r].x, s[r].y);
                 }
-                for (int r = 0; r < RN; r++) {
-                    uint word = wq[r][j];
-                    for (int i = 0; i < 8; i++) {
-                        d[r] += xv[i] * float((word >> (4 * i)) & 0xfu);
+            }
+            for (int m = 0; m < M; m++) {
+                const float4 a = xs[m][kl * 8 + 2 * j], b = xs[m][kl * 8 + 2 * j + 1];
+                const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+                for (int i = 0; i < 8; i++) {
+                    for (int r = 0; r < RN; r++) {
+                        acc[m][r] = fma(xv[i], wv[r][i], acc[m][r]);
                     }
                 }
-            }
-            for (int r = 0; r < RN; r++) {
-                acc[m][r] += sc[r] * d[r] + bi[r] * xs;
             }
         }
     }
 
     for (int m = 0; m < M; m++) {
         for (int r = 0; r < RN; r++) {
-            float t = simd_sum(acc[m][r]);
-            if (lane == 0 && n0 + r < N) {
-                y[size_t(m) * N + n0 + r] = static_cast<T>(t);
+            float v = acc[m][r];
+            v += simd_shuffle_xor(v, 4);
+            v += simd_shuffle_xor(v, 2);
+            v += simd_shuffle_xor(v, 1);
+            if (kl == 0 && t0 + o0 + r < N) {
+                y[m * N + t0 + o0 + r] = static_cast<T>(v);
             }
         }
     }

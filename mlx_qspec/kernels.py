@@ -39,6 +39,7 @@ WEIGHT_GROUP_SIZES = (32, 64, 128)
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 _BODY_MARK = "// --- body ---"
 _NSG = 2  # SIMD groups per threadgroup in the matmuls
+_LANE_ROWS = 2  # outputs per lane in the float-activation matmuls (4 lane groups per SIMD group)
 
 
 def _read_sources() -> dict[str, tuple[str, str]]:
@@ -125,9 +126,10 @@ def _check_w4(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, grou
     return M, K, N
 
 
-def _rows_per_simdgroup(group_size: int, planes: int = 1) -> int:
-    """Output features per SIMD group: 4, or 2 where a group's words would crowd registers."""
-    return 4 if group_size // 8 * planes <= 8 else 2
+def _rows_per_simdgroup(group_size: int) -> int:
+    """Output features per SIMD group of the integer matmul: 4, or 2 where a group's words
+    would crowd registers."""
+    return 4 if group_size // 8 <= 8 else 2
 
 
 def _matmul_launch(N: int, rn: int):
@@ -267,19 +269,19 @@ def metal_verify_matmul(x, w, scales, biases, *, group_size):
     once for all rows. Returns ``(..., N)`` in x's dtype."""
     _check_float("x", x)
     M, K, N = _check_w4(x, w, scales, biases, group_size)
-    return _float_matmul("w4a16_verify", x, [w], scales, biases, M, K, N, group_size,
-                         _rows_per_simdgroup(group_size))
+    return _float_matmul("w4a16_verify", x, [w], scales, biases, M, K, N, group_size)
 
 
-def _float_matmul(name, x, planes, scales, biases, M, K, N, group_size, rn):
-    """Launch a float-activation small-M matmul kernel; ``(..., N)`` in x's dtype."""
+def _float_matmul(name, x, planes, scales, biases, M, K, N, group_size):
+    """Launch a float-activation small-M matmul kernel; ``(..., N)`` in x's dtype. The launch
+    shape does not depend on M, nor does any row's arithmetic."""
     y = _kernel(name)(
         inputs=[x.reshape(M, K), *planes, scales, biases],
         template=[("T", x.dtype), ("K", K), ("N", N), ("M", M), ("WG", group_size),
-                  ("RN", rn), ("NSG", _NSG)],
+                  ("RN", _LANE_ROWS), ("NSG", _NSG)],
         output_shapes=[(M, N)],
         output_dtypes=[x.dtype],
-        **_matmul_launch(N, rn),
+        **_matmul_launch(N, 4 * _LANE_ROWS),
     )[0]
     return y.reshape(*x.shape[:-1], N)
 
@@ -341,8 +343,7 @@ def metal_nested_matmul(x, upper, lower, scales, biases, *, group_size, draft):
         raise ValueError("the verify variant needs a lower plane shaped like the upper plane")
     planes = [upper] if draft else [upper, lower]
     return _float_matmul("nested_matmul_draft" if draft else "nested_matmul_verify", x, planes,
-                         scales, biases, M, K, N, group_size,
-                         _rows_per_simdgroup(group_size, len(planes)))
+                         scales, biases, M, K, N, group_size)
 
 
 def nested_matmul(x, upper, lower, scales, biases, *, group_size, draft):

@@ -174,8 +174,8 @@ def test_verify_reads_weights_once_for_all_rows(emulated):
     wb = {M: _weight_bytes(loads[M], ["w", "scales", "biases"]) for M in loads}
     assert wb[1] == w.nbytes + s.nbytes + b.nbytes  # every weight byte exactly once
     assert wb[8] <= 1.1 * wb[1]
-    # activations: each SIMD group reads the M·K values once
-    groups = N // kernels._rows_per_simdgroup(G)
+    # activations: each threadgroup reads the M·K values once, for its 4·_LANE_ROWS·_NSG outputs
+    groups = -(-N // (4 * kernels._LANE_ROWS * kernels._NSG))
     assert loads[8]["x"] == 8 * K * 4 * groups
 
 

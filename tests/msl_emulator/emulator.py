@@ -8,6 +8,14 @@ GPU), translates that text to C++ against ``msl.h``, compiles it with g++ (cache
 source hash) and runs it over the grid. Every device buffer is bounds-checked and the
 bytes loaded from each input buffer are counted (``kernel.last_loads``, ``launches``).
 
+Inside ``with counting_alu():`` kernels run a counting build instead: the kernel's
+``float`` and ``uint`` become counted types (``msl.h``, "ALU counting") that compute the
+same bits and count the operations a GPU lane issues for them, so ``kernel.last_alu`` is
+the lane-operations of the launch, and ``kernel.last_unique`` the bytes of each input
+buffer read at least once (what a cache-perfect GPU fetches from memory, beside
+``last_loads``: every load request, re-reads included). A kernel whose ``?:`` mixes a
+counted and a native type (``n ? x : 0``) does not compile in the counting build.
+
 Not covered (a kernel using these fails to compile here, or runs with the caveat):
 - ``simdgroup_matrix`` beyond 8x8 load/store/multiply(-accumulate) in MLX's lane layout,
   Metal 4 tensor ops, textures,
@@ -21,6 +29,9 @@ Not covered (a kernel using these fails to compile here, or runs with the caveat
   ``metal::fast`` is precise, transcendentals are glibc's (ulp differences from Apple's).
 - Byte counts are per-thread requests through const (input) buffers, with no cache or
   coalescing model; scalars bound by ``constant T&`` and reads of outputs are not counted.
+- ALU counts are operations as the source writes them, one issue slot each: not what the
+  Metal compiler emits (it may fuse, hoist or add), nor the rates of instruction classes,
+  register pressure, occupancy, threadgroup-memory traffic or latency.
 - Inputs reach the kernel as contiguous copies (strides describe that copy); the kernel
   cannot run inside ``mx.compile`` or another trace; ``stream`` is ignored.
 """
@@ -49,6 +60,18 @@ CXXFLAGS = ["-std=c++17", "-O1", "-fPIC", "-shared", "-w", "-fno-strict-aliasing
 
 # Every launch, in order: (kernel name, {buffer name: bytes loaded}).
 launches: list[tuple[str, dict[str, int]]] = []
+_COUNTING = False
+
+
+@contextlib.contextmanager
+def counting_alu():
+    """Kernels called inside run their counting build (``last_alu``, ``last_unique``)."""
+    global _COUNTING
+    saved, _COUNTING = _COUNTING, True
+    try:
+        yield
+    finally:
+        _COUNTING = saved
 
 
 class KernelError(RuntimeError):
@@ -115,6 +138,15 @@ _DEV_PTR = re.compile(r"(\bconst\s+)?\b(device|constant)\s+(const\s+)?(" + _TYPE
 _LOCAL_PTR = re.compile(r"(\bconst\s+)?\b(threadgroup|thread)\s+(const\s+)?(" + _TYPE + r")\s*([*&])")
 _TG_DECL = re.compile(r"\bthreadgroup\s+((?:const\s+)?" + _TYPE + r")\s+(\w+)((?:\s*\[[^\]]*\])*)\s*;")
 _HALF_LIT = re.compile(r"\b(\d+\.\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+|\d+)[hH]\b")
+_FLOAT_LIT = re.compile(r"(?<![\w.])(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?[fF]\b")
+
+
+def counted_types(src: str) -> str:
+    """The counting build's source: the kernel computes in msl_float / msl_uint, its float
+    literals included (so ``c ? x : 0.0f`` keeps one type)."""
+    src = re.sub(r"\bfloat\b", "msl_float", src)
+    src = re.sub(r"\buint\b", "msl_uint", src)
+    return _FLOAT_LIT.sub(lambda m: f"msl_float({m.group(0)})", src)
 
 
 def _dev_ptr(m: re.Match) -> str:
@@ -128,6 +160,8 @@ def _dev_ptr(m: re.Match) -> str:
 
 def translate(text: str) -> str:
     """Rewrite MSL-only syntax into C++ that msl.h gives meaning to."""
+    # comments first: a word such as "threadgroup" in one must not be rewritten as code
+    text = re.sub(r"/\*.*?\*/|//[^\n]*", "", text, flags=re.S)
     text = re.sub(r"^\s*#\s*include\s*<metal_\w+>.*$", "", text, flags=re.M)
     text = re.sub(r"^\s*#\s*pragma\s+(clang|METAL).*$", "", text, flags=re.M)
     text = text.replace("reinterpret_cast<", "::msl::ptr_cast<")
@@ -171,12 +205,15 @@ def _split_params(s: str) -> list[str]:
     return out
 
 
-def build_cpp(src: str):
-    """Translate MLX's generated kernel text into a C++ unit with an ``msl_launch`` entry.
+def build_cpp(src: str, count: bool = False):
+    """Translate MLX's generated kernel text into a C++ unit with an ``msl_launch`` entry
+    (``count``: the counting build).
 
     Returns (cpp_text, buffers) where buffers lists (param name, buffer index) in the
     order msl_launch expects them.
     """
+    if count:
+        src = counted_types(src)
     m = re.search(r"(template\s*<[^>]*>\s*)?\[\[kernel\]\]\s*void\s+(\w+)\s*\(", src)
     if not m:
         raise KernelError("no [[kernel]] function in the generated source")
@@ -213,14 +250,15 @@ def build_cpp(src: str):
             three = re.search(r"3$", ptype.strip()) is not None
             if attr in _ATTR3:
                 v = f"::msl::attr3({_ATTR3[attr]})"
-                args.append(v if three else f"({ptype})({v}.x)")
+                args.append(f"({ptype})({v})" if three else f"({ptype})({v}.x)")
             else:
                 v = f"::msl::attr1({_ATTR1[attr]})"
                 args.append(f"{ptype}({v})" if three else f"({ptype})({v})")
         else:
             raise KernelError(f"attribute [[{attr}]] is not emulated")
     nb = len(buffers)
-    cpp = f"""#include "msl.h"
+    cpp = f"""{"#define MSL_COUNT 1" if count else ""}
+#include "msl.h"
 {translate(header)}
 {tmpl}void {fname}({", ".join(sig)}) {{
 {translate(body)}
@@ -228,12 +266,18 @@ def build_cpp(src: str):
 static ::msl::BufInfo msl_bufs_[{max(nb, 1)}];
 static void msl_entry() {{ {fname}{targs}({", ".join(args)}); }}
 extern "C" int msl_launch(void** data, const size_t* bytes, const size_t* items, const char** names,
-                          unsigned long long* loaded, const unsigned* grid, const unsigned* tg,
-                          char* err, size_t errlen) {{
-  for (int i = 0; i < {nb}; i++) msl_bufs_[i] = ::msl::BufInfo{{names[i], (char*)data[i], bytes[i], items[i], 0}};
+                          unsigned long long* loaded, unsigned long long* unique, unsigned long long* alu,
+                          const unsigned* grid, const unsigned* tg, char* err, size_t errlen) {{
+  std::vector<std::vector<uint8_t>> seen({nb});
+  for (int i = 0; i < {nb}; i++) {{
+    if ({int(count)}) seen[i].assign((bytes[i] + 7) / 8, 0);
+    msl_bufs_[i] = ::msl::BufInfo{{names[i], (char*)data[i], bytes[i], items[i], 0, seen[i].data(), 0}};
+  }}
   ::msl::g_bufs = msl_bufs_; ::msl::g_nbufs = {nb};
+  ::msl::g_alu = 0;
   int rc = ::msl::launch_grid(grid, tg, msl_entry, err, errlen);
-  for (int i = 0; i < {nb}; i++) loaded[i] = msl_bufs_[i].loaded;
+  for (int i = 0; i < {nb}; i++) {{ loaded[i] = msl_bufs_[i].loaded; unique[i] = msl_bufs_[i].unique; }}
+  *alu = ::msl::g_alu;
   return rc;
 }}
 """
@@ -309,6 +353,8 @@ class EmulatedKernel:
                                         atomic_outputs=atomic_outputs)
         self._built: dict = {}
         self.last_loads: dict[str, int] = {}
+        self.last_unique: dict[str, int] | None = None  # counting build only
+        self.last_alu: int | None = None  # counting build only
         self.last_source: str | None = None
 
     def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None,
@@ -321,12 +367,13 @@ class EmulatedKernel:
             raise ValueError(f"[metal_kernel] threadgroup {threadgroup} is not 1..1024 threads")
         output_shapes = [tuple(int(d) for d in s) for s in output_shapes]
         template = list(template or [])
+        count = _COUNTING
         key = (tuple((x.shape, x.dtype) for x in inputs), tuple((k, str(v)) for k, v in template),
-               tuple(output_shapes), tuple(output_dtypes))
+               tuple(output_shapes), tuple(output_dtypes), count)
         if key not in self._built:
             src = generated_source(self._real, inputs, template, output_shapes, list(output_dtypes),
                                    grid, threadgroup)
-            cpp, buffers = build_cpp(src)
+            cpp, buffers = build_cpp(src, count)
             self._built[key] = (src, compile_cpp(cpp), buffers)
         src, lib, buffers = self._built[key]
         self.last_source = src
@@ -368,13 +415,19 @@ class EmulatedKernel:
         names = [p.encode() for p, _ in buffers]
         cnames = (ctypes.c_char_p * max(nb, 1))(*names)
         loaded = (ctypes.c_ulonglong * max(nb, 1))()
+        unique = (ctypes.c_ulonglong * max(nb, 1))()
+        alu = ctypes.c_ulonglong()
         g = (ctypes.c_uint * 3)(*grid)
         t = (ctypes.c_uint * 3)(*threadgroup)
         err = ctypes.create_string_buffer(1024)
-        rc = lib.msl_launch(ptrs, sizes, isz, cnames, loaded, g, t, err, ctypes.c_size_t(1024))
+        rc = lib.msl_launch(ptrs, sizes, isz, cnames, loaded, unique, ctypes.byref(alu), g, t, err,
+                            ctypes.c_size_t(1024))
         if rc:
             raise KernelError(f"kernel `{self.name}`: {err.value.decode()}")
         self.last_loads = {p: int(loaded[i]) for i, (p, _) in enumerate(buffers)}
+        self.last_unique = ({p: int(unique[i]) for i, (p, _) in enumerate(buffers) if p in by_name}
+                            if count else None)
+        self.last_alu = int(alu.value) if count else None
         launches.append((self.name, dict(self.last_loads)))
         return [_from_bytes(outs[n], output_shapes[j], output_dtypes[j])
                 for j, n in enumerate(self.output_names)]

@@ -5,6 +5,11 @@
 // and 32-wide SIMD-group ops behave as on an Apple GPU. Device and constant buffers are
 // reached only through msl::dptr / msl::cptr, which bounds-checks every access (naming the buffer and
 // index) and counts the bytes loaded through const (input) buffers.
+//
+// Built with MSL_COUNT (the emulator's counting build) it also counts ALU work: the kernel's
+// `float` and `uint` become msl_float / msl_uint, wrappers that do the same arithmetic and
+// add one to msl::g_alu per operation a GPU lane issues for it (rules at "ALU counting"),
+// and it records which bytes of each input buffer were read (msl::BufInfo::unique).
 #pragma once
 #include <cstdint>
 #include <cstddef>
@@ -14,6 +19,7 @@
 #include <type_traits>
 #include <stdexcept>
 #include <string>
+#include <vector>
 #include <ucontext.h>
 
 typedef unsigned int uint;
@@ -22,6 +28,33 @@ typedef unsigned char uchar;
 typedef unsigned long ulong;
 typedef _Float16 half;
 typedef _Float16 float16_t;
+
+// ---------------------------------------------------------------- ALU counting
+// One count per operation a GPU lane issues, on the types a kernel computes with:
+// - msl_float (the kernel's `float`): + - * / fma, comparisons, math functions (1 each;
+//   the cost of a transcendental is not modelled); negation, abs and width conversions
+//   (half/bfloat <-> float) are free source modifiers; uint -> float conversion 1.
+// - msl_uint (the kernel's `uint`): + - * / % & | ^ << >> ~, comparisons, ++/--,
+//   extract_bits/insert_bits (one bitfield instruction), float -> uint conversion: 1 each.
+// - bfloat arithmetic 1; vectors count per element; SIMD-group reductions and prefix ops
+//   10 per element (5 shuffle + add steps), shuffles/broadcasts/votes 1 per element, an
+//   8x8 simdgroup multiply-accumulate 16 per lane (512 FMAs over 32 lanes).
+// Not counted: signed and 8/16/64-bit integers (by convention a kernel's index and loop
+// arithmetic, which a GPU compiler unrolls or folds into addresses), half arithmetic,
+// loads/stores, select and ?:. Arithmetic done at compile time (constexpr) is not counted.
+namespace msl {
+inline unsigned long long g_alu = 0;
+constexpr void count(unsigned long long n = 1) {
+  if (!__builtin_is_constant_evaluated()) g_alu += n;
+}
+}  // namespace msl
+#if MSL_COUNT
+struct msl_float;
+struct msl_uint;
+#else
+typedef float msl_float;
+typedef unsigned int msl_uint;
+#endif
 
 // ---------------------------------------------------------------- bfloat16
 struct bfloat16_t {
@@ -33,20 +66,110 @@ struct bfloat16_t {
     u += 0x7fffu + ((u >> 16) & 1u);                                          // RNE
     return uint16_t(u >> 16);
   }
-  template <class F, class = std::enable_if_t<std::is_arithmetic<F>::value>>
+  template <class F, class = std::enable_if_t<std::is_arithmetic<F>::value || std::is_same<F, msl_float>::value>>
   bfloat16_t(F f) : bits(from_float(float(f))) {}
   operator float() const { uint32_t u = uint32_t(bits) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 };
 typedef bfloat16_t bfloat;
 #define MSL_BF_OP(op) \
-  inline bfloat16_t operator op(bfloat16_t a, bfloat16_t b) { return bfloat16_t(float(a) op float(b)); } \
+  inline bfloat16_t operator op(bfloat16_t a, bfloat16_t b) { msl::count(); return bfloat16_t(float(a) op float(b)); } \
   inline bfloat16_t& operator op##=(bfloat16_t& a, bfloat16_t b) { a = a op b; return a; }
 MSL_BF_OP(+) MSL_BF_OP(-) MSL_BF_OP(*) MSL_BF_OP(/)
 #undef MSL_BF_OP
 inline bfloat16_t operator-(bfloat16_t a) { return bfloat16_t(-float(a)); }
-#define MSL_BF_CMP(op) inline bool operator op(bfloat16_t a, bfloat16_t b) { return float(a) op float(b); }
+#define MSL_BF_CMP(op) inline bool operator op(bfloat16_t a, bfloat16_t b) { msl::count(); return float(a) op float(b); }
 MSL_BF_CMP(<) MSL_BF_CMP(>) MSL_BF_CMP(<=) MSL_BF_CMP(>=) MSL_BF_CMP(==) MSL_BF_CMP(!=)
 #undef MSL_BF_CMP
+
+#if MSL_COUNT
+// ---------------------------------------------------------------- counted float and uint
+// Same layout and arithmetic as float / unsigned (results are bit for bit those of the
+// plain build); conversions from native numbers are implicit, as in MSL. A ?: whose arms
+// mix a counted type with a native one (n ? x : 0) is ambiguous in C++: write both arms
+// in one type.
+namespace msl {
+template <class S> struct is_native : std::integral_constant<bool, std::is_arithmetic<S>::value || std::is_same<S, _Float16>::value> {};
+}  // namespace msl
+struct msl_uint {
+  unsigned v;
+  msl_uint() = default;
+  template <class I, std::enable_if_t<std::is_integral<I>::value || std::is_enum<I>::value, int> = 0>
+  constexpr msl_uint(I x) : v(unsigned(x)) {}
+  template <class F, std::enable_if_t<msl::is_native<F>::value && !std::is_integral<F>::value, int> = 0>
+  constexpr msl_uint(F x) : v(unsigned(x)) { msl::count(); }
+  msl_uint(bfloat16_t x) : v(unsigned(float(x))) { msl::count(); }
+  explicit constexpr msl_uint(const msl_float& x);
+  constexpr operator unsigned() const { return v; }
+};
+struct msl_float {
+  float v;
+  msl_float() = default;
+  constexpr msl_float(float x) : v(x) {}
+  template <class S, std::enable_if_t<msl::is_native<S>::value && !std::is_same<S, float>::value, int> = 0>
+  constexpr msl_float(S x) : v(float(x)) {}
+  msl_float(bfloat16_t x) : v(float(x)) {}
+  constexpr msl_float(msl_uint x) : v(float(x.v)) { msl::count(); }
+  constexpr operator float() const { return v; }
+};
+constexpr msl_uint::msl_uint(const msl_float& x) : v(unsigned(x.v)) { msl::count(); }
+namespace msl {
+// The result of a mixed operation in the counted type where C++ would give float / unsigned.
+template <class R> constexpr auto wrap(R r) {
+  if constexpr (std::is_same<R, float>::value) return msl_float(r);
+  else if constexpr (std::is_same<R, unsigned>::value) return msl_uint(r);
+  else return r;
+}
+template <class S> constexpr unsigned long long cvt() { return std::is_integral<S>::value ? 0 : 1; }
+}  // namespace msl
+#define MSL_CT_OP(W, op, MIXED_COST)                                                               \
+  constexpr auto operator op(W a, W b) { msl::count(); return msl::wrap(a.v op b.v); }             \
+  template <class S, std::enable_if_t<msl::is_native<S>::value, int> = 0>                          \
+  constexpr auto operator op(W a, S b) { msl::count(1 + MIXED_COST); return msl::wrap(a.v op b); } \
+  template <class S, std::enable_if_t<msl::is_native<S>::value, int> = 0>                          \
+  constexpr auto operator op(S a, W b) { msl::count(1 + MIXED_COST); return msl::wrap(a op b.v); }
+#define MSL_CT_CMP(W, op)                                                                     \
+  constexpr bool operator op(W a, W b) { msl::count(); return a.v op b.v; }                   \
+  template <class S, std::enable_if_t<msl::is_native<S>::value, int> = 0>                     \
+  constexpr bool operator op(W a, S b) { msl::count(); return a.v op b; }                     \
+  template <class S, std::enable_if_t<msl::is_native<S>::value, int> = 0>                     \
+  constexpr bool operator op(S a, W b) { msl::count(); return a op b.v; }
+#define MSL_CT_ASSIGN(W, op)                                                                  \
+  template <class S> constexpr W& operator op##=(W& a, const S& b) { a = W(a op b); return a; }
+// msl_uint with a native float counts the conversion too (msl::cvt)
+#define MSL_U_OP(op) MSL_CT_OP(msl_uint, op, msl::cvt<S>()) MSL_CT_ASSIGN(msl_uint, op)
+MSL_U_OP(+) MSL_U_OP(-) MSL_U_OP(*) MSL_U_OP(/)
+#undef MSL_U_OP
+#define MSL_U_BITOP(op) MSL_CT_OP(msl_uint, op, 0) MSL_CT_ASSIGN(msl_uint, op)
+MSL_U_BITOP(%) MSL_U_BITOP(&) MSL_U_BITOP(|) MSL_U_BITOP(^) MSL_U_BITOP(<<) MSL_U_BITOP(>>)
+#undef MSL_U_BITOP
+#define MSL_F_OP(op) MSL_CT_OP(msl_float, op, 0) MSL_CT_ASSIGN(msl_float, op) \
+  constexpr msl_float operator op(msl_float a, msl_uint b) { msl::count(2); return a.v op float(b.v); } \
+  constexpr msl_float operator op(msl_uint a, msl_float b) { msl::count(2); return float(a.v) op b.v; }
+MSL_F_OP(+) MSL_F_OP(-) MSL_F_OP(*) MSL_F_OP(/)
+#undef MSL_F_OP
+#define MSL_CMPS(W) MSL_CT_CMP(W, <) MSL_CT_CMP(W, >) MSL_CT_CMP(W, <=) MSL_CT_CMP(W, >=) MSL_CT_CMP(W, ==) MSL_CT_CMP(W, !=)
+MSL_CMPS(msl_uint) MSL_CMPS(msl_float)
+#undef MSL_CMPS
+#undef MSL_CT_OP
+#undef MSL_CT_CMP
+#undef MSL_CT_ASSIGN
+constexpr msl_float operator-(msl_float a) { return -a.v; }
+constexpr msl_float operator+(msl_float a) { return a; }
+constexpr msl_uint operator-(msl_uint a) { msl::count(); return -a.v; }
+constexpr msl_uint operator~(msl_uint a) { msl::count(); return ~a.v; }
+constexpr msl_uint operator+(msl_uint a) { return a; }
+#define MSL_CT_INC(W)                                                        \
+  constexpr W& operator++(W& a) { msl::count(); a.v += 1; return a; }        \
+  constexpr W& operator--(W& a) { msl::count(); a.v -= 1; return a; }        \
+  constexpr W operator++(W& a, int) { W t = a; ++a; return t; }              \
+  constexpr W operator--(W& a, int) { W t = a; --a; return t; }
+MSL_CT_INC(msl_uint) MSL_CT_INC(msl_float)
+#undef MSL_CT_INC
+#endif
+namespace msl {
+// A scalar a vector can be filled with (the counted types are classes).
+template <class S> struct scalar_like : std::integral_constant<bool, !std::is_class<S>::value || std::is_same<S, msl_float>::value || std::is_same<S, msl_uint>::value> {};
+}  // namespace msl
 
 // ---------------------------------------------------------------- vectors
 template <class T, int N> struct vec;
@@ -58,7 +181,7 @@ template <class T, int N, int... I> struct swz {
 
 #define MSL_VEC_COMMON(N)                                                              \
   vec() = default;                                                                    \
-  template <class S, class = std::enable_if_t<std::is_convertible<S, T>::value && !std::is_class<S>::value>> \
+  template <class S, class = std::enable_if_t<std::is_convertible<S, T>::value && msl::scalar_like<S>::value>> \
   vec(S s) { for (int i = 0; i < N; i++) (*this)[i] = T(s); }                            \
   vec(bfloat16_t s) { for (int i = 0; i < N; i++) (*this)[i] = T(float(s)); }              \
   template <class U> explicit vec(const vec<U, N>& o) { for (int i = 0; i < N; i++) (*this)[i] = static_cast<T>(o[i]); } \
@@ -142,8 +265,8 @@ MSL_VEC_CMP(<) MSL_VEC_CMP(>) MSL_VEC_CMP(<=) MSL_VEC_CMP(>=) MSL_VEC_CMP(==) MS
   typedef vec<T, 2> name##2; typedef vec<T, 3> name##3; typedef vec<T, 4> name##4; \
   typedef packed_vec<T, 2> packed_##name##2; typedef packed_vec<T, 3> packed_##name##3; \
   typedef packed_vec<T, 4> packed_##name##4;
-MSL_VEC_TYPES(float, float) MSL_VEC_TYPES(half, half) MSL_VEC_TYPES(bfloat16_t, bfloat)
-MSL_VEC_TYPES(int, int) MSL_VEC_TYPES(uint, uint) MSL_VEC_TYPES(short, short)
+MSL_VEC_TYPES(msl_float, float) MSL_VEC_TYPES(half, half) MSL_VEC_TYPES(bfloat16_t, bfloat)
+MSL_VEC_TYPES(int, int) MSL_VEC_TYPES(msl_uint, uint) MSL_VEC_TYPES(short, short)
 MSL_VEC_TYPES(ushort, ushort) MSL_VEC_TYPES(char, char) MSL_VEC_TYPES(uchar, uchar)
 MSL_VEC_TYPES(bool, bool) MSL_VEC_TYPES(long, long) MSL_VEC_TYPES(ulong, ulong)
 #undef MSL_VEC_TYPES
@@ -156,6 +279,8 @@ struct BufInfo {
   size_t bytes;
   size_t itemsize;
   uint64_t loaded;
+  uint8_t* seen;    // counting build: one bit per byte read at least once (input buffers)
+  uint64_t unique;  // bytes with their bit set
 };
 inline BufInfo* g_bufs = nullptr;
 inline int g_nbufs = 0;
@@ -174,6 +299,15 @@ inline int g_nbufs = 0;
   }
   throw std::runtime_error(msg);
 }
+inline void mark_read(BufInfo* b, const void* p, size_t n) {
+  size_t off = (size_t)((const char*)p - b->base);
+  for (size_t k = off; k < off + n; k++) {
+    uint8_t bit = uint8_t(1u << (k & 7));
+    if (!(b->seen[k >> 3] & bit)) { b->seen[k >> 3] |= bit; b->unique++; }
+  }
+}
+// An index or offset: an integer, or the counted uint.
+template <class I> struct is_index : std::integral_constant<bool, std::is_integral<I>::value || std::is_enum<I>::value || std::is_same<I, msl_uint>::value> {};
 inline BufInfo* find_buf(const void* p) {
   for (int i = 0; i < g_nbufs; i++)
     if ((const char*)p >= g_bufs[i].base && (const char*)p < g_bufs[i].base + g_bufs[i].bytes) return &g_bufs[i];
@@ -196,17 +330,20 @@ template <class T, int AS> struct aptr {
   T& at(long long i) const {
     T* q = p + i;
     if (!b || (char*)q < b->base || (char*)(q + 1) > b->base + b->bytes) oob(b, q, sizeof(T));
-    if (std::is_const<T>::value) b->loaded += sizeof(T);
+    if (std::is_const<T>::value) {
+      b->loaded += sizeof(T);
+      if (b->seen) mark_read(b, q, sizeof(T));
+    }
     return *q;
   }
-  template <class I, class = std::enable_if_t<std::is_integral<I>::value || std::is_enum<I>::value>>
+  template <class I, class = std::enable_if_t<is_index<I>::value>>
   T& operator[](I i) const { return at((long long)i); }
   T& operator*() const { return at(0); }
   T* operator->() const { at(0); return p; }
   explicit operator bool() const { return p != nullptr; }
-  template <class I, class = std::enable_if_t<std::is_integral<I>::value>>
+  template <class I, class = std::enable_if_t<is_index<I>::value>>
   aptr operator+(I i) const { return aptr(p + (long long)i, b); }
-  template <class I, class = std::enable_if_t<std::is_integral<I>::value>>
+  template <class I, class = std::enable_if_t<is_index<I>::value>>
   aptr operator-(I i) const { return aptr(p - (long long)i, b); }
   ptrdiff_t operator-(const aptr& o) const { return p - o.p; }
   template <class I> aptr& operator+=(I i) { p += (long long)i; return *this; }
@@ -222,7 +359,7 @@ template <class T, int AS> struct aptr {
   bool operator<=(const aptr& o) const { return p <= o.p; }
   bool operator>=(const aptr& o) const { return p >= o.p; }
 };
-template <class T, int AS, class I, class = std::enable_if_t<std::is_integral<I>::value>>
+template <class T, int AS, class I, class = std::enable_if_t<is_index<I>::value>>
 aptr<T, AS> operator+(I i, const aptr<T, AS>& d) { return d + i; }
 template <class T> using dptr = aptr<T, 0>;
 template <class T> using cptr = aptr<T, 1>;
@@ -275,6 +412,15 @@ template <class T> const unsigned char* simd_exchange(const T& v, int kind, uint
   return &grp->slots[t->sg][par][0][0];
 }
 template <class T> inline T slot(const unsigned char* s, int l) { T v; std::memcpy(&v, s + 64 * l, sizeof(T)); return v; }
+template <class T> struct width : std::integral_constant<int, 1> {};
+template <class T, int N> struct width<vec<T, N>> : std::integral_constant<int, N> {};
+// Charges a SIMD-group op its cost (see "ALU counting"): created after the exchange, it
+// sets the count to its value then plus the cost, so the emulator's own arithmetic over
+// the lanes' values is not counted as the kernel's.
+struct charge {
+  unsigned long long at, cost;
+  ~charge() { g_alu = at + cost; }
+};
 }  // namespace msl
 
 // ---------------------------------------------------------------- barriers
@@ -289,6 +435,7 @@ template <class T> inline T metal_min_(T a, T b);
 #define MSL_SIMD_REDUCE(fname, kind, init, combine)                                   \
   template <class T> T fname(T v) {                                                   \
     uint32_t m; const unsigned char* s = msl::simd_exchange(v, kind, &m);             \
+    msl::charge c_{msl::g_alu, 10ull * msl::width<T>::value};                         \
     bool first = true; T acc{};                                                       \
     for (int l = 0; l < 32; l++) if (m >> l & 1u) {                                   \
       T o = msl::slot<T>(s, l); if (first) { acc = o; first = false; } else { combine; } } \
@@ -304,6 +451,7 @@ MSL_SIMD_REDUCE(simd_xor, 7, 0, acc = acc ^ o)
 #define MSL_SIMD_PREFIX(fname, kind, inclusive, combine)                              \
   template <class T> T fname(T v) {                                                   \
     uint32_t m; const unsigned char* s = msl::simd_exchange(v, kind, &m);             \
+    msl::charge c_{msl::g_alu, 10ull * msl::width<T>::value};                         \
     T acc = T(kind == 11 || kind == 13 ? 1 : 0); uint me = msl::cur->lane;            \
     for (uint l = 0; l < (inclusive ? me + 1 : me); l++) if (m >> l & 1u) { T o = msl::slot<T>(s, l); combine; } \
     return acc; }
@@ -317,6 +465,7 @@ MSL_SIMD_PREFIX(simd_prefix_exclusive_product, 13, false, acc = acc * o)
 #define MSL_SIMD_SHUFFLE(fname, kind, src)                                           \
   template <class T, class I> T fname(T v, I d) {                                    \
     uint32_t m; const unsigned char* s = msl::simd_exchange(v, kind, &m);            \
+    msl::count(msl::width<T>::value);                                                \
     int me = int(msl::cur->lane); int from = (src);                                  \
     if (from < 0 || from > 31 || !(m >> from & 1u)) return v;                        \
     return msl::slot<T>(s, from); }
@@ -330,23 +479,26 @@ MSL_SIMD_SHUFFLE(simd_shuffle_rotate_up, 26, (me - int(d)) & 31)
 #undef MSL_SIMD_SHUFFLE
 template <class T, class I> T simd_shuffle_and_fill_down(T v, T fill, I d) {
   uint32_t m; const unsigned char* s = msl::simd_exchange(v, 27, &m);
+  msl::count(msl::width<T>::value);
   int from = int(msl::cur->lane) + int(d);
   return from >= 32 ? fill : (m >> from & 1u) ? msl::slot<T>(s, from) : v;
 }
 template <class T, class I> T simd_shuffle_and_fill_up(T v, T fill, I d) {
   uint32_t m; const unsigned char* s = msl::simd_exchange(v, 29, &m);
+  msl::count(msl::width<T>::value);
   int from = int(msl::cur->lane) - int(d);
   return from < 0 ? fill : (m >> from & 1u) ? msl::slot<T>(s, from) : v;
 }
 template <class T> T simd_broadcast_first(T v) {
   uint32_t m; const unsigned char* s = msl::simd_exchange(v, 28, &m);
+  msl::count(msl::width<T>::value);
   for (int l = 0; l < 32; l++) if (m >> l & 1u) return msl::slot<T>(s, l);
   return v;
 }
-inline bool simd_all(bool v) { uint32_t m; auto s = msl::simd_exchange(v, 30, &m); for (int l = 0; l < 32; l++) if ((m >> l & 1u) && !msl::slot<bool>(s, l)) return false; return true; }
-inline bool simd_any(bool v) { uint32_t m; auto s = msl::simd_exchange(v, 31, &m); for (int l = 0; l < 32; l++) if ((m >> l & 1u) && msl::slot<bool>(s, l)) return true; return false; }
+inline bool simd_all(bool v) { uint32_t m; auto s = msl::simd_exchange(v, 30, &m); msl::count(); for (int l = 0; l < 32; l++) if ((m >> l & 1u) && !msl::slot<bool>(s, l)) return false; return true; }
+inline bool simd_any(bool v) { uint32_t m; auto s = msl::simd_exchange(v, 31, &m); msl::count(); for (int l = 0; l < 32; l++) if ((m >> l & 1u) && msl::slot<bool>(s, l)) return true; return false; }
 struct simd_vote { uint64_t v; explicit simd_vote(uint64_t x) : v(x) {} operator uint64_t() const { return v; } bool all() const; bool any() const { return v != 0; } };
-inline simd_vote simd_ballot(bool v) { uint32_t m; auto s = msl::simd_exchange(v, 32, &m); uint64_t r = 0; for (int l = 0; l < 32; l++) if ((m >> l & 1u) && msl::slot<bool>(s, l)) r |= 1ull << l; return simd_vote(r); }
+inline simd_vote simd_ballot(bool v) { uint32_t m; auto s = msl::simd_exchange(v, 32, &m); msl::count(); uint64_t r = 0; for (int l = 0; l < 32; l++) if ((m >> l & 1u) && msl::slot<bool>(s, l)) r |= 1ull << l; return simd_vote(r); }
 inline simd_vote simd_active_threads_mask() { uint32_t m; msl::simd_exchange(true, 33, &m); return simd_vote(m); }
 inline bool simd_is_first() { uint32_t m; msl::simd_exchange(true, 34, &m); for (int l = 0; l < 32; l++) if (m >> l & 1u) return msl::cur->lane == uint(l); return false; }
 // quad-group shuffles use the same machinery, within 4 lanes
@@ -381,7 +533,7 @@ template <class T, int R, int C> simdgroup_matrix<T, R, C> make_filled_simdgroup
 }
 #define MSL_SGM_TYPES(T, name) \
   typedef simdgroup_matrix<T, 8, 8> simdgroup_##name##8x8;
-MSL_SGM_TYPES(float, float) MSL_SGM_TYPES(half, half) MSL_SGM_TYPES(bfloat16_t, bfloat)
+MSL_SGM_TYPES(msl_float, float) MSL_SGM_TYPES(half, half) MSL_SGM_TYPES(bfloat16_t, bfloat)
 #undef MSL_SGM_TYPES
 template <class T, class P, class S = ulong>
 void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, P src, S stride = 8, vec<ulong, 2> origin = vec<ulong, 2>(0ul),
@@ -410,6 +562,7 @@ void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const simdgrou
   using Ops = msl::SgmOperands<TA, TB, TC>;
   uint32_t m;
   const unsigned char* s = msl::simd_exchange(Ops{a.e, b.e, c.e}, 40, &m);
+  msl::charge c_{msl::g_alu, 16};
   float A[8][8] = {}, B[8][8] = {}, Cm[8][8] = {};
   for (int l = 0; l < 32; l++) {
     if (!(m >> l & 1u)) continue;
@@ -469,6 +622,10 @@ template <> struct numeric_limits<bfloat16_t> {
   static bfloat16_t infinity() { return bfloat16_t(__builtin_inff()); }
   static bfloat16_t quiet_NaN() { return bfloat16_t(__builtin_nanf("")); }
 };
+#if MSL_COUNT
+template <> struct numeric_limits<msl_float> : std::numeric_limits<float> {};
+template <> struct numeric_limits<msl_uint> : std::numeric_limits<unsigned> {};
+#endif
 using ::vec;
 
 // Unary float functions, computed in float (double for double), applied per element of a vector.
@@ -489,6 +646,16 @@ MSL_UNARY(fract, x - __builtin_floorf(x)) MSL_UNARY(saturate, x < 0.0f ? 0.0f : 
 MSL_UNARY(sign, x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f)) MSL_UNARY(erf, __builtin_erff(x))
 MSL_UNARY(log1p, __builtin_log1pf(x)) MSL_UNARY(expm1, __builtin_expm1f(x))
 #undef MSL_UNARY
+#if MSL_COUNT
+#define MSL_UNARY_C(fname, cost) inline msl_float fname(msl_float x) { msl::count(cost); return fname(x.v); }
+MSL_UNARY_C(exp, 1) MSL_UNARY_C(exp2, 1) MSL_UNARY_C(exp10, 1) MSL_UNARY_C(log, 1) MSL_UNARY_C(log2, 1)
+MSL_UNARY_C(log10, 1) MSL_UNARY_C(sqrt, 1) MSL_UNARY_C(rsqrt, 1) MSL_UNARY_C(sin, 1) MSL_UNARY_C(cos, 1)
+MSL_UNARY_C(tan, 1) MSL_UNARY_C(asin, 1) MSL_UNARY_C(acos, 1) MSL_UNARY_C(atan, 1) MSL_UNARY_C(sinh, 1)
+MSL_UNARY_C(cosh, 1) MSL_UNARY_C(tanh, 1) MSL_UNARY_C(floor, 1) MSL_UNARY_C(ceil, 1) MSL_UNARY_C(trunc, 1)
+MSL_UNARY_C(round, 1) MSL_UNARY_C(rint, 1) MSL_UNARY_C(fabs, 0) MSL_UNARY_C(fract, 1) MSL_UNARY_C(saturate, 1)
+MSL_UNARY_C(sign, 1) MSL_UNARY_C(erf, 1) MSL_UNARY_C(log1p, 1) MSL_UNARY_C(expm1, 1)
+#undef MSL_UNARY_C
+#endif
 inline double exp(double x) { return __builtin_exp(x); }
 inline double sqrt(double x) { return __builtin_sqrt(x); }
 inline double log(double x) { return __builtin_log(x); }
@@ -497,12 +664,19 @@ template <class T> std::enable_if_t<std::is_integral<T>::value, T> abs(T x) { re
 inline float abs(float x) { return __builtin_fabsf(x); }
 inline half abs(half x) { return x < half(0) ? half(-x) : x; }
 inline bfloat16_t abs(bfloat16_t x) { return bfloat16_t(__builtin_fabsf(float(x))); }
+#if MSL_COUNT
+inline msl_float abs(msl_float x) { return __builtin_fabsf(x.v); }  // a free source modifier
+#endif
 template <class T, int N> vec<T, N> abs(const vec<T, N>& v) { vec<T, N> r; for (int i = 0; i < N; i++) r[i] = abs(v[i]); return r; }
 
 template <class T> inline T min_(T a, T b) { return b < a ? b : a; }
 template <class T> inline T max_(T a, T b) { return a < b ? b : a; }
 inline float min_(float a, float b) { return __builtin_fminf(a, b); }
 inline float max_(float a, float b) { return __builtin_fmaxf(a, b); }
+#if MSL_COUNT
+inline msl_float min_(msl_float a, msl_float b) { msl::count(); return __builtin_fminf(a.v, b.v); }
+inline msl_float max_(msl_float a, msl_float b) { msl::count(); return __builtin_fmaxf(a.v, b.v); }
+#endif
 template <class T> T min(T a, T b) { return min_(a, b); }
 template <class T> T max(T a, T b) { return max_(a, b); }
 template <class T> T fmin(T a, T b) { return min_(a, b); }
@@ -526,6 +700,32 @@ MSL_BINARY(step, y < x ? 0.0f : 1.0f) MSL_BINARY(fdim, x > y ? x - y : 0.0f)
 #undef MSL_BINARY
 inline float fma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 inline half fma(half a, half b, half c) { return half(__builtin_fmaf(float(a), float(b), float(c))); }
+#if MSL_COUNT
+#define MSL_BINARY_C(fname) inline msl_float fname(msl_float x, msl_float y) { msl::count(); return fname(x.v, y.v); }
+MSL_BINARY_C(pow) MSL_BINARY_C(powr) MSL_BINARY_C(fmod) MSL_BINARY_C(atan2) MSL_BINARY_C(copysign)
+MSL_BINARY_C(divide) MSL_BINARY_C(step) MSL_BINARY_C(fdim)
+#undef MSL_BINARY_C
+inline msl_float fma(msl_float a, msl_float b, msl_float c) { msl::count(); return __builtin_fmaf(a.v, b.v, c.v); }
+#endif
+// Bitfields (one instruction on Apple GPUs): bits [offset, offset + bits) of x, zero- or
+// sign-extended; base with those bits replaced by the low bits of insert.
+template <class T, class = std::enable_if_t<std::is_integral<T>::value>>
+T extract_bits(T x, unsigned offset, unsigned bits) {
+  using U = std::make_unsigned_t<T>;
+  if (bits == 0) return T(0);
+  U u = U(U(x) << (8 * sizeof(T) - offset - bits));
+  return std::is_signed<T>::value ? T(T(u) >> (8 * sizeof(T) - bits)) : T(u >> (8 * sizeof(T) - bits));
+}
+template <class T, class = std::enable_if_t<std::is_integral<T>::value>>
+T insert_bits(T base, T insert, unsigned offset, unsigned bits) {
+  using U = std::make_unsigned_t<T>;
+  U mask = bits >= 8 * sizeof(T) ? U(~U(0)) : U(U(U(1) << bits) - 1);
+  return T((U(base) & U(~U(mask << offset))) | (U(U(insert) << offset) & U(mask << offset)));
+}
+#if MSL_COUNT
+inline msl_uint extract_bits(msl_uint x, unsigned offset, unsigned bits) { msl::count(); return extract_bits(x.v, offset, bits); }
+inline msl_uint insert_bits(msl_uint base, msl_uint insert, unsigned offset, unsigned bits) { msl::count(); return insert_bits(base.v, insert.v, offset, bits); }
+#endif
 template <class T> T min3(T a, T b, T c) { return min(min(a, b), c); }
 template <class T> T max3(T a, T b, T c) { return max(max(a, b), c); }
 template <class T> T fmin3(T a, T b, T c) { return min(min(a, b), c); }
@@ -577,17 +777,17 @@ template <class T> inline T metal_max_(T a, T b) { return metal::max(a, b); }
 template <class T> inline T metal_min_(T a, T b) { return metal::min(a, b); }
 using namespace metal;
 #define METAL_FUNC inline
-#define INFINITY __builtin_inff()
-#define NAN __builtin_nanf("")
-#define MAXFLOAT 3.40282347e38f
-#define FLT_MAX 3.40282347e38f
-#define FLT_MIN 1.17549435e-38f
-#define HALF_MAX 65504.0f
-#define M_PI_F 3.14159265358979323846f
-#define M_E_F 2.71828182845904523536f
-#define M_LN2_F 0.693147180559945309417f
-#define M_LOG2E_F 1.44269504088896340736f
-#define M_SQRT2_F 1.41421356237309504880f
+#define INFINITY msl_float(__builtin_inff())
+#define NAN msl_float(__builtin_nanf(""))
+#define MAXFLOAT msl_float(3.40282347e38f)
+#define FLT_MAX msl_float(3.40282347e38f)
+#define FLT_MIN msl_float(1.17549435e-38f)
+#define HALF_MAX msl_float(65504.0f)
+#define M_PI_F msl_float(3.14159265358979323846f)
+#define M_E_F msl_float(2.71828182845904523536f)
+#define M_LN2_F msl_float(0.693147180559945309417f)
+#define M_LOG2E_F msl_float(1.44269504088896340736f)
+#define M_SQRT2_F msl_float(1.41421356237309504880f)
 
 // What MLX prepends to every custom kernel (its utils preamble), in the parts kernels use.
 template <class U> struct Limits {

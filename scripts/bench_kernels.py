@@ -1,0 +1,319 @@
+"""Bytes, ALU work and a roofline time of the small-M matmul kernels, M = 1 … 16, on Apple GPUs.
+
+Counted, on this machine, by the MSL emulator's counting build (tests/msl_emulator; rules in
+msl.h, "ALU counting"): for the kernels that serve a verify or draft block — ``verify``
+(w4a16_verify.metal), ``nested-verify`` and ``nested-draft`` (nested_matmul.metal, 8-bit
+weights as two 4-bit planes) — and each row count M, the lane-operations a launch issues
+(``alu``) and the bytes it moves: ``bytes`` = the bytes of each input read at least once plus
+the output written (what DRAM serves when caches keep every re-read: the activations of a
+verify block are at most 16 × 14336 × 2 bytes), ``requested`` = every load request, re-reads
+included (the traffic the GPU's caches serve). Shapes: the test model's linears (SmolLM2-135M:
+hidden 576, FFN 1536, k/v 192; MLX group 32, as its Q4_1 GGUF) and an 8B model's (Llama-3-8B:
+hidden 4096, FFN 14336, k/v 1024; group 64, mlx-community's default), activations and scales
+float16 as on a Mac; ``layer`` sums the seven linears of one transformer layer. Where N is
+larger than --slice, the kernel runs on the first --slice output rows at full K and the counts
+are scaled by N / slice: exact, because every threadgroup does the same work (the activations'
+footprint is not scaled; ``requested`` activation bytes are, as each threadgroup re-reads them).
+
+Modeled (a roofline, not a measurement): time = max(bytes ÷ bandwidth, alu ÷ lane-op rate) per
+launch, on the chips below, and the ratio to M = 1 of the same kernel, shape and chip. The lane-op
+rate is the FP32 FMA rate (GPU cores × 128 lanes × clock = FP32 FLOPS ÷ 2): every counted
+operation is assumed to issue at the FMA rate, one per lane per clock.
+
+MLX's own ``quantized_matmul`` (``mlx-qmm``, MODELED, not counted) from the structure of
+mlx/backend/metal/quantized.cpp and kernels/quantized.h (ml-explore/mlx 846d176, 2026-08):
+below ``get_qmv_batch_limit`` rows it runs ``qmv`` — one pass over the weights per row — on
+M1/M2 (GPU gen 13/14) and on M3+ for M = 1, and ``qmv_wide`` on M3/M4 (gen ≥ 15) for M ≥ 2
+(weights dequantized once per tile of ≤ 5 rows, tiles = ⌈M/5⌉); from the limit on, ``qmm`` /
+``qmm_splitk`` (steel GEMM: rows padded to 32, 8×8 simdgroup MMAs). Per weight, counted by hand
+with the same rules: qmv 3.875 ops per row (mask, convert, FMA, ¼ add; the 4-row-shared
+activation prescale and sum; a 16-value epilogue) + a 320-op simd_sum per output and row;
+qmv_wide 3 per tile (mask, convert, FMA) + 1.125 per row + 48 per output and row (8-lane
+shuffle ladder); qmm 3 + 32 per 32-row tile. MLX's weight bytes are counted once (its re-reads
+across rows and tiles, and split-K partial sums, assumed served by cache — this flatters qmv's
+bytes, not its ALU). ``fma-floor`` (MODELED) is a bound for any kernel on the FP32 ALUs: the
+same bytes, M fmas per weight and nothing else.
+
+Records (``--json``): kernel, model, shape ("KxN" = inputs × outputs, or "layer"), M, chip,
+bytes, alu, modeled_s, ratio_to_m1, requested_bytes (counted kernels), path (mlx-qmm),
+counted (false for the modeled rows), group_size, dtype.
+
+    python scripts/bench_kernels.py --json out/kernels.json --plot out/kernels.png
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from msl_emulator import KernelError, counting_alu, metal_kernel  # noqa: E402
+
+from mlx_qspec import kernels  # noqa: E402
+
+# name: (FP32 FLOPS, DRAM bandwidth B/s, GPU generation as MLX's get_architecture_gen sees it).
+# Bandwidths: Apple's product pages and press releases (M1 68.25 GB/s = LPDDR4X-4266 × 128 bit).
+# FP32: Apple's press releases for M1 (2.6 TFLOPS, 8-core GPU), M1 Max (10.4, 32-core), M2 (3.6,
+# 10-core), M2 Max (13.6, 38-core); Apple published none for M3/M4, so cores × 128 × 2 × clock
+# with the clocks of hmc-tech.com's GPU database: M3 10-core 1.398 GHz (3.58), M3 Max 40-core
+# 1.398 GHz (14.3; other databases list 16.4 at 1.6 GHz), M4 10-core 1.47 GHz (3.76), M4 Max
+# 40-core 1.678 GHz (17.2, the clock hmc-tech lists for the 32-core M4 Max).
+CHIPS = {
+    "M1": (2.6e12, 68.25e9, 13),
+    "M1 Max": (10.4e12, 400e9, 13),
+    "M2": (3.6e12, 100e9, 14),
+    "M2 Max": (13.6e12, 400e9, 14),
+    "M3": (3.58e12, 100e9, 15),
+    "M3 Max": (14.3e12, 400e9, 15),
+    "M4": (3.76e12, 120e9, 16),
+    "M4 Max": (17.2e12, 546e9, 16),
+}
+ROWS = (1, 2, 4, 5, 8, 16)
+# (K, N) of one layer's linears: q, k, v, o, gate, up, down
+MODELS = {
+    "test": dict(group=32, linears=[(576, 576), (576, 192), (576, 192), (576, 576),
+                                    (576, 1536), (576, 1536), (1536, 576)]),
+    "8b": dict(group=64, linears=[(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096),
+                                  (4096, 14336), (4096, 14336), (14336, 4096)]),
+}
+KERNELS = ("verify", "nested-verify", "nested-draft")
+MLX = "mlx-qmm"
+FLOOR = "fma-floor"
+
+
+# ------------------------------------------------------------------ counted kernels
+def run_counted(kind, K, N, M, group, dtype):
+    """One launch in the counting build: (alu, {buffer: unique bytes}, requested bytes)."""
+    key = mx.random.key(K * 7 + N * 13 + M)
+    x = mx.random.normal((M, K), key=key).astype(dtype)
+    wf = mx.random.normal((N, K), key=mx.random.key(K + N))
+    with counting_alu():
+        if kind == "verify":
+            w, s, b = mx.quantize(wf, group_size=group, bits=4)
+            kernels.metal_verify_matmul(x, w, s.astype(dtype), b.astype(dtype), group_size=group)
+            k = kernels._kernel("w4a16_verify")
+        else:
+            w8, s, b = mx.quantize(wf, group_size=group, bits=8)
+            up, lo = kernels.split_planes(w8)
+            draft = kind == "nested-draft"
+            kernels.metal_nested_matmul(x, up, None if draft else lo, s.astype(dtype), b.astype(dtype),
+                                        group_size=group, draft=draft)
+            k = kernels._kernel("nested_matmul_draft" if draft else "nested_matmul_verify")
+    return k.last_alu, dict(k.last_unique), sum(k.last_loads.values())
+
+
+def counted(kind, K, N, M, group, dtype, slice_rows):
+    """Counts for the full N: run ``slice_rows`` rows and scale where N is larger."""
+    n = min(N, slice_rows)
+    alu, unique, requested = run_counted(kind, K, n, M, group, dtype)
+    f = N / n
+    out_bytes = M * N * dtype.size
+    dram = sum(v if b == "x" else v * f for b, v in unique.items()) + out_bytes
+    return dict(bytes=dram, requested=requested * f + out_bytes, alu=alu * f)
+
+
+# ------------------------------------------------------------------ modeled
+def qmv_batch_limit(gen, K, N):
+    """mlx/backend/metal/quantized.cpp get_qmv_batch_limit for a base or Max chip."""
+    small, mid = K <= 2048 and N <= 2048, K <= 4096 and N <= 4096
+    if gen >= 15:
+        return 13 if small else 15 if mid else 13
+    return 14 if small else 10 if mid else 6
+
+
+def fetched(K, N, M, group, itemsize):
+    """Bytes a cache-perfect GPU fetches for a 4-bit matmul: weights, scales, biases, x, y."""
+    return N * K // 2 + 2 * N * (K // group) * itemsize + (M * K + M * N) * itemsize
+
+
+def mlx_model(K, N, M, group, itemsize, gen):
+    """MLX quantized_matmul (4-bit, transposed weights): (path, bytes, alu), modeled. Split-K
+    partial sums are taken to stay in cache, like the re-read weights."""
+    nk = N * K
+    dram = fetched(K, N, M, group, itemsize)
+    if M >= qmv_batch_limit(gen, K, N):
+        mt = -(-M // 32)
+        split = min(max(1, 512 // (-(-N // 32) * mt)), K // max(group, 32))
+        while split > 1 and K % (split * max(group, 32)):
+            split -= 1
+        alu = mt * 3 * nk + 32 * mt * nk + (split - 1) * M * N  # dequantize, MMA, add partials
+        return ("qmm_splitk" if split > 1 else "qmm"), dram, alu
+    if gen >= 15 and M >= 2:
+        tiles = -(-M // 5)
+        vecs = tiles * -(-M // tiles)
+        return "qmv_wide", dram, tiles * (3 * nk + nk // group) + vecs * (1.125 * nk + 48 * N)
+    return "qmv", dram, M * (3.875 * nk + 320 * N)
+
+
+MODELED = {
+    MLX: mlx_model,
+    # a lower bound for any kernel on the FP32 ALUs: M fmas per weight, nothing else
+    FLOOR: lambda K, N, M, group, itemsize, gen: ("", fetched(K, N, M, group, itemsize), M * N * K),
+}
+
+
+# ------------------------------------------------------------------ roofline
+def roofline(nbytes, alu, chip):
+    flops, bw, _ = CHIPS[chip]
+    return max(nbytes / bw, alu / (flops / 2))
+
+
+def cells_of(kind, K, N, M, group, dtype, slice_rows):
+    """{chip: (bytes, alu, modeled_s, path, requested)} of one launch."""
+    if kind in MODELED:
+        out = {}
+        for chip, (_, _, gen) in CHIPS.items():
+            path, b, a = MODELED[kind](K, N, M, group, dtype.size, gen)
+            out[chip] = (b, a, roofline(b, a, chip), path, None)
+        return out
+    c = counted(kind, K, N, M, group, dtype, slice_rows)
+    return {chip: (c["bytes"], c["alu"], roofline(c["bytes"], c["alu"], chip), None, c["requested"])
+            for chip in CHIPS}
+
+
+def bench(models, dtype, slice_rows, kinds, log=print):
+    records, failed = [], {}
+    for model in models:
+        group, linears = MODELS[model]["group"], MODELS[model]["linears"]
+        for kind in (*kinds, *MODELED):
+            per = {}  # (K, N, M) or ("layer", M) → cells
+            try:
+                for K, N in dict.fromkeys(linears):
+                    for M in ROWS:
+                        t = time.perf_counter()
+                        per[K, N, M] = cells_of(kind, K, N, M, group, dtype, slice_rows)
+                        if kind not in MODELED:
+                            log(f"  {model} {kind:13s} {K:5d}->{N:<5d} M={M:<2d} "
+                                f"{time.perf_counter() - t:5.1f} s", file=sys.stderr)
+            except KernelError as e:
+                failed[kind] = str(e).splitlines()[min(1, str(e).count("\n"))]
+                log(f"{kind}: not countable here: {failed[kind]}", file=sys.stderr)
+                continue
+            for M in ROWS:  # one layer: its seven launches one after another
+                per["layer", M] = {}
+                for chip in CHIPS:
+                    cells = [per[K, N, M][chip] for K, N in linears]
+                    req = None if kind in MODELED else sum(c[4] for c in cells)
+                    per["layer", M][chip] = (*(sum(c[i] for c in cells) for i in range(3)), None, req)
+            for key, cells in per.items():
+                shape = "layer" if key[0] == "layer" else f"{key[0]}x{key[1]}"
+                one = per[(*key[:-1], 1)]
+                for chip, (b, a, secs, path, req) in cells.items():
+                    rec = dict(kernel=kind, model=model, shape=shape, M=key[-1], chip=chip, bytes=round(b),
+                               alu=round(a), modeled_s=secs, ratio_to_m1=secs / one[chip][2], group_size=group,
+                               dtype=str(dtype).split(".")[-1], counted=kind not in MODELED)
+                    if req is not None:
+                        rec["requested_bytes"] = round(req)
+                    if path:
+                        rec["path"] = path
+                    records.append(rec)
+    return records, failed
+
+
+# ------------------------------------------------------------------ output
+def table(records):
+    chips = list(CHIPS)
+    groups = {}
+    for r in records:
+        groups.setdefault((r["model"], r["shape"], r["kernel"]), []).append(r)
+    print("modeled time ÷ the same kernel's at M = 1 (roofline: max(bytes ÷ bandwidth, alu ÷ lane-op rate));"
+          " MB = bytes a cache-perfect GPU fetches, req = load requests, alu/w = lane-ops per weight")
+    for (model, shape, kernel), rs in groups.items():
+        K, N = (map(int, shape.split("x")) if shape != "layer"
+                else (None, sum(k * n for k, n in MODELS[model]["linears"])))
+        weights = K * N if K else N
+        label = " (MODELED)" if kernel in MODELED else ""
+        print(f"\n{model} {shape} {kernel}{label}")
+        print(f"  {'M':>2} {'MB':>8} {'req MB':>8} {'alu/w':>6}  " + " ".join(f"{c:>7}" for c in chips)
+              + ("  path (M1, M3)" if kernel == MLX and shape != "layer" else ""))
+        for M in ROWS:
+            row = {r["chip"]: r for r in rs if r["M"] == M}
+            r0 = row[chips[0]]
+            req = f"{r0['requested_bytes'] / 1e6:8.3f}" if "requested_bytes" in r0 else f"{'-':>8}"
+            paths = (f"  {row['M1']['path']}, {row['M3']['path']}" if "path" in row["M1"] else "")
+            print(f"  {M:2d} {r0['bytes'] / 1e6:8.3f} {req} {r0['alu'] / weights:6.2f}  "
+                  + " ".join(f"{row[c]['ratio_to_m1']:7.2f}" for c in chips) + paths)
+    print("\nworst ratio to M = 1 over the shapes (and the layer), per chip")
+    for model in dict.fromkeys(r["model"] for r in records):
+        for kernel in dict.fromkeys(r["kernel"] for r in records):
+            for M in (5, 16):
+                cells = []
+                for c in chips:
+                    v = [r["ratio_to_m1"] for r in records
+                         if (r["model"], r["kernel"], r["M"], r["chip"]) == (model, kernel, M, c)]
+                    cells.append(f"{max(v):7.2f}" if v else f"{'-':>7}")
+                print(f"  {model:4s} {kernel:13s} M={M:<2d} " + " ".join(cells))
+
+
+def plot(records, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed (pip install -e '.[bench]'): no plot written to {path}",
+              file=sys.stderr)
+        return
+    chips = list(CHIPS)
+    fig, axes = plt.subplots(2, 4, figsize=(14, 6.5), sharex=True, sharey=True)
+    styles = {"test": "--", "8b": "-"}
+    kinds = list(dict.fromkeys(r["kernel"] for r in records))
+    colors = dict(zip(kinds, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    markers = dict(zip(kinds, "osx^v*"))  # verify and nested-draft coincide: tell them apart
+    for ax, chip in zip(axes.flat, chips):
+        for model in dict.fromkeys(r["model"] for r in records):
+            for kind in kinds:
+                rs = sorted((r for r in records if (r["model"], r["kernel"], r["shape"], r["chip"])
+                             == (model, kind, "layer", chip)), key=lambda r: r["M"])
+                if rs:
+                    ax.plot([r["M"] for r in rs], [r["ratio_to_m1"] for r in rs], styles.get(model, ":"),
+                            marker=markers[kind], ms=4, color=colors[kind],
+                            label=f"{kind}{' (modeled)' if kind in MODELED else ''}, {model}")
+        ax.axhline(1.15, color="k", lw=0.6, ls=":")
+        ax.axhline(1.5, color="k", lw=0.6, ls=":")
+        ax.set_title(chip)
+        ax.set_xticks(ROWS)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("rows M")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("modeled time ÷ M = 1 (one layer)")
+    axes[0, 0].legend(fontsize=6)
+    fig.suptitle("MODELED roofline from emulator-counted bytes and ALU work (dotted: 1.15×, 1.5×)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--slice", type=int, default=256,
+                    help="emulate at most this many output rows and scale (whole threadgroups)")
+    ap.add_argument("--json", help="write the records here")
+    ap.add_argument("--plot", help="write a PNG of the ratios (one layer, every chip) here (needs matplotlib)")
+    args = ap.parse_args(argv)
+    per_tg = 4 * kernels._LANE_ROWS * kernels._NSG
+    if args.slice % per_tg:
+        ap.error(f"--slice must be a multiple of {per_tg} (whole threadgroups)")
+    mx.fast.metal_kernel = metal_kernel
+    kernels.clear_kernel_cache()
+    records, failed = bench(args.models, getattr(mx, args.dtype), args.slice, args.kernels)
+    table(records)
+    for kind, why in failed.items():
+        print(f"\n{kind}: not counted ({why})")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(records, indent=1))
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot(records, args.plot)
+
+
+if __name__ == "__main__":
+    main()
