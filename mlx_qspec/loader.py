@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.utils import (
     DEFAULT_ALLOW_PATTERNS,
     _get_classes,
@@ -103,6 +103,47 @@ def cast_floats(model: nn.Module, dtype) -> None:
     )
 
 
+def _quantization_params(model: nn.Module) -> set:
+    """Paths of the scales and biases of every quantized layer: how its weights' values are
+    stored, not a compute dtype."""
+    found = set()
+    for name, m in model.named_modules():
+        if "scales" in m:
+            prefix = f"{name}." if name else ""
+            found.update(prefix + k for k in ("scales", "biases") if k in m)
+    return found
+
+
+def half_dtype(model: nn.Module):
+    """The model's half-precision compute dtype: that of its quantization scales where they
+    are float16 / bfloat16 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), else that of its half-precision
+    float tensors (F16 / BF16), else float16 (a k-quant file, whose scales are float32)."""
+    flat = tree_flatten(model.parameters())
+    quant = _quantization_params(model)
+    for only_scales in (True, False):
+        for k, p in flat:
+            if p.dtype in (mx.float16, mx.bfloat16) and (k in quant or not only_scales):
+                return p.dtype
+    return mx.float16
+
+
+def cast_float32_to_half(model: nn.Module) -> None:
+    """Metal's compute dtype for a GGUF model: its float32 parameters that are not
+    quantization scales or biases (norm weights, float embeddings / heads, biases of float
+    or quantized layers) become :func:`half_dtype`, so the residual stream and the KV cache
+    run in half precision as the same model loaded from an mlx directory does (float32 norms
+    would promote both to float32: twice the KV bytes).
+
+    Quantization scales and biases are never cast: the k-quants' (Q4_K / Q5_K) are float32
+    because d·sc needs up to 17 mantissa bits, and Q6_K's 8-bit form is float32 too; in half
+    precision the weights would no longer be the file's values (exactness of the weights)."""
+    dtype, quant = half_dtype(model), _quantization_params(model)
+    cast = [(k, p.astype(dtype)) for k, p in tree_flatten(model.parameters())
+            if p.dtype == mx.float32 and k not in quant]
+    if cast:
+        model.update(tree_unflatten(cast))
+
+
 def build_model(weights: dict, config: dict) -> nn.Module:
     """An mlx-lm model from weights in saved layout and their config, as mlx-lm's
     ``load_model`` builds it (per-module quantization overrides, else quantize what has
@@ -161,11 +202,14 @@ def load(
 ):
     """Load ``(model, tokenizer)`` from an mlx directory, a hub id or a ``.gguf`` file.
 
-    ``dtype``: compute dtype of the floating parameters; ``"auto"`` keeps the stored
-    dtype on Metal and uses float32 on the CPU backend; ``None`` keeps the stored dtype.
+    ``dtype``: compute dtype of the floating parameters; ``"auto"`` uses float32 on the CPU
+    backend and keeps the stored dtype on Metal, except that a GGUF model's float32 norms
+    (and other float32 parameters that are not quantization scales) become the model's half
+    dtype (:func:`cast_float32_to_half`); ``None`` keeps the stored dtype.
     """
     path = resolve(str(path_or_repo), revision)
-    if path.is_file():
+    from_gguf = path.is_file()
+    if from_gguf:
         if not _is_gguf(path):
             raise ModelError(f"'{path}' is neither a model directory nor a GGUF file")
         model, tokenizer, config, _ = load_gguf(path)
@@ -181,7 +225,11 @@ def load(
     else:
         raise ModelError(f"'{path}' is neither a model directory nor a GGUF file")
     apply_online_rotations(model, config)  # a no-op unless config.json records a rotation
-    cast_floats(model, default_dtype() if dtype == "auto" else dtype)
+    if dtype == "auto":
+        dtype = default_dtype()
+        if dtype is None and from_gguf:  # Metal: half-precision compute, weights untouched
+            cast_float32_to_half(model)
+    cast_floats(model, dtype)
     if not lazy:
         mx.eval(model.parameters())
     return (model, tokenizer, config) if return_config else (model, tokenizer)
