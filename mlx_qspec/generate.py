@@ -23,7 +23,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .errors import ModelError, UserError
 from .kernels import backend
-from .kv_cache import KV_MODES, make_cache
+from .kv_cache import KV_MODES, make_cache, make_rotating_cache
 from .loader import load
 from .precision import UPPER, parse
 from .quant.modes import AUTO, NONE, draft_help
@@ -111,15 +111,20 @@ def stream_generate(
 
     max_kv_size = kwargs.pop("max_kv_size", None)
     kwargs.pop("prompt_progress_callback", None)
+    plain = draft is None or (isinstance(draft, str) and draft.strip().lower() == NONE)
     if kwargs.get("prompt_cache") is None:
         if kv_mode != "fp" and max_kv_size is not None:
             raise UserError(f"max_kv_size needs kv_mode 'fp' (a {kv_mode} cache does not rotate)")
-        kwargs["prompt_cache"] = (make_prompt_cache(model, max_kv_size) if kv_mode == "fp"
-                                  else make_cache(model, kv_mode))
+        if kv_mode != "fp":
+            kwargs["prompt_cache"] = make_cache(model, kv_mode)
+        elif max_kv_size is not None:  # one window for both; a draft's can be rewound
+            kwargs["prompt_cache"] = make_rotating_cache(model, max_kv_size, rewindable=not plain)
+        else:
+            kwargs["prompt_cache"] = make_prompt_cache(model)
     if kv_mode != "fp" and kwargs.get("kv_bits") is not None:
         raise UserError(f"kv_bits quantizes an fp cache; with kv_mode {kv_mode!r} leave it unset")
     stats = SpecStats()
-    if draft is None or (isinstance(draft, str) and draft.strip().lower() == NONE):
+    if plain:
         kwargs.pop("draft_p_min", None)
         stats.draft = NONE
         token_generator = plain_generate_step(prompt, model, max_tokens=max_tokens,
@@ -277,8 +282,8 @@ def setup_arg_parser():
     parser.add_argument("--top-k", type=_positive_int("--top-k", 0), default=0, help="Sampling top-k")
     parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
     parser.add_argument("--max-kv-size", type=_positive_int("--max-kv-size"), default=None,
-                        help="Maximum key-value cache size (plain decoding: a rotating cache "
-                        "cannot be rewound, so --draft auto then means none)")
+                        help="Maximum key-value cache size: attention sees a window of this "
+                        "many tokens (--kv-mode fp; drafts keep it exactly)")
     parser.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
                         help="KV cache quantization bits")
     parser.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64,
@@ -311,11 +316,6 @@ def run(args) -> None:
         # an unknown name, or a KV view the cache will not have, fails before the model loads
         raise ModelError(f"--draft {args.draft} reads the upper plane of a nested KV cache: "
                          f"pass --kv-mode nested (got --kv-mode {args.kv_mode})")
-    if args.max_kv_size is not None and draft != NONE:
-        if draft != AUTO:
-            raise ModelError(f"--max-kv-size cannot be combined with --draft {args.draft} "
-                             "(a rotating cache cannot be rewound); use --draft none")
-        draft = NONE
     if args.kv_mode != "fp" and (args.kv_bits is not None or args.max_kv_size is not None):
         flag = "--kv-bits" if args.kv_bits is not None else "--max-kv-size"
         raise ModelError(f"{flag} applies to --kv-mode fp only, got --kv-mode {args.kv_mode}")

@@ -16,7 +16,9 @@ decides which to read.
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import (
+    KVCache,
     QuantizedKVCache,
+    RotatingKVCache,
     _BaseCache,
     create_attention_mask,
     make_prompt_cache,
@@ -256,3 +258,184 @@ def make_cache(model: nn.Module, kv_mode: str, block_size: int = 64, value_group
     if kv_mode == "8bit":
         return [QuantizedKVCache(group_size=_group(model, 64), bits=8) for _ in range(n)]
     return [NestedKVCache(block_size, _group(model, value_group_size)) for _ in range(n)]
+
+
+# Positions a speculative block can rewind: γ ≤ 32 drafts (speculative.MAX_DRAFT_TOKENS,
+# not imported: speculative imports this module), plus one.
+REWIND_SLOTS = 32 + 1
+
+
+class SpeculativeRotatingKVCache(_BaseCache):
+    """mlx-lm's ``RotatingKVCache(max_size, keep)`` attention window, rewindable by up to
+    :data:`REWIND_SLOTS` positions at any time (mlx-lm's is trimmable only before it wraps).
+
+    What each query sees is mlx-lm's, by position: a one-token step at position p sees the
+    ``keep`` first positions and the newest ``max_size − keep`` up to p (the in-place
+    rotating buffer); a prefill chunk sees what mlx-lm's concatenating path gives it (a
+    causal window of ``max_size`` over its kept positions). A block of several tokens after
+    decoding has started — a speculative verify of k + 1 ≤ ``REWIND_SLOTS`` rows — gives
+    each row exactly what a one-token step at its position would see, so greedy
+    speculation equals plain decoding with mlx-lm's rotating cache token for token.
+
+    Storage is in temporal order: the ``keep`` first positions, then every position from
+    ``start`` to the offset, written in place into ``step`` entries of slack; when the slack
+    is used up one copy drops what no query can see any more, keeping ``keep + max_size − 1
+    + REWIND_SLOTS`` positions. So ``trim(n)`` for n ≤ REWIND_SLOTS always works and
+    trim-then-re-append equals never having appended. Masks are built from the positions
+    (an array wherever a stored position is hidden from some row; the dropped positions
+    are exactly those hidden from every later query).
+    """
+
+    step = 256
+
+    def __init__(self, max_size: int, keep: int = 0):
+        if max_size <= keep:
+            raise UserError(f"max_kv_size must exceed the {keep} kept positions, got {max_size}")
+        self.max_size, self.keep = max_size, keep
+        self.keys = self.values = None
+        self.offset = 0
+        self.start = 0  # first stored position after the kept head; 0: all stored from 0
+        self.decoding = False  # a one-token step has run: later small blocks are verifies
+
+    @property
+    def _head(self) -> int:
+        return self.keep if self.start else 0
+
+    @property
+    def _len(self) -> int:
+        return self._head + self.offset - self.start
+
+    def _positions(self, end: int) -> mx.array:
+        """Positions of the stored entries, then of new ones up to ``end``."""
+        tail = mx.arange(self.start, end)
+        return mx.concatenate([mx.arange(self._head), tail]) if self._head else tail
+
+    def _store(self, keys: mx.array, values: mx.array):
+        """Store ``keys``/``values`` (every stored entry, then the new ones) without the
+        positions no later query can see — after a rewind of up to REWIND_SLOTS, a query
+        reads back at most ``max_size − 1`` positions — with ``step`` entries of slack."""
+        need = self.offset - self.max_size + 1 - REWIND_SLOTS
+        if need > max(self.start, self.keep):
+            cut = self._head + need - self.start
+            keys = mx.concatenate([keys[..., : self.keep, :], keys[..., cut:, :]], axis=2)
+            values = mx.concatenate([values[..., : self.keep, :], values[..., cut:, :]], axis=2)
+            self.start = need
+        pad = lambda x: mx.pad(x, [(0, 0), (0, 0), (0, self.step), (0, 0)])  # noqa: E731
+        self.keys, self.values = pad(keys), pad(values)
+
+    def update_and_fetch(self, keys, values):
+        N, n = keys.shape[2], self._len
+        self.decoding = self.decoding or N == 1
+        if self.keys is not None and n + N <= self.keys.shape[2]:
+            self.keys[..., n : n + N, :] = keys
+            self.values[..., n : n + N, :] = values
+            self.offset += N
+            return self.keys[..., : n + N, :], self.values[..., : n + N, :]
+        # Full: return what the mask (built before this update) indexes, store it compacted.
+        if self.keys is not None:
+            keys = mx.concatenate([self.keys[..., :n, :], keys], axis=2)
+            values = mx.concatenate([self.values[..., :n, :], values], axis=2)
+        self.offset += N
+        self._store(keys, values)
+        return keys, values
+
+    def _prefill_block(self, N: int) -> bool:
+        """Whether an N-token block gets mlx-lm's concatenating-path window (a prompt chunk)
+        rather than each row a one-token step's (a verify block)."""
+        return N > 1 and (not self.decoding or N > REWIND_SLOTS)
+
+    def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False):
+        o, W, keep = self.offset, self.max_size, self.keep
+        last = o + N - 1
+        prefill = self._prefill_block(N)
+        if prefill:  # every stored position inside every row's window
+            plain = self.start == 0 and last < W
+        else:
+            plain = (self.start == 0 and last < W) or 0 < self.start > last - W + keep
+        if plain and window_size is None and not return_array:
+            return None if N == 1 else "causal"
+        q = self._positions(o + N)[None]
+        p = mx.arange(o, o + N)[:, None]
+        mask = q <= p
+        if prefill:
+            if o <= W - 1:  # mlx-lm holds every position: a causal window of W
+                mask = mask & (q > p - W)
+            else:  # mlx-lm holds keep + the newest W − 1 − keep: row i sees its entries i…W−1+i
+                i = p - o
+                newest = (q >= keep) & (q >= o - (W - 1) + mx.maximum(i, keep))
+                mask = mask & (((q < keep) & (q >= i)) | newest)
+        else:
+            mask = mask & ((q < keep) | (q > p - W + keep))
+        if window_size is not None:
+            mask = mask & (q > p - window_size)
+        return mask
+
+    def size(self):
+        return min(self.offset, self.max_size)
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return []
+        return self.keys[..., : self._len, :], self.values[..., : self._len, :]
+
+    @state.setter
+    def state(self, v):
+        if not v:
+            self.keys = self.values = None
+            return
+        self.keys, self.values = v
+
+    @property
+    def meta_state(self):
+        return tuple(map(str, (self.max_size, self.keep, self.offset, self.start,
+                               int(self.decoding))))
+
+    @meta_state.setter
+    def meta_state(self, v):
+        self.max_size, self.keep, self.offset, self.start, decoding = map(int, v)
+        self.decoding = bool(decoding)
+
+    @classmethod
+    def from_state(cls, state, meta_state):
+        obj = cls.__new__(cls)
+        obj.meta_state = meta_state
+        obj.state = state
+        return obj
+
+    def is_trimmable(self):
+        return True
+
+    def trim(self, n):
+        n = min(self.offset, n)
+        if self.offset - n < self.start:
+            raise ValueError(
+                f"cannot trim {n} positions: only the newest {self.offset - self.start} are "
+                f"stored (a rotating cache rewinds up to {REWIND_SLOTS})"
+            )
+        self.offset -= n
+        return n
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4):
+        raise NotImplementedError("a rotating cache cannot be quantized (as mlx-lm's)")
+
+    def empty(self):
+        return self.keys is None
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in self.state)
+
+
+def make_rotating_cache(model: nn.Module, max_size: int, keep: int = 4, rewindable: bool = True):
+    """A window of ``max_size`` tokens (``keep=4`` as mlx-lm's ``make_prompt_cache``): the
+    model's caches, each plain ``KVCache`` replaced by a :class:`SpeculativeRotatingKVCache`
+    (``rewindable``) or by mlx-lm's ``RotatingKVCache`` (same window, for plain decoding).
+    mlx-lm's own ``make_prompt_cache`` ignores ``max_kv_size`` for models that build their
+    caches (llama among them); here the window applies to every full-attention layer."""
+    if max_size <= keep:
+        raise UserError(f"max_kv_size must exceed the {keep} kept positions, got {max_size}")
+    caches = (model.make_cache() if hasattr(model, "make_cache")
+              else [KVCache() for _ in model.layers])
+    cls = SpeculativeRotatingKVCache if rewindable else RotatingKVCache
+    return [cls(max_size, keep) if type(c) is KVCache else c for c in caches]

@@ -85,7 +85,8 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
         (["--num-draft-tokens", "0"], "--num-draft-tokens"),
         (["--num-draft-tokens", "33"], "num_draft_tokens"),
         (["--model", "no-such-org/no-such-model"], "not in the Hugging Face cache"),
-        (["--max-kv-size", "64", "--draft", "a8"], "--max-kv-size cannot be combined"),
+        (["--max-kv-size", "64", "--kv-mode", "nested", "--draft", "a8"],
+         "--max-kv-size applies to --kv-mode fp only"),
         (["--kv-group-size", "48"], "--kv-group-size"),
     ],
 )

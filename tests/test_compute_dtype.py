@@ -8,7 +8,6 @@ dtype the loader decides on, not Metal compute."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as Q
 from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_qspec
