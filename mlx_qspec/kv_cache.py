@@ -61,7 +61,22 @@ def _zeros(planes: tuple, groups: tuple, dtype) -> list:
             mx.zeros(groups, dtype), mx.zeros(groups, dtype)]
 
 
-class NestedKVCache(_BaseCache):
+class _RewindableCache(_BaseCache):
+    """What our caches share: always trimmable (within their rewind slots), and rebuilt from
+    ``state`` plus ``meta_state`` (mlx-lm's ``from_state`` takes no meta state)."""
+
+    @classmethod
+    def from_state(cls, state, meta_state):
+        obj = cls.__new__(cls)
+        obj.meta_state = meta_state
+        obj.state = state
+        return obj
+
+    def is_trimmable(self):
+        return True
+
+
+class NestedKVCache(_RewindableCache):
     """Keys/values as upper+lower 4-bit planes, the newest tokens in a float buffer.
 
     ``update_and_fetch`` returns ``(keys, values)``, each ``(upper, lower, scales, mins,
@@ -206,16 +221,6 @@ class NestedKVCache(_BaseCache):
     def meta_state(self, v):
         self.block_size, self.value_group_size = map(int, v)
 
-    @classmethod
-    def from_state(cls, state, meta_state):
-        obj = cls.__new__(cls)
-        obj.meta_state = meta_state
-        obj.state = state
-        return obj
-
-    def is_trimmable(self):
-        return True
-
     def trim(self, n):
         n = min(self.offset, n)
         if n > self.offset - self.quantized:
@@ -265,7 +270,7 @@ def make_cache(model: nn.Module, kv_mode: str, block_size: int = 64, value_group
 REWIND_SLOTS = 32 + 1
 
 
-class SpeculativeRotatingKVCache(_BaseCache):
+class SpeculativeRotatingKVCache(_RewindableCache):
     """mlx-lm's ``RotatingKVCache(max_size, keep)`` attention window, rewindable by up to
     :data:`REWIND_SLOTS` positions at any time (mlx-lm's is trimmable only before it wraps).
 
@@ -395,16 +400,6 @@ class SpeculativeRotatingKVCache(_BaseCache):
     def meta_state(self, v):
         self.max_size, self.keep, self.offset, self.start, decoding = map(int, v)
         self.decoding = bool(decoding)
-
-    @classmethod
-    def from_state(cls, state, meta_state):
-        obj = cls.__new__(cls)
-        obj.meta_state = meta_state
-        obj.state = state
-        return obj
-
-    def is_trimmable(self):
-        return True
 
     def trim(self, n):
         n = min(self.offset, n)

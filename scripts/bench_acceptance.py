@@ -24,6 +24,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from plotting import pyplot
 from mlx_qspec import load
 from mlx_qspec.generate import default_model_path
 from mlx_qspec.kv_cache import KV_MODES, make_cache
@@ -105,13 +106,8 @@ def print_table(rows):
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed: no plot written to {path}", file=sys.stderr)
+    plt = pyplot(path)
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     ceiling = dict(sorted((r["gamma"], r["tokens_per_verify_ceiling"]) for r in rows))

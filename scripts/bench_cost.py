@@ -23,6 +23,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from plotting import pyplot
 from mlx_qspec import load, reads
 from mlx_qspec.cost import CHIPS, modeled_speedup, modeled_tokens_per_s
 from mlx_qspec.generate import default_model_path
@@ -149,16 +150,9 @@ def print_tables(measured, rows, context0):
 
 
 def plot(rows, names, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed (pip install -e '.[bench]'): no plot written to {path}",
-              file=sys.stderr)
+    plt = pyplot(path)
+    if plt is None:
         return
-
     fig, ax = plt.subplots(figsize=(6.5, 4))
     pts = [r for r in rows if r["chip"] == "M4 Max"]
     for n in names:

@@ -52,6 +52,7 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from msl_emulator import KernelError, counting_alu, metal_kernel  # noqa: E402
 
+from plotting import pyplot
 from mlx_qspec import kernels  # noqa: E402
 
 # name: (FP32 FLOPS, DRAM bandwidth B/s, GPU generation as MLX's get_architecture_gen sees it).
@@ -249,14 +250,8 @@ def table(records):
 
 
 def plot(records, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed (pip install -e '.[bench]'): no plot written to {path}",
-              file=sys.stderr)
+    plt = pyplot(path)
+    if plt is None:
         return
     chips = list(CHIPS)
     fig, axes = plt.subplots(2, 4, figsize=(14, 6.5), sharex=True, sharey=True)
