@@ -27,6 +27,8 @@ from mlx_lm.models.cache import (
 from .errors import UserError
 
 GROUP_SIZES = (32, 64, 128)
+MAX_DRAFT_TOKENS = 32  # the longest draft block the speculative loop writes and rewinds
+REWIND_SLOTS = MAX_DRAFT_TOKENS + 1  # positions a rotating cache can always rewind
 KV_MODES = ("fp", "8bit", "nested")
 
 _NIBBLES = mx.array([4 * i for i in range(8)], mx.uint32)
@@ -265,9 +267,6 @@ def make_cache(model: nn.Module, kv_mode: str, block_size: int = 64, value_group
     return [NestedKVCache(block_size, _group(model, value_group_size)) for _ in range(n)]
 
 
-# Positions a speculative block can rewind: γ ≤ 32 drafts (speculative.MAX_DRAFT_TOKENS,
-# not imported: speculative imports this module), plus one.
-REWIND_SLOTS = 32 + 1
 
 
 class SpeculativeRotatingKVCache(_RewindableCache):

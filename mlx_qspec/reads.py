@@ -26,7 +26,6 @@ class ReadCounter:
     """Bytes read by the forwards built while it was open, split into weights and KV."""
 
     forwards: int = 0
-    rows: int = 0  # query rows over all counted forwards
     ints: dict = field(default_factory=lambda: {WEIGHTS: 0, KV: 0})
     floats: dict = field(default_factory=lambda: {WEIGHTS: 0, KV: 0})  # bytes in their dtype
     float_elems: dict = field(default_factory=lambda: {WEIGHTS: 0, KV: 0})
@@ -51,14 +50,6 @@ class ReadCounter:
         kinds = (WEIGHTS, KV) if kind is None else (kind,)
         return sum(self.ints[k] + 2 * self.float_elems[k] for k in kinds)
 
-    def merge(self, other: "ReadCounter"):
-        self.forwards += other.forwards
-        self.rows += other.rows
-        for k in (WEIGHTS, KV):
-            self.ints[k] += other.ints[k]
-            self.floats[k] += other.floats[k]
-            self.float_elems[k] += other.float_elems[k]
-
 
 _active: ContextVar[ReadCounter | None] = ContextVar("mlx_qspec_reads", default=None)
 
@@ -71,13 +62,12 @@ def count(kind: str, *arrays):
 
 
 @contextmanager
-def counting(counter: ReadCounter, rows: int = 0):
-    """Count the reads of one forward (over ``rows`` query rows) built inside the block."""
+def counting(counter: ReadCounter):
+    """Count the reads of one forward built inside the block."""
     token = _active.set(counter)
     try:
         yield counter
     finally:
         _active.reset(token)
         counter.forwards += 1
-        counter.rows += rows
 

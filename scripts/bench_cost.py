@@ -66,7 +66,7 @@ def plain_reads(model, kv_mode: str, context: int) -> dict:
     for c in cache:
         c.update_and_fetch(zeros, zeros)
     counter = reads.ReadCounter()
-    with reads.counting(counter, 1):
+    with reads.counting(counter):
         mx.eval(model(mx.array([[0]]), cache=cache))
     return per_forward(counter)
 

@@ -70,13 +70,10 @@ def check_draft(model: nn.Module, name, kv_mode: str = "fp") -> Precision | None
     """Parse a draft name (``none``/None → None) and make sure ``model`` with a ``kv_mode``
     cache can run it: ValueError naming what to pass instead, before any compute.
     (``auto`` is not a precision: the caller resolves it with the cost model.)"""
-    if name is None or isinstance(name, Precision):
-        precision = name
-    elif str(name).strip().lower() == NONE:
+    if name is None or str(name).strip().lower() == NONE:
         return None
-    else:
-        precision = parse(name)
-    if precision is None or precision.is_full:
+    precision = name if isinstance(name, Precision) else parse(name)
+    if precision.is_full:
         raise UserError(f"draft {name!r} reads nothing with fewer bits; use --draft none")
     if kv_mode not in KV_MODES:
         raise UserError(f"unknown KV mode {kv_mode!r}; valid: {', '.join(KV_MODES)}")
