@@ -37,12 +37,11 @@ from mlx_lm.sample_utils import (
 
 from . import attention, cost, kernels, precision, reads
 from .errors import UserError
-from .kv_cache import NestedKVCache
+from .kv_cache import MAX_DRAFT_TOKENS, NestedKVCache, make_rotating_cache
 from .precision import FULL_PRECISION, Precision
 from .quant.linear import install
 from .quant.modes import AUTO, auto_candidates, check_draft
 
-MAX_DRAFT_TOKENS = 32
 DEFAULT_DRAFT_TOKENS = 4  # γ of an explicit draft when none is given
 # Verify rows per forward: within the row count the verify kernel takes, a verify row is
 # computed on the same kernel path as a one-token decode step (γ ≥ 16 needs two forwards).
@@ -204,7 +203,7 @@ class _FullPrecision:
         self.model, self.counter = model, counter
 
     def __call__(self, inputs, *args, **kwargs):
-        with precision.reading(FULL_PRECISION), reads.counting(self.counter, inputs.shape[-1]):
+        with precision.reading(FULL_PRECISION), reads.counting(self.counter):
             return self.model(inputs, *args, **kwargs)
 
 
@@ -248,8 +247,13 @@ def plain_generate_step(prompt: mx.array, model: nn.Module, *, prompt_cache=None
     first n − 1 tokens prefilled here in mlx-lm's chunks, then :func:`decode_plainly`.
     ``kwargs`` go to mlx-lm's ``generate_step`` (sampler, logits_processors, kv_bits, …)."""
     model = prepare(model)
-    cache = make_prompt_cache(model, kwargs.pop("max_kv_size", None)) if prompt_cache is None \
-        else prompt_cache
+    max_kv_size = kwargs.pop("max_kv_size", None)
+    if prompt_cache is not None:
+        cache = prompt_cache
+    elif max_kv_size is not None:  # the window stream_generate gives plain decoding too
+        cache = make_rotating_cache(model, max_kv_size, rewindable=False)
+    else:
+        cache = make_prompt_cache(model)
     stats = SpecStats(draft="none") if stats is None else stats
     quantize = lambda: maybe_quantize_kv_cache(  # noqa: E731
         cache, kwargs.get("quantized_kv_start", DEFAULT_QUANTIZED_KV_START),
@@ -382,7 +386,7 @@ def _generate(
 
     def forward(tokens, at: Precision, counter):
         """One forward at precision ``at``, its reads counted in ``counter``."""
-        with precision.reading(at), reads.counting(counter, tokens.size):
+        with precision.reading(at), reads.counting(counter):
             return model(tokens[None], cache=cache)[0]
 
     def logprobs_of(logits, context):

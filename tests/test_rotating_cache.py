@@ -13,7 +13,13 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 from conftest import build_tiny_model
 from mlx_qspec.generate import main, stream_generate
 from mlx_qspec.kv_cache import REWIND_SLOTS, SpeculativeRotatingKVCache, make_rotating_cache
-from mlx_qspec.speculative import MAX_DRAFT_TOKENS, SpecStats, prepare, speculative_generate_step
+from mlx_qspec.speculative import (
+    MAX_DRAFT_TOKENS,
+    SpecStats,
+    plain_generate_step,
+    prepare,
+    speculative_generate_step,
+)
 
 P = 160  # positions in the one-hot tests
 
@@ -119,6 +125,14 @@ def test_greedy_speculation_equals_plain_rotating_decoding(tiny, plain_windowed,
     if draft == "a8":  # on this model a8 drafts are sometimes rejected: verifies rewound
         assert stats.drafted > stats.accepted
     assert cache[0].start > 0 and cache[0].keys.shape[2] <= 4 + W + REWIND_SLOTS + 2 * 16 + 8
+
+
+def test_plain_generate_step_applies_the_window_too(tiny, plain_windowed):
+    """The API's plain loop given ``max_kv_size`` decodes on the same window as mlx-lm's
+    rotating cache (mlx-lm's own make_prompt_cache would ignore it on llama)."""
+    prompt, ref = plain_windowed
+    out = [t for t, *_ in plain_generate_step(prompt, tiny, max_tokens=T, max_kv_size=W)]
+    assert out == ref
 
 
 def test_keep_zero_window(tiny):
