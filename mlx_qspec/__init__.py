@@ -10,6 +10,7 @@ warnings.filterwarnings(
 )
 
 from .generate import generate, stream_generate  # noqa: E402
+from .sampling import make_sampler  # noqa: E402
 from .loader import load  # noqa: E402
 
-__all__ = ["load", "generate", "stream_generate"]
+__all__ = ["load", "generate", "stream_generate", "make_sampler"]

@@ -27,11 +27,11 @@ from .kv_cache import KV_MODES, make_cache, make_rotating_cache
 from .loader import load
 from .precision import UPPER, parse
 from .quant.modes import AUTO, NONE, draft_help
+from .sampling import make_sampler
 from .speculative import (
     SpecStats,
     check_draft_p_min,
     check_num_draft_tokens,
-    make_sampler,
     plain_generate_step,
     speculative_generate_step,
 )

@@ -29,7 +29,7 @@ from sampling import chi2_pvalue, sample_first_tokens
 from mlx_qspec import kernels
 from mlx_qspec.quant.activations import quantize_activations
 from mlx_qspec.quant.linear import install
-from mlx_qspec.speculative import make_sampler
+from mlx_qspec.sampling import make_sampler
 
 # ``emulated`` (conftest): kernels built through the MSL emulator.
 

@@ -15,7 +15,8 @@ from sampling import chi2_pvalue, sample_first_tokens
 from mlx_qspec import precision
 from mlx_qspec.precision import FULL_PRECISION, TERMS, parse, reading
 from mlx_qspec.quant.linear import install, is_installed
-from mlx_qspec.speculative import SpecStats, make_sampler, speculative_generate_step
+from mlx_qspec.sampling import make_sampler
+from mlx_qspec.speculative import SpecStats, speculative_generate_step
 
 ACTIVATION_DRAFTS = [t for t in TERMS if t.startswith("a")]
 
