@@ -118,6 +118,9 @@ PRIOR_ACCEPTANCE = {
     "a4-g16": 0.66,  # A4 group-16: 0.66 (first probe)
     "kv-upper": 0.94,  # upper nibble of 8-bit KV, keys per channel over 64-token blocks: 0.942
     "w-upper": 0.83,  # Q8_0 LM head read as its upper nibble: 0.833 (only the head was measured)
+    # n-gram proposals on input-grounded chat (rewrite a given function), per proposed
+    # token when the lookup finds a match: NGRAM_MEASURED
+    "ngram": 0.5,
 }
 
 
@@ -215,7 +218,8 @@ def cache_path() -> Path:
     return Path(os.environ.get("MLX_QSPEC_CACHE") or Path.home() / ".cache" / "mlx_qspec") / "costs.json"
 
 
-def _load(path: Path) -> dict:
+def read_store(path: Path) -> dict:
+    """A JSON object stored at ``path``, or {} if it is missing or corrupt."""
     try:
         store = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -241,7 +245,7 @@ def calibrate_cached(model, cache, candidates, rows=CALIBRATION_ROWS, repeats: i
         (fingerprint(model), device_name(), f"mlx={mx.__version__}", f"ctx={context_bucket(cache[0].offset)}")
     )
     path = cache_path()
-    store = _load(path)
+    store = read_store(path)
     table = _stored(store.get(key), rows, candidates)
     if table is None:
         table = calibrate(model, cache, candidates, rows, repeats)

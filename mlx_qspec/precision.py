@@ -3,12 +3,14 @@
 A draft is not a second model but a way of reading the same memory with fewer bits:
 how 8-bit weights are read (both 4-bit planes, or only the upper one), how activations
 enter the quantized linears (compute dtype, or 8/4-bit codes per token or per group), and
-how a nested KV cache is read (both planes, or only the upper one). The speculative loop
+how a nested KV cache is read (both planes, or only the upper one), and which transformer
+blocks the forward skips (a layer-skip draft reads only the others). The speculative loop
 sets a :class:`Precision` for each forward with :func:`reading`; layers and caches read it
 with :func:`current`. It lives in a :class:`contextvars.ContextVar`, so it never leaks out
 of the ``with`` block, and two threads (two requests of a server) never see each other's.
 
-Names compose with ``+``: ``a8``, ``a4-g32``, ``w-upper``, ``kv-upper``, ``a8+kv-upper``…
+Names compose with ``+``: ``a8``, ``a4-g32``, ``w-upper``, ``kv-upper``, ``a8+kv-upper``,
+``skip-3,14`` (those blocks), ``skip-0.4+kv-upper`` (a calibrated 40 % of the blocks)…
 The full precision (what plain decoding and every verify read) is named ``verify``.
 """
 
@@ -32,6 +34,8 @@ class Precision:
     act_bits: int | None = None  # None: activations in the compute dtype
     act_group_size: int | None = None  # None: one activation scale per token
     kv: str = FULL  # nested KV cache: both planes (full) or the upper plane only
+    skip: tuple[int, ...] = ()  # transformer blocks the forward passes over
+    skip_fraction: float | None = None  # a share of the blocks, not yet calibrated to a set
 
     def __post_init__(self):
         for axis in ("weights", "kv"):
@@ -47,6 +51,13 @@ class Precision:
                     f"draft activation group size must be one of {ACT_GROUP_SIZES}, "
                     f"got {self.act_group_size}"
                 )
+        if self.skip_fraction is not None and (self.skip or not 0 < self.skip_fraction < 1):
+            raise UserError(f"a skip fraction must be in (0, 1) and alone, got {self.skip_fraction}")
+        if self.skip != tuple(sorted(set(self.skip))) or any(i < 1 for i in self.skip):
+            raise UserError(
+                f"skipped blocks must be distinct indices from 1 up (block 0 builds the "
+                f"attention mask), got {self.skip}"
+            )
 
     @property
     def is_full(self) -> bool:
@@ -56,6 +67,10 @@ class Precision:
     def terms(self) -> list[str]:
         """The name's ``+``-separated parts, in canonical order (activations, weights, KV)."""
         out = []
+        if self.skip_fraction is not None:
+            out.append(f"skip-{self.skip_fraction:g}")
+        elif self.skip:
+            out.append("skip-" + ",".join(map(str, self.skip)))
         if self.act_bits is not None:
             g = "" if self.act_group_size is None else f"-g{self.act_group_size}"
             out.append(f"a{self.act_bits}{g}")
@@ -85,6 +100,21 @@ TERMS: dict[str, dict] = {
     "w-upper": dict(weights=UPPER),
     "kv-upper": dict(kv=UPPER),
 }
+SKIP = "skip-"  # a term's prefix: skip-<fraction> or skip-<i>,<j>,…
+
+
+def _skip_fields(term: str) -> dict:
+    """``skip-0.4`` → a fraction to calibrate; ``skip-3,14`` → those blocks."""
+    spec = term[len(SKIP):]
+    try:
+        if "." in spec:
+            return dict(skip_fraction=float(spec))
+        return dict(skip=tuple(sorted(int(i) for i in spec.split(","))))
+    except ValueError:
+        raise UserError(
+            f"bad layer-skip term {term!r}: use skip-<fraction> (e.g. skip-0.4) or "
+            "skip-<block>,<block>,… (e.g. skip-3,14)"
+        ) from None
 
 
 def _axis(term: str) -> str:
@@ -97,7 +127,9 @@ def parse(name: str) -> Precision:
     terms = [t.strip() for t in str(name).strip().lower().split("+")]
     fields, axes = {}, {}
     for term in terms:
-        if term not in TERMS:
+        if term.startswith(SKIP):
+            pass
+        elif term not in TERMS:
             raise UserError(
                 f"unknown draft term {term!r} in {name!r}; terms: {', '.join(TERMS)} "
                 "(combine with '+', e.g. a8+kv-upper)"
@@ -106,7 +138,7 @@ def parse(name: str) -> Precision:
         if axis in axes:
             raise UserError(f"draft {name!r} reads {axis} two ways ({axes[axis]} and {term})")
         axes[axis] = term
-        fields.update(TERMS[term])
+        fields.update(_skip_fields(term) if term.startswith(SKIP) else TERMS[term])
     return Precision(**fields)
 
 

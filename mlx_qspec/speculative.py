@@ -12,7 +12,7 @@ the speculative-sampling rule keeps the verify's distribution exactly.
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Generator, List, Optional, Tuple
+from typing import Any, Callable, Generator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,12 +27,14 @@ from mlx_lm.models.cache import (
     make_prompt_cache,
     trim_prompt_cache,
 )
-from . import attention, cost, kernels, precision, reads
+from . import attention, cost, drafts, kernels, layer_skip, precision, reads
+from .drafts import Cascade
 from .errors import UserError
 from .kv_cache import MAX_DRAFT_TOKENS, NestedKVCache, make_rotating_cache
 from .precision import FULL_PRECISION, Precision
 from .quant.linear import install
-from .quant.modes import AUTO, auto_candidates, check_draft
+from .ngram import Ngram
+from .quant.modes import AUTO, NONE, auto_candidates
 from .sampling import resolve_sampler
 
 DEFAULT_DRAFT_TOKENS = 4  # γ of an explicit draft when none is given
@@ -63,6 +65,8 @@ class SpecStats:
     draft_time: float = 0.0
     verify_time: float = 0.0
     auto_reason: str = ""
+    # Cascades: per checking level, [proposals from the levels below, proposals it kept].
+    level_counts: dict = field(default_factory=dict)
     draft_reads: reads.ReadCounter = field(default_factory=reads.ReadCounter)
     verify_reads: reads.ReadCounter = field(default_factory=reads.ReadCounter)
 
@@ -119,9 +123,11 @@ def check_draft_p_min(p) -> float:
 
 
 def prepare(model: nn.Module) -> nn.Module:
-    """Everything the loop and plain decoding read through: QSpec layers and our attention."""
+    """Everything the loop and plain decoding read through: QSpec layers, our attention,
+    skippable blocks."""
     install(model)
     attention.install(model)
+    layer_skip.install(model)
     return model
 
 
@@ -200,9 +206,9 @@ class _AdaptiveGamma:
     """γ for each block from the cost table and a running acceptance estimate (``auto``);
     γ = 0 (a plain step) once the model says drafting no longer pays."""
 
-    def __init__(self, table, draft: str, gammas):
+    def __init__(self, table, draft: str, prior: float, gammas):
         self.table, self.draft, self.gammas = table, draft, gammas
-        self.estimate = cost.AcceptanceEstimate(cost.prior_acceptance(draft))
+        self.estimate = cost.AcceptanceEstimate(prior)
         self.off = False
 
     def __call__(self) -> int:
@@ -227,32 +233,46 @@ def kv_mode_of(cache) -> str:
     return "8bit" if cache and all(hasattr(c, "bits") for c in cache) else "fp"
 
 
-def resolve_auto(model, cache, num_draft_tokens: Optional[int], stats: "SpecStats"):
+def auto_priors(model, kv_mode: str) -> dict[str, float]:
+    """The drafts ``auto`` weighs, with their prior acceptance: the n-gram lookup, the
+    precision drafts whose terms were measured, and the layer-skip sets calibrated for this
+    model before (``--draft skip-<share>`` calibrates one), alone and with ``kv-upper``."""
+    priors = {drafts.NGRAM: cost.PRIOR_ACCEPTANCE[drafts.NGRAM]}
+    for name in auto_candidates(model, kv_mode):
+        if all(t in cost.PRIOR_ACCEPTANCE for t in precision.parse(name).terms):
+            priors[name] = cost.prior_acceptance(name)
+    for found in layer_skip.cached_calibrations(model):
+        name = Precision(skip=found.skip).name
+        priors[name] = found.agreement
+        if kv_mode == "nested":
+            priors[name + "+kv-upper"] = found.agreement * cost.PRIOR_ACCEPTANCE["kv-upper"]
+    return priors
+
+
+def resolve_auto(model, cache, num_draft_tokens: Optional[int], stats: "SpecStats", ngram: Ngram):
     """``auto`` on a prefilled cache: calibrate forward costs at this context (cached per
-    model, device and context), then pick the draft and γ the cost model favours, or none.
-    Returns ``(precision or None, gamma policy)`` and records the choice in ``stats``."""
-    candidates = [  # drafts whose acceptance has been measured: the model needs a prior
-        c for c in auto_candidates(model, kv_mode_of(cache))
-        if all(t in cost.PRIOR_ACCEPTANCE for t in precision.parse(c).terms)
-    ]
+    model, device and context; the lookup costs no forward), then pick the draft and γ the
+    cost model favours, or none. Returns ``(cascade or None, gamma policy)`` and records
+    the choice in ``stats``."""
+    kv_mode = kv_mode_of(cache)
+    priors = auto_priors(model, kv_mode)
     gamma_max = num_draft_tokens or max(cost.GAMMAS)
     gammas = tuple(g for g in cost.GAMMAS if g <= gamma_max)
-    if not candidates:
-        stats.draft, stats.auto_reason = "none", "no_draft_runs_on_this_model"
-        return None, None
-    table = cost.calibrate_cached(model, cache, candidates)
-    choice = cost.choose(table, {c: cost.prior_acceptance(c) for c in candidates}, gammas=gammas)
+    table = cost.calibrate_cached(model, cache, [n for n in priors if n != drafts.NGRAM])
+    table.draft[drafts.NGRAM] = 0.0
+    choice = cost.choose(table, priors, gammas=gammas)
     stats.draft, stats.auto_reason = choice.draft or "none", choice.reason
     if choice.draft is None:
         return None, None
-    return precision.parse(choice.draft), _AdaptiveGamma(table, choice.draft, gammas)
+    cascade = drafts.check(model, choice.draft, kv_mode, ngram)
+    return cascade, _AdaptiveGamma(table, choice.draft, priors[choice.draft], gammas)
 
 
 def speculative_generate_step(
     prompt: mx.array,
     model: nn.Module,
     *,
-    draft: "str | Precision",
+    draft: "str | Precision | Cascade",
     num_draft_tokens: Optional[int] = None,
     max_tokens: int = 256,
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
@@ -263,17 +283,22 @@ def speculative_generate_step(
     kv_group_size: int = 64,
     quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
     draft_p_min: float = 0.0,
+    ngram: Ngram = Ngram(),
+    cached_tokens: Sequence[int] = (),
     stats: Optional[SpecStats] = None,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Yield ``(token, logprobs, from_draft)`` like mlx-lm's ``speculative_generate_step``.
 
-    ``draft`` is a draft name (``'a8'``, ``'w-upper'``, ``'a8-g32+kv-upper'``, …), a
-    :class:`Precision`, or ``'auto'``: after the prefill the cost model picks a draft and
-    adapts γ (≤ ``num_draft_tokens``, default 8) to the acceptance it sees, or decodes
-    plainly where no draft pays (``stats.auto_reason`` says why). An explicit draft runs
+    ``draft`` is a draft name (``'a8'``, ``'w-upper'``, ``'a8-g32+kv-upper'``,
+    ``'skip-3,14'``, ``'ngram'``, a cascade ``'ngram>a8-g32'``, …), a :class:`Precision`,
+    or ``'auto'``: after the prefill the cost model picks a draft and adapts γ
+    (≤ ``num_draft_tokens``, default 8) to the acceptance it sees, or decodes plainly where
+    no draft pays (``stats.auto_reason`` says why). An explicit draft runs
     ``num_draft_tokens`` (default 4) per block, fewer where the draft's top probability
-    falls below ``draft_p_min``. QSpec layers and our attention are installed on ``model``
-    if needed. ``max_tokens < 0`` never stops on its own. ``prompt_cache`` (one trimmable
+    falls below ``draft_p_min`` or the n-gram lookup finds no more. ``ngram`` sets the
+    lookup, which searches ``cached_tokens`` (the ids already in ``prompt_cache``), the
+    prompt and the output. QSpec layers, skippable blocks and our attention are installed on ``model`` if
+    needed. ``max_tokens < 0`` never stops on its own. ``prompt_cache`` (one trimmable
     cache per layer; a :class:`NestedKVCache` list for ``kv-upper``) is updated in place:
     when the generator ends it holds the prompt and every emitted token but the last.
     ``logprobs`` are the verify's (after ``logits_processors``), as plain decoding gives
@@ -281,9 +306,9 @@ def speculative_generate_step(
     """
     cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
     auto = isinstance(draft, str) and draft.strip().lower() == AUTO
-    mode = None if auto else check_draft(model, draft, kv_mode_of(cache))
-    if mode is None and not auto:
+    if draft is None or (isinstance(draft, str) and draft.strip().lower() == NONE):
         raise UserError(f"speculative decoding needs a draft, got {draft!r}")
+    cascade = None if auto else drafts.check(model, draft, kv_mode_of(cache), ngram)
     if num_draft_tokens is not None:
         check_num_draft_tokens(num_draft_tokens)
     draft_p_min = check_draft_p_min(draft_p_min)
@@ -295,24 +320,33 @@ def speculative_generate_step(
         raise UserError("the prompt is empty")
     stats = SpecStats() if stats is None else stats
     if not auto:
-        stats.draft = mode.name
+        stats.draft = cascade.name
     stats.num_draft_tokens = num_draft_tokens or (0 if auto else DEFAULT_DRAFT_TOKENS)
     return _generate(
-        prompt, prepare(model), mode if not auto else AUTO, num_draft_tokens, max_tokens,
+        prompt, prepare(model), cascade or AUTO, num_draft_tokens, max_tokens,
         dist, logits_processors, cache, prefill_step_size, kv_bits, kv_group_size,
-        quantized_kv_start, draft_p_min, stats,
+        quantized_kv_start, draft_p_min, ngram, list(cached_tokens), stats,
     )
 
 
+def _trim_to(cache, offset: int):
+    """Every layer's cache back to ``offset`` positions (a skipped block has fewer already)."""
+    for c in cache:
+        if c.offset > offset:
+            c.trim(c.offset - offset)
+
+
 def _generate(
-    prompt, model, mode, num_draft_tokens, max_tokens, dist, logits_processors, cache,
-    prefill_step_size, kv_bits, kv_group_size, quantized_kv_start, draft_p_min, stats,
+    prompt, model, cascade, num_draft_tokens, max_tokens, dist, logits_processors, cache,
+    prefill_step_size, kv_bits, kv_group_size, quantized_kv_start, draft_p_min, ngram,
+    cached_tokens, stats,
 ):
     """The loop behind :func:`speculative_generate_step`, its arguments already checked."""
     quantize_cache = lambda: maybe_quantize_kv_cache(  # noqa: E731
         cache, quantized_kv_start, kv_group_size, kv_bits
     )
     history = None  # prompt + emitted tokens, kept only for logits processors
+    seen = None  # the same as a list, kept only for the n-gram lookup
 
     def forward(tokens, at: Precision, counter):
         """One forward at precision ``at``, its reads counted in ``counter``."""
@@ -331,24 +365,15 @@ def _generate(
             logits = mx.concatenate(rows)
         return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
-    def draft_block(y, k):
-        """Up to k draft tokens (and their distributions at temp > 0); the cache keeps the
-        positions the draft forwards appended (the caller trims them)."""
-        tokens, q = [], []
-        for _ in range(k):
-            lp = logprobs_of(forward(y, mode, stats.draft_reads)[-1:],
-                             mx.concatenate([history, *tokens]) if logits_processors else None)
-            qi = lp if dist is None else dist.distribution(lp)
-            y = mx.argmax(qi, axis=-1) if dist is None else mx.random.categorical(qi)
-            if draft_p_min and math.exp(qi.max().item()) < draft_p_min:
-                break  # llama.cpp's --draft-p-min: an unsure draft ends the block
-            mx.async_eval(y)
-            tokens.append(y)
-            q.append(qi)
-        return tokens, q
+    def context_after(tokens):
+        """History extended by ``tokens`` (ints or arrays), for logits processors."""
+        if not logits_processors:
+            return None
+        return mx.concatenate([history, mx.array([int(t) for t in tokens], mx.uint32)])
 
     def accept(lp, drafts, q):
-        """(accept flags for the k drafts, the token to emit after each prefix length)."""
+        """(accept flags for the k drafts, the token to emit after each prefix length).
+        ``q[i]`` is the distribution draft i was drawn from; None is a point mass on it."""
         if dist is None:
             targets = mx.argmax(lp, axis=-1)
             return targets[:-1] == drafts, targets
@@ -356,7 +381,11 @@ def _generate(
         p = dist.distribution(lp)  # float32, as every q: exp, ratio and residual in float32
         if k == 0:
             return mx.array([], mx.bool_), mx.random.categorical(p)
-        q = mx.concatenate(q)
+        vocab = mx.arange(p.shape[-1])
+        q = mx.concatenate([
+            qi if qi is not None else mx.where(vocab == drafts[i], 0.0, -mx.inf)[None]
+            for i, qi in enumerate(q)
+        ])
         rows = mx.arange(k)
         pd, qd = mx.exp(p[rows, drafts]), mx.exp(q[rows, drafts])
         ok = mx.random.uniform(shape=(k,)) * qd < pd
@@ -366,14 +395,60 @@ def _generate(
         bonus = mx.random.categorical(p[k:])
         return ok, mx.concatenate([fix, bonus])
 
-    def room():
-        """Drafts the next block may hold so that no verify block straddles a change in how
-        the cache reads earlier positions (plain decoding would read them two ways)."""
-        k = min((c.room() for c in cache if hasattr(c, "room")), default=MAX_DRAFT_TOKENS)
-        if kv_bits is not None and cache[0].offset < quantized_kv_start:
-            k = min(k, quantized_kv_start - 1 - cache[0].offset)
-        return k
+    def check(y, proposed, q, at: Precision, counter, rows_at_once):
+        """Score ``[y, *proposed]`` at ``at`` (``rows_at_once`` rows per forward) and apply
+        the rejection rule: ``(kept, tokens emitted, their logprobs at ``at``)``, the
+        emitted tokens being the kept proposals and one more drawn at ``at``. The cache
+        keeps the positions of y and the kept proposals."""
+        k = len(proposed)
+        base = cache[0].offset
+        drafts = mx.array(proposed, mx.uint32) if k else mx.array([], mx.uint32)
+        inputs = mx.concatenate([y, drafts])
+        logits = mx.concatenate([
+            forward(inputs[i : i + rows_at_once], at, counter)
+            for i in range(0, k + 1, rows_at_once)
+        ])
+        lp = logprobs_of(logits, context_after(proposed))
+        ok, targets = accept(lp, drafts, q)
+        mx.eval(ok, targets, lp)
+        ok, targets = ok.tolist(), targets.tolist()
+        n = ok.index(False) if False in ok else k
+        _trim_to(cache, base + n + 1)
+        return n, [int(t) for t in proposed[:n]] + [targets[n]], lp
 
+    def propose(levels, y, k, drafted):
+        """Up to ``k`` tokens from the cascade ``levels`` (cheapest first) after ``y``,
+        ``drafted`` (ints) already proposed before it in this block, and the distribution
+        each was drawn from (None: a point mass). The top level's forwards append to the
+        cache; the caller trims."""
+        *lower, top = levels
+        if isinstance(top, Ngram):
+            return top.propose(seen + drafted, k), [None] * k
+        tokens, q = [], []
+        while len(tokens) < k:
+            base = cache[0].offset
+            offered, offered_q = propose(lower, y, k - len(tokens), drafted + tokens) if lower else ([], [])
+            _trim_to(cache, base)  # what the lower levels' forwards appended
+            if offered:
+                n, out, lp = check(y, offered, offered_q, top, stats.draft_reads, VERIFY_CHUNK)
+                counts = stats.level_counts.setdefault(top.name, [0, 0])
+                counts[0] += len(offered)
+                counts[1] += n
+                qi = lp[: n + 1] if dist is None else dist.distribution(lp[: n + 1])
+            else:
+                lp = logprobs_of(forward(y, top, stats.draft_reads)[-1:],
+                                 context_after(drafted + tokens))
+                qi = lp if dist is None else dist.distribution(lp)
+                if draft_p_min and math.exp(qi.max().item()) < draft_p_min:
+                    break  # llama.cpp's --draft-p-min: an unsure draft ends the block
+                t = mx.argmax(qi, axis=-1) if dist is None else mx.random.categorical(qi)
+                out = [t.item()]
+            tokens += out
+            q += [qi[i : i + 1] for i in range(len(out))]
+            y = mx.array(out[-1:], mx.uint32)
+        return tokens[:k], q[:k]
+
+    levels = None if cascade == AUTO else list(cascade.levels)
     ntoks = 0
     with mx.stream(generation_stream):
         t0 = time.perf_counter()
@@ -381,15 +456,18 @@ def _generate(
         prefill(model, prompt[:-1].astype(mx.uint32), cache, prefill_step_size, quantize_cache)
         y = prompt[-1:].astype(mx.uint32)
         adaptive = None
-        if mode == AUTO:
-            mode, adaptive = resolve_auto(model, cache, num_draft_tokens, stats)
+        if cascade == AUTO:
+            cascade, adaptive = resolve_auto(model, cache, num_draft_tokens, stats, ngram)
+            levels = None if cascade is None else list(cascade.levels)
         stats.prefill_time += time.perf_counter() - t0
         gamma_of = adaptive or (lambda: num_draft_tokens or DEFAULT_DRAFT_TOKENS)
         if logits_processors:
             history = prompt.astype(mx.uint32)
+        if levels and isinstance(levels[0], Ngram):
+            seen = cached_tokens + prompt.tolist()
         limit = math.inf if max_tokens < 0 else max_tokens
         try:
-            if mode is None:  # auto found no draft that pays: mlx-lm's pipelined plain loop
+            if levels is None:  # auto found no draft that pays: mlx-lm's pipelined plain loop
                 for out in decode_plainly(
                     y, model, cache, max_tokens=max_tokens, stats=stats,
                     history=prompt[:-1].astype(mx.uint32), sampler=dist,
@@ -400,31 +478,14 @@ def _generate(
                     yield out
                 return
             while ntoks < limit:
-                k = int(max(0, min(gamma_of(), limit - ntoks - 1, room())))
+                k = int(max(0, min(gamma_of(), limit - ntoks - 1, room(cache, kv_bits, quantized_kv_start))))
                 t0 = time.perf_counter()
                 offset = cache[0].offset
-                drafts, q = draft_block(y, k) if k else ([], [])
-                if cache[0].offset > offset:
-                    # Wait for the drafts before queuing the verify: costs one graph build
-                    # of idle device, buys a true per-mode time split (with the verify
-                    # queued behind them, MLX-CPU reported the drafts done only late).
-                    mx.eval(drafts)
-                    trim_prompt_cache(cache, cache[0].offset - offset)
-                k = len(drafts)
+                drafted, q = propose(levels, y, k, []) if k else ([], [])
+                _trim_to(cache, offset)
+                k = len(drafted)
                 t1 = time.perf_counter()
-                drafts = mx.concatenate(drafts) if k else mx.array([], mx.uint32)
-                inputs = mx.concatenate([y, drafts.astype(mx.uint32)])
-                logits = mx.concatenate([
-                    forward(inputs[i : i + VERIFY_CHUNK], FULL_PRECISION, stats.verify_reads)
-                    for i in range(0, k + 1, VERIFY_CHUNK)
-                ])
-                context = mx.concatenate([history, drafts]) if logits_processors else None
-                lp = logprobs_of(logits, context)
-                ok, targets = accept(lp, drafts, q)
-                mx.eval(ok, targets, lp)
-                ok, targets, drafts = ok.tolist(), targets.tolist(), drafts.tolist()
-                n = ok.index(False) if False in ok else k
-                trim_prompt_cache(cache, k - n)
+                n, out, lp = check(y, drafted, q, FULL_PRECISION, stats.verify_reads, VERIFY_CHUNK)
                 quantize_cache()
                 if adaptive:
                     adaptive.update(k, n)
@@ -433,9 +494,10 @@ def _generate(
                 stats.drafted += k
                 stats.accepted += n
                 stats.verify_passes += 1
-                out = drafts[:n] + [targets[n]]
                 if logits_processors:
-                    history = mx.concatenate([history, mx.array(out, mx.uint32)])
+                    history = context_after(out)
+                if seen is not None:
+                    seen += out
                 y = mx.array(out[-1:], mx.uint32)
                 for i, tok in enumerate(out):
                     ntoks += 1
@@ -444,3 +506,12 @@ def _generate(
         finally:
             extra = cache[0].offset - (start + prompt.size + ntoks - 1)
             trim_prompt_cache(cache, max(extra, 0))
+
+
+def room(cache, kv_bits, quantized_kv_start) -> int:
+    """Drafts the next block may hold so that no verify block straddles a change in how the
+    cache reads earlier positions (plain decoding would read them two ways)."""
+    k = min((c.room() for c in cache if hasattr(c, "room")), default=MAX_DRAFT_TOKENS)
+    if kv_bits is not None and cache[0].offset < quantized_kv_start:
+        k = min(k, quantized_kv_start - 1 - cache[0].offset)
+    return k

@@ -1,21 +1,29 @@
-"""Acceptance of each QSpec draft mode on real text: α, τ, verify passes per token,
-bytes read per token relative to plain decoding (counted from the arrays each forward
-reads), and whether greedy speculative output matched plain decoding, for each draft γ.
+"""Acceptance of each draft (precision drafts, ``ngram``, ``skip-…``, cascades) on real
+text: α, τ, verify passes per token, bytes read per token relative to plain decoding
+(counted from the arrays each forward reads), and whether greedy speculative output matched
+plain decoding, for each draft γ, on one of two workloads: ``free`` (continue English
+prose) or ``grounded`` (a chat request to rewrite a given Python function: output that
+copies its input, where the n-gram lookup drafts).
 
 Counts, not speed: on MLX-CPU a verify of γ+1 rows costs ~γ+1 one-token steps, so
 Linux timings say nothing about a Mac. Bytes are the regime a Mac decodes in (bound by
 bytes read, SPEC.md §6b): every draft step and every verify pass reads all weights once
 (the verify kernel reads each weight byte once for its γ+1 rows), plain decoding once per
 token, so ``bytes/tok`` = bytes read by drafts and verifies ÷ what plain decoding reads
-per token at the same context; above 1 the draft costs more bytes than it saves. Prompts are real English shipped with every
-Python install (the license and stdlib module docs), continued greedily.
+per token at the same context; above 1 the draft costs more bytes than it saves, and its
+inverse is the MODELED Mac speedup (``modeled×``: bytes-bound, a verify of γ+1 rows costing
+its bytes — SPEC/issue-14's roofline puts a 5-row verify at ≤ 1.10× one row). Prompts are
+real text shipped with every Python install (the license, stdlib docs and sources).
 
     python scripts/bench_acceptance.py --modes a8 a8-g32 a4 a4-g32 w-upper kv-upper \
         --kv-mode nested --gammas 1 2 4 8 \
         --json out/acceptance.json --plot out/acceptance.png
+    python scripts/bench_acceptance.py --workload grounded --modes ngram skip-0.2 \
+        "ngram>skip-0.2" --gammas 4 8 --max-tokens 128
 """
 
 import argparse
+import inspect
 import json
 import pydoc
 import sys
@@ -27,8 +35,8 @@ import mlx.core as mx
 from plotting import pyplot
 from mlx_qspec import load
 from mlx_qspec.generate import default_model_path
+from mlx_qspec import drafts
 from mlx_qspec.kv_cache import KV_MODES, make_cache
-from mlx_qspec.quant.modes import check_draft
 from mlx_qspec.speculative import (
     SpecStats,
     check_num_draft_tokens,
@@ -55,7 +63,32 @@ def real_texts() -> list[str]:
     return texts
 
 
-def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
+# Input-grounded requests: a stdlib function (its first 25 lines) and what to do with it.
+GROUNDED = [
+    ("textwrap", "dedent", "Rewrite this function with a docstring and type hints:"),
+    ("textwrap", "indent", "Add a comment to every line of this function:"),
+    ("shlex", "quote", "Rename the variables of this function to longer names:"),
+    ("string", "capwords", "Rewrite this function with a docstring and type hints:"),
+    ("json", "dumps", "Add a comment to every line of this function:"),
+    ("shlex", "split", "Rewrite this function with type hints:"),
+]
+
+
+def grounded_prompts(tokenizer, n: int) -> list[list[int]]:
+    """Chat-formatted requests to rewrite a given function (output copies the input)."""
+    out = []
+    for module, name, ask in GROUNDED[:n]:
+        src = "\n".join(inspect.getsource(getattr(__import__(module), name)).splitlines()[:25])
+        msg = [{"role": "user", "content": f"{ask}\n\n```python\n{src}\n```"}]
+        out.append(tokenizer.apply_chat_template(msg, add_generation_prompt=True))
+    return out
+
+
+def prompts(tokenizer, workload: str, n: int, length: int) -> list[list[int]]:
+    if workload == "grounded":
+        if n > len(GROUNDED):
+            raise SystemExit(f"only {len(GROUNDED)} grounded prompts, asked for {n}")
+        return grounded_prompts(tokenizer, n)
     texts = real_texts()
     if len(texts) < n:
         raise SystemExit(f"only {len(texts)} real texts found, asked for {n}")
@@ -71,6 +104,7 @@ def run_config(model, prompt_sets, plain_outs, mode, gamma, max_tokens, kv_mode=
             max_tokens=max_tokens, stats=stats, prompt_cache=make_cache(model, kv_mode))]
         matched += sum(a == b for a, b in zip(out, ref))
         total += len(ref)
+    b = stats.bytes_per_token(half=True)
     return {
         "draft": mode.name,
         "gamma": gamma,
@@ -82,6 +116,8 @@ def run_config(model, prompt_sets, plain_outs, mode, gamma, max_tokens, kv_mode=
         "tokens_per_verify": stats.tokens_per_verify,
         "verify_passes_per_token": stats.verify_passes / stats.emitted,
         "bytes_per_token_vs_plain": stats.bytes_per_token()["total"] / stats.bytes_per_token()["plain"],
+        "modeled_mac_speedup": b["plain"] / b["total"],
+        "level_counts": stats.level_counts,
         **{f"{k}_bytes_per_token": v for k, v in stats.bytes_per_token().items()},
         "greedy_match": matched / total,
         # τ if every draft were accepted: max_tokens cuts the last block short.
@@ -92,15 +128,17 @@ def run_config(model, prompt_sets, plain_outs, mode, gamma, max_tokens, kv_mode=
 
 
 def print_table(rows):
-    head = (f"{'draft':8} {'γ':>2} {'α':>6} {'τ':>6} {'τ max':>6} {'verify/tok':>10} "
-            f"{'bytes/tok':>9} {'match':>6} "
+    w = max(8, *(len(r["draft"]) for r in rows))
+    head = (f"{'draft':{w}} {'γ':>2} {'α':>6} {'τ':>6} {'τ max':>6} {'verify/tok':>10} "
+            f"{'bytes/tok':>9} {'modeled×':>8} {'match':>6} "
             f"{'drafted':>7} {'accepted':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['draft']:8} {r['gamma']:>2} {r['acceptance']:6.3f} {r['tokens_per_verify']:6.2f} "
+        print(f"{r['draft']:{w}} {r['gamma']:>2} {r['acceptance']:6.3f} {r['tokens_per_verify']:6.2f} "
               f"{r['tokens_per_verify_ceiling']:6.2f} "
               f"{r['verify_passes_per_token']:10.3f} {r['bytes_per_token_vs_plain']:9.2f} "
+              f"{r['modeled_mac_speedup']:8.2f} "
               f"{r['greedy_match']:6.3f} {r['drafted']:7d} "
               f"{r['accepted']:8d}")
 
@@ -127,12 +165,18 @@ def plot(rows, path):
     print(f"plot: {path}", file=sys.stderr)
 
 
+def _log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model path (default: the SmolLM2 test GGUF)")
     ap.add_argument("--modes", nargs="+", default=["a8", "a8-g32", "a4", "a4-g32"])
     ap.add_argument("--gammas", nargs="+", type=int, default=[1, 2, 4, 8])
     ap.add_argument("--kv-mode", choices=KV_MODES, default="fp", help="KV cache for every run")
+    ap.add_argument("--workload", choices=("free", "grounded"), default="free",
+                    help="free: continue English prose; grounded: rewrite a given function")
     ap.add_argument("--prompts", type=int, default=3, help="number of real-text prompts")
     ap.add_argument("--prompt-tokens", type=int, default=64, help="tokens of text per prompt")
     ap.add_argument("--max-tokens", type=int, default=24, help="tokens generated per prompt")
@@ -142,11 +186,12 @@ def main(argv=None):
 
     try:
         model, tokenizer = load(args.model or default_model_path())
-        modes = [check_draft(model, m, args.kv_mode) for m in args.modes]
+        modes = [drafts.check(model, drafts.resolve(model, tokenizer, m, progress=_log),
+                              args.kv_mode) for m in args.modes]
         gammas = [check_num_draft_tokens(g) for g in args.gammas]
     except ValueError as e:
         ap.exit(2, f"bench_acceptance: error: {e}\n")
-    prompt_sets = prompts(tokenizer, args.prompts, args.prompt_tokens)
+    prompt_sets = prompts(tokenizer, args.workload, args.prompts, args.prompt_tokens)
 
     t0 = time.perf_counter()
     plain_outs = [[t for t, _, _ in plain_generate_step(
@@ -170,7 +215,7 @@ def main(argv=None):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         meta = dict(model=str(args.model or default_model_path()), prompts=len(prompt_sets),
                     prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
-                    kv_mode=args.kv_mode)
+                    kv_mode=args.kv_mode, workload=args.workload)
         Path(args.json).write_text(json.dumps({"config": meta, "rows": rows}, indent=1))
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from mlx_qspec.speculative import SpecStats, speculative_generate_step
 
 
 def sample_first_tokens(model, prompt, sampler, steps: int, n: int, seed: int,
-                        draft="a4", gamma=2):
+                        draft="a4", gamma=2, **kw):
     """Counts of the first ``steps`` tokens over ``n`` speculative runs (one cache, rewound
     after each run), and their stats."""
     cache = make_prompt_cache(model)
@@ -21,7 +21,7 @@ def sample_first_tokens(model, prompt, sampler, steps: int, n: int, seed: int,
     for _ in range(n):
         gen = speculative_generate_step(mx.array(prompt[-1:]), model, draft=draft,
                                         num_draft_tokens=gamma, max_tokens=steps,
-                                        sampler=sampler, prompt_cache=cache, stats=stats)
+                                        sampler=sampler, prompt_cache=cache, stats=stats, **kw)
         counts[tuple(t for t, _, _ in gen)] += 1
         trim_prompt_cache(cache, steps)
     assert cache[0].offset == len(prompt) - 1

@@ -1,0 +1,93 @@
+"""A draft is a cascade of levels, cheapest first: ``ngram>skip-0.4+kv-upper>verify``.
+
+Each level is the n-gram lookup (``ngram``: no forward at all) or a way of reading the
+model (a :class:`~mlx_qspec.precision.Precision` name). The cheapest level proposes; each
+level above checks the proposals with one forward over them, keeps what it agrees with
+(speculative sampling's rule, so its output is distributed as its own reading of the model)
+and extends them; only its survivors reach the next level, and the verify (full precision)
+is always last. A single name (``a8``, ``ngram``) is a cascade of one level.
+"""
+
+from dataclasses import dataclass
+
+import mlx.nn as nn
+
+from . import layer_skip
+from .errors import UserError
+from .ngram import Ngram
+from .precision import VERIFY_NAME, Precision, parse
+from .quant.modes import AUTO, NONE, check_draft
+
+NGRAM = "ngram"
+SEPARATOR = ">"
+
+
+@dataclass(frozen=True)
+class Cascade:
+    """The levels below the verify, cheapest first: ``Ngram`` settings or a ``Precision``."""
+
+    levels: tuple
+
+    @property
+    def name(self) -> str:
+        return SEPARATOR.join(NGRAM if isinstance(x, Ngram) else x.name for x in self.levels)
+
+    @property
+    def precisions(self) -> list[Precision]:
+        return [x for x in self.levels if isinstance(x, Precision)]
+
+    def __str__(self):
+        return self.name
+
+
+def parse_levels(name: str) -> list[str]:
+    """``'ngram > a8+kv-upper > verify'`` → ``['ngram', 'a8+kv-upper']`` (the trailing
+    ``verify`` is implied); UserError for an empty level."""
+    parts = [p.strip().lower() for p in str(name).split(SEPARATOR)]
+    if len(parts) > 1 and parts[-1] == VERIFY_NAME:
+        parts.pop()
+    if not all(parts):
+        raise UserError(f"draft {name!r} has an empty level; write levels as ngram>a8-g32>verify")
+    return parts
+
+
+def check(model: nn.Module, name, kv_mode: str = "fp", ngram: Ngram = Ngram()) -> Cascade:
+    """The cascade ``name`` denotes, each level checked against ``model`` and its cache
+    (UserError naming what to pass instead, before any compute)."""
+    if isinstance(name, Cascade):
+        levels = list(name.levels)
+    elif isinstance(name, Precision):
+        levels = [name]
+    else:
+        levels = [ngram if part == NGRAM else parse(part) for part in parse_levels(name)]
+    for i, level in enumerate(levels):
+        if isinstance(level, Ngram):
+            if i:
+                raise UserError(
+                    f"draft {name!r}: ngram proposes without reading the model, so it can only "
+                    "be the first level"
+                )
+            continue
+        check_draft(model, level, kv_mode)
+        layer_skip.check(model, level)
+    for below, above in zip(levels, levels[1:]):
+        if isinstance(below, Precision) and not set(above.skip) <= set(below.skip):
+            raise UserError(
+                f"draft {name!r}: {above.name} skips blocks that {below.name} below it runs "
+                "(a level checks with at least the blocks of the levels below)"
+            )
+    cascade = Cascade(tuple(levels))
+    if len(set(cascade.name.split(SEPARATOR))) < len(levels):
+        raise UserError(f"draft {name!r} repeats a level")
+    return cascade
+
+
+def resolve(model: nn.Module, tokenizer, name, progress=None):
+    """``name`` with every ``skip-<share>`` level calibrated to a block set for ``model``
+    (its calibration text needs the tokenizer); ``auto``, ``none`` and objects unchanged."""
+    if not isinstance(name, str) or name.strip().lower() in (AUTO, NONE):
+        return name
+    return SEPARATOR.join(
+        part if part == NGRAM else layer_skip.resolve(model, tokenizer, parse(part), progress).name
+        for part in parse_levels(name)
+    )

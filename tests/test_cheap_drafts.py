@@ -1,0 +1,229 @@
+"""Drafts that read no weights or fewer blocks: the n-gram lookup (``ngram``), layer skip
+(``skip-…``) and cascades of levels (``ngram>skip-2>…``). Greedy output equals plain decoding
+token for token at every γ; sampling keeps the verify's distribution with a point-mass
+draft; a skip draft reads only the blocks it runs (counted); calibration picks blocks by
+measured agreement and is cached."""
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import generate_step
+
+from conftest import build_tiny_model
+from sampling import chi2_pvalue, sample_first_tokens
+from mlx_qspec import layer_skip, reads
+from mlx_qspec.drafts import check
+from mlx_qspec.kv_cache import make_cache
+from mlx_qspec.ngram import Ngram
+from mlx_qspec.precision import FULL_PRECISION, Precision, reading
+from mlx_qspec.sampling import make_sampler
+from mlx_qspec.speculative import SpecStats, prepare, speculative_generate_step
+
+BLOCK = 32
+# A prompt that repeats itself in part, so the lookup finds matches, and long enough that
+# the nested cache's planes hold tokens before generation starts.
+PROMPT = [(7 * i + 3) % 256 for i in range(40)] * 2 + [5, 9, 11]
+MAX_TOKENS = 37  # ends inside a block for every γ > 1
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny_model(num_hidden_layers=4)
+
+
+def plain(model, kv_mode="fp"):
+    prepare(model)
+    cache = make_cache(model, kv_mode, BLOCK, BLOCK)
+    return [t for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=MAX_TOKENS,
+                                        prompt_cache=cache)]
+
+
+def spec(model, draft, gamma, kv_mode="fp", **kw):
+    stats = SpecStats()
+    cache = make_cache(model, kv_mode, BLOCK, BLOCK)
+    out = [t for t, _, _ in speculative_generate_step(
+        mx.array(PROMPT), model, draft=draft, num_draft_tokens=gamma, max_tokens=MAX_TOKENS,
+        prompt_cache=cache, stats=stats, **kw)]
+    return out, stats, cache
+
+
+def test_lookup_prefers_the_longest_latest_match_and_extends_periodic_text():
+    ng = Ngram(min_n=1, max_n=3, window=64)
+    # The suffix 5 2 3 has no earlier match, 2 3 has two: the latest (→ 7 8), not the first.
+    assert ng.propose([1, 2, 3, 4, 9, 1, 2, 3, 7, 8, 5, 2, 3], 2) == [7, 8]
+    # 9 1 2 3 is longer than max_n: 1 2 3 decides (→ 7 8 5), not the 1-token match of 3.
+    assert ng.propose([1, 2, 3, 4, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3], 3) == [7, 8, 5]
+    assert ng.propose([9, 4, 1, 3, 6, 1, 2, 3], 1) == [6]  # 1-token suffix, when nothing longer
+    # Periodic context: the continuation runs into the end and is looked up again.
+    assert ng.propose([4, 5, 6, 4, 5, 6], 7) == [4, 5, 6, 4, 5, 6, 4]
+    assert ng.propose([1, 2, 3, 4], 3) == []  # nothing repeats
+    assert Ngram(min_n=2).propose([1, 2, 3, 1, 9, 9, 1], 2) == []  # only 1-token matches
+    far = [1, 2] + [9] * 70 + [1]  # the only earlier 1 lies 72 tokens back
+    assert ng.propose(far, 2) == [] and Ngram(window=80).propose(far, 2) == [2, 9]
+
+
+@pytest.mark.parametrize("gamma", [1, 4, 8])
+@pytest.mark.parametrize("draft, kv_mode", [
+    ("ngram", "fp"),
+    ("skip-2", "fp"),
+    ("skip-1,3", "fp"),
+    ("ngram>skip-2", "fp"),
+    ("ngram>a8-g32", "fp"),
+    ("skip-1,2>skip-2>a8", "fp"),
+    ("skip-2+kv-upper", "nested"),
+    ("ngram>skip-3+kv-upper>kv-upper", "nested"),
+])
+def test_greedy_equals_plain_decoding(model, draft, gamma, kv_mode):
+    out, st, cache = spec(model, draft, gamma, kv_mode)
+    assert out == plain(model, kv_mode), (draft, gamma)
+    assert st.emitted == MAX_TOKENS and st.drafted > 0
+    assert {c.offset for c in cache} == {len(PROMPT) + MAX_TOKENS - 1}  # every block alike
+    if ">" in draft:  # the middle levels checked what the levels below offered
+        assert sum(n for n, _ in st.level_counts.values()) > 0
+
+
+def test_a_stream_closed_mid_block_leaves_every_block_at_the_emitted_length(model):
+    """As at EOS: the consumer stops inside a block; the skipped blocks' caches agree."""
+    cache = make_cache(model, "fp", BLOCK, BLOCK)
+    gen = speculative_generate_step(mx.array(PROMPT), model, draft="ngram>skip-2",
+                                    num_draft_tokens=8, max_tokens=100, prompt_cache=cache)
+    got = [next(gen)[0] for _ in range(6)]
+    gen.close()
+    assert got == plain(model)[:6]
+    assert {c.offset for c in cache} == {len(PROMPT) + 6 - 1}
+
+
+def test_copying_output_is_drafted_whole_by_the_lookup():
+    """Output the prompt already contains is drafted whole: every n-gram draft is accepted,
+    τ = γ + 1. Without attention and MLP outputs the model's next token is a function of
+    the current one; the prompt is its own path from token 3, then 3 again."""
+    m = build_tiny_model(seed=1, residual_gain=0.0)
+    path = [3]
+    for _ in range(59):
+        path.append(int(mx.argmax(m(mx.array(path[-1:])[None])[0, -1])))
+    assert len(set(path)) == len(path)  # no cycle: only the lookup can know what comes
+    prompt = path + [3]
+    gamma, stats = 8, SpecStats()
+    out = [t for t, _, _ in speculative_generate_step(
+        mx.array(prompt), m, draft="ngram", num_draft_tokens=gamma, max_tokens=45, stats=stats)]
+    assert out == [t for t, _ in generate_step(mx.array(prompt), m, max_tokens=45)]
+    assert stats.acceptance == 1.0 and stats.tokens_per_verify == gamma + 1
+
+
+def test_a_skip_draft_reads_only_the_blocks_it_runs(model):
+    prepare(model)
+    layer = model.model.layers[2]
+    block_bytes = sum(v.nbytes for k, v in _flat(layer.parameters()) if "norm" not in k)
+    counted = {}
+    for p in (FULL_PRECISION, Precision(skip=(2,))):
+        cache = make_cache(model, "fp", BLOCK, BLOCK)
+        model(mx.array(PROMPT)[None], cache=cache)
+        counted[p] = reads.ReadCounter()
+        with reading(p), reads.counting(counted[p]):
+            mx.eval(model(mx.array([[5]]), cache=cache))
+        grew = [c.offset - len(PROMPT) for c in cache]
+        assert grew == ([1, 1, 0, 1] if p.skip else [1] * 4)
+    full, draft = (counted[p] for p in counted)
+    assert full.bytes(reads.WEIGHTS) - draft.bytes(reads.WEIGHTS) == block_bytes
+    assert draft.bytes(reads.KV) == pytest.approx(full.bytes(reads.KV) * 3 / 4)
+
+
+def _flat(params, prefix=""):
+    for k, v in params.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def test_calibration_picks_blocks_by_measured_agreement_and_is_cached(model, tmp_path, monkeypatch):
+    tokens = mx.array([PROMPT[:64], PROMPT[16:80]])
+    found = layer_skip.calibrate(model, tokens, fraction=0.5)
+    assert len(found.skip) == 2 and 0 not in found.skip
+    best_single = max(found.single, key=found.single.get)
+    assert best_single in found.skip  # the greedy search starts with the best single block
+    ref = mx.argmax(model(tokens)[:, :-1], axis=-1)
+    with reading(Precision(skip=found.skip)):
+        again = (mx.argmax(model(tokens)[:, :-1], axis=-1) == ref).astype(mx.float32).mean().item()
+    assert found.agreement == pytest.approx(again)
+
+    class Tok:
+        def encode(self, text):
+            return [ord(c) % 256 for c in text]
+
+    monkeypatch.setenv("MLX_QSPEC_CACHE", str(tmp_path))
+    first = layer_skip.calibrate_cached(model, Tok(), 0.5)
+    monkeypatch.setattr(layer_skip, "calibrate", lambda *a, **k: pytest.fail("not cached"))
+    assert layer_skip.calibrate_cached(model, Tok(), 0.5) == first
+    resolved = layer_skip.resolve(model, Tok(), Precision(skip_fraction=0.5))
+    assert resolved == Precision(skip=first.skip)
+
+
+@pytest.mark.parametrize("draft", ["ngram", "ngram>a4"])
+def test_speculative_sampling_with_a_point_mass_draft_keeps_the_distribution(draft):
+    """Chi-square of the first three tokens against the verify's exact joint distribution,
+    with n-gram proposals (q = 1 on the proposal) accepted with probability p."""
+    from test_speculative import _joint
+
+    m = build_tiny_model()
+    # The prompt starts with what the model writes after it (31 → 204 23 23, found by
+    # iterating greedy decoding), so the lookup proposes tokens of probability ~1/3.
+    prompt = [31, 204, 23, 23, 200, 5, 77, 140, 3, 9, 31]
+    sampler, steps, n = make_sampler(temp=1.0, top_k=4), 3, 600
+    p_joint = _joint(m, prompt, sampler, steps)
+    counts, stats = sample_first_tokens(m, prompt, sampler, steps, n, seed=7, draft=draft,
+                                        gamma=3, cached_tokens=prompt[:-1])
+    assert stats.drafted > 0 and 0.05 < stats.acceptance < 0.95  # both paths ran
+    assert chi2_pvalue(counts, p_joint, n) > 1e-3
+
+
+@pytest.mark.parametrize("draft, msg", [
+    ("a8>ngram", "first level"),
+    ("ngram>>a8", "empty level"),
+    ("ngram>ngram", "first level"),
+    ("a8>a8", "repeats"),
+    ("skip-4", "blocks 0..3"),
+    ("skip-1,2,3", "blocks 0..3"),
+    ("skip-1>skip-1,2", "skips blocks that"),
+    ("skip-0.5", "calibrated"),
+    ("skip-0", "block 0"),
+])
+def test_bad_cascades_fail_before_any_compute(model, draft, msg):
+    with pytest.raises(ValueError, match=msg):
+        speculative_generate_step(mx.array(PROMPT), model, draft=draft)
+
+
+def test_bad_lookup_settings_name_the_setting():
+    with pytest.raises(ValueError, match="min .3. is larger than ngram max .2."):
+        Ngram(min_n=3, max_n=2)
+    with pytest.raises(ValueError, match="window must be a positive integer, got 0"):
+        Ngram(window=0)
+
+
+def test_cascade_names_are_canonical(model):
+    assert check(model, "NGRAM > a8+skip-2 > verify").name == "ngram>skip-2+a8"
+
+
+@pytest.mark.parametrize("verify_cost, expect", [
+    ({1: 1.0, 9: 1.1}, "ngram"),  # a Mac: the verify is flat, every model draft reads ~all bytes
+    ({1: 1.0, 9: 9.0}, "none"),  # MLX-CPU: rows cost compute, nothing pays
+])
+def test_auto_weighs_the_free_lookup_and_stays_exact(model, monkeypatch, verify_cost, expect):
+    from mlx_qspec import cost
+
+    table = lambda m, cache, names, **kw: cost.CostTable(  # noqa: E731
+        dict(verify_cost), {n: 0.95 for n in names})
+    monkeypatch.setattr(cost, "calibrate_cached", table)
+    out, st, _ = spec(model, "auto", 8)
+    assert out == plain(model)
+    assert st.draft == expect and (st.drafted > 0) == (expect != "none")
+
+
+def test_auto_weighs_the_skip_sets_calibrated_for_the_model(model, tmp_path, monkeypatch):
+    from mlx_qspec.speculative import auto_priors
+
+    monkeypatch.setenv("MLX_QSPEC_CACHE", str(tmp_path))
+    assert not any(n.startswith("skip-") for n in auto_priors(model, "nested"))
+    found = layer_skip.calibrate_cached(model, type("T", (), {"encode": lambda s, t: [1] * 200})(), 0.25)
+    priors = auto_priors(model, "nested")
+    name = Precision(skip=found.skip).name
+    assert priors[name] == found.agreement and name + "+kv-upper" in priors and "ngram" in priors
