@@ -1,7 +1,8 @@
 """A draft is a cascade of levels, cheapest first: ``ngram>skip-0.4+kv-upper>verify``.
 
-Each level is the n-gram lookup (``ngram``: no forward at all) or a way of reading the
-model (a :class:`~mlx_qspec.precision.Precision` name). The cheapest level proposes; each
+Each level is the n-gram lookup (``ngram``: no forward at all), a separate smaller model
+(:class:`DraftModel`, mlx-lm's ``--draft-model``, with its own KV cache), or a way of
+reading the model (a :class:`~mlx_qspec.precision.Precision` name). The cheapest level proposes; each
 level above checks the proposals with one forward over them, keeps what it agrees with
 (speculative sampling's rule, so its output is distributed as its own reading of the model)
 and extends them; only its survivors reach the next level, and the verify (full precision)
@@ -11,6 +12,7 @@ is always last. A single name (``a8``, ``ngram``) is a cascade of one level.
 from dataclasses import dataclass
 
 import mlx.nn as nn
+from mlx_lm.models.cache import make_prompt_cache
 
 from . import layer_skip
 from .errors import UserError
@@ -19,7 +21,34 @@ from .precision import VERIFY_NAME, Precision, parse
 from .quant.modes import AUTO, NONE, check_draft
 
 NGRAM = "ngram"
+DRAFT_MODEL = "draft-model"
 SEPARATOR = ">"
+
+
+class DraftModel:
+    """A second, smaller model with the same vocabulary as a proposing level. Its cache
+    mirrors ``tokens``; each block it is trimmed to what it shares with the context and
+    fed the rest (the tokens the verify emitted since)."""
+
+    name = DRAFT_MODEL
+
+    def __init__(self, model: nn.Module, cache=None):
+        self.model = model
+        self.cache = make_prompt_cache(model) if cache is None else cache
+        self.tokens: list[int] = []
+
+    def catch_up(self, context: list[int]) -> list[int]:
+        """Trim the cache to its common prefix with ``context``; the tokens left to feed."""
+        common = 0
+        for a, b in zip(self.tokens, context):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(context) - 1)  # the last token is always fed: its logits
+        for c in self.cache:
+            c.trim(c.offset - common)
+        self.tokens = context[:common]
+        return context[common:]
 
 
 @dataclass(frozen=True)
@@ -31,6 +60,11 @@ class Cascade:
     @property
     def name(self) -> str:
         return SEPARATOR.join(NGRAM if isinstance(x, Ngram) else x.name for x in self.levels)
+
+    @property
+    def reads_context(self) -> bool:
+        """Whether a level needs the token ids of the context (the lookup, a draft model)."""
+        return isinstance(self.levels[0], (Ngram, DraftModel))
 
     @property
     def precisions(self) -> list[Precision]:
@@ -51,16 +85,27 @@ def parse_levels(name: str) -> list[str]:
     return parts
 
 
-def check(model: nn.Module, name, kv_mode: str = "fp", ngram: Ngram = Ngram()) -> Cascade:
-    """The cascade ``name`` denotes, each level checked against ``model`` and its cache
+def check(model: nn.Module, name, kv_mode: str = "fp", ngram: Ngram = Ngram(),
+          draft_model: DraftModel | None = None) -> Cascade:
+    """The cascade ``name`` denotes (below it ``draft_model``, if given; ``none`` then
+    leaves the draft model alone), each level checked against ``model`` and its cache
     (UserError naming what to pass instead, before any compute)."""
     if isinstance(name, Cascade):
         levels = list(name.levels)
     elif isinstance(name, Precision):
         levels = [name]
+    elif draft_model is not None and (name is None or str(name).strip().lower() == NONE):
+        levels = []
     else:
         levels = [ngram if part == NGRAM else parse(part) for part in parse_levels(name)]
+    if draft_model is not None:
+        _check_vocabulary(model, draft_model.model)
+        if levels and isinstance(levels[0], Ngram):
+            raise UserError("a draft model and ngram are both first levels: pick one")
+        levels.insert(0, draft_model)
     for i, level in enumerate(levels):
+        if isinstance(level, DraftModel):
+            continue
         if isinstance(level, Ngram):
             if i:
                 raise UserError(
@@ -71,7 +116,7 @@ def check(model: nn.Module, name, kv_mode: str = "fp", ngram: Ngram = Ngram()) -
         check_draft(model, level, kv_mode)
         layer_skip.check(model, level)
     for below, above in zip(levels, levels[1:]):
-        if isinstance(below, Precision) and not set(above.skip) <= set(below.skip):
+        if isinstance(below, Precision) and isinstance(above, Precision) and not set(above.skip) <= set(below.skip):
             raise UserError(
                 f"draft {name!r}: {above.name} skips blocks that {below.name} below it runs "
                 "(a level checks with at least the blocks of the levels below)"
@@ -80,6 +125,18 @@ def check(model: nn.Module, name, kv_mode: str = "fp", ngram: Ngram = Ngram()) -
     if len(set(cascade.name.split(SEPARATOR))) < len(levels):
         raise UserError(f"draft {name!r} repeats a level")
     return cascade
+
+
+def _vocabulary(model: nn.Module) -> int | None:
+    return getattr(getattr(model, "args", None), "vocab_size", None)
+
+
+def _check_vocabulary(model: nn.Module, draft: nn.Module):
+    if _vocabulary(model) != _vocabulary(draft):
+        raise UserError(
+            f"the draft model's vocabulary ({_vocabulary(draft)} tokens) is not the model's "
+            f"({_vocabulary(model)}): a draft model must share the tokenizer"
+        )
 
 
 def resolve(model: nn.Module, tokenizer, name, progress=None):

@@ -28,7 +28,7 @@ from mlx_lm.models.cache import (
     trim_prompt_cache,
 )
 from . import attention, cost, drafts, kernels, layer_skip, precision, reads
-from .drafts import Cascade
+from .drafts import Cascade, DraftModel
 from .errors import UserError
 from .kv_cache import MAX_DRAFT_TOKENS, NestedKVCache, make_rotating_cache
 from .precision import FULL_PRECISION, Precision
@@ -285,6 +285,7 @@ def speculative_generate_step(
     draft_p_min: float = 0.0,
     ngram: Ngram = Ngram(),
     cached_tokens: Sequence[int] = (),
+    draft_model: Optional[nn.Module] = None,
     stats: Optional[SpecStats] = None,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Yield ``(token, logprobs, from_draft)`` like mlx-lm's ``speculative_generate_step``.
@@ -297,7 +298,8 @@ def speculative_generate_step(
     ``num_draft_tokens`` (default 4) per block, fewer where the draft's top probability
     falls below ``draft_p_min`` or the n-gram lookup finds no more. ``ngram`` sets the
     lookup, which searches ``cached_tokens`` (the ids already in ``prompt_cache``), the
-    prompt and the output. QSpec layers, skippable blocks and our attention are installed on ``model`` if
+    prompt and the output. ``draft_model`` (a smaller model with the same tokenizer, or a
+    :class:`DraftModel`) proposes below ``draft``'s levels (``draft='none'``: alone). QSpec layers, skippable blocks and our attention are installed on ``model`` if
     needed. ``max_tokens < 0`` never stops on its own. ``prompt_cache`` (one trimmable
     cache per layer; a :class:`NestedKVCache` list for ``kv-upper``) is updated in place:
     when the generator ends it holds the prompt and every emitted token but the last.
@@ -306,9 +308,13 @@ def speculative_generate_step(
     """
     cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
     auto = isinstance(draft, str) and draft.strip().lower() == AUTO
-    if draft is None or (isinstance(draft, str) and draft.strip().lower() == NONE):
+    if draft_model is not None and not isinstance(draft_model, DraftModel):
+        draft_model = DraftModel(prepare(draft_model))
+    if draft_model is None and (draft is None or str(draft).strip().lower() == NONE):
         raise UserError(f"speculative decoding needs a draft, got {draft!r}")
-    cascade = None if auto else drafts.check(model, draft, kv_mode_of(cache), ngram)
+    if auto and draft_model is not None:
+        raise UserError("--draft auto weighs self-drafts only; with a draft model pass --draft none or a level")
+    cascade = None if auto else drafts.check(model, draft, kv_mode_of(cache), ngram, draft_model)
     if num_draft_tokens is not None:
         check_num_draft_tokens(num_draft_tokens)
     draft_p_min = check_draft_p_min(draft_p_min)
@@ -424,6 +430,8 @@ def _generate(
         *lower, top = levels
         if isinstance(top, Ngram):
             return top.propose(seen + drafted, k), [None] * k
+        if isinstance(top, DraftModel):
+            return propose_by_draft_model(top, y, k, drafted)
         tokens, q = [], []
         while len(tokens) < k:
             base = cache[0].offset
@@ -448,6 +456,24 @@ def _generate(
             y = mx.array(out[-1:], mx.uint32)
         return tokens[:k], q[:k]
 
+    def propose_by_draft_model(level, y, k, drafted):
+        """k tokens from a separate model, autoregressively on its own cache."""
+        pending = level.catch_up(seen + drafted)
+        tokens, q = [], []
+        for _ in range(k):
+            with precision.reading(FULL_PRECISION), reads.counting(stats.draft_reads):
+                logits = level.model(mx.array(pending, mx.uint32)[None], cache=level.cache)[0, -1:]
+            level.tokens += pending
+            lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            qi = lp if dist is None else dist.distribution(lp)
+            if draft_p_min and math.exp(qi.max().item()) < draft_p_min:
+                break
+            t = (mx.argmax(qi, axis=-1) if dist is None else mx.random.categorical(qi)).item()
+            tokens.append(t)
+            q.append(qi)
+            pending = [t]
+        return tokens, q
+
     levels = None if cascade == AUTO else list(cascade.levels)
     ntoks = 0
     with mx.stream(generation_stream):
@@ -463,7 +489,7 @@ def _generate(
         gamma_of = adaptive or (lambda: num_draft_tokens or DEFAULT_DRAFT_TOKENS)
         if logits_processors:
             history = prompt.astype(mx.uint32)
-        if levels and isinstance(levels[0], Ngram):
+        if levels and isinstance(levels[0], (Ngram, DraftModel)):
             seen = cached_tokens + prompt.tolist()
         limit = math.inf if max_tokens < 0 else max_tokens
         try:

@@ -227,3 +227,39 @@ def test_auto_weighs_the_skip_sets_calibrated_for_the_model(model, tmp_path, mon
     priors = auto_priors(model, "nested")
     name = Precision(skip=found.skip).name
     assert priors[name] == found.agreement and name + "+kv-upper" in priors and "ngram" in priors
+
+
+@pytest.mark.parametrize("gamma", [1, 4, 8])
+def test_a_draft_model_identical_to_the_model_is_always_accepted(model, gamma):
+    """mlx-lm's --draft-model as the first level: its own cache, caught up each block."""
+    twin = build_tiny_model(num_hidden_layers=4)
+    out, st, _ = spec(model, "none", gamma, draft_model=twin)
+    assert out == plain(model) and st.draft == "draft-model"
+    assert st.acceptance == 1.0
+
+
+@pytest.mark.parametrize("draft", ["none", "a8-g32", "skip-2>a8"])
+def test_a_different_draft_model_below_self_drafts_stays_exact(model, draft):
+    other = build_tiny_model(num_hidden_layers=4, residual_gain=3.5)  # agrees about half the time
+    out, st, _ = spec(model, draft, 4, draft_model=other)
+    assert out == plain(model) and st.draft.startswith("draft-model")
+    assert 0 < st.acceptance < 1
+
+
+def test_speculative_sampling_with_a_draft_model_keeps_the_distribution():
+    from test_speculative import _joint
+
+    m, other = build_tiny_model(), build_tiny_model(residual_gain=3.0)
+    prompt = [5, 77, 140, 3, 250, 19, 64, 8]
+    sampler, steps, n = make_sampler(temp=1.0, top_k=4), 3, 600
+    p_joint = _joint(m, prompt, sampler, steps)
+    counts, stats = sample_first_tokens(m, prompt, sampler, steps, n, seed=11, draft="none",
+                                        gamma=2, draft_model=other, cached_tokens=prompt[:-1])
+    assert 0.05 < stats.acceptance < 0.95
+    assert chi2_pvalue(counts, p_joint, n) > 1e-3
+
+
+def test_a_draft_model_must_share_the_vocabulary(model):
+    with pytest.raises(ValueError, match="vocabulary .300 tokens. is not the model's .256."):
+        speculative_generate_step(mx.array(PROMPT), model, draft="none",
+                                  draft_model=build_tiny_model(vocab_size=300))
