@@ -4,8 +4,12 @@ Where output repeats its input (code edits, summaries, retrieval, JSON), the con
 of the latest earlier occurrence of the context's last few tokens is often what the model
 writes next. llama.cpp's ``--spec-type ngram-*`` and prompt-lookup decoding propose it.
 Here the longest suffix (``max_n`` down to ``min_n`` tokens) with an earlier occurrence in
-the last ``window`` tokens wins, and a continuation that runs into the end of the context
-is extended by looking up again from its own end (periodic text keeps proposing).
+the last ``window`` tokens wins; among its occurrences, the next token that follows most of
+them (ties: the one that followed first — in a rewrite, the source in the prompt), from
+its latest occurrence on. A continuation that runs into the
+end of the context is extended by looking up again from its own end (periodic text keeps
+proposing). On the test model's own rewrites of given functions, voting raised τ at γ = 4
+from 2.16 (latest match only, suffixes of 3 → 1 tokens) to 2.26.
 As a distribution for speculative sampling a proposal is a point mass (q = 1 on it).
 """
 
@@ -33,15 +37,19 @@ class Ngram:
             raise UserError(f"ngram min ({self.min_n}) is larger than ngram max ({self.max_n})")
 
     def _continuation(self, ids: np.ndarray, k: int) -> np.ndarray:
-        """Up to ``k`` tokens after the latest earlier occurrence of the longest suffix."""
+        """Up to ``k`` tokens after an earlier occurrence of the longest suffix: the latest
+        of those followed by the most frequent next token."""
         ids = ids[-self.window:]
         for n in range(min(self.max_n, ids.size - 1), self.min_n - 1, -1):
             suffix = ids[-n:]
-            # Starts j < len − n where ids[j : j + n] == suffix, the latest first.
-            starts = np.flatnonzero(ids[: ids.size - n] == suffix[0])
-            for j in starts[::-1]:
-                if np.array_equal(ids[j : j + n], suffix):
-                    return ids[j + n : j + n + k]
+            # Starts j < len − n where ids[j : j + n] == suffix.
+            starts = [j for j in np.flatnonzero(ids[: ids.size - n] == suffix[0])
+                      if np.array_equal(ids[j : j + n], suffix)]
+            if starts:
+                nexts = ids[np.array(starts) + n].tolist()
+                best = max(nexts, key=lambda t: (nexts.count(t), -nexts.index(t)))
+                j = max(j for j, t in zip(starts, nexts) if t == best)
+                return ids[j + n : j + n + k]
         return ids[:0]
 
     def propose(self, context, k: int) -> list[int]:

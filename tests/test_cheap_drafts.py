@@ -46,12 +46,15 @@ def spec(model, draft, gamma, kv_mode="fp", **kw):
     return out, stats, cache
 
 
-def test_lookup_prefers_the_longest_latest_match_and_extends_periodic_text():
+def test_lookup_prefers_the_longest_match_votes_and_extends_periodic_text():
     ng = Ngram(min_n=1, max_n=3, window=64)
-    # The suffix 5 2 3 has no earlier match, 2 3 has two: the latest (→ 7 8), not the first.
-    assert ng.propose([1, 2, 3, 4, 9, 1, 2, 3, 7, 8, 5, 2, 3], 2) == [7, 8]
-    # 9 1 2 3 is longer than max_n: 1 2 3 decides (→ 7 8 5), not the 1-token match of 3.
-    assert ng.propose([1, 2, 3, 4, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3], 3) == [7, 8, 5]
+    # The suffix 5 2 3 has no earlier match, 2 3 has two, followed by 4 and by 7: a tie
+    # goes to what followed first (in a rewrite, the source in the prompt).
+    assert ng.propose([1, 2, 3, 4, 9, 1, 2, 3, 7, 8, 5, 2, 3], 2) == [4, 9]
+    # 2 3 is followed by 7 twice, by 4 once: the vote says 7, from its latest occurrence.
+    assert ng.propose([1, 2, 3, 4, 2, 3, 7, 1, 2, 3, 7, 8, 5, 2, 3], 2) == [7, 8]
+    # 9 1 2 3 is longer than max_n; 1 2 3 decides (→ 4 9 1), not the 1-token match of 3.
+    assert ng.propose([1, 2, 3, 4, 9, 1, 5, 3, 7, 8, 5, 1, 2, 3], 3) == [4, 9, 1]
     assert ng.propose([9, 4, 1, 3, 6, 1, 2, 3], 1) == [6]  # 1-token suffix, when nothing longer
     # Periodic context: the continuation runs into the end and is looked up again.
     assert ng.propose([4, 5, 6, 4, 5, 6], 7) == [4, 5, 6, 4, 5, 6, 4]
