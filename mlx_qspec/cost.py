@@ -276,12 +276,3 @@ CHIPS = {
 def modeled_tokens_per_s(bytes_per_token: float, bandwidth_gbs: float, efficiency: float = 0.75) -> float:
     """Batch-1 decode speed when bytes read decide it: ``efficiency`` of peak bandwidth."""
     return efficiency * bandwidth_gbs * 1e9 / bytes_per_token
-
-
-def modeled_speedup(
-    draft_bytes_per_block: float, verify_bytes_per_block: float, tau: float, plain_bytes_per_token: float
-) -> float:
-    """Plain time per token ÷ speculative time per token, bytes-bound: a forward costs the
-    bytes it reads, so a verify of γ+1 rows costs its bytes (its kernel stays memory-bound up
-    to γ+1 rows). A block (γ drafts + one verify) emits ``tau`` tokens. Bandwidth cancels."""
-    return plain_bytes_per_token * tau / (draft_bytes_per_block + verify_bytes_per_block)
