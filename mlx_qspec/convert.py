@@ -15,14 +15,20 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import save_config, save_model
 
 from . import gguf
-from .errors import ModelError, UserError
-from .loader import cast_floats, load_gguf, resolve
+from .errors import ModelError, run_cli
+from .loader import cast_floats, load_gguf, resolve, rotated_model_type
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
 def progress(label: str, done: int, total: int, stream=sys.stderr) -> None:
-    """A one-line progress bar, redrawn in place."""
+    """A progress bar redrawn in place on a terminal; in a log file (no terminal) one plain
+    line at each tenth of the way, so the log reads as lines, not carriage returns."""
+    if not stream.isatty():
+        if done == total or 10 * done // max(total, 1) != 10 * (done - 1) // max(total, 1):
+            stream.write(f"{label} {done}/{total}\n")
+            stream.flush()
+        return
     width = 30
     filled = width * done // max(total, 1)
     end = "\n" if done >= total else ""
@@ -33,6 +39,19 @@ def progress(label: str, done: int, total: int, stream=sys.stderr) -> None:
 def _check_destination(mlx_path: Path) -> None:
     if mlx_path.exists() and (not mlx_path.is_dir() or any(mlx_path.iterdir())):
         raise ModelError(f"--mlx-path '{mlx_path}' exists and is not empty; refusing to overwrite")
+
+
+def _make_destination(mlx_path: Path) -> Path:
+    """Create ``mlx_path`` before the model loads, so an unwritable or impossible place
+    fails in a second; returns the outermost directory created (what a failure removes)."""
+    top = mlx_path
+    while not top.parent.exists():
+        top = top.parent
+    try:
+        mlx_path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelError(f"--mlx-path '{mlx_path}': cannot create it ({e.strerror})") from None
+    return top
 
 
 def convert(
@@ -50,6 +69,17 @@ def convert(
         raise ModelError(f"--model '{model}' is not a GGUF file")
     if dtype is not None and dtype not in DTYPES:
         raise ModelError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    created = _make_destination(mlx_path)
+    try:
+        return _convert(src, mlx_path, dtype, rotate, rotate_method)
+    except BaseException:
+        # The destination was absent or empty: clearing it loses nothing.
+        shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _convert(src: Path, mlx_path: Path, dtype, rotate: bool, rotate_method: str) -> Path:
+    """:func:`convert` into an existing empty ``mlx_path``, its arguments checked."""
     model_obj, tokenizer, config, metadata = load_gguf(src)
     if rotate:
         from .quant.rotate import (
@@ -73,31 +103,28 @@ def convert(
         progress("loading", i + 1, len(layers))
     mx.eval(model_obj.parameters())
 
-    mlx_path.mkdir(parents=True, exist_ok=True)
-    try:
-        if rotate:
-            try:
-                calibration = calibration_tokens(tokenizer) if rotate_method == "gptq" else None
-            except ValueError as e:
-                raise ModelError(f"--rotate-method gptq: {e}; use --rotate-method rtn") from None
-            weights, config = rotate_model(
-                model_obj, config, method=rotate_method, calibration=calibration
-            )
-            weights = {
-                k: v.astype(out_dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-                for k, v in weights.items()
-            }
-            print("writing model.safetensors", file=sys.stderr)
-            save_rotated(mlx_path, weights, config)
-        else:
-            print("writing model.safetensors", file=sys.stderr)
-            save_model(mlx_path, model_obj, donate_model=True)
-            save_config(config, mlx_path / "config.json")
-        gguf.write_tokenizer(metadata, src, mlx_path)
-    except BaseException:
-        # The destination was absent or empty: clearing it loses nothing.
-        shutil.rmtree(mlx_path, ignore_errors=True)
-        raise
+    if rotate:
+        try:
+            calibration = calibration_tokens(tokenizer) if rotate_method == "gptq" else None
+        except ValueError as e:
+            raise ModelError(f"--rotate-method gptq: {e}; use --rotate-method rtn") from None
+        weights, config = rotate_model(
+            model_obj, config, method=rotate_method, calibration=calibration
+        )
+        weights = {
+            k: v.astype(out_dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+            for k, v in weights.items()
+        }
+        print("writing model.safetensors", file=sys.stderr)
+        save_rotated(mlx_path, weights, config)
+        # stock mlx-lm would load it without its online rotations: mark it as ours
+        save_config({**config, "model_type": rotated_model_type(config["model_type"])},
+                    mlx_path / "config.json")
+    else:
+        print("writing model.safetensors", file=sys.stderr)
+        save_model(mlx_path, model_obj, donate_model=True)
+        save_config(config, mlx_path / "config.json")
+    gguf.write_tokenizer(metadata, src, mlx_path)
     print(f"wrote {mlx_path}", file=sys.stderr)
     return mlx_path
 
@@ -115,11 +142,8 @@ def main(argv=None):
     parser.add_argument("--rotate-method", choices=["gptq", "rtn"], default="gptq",
                         help="How the rotated weights are re-quantized to 4 bits: mlx-lm's GPTQ "
                         "(calibrated on Python stdlib text) or round-to-nearest")
-    args = parser.parse_args(argv)
-    try:
-        convert(args.model, args.mlx_path, args.dtype, args.rotate, args.rotate_method)
-    except UserError as e:  # anything else is a bug: its traceback, exit 1
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    run_cli(parser, argv, lambda args, _: convert(args.model, args.mlx_path, args.dtype,
+                                                  args.rotate, args.rotate_method))
 
 
 if __name__ == "__main__":

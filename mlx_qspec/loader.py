@@ -2,6 +2,7 @@
 downloaded, as mlx-lm does) and GGUF files, all into mlx-lm's model classes and tokenizer
 wrapper."""
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +21,14 @@ from mlx_lm.utils import (
 from . import gguf
 from .errors import ModelError
 from .quant.rotate import apply_online_rotations
+
+# A rotated directory's model_type: stock mlx-lm refuses it ("Model type … not supported")
+# instead of loading it without its online rotations and printing gibberish.
+ROTATED_PREFIX = "mlx_qspec_rotated_"
+
+
+def rotated_model_type(model_type: str) -> str:
+    return ROTATED_PREFIX + model_type
 
 
 def default_dtype():
@@ -164,9 +173,10 @@ def build_model(weights: dict, config: dict) -> nn.Module:
     return model
 
 
-def load_gguf(path: Path):
+def load_gguf(path: Path, tokenizer_config: dict | None = None):
     """``(model, tokenizer, config, metadata)`` from a GGUF file, quantized tensors kept as
-    they are; parameters stay lazy."""
+    they are; parameters stay lazy. ``tokenizer_config``: extra tokenizer options, as
+    mlx-lm's ``load`` takes them."""
     metadata, tensors = gguf.read_header(path)
     config = gguf.model_config(metadata, tensors, path)
     try:
@@ -177,7 +187,8 @@ def load_gguf(path: Path):
     with tempfile.TemporaryDirectory() as tmp:
         save_config(dict(config), Path(tmp) / "config.json")
         gguf.write_tokenizer(metadata, path, tmp)
-        tokenizer = load_tokenizer(Path(tmp), eos_token_ids=config.get("eos_token_id"))
+        tokenizer = load_tokenizer(Path(tmp), tokenizer_config,
+                                   eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer, config, metadata
 
 
@@ -185,11 +196,36 @@ def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("model*.safetensors"))
 
 
-def _check_model_dir(path: Path):
-    if not (path / "config.json").is_file():
+def read_config(path: Path) -> dict:
+    """``path/config.json`` as a dict, or a ModelError naming the file and what is wrong."""
+    file = path / "config.json"
+    if not file.is_file():
         raise ModelError(f"'{path}' is not a model directory (no config.json)")
     if not any(path.glob("model*.safetensors")):
         raise ModelError(f"'{path}' is not a model directory (no model*.safetensors)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    if not isinstance(config.get("model_type"), str):
+        raise ModelError(f"{file}: no model_type")
+    return config
+
+
+def _load_adapters(model: nn.Module, adapter_path) -> None:
+    """mlx-lm's LoRA / DoRA / full adapters, their mistakes as one-line ModelErrors."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    path = Path(adapter_path).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(f"adapter path '{adapter_path}' has no adapter_config.json")
+    try:
+        load_adapters(model, str(path))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelError(f"adapter path '{adapter_path}': cannot load the adapters: {e}") from None
+    model.eval()
 
 
 def load(
@@ -199,8 +235,15 @@ def load(
     lazy: bool = False,
     return_config: bool = False,
     revision: str | None = None,
+    adapter_path: str | None = None,
+    tokenizer_config: dict | None = None,
+    trust_remote_code: bool = False,
 ):
     """Load ``(model, tokenizer)`` from an mlx directory, a hub id or a ``.gguf`` file.
+
+    ``adapter_path``, ``tokenizer_config`` and ``trust_remote_code`` as mlx-lm's ``load``
+    takes them (``trust_remote_code`` also goes to the tokenizer). A rotated directory
+    (``convert --rotate``) carries a model_type of its own that this loader maps back.
 
     ``dtype``: compute dtype of the floating parameters; ``"auto"`` uses float32 on the CPU
     backend and keeps the stored dtype on Metal, except that a GGUF model's float32 norms
@@ -208,22 +251,29 @@ def load(
     dtype (:func:`cast_float32_to_half`); ``None`` keeps the stored dtype.
     """
     path = resolve(str(path_or_repo), revision)
+    tokenizer_config = dict(tokenizer_config or {})
+    if trust_remote_code:
+        tokenizer_config["trust_remote_code"] = True
     from_gguf = path.is_file()
     if from_gguf:
         if not _is_gguf(path):
             raise ModelError(f"'{path}' is neither a model directory nor a GGUF file")
-        model, tokenizer, config, _ = load_gguf(path)
+        model, tokenizer, config, _ = load_gguf(path, tokenizer_config)
     elif path.is_dir():
-        _check_model_dir(path)
+        model_type = read_config(path)["model_type"]
+        original = {"model_type": model_type[len(ROTATED_PREFIX):]} if model_type.startswith(
+            ROTATED_PREFIX) else None
         try:
-            model, config = load_model(path, lazy=True)
-            tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-        except ModelError:
-            raise
+            model, config = load_model(path, lazy=True, model_config=original,
+                                       trust_remote_code=trust_remote_code)
+            tokenizer = load_tokenizer(path, tokenizer_config,
+                                       eos_token_ids=config.get("eos_token_id"))
         except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
             raise ModelError(f"{path}: cannot load the model: {e}") from None
     else:
         raise ModelError(f"'{path}' is neither a model directory nor a GGUF file")
+    if adapter_path is not None:
+        _load_adapters(model, adapter_path)
     apply_online_rotations(model, config)  # a no-op unless config.json records a rotation
     if dtype == "auto":
         dtype = default_dtype()

@@ -5,58 +5,134 @@ a draw from them; :class:`Sampler` samples exactly as mlx-lm's sampler does and 
 the distribution it draws from.
 """
 
-from typing import Callable, List, Optional
+import math
+from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
 from mlx_lm.sample_utils import (
     apply_min_p,
     apply_top_k,
     apply_top_p,
+    apply_xtc,
     categorical_sampling,
     greedy_sampler,
 )
 
 from .errors import UserError
 
+# The values mlx-lm's filters accept (they check them only when they first run):
+# parameter -> (lowest, highest).
+LIMITS = {
+    "temp": (0.0, math.inf),
+    "top_p": (0.0, 1.0),
+    "min_p": (0.0, 1.0),
+    "xtc_probability": (0.0, 1.0),
+    "xtc_threshold": (0.0, 0.5),
+}
+
+
+def range_problem(name: str, value) -> Optional[str]:
+    """What is wrong with ``value`` for parameter ``name`` ("must be …, got …"), or None.
+    NaN and infinities are refused: they sample garbage without an error."""
+    low, high = LIMITS[name]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and math.isfinite(value) and low <= value <= high:
+        return None
+    bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+    return f"must be a finite number {bounds}, got {value!r}"
+
+
+def count_problem(value, low: int) -> Optional[str]:
+    """What is wrong with an integer parameter that must be ``>= low``, or None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= low:
+        return None
+    return f"must be an integer >= {low}, got {value!r}"
+
+
+def xtc_cut(logprobs: mx.array, threshold: float, special_tokens: Sequence[int]) -> mx.array:
+    """mlx-lm's XTC cut without its coin (``apply_xtc`` at probability 1, which would draw
+    from the global key): every token above ``threshold`` but the least likely of them is
+    removed, special tokens never are."""
+    probs = mx.softmax(logprobs, -1)
+    mask = probs > mx.where(probs > threshold, probs, mx.inf).min(axis=-1, keepdims=True)
+    if special_tokens:
+        mask[..., list(special_tokens)] = False
+    return mx.where(mask, -mx.inf, logprobs)
+
+
+def _normalized(x: mx.array) -> mx.array:
+    return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
 
 class Sampler:
     """An mlx-lm sampler (log-probs → token) that also exposes the distribution it draws from.
 
     The rejection rule needs p and q themselves, after temperature and the
-    top-p / min-p / top-k filters; an opaque sampler function cannot give them.
-    Filters run in mlx-lm's order, so sampling equals ``mlx_lm.sample_utils.make_sampler``.
+    top-p / min-p / XTC / top-k filters; an opaque sampler function cannot give them.
+    Filters run in mlx-lm's order through mlx-lm's own functions, so a draw equals
+    ``mlx_lm.sample_utils.make_sampler``'s draw for the same key. XTC flips a coin per
+    step: the distribution drawn from is the mixture ``(1 − π)·plain + π·cut``.
     """
 
-    def __init__(self, temp=0.0, top_p=0.0, min_p=0.0, min_tokens_to_keep=1, top_k=0):
+    def __init__(self, temp=0.0, top_p=0.0, min_p=0.0, min_tokens_to_keep=1, top_k=0,
+                 xtc_probability=0.0, xtc_threshold=0.1, xtc_special_tokens=None):
+        for name, value in (("temp", temp), ("top_p", top_p), ("min_p", min_p),
+                            ("xtc_probability", xtc_probability),
+                            ("xtc_threshold", xtc_threshold)):
+            if problem := range_problem(name, value):
+                raise UserError(f"{name} {problem}")
+        for name, value, low in (("top_k", top_k, 0),
+                                 ("min_tokens_to_keep", min_tokens_to_keep, 1)):
+            if problem := count_problem(value, low):
+                raise UserError(f"{name} {problem}")
         self.temp = float(temp)
-        self.filters: List[Callable[[mx.array], mx.array]] = []
+        self.xtc_probability = float(xtc_probability)
+        self.xtc_threshold = float(xtc_threshold)
+        self.xtc_special_tokens = list(xtc_special_tokens or [])
+        # mlx-lm's chain: top-p, min-p, (XTC), top-k
+        self.before_xtc: List[Callable[[mx.array], mx.array]] = []
         if 0 < top_p < 1.0:
-            self.filters.append(lambda x: apply_top_p(x, top_p))
+            self.before_xtc.append(lambda x: apply_top_p(x, top_p))
         if min_p != 0.0:
-            self.filters.append(lambda x: apply_min_p(x, min_p, min_tokens_to_keep))
+            self.before_xtc.append(lambda x: apply_min_p(x, min_p, min_tokens_to_keep))
+        self.after_xtc: List[Callable[[mx.array], mx.array]] = []
         if top_k > 0:
-            self.filters.append(lambda x: apply_top_k(x, top_k))
+            self.after_xtc.append(lambda x: apply_top_k(x, top_k))
 
     @property
     def greedy(self) -> bool:
         return self.temp == 0
 
-    def filter(self, logprobs: mx.array) -> mx.array:
-        for f in self.filters:
+    @staticmethod
+    def _chain(filters, logprobs):
+        for f in filters:
             logprobs = f(logprobs)
         return logprobs
+
+    def _scaled(self, x: mx.array) -> mx.array:
+        return _normalized(self._chain(self.after_xtc, x) * (1.0 / self.temp))
 
     def distribution(self, logprobs: mx.array) -> mx.array:
         """Normalized log-probabilities of the distribution :meth:`__call__` samples (temp > 0),
         in float32 whatever the model's dtype: the rejection rule's p/q ratio would carry
         ~0.4 % error in bfloat16 (a no-op for float32 logprobs)."""
-        x = self.filter(logprobs.astype(mx.float32)) * (1.0 / self.temp)
-        return x - mx.logsumexp(x, axis=-1, keepdims=True)
+        x = self._chain(self.before_xtc, logprobs.astype(mx.float32))
+        pi = self.xtc_probability
+        plain = self._scaled(x) if pi < 1 else None
+        if pi == 0:
+            return plain
+        cut = self._scaled(xtc_cut(x, self.xtc_threshold, self.xtc_special_tokens))
+        if pi == 1:
+            return cut
+        return mx.logaddexp(plain + math.log1p(-pi), cut + math.log(pi))
 
     def __call__(self, logprobs: mx.array) -> mx.array:
         if self.greedy:
             return greedy_sampler(logprobs)
-        return categorical_sampling(self.filter(logprobs), self.temp)
+        x = self._chain(self.before_xtc, logprobs)
+        if self.xtc_probability > 0:
+            x = apply_xtc(x, self.xtc_probability, self.xtc_threshold, self.xtc_special_tokens)
+        return categorical_sampling(self._chain(self.after_xtc, x), self.temp)
 
 
 def make_sampler(
@@ -65,9 +141,14 @@ def make_sampler(
     min_p: float = 0.0,
     min_tokens_to_keep: int = 1,
     top_k: int = 0,
+    xtc_probability: float = 0.0,
+    xtc_threshold: float = 0.1,
+    xtc_special_tokens: Optional[List[int]] = None,
 ) -> Sampler:
-    """Drop-in for ``mlx_lm.sample_utils.make_sampler`` that speculative sampling can read."""
-    return Sampler(temp, top_p, min_p, min_tokens_to_keep, top_k)
+    """Drop-in for ``mlx_lm.sample_utils.make_sampler`` that speculative sampling can read.
+    Out-of-range values raise UserError (a ValueError) here, not at the first draw."""
+    return Sampler(temp, top_p, min_p, min_tokens_to_keep, top_k, xtc_probability,
+                   xtc_threshold, xtc_special_tokens)
 
 
 def resolve_sampler(sampler) -> Optional[Sampler]:
