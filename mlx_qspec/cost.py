@@ -24,7 +24,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import can_trim_prompt_cache
 
-from . import precision
+from . import distributed, precision
 
 GAMMAS = (1, 2, 3, 4, 6, 8)
 CALIBRATION_ROWS = (1, 5, 9)
@@ -241,6 +241,15 @@ def _stored(entry, rows, candidates) -> CostTable | None:
 def calibrate_cached(model, cache, candidates, rows=CALIBRATION_ROWS, repeats: int = 3) -> CostTable:
     """:func:`calibrate`, or its stored result for the same model, device, MLX version and
     context bucket if that covered these rows and candidates. A corrupt store is rewritten."""
+    if distributed.group().size() > 1:
+        # Each rank times the same forwards (they make collectives, so all must run them)
+        # and all decide from rank 0's times: one choice of draft and γ everywhere. No
+        # store: the ranks' stores would differ, and a rank that skipped the timing would
+        # leave the others waiting.
+        table = calibrate(model, cache, candidates, rows, repeats)
+        times = distributed.from_rank0(mx.array([*table.verify.values(), *table.draft.values()]))
+        times, n = times.tolist(), len(table.verify)
+        return CostTable(dict(zip(table.verify, times[:n])), dict(zip(table.draft, times[n:])))
     key = "|".join(
         (fingerprint(model), device_name(), f"mlx={mx.__version__}", f"ctx={context_bucket(cache[0].offset)}")
     )

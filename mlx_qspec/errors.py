@@ -29,7 +29,10 @@ def run_cli(parser, argv, body) -> None:
         body(args, parser)
     except UserError as e:  # ModelError included
         sys.stdout.flush()
-        parser.exit(2, f"{parser.prog}: error: {' '.join(str(e).splitlines())}\n")
+        # Under mlx.launch every rank fails alike: one line, from rank 0 (MLX_RANK).
+        main_rank = os.environ.get("MLX_RANK", "0") == "0"
+        parser.exit(2, f"{parser.prog}: error: {' '.join(str(e).splitlines())}\n"
+                    if main_rank else None)
     except KeyboardInterrupt:
         try:
             sys.stdout.write("\n")

