@@ -26,6 +26,7 @@ from .generate import (
     add_draft_args,
     add_model_args,
     add_sampling_args,
+    draft_options,
     check_text_args,
     default_model_path,
     is_plain,
@@ -67,11 +68,13 @@ class Conversation:
     def __init__(self, model, tokenizer, args):
         self.model, self.tokenizer, self.args = model, tokenizer, args
         self.sampler = make_cli_sampler(args, model, tokenizer)
+        self.drafting = draft_options(args, model, tokenizer)
         self.reset()
 
     def reset(self):
         a = self.args
         self.cache = make_generation_cache(self.model, a.kv_mode, a.max_kv_size, is_plain(a.draft))
+        self.tokens: list[int] = []  # what the cache holds: the ngram draft looks up in it
 
     @property
     def offset(self) -> int:
@@ -88,13 +91,14 @@ class Conversation:
         """Stream the answer to ``query``; the cache then holds the turn, last token included."""
         a = self.args
         start, tokens = self.offset, self.prompt_tokens(query)
-        response = None
+        response, emitted = None, []
         for response in stream_generate(
             self.model, self.tokenizer, tokens, max_tokens=a.max_tokens,
-            draft=a.draft.strip().lower(), num_draft_tokens=a.num_draft_tokens,
-            kv_mode=a.kv_mode, draft_p_min=a.draft_p_min, sampler=self.sampler,
-            prefill_step_size=a.prefill_step_size, prompt_cache=self.cache,
+            num_draft_tokens=a.num_draft_tokens, kv_mode=a.kv_mode, draft_p_min=a.draft_p_min,
+            sampler=self.sampler, prefill_step_size=a.prefill_step_size,
+            prompt_cache=self.cache, cached_tokens=self.tokens, **self.drafting,
         ):
+            emitted.append(response.token)
             yield response
         # Plain decoding (mlx-lm's generate_step) has already fed the last token it yielded;
         # the speculative loop leaves it out. Feed it, as plain decoding's one-row step does.
@@ -105,6 +109,7 @@ class Conversation:
             mx.eval([c.state for c in self.cache])
         elif missing != 0:
             raise RuntimeError(f"the cache is {missing} tokens short after a turn")
+        self.tokens = self.tokens + list(tokens) + emitted
 
     def rewind(self, offset: int) -> bool:
         """Back to ``offset`` (an interrupted turn leaves no trace), or False where the cache
@@ -115,6 +120,7 @@ class Conversation:
                     c.trim(c.offset - offset)
         except ValueError:
             return False
+        self.tokens = self.tokens[:offset]
         return all(c.offset == offset for c in self.cache)
 
 

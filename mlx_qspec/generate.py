@@ -24,7 +24,9 @@ from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache, make_prompt
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from . import distributed
-from .drafts import DRAFT_MODEL, NGRAM, parse_levels
+from . import drafts
+from .drafts import NGRAM, parse_levels
+from .ngram import Ngram
 from .errors import ModelError, UserError, run_cli
 from .kernels import backend
 from .kv_cache import KV_MODES, MAX_DRAFT_TOKENS, make_cache, make_rotating_cache
@@ -117,7 +119,9 @@ def stream_generate(
     ``kv-upper`` drafts read the upper one). Plain decoding runs through the same layers as
     a verify (one kernel path on Metal). Other keyword arguments go to mlx-lm's
     ``generate_step`` (or the speculative loop): ``sampler``, ``logits_processors``,
-    ``prompt_cache``, ``kv_bits``, ``max_kv_size``, ``draft_p_min``, ….
+    ``prompt_cache``, ``kv_bits``, ``max_kv_size``, ``draft_p_min``, ``draft_model`` (a
+    smaller model proposing below ``draft``; alone with ``draft="none"``), ``ngram``
+    (lookup settings), ``cached_tokens`` (the ids already in ``prompt_cache``), ….
     """
     if max_tokens == 0:
         raise UserError("Maximum number of tokens must be non-zero (use -1 for no limit).")
@@ -131,18 +135,20 @@ def stream_generate(
 
     max_kv_size = kwargs.pop("max_kv_size", None)
     kwargs.pop("prompt_progress_callback", None)
-    plain = is_plain(draft)
+    plain = is_plain(draft) and kwargs.get("draft_model") is None
     if kwargs.get("prompt_cache") is None:
         kwargs["prompt_cache"] = make_generation_cache(model, kv_mode, max_kv_size, plain)
     if kv_mode != "fp" and kwargs.get("kv_bits") is not None:
         raise UserError(f"kv_bits quantizes an fp cache; with kv_mode {kv_mode!r} leave it unset")
     stats = SpecStats()
     if plain:
-        kwargs.pop("draft_p_min", None)
+        for name in ("draft_p_min", "draft_model", "ngram", "cached_tokens"):
+            kwargs.pop(name, None)
         stats.draft = NONE
         token_generator = plain_generate_step(prompt, model, max_tokens=max_tokens,
                                               stats=stats, **kwargs)
     else:
+        draft = drafts.resolve(model, tokenizer, draft)  # skip-<share>: calibrated blocks
         token_generator = speculative_generate_step(
             prompt, model, draft=draft, num_draft_tokens=num_draft_tokens,
             max_tokens=max_tokens, stats=stats, **kwargs,
@@ -361,6 +367,15 @@ def add_draft_args(parser):
         help=f"Tokens drafted per verify pass (1..{MAX_DRAFT_TOKENS}; default 4, or auto's "
         "choice up to 8)",
     )
+    parser.add_argument("--draft-model", default=None,
+                        help="A smaller model with the same tokenizer that drafts first (as "
+                        "mlx-lm's flag): alone, or below --draft's levels (e.g. --draft kv-upper)")
+    parser.add_argument("--ngram-min", type=_integer(1), default=Ngram.min_n,
+                        help=f"ngram draft: shortest context suffix looked up (default {Ngram.min_n})")
+    parser.add_argument("--ngram-max", type=_integer(1), default=Ngram.max_n,
+                        help=f"ngram draft: longest context suffix looked up (default {Ngram.max_n})")
+    parser.add_argument("--ngram-window", type=_integer(1), default=Ngram.window,
+                        help=f"ngram draft: tokens searched back (default {Ngram.window})")
     parser.add_argument("--draft-p-min", type=_probability_below_1, default=0.0,
                         help="End a draft block early when the draft's top probability falls "
                         "below this (0 = never; llama.cpp's --draft-p-min)")
@@ -374,7 +389,12 @@ DRAFTS_EPILOG = textwrap.fill(
     "needs 8-bit weights, activation drafts need affine-quantized linears whose input sizes "
     "the group divides, kv-upper needs --kv-mode nested. A draft the model cannot run is "
     "refused with the reason; auto weighs only those it can run.", 88
-) + "\n  " + draft_help().replace("\n", "\n  ")
+) + "\n  " + draft_help().replace("\n", "\n  ") + """
+  ngram: no forward: the continuation of the context's last --ngram-min..--ngram-max
+    tokens where they occurred before (pays where output copies input)
+  skip-3,14 / skip-0.3: the model without those blocks (a share: calibrated, cached)
+  cascades, cheapest first: ngram>skip-0.3>verify (each level checks the one below)
+  --draft-model M: a smaller model with the same tokenizer drafts first"""
 
 
 def setup_arg_parser():
@@ -457,11 +477,33 @@ def read_prompt(prompt: str) -> str:
                         "-t utf-8") from None
 
 
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def draft_options(args, model, tokenizer, progress=None) -> dict:
+    """What the draft flags give :func:`stream_generate` once the model has loaded: the draft
+    (its skip shares calibrated), the lookup settings and the separate draft model
+    (``--draft-model`` with the default ``--draft auto`` drafts alone, as in mlx-lm)."""
+    draft, draft_model = args.draft.strip().lower(), None
+    if args.draft_model is not None:
+        draft_model, draft_tokenizer = load(args.draft_model)
+        if draft_tokenizer.vocab_size != tokenizer.vocab_size:
+            raise ModelError(f"--draft-model {args.draft_model}: its tokenizer has "
+                             f"{draft_tokenizer.vocab_size} tokens, the model's "
+                             f"{tokenizer.vocab_size}; a draft model must share the tokenizer")
+        draft = NONE if draft == AUTO else draft
+    return dict(draft=drafts.resolve(model, tokenizer, draft, progress), draft_model=draft_model,
+                ngram=Ngram(args.ngram_min, args.ngram_max, args.ngram_window))
+
+
 def check_args(args) -> None:
     """What needs no model, checked before one loads."""
     draft = args.draft.strip().lower()
+    if args.ngram_min > args.ngram_max:
+        raise UserError(f"--ngram-min {args.ngram_min} is larger than --ngram-max {args.ngram_max}")
     levels = [] if draft in (AUTO, NONE) else [
-        level for level in parse_levels(draft) if level not in (NGRAM, DRAFT_MODEL)]
+        level for level in parse_levels(draft) if level != NGRAM]
     for level in levels:
         # an unknown name, or a KV view the cache will not have, fails before the model loads
         try:
@@ -627,18 +669,20 @@ def run(args, parser) -> None:
     add_eos_tokens(tokenizer, args.extra_eos_token)
     sampler = make_cli_sampler(args, model, tokenizer)
     tokens = build_prompt(args, tokenizer, prompt, from_cache=cache is not None)
+    drafting = draft_options(args, model, tokenizer, _progress if distributed.is_main() else None)
 
     text, response, show = "", None, distributed.is_main()  # one rank prints
     counter = distributed.CollectiveCounter()
     with distributed.counting(counter):
         for response in stream_generate(
             model, tokenizer, tokens, max_tokens=args.max_tokens,
-            draft=args.draft.strip().lower(), num_draft_tokens=args.num_draft_tokens,
+            num_draft_tokens=args.num_draft_tokens,
             kv_mode=args.kv_mode, draft_p_min=args.draft_p_min, sampler=sampler,
             max_kv_size=args.max_kv_size, prefill_step_size=args.prefill_step_size,
             prompt_cache=cache, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size or 64,
             quantized_kv_start=(DEFAULT_QUANTIZED_KV_START if args.quantized_kv_start is None
                                 else args.quantized_kv_start),
+            **drafting,
         ):
             if show:
                 sys.stdout.write(response.text)

@@ -24,7 +24,7 @@ from .errors import UserError
 from .precision import Precision
 from .quant.rotate import calibration_tokens
 
-CALIBRATION_SAMPLES, CALIBRATION_LENGTH = 2, 128
+CALIBRATION_SAMPLES, CALIBRATION_LENGTH = 1, 128  # ~40 forwards of 128 tokens (slow on MLX-CPU only)
 STORE = "skip.json"  # beside the cost tables
 SHORTLIST = 6  # blocks tried at each greedy step: the best by their agreement when skipped alone
 

@@ -161,3 +161,34 @@ def resolve_sampler(sampler) -> Optional[Sampler]:
         f"speculative decoding cannot read the distribution of sampler {sampler!r}; "
         "build it with mlx_qspec.make_sampler(temp=..., top_p=..., ...)"
     )
+
+
+def accept(lp: mx.array, drafts: mx.array, q: list, dist: Optional[Sampler], next_key=None):
+    """The rejection rule over one verify block: ``(accept flags for the k drafts, the token
+    to emit after each accepted prefix length)``. ``lp``: the verify's k+1 log-prob rows;
+    ``q[i]``: the distribution draft i was drawn from (None: a point mass on it). Greedy
+    (``dist`` None): accept while the argmax agrees. Otherwise accept d with probability
+    min(1, p(d)/q(d)), resample a rejection from normalize(max(0, p − q)), and draw a
+    bonus token from p after k accepts — p and q in float32. ``next_key``: a function giving
+    a fresh PRNG key per draw (a request's own seed), or None for the global generator."""
+    if dist is None:
+        targets = mx.argmax(lp, axis=-1)
+        return targets[:-1] == drafts, targets
+    key = next_key or (lambda: None)
+    k = drafts.size
+    p = dist.distribution(lp)
+    if k == 0:
+        return mx.array([], mx.bool_), mx.random.categorical(p, key=key())
+    vocab = mx.arange(p.shape[-1])
+    q = mx.concatenate([
+        qi if qi is not None else mx.where(vocab == drafts[i], 0.0, -mx.inf)[None]
+        for i, qi in enumerate(q)
+    ])
+    rows = mx.arange(k)
+    pd, qd = mx.exp(p[rows, drafts]), mx.exp(q[rows, drafts])
+    ok = mx.random.uniform(shape=(k,), key=key()) * qd < pd
+    resid = mx.maximum(mx.exp(p[:k]) - mx.exp(q), 0)
+    has_mass = resid.sum(axis=-1, keepdims=True) > 0
+    fix = mx.random.categorical(mx.where(has_mass, mx.log(resid), p[:k]), key=key())
+    bonus = mx.random.categorical(p[k:], key=key())
+    return ok, mx.concatenate([fix, bonus])

