@@ -180,7 +180,7 @@ def load_gguf(path: Path, tokenizer_config: dict | None = None):
     metadata, tensors = gguf.read_header(path)
     config = gguf.model_config(metadata, tensors, path)
     try:
-        weights = gguf.load_weights(path)
+        weights = gguf.load_weights(path, tensors)
     except (RuntimeError, ValueError) as e:
         raise ModelError(f"{path}: cannot read tensors: {e}") from None
     model = build_model(weights, config)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mlx_qspec.generate import main
+from mlx_qspec.generate import default_model_path, main
 
 PROMPT = "What is the capital of France?"
 
@@ -30,10 +30,19 @@ def test_default_model_auto_decodes_plainly_on_cpu_and_drafts_stay_exact():
     auto = _run("--prompt", PROMPT, "--max-tokens", "10", "--verbose")
     plain = _run("--prompt", PROMPT, "--max-tokens", "10", "--draft", "none")
     spec = _run("--prompt", PROMPT, "--max-tokens", "10", "--draft", "a8-g32", "--verbose")
-    for out in (auto, plain, spec):
+    # mlx-lm's --draft-model (the model itself: every draft accepted), and a cascade of the
+    # lookup (with its flags) below a self-draft.
+    twin = _run("--prompt", PROMPT, "--max-tokens", "10", "--draft-model",
+                str(default_model_path()), "--verbose")
+    ngram = _run("--prompt", PROMPT, "--max-tokens", "10", "--draft", "ngram>a8-g32",
+                 "--ngram-min", "2", "--num-draft-tokens", "6", "--verbose")
+    for out in (auto, plain, spec, twin, ngram):
         assert out.returncode == 0, out.stderr
     assert "Paris" in plain.stdout
-    assert auto.stdout == spec.stdout == plain.stdout
+    assert auto.stdout == spec.stdout == plain.stdout == twin.stdout == ngram.stdout
+    fields = _summary(twin.stderr)
+    assert fields["draft"] == "draft-model" and float(fields["acceptance"]) == 1.0
+    assert _summary(ngram.stderr)["draft"] == "ngram>a8-g32"
     assert plain.stderr == ""
     fields = auto_fields = _summary(auto.stderr)
     assert fields["draft"] == "none"
@@ -107,4 +116,5 @@ def test_directory_that_is_not_a_model(tmp_path, capsys):
         main(["--model", str(tmp_path), "--prompt", "hi"])
     assert exc.value.code == 2
     assert "not a model directory" in capsys.readouterr().err
+
 
