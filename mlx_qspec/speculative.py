@@ -405,7 +405,8 @@ def _generate(
         cache; the caller trims."""
         *lower, top = levels
         if isinstance(top, Ngram):
-            return top.propose(seen + drafted, k), [None] * k
+            proposed = top.propose(seen + drafted, k)
+            return proposed, [None] * len(proposed)
         if isinstance(top, DraftModel):
             return propose_by_draft_model(top, y, k, drafted)
         tokens, q = [], []
