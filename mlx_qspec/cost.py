@@ -92,7 +92,8 @@ def choose(
 def _why_plain(table, names, acceptance, gammas, margin) -> str:
     """The first bound that already fails: free drafts accepted always (the verify's rows
     cost too much), then the cheapest draft accepted always (drafts plus verify cost more
-    than the tokens they give), else acceptance is too low."""
+    than the tokens they give), else acceptance is too low — named for the draft that came
+    closest to paying."""
     v1 = table.verify_cost(1)
     if max((g + 1) * v1 / table.verify_cost(g + 1) for g in gammas) <= 1 + margin:
         g = max(gammas)
@@ -104,7 +105,8 @@ def _why_plain(table, names, acceptance, gammas, margin) -> str:
             f"draft_too_costly({cheapest}_x{table.draft[cheapest] / v1:.2f},"
             f"verify_x{table.verify_cost(g + 1) / v1:.1f}_at_{g + 1}_rows)"
         )
-    top = max(names, key=acceptance.get)
+    # The draft closest to paying: its acceptance is what falls short.
+    top = max(names, key=lambda n: max(speedup(table, n, acceptance[n], g) for g in gammas))
     return f"acceptance_too_low({top}_{acceptance[top]:.2f})"
 
 

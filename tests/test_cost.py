@@ -54,6 +54,11 @@ def test_draft_as_costly_as_verify_is_plain():
 def test_low_acceptance_is_plain():
     c = choose(CostTable({1: 1.0, 9: 1.0}, {"a4": 0.5}), {"a4": 0.05})
     assert c.draft is None and c.reason == "acceptance_too_low(a4_0.05)"
+    # The reason names the draft closest to paying, not the best-accepted one: here the
+    # free lookup, whose acceptance falls short, rather than a costly a8.
+    table = CostTable({1: 1.0, 2: 1.6, 9: 8.0}, {"ngram": 0.0, "a8": 1.0})
+    c = choose(table, {"ngram": 0.4, "a8": 0.97})
+    assert c.draft is None and c.reason == "acceptance_too_low(ngram_0.40)"
 
 
 def test_margin_and_candidates():
