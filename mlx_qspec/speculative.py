@@ -377,8 +377,9 @@ def _generate(
             return None
         return mx.concatenate([history, mx.array([int(t) for t in tokens], mx.uint32)])
 
-    def check(y, proposed, q, at: Precision, counter, rows_at_once):
-        """Score ``[y, *proposed]`` at ``at`` (``rows_at_once`` rows per forward) and apply
+    def check(y, proposed, q, at: Precision, counter, rows_at_once, before=()):
+        """Score ``[y, *proposed]`` (after ``before``, this block's tokens so far) at ``at``
+        (``rows_at_once`` rows per forward) and apply
         the rejection rule: ``(kept, tokens emitted, their logprobs at ``at``)``, the
         emitted tokens being the kept proposals and one more drawn at ``at``. The cache
         keeps the positions of y and the kept proposals."""
@@ -390,7 +391,7 @@ def _generate(
             forward(inputs[i : i + rows_at_once], at, counter)
             for i in range(0, k + 1, rows_at_once)
         ])
-        lp = logprobs_of(logits, context_after(proposed))
+        lp = logprobs_of(logits, context_after([*before, *proposed]))
         ok, targets = accept(lp, drafts, q, dist)
         mx.eval(ok, targets, lp)
         ok, targets = ok.tolist(), targets.tolist()
@@ -415,7 +416,8 @@ def _generate(
             offered, offered_q = propose(lower, y, k - len(tokens), drafted + tokens) if lower else ([], [])
             _trim_to(cache, base)  # what the lower levels' forwards appended
             if offered:
-                n, out, lp = check(y, offered, offered_q, top, stats.draft_reads, VERIFY_CHUNK)
+                n, out, lp = check(y, offered, offered_q, top, stats.draft_reads, VERIFY_CHUNK,
+                                   drafted + tokens)
                 counts = stats.level_counts.setdefault(top.name, [0, 0])
                 counts[0] += len(offered)
                 counts[1] += n

@@ -263,3 +263,17 @@ def test_a_draft_model_must_share_the_vocabulary(model):
     with pytest.raises(ValueError, match="vocabulary .300 tokens. is not the model's .256."):
         speculative_generate_step(mx.array(PROMPT), model, draft="none",
                                   draft_model=build_tiny_model(vocab_size=300))
+
+
+def test_a_cascade_scores_with_logits_processors_as_plain_decoding(model):
+    """Each level scores its rows in the block's context so far (history, drafted tokens,
+    proposals): output equals plain decoding with the same repetition penalty."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    procs = make_logits_processors(repetition_penalty=1.5, repetition_context_size=16)
+    prepare(model)
+    ref = [t for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=MAX_TOKENS,
+                                       logits_processors=procs)]
+    out, st, _ = spec(model, "ngram>skip-2>a8", 6, logits_processors=procs)
+    assert out == ref and ref != plain(model)  # the penalty changed the text
+    assert sum(n for n, _ in st.level_counts.values()) > 0
