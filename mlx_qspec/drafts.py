@@ -66,10 +66,6 @@ class Cascade:
         """Whether a level needs the token ids of the context (the lookup, a draft model)."""
         return isinstance(self.levels[0], (Ngram, DraftModel))
 
-    @property
-    def precisions(self) -> list[Precision]:
-        return [x for x in self.levels if isinstance(x, Precision)]
-
     def __str__(self):
         return self.name
 

@@ -44,13 +44,9 @@ def _skippable(cls: type) -> type:
     return _skippable_classes[cls]
 
 
-def blocks(model: nn.Module) -> list:
-    return model.layers
-
-
 def install(model: nn.Module) -> nn.Module:
     """Make every transformer block skippable, in place (no weight moves; idempotent)."""
-    for i, block in enumerate(blocks(model)):
+    for i, block in enumerate(model.layers):
         if type(block) not in _skippable_classes.values():
             block.__class__ = _skippable(type(block))
         block.skip_index = i
@@ -59,7 +55,7 @@ def install(model: nn.Module) -> nn.Module:
 
 def check(model: nn.Module, p: Precision) -> None:
     """UserError unless ``p``'s skipped blocks exist in ``model`` and leave some to run."""
-    n = len(blocks(model))
+    n = len(model.layers)
     if p.skip_fraction is not None:
         raise UserError(
             f"draft {p.name!r} names a share of blocks, which is calibrated with the "
@@ -90,7 +86,7 @@ def calibrate(model: nn.Module, tokens: mx.array, fraction: float, progress=None
     """Greedy search for ``round(fraction · blocks)`` blocks to skip (block 0 never), scored
     by teacher-forced top-1 agreement with the full model on ``tokens`` (samples, length)."""
     install(model)
-    n = len(blocks(model))
+    n = len(model.layers)
     count = max(1, min(round(fraction * n), n - 2))
     reference = mx.argmax(model(tokens)[:, :-1], axis=-1)
     single = {}

@@ -399,6 +399,16 @@ def _generate(
         _trim_to(cache, base + n + 1)
         return n, [int(t) for t in proposed[:n]] + [targets[n]], lp
 
+    def draw(lp):
+        """One draft token from a draft's log-probs ``lp`` and the distribution it was drawn
+        from, or None where its top probability is below ``draft_p_min`` (llama.cpp's
+        --draft-p-min: an unsure draft ends the block)."""
+        qi = lp if dist is None else dist.distribution(lp)
+        if draft_p_min and math.exp(qi.max().item()) < draft_p_min:
+            return None
+        t = mx.argmax(qi, axis=-1) if dist is None else mx.random.categorical(qi)
+        return t.item(), qi
+
     def propose(levels, y, k, drafted):
         """Up to ``k`` tokens from the cascade ``levels`` (cheapest first) after ``y``,
         ``drafted`` (ints) already proposed before it in this block, and the distribution
@@ -425,11 +435,11 @@ def _generate(
             else:
                 lp = logprobs_of(forward(y, top, stats.draft_reads)[-1:],
                                  context_after(drafted + tokens))
-                qi = lp if dist is None else dist.distribution(lp)
-                if draft_p_min and math.exp(qi.max().item()) < draft_p_min:
-                    break  # llama.cpp's --draft-p-min: an unsure draft ends the block
-                t = mx.argmax(qi, axis=-1) if dist is None else mx.random.categorical(qi)
-                out = [t.item()]
+                drawn = draw(lp)
+                if drawn is None:
+                    break
+                t, qi = drawn
+                out = [t]
             tokens += out
             q += [qi[i : i + 1] for i in range(len(out))]
             y = mx.array(out[-1:], mx.uint32)
@@ -443,11 +453,10 @@ def _generate(
             with precision.reading(FULL_PRECISION), reads.counting(stats.draft_reads):
                 logits = level.model(mx.array(pending, mx.uint32)[None], cache=level.cache)[0, -1:]
             level.tokens += pending
-            lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            qi = lp if dist is None else dist.distribution(lp)
-            if draft_p_min and math.exp(qi.max().item()) < draft_p_min:
+            drawn = draw(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            if drawn is None:
                 break
-            t = (mx.argmax(qi, axis=-1) if dist is None else mx.random.categorical(qi)).item()
+            t, qi = drawn
             tokens.append(t)
             q.append(qi)
             pending = [t]
@@ -468,7 +477,7 @@ def _generate(
         gamma_of = adaptive or (lambda: num_draft_tokens or DEFAULT_DRAFT_TOKENS)
         if logits_processors:
             history = prompt.astype(mx.uint32)
-        if levels and isinstance(levels[0], (Ngram, DraftModel)):
+        if levels and cascade.reads_context:
             seen = cached_tokens + prompt.tolist()
         limit = math.inf if max_tokens < 0 else max_tokens
         try:
