@@ -23,8 +23,7 @@ from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE, DEFAULT_QUANTIZED_KV_STAR
 from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache, make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from . import distributed
-from . import drafts
+from . import distributed, drafts
 from .drafts import NGRAM, parse_levels
 from .ngram import Ngram
 from .errors import ModelError, UserError, run_cli
@@ -497,22 +496,27 @@ def draft_options(args, model, tokenizer, progress=None) -> dict:
                 ngram=Ngram(args.ngram_min, args.ngram_max, args.ngram_window))
 
 
-def check_args(args) -> None:
-    """What needs no model, checked before one loads."""
-    draft = args.draft.strip().lower()
-    if args.ngram_min > args.ngram_max:
-        raise UserError(f"--ngram-min {args.ngram_min} is larger than --ngram-max {args.ngram_max}")
+def check_draft_flag(flag: str, kv_mode: str) -> None:
+    """``--draft``'s levels as far as they need no model: an unknown name, or a KV view the
+    cache will not have, fails before the model loads (the CLI, chat and server)."""
+    draft = flag.strip().lower()
     levels = [] if draft in (AUTO, NONE) else [
         level for level in parse_levels(draft) if level != NGRAM]
     for level in levels:
-        # an unknown name, or a KV view the cache will not have, fails before the model loads
         try:
             reads_kv = parse(level).kv
         except UserError as e:
-            raise UserError(f"--draft {args.draft}: {e}; or {NONE} / {AUTO} / {NGRAM}") from None
-        if reads_kv == UPPER and args.kv_mode != "nested":
-            raise ModelError(f"--draft {args.draft} reads the upper plane of a nested KV cache: "
-                             f"pass --kv-mode nested (got --kv-mode {args.kv_mode})")
+            raise UserError(f"--draft {flag}: {e}; or {NONE} / {AUTO} / {NGRAM}") from None
+        if reads_kv == UPPER and kv_mode != "nested":
+            raise ModelError(f"--draft {flag} reads the upper plane of a nested KV cache: "
+                             f"pass --kv-mode nested (got --kv-mode {kv_mode})")
+
+
+def check_args(args) -> None:
+    """What needs no model, checked before one loads."""
+    if args.ngram_min > args.ngram_max:
+        raise UserError(f"--ngram-min {args.ngram_min} is larger than --ngram-max {args.ngram_max}")
+    check_draft_flag(args.draft, args.kv_mode)
     if args.kv_mode != "fp" and (args.kv_bits is not None or args.max_kv_size is not None):
         flag = "--kv-bits" if args.kv_bits is not None else "--max-kv-size"
         raise ModelError(f"{flag} applies to --kv-mode fp only, got --kv-mode {args.kv_mode}")

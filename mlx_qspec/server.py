@@ -32,12 +32,11 @@ from starlette.routing import Route
 
 from .batch import BatchEngine, Engine, Job, QueueFull
 from .errors import ModelError, UserError
-from .generate import DEFAULT_GGUF_FILE, _ArgumentParser, default_model_path
+from .generate import DEFAULT_GGUF_FILE, _ArgumentParser, check_draft_flag, default_model_path
 from .kv_cache import KV_MODES
 from .loader import load
 from . import drafts
-from .drafts import NGRAM, parse_levels
-from .precision import UPPER, Precision, parse
+from .precision import Precision
 from .quant.modes import AUTO, NONE
 from .speculative import check_num_draft_tokens
 
@@ -498,10 +497,7 @@ def setup_arg_parser():
 def build(args) -> tuple:
     """``(app, engine)`` from parsed flags: checks them, loads the model, starts the engine."""
     draft = args.draft.strip().lower()
-    levels = [] if draft in (AUTO, NONE) else [p for p in parse_levels(draft) if p != NGRAM]
-    if any(parse(level).kv == UPPER for level in levels) and args.kv_mode != "nested":
-        raise ModelError(f"--draft {args.draft} reads the upper plane of a nested KV cache: "
-                         f"pass --kv-mode nested (got --kv-mode {args.kv_mode})")
+    check_draft_flag(args.draft, args.kv_mode)
     if args.kv_mode != "fp" and args.kv_bits is not None:
         raise ModelError(f"--kv-bits applies to --kv-mode fp only, got --kv-mode {args.kv_mode}")
     if args.num_draft_tokens is not None:
