@@ -82,7 +82,7 @@ def _convert(src: Path, mlx_path: Path, dtype, rotate: bool, rotate_method: str)
     """:func:`convert` into an existing empty ``mlx_path``, its arguments checked."""
     model_obj, tokenizer, config, metadata = load_gguf(src)
     if rotate:
-        from .quant.rotate import (
+        from .rotate import (
             calibration_tokens, check_residual, check_rotatable, rotate_model, save_rotated,
         )
 

@@ -22,7 +22,7 @@ from . import precision
 from .cost import cache_path, fingerprint, read_store
 from .errors import UserError
 from .precision import Precision
-from .quant.rotate import calibration_tokens
+from .rotate import calibration_tokens
 
 CALIBRATION_SAMPLES, CALIBRATION_LENGTH = 1, 128  # ~40 forwards of 128 tokens (slow on MLX-CPU only)
 STORE = "skip.json"  # beside the cost tables

@@ -20,7 +20,7 @@ from mlx_lm.utils import (
 
 from . import gguf
 from .errors import ModelError
-from .quant.rotate import apply_online_rotations
+from .quant.hadamard import apply_online_rotations
 
 # A rotated directory's model_type: stock mlx-lm refuses it ("Model type … not supported")
 # instead of loading it without its online rotations and printing gibberish.

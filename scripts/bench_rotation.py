@@ -36,7 +36,7 @@ from mlx.utils import tree_map_with_path
 from mlx_qspec import load
 from mlx_qspec.generate import default_model_path
 from mlx_qspec.quant.activations import fake_quantize_activations
-from mlx_qspec.quant.rotate import (
+from mlx_qspec.rotate import (
     build_model,
     calibration_tokens,
     rotate_model,

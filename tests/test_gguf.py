@@ -368,7 +368,7 @@ def test_convert_rotate_loads_and_speculates_exactly(tiny, tmp_path):
     """--rotate writes a directory mlx_qspec loads with its online Hadamards, on which
     speculative greedy decoding equals plain decoding; the source's scale dtype is kept."""
     from mlx_qspec.generate import stream_generate
-    from mlx_qspec.quant.rotate import OnlineHadamard
+    from mlx_qspec.quant.hadamard import OnlineHadamard
 
     path = tiny[0]
     out = tmp_path / "rotated"

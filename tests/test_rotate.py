@@ -9,15 +9,17 @@ from mlx_lm.utils import load_model
 
 from mlx_qspec.precision import parse, reading
 from mlx_qspec.quant.linear import QSpecLinear, install
-from mlx_qspec.quant.rotate import (
+from mlx_qspec.quant.hadamard import (
     OnlineHadamard,
     apply_online_rotations,
+    hadamard_factors,
+    hadamard_size_ok,
+)
+from mlx_qspec.rotate import (
     build_model,
     check_residual,
     calibration_tokens,
     check_rotatable,
-    hadamard_factors,
-    hadamard_size_ok,
     residual_rotation,
     rotate_model,
     rotate_weights,

@@ -1,6 +1,7 @@
 """QuaRot-style rotation of a llama-family model, so that its activations quantize to 4 bits.
 
-Activation outliers make per-token A4 useless for drafting (SPEC.md §6). An orthogonal change
+Activation outliers make per-token A4 useless for drafting (per-token
+A4 agreed on 9 % of next tokens on SmolLM2, docs/design.md). An orthogonal change
 of basis spreads each outlier over many channels without changing the function the model
 computes:
 
@@ -18,7 +19,6 @@ with respect to it. Its forward runs the online Hadamards in verify and draft al
 """
 
 import copy
-import math
 import sys
 import sysconfig
 from pathlib import Path
@@ -27,54 +27,21 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .loader import build_model as build_plain
+from .quant.hadamard import (
+    HADAMARD_BASES, apply_online_rotations, hadamard, hadamard_factors,
+)
+
 WEIGHT_BITS = 4
 WEIGHT_GROUP = 32
 EMBED_BITS = 8
 EMBED_GROUP = 32
 ONLINE = ("o_proj", "down_proj")
 RESIDUAL_KINDS = ("hadamard", "random")
-_HADAMARD_BASES = (1, 12, 20, 28)
 _LLAMA_FAMILY = ("llama",)
 # Real text present wherever Python is installed (Mac or Linux): GPTQ's calibration set.
 CALIBRATION_FILES = ("textwrap.py", "functools.py", "contextlib.py", "dataclasses.py",
                      "pathlib.py", "typing.py", "collections/__init__.py", "logging/__init__.py")
-
-
-def hadamard_size_ok(n: int) -> bool:
-    """Whether ``mx.hadamard_transform`` takes size ``n`` (m·2^k, m ∈ {1, 12, 20, 28}).
-
-    Decided arithmetically: MLX 0.32 can crash (double free) instead of raising on some
-    unsupported sizes, 576 among them, so never probe it with a call.
-    """
-    for m in _HADAMARD_BASES:
-        if n >= m and n % m == 0 and (n // m) & (n // m - 1) == 0:
-            return True
-    return False
-
-
-def hadamard_factors(n: int) -> tuple[int, ...] | None:
-    """Sizes whose Kronecker product is a Hadamard of order ``n`` that MLX can apply.
-
-    ``(n,)`` when MLX takes n, else a pair (576 → 12 × 48: a Hadamard of order 576 as two
-    small transforms), else None.
-    """
-    if hadamard_size_ok(n):
-        return (n,)
-    for a in range(2, n):
-        if n % a == 0 and hadamard_size_ok(a) and hadamard_size_ok(n // a):
-            return (a, n // a)
-    return None
-
-
-def _hadamard(x: mx.array, factors) -> mx.array:
-    """Orthonormal Kronecker-Hadamard on each consecutive prod(factors) block of the last axis."""
-    shape, k = x.shape, len(factors)
-    n = math.prod(factors)
-    y = x.reshape(*shape[:-1], shape[-1] // n, *factors)
-    for i, f in enumerate(factors):
-        ax = y.ndim - k + i
-        y = mx.moveaxis(mx.hadamard_transform(mx.moveaxis(y, ax, -1), scale=f**-0.5), -1, ax)
-    return y.reshape(shape)
 
 
 def check_rotatable(config: dict) -> None:
@@ -99,7 +66,7 @@ def check_rotatable(config: dict) -> None:
         if hadamard_factors(n) is None:
             raise ValueError(
                 f"--rotate: {name} {n} is not a Hadamard size mx.hadamard_transform can "
-                f"apply (m*2^k, m in {_HADAMARD_BASES}, or a product of two such); the "
+                f"apply (m*2^k, m in {HADAMARD_BASES}, or a product of two such); the "
                 f"online Hadamard {where} needs it"
             )
     for name, n in (("hidden_size", hidden), ("intermediate_size", inter),
@@ -119,39 +86,6 @@ def check_residual(config: dict, residual: str) -> None:
     if residual == "hadamard" and hadamard_factors(d) is None:
         raise ValueError(f"--rotate: hidden_size {d} has no Hadamard MLX can build; "
                          f"use the 'random' residual rotation")
-
-
-class OnlineHadamard(nn.Module):
-    """Applies a (block-wise, Kronecker) Hadamard to the input, then the wrapped linear.
-
-    The linear stays reachable as ``self.linear`` so tree-walking layer replacement (the
-    draft/verify linear) still finds and swaps it; the transform then runs in every mode.
-    """
-
-    def __init__(self, linear: nn.Module, factors):
-        super().__init__()
-        self.linear = linear
-        self.factors = tuple(factors)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.linear(_hadamard(x, self.factors))
-
-
-def apply_online_rotations(model: nn.Module, config: dict) -> nn.Module:
-    """Wrap ``o_proj`` and ``down_proj`` of a freshly loaded rotated model in their Hadamards.
-
-    Does nothing when config.json carries no rotation; wrapping twice is a no-op.
-    """
-    rot = config.get("qspec", {}).get("rotation")
-    if rot is None:
-        return model
-    factors = rot["online_factors"]
-    for layer in model.model.layers:
-        for parent, name in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
-            mod = getattr(parent, name)
-            if not isinstance(mod, OnlineHadamard):
-                setattr(parent, name, OnlineHadamard(mod, factors[name]))
-    return model
 
 
 def _float_weight(m: nn.Module) -> mx.array:
@@ -186,7 +120,7 @@ def residual_rotation(d: int, kind: str = "hadamard", seed: int = 0) -> mx.array
         return q * mx.sign(mx.diag(r))[None, :]
     if kind == "hadamard":
         signs = mx.where(mx.random.bernoulli(key=key, shape=(d,)), 1.0, -1.0)
-        return _hadamard(mx.diag(signs.astype(mx.float32)), hadamard_factors(d))
+        return hadamard(mx.diag(signs.astype(mx.float32)), hadamard_factors(d))
     raise ValueError(f"residual rotation must be one of {RESIDUAL_KINDS}, not {kind!r}")
 
 
@@ -234,9 +168,9 @@ def rotate_weights(model: nn.Module, config: dict, *, residual: str = "hadamard"
         for name in ("gate_proj", "up_proj"):
             out[p + f"mlp.{name}.weight"] = (_float_weight(getattr(mlp, name)) * g_mlp) @ Q
         # o = h Wᵀ; online h ↦ h H, so the stored weight is (Qᵀ W) H, row by row.
-        out[p + "self_attn.o_proj.weight"] = _hadamard(Q.T @ _float_weight(attn.o_proj),
+        out[p + "self_attn.o_proj.weight"] = hadamard(Q.T @ _float_weight(attn.o_proj),
                                                        factors["o_proj"])
-        out[p + "mlp.down_proj.weight"] = _hadamard(Q.T @ _float_weight(mlp.down_proj),
+        out[p + "mlp.down_proj.weight"] = hadamard(Q.T @ _float_weight(mlp.down_proj),
                                                     factors["down_proj"])
         out[p + "input_layernorm.weight"] = mx.ones((hidden,), mx.float32)
         out[p + "post_attention_layernorm.weight"] = mx.ones((hidden,), mx.float32)
@@ -270,8 +204,6 @@ def rotated_config(config: dict, *, residual: str, seed: int, method: str) -> di
 def build_model(weights: dict, config: dict) -> nn.Module:
     """An mlx-lm model from (weights, config) in saved layout, online Hadamards applied:
     the loaded rotated directory, without the disk round-trip."""
-    from ..loader import build_model as build_plain
-
     model = apply_online_rotations(build_plain(weights, config), config)
     mx.eval(model.parameters())
     return model
