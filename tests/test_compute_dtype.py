@@ -143,3 +143,25 @@ def test_distribution_of_float32_unchanged():
     x = lp * (1.0 / 0.8)
     assert mx.array_equal(Sampler(temp=0.8).distribution(lp),
                           x - mx.logsumexp(x, axis=-1, keepdims=True)).item()
+
+
+def test_k_quant_model_on_metal_computes_in_half(metal, k_quant_file, monkeypatch):
+    """Loaded for Metal (norms cast, float32 k-quant scales kept), the model's residual
+    stream, KV cache and logits stay float16 through our layers: neither the embedding's
+    float32-scaled rows nor a float32-scaled matmul promotes them. (Run on the CPU: only
+    the dtypes are checked.)"""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_qspec.quant.linear import compute_dtype, install
+
+    model = _model(k_quant_file)
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)  # compute on the CPU
+    install(model)
+    assert compute_dtype(model) == mx.float16
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([[1, 2, 3]]), cache=cache)
+    assert logits.dtype == mx.float16
+    assert {c.state[0].dtype for c in cache} == {mx.float16}
+    stored = _model(k_quant_file, dtype=None)  # float32 throughout: nothing to cast
+    assert compute_dtype(install(stored)) == mx.float32
+    assert stored(mx.array([[1, 2, 3]])).dtype == mx.float32

@@ -18,7 +18,7 @@ from functools import reduce
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import QuantizedAllToShardedLinear, QuantizedShardedToAllLinear
-from mlx.utils import tree_map_with_path
+from mlx.utils import tree_flatten, tree_map_with_path
 
 from .. import kernels, precision, reads
 from .activations import fake_quantize_activations
@@ -45,7 +45,14 @@ def _describe(module: nn.Module) -> str:
 
 
 def _matmul(module: nn.Module, x: mx.array, act_draft: bool) -> mx.array:
-    """``x @ W^T`` as the current precision reads W (and x, where ``act_draft``)."""
+    """``x @ W^T`` as the current precision reads W (and x, where ``act_draft``), in x's
+    dtype: float32 scales (a k-quant GGUF's, kept exact) would otherwise promote a
+    half-precision model's residual stream, and its KV cache, to float32."""
+    y = _product(module, x, act_draft)
+    return y if y.dtype == x.dtype else y.astype(x.dtype)
+
+
+def _product(module: nn.Module, x: mx.array, act_draft: bool) -> mx.array:
     p = precision.current()
     quantize_x = act_draft and p.act_bits is not None
     s, b = module["scales"], module["biases"]
@@ -120,12 +127,14 @@ class QSpecShardedToAllLinear(QSpecLinear):
 
 class QSpecEmbedding(nn.QuantizedEmbedding):
     """A ``QuantizedEmbedding`` whose tied LM head (``as_linear``) is read at the forward's
-    precision; lookups always read the exact rows (a few rows: nothing to save)."""
+    precision; lookups always read the exact rows (a few rows: nothing to save), given in
+    the model's compute dtype ``dtype`` (float32 k-quant scales would promote them)."""
 
-    def __init__(self, layer: nn.QuantizedEmbedding):
+    def __init__(self, layer: nn.QuantizedEmbedding, dtype: mx.Dtype | None = None):
         nn.Module.__init__(self)
         _init_weights(self, layer)
         self.num_embeddings, self.dims = layer.num_embeddings, layer.dims
+        self.dtype = dtype or layer.scales.dtype
         self.freeze()
 
     def _extra_repr(self):
@@ -137,8 +146,9 @@ class QSpecEmbedding(nn.QuantizedEmbedding):
             w = w.reshape(*x.shape, -1)
         else:
             w = self["weight"][x]
-        return mx.dequantize(w, self["scales"][x], self["biases"][x],
+        rows = mx.dequantize(w, self["scales"][x], self["biases"][x],
                              group_size=self.group_size, bits=self.bits)
+        return rows if rows.dtype == self.dtype else rows.astype(self.dtype)
 
     def as_linear(self, x):
         return _matmul(self, x, act_draft=False)
@@ -147,6 +157,15 @@ class QSpecEmbedding(nn.QuantizedEmbedding):
 def _swap_leaves(model: nn.Module, swap) -> None:
     leaves = tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module)
     model.update_modules(leaves)
+
+
+def compute_dtype(model: nn.Module) -> mx.Dtype:
+    """The dtype the model computes in: that of its float parameters other than quantization
+    scales and biases (norms, float layers); of the scales where it has no such parameter."""
+    floats = [(k, p.dtype) for k, p in tree_flatten(model.parameters())
+              if mx.issubdtype(p.dtype, mx.floating)]
+    return next((d for k, d in floats if not k.endswith((".scales", ".biases"))),
+                floats[0][1] if floats else mx.float32)
 
 
 def install(model: nn.Module) -> nn.Module:
@@ -169,6 +188,7 @@ def install(model: nn.Module) -> nn.Module:
 
     _swap_leaves(model, wrap_sharded)
     act = {id(m) for _, m in draftable_layers(model)}
+    dtype = compute_dtype(model)
     for m in sharded:
         m.act_draft = id(m) in act
 
@@ -178,7 +198,7 @@ def install(model: nn.Module) -> nn.Module:
         if isinstance(m, nn.QuantizedLinear):
             return QSpecLinear(m, act_draft=id(m) in act)
         if isinstance(m, nn.QuantizedEmbedding):
-            return QSpecEmbedding(m)
+            return QSpecEmbedding(m, dtype)
         return m
 
     _swap_leaves(model, swap)
