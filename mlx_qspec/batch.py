@@ -7,7 +7,8 @@ draft step and every verify is one forward over all active sequences, each row w
 cache length and its own accepted count (:class:`RaggedKVCache`: rows left-aligned, so a
 ragged rewind is a per-row length, and a per-row mask hides what lies past it). Jobs join
 between steps and leave when done. :class:`Engine` serves one job at a time through
-:func:`mlx_qspec.stream_generate` (what ``auto``, the nested and quantized KV caches need).
+:func:`mlx_qspec.stream_generate` (what ``auto``, the nested and quantized KV caches and
+models with sliding-window layers need).
 Both reuse the longest cached prefix of each prompt from mlx-lm's :class:`LRUPromptCache`.
 """
 
@@ -101,7 +102,7 @@ class PromptCache:
         """``(cache, cached)``: a cache holding ``prompt[:cached]``."""
         try:
             cache, rest = self.lru.fetch_nearest_cache("model", prompt)
-        except ValueError:  # a nested cache cannot rewind into its quantized part
+        except ValueError:  # a nested cache or a window cannot rewind that far
             cache = None
         if cache is None:
             return make_cache(self.model, self.kv_mode), 0

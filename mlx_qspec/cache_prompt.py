@@ -26,6 +26,7 @@ from .generate import (
     read_prompt,
 )
 from .errors import UserError, run_cli
+from .kv_cache import check_kv_bits
 from .loader import load
 from .speculative import prefill, prepare
 
@@ -84,7 +85,8 @@ def run(args, parser) -> None:
                             trust_remote_code=args.trust_remote_code)
     tokens = mx.array(prompt_tokens(tokenizer, prompt), mx.uint32)
 
-    cache = make_prompt_cache(model)
+    cache = make_prompt_cache(model)  # mlx-lm's classes, which its loader knows
+    check_kv_bits(cache, args.kv_bits)
     done, start = 0, time.perf_counter()
 
     def after_chunk():

@@ -3,15 +3,17 @@
 Speculation pays only where a verify of γ+1 rows costs about one decode step and a draft
 step costs less than one: on a Mac at batch 1, where bytes read decide speed. Where a
 forward over k rows costs ~k× one row (MLX on CPU), no draft can pay, and the rule is
-never to be slower than plain decoding. So ``auto`` measures the costs on the loaded
-model and its cache (:func:`calibrate`, cached on disk by :func:`calibrate_cached`),
-estimates acceptance (priors from SPEC.md §6, then a running :class:`AcceptanceEstimate`)
-and lets :func:`choose` pick a draft and γ, or plain decoding with the reason why.
-
-The roofline helpers at the end model a Mac's speed from bytes read, for benchmarks.
+never to be slower than plain decoding. So ``auto`` takes the costs on the loaded model and
+its cache: stored timings (:func:`calibrate`, cached on disk by :func:`calibrate_cached`), else
+on a Mac whose chip :mod:`roofline` knows the modeled ones (:func:`modeled`: no timing), else
+it times them; it estimates acceptance (priors: agreement measured on
+real text, docs/design.md §8; then a running
+:class:`AcceptanceEstimate`) and lets :func:`choose` pick a draft and γ, or plain decoding
+with the reason why.
 """
 
 import bisect
+import contextlib
 import json
 import math
 import os
@@ -24,7 +26,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import can_trim_prompt_cache
 
-from . import distributed, precision
+from . import distributed, kernels, precision, reads, roofline
 
 GAMMAS = (1, 2, 3, 4, 6, 8)
 CALIBRATION_ROWS = (1, 5, 9)
@@ -39,10 +41,12 @@ def expected_tokens(alpha: float, gamma: int) -> float:
 
 @dataclass
 class CostTable:
-    """Seconds per forward: the verify precision by number of rows, and each draft at one row."""
+    """Seconds per forward: the verify precision by number of rows, and each draft at one row;
+    ``source`` says where they come from (``timed``, or ``modeled(<chip>)``)."""
 
     verify: dict[int, float]
     draft: dict[str, float]
+    source: str = "timed"
 
     def verify_cost(self, rows: int) -> float:
         """Linear between measured row counts, linear past the ends; from one point, ∝ rows
@@ -110,7 +114,7 @@ def _why_plain(table, names, acceptance, gammas, margin) -> str:
     return f"acceptance_too_low({top}_{acceptance[top]:.2f})"
 
 
-# Per-token top-1 agreement of each single draft term with the verify, SPEC.md §6
+# Per-token top-1 agreement of each single draft term with the verify (docs/design.md §8)
 # (SmolLM2-135M Q4_1, teacher-forced on real text).
 PRIOR_ACCEPTANCE = {
     "a8": 0.91,  # A8 per-token: 0.905 (first probe), 0.910 (second probe)
@@ -159,13 +163,15 @@ def _rewind(cache, offsets):
         c.trim(c.offset - offset)
 
 
-def _time_forward(model, cache, rows: int, read: precision.Precision) -> float:
-    """Seconds for one evaluated forward of ``rows`` tokens at ``read``; the cache is
-    trimmed back after, also when the forward raises."""
+def _forward(model, cache, rows: int, read: precision.Precision,
+             counter: reads.ReadCounter | None = None) -> float:
+    """Seconds for one evaluated forward of ``rows`` tokens at ``read``, its reads counted in
+    ``counter`` if one is given; the cache is trimmed back after, also when the forward raises."""
     offsets = [c.offset for c in cache]
     inputs = mx.zeros((1, rows), dtype=mx.uint32)
     try:
-        with precision.reading(read):
+        counting = contextlib.nullcontext() if counter is None else reads.counting(counter)
+        with precision.reading(read), counting:
             start = time.perf_counter()
             mx.eval(model(inputs, cache=cache))
             return time.perf_counter() - start
@@ -185,9 +191,9 @@ def calibrate(model, cache, candidates, rows=CALIBRATION_ROWS, repeats: int = 3)
     limit = min((c.room() + 1 for c in cache if hasattr(c, "room")), default=math.inf)
 
     def median(n, read):
-        return statistics.median(_time_forward(model, cache, n, read) for _ in range(repeats))
+        return statistics.median(_forward(model, cache, n, read) for _ in range(repeats))
 
-    _time_forward(model, cache, 1, precision.FULL_PRECISION)  # warm-up
+    _forward(model, cache, 1, precision.FULL_PRECISION)  # warm-up
     verify = {n: median(n, precision.FULL_PRECISION) for n in sorted({min(n, limit) for n in rows})}
     draft = {}
     for name in candidates:
@@ -197,6 +203,43 @@ def calibrate(model, cache, candidates, rows=CALIBRATION_ROWS, repeats: int = 3)
             continue
     assert cache[0].offset == start, "calibration left the cache moved"
     return CostTable(verify, draft)
+
+
+# Every verify ``auto`` can ask for (γ ≤ max(GAMMAS)), up to one past a kernel launch's rows.
+MODELED_ROWS = range(1, kernels.MAX_M + 2)
+
+
+def modeled(model, cache, candidates, chip: str) -> CostTable | None:
+    """The costs on ``chip`` by :mod:`roofline`, with no timing: a verify of r rows as its
+    modeled forwards (at most kernels.MAX_M rows each, as the loop verifies), a draft as a
+    plain step × the bytes its one-row forward reads ÷ a plain step's (one row is bound by
+    bytes). Bytes are counted (:mod:`reads`) on one untimed one-row forward per precision,
+    at this context; a candidate that cannot run here is left out. None where the roofline
+    does not describe the model's matmuls: they are timed instead."""
+    linears = roofline.linears(model)
+    if linears is None:
+        return None
+    plain = reads.ReadCounter()
+    _forward(model, cache, 1, precision.FULL_PRECISION, plain)
+    if sum(m.nbytes for m in linears) != plain.bytes(reads.WEIGHTS):
+        return None  # the forward reads weights through matmuls the roofline does not know
+    offset = cache[0].offset
+
+    def forward(rows):  # the one-row forward's KV bytes, and each further row's
+        kv = plain.bytes(reads.KV) * (offset + rows) / (offset + 1)
+        return roofline.forward_seconds(linears, kv, rows, chip)
+
+    step = kernels.MAX_M
+    verify = {r: sum(forward(min(step, r - i)) for i in range(0, r, step)) for r in MODELED_ROWS}
+    draft = {}
+    for name in candidates:
+        counter = reads.ReadCounter()
+        try:
+            _forward(model, cache, 1, precision.parse(name), counter)
+        except ValueError:
+            continue
+        draft[name] = verify[1] * counter.bytes() / plain.bytes()
+    return CostTable(verify, draft, f"modeled({chip.replace(' ', '_')})")
 
 
 def fingerprint(model) -> str:
@@ -241,8 +284,10 @@ def _stored(entry, rows, candidates) -> CostTable | None:
 
 
 def calibrate_cached(model, cache, candidates, rows=CALIBRATION_ROWS, repeats: int = 3) -> CostTable:
-    """:func:`calibrate`, or its stored result for the same model, device, MLX version and
-    context bucket if that covered these rows and candidates. A corrupt store is rewritten."""
+    """The stored result of :func:`calibrate` for the same model, device, MLX version and
+    context bucket if that covered these rows and candidates; else, on a Mac whose chip the
+    roofline knows, the :func:`modeled` costs (not stored: they cost no timing); else
+    :func:`calibrate`, stored. A corrupt store is rewritten."""
     if distributed.group().size() > 1:
         # Each rank times the same forwards (they make collectives, so all must run them)
         # and all decide from rank 0's times: one choice of draft and γ everywhere. No
@@ -258,32 +303,14 @@ def calibrate_cached(model, cache, candidates, rows=CALIBRATION_ROWS, repeats: i
     path = cache_path()
     store = read_store(path)
     table = _stored(store.get(key), rows, candidates)
-    if table is None:
-        table = calibrate(model, cache, candidates, rows, repeats)
-        store[key] = dict(verify=table.verify, draft=table.draft, tried=sorted(candidates))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(store, indent=1, sort_keys=True))
+    if table is not None:
+        return table
+    chip = roofline.this_chip()
+    table = modeled(model, cache, candidates, chip) if chip else None
+    if table is not None:
+        return table
+    table = calibrate(model, cache, candidates, rows, repeats)
+    store[key] = dict(verify=table.verify, draft=table.draft, tried=sorted(candidates))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(store, indent=1, sort_keys=True))
     return table
-
-
-# ---------------------------------------------------------------- bytes roofline
-# Apple's published unified-memory bandwidths, GB/s.
-CHIPS = {
-    "M1": 68.25,
-    "M1 Pro": 200,
-    "M1 Max": 400,
-    "M2": 100,
-    "M2 Pro": 200,
-    "M2 Max": 400,
-    "M3": 100,
-    "M3 Pro": 150,
-    "M3 Max": 400,
-    "M4": 120,
-    "M4 Pro": 273,
-    "M4 Max": 546,
-}
-
-
-def modeled_tokens_per_s(bytes_per_token: float, bandwidth_gbs: float, efficiency: float = 0.75) -> float:
-    """Batch-1 decode speed when bytes read decide it: ``efficiency`` of peak bandwidth."""
-    return efficiency * bandwidth_gbs * 1e9 / bytes_per_token

@@ -12,10 +12,10 @@ is always last. A single name (``a8``, ``ngram``) is a cascade of one level.
 from dataclasses import dataclass
 
 import mlx.nn as nn
-from mlx_lm.models.cache import make_prompt_cache
 
 from . import layer_skip
 from .errors import UserError
+from .kv_cache import make_rewindable, make_rotating_cache
 from .ngram import Ngram
 from .precision import VERIFY_NAME, Precision, parse
 from .quant.modes import AUTO, NONE, check_draft
@@ -28,13 +28,14 @@ SEPARATOR = ">"
 class DraftModel:
     """A second, smaller model with the same vocabulary as a proposing level. Its cache
     mirrors ``tokens``; each block it is trimmed to what it shares with the context and
-    fed the rest (the tokens the verify emitted since)."""
+    fed the rest (the tokens the verify emitted since). Its sliding windows are rewindable
+    ones; where a block rewinds one further than it can go, the cache starts over."""
 
     name = DRAFT_MODEL
 
     def __init__(self, model: nn.Module, cache=None):
         self.model = model
-        self.cache = make_prompt_cache(model) if cache is None else cache
+        self.cache = make_rotating_cache(model) if cache is None else make_rewindable(cache)
         self.tokens: list[int] = []
 
     def catch_up(self, context: list[int]) -> list[int]:
@@ -45,8 +46,11 @@ class DraftModel:
                 break
             common += 1
         common = min(common, len(context) - 1)  # the last token is always fed: its logits
-        for c in self.cache:
-            c.trim(c.offset - common)
+        try:
+            for c in self.cache:
+                c.trim(c.offset - common)
+        except ValueError:  # a window holds too little to go back that far
+            self.cache, common = make_rotating_cache(self.model), 0
         self.tokens = context[:common]
         return context[common:]
 

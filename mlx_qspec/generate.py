@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse as _MLXGenerationResponse
 from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE, DEFAULT_QUANTIZED_KV_START, wired_limit
-from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache, make_prompt_cache
+from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from . import distributed, drafts
@@ -75,15 +75,14 @@ def is_plain(draft) -> bool:
 def make_generation_cache(model: nn.Module, kv_mode: str = "fp", max_kv_size=None,
                           plain: bool = False):
     """The cache :func:`stream_generate` makes when given none (a chat keeps one across
-    turns): mlx-lm's, ours for ``kv_mode`` 8bit / nested, or a window of ``max_kv_size``
-    (one a draft can rewind unless ``plain``)."""
+    turns): the model's, its full-attention layers ours for ``kv_mode`` 8bit / nested or a
+    window of ``max_kv_size``; the same windows for plain decoding and a draft (whose are
+    rewindable unless ``plain``)."""
     if kv_mode != "fp" and max_kv_size is not None:
         raise UserError(f"max_kv_size needs kv_mode 'fp' (a {kv_mode} cache does not rotate)")
     if kv_mode != "fp":
         return make_cache(model, kv_mode)
-    if max_kv_size is not None:  # one window for both; a draft's can be rewound
-        return make_rotating_cache(model, max_kv_size, rewindable=not plain)
-    return make_prompt_cache(model)
+    return make_rotating_cache(model, max_kv_size, rewindable=not plain)
 
 
 def _encode_prompt(tokenizer: TokenizerWrapper, prompt) -> mx.array:

@@ -254,19 +254,26 @@ def _group(model, size: int) -> int:
 
 
 def make_cache(model: nn.Module, kv_mode: str, block_size: int = 64, value_group_size: int = 64):
-    """One cache per layer: ``fp`` mlx-lm's default, ``8bit`` mlx-lm's QuantizedKVCache (group
-    64), ``nested`` :class:`NestedKVCache`. Groups along the head dim (8-bit, nested values)
-    fall to the largest supported size that divides it (32 for a head dim of 32)."""
+    """The model's caches, its full-attention ones as ``kv_mode`` says: ``fp`` mlx-lm's,
+    ``8bit`` mlx-lm's QuantizedKVCache (group 64), ``nested`` :class:`NestedKVCache`. Groups
+    along the head dim (8-bit, nested values) fall to the largest supported size that divides
+    it (32 for a head dim of 32). A model's sliding-window layers stay float windows (their
+    memory is bounded already); ``nested`` refuses them: ``kv-upper`` reads every layer's
+    upper plane, and a window has none."""
     if kv_mode not in KV_MODES:
         raise UserError(f"unknown kv mode {kv_mode!r}; choose one of {', '.join(KV_MODES)}")
+    caches = make_prompt_cache(model)
     if kv_mode == "fp":
-        return make_prompt_cache(model)
-    n = len(model.layers)
+        return caches
+    others = sorted({type(c).__name__ for c in caches if type(c) is not KVCache})
+    if kv_mode == "nested" and others:
+        raise UserError(f"kv_mode nested needs full attention in every layer, and this model "
+                        f"has {', '.join(others)} layers; use kv_mode 8bit or fp")
     if kv_mode == "8bit":
-        return [QuantizedKVCache(group_size=_group(model, 64), bits=8) for _ in range(n)]
-    return [NestedKVCache(block_size, _group(model, value_group_size)) for _ in range(n)]
-
-
+        full = lambda: QuantizedKVCache(group_size=_group(model, 64), bits=8)  # noqa: E731
+    else:
+        full = lambda: NestedKVCache(block_size, _group(model, value_group_size))  # noqa: E731
+    return [full() if type(c) is KVCache else c for c in caches]
 
 
 class SpeculativeRotatingKVCache(_RewindableCache):
@@ -280,6 +287,8 @@ class SpeculativeRotatingKVCache(_RewindableCache):
     decoding has started — a speculative verify of k + 1 ≤ ``REWIND_SLOTS`` rows — gives
     each row exactly what a one-token step at its position would see, so greedy
     speculation equals plain decoding with mlx-lm's rotating cache token for token.
+    ``decoding`` says which: a one-token step sets it; whoever feeds a prompt (a chat's
+    next turn included) clears it for the chunks and sets it after (``speculative.prefill``).
 
     Storage is in temporal order: the ``keep`` first positions, then every position from
     ``start`` to the offset, written in place into ``step`` entries of slack; when the slack
@@ -299,7 +308,7 @@ class SpeculativeRotatingKVCache(_RewindableCache):
         self.keys = self.values = None
         self.offset = 0
         self.start = 0  # first stored position after the kept head; 0: all stored from 0
-        self.decoding = False  # a one-token step has run: later small blocks are verifies
+        self.decoding = False  # past the prompt: later small blocks are verifies
 
     @property
     def _head(self) -> int:
@@ -350,29 +359,28 @@ class SpeculativeRotatingKVCache(_RewindableCache):
 
     def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False):
         o, W, keep = self.offset, self.max_size, self.keep
+        w = window_size or W  # a model's window_size narrows or widens mlx-lm's as it does there
         last = o + N - 1
         prefill = self._prefill_block(N)
         if prefill:  # every stored position inside every row's window
-            plain = self.start == 0 and last < W
-        else:
-            plain = (self.start == 0 and last < W) or 0 < self.start > last - W + keep
-        if plain and window_size is None and not return_array:
+            plain = self.start == 0 and last < min(W, w)
+        else:  # a one-token step ignores a window_size of max_size or more (mlx-lm's rule)
+            plain = w >= W and ((self.start == 0 and last < W) or 0 < self.start > last - W + keep)
+        if plain and not return_array:
             return None if N == 1 else "causal"
         q = self._positions(o + N)[None]
         p = mx.arange(o, o + N)[:, None]
         mask = q <= p
         if prefill:
-            if o <= W - 1:  # mlx-lm holds every position: a causal window of W
-                mask = mask & (q > p - W)
-            else:  # mlx-lm holds keep + the newest W − 1 − keep: row i sees its entries i…W−1+i
-                i = p - o
-                newest = (q >= keep) & (q >= o - (W - 1) + mx.maximum(i, keep))
-                mask = mask & (((q < keep) & (q >= i)) | newest)
-        else:
-            mask = mask & ((q < keep) | (q > p - W + keep))
-        if window_size is not None:
-            mask = mask & (q > p - window_size)
-        return mask
+            if o <= W - 1:  # mlx-lm holds every position: a causal window of w
+                return mask & (q > p - w)
+            # mlx-lm holds keep + the newest W − 1 − keep, its window w counted over those
+            # entries: row i sees its entries i + W − w … W − 1 + i
+            i = p - o + W - w
+            newest = (q >= keep) & (q >= o - (W - 1) + mx.maximum(i, keep))
+            return mask & (((q < keep) & (q >= i)) | newest)
+        mask = mask & ((q < keep) | (q > p - W + keep))
+        return mask & (q > p - w) if w < W else mask
 
     def size(self):
         return min(self.offset, self.max_size)
@@ -421,15 +429,46 @@ class SpeculativeRotatingKVCache(_RewindableCache):
         return sum(a.nbytes for a in self.state)
 
 
-def make_rotating_cache(model: nn.Module, max_size: int, keep: int = 4, rewindable: bool = True):
-    """A window of ``max_size`` tokens (``keep=4`` as mlx-lm's ``make_prompt_cache``): the
-    model's caches, each plain ``KVCache`` replaced by a :class:`SpeculativeRotatingKVCache`
-    (``rewindable``) or by mlx-lm's ``RotatingKVCache`` (same window, for plain decoding).
-    mlx-lm's own ``make_prompt_cache`` ignores ``max_kv_size`` for models that build their
-    caches (llama among them); here the window applies to every full-attention layer."""
-    if max_size <= keep:
-        raise UserError(f"max_kv_size must exceed the {keep} kept positions, got {max_size}")
-    caches = (model.make_cache() if hasattr(model, "make_cache")
-              else [KVCache() for _ in model.layers])
-    cls = SpeculativeRotatingKVCache if rewindable else RotatingKVCache
-    return [cls(max_size, keep) if type(c) is KVCache else c for c in caches]
+WINDOWS = (RotatingKVCache, SpeculativeRotatingKVCache)
+
+
+def make_rewindable(cache: list) -> list:
+    """``cache`` (changed in place, as the caller's list is the generation's) with each
+    mlx-lm ``RotatingKVCache`` — a model's sliding-window layers, a ``max_kv_size`` window —
+    made a :class:`SpeculativeRotatingKVCache` of the same window: mlx-lm's can be trimmed
+    only until it wraps. A filled one converts exactly: it holds at least the newest
+    ``max_size − 1 − keep`` positions, all any later query sees, and speculation never
+    rewinds past what it appended after the conversion."""
+    for i, c in enumerate(cache):
+        if type(c) is not RotatingKVCache:
+            continue
+        cache[i] = new = SpeculativeRotatingKVCache(c.max_size, c.keep)
+        if c.keys is not None:
+            n = min(c.offset, c.keys.shape[2])  # stored: the kept head, then the newest
+            new.keys, new.values = (c._temporal_order(x)[..., :n, :] for x in (c.keys, c.values))
+            new.offset = c.offset
+            new.start = 0 if n == c.offset else c.offset - n + c.keep
+    return cache
+
+
+def make_rotating_cache(model: nn.Module, max_size: int | None = None, keep: int = 4,
+                        rewindable: bool = True):
+    """The model's caches (its sliding-window layers keep their own windows), each plain
+    ``KVCache`` a window of ``max_size`` when given (``keep=4`` as mlx-lm's
+    ``make_prompt_cache``, which ignores ``max_kv_size`` for models that build their caches,
+    llama among them). ``rewindable``: every window a :class:`SpeculativeRotatingKVCache`
+    (for a draft), else mlx-lm's ``RotatingKVCache`` (plain decoding, same windows)."""
+    caches = make_prompt_cache(model)
+    if max_size is not None:
+        if max_size <= keep:
+            raise UserError(f"max_kv_size must exceed the {keep} kept positions, got {max_size}")
+        caches = [RotatingKVCache(max_size, keep) if type(c) is KVCache else c for c in caches]
+    return make_rewindable(caches) if rewindable else caches
+
+
+def check_kv_bits(cache, kv_bits) -> None:
+    """mlx-lm's ``kv_bits`` quantizes every layer's cache once it is long enough, and a
+    window cannot be (NotImplementedError mid-generation): refuse it up front."""
+    if kv_bits is not None and any(isinstance(c, WINDOWS) for c in cache):
+        raise UserError("kv_bits cannot quantize a sliding-window cache (this model's "
+                        "sliding layers, or max_kv_size); leave it unset")

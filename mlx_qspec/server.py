@@ -33,7 +33,7 @@ from starlette.routing import Route
 from .batch import BatchEngine, Engine, Job, QueueFull
 from .errors import ModelError, UserError
 from .generate import DEFAULT_GGUF_FILE, _ArgumentParser, check_draft_flag, default_model_path
-from .kv_cache import KV_MODES
+from .kv_cache import KV_MODES, WINDOWS, check_kv_bits, make_cache
 from .loader import load
 from . import drafts
 from .precision import Precision
@@ -523,11 +523,16 @@ def build(args) -> tuple:
     common = dict(generation=generation, queue_size=args.queue_size,
                   prompt_cache_size=args.prompt_cache_size,
                   prompt_cache_bytes=args.prompt_cache_bytes)
-    # The batch engine drafts by precision on a ragged fp cache: one level, no skipped blocks.
+    # The batch engine drafts by precision on a ragged fp cache: one level, no skipped blocks,
+    # full attention in every layer (a ragged cache holds no sliding window).
     one_precision = cascade is None or (
         len(cascade.levels) == 1 and isinstance(cascade.levels[0], Precision)
         and not cascade.levels[0].skip)
-    batched = draft != AUTO and one_precision and args.kv_mode == "fp" and args.kv_bits is None
+    caches = make_cache(model, args.kv_mode)  # what the model's layers can hold, checked now
+    check_kv_bits(caches, args.kv_bits)
+    full_attention = not any(isinstance(c, WINDOWS) for c in caches)
+    batched = (draft != AUTO and one_precision and full_attention and args.kv_mode == "fp"
+               and args.kv_bits is None)
     engine = (BatchEngine(model, tokenizer, decode_concurrency=args.decode_concurrency, **common)
               if batched else Engine(model, tokenizer, **common))
     engine.start()

@@ -22,15 +22,18 @@ from mlx_lm.generate import (
     generation_stream,
     maybe_quantize_kv_cache,
 )
-from mlx_lm.models.cache import (
-    can_trim_prompt_cache,
-    make_prompt_cache,
-    trim_prompt_cache,
-)
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from . import attention, cost, drafts, kernels, layer_skip, precision, reads
 from .drafts import Cascade, DraftModel
 from .errors import UserError
-from .kv_cache import MAX_DRAFT_TOKENS, NestedKVCache, make_rotating_cache
+from .kv_cache import (
+    MAX_DRAFT_TOKENS,
+    NestedKVCache,
+    SpeculativeRotatingKVCache,
+    check_kv_bits,
+    make_rewindable,
+    make_rotating_cache,
+)
 from .precision import FULL_PRECISION, Precision
 from .quant.linear import install
 from .ngram import Ngram
@@ -145,7 +148,11 @@ class _FullPrecision:
 
 def prefill(model, tokens: mx.array, cache, step: int, after=None):
     """Feed ``tokens`` into ``cache`` at full precision in chunks of ``step``, as mlx-lm's
-    ``generate_step`` does with a prompt's first n − 1 tokens (same chunks, same cache)."""
+    ``generate_step`` does with a prompt's first n − 1 tokens (same chunks, same cache).
+    Rewindable windows see the chunks as prompt chunks, the blocks after them as verifies."""
+    windows = [c for c in cache if isinstance(c, SpeculativeRotatingKVCache)]
+    for c in windows:
+        c.decoding = False
     while tokens.size:
         n = min(step, tokens.size)
         with precision.reading(FULL_PRECISION):
@@ -155,6 +162,8 @@ def prefill(model, tokens: mx.array, cache, step: int, after=None):
         mx.eval([c.state for c in cache])
         tokens = tokens[n:]
         mx.clear_cache()
+    for c in windows:
+        c.decoding = True
 
 
 def decode_plainly(y, model, cache, *, max_tokens, stats, history=None, sampler=None,
@@ -183,13 +192,10 @@ def plain_generate_step(prompt: mx.array, model: nn.Module, *, prompt_cache=None
     first n − 1 tokens prefilled here in mlx-lm's chunks, then :func:`decode_plainly`.
     ``kwargs`` go to mlx-lm's ``generate_step`` (sampler, logits_processors, kv_bits, …)."""
     model = prepare(model)
-    max_kv_size = kwargs.pop("max_kv_size", None)
-    if prompt_cache is not None:
-        cache = prompt_cache
-    elif max_kv_size is not None:  # the window stream_generate gives plain decoding too
-        cache = make_rotating_cache(model, max_kv_size, rewindable=False)
-    else:
-        cache = make_prompt_cache(model)
+    max_kv_size = kwargs.pop("max_kv_size", None)  # the window stream_generate gives it too
+    cache = (make_rotating_cache(model, max_kv_size, rewindable=False) if prompt_cache is None
+             else prompt_cache)
+    check_kv_bits(cache, kwargs.get("kv_bits"))
     stats = SpecStats(draft="none") if stats is None else stats
     quantize = lambda: maybe_quantize_kv_cache(  # noqa: E731
         cache, kwargs.get("quantized_kv_start", DEFAULT_QUANTIZED_KV_START),
@@ -261,7 +267,7 @@ def resolve_auto(model, cache, num_draft_tokens: Optional[int], stats: "SpecStat
     table = cost.calibrate_cached(model, cache, [n for n in priors if n != drafts.NGRAM])
     table.draft[drafts.NGRAM] = 0.0
     choice = cost.choose(table, priors, gammas=gammas)
-    stats.draft, stats.auto_reason = choice.draft or "none", choice.reason
+    stats.draft, stats.auto_reason = choice.draft or "none", f"{choice.reason};costs={table.source}"
     if choice.draft is None:
         return None, None
     cascade = drafts.check(model, choice.draft, kv_mode, ngram)
@@ -301,12 +307,15 @@ def speculative_generate_step(
     prompt and the output. ``draft_model`` (a smaller model with the same tokenizer, or a
     :class:`DraftModel`) proposes below ``draft``'s levels (``draft='none'``: alone). QSpec layers, skippable blocks and our attention are installed on ``model`` if
     needed. ``max_tokens < 0`` never stops on its own. ``prompt_cache`` (one trimmable
-    cache per layer; a :class:`NestedKVCache` list for ``kv-upper``) is updated in place:
+    cache per layer, or a window: mlx-lm's ``RotatingKVCache`` is swapped in the list for a
+    rewindable one; a :class:`NestedKVCache` list for ``kv-upper``) is updated in place:
     when the generator ends it holds the prompt and every emitted token but the last.
     ``logprobs`` are the verify's (after ``logits_processors``), as plain decoding gives
     them. Bad arguments raise UserError (a ValueError) here, before any compute.
     """
-    cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
+    # The model's windows (sliding layers, max_kv_size), mlx-lm's or fresh, made rewindable.
+    cache = make_rotating_cache(model) if prompt_cache is None else make_rewindable(prompt_cache)
+    check_kv_bits(cache, kv_bits)
     auto = isinstance(draft, str) and draft.strip().lower() == AUTO
     if draft_model is not None and not isinstance(draft_model, DraftModel):
         draft_model = DraftModel(prepare(draft_model))

@@ -7,12 +7,12 @@ copies its input, where the n-gram lookup drafts).
 
 Counts, not speed: on MLX-CPU a verify of γ+1 rows costs ~γ+1 one-token steps, so
 Linux timings say nothing about a Mac. Bytes are the regime a Mac decodes in (bound by
-bytes read, SPEC.md §6b): every draft step and every verify pass reads all weights once
+bytes read, docs/design.md §5): every draft step and every verify pass reads all weights once
 (the verify kernel reads each weight byte once for its γ+1 rows), plain decoding once per
 token, so ``bytes/tok`` = bytes read by drafts and verifies ÷ what plain decoding reads
 per token at the same context; above 1 the draft costs more bytes than it saves, and its
 inverse is the MODELED Mac speedup (``modeled×``: bytes-bound, a verify of γ+1 rows costing
-its bytes — SPEC/issue-14's roofline puts a 5-row verify at ≤ 1.10× one row). Prompts are
+its bytes — mlx_qspec/roofline.py puts a 5-row verify at ≤ 1.15× one row on every M1–M4 chip). Prompts are
 real text shipped with every Python install (the license, stdlib docs and sources).
 
     python scripts/bench_acceptance.py --modes a8 a8-g32 a4 a4-g32 w-upper kv-upper \

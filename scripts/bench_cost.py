@@ -25,7 +25,7 @@ import mlx.core as mx
 
 from plotting import pyplot
 from mlx_qspec import load, reads
-from mlx_qspec.cost import CHIPS, modeled_tokens_per_s
+from mlx_qspec.roofline import CHIPS, tokens_per_s
 from mlx_qspec.generate import default_model_path
 from mlx_qspec.kv_cache import NestedKVCache, make_cache
 from mlx_qspec.drafts import check
@@ -120,11 +120,11 @@ def model_rows(measured, plain_fp, plain_8bit, context0):
                 "draft_over_verify_bytes": draft_fwd / verify_fwd,
             }
         best = max(drafts, key=lambda k: drafts[k]["vs_8bit_plain"])
-        for chip, bw in CHIPS.items():
+        for chip in CHIPS:
             rows.append({
                 "chip": chip, "context": ctx, "modeled": True,
-                "plain_fp16kv_tps": modeled_tokens_per_s(plain16, bw),
-                "plain_8bitkv_tps": modeled_tokens_per_s(plain8, bw),
+                "plain_fp16kv_tps": tokens_per_s(plain16, chip),
+                "plain_8bitkv_tps": tokens_per_s(plain8, chip),
                 **{f"{k}_x_fp16": v["vs_fp16_plain"] for k, v in drafts.items()},
                 **{f"{k}_x_8bit": v["vs_8bit_plain"] for k, v in drafts.items()},
                 "auto": best if drafts[best]["vs_8bit_plain"] > 1 else "none",

@@ -15,10 +15,11 @@ larger than --slice, the kernel runs on the first --slice output rows at full K 
 are scaled by N / slice: exact, because every threadgroup does the same work (the activations'
 footprint is not scaled; ``requested`` activation bytes are, as each threadgroup re-reads them).
 
-Modeled (a roofline, not a measurement): time = max(bytes ÷ bandwidth, alu ÷ lane-op rate) per
-launch, on the chips below, and the ratio to M = 1 of the same kernel, shape and chip. The lane-op
-rate is the FP32 FMA rate (GPU cores × 128 lanes × clock = FP32 FLOPS ÷ 2): every counted
-operation is assumed to issue at the FMA rate, one per lane per clock.
+Modeled (a roofline, not a measurement: mlx_qspec/roofline.py, which ``--draft auto`` uses on a
+Mac with no timing): time = max(bytes ÷ bandwidth, alu ÷ lane-op rate) per launch, on its chips,
+and the ratio to M = 1 of the same kernel, shape and chip. The lane-op rate is the FP32 FMA rate
+(GPU cores × 128 lanes × clock = FP32 FLOPS ÷ 2): every counted operation is assumed to issue at
+the FMA rate, one per lane per clock.
 
 MLX's own ``quantized_matmul`` (``mlx-qmm``, MODELED, not counted) from the structure of
 mlx/backend/metal/quantized.cpp and kernels/quantized.h (ml-explore/mlx 846d176, 2026-08):
@@ -53,25 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from msl_emulator import KernelError, counting_alu, metal_kernel  # noqa: E402
 
 from plotting import pyplot
-from mlx_qspec import kernels  # noqa: E402
+from mlx_qspec import kernels, roofline  # noqa: E402
+from mlx_qspec.roofline import CHIPS  # noqa: E402
 
-# name: (FP32 FLOPS, DRAM bandwidth B/s, GPU generation as MLX's get_architecture_gen sees it).
-# Bandwidths: Apple's product pages and press releases (M1 68.25 GB/s = LPDDR4X-4266 × 128 bit).
-# FP32: Apple's press releases for M1 (2.6 TFLOPS, 8-core GPU), M1 Max (10.4, 32-core), M2 (3.6,
-# 10-core), M2 Max (13.6, 38-core); Apple published none for M3/M4, so cores × 128 × 2 × clock
-# with the clocks of hmc-tech.com's GPU database: M3 10-core 1.398 GHz (3.58), M3 Max 40-core
-# 1.398 GHz (14.3; other databases list 16.4 at 1.6 GHz), M4 10-core 1.47 GHz (3.76), M4 Max
-# 40-core 1.678 GHz (17.2, the clock hmc-tech lists for the 32-core M4 Max).
-CHIPS = {
-    "M1": (2.6e12, 68.25e9, 13),
-    "M1 Max": (10.4e12, 400e9, 13),
-    "M2": (3.6e12, 100e9, 14),
-    "M2 Max": (13.6e12, 400e9, 14),
-    "M3": (3.58e12, 100e9, 15),
-    "M3 Max": (14.3e12, 400e9, 15),
-    "M4": (3.76e12, 120e9, 16),
-    "M4 Max": (17.2e12, 546e9, 16),
-}
 ROWS = (1, 2, 4, 5, 8, 16)
 # (K, N) of one layer's linears: q, k, v, o, gate, up, down
 MODELS = {
@@ -118,7 +103,8 @@ def counted(kind, K, N, M, group, dtype, slice_rows):
 
 # ------------------------------------------------------------------ modeled
 def qmv_batch_limit(gen, K, N):
-    """mlx/backend/metal/quantized.cpp get_qmv_batch_limit for a base or Max chip."""
+    """mlx/backend/metal/quantized.cpp get_qmv_batch_limit for a base or Max chip (a Pro taken
+    as the Max)."""
     small, mid = K <= 2048 and N <= 2048, K <= 4096 and N <= 4096
     if gen >= 15:
         return 13 if small else 15 if mid else 13
@@ -157,21 +143,16 @@ MODELED = {
 
 
 # ------------------------------------------------------------------ roofline
-def roofline(nbytes, alu, chip):
-    flops, bw, _ = CHIPS[chip]
-    return max(nbytes / bw, alu / (flops / 2))
-
-
 def cells_of(kind, K, N, M, group, dtype, slice_rows):
     """{chip: (bytes, alu, modeled_s, path, requested)} of one launch."""
     if kind in MODELED:
         out = {}
-        for chip, (_, _, gen) in CHIPS.items():
-            path, b, a = MODELED[kind](K, N, M, group, dtype.size, gen)
-            out[chip] = (b, a, roofline(b, a, chip), path, None)
+        for chip, c in CHIPS.items():
+            path, b, a = MODELED[kind](K, N, M, group, dtype.size, c.gen)
+            out[chip] = (b, a, roofline.seconds(b, a, chip), path, None)
         return out
     c = counted(kind, K, N, M, group, dtype, slice_rows)
-    return {chip: (c["bytes"], c["alu"], roofline(c["bytes"], c["alu"], chip), None, c["requested"])
+    return {chip: (c["bytes"], c["alu"], roofline.seconds(c["bytes"], c["alu"], chip), None, c["requested"])
             for chip in CHIPS}
 
 
@@ -254,7 +235,8 @@ def plot(records, path):
     if plt is None:
         return
     chips = list(CHIPS)
-    fig, axes = plt.subplots(2, 4, figsize=(14, 6.5), sharex=True, sharey=True)
+    rows = -(-len(chips) // 4)
+    fig, axes = plt.subplots(rows, 4, figsize=(14, 3.25 * rows), sharex=True, sharey=True)
     styles = {"test": "--", "8b": "-"}
     kinds = list(dict.fromkeys(r["kernel"] for r in records))
     colors = dict(zip(kinds, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
@@ -273,7 +255,7 @@ def plot(records, path):
         ax.set_title(chip)
         ax.set_xticks(ROWS)
         ax.grid(alpha=0.3)
-    for ax in axes[1]:
+    for ax in axes[-1]:
         ax.set_xlabel("rows M")
     for ax in axes[:, 0]:
         ax.set_ylabel("modeled time ÷ M = 1 (one layer)")

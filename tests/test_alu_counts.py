@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_qspec import kernels
+from mlx_qspec import kernels, roofline
 from msl_emulator import counting_alu, metal_kernel
 
 # What a lane issues, by msl.h's rules ("ALU counting"): the comments count each line.
@@ -92,6 +92,13 @@ def test_alu_per_weight_is_one_dequantize_plus_one_fma_per_row(emulated, kind, d
     threads = N_PAD // PER_TG * kernels._NSG * 32
     staged = 2 * N_PAD * (K // GROUP) if kind == "draft" else 0
     assert dequant * N_PAD * K + staged <= A <= dequant * N_PAD * K + staged + 4 * threads
+
+
+@pytest.mark.parametrize("kind, bits", [("verify", 4), ("nested-verify", 8)])
+def test_the_roofline_counts_what_the_emulator_counts(emulated, kind, bits):
+    """The lane-ops ``auto``'s modeled costs take for a verify launch are the kernel's."""
+    for M in (1, 16):
+        assert roofline.verify_alu(K, N, M, bits) == counted_call(kind, M, K, N, GROUP)[0]
 
 
 @pytest.mark.parametrize("kind", ["verify", "nested-verify"])

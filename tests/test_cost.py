@@ -7,9 +7,12 @@ import pytest
 from conftest import build_tiny_model
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from mlx_qspec import cost, precision
+from mlx_qspec import cost, precision, roofline
 from mlx_qspec.cost import AcceptanceEstimate, CostTable, choose, expected_tokens
+from mlx_qspec.kv_cache import make_cache
+from mlx_qspec.ngram import Ngram
 from mlx_qspec.quant.linear import install
+from mlx_qspec.speculative import SpecStats, auto_priors, prepare, resolve_auto
 
 
 def test_expected_tokens():
@@ -167,6 +170,7 @@ def test_calibrate_cached(tmp_path, monkeypatch):
     first = cost.calibrate_cached(model, cache, ["a8", "w-upper"])
     again = cost.calibrate_cached(model, cache, ["w-upper"])  # w-upper was tried: no re-measure
     assert again == first and len(calls) == 1 and first.verify == {1: 0.001, 5: 0.005, 9: 0.009}
+    assert first.source == "timed"  # MLX-CPU: never modeled
     cost.calibrate_cached(model, cache, ["a8-g32"])  # never tried: measured
     assert len(calls) == 2
 
@@ -182,6 +186,91 @@ def test_context_bucket():
 
 
 def test_roofline():
-    assert cost.CHIPS["M4 Max"] == 546 and cost.CHIPS["M1"] == 68.25
-    assert cost.modeled_tokens_per_s(75e6, 100) == pytest.approx(1000)  # 0.75 · 100 GB/s ÷ 75 MB
-    assert cost.modeled_tokens_per_s(1e9, 400, efficiency=1.0) == pytest.approx(400)
+    assert roofline.CHIPS["M4 Max"].bandwidth == 546e9 and roofline.CHIPS["M1"].bandwidth == 68.25e9
+    assert roofline.tokens_per_s(75e6, "M2") == pytest.approx(1000)  # 0.75 · 100 GB/s ÷ 75 MB
+    assert roofline.tokens_per_s(1e9, "M2 Max", efficiency=1.0) == pytest.approx(400)
+    # bound by bytes, or by lane-ops at half the FP32 rate
+    assert roofline.seconds(100e9, 0, "M2") == 1.0 and roofline.seconds(0, 1.8e12, "M2") == 1.0
+
+
+def test_roofline_of_the_test_model_is_flat_for_a_few_rows(smollm2):
+    """A verify of up to 5 rows costs about one step on every chip; more rows cost more."""
+    linears = roofline.linears(prepare(smollm2[0]))
+    assert len(linears) == 30 * 7 + 1  # the tied embedding is the LM head
+    for chip in roofline.CHIPS:
+        t = [roofline.forward_seconds(linears, 0, rows, chip) for rows in range(1, 17)]
+        assert t[4] / t[0] <= 1.15, chip
+        assert all(a < b for a, b in zip(t, t[1:])), chip
+
+
+def _as_mac(monkeypatch, device_name):
+    """This CPU seen as a Mac with ``device_name`` (with the ``mac`` fixture's kernels);
+    timing it would fail the test."""
+    monkeypatch.setattr(mx, "device_info", lambda: {"device_name": device_name})
+
+    def timed(*args, **kwargs):
+        raise AssertionError("timed")
+
+    monkeypatch.setattr(cost, "calibrate", timed)
+
+
+@pytest.mark.parametrize("device, chip", [("Apple M1", "M1"), ("Apple M4 Max", "M4_Max")])
+def test_a_mac_models_its_costs_without_timing(mac, monkeypatch, tmp_path, device, chip):
+    monkeypatch.setenv("MLX_QSPEC_CACHE", str(tmp_path))
+    _as_mac(monkeypatch, device)
+    model = prepare(build_tiny_model())
+    cache = _prefilled(model)
+    table = cost.calibrate_cached(model, cache, ["a8-g32", "kv-upper"])  # kv-upper: no nested cache
+    assert table.source == f"modeled({chip})" and list(table.draft) == ["a8-g32"]
+    assert sorted(table.verify) == list(range(1, 18)) and all(c.offset == 24 for c in cache)
+    v = [table.verify[r] for r in range(1, 18)]
+    assert all(a < b for a, b in zip(v, v[1:]))
+    assert v[16] == pytest.approx(v[15] + v[0])  # 17 rows: a forward of 16 and one of 1
+    assert table.draft["a8-g32"] == v[0]  # reads the same bytes as a plain step
+    assert not (tmp_path / "costs.json").exists()  # cheap to model again: not stored
+
+
+def test_a_chip_the_roofline_does_not_know_is_timed(mac, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLX_QSPEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(mx, "device_info", lambda: {"device_name": "Apple M9 Ultra"})
+    monkeypatch.setattr(cost, "calibrate", lambda model, cache, names, rows, repeats: CostTable({1: 1.0}, {}))
+    model = prepare(build_tiny_model())
+    assert cost.calibrate_cached(model, _prefilled(model), []).source == "timed"
+
+
+def test_a_stored_timing_wins_over_the_model(mac, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLX_QSPEC_CACHE", str(tmp_path))
+    model = prepare(build_tiny_model())
+    cache = _prefilled(model)
+    timed = CostTable({1: 1.0, 5: 5.0, 9: 9.0}, {"a8-g32": 0.5})
+    modeled = cost.modeled
+    monkeypatch.setattr(mx, "device_info", lambda: {"device_name": "Apple M1"})
+    monkeypatch.setattr(cost, "modeled", lambda *args: None)  # as if the roofline did not know it
+    monkeypatch.setattr(cost, "calibrate", lambda *args: timed)
+    assert cost.calibrate_cached(model, cache, ["a8-g32"]) == timed
+    monkeypatch.setattr(cost, "modeled", modeled)
+    _as_mac(monkeypatch, "Apple M1")
+    assert cost.modeled(model, cache, ["a8-g32"], "M1") is not None
+    assert cost.calibrate_cached(model, cache, ["a8-g32"]) == timed
+
+
+def test_auto_on_a_modeled_mac(mac, monkeypatch, tmp_path):
+    """The flat modeled verify makes the free n-gram lookup pay; a draft that reads as many
+    bytes as a step (a8-g32 on a 4-bit model) does not, so without the lookup it is plain."""
+    monkeypatch.setenv("MLX_QSPEC_CACHE", str(tmp_path))
+    _as_mac(monkeypatch, "Apple M2 Max")
+    model = prepare(build_tiny_model(head_bits=8))
+    cache = make_cache(model, "nested")
+    mx.eval(model(mx.zeros((1, 24), mx.uint32), cache=cache))
+    stats = SpecStats()
+    cascade, _ = resolve_auto(model, cache, None, stats, Ngram())
+    assert stats.draft == cascade.name == "ngram"
+    assert stats.auto_reason.startswith("modeled_speedup") and stats.auto_reason.endswith(";costs=modeled(M2_Max)")
+    priors = {n: a for n, a in auto_priors(model, "nested").items() if n != "ngram"}
+    assert {"w-upper", "kv-upper", "w-upper+kv-upper", "a8-g32"} <= set(priors)
+    table = cost.calibrate_cached(model, cache, list(priors))
+    # w-upper reads the 8-bit head's upper plane only, kv-upper reads all of a short context
+    # (still in the float buffer): neither saves enough to pay
+    assert table.draft["w-upper"] < table.verify[1] == table.draft["kv-upper"]
+    c = choose(table, priors)
+    assert c.draft is None and c.reason.startswith("draft_too_costly")

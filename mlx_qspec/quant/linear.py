@@ -128,13 +128,13 @@ class QSpecShardedToAllLinear(QSpecLinear):
 class QSpecEmbedding(nn.QuantizedEmbedding):
     """A ``QuantizedEmbedding`` whose tied LM head (``as_linear``) is read at the forward's
     precision; lookups always read the exact rows (a few rows: nothing to save), given in
-    the model's compute dtype ``dtype`` (float32 k-quant scales would promote them)."""
+    the model's compute dtype (float32 k-quant scales would promote them)."""
 
     def __init__(self, layer: nn.QuantizedEmbedding, dtype: mx.Dtype | None = None):
         nn.Module.__init__(self)
         _init_weights(self, layer)
         self.num_embeddings, self.dims = layer.num_embeddings, layer.dims
-        self.dtype = dtype or layer.scales.dtype
+        self.dtype_name = str(dtype or layer.scales.dtype).rsplit(".", 1)[-1]  # Dtype won't copy
         self.freeze()
 
     def _extra_repr(self):
@@ -148,7 +148,8 @@ class QSpecEmbedding(nn.QuantizedEmbedding):
             w = self["weight"][x]
         rows = mx.dequantize(w, self["scales"][x], self["biases"][x],
                              group_size=self.group_size, bits=self.bits)
-        return rows if rows.dtype == self.dtype else rows.astype(self.dtype)
+        dtype = getattr(mx, self.dtype_name)
+        return rows if rows.dtype == dtype else rows.astype(dtype)
 
     def as_linear(self, x):
         return _matmul(self, x, act_draft=False)
