@@ -1,4 +1,5 @@
-"""Read llama-family GGUF files as MLX models without a dequantize round trip.
+"""Read GGUF files (llama, qwen2, qwen3, gemma, gemma3 text) as MLX models without a
+dequantize round trip.
 
 Block-quantized tensors become MLX affine (weight, scales, biases) triples at group size 32,
 value for value: Q4_0 / Q4_1 / Q4_K at 4 bits, Q5_0 / Q5_1 / Q5_K at 5, Q8_0 at 8. Q6_K's
@@ -11,7 +12,7 @@ config, and the tokenizer rebuilt through transformers' GGUF converter.
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -41,16 +42,83 @@ FLOAT_TYPES = {"F32", "F16", "BF16"}
 SUPPORTED_TYPES = FLOAT_TYPES | set(QUANT_BITS)
 GGUF_GROUP_SIZE = 32
 
-# GGUF architecture -> (mlx-lm model_type, Q/K rows permuted for the traditional RoPE)
-ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
-
-# GGUF tensor name pieces -> mlx-lm module paths (llama family)
+# GGUF tensor name pieces -> mlx-lm module paths (llama family; an architecture adds or
+# overrides block entries in its ``Architecture.block``)
 _TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+}
+# per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3)
+_QK_NORM = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# Gemma 2 / 3 "sandwich" norms: ffn_norm is the norm before the MLP, and both sublayers'
+# outputs have a norm of their own before the residual add.
+_SANDWICH_NORM = {
+    "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+
+def _gemma3_config(meta, config, path):
+    """Gemma 3's settings that GGUF leaves to llama.cpp's code (llama-model.cpp, LLM_ARCH_GEMMA3):
+    with ``attention.sliding_window`` set, 5 of every 6 layers attend within the window and
+    rotate with base 10000 unscaled (``rope.freq_base`` and any RoPE scaling are the global
+    layers'); without it every layer is global. Queries scale by key_length^-1/2, except in the
+    62-layer 27B: (hidden / heads)^-1/2 (its query_pre_attn_scalar 168)."""
+    window = int(meta("attention.sliding_window", 0))
+    layers = config["num_hidden_layers"]
+    pattern = 6 if window > 0 else 1
+    per_layer = [(i + 1) % pattern != 0 for i in range(layers)]  # true: sliding
+    stored = meta("attention.sliding_window_pattern", pattern)  # llama.cpp ignores it
+    if stored not in (pattern, per_layer):
+        shown = stored if isinstance(stored, int) else "(per layer)"
+        raise ModelError(f"{path}: sliding-window pattern {shown} is not supported "
+                         f"(Gemma 3: every {pattern}th layer global)")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if meta(key, 0.0):
+            raise ModelError(f"{path}: {key.replace('_', ' ')} is not supported for gemma3")
+    scalar = config["hidden_size"] // config["num_attention_heads"] if layers == 62 else config["head_dim"]
+    return {
+        "sliding_window": window or config["max_position_embeddings"],
+        "sliding_window_pattern": pattern,
+        "rope_local_base_freq": 10000.0,
+        "query_pre_attn_scalar": scalar,
+    }
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str  # mlx-lm's
+    class_name: str  # config.json "architectures"
+    permuted: bool = False  # llama.cpp's converter permuted Q/K rows for the traditional RoPE
+    block: dict = field(default_factory=dict)  # block tensor names beyond / instead of _BLOCK's
+    # llama.cpp's converter stores every norm weight ('*norm.weight') as w + norm_shift where
+    # the model computes x * (norm_shift + w): mlx-lm's Gemma RMSNorm takes w (_unshifted)
+    norm_shift: float = 0.0
+    rope_scaling: bool = True  # the mlx-lm class takes a rope_scaling config
+    extra_config: object = None  # (meta, config, path) -> further config entries
+
+    def mlx_name(self, gguf_name):
+        """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight' (None: unknown)."""
+        parts = gguf_name.split(".")
+        block = {**_BLOCK, **self.block}
+        if parts[0] == "blk" and len(parts) >= 4 and parts[2] in block:
+            return ".".join(["model.layers", parts[1], block[parts[2]], *parts[3:]])
+        if parts[0] in _TOP_LEVEL:
+            return ".".join([_TOP_LEVEL[parts[0]], *parts[1:]])
+        return None
+
+
+# GGUF general.architecture -> how it maps onto mlx-lm
+ARCHITECTURES = {
+    "llama": Architecture("llama", "LlamaForCausalLM", permuted=True),
+    "qwen2": Architecture("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": Architecture("qwen3", "Qwen3ForCausalLM", block=_QK_NORM),
+    "gemma": Architecture("gemma", "GemmaForCausalLM", norm_shift=1.0, rope_scaling=False),
+    "gemma3": Architecture("gemma3_text", "Gemma3ForCausalLM", norm_shift=1.0,
+                           block={**_QK_NORM, **_SANDWICH_NORM}, extra_config=_gemma3_config),
 }
 
 # GGUF metadata value types
@@ -65,6 +133,8 @@ class TensorInfo:
     type_name: str
     offset: int
     nbytes: int
+    mlx_name: str | None = None  # under the file's architecture; None: unknown there
+    norm_shift: float = 0.0  # stored as w + norm_shift (see Architecture)
 
 
 class _Reader:
@@ -154,22 +224,16 @@ def read_header(path):
             f"{path}: tensor '{t.name}' has GGML type {t.type_name}; supported types are "
             f"{', '.join(sorted(SUPPORTED_TYPES))} (re-quantize the model, e.g. to Q4_K_M)"
         )
+    spec = ARCHITECTURES.get(metadata.get("general.architecture"))
     for t in tensors:
         t.offset += data_start  # from here on: where the data lies in the file
+        if spec is not None:
+            t.mlx_name = spec.mlx_name(t.name)
+            t.norm_shift = spec.norm_shift if t.name.endswith("norm.weight") else 0.0
     end = max((t.offset + t.nbytes for t in tensors), default=0)
     if end > size:
         raise ModelError(f"{path}: truncated GGUF file ({size} bytes, tensor data needs {end})")
     return metadata, tensors
-
-
-def _mlx_name(gguf_name):
-    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
-    parts = gguf_name.split(".")
-    if parts[0] == "blk" and len(parts) >= 4 and parts[2] in _BLOCK:
-        return ".".join(["model.layers", parts[1], _BLOCK[parts[2]], *parts[3:]])
-    if parts[0] in _TOP_LEVEL:
-        return ".".join([_TOP_LEVEL[parts[0]], *parts[1:]])
-    return None
 
 
 def model_config(metadata, tensors, path):
@@ -182,7 +246,7 @@ def model_config(metadata, tensors, path):
         )
     if any(t.name == "rope_freqs.weight" for t in tensors):
         raise ModelError(f"{path}: RoPE frequency scaling (rope_freqs) is not supported")
-    model_type, permuted = ARCHITECTURES[arch]
+    spec = ARCHITECTURES[arch]
 
     def meta(key, default=None):
         value = metadata.get(f"{arch}.{key}", default)
@@ -193,8 +257,8 @@ def model_config(metadata, tensors, path):
     n_heads = int(meta("attention.head_count"))
     hidden = int(meta("embedding_length"))
     config = {
-        "model_type": model_type,
-        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]],
+        "model_type": spec.model_type,
+        "architectures": [spec.class_name],
         "hidden_size": hidden,
         "num_hidden_layers": int(meta("block_count")),
         "intermediate_size": int(meta("feed_forward_length")),
@@ -203,7 +267,7 @@ def model_config(metadata, tensors, path):
         "head_dim": int(meta("attention.key_length", hidden // n_heads)),
         "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon")),
         "rope_theta": float(meta("rope.freq_base", 10000.0)),
-        "rope_traditional": permuted,
+        "rope_traditional": spec.permuted,
         "max_position_embeddings": int(meta("context_length", 4096)),
         "vocab_size": len(metadata.get("tokenizer.ggml.tokens", ())) or int(meta("vocab_size")),
         "tie_word_embeddings": not any(t.name == "output.weight" for t in tensors),
@@ -211,9 +275,17 @@ def model_config(metadata, tensors, path):
     rotary = metadata.get(f"{arch}.rope.dimension_count", config["head_dim"])
     if rotary != config["head_dim"]:
         raise ModelError(f"{path}: partial RoPE ({rotary} of {config['head_dim']} dims) is not supported")
+    value_dim = metadata.get(f"{arch}.attention.value_length", config["head_dim"])
+    if value_dim != config["head_dim"]:
+        raise ModelError(f"{path}: value heads of {value_dim} dims (keys: {config['head_dim']}) "
+                         "are not supported")
     if scaling := rope_scaling(metadata, arch, path):
+        if not spec.rope_scaling:
+            raise ModelError(f"{path}: RoPE scaling is not supported for {arch}")
         config["rope_scaling"] = scaling
-    if model_type == "llama":
+    if spec.extra_config:
+        config.update(spec.extra_config(meta, config, path))
+    if spec.model_type == "llama":
         config["attention_bias"] = any(t.name.endswith("attn_q.bias") for t in tensors)
     eos = metadata.get("tokenizer.ggml.eos_token_id")
     if eos is not None:
@@ -224,9 +296,9 @@ def model_config(metadata, tensors, path):
 
     # Quantization: the most common linear type sets the default, others override.
     weight_types = {
-        _mlx_name(t.name)[: -len(".weight")]: t.type_name
+        t.mlx_name[: -len(".weight")]: t.type_name
         for t in tensors
-        if t.name.endswith(".weight") and len(t.shape) == 2 and _mlx_name(t.name)
+        if t.name.endswith(".weight") and len(t.shape) == 2 and t.mlx_name
     }
     quant_types = [ty for ty in weight_types.values() if ty in QUANT_BITS]
     if quant_types:
@@ -407,34 +479,48 @@ def rope_scaling(metadata, arch, path):
 _MX_LOAD_TYPES = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}
 
 
-def _checked_name(path, gguf_name):
-    """The mlx-lm name of a tensor (suffixes kept: '.weight', '.bias', mx.load's '.scales')."""
-    mlx_name = _mlx_name(gguf_name)
-    if mlx_name is None:
-        raise ModelError(f"{path}: unexpected tensor '{gguf_name}' for this architecture")
-    return mlx_name
+def _unshifted(value, shift):
+    """w of a norm weight stored as v = w + shift (Gemma: 1), subtracted in float32. With
+    shift 1 it is exact wherever v >= 0.5 (Sterbenz's lemma below 2; above, 1 is a multiple of
+    v's last place), so mlx-lm's Gemma norm computes 1 + (v - 1) = v, the stored gain, bit for
+    bit. Below 0.5 (w < -0.5) v - 1 rounds, by at most 2^-25 absolute (tested)."""
+    return value.astype(mx.float32) - mx.array(shift, mx.float32)
 
 
 def load_weights(path, tensors=None):
     """The GGUF tensors (``read_header``'s list, read again if not given) under mlx-lm's
-    names, block-quantized ones as MLX affine (weight, scales, biases) triples at group size 32; scales and biases in float16 for the
-    32-value formats (as ``mx.load`` gives Q4_0 / Q4_1 / Q8_0), float32 for the k-quants
-    (d*sc needs 17 bits of mantissa)."""
+    names, block-quantized ones as MLX affine (weight, scales, biases) triples at group size
+    32; scales and biases in float16 for the 32-value formats (as ``mx.load`` gives Q4_0 /
+    Q4_1 / Q8_0), float32 for the k-quants (d*sc needs 17 bits of mantissa). Norm weights
+    stored shifted (Gemma's w + 1) come back as w, in float32."""
     tensors = read_header(path)[1] if tensors is None else tensors
+    for t in tensors:
+        if t.mlx_name is None:
+            raise ModelError(f"{path}: unexpected tensor '{t.name}' for this architecture")
+        if t.norm_shift and t.type_name not in FLOAT_TYPES:
+            raise ModelError(f"{path}: norm tensor '{t.name}' is {t.type_name}, not a float type")
     if all(t.type_name in _MX_LOAD_TYPES for t in tensors):
         # MLX reads these itself, ~4x faster, into the same triples (checked on SmolLM2).
-        return {_checked_name(path, name): value for name, value in mx.load(str(path)).items()}
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
-    weights = {}
-    for info in tensors:
-        mlx_name = _checked_name(path, info.name)
-        data = raw[info.offset:info.offset + info.nbytes]
-        if info.type_name in FLOAT_TYPES:
-            weights[mlx_name] = _float(data, info)
-        else:
-            base = mlx_name[: -len(".weight")] if mlx_name.endswith(".weight") else mlx_name
-            w, s, b = _quantized(data, info)
-            weights[mlx_name], weights[f"{base}.scales"], weights[f"{base}.biases"] = w, s, b
+        # Its names keep GGUF's ('blk.0.attn_q.weight' / '.scales' / '.biases').
+        bases = {t.name.rsplit(".", 1)[0]: t.mlx_name.rsplit(".", 1)[0] for t in tensors}
+        weights = {}
+        for name, value in mx.load(str(path)).items():
+            base, suffix = name.rsplit(".", 1)
+            weights[f"{bases[base]}.{suffix}"] = value
+    else:
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+        weights = {}
+        for info in tensors:
+            data = raw[info.offset:info.offset + info.nbytes]
+            if info.type_name in FLOAT_TYPES:
+                weights[info.mlx_name] = _float(data, info)
+            else:
+                base = info.mlx_name.rsplit(".", 1)[0]
+                weights[info.mlx_name], weights[f"{base}.scales"], weights[f"{base}.biases"] = (
+                    _quantized(data, info))
+    for t in tensors:
+        if t.norm_shift:
+            weights[t.mlx_name] = _unshifted(weights[t.mlx_name], t.norm_shift)
     return weights
 
 

@@ -159,6 +159,8 @@ def build_model(weights: dict, config: dict) -> nn.Module:
     scales), without a round trip through files."""
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
+    if hasattr(model, "sanitize"):  # as mlx-lm's load_model: drops a tied head, ...
+        weights = model.sanitize(weights)
     if quantization := config.get("quantization"):
         nn.quantize(
             model,

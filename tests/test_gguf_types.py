@@ -208,7 +208,7 @@ def test_q4_k_m_style_llama_loads_through_mlx_lm(tmp_path):
         qtype = Q(t.tensor_type)
         shape = tuple(int(d) for d in reversed(t.shape))
         expected = gguf.quants.dequantize(t.data, qtype).reshape(shape).astype(np.float32)
-        name = our_gguf._mlx_name(t.name)
+        name = our_gguf.ARCHITECTURES["llama"].mlx_name(t.name)
         base = name[: -len(".weight")]
         if f"{base}.scales" in params:
             got = np.array(mx.dequantize(params[name], params[f"{base}.scales"], params[f"{base}.biases"],
