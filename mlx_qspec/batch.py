@@ -108,8 +108,10 @@ class PromptCache:
             return make_cache(self.model, self.kv_mode), 0
         if not rest:  # the whole prompt is cached: feed its last token again
             try:
-                trim_prompt_cache(cache, 1)
-            except ValueError:
+                trimmed = trim_prompt_cache(cache, 1)
+            except ValueError:  # ours cannot go back there
+                trimmed = 0
+            if trimmed != 1:  # (mlx-lm's wrapped window trims nothing, silently)
                 return make_cache(self.model, self.kv_mode), 0
             rest = prompt[-1:]
         return cache, len(prompt) - len(rest)

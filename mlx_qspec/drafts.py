@@ -15,7 +15,7 @@ import mlx.nn as nn
 
 from . import layer_skip
 from .errors import UserError
-from .kv_cache import make_rewindable, make_rotating_cache
+from .kv_cache import make_rotating_cache
 from .ngram import Ngram
 from .precision import VERIFY_NAME, Precision, parse
 from .quant.modes import AUTO, NONE, check_draft
@@ -33,9 +33,9 @@ class DraftModel:
 
     name = DRAFT_MODEL
 
-    def __init__(self, model: nn.Module, cache=None):
+    def __init__(self, model: nn.Module):
         self.model = model
-        self.cache = make_rotating_cache(model) if cache is None else make_rewindable(cache)
+        self.cache = make_rotating_cache(model)
         self.tokens: list[int] = []
 
     def catch_up(self, context: list[int]) -> list[int]:

@@ -482,8 +482,9 @@ _MX_LOAD_TYPES = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}
 def _unshifted(value, shift):
     """w of a norm weight stored as v = w + shift (Gemma: 1), subtracted in float32. With
     shift 1 it is exact wherever v >= 0.5 (Sterbenz's lemma below 2; above, 1 is a multiple of
-    v's last place), so mlx-lm's Gemma norm computes 1 + (v - 1) = v, the stored gain, bit for
-    bit. Below 0.5 (w < -0.5) v - 1 rounds, by at most 2^-25 absolute (tested)."""
+    v's last place), so mlx-lm's Gemma norm computing in float32 gets 1 + (v - 1) = v, the
+    stored gain, bit for bit (in half precision, as on Metal, within its rounding). Below 0.5
+    (w < -0.5) v - 1 rounds, by at most 2^-25 absolute (tested)."""
     return value.astype(mx.float32) - mx.array(shift, mx.float32)
 
 

@@ -409,11 +409,15 @@ class SpeculativeRotatingKVCache(_RewindableCache):
         self.decoding = bool(decoding)
 
     def trim(self, n):
+        """Rewind ``n`` positions, as far as the next query still finds every position it
+        sees stored (it reads back ``max_size − 1 − keep`` past the kept head): always
+        ``REWIND_SLOTS + keep``, more until positions were dropped."""
         n = min(self.offset, n)
-        if self.offset - n < self.start:
+        deepest = self.offset - self.start - (self.max_size - 1 - self.keep) if self.start else self.offset
+        if n > deepest:
             raise ValueError(
-                f"cannot trim {n} positions: only the newest {self.offset - self.start} are "
-                f"stored (a rotating cache rewinds up to {REWIND_SLOTS})"
+                f"cannot trim {n} positions: a query after it would read positions this "
+                f"window no longer stores (it rewinds up to {max(deepest, 0)} now)"
             )
         self.offset -= n
         return n

@@ -83,7 +83,8 @@ def test_every_query_sees_what_plain_rotating_decoding_shows_it(keep, prompt, st
 @pytest.mark.parametrize("keep", [0, 4])
 def test_trim_then_reappend_equals_never_drafting(keep):
     """Long past the wrap, a rewind of REWIND_SLOTS works and leaves the cache as if the
-    rewound positions had never been appended; deeper than what is stored is an error."""
+    rewound positions had never been appended; one so deep that the next query would miss
+    positions it sees is an error, even while those stored are above the new offset."""
     W = 16
     a, b = SpeculativeRotatingKVCache(W, keep), SpeculativeRotatingKVCache(W, keep)
     a.step = b.step = 8
@@ -106,8 +107,11 @@ def test_trim_then_reappend_equals_never_drafting(keep):
                                                              mask=mask))
         assert a.offset == b.offset
         assert mx.allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+    deepest = a.offset - a.start - (W - 1 - keep)  # past it, a query would miss positions
+    assert deepest >= REWIND_SLOTS + keep
     with pytest.raises(ValueError, match="cannot trim"):
-        a.trim(a.offset - a.start + 1)
+        a.trim(deepest + 1)
+    assert a.trim(deepest) == deepest
 
 
 def _plain(model, prompt, cache, max_tokens):
@@ -324,6 +328,22 @@ def test_a_sliding_window_draft_model_rewinds_or_starts_over(gemma, gemma_plain,
     context = prompt.tolist()[:5] + [7]  # diverges 70 positions back: past any window's reach
     assert draft_model.catch_up(context) == context
     assert all(c.offset == 0 for c in draft_model.cache) and draft_model.tokens == []
+
+
+def test_a_cached_wrapped_mlx_lm_window_is_not_reused_for_the_same_prompt(gemma, gemma_plain):
+    """The server's prompt cache holding plain decoding's wrapped mlx-lm window for exactly
+    this prompt cannot feed its last token again (that window trims nothing): it starts
+    afresh rather than feed the token twice."""
+    from mlx_qspec.batch import PromptCache
+
+    prompt, _ = gemma_plain
+    cache = gemma.make_cache()
+    gemma(prompt[None], cache=cache)
+    assert cache[0].offset > GW and not cache[0].is_trimmable()
+    store = PromptCache(gemma, "fp", 4, None)
+    store.store(prompt.tolist(), cache)
+    fresh, cached = store.fetch(prompt.tolist())
+    assert cached == 0 and all(c.offset == 0 for c in fresh)
 
 
 def test_a_filled_mlx_lm_window_converts_exactly(gemma, gemma_plain):
