@@ -29,6 +29,7 @@ from .errors import UserError
 from .kv_cache import (
     MAX_DRAFT_TOKENS,
     NestedKVCache,
+    WINDOWS,
     SpeculativeRotatingKVCache,
     check_kv_bits,
     make_rewindable,
@@ -233,10 +234,12 @@ class _AdaptiveGamma:
 
 
 def kv_mode_of(cache) -> str:
-    """``nested``, ``8bit`` or ``fp``: how the cache stores K/V (what ``kv-upper`` needs)."""
-    if cache and all(isinstance(c, NestedKVCache) for c in cache):
+    """``nested``, ``8bit`` or ``fp``: how the cache stores K/V (what ``kv-upper`` needs) in
+    its full-attention layers (sliding-window layers stay float windows in every mode)."""
+    full = [c for c in cache if not isinstance(c, WINDOWS)]
+    if full and all(isinstance(c, NestedKVCache) for c in full):
         return "nested"
-    return "8bit" if cache and all(hasattr(c, "bits") for c in cache) else "fp"
+    return "8bit" if full and all(hasattr(c, "bits") for c in full) else "fp"
 
 
 def auto_priors(model, kv_mode: str) -> dict[str, float]:

@@ -13,7 +13,6 @@ from mlx_qspec.generate import default_model_path
 PROMPTS = [
     "What is the capital of France?",
     "Write a Python function that reverses a string.",
-    "List three colours of the rainbow.",
 ]
 
 

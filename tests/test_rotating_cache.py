@@ -29,6 +29,7 @@ from mlx_qspec.kv_cache import (
 from mlx_qspec.speculative import (
     MAX_DRAFT_TOKENS,
     SpecStats,
+    kv_mode_of,
     plain_generate_step,
     prefill,
     prepare,
@@ -380,6 +381,7 @@ def test_kv_modes_with_sliding_layers(gemma, gemma_plain):
     prompt, _ = gemma_plain
     cache = make_cache(gemma, "8bit")
     assert [type(c) for c in cache] == [RotatingKVCache, RotatingKVCache, QuantizedKVCache]
+    assert kv_mode_of(cache) == "8bit"  # what its full-attention layers hold
     want = _plain(gemma, prompt, cache, GT)
     assert _speculate(gemma, prompt, make_cache(gemma, "8bit"), GT) == want
     with pytest.raises(UserError, match="nested needs full attention in every layer"):
