@@ -103,6 +103,14 @@ def emulated(monkeypatch):
     kernels.clear_kernel_cache()
 
 
+def write_gguf_file(writer):
+    """Write out and close a ``gguf.GGUFWriter`` that has its metadata and tensors."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def close(y, ref, rtol=1e-5):
     """Within rtol of the reference, relative to the output's scale (sums cancel)."""
     y, ref = np.array(y.astype(mx.float32)), np.array(ref.astype(mx.float32))

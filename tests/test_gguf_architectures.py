@@ -32,6 +32,7 @@ from mlx_qspec import gguf as our_gguf
 from mlx_qspec.errors import ModelError
 from test_gguf_reference import BOS_ID, EOS_ID, TOKEN_TYPES, TOKENS, permute
 from test_gguf_types import random_k_blocks
+from conftest import write_gguf_file
 
 RTOL = 2e-5  # float32 rounding: quantized_matmul vs dense matmul of the same values
 
@@ -138,10 +139,7 @@ def write_gguf(path, case: Case, seed=0, **extra):
             w.add_tensor(name, data, raw_dtype=qtype)
             deq = gguf.quants.dequantize(data, qtype).reshape(value.shape)
         reference[mlx_name] = deq.astype(np.float32)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf_file(w)
     return reference
 
 
@@ -316,10 +314,7 @@ def test_unknown_architecture_lists_the_supported_ones(tmp_path):
     path = tmp_path / "x.gguf"
     w = gguf.GGUFWriter(str(path), "made-up")
     w.add_token_list(TOKENS)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf_file(w)
     with pytest.raises(ModelError) as info:
         mlx_qspec.load(path)
     message = str(info.value)

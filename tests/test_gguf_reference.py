@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as Q
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
-from conftest import byte_symbols
+from conftest import byte_symbols, write_gguf_file
 import mlx_qspec
 from mlx_qspec import gguf as our_gguf
 
@@ -164,10 +164,7 @@ def write_gguf(path, cfg: Config, seed=0, embed_std=1.0):
         elif name.endswith("attn_k.weight"):
             deq = unpermute(deq, cfg.kv_heads)
         reference[mlx_name] = deq.astype(np.float32)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf_file(w)
     return reference
 
 

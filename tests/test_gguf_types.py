@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
+from conftest import write_gguf_file
 from mlx_qspec import gguf as our_gguf
 from mlx_qspec.errors import ModelError
 
@@ -57,10 +58,7 @@ def write(path, tensors):
             w.add_tensor(f"blk.{i}.ffn_up.weight", data)
         else:
             w.add_tensor(f"blk.{i}.ffn_up.weight", data.reshape(ROWS, -1), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf_file(w)
 
 
 def ours_float32(weights, i):
@@ -179,10 +177,7 @@ def tiny_llama(path, types, **extra):
         for key in ("attn_q", "attn_k", "attn_v", "attn_output", *shapes):
             tensor(f"blk.{i}.{key}.weight", types[key], shapes.get(key, (HIDDEN, HIDDEN)))
     tensor("output_norm.weight", Q.F32, (HIDDEN,))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf_file(w)
     return path
 
 
