@@ -16,7 +16,6 @@ import bisect
 import contextlib
 import json
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import can_trim_prompt_cache
 
 from . import distributed, kernels, precision, reads, roofline
+from .cache_dir import cache_dir
 
 GAMMAS = (1, 2, 3, 4, 6, 8)
 CALIBRATION_ROWS = (1, 5, 9)
@@ -260,7 +260,7 @@ def context_bucket(offset: int) -> int:
 
 
 def cache_path() -> Path:
-    return Path(os.environ.get("MLX_QSPEC_CACHE") or Path.home() / ".cache" / "mlx_qspec") / "costs.json"
+    return cache_dir() / "costs.json"
 
 
 def read_store(path: Path) -> dict:

@@ -331,6 +331,29 @@ def test_gpt2_pre_tokenizer_merges_digits(tmp_path):
     assert tokenizer.encode("12", add_special_tokens=False) == [vocab()[0].index("12")]
 
 
+def test_rebuilt_tokenizer_is_cached_per_vocabulary(tmp_path, monkeypatch):
+    """The tokenizer rebuilt from a GGUF is kept under MLX_QSPEC_CACHE: a second load of the
+    same vocabulary (any file) rebuilds nothing and tokenizes alike; another vocabulary
+    (another pre-tokenizer) gets its own folder; with no writable cache a load still works."""
+    from mlx_qspec import gguf as our_gguf
+
+    monkeypatch.setenv("MLX_QSPEC_CACHE", str(tmp_path / "cache"))
+    for name, pre in (("a.gguf", "smollm"), ("b.gguf", "smollm"), ("c.gguf", "gpt2")):
+        tiny_llama(tmp_path / name, pre=pre, seed=len(name))
+    built = []
+    write = our_gguf.write_tokenizer
+    monkeypatch.setattr(our_gguf, "write_tokenizer", lambda *a: built.append(a[1]) or write(*a))
+    ids = lambda path: mlx_qspec.load(path)[1].encode("12 hello")  # noqa: E731
+    first = ids(tmp_path / "a.gguf")
+    assert ids(tmp_path / "a.gguf") == ids(tmp_path / "b.gguf") == first
+    assert ids(tmp_path / "c.gguf") != first  # gpt2's split keeps "12" whole
+    assert built == [tmp_path / "a.gguf", tmp_path / "c.gguf"]
+    assert len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 2
+    (tmp_path / "not_a_dir").write_text("")
+    monkeypatch.setenv("MLX_QSPEC_CACHE", str(tmp_path / "not_a_dir"))
+    assert ids(tmp_path / "a.gguf") == first
+
+
 def test_chat_template_applied(tiny):
     _, _, _, tokenizer, _, _ = tiny
     assert tokenizer.has_chat_template
