@@ -6,10 +6,9 @@ forward over k rows costs ~k× one row (MLX on CPU), no draft can pay, and the r
 never to be slower than plain decoding. So ``auto`` takes the costs on the loaded model and
 its cache: stored timings (:func:`calibrate`, cached on disk by :func:`calibrate_cached`), else
 on a Mac whose chip :mod:`roofline` knows the modeled ones (:func:`modeled`: no timing), else
-it times them; it estimates acceptance (priors: agreement measured on
-real text, docs/design.md §8; then a running
-:class:`AcceptanceEstimate`) and lets :func:`choose` pick a draft and γ, or plain decoding
-with the reason why.
+it times them. It estimates acceptance (priors: agreement measured on real text, see
+docs/design.md §8; then a running :class:`AcceptanceEstimate`) and lets :func:`choose` pick a
+draft and γ, or plain decoding with the reason why.
 """
 
 import bisect
