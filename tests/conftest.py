@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -101,6 +102,13 @@ def emulated(monkeypatch):
     kernels.clear_kernel_cache()
     yield
     kernels.clear_kernel_cache()
+
+
+def default_sigint():
+    """``preexec_fn`` for a child that a test stops with SIGINT, as Ctrl-C at a terminal: a
+    shell that runs its jobs in the background (``cmd &``) has them ignore SIGINT, and Python
+    started that way keeps ignoring it (no KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def write_gguf_file(writer):

@@ -5,12 +5,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from mlx_qspec import load
 from mlx_qspec.chat import Conversation, setup_arg_parser
 from mlx_qspec.generate import stream_generate
+from conftest import default_sigint
 from test_gguf_reference import MHA, write_gguf
 
 QUESTIONS = ["Name three colours.", "And three animals?"]
@@ -123,7 +125,9 @@ def test_ctrl_c_stops_the_answer_then_leaves_at_the_prompt(tiny_gguf):
         [sys.executable, "-m", "mlx_qspec.chat", "--model", tiny_gguf, "--max-tokens", "-1",
          "--draft", "a8-g32"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        env=dict(os.environ, HF_HUB_OFFLINE="1"), preexec_fn=default_sigint)
+    watchdog = threading.Timer(120, proc.kill)  # a chat stuck at its prompt fails, not hangs
+    watchdog.start()
     seen = bytearray()
     proc.stdin.write(f"{QUESTIONS[0]}\n".encode())
     proc.stdin.flush()
@@ -136,5 +140,6 @@ def test_ctrl_c_stops_the_answer_then_leaves_at_the_prompt(tiny_gguf):
     _read_until(proc.stdout, seen, b"commands", after=b"interrupted")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
+    watchdog.cancel()
     assert proc.returncode == 130, err
     assert b"Traceback" not in err

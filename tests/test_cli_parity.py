@@ -29,6 +29,7 @@ from mlx_qspec.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 from mlx_qspec.generate import main, stream_generate
 from mlx_qspec.loader import ROTATED_PREFIX
 from mlx_qspec.sampling import make_sampler, xtc_cut
+from conftest import default_sigint
 from sampling import chi2_pvalue
 from test_gguf_reference import MHA, write_gguf
 
@@ -271,7 +272,8 @@ def _endless(tiny_gguf):
     return subprocess.Popen(
         [sys.executable, "-m", "mlx_qspec.generate", "--model", tiny_gguf, "--prompt", PROMPT,
          "--max-tokens", "-1", "--draft", "a8-g32"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        preexec_fn=default_sigint)
 
 
 def test_ctrl_c_keeps_the_output_and_exits_130(tiny_gguf):
