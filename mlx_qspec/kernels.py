@@ -40,6 +40,8 @@ FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 _BODY_MARK = "// --- body ---"
 _NSG = 2  # SIMD groups per threadgroup in the matmuls
 _LANE_ROWS = 2  # outputs per lane in the float-activation matmuls (4 lane groups per SIMD group)
+# outputs per threadgroup of the float-activation matmuls (verify, nested): N is padded to it
+FLOAT_MATMUL_TILE = 4 * _LANE_ROWS * _NSG
 
 
 def _read_sources() -> dict[str, tuple[str, str]]:

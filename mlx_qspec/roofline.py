@@ -87,12 +87,11 @@ DEQUANTIZE_OPS = {4: 3, 8: 5}  # per weight: w4a16_verify, nested_matmul (both p
 INDEX_OPS = 16  # per output
 FMA_OPS = 1  # per weight and row
 REDUCE_OPS = 48  # per output and row
-OUTPUTS_PER_THREADGROUP = 4 * kernels._LANE_ROWS * kernels._NSG
 
 
 def verify_alu(K: int, N: int, M: int, bits: int) -> int:
     """Lane-ops of one verify-kernel launch (``bits`` 8: the two-plane nested kernel)."""
-    n = -(-N // OUTPUTS_PER_THREADGROUP) * OUTPUTS_PER_THREADGROUP
+    n = -(-N // kernels.FLOAT_MATMUL_TILE) * kernels.FLOAT_MATMUL_TILE
     return n * (DEQUANTIZE_OPS[bits] * K + INDEX_OPS) + M * n * (FMA_OPS * K + REDUCE_OPS)
 
 
