@@ -19,6 +19,7 @@ from .kv_cache import make_rotating_cache
 from .ngram import Ngram
 from .precision import VERIFY_NAME, Precision, parse
 from .quant.modes import AUTO, NONE, check_draft
+from .vocabulary import vocabulary_size
 
 NGRAM = "ngram"
 DRAFT_MODEL = "draft-model"
@@ -127,15 +128,11 @@ def check(model: nn.Module, name, kv_mode: str = "fp", ngram: Ngram = Ngram(),
     return cascade
 
 
-def _vocabulary(model: nn.Module) -> int | None:
-    return getattr(getattr(model, "args", None), "vocab_size", None)
-
-
 def _check_vocabulary(model: nn.Module, draft: nn.Module):
-    if _vocabulary(model) != _vocabulary(draft):
+    if vocabulary_size(model) != vocabulary_size(draft):
         raise UserError(
-            f"the draft model's vocabulary ({_vocabulary(draft)} tokens) is not the model's "
-            f"({_vocabulary(model)}): a draft model must share the tokenizer"
+            f"the draft model's vocabulary ({vocabulary_size(draft)} tokens) is not the model's "
+            f"({vocabulary_size(model)}): a draft model must share the tokenizer"
         )
 
 

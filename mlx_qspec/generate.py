@@ -33,6 +33,7 @@ from .loader import load
 from .precision import UPPER, parse
 from .quant.modes import AUTO, NONE, draft_help
 from .sampling import Sampler, make_sampler, range_problem
+from .vocabulary import check_token_ids, vocabulary_size
 from .speculative import (
     SpecStats,
     plain_generate_step,
@@ -85,16 +86,19 @@ def make_generation_cache(model: nn.Module, kv_mode: str = "fp", max_kv_size=Non
     return make_rotating_cache(model, max_kv_size, rewindable=not plain)
 
 
-def _encode_prompt(tokenizer: TokenizerWrapper, prompt) -> mx.array:
-    """As mlx-lm: a string gets special tokens unless it already starts with BOS."""
-    if isinstance(prompt, mx.array):
-        return prompt
+def _encode_prompt(tokenizer: TokenizerWrapper, prompt, vocab_size: Optional[int]) -> mx.array:
+    """As mlx-lm: a string gets special tokens unless it already starts with BOS. Token ids
+    given as such are checked against the vocabulary (UserError naming the bad one)."""
     if isinstance(prompt, str):
         add_special_tokens = tokenizer.bos_token is None or not prompt.startswith(
             tokenizer.bos_token
         )
-        prompt = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-    return mx.array(prompt)
+        return mx.array(tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+    ids = prompt.tolist() if isinstance(prompt, mx.array) else prompt
+    if isinstance(ids, (int, float)) or isinstance(prompt, mx.array) and prompt.ndim != 1:
+        raise UserError(f"the prompt must be a string or a flat list of token ids, got shape "
+                        f"{tuple(getattr(prompt, 'shape', ()))}")
+    return mx.array(check_token_ids(ids, vocab_size, "prompt"), mx.uint32)
 
 
 def stream_generate(
@@ -125,7 +129,7 @@ def stream_generate(
         raise UserError("Maximum number of tokens must be non-zero (use -1 for no limit).")
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
-    prompt = _encode_prompt(tokenizer, prompt)
+    prompt = _encode_prompt(tokenizer, prompt, vocabulary_size(model))
     if prompt.size == 0:
         raise UserError("The prompt is empty.")
     detokenizer = tokenizer.detokenizer

@@ -39,6 +39,7 @@ from . import drafts
 from .precision import Precision
 from .quant.modes import AUTO, NONE
 from .speculative import check_num_draft_tokens
+from .vocabulary import check_token_ids, vocabulary_size
 
 log = logging.getLogger("mlx_qspec.server")
 
@@ -184,6 +185,7 @@ async def _json_body(request: Request) -> dict:
 def create_app(engine: Engine, tokenizer, settings: Settings) -> Starlette:
     """The ASGI app serving ``engine`` (which must be started) under OpenAI's URLs."""
     created = int(time.time())
+    vocab_size = vocabulary_size(engine.model) or len(tokenizer.get_vocab())
 
     def authorize(request: Request):
         if settings.api_key is None:
@@ -334,7 +336,10 @@ def create_app(engine: Engine, tokenizer, settings: Settings) -> Starlette:
         prompt = body["prompt"]
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool)
                                             for t in prompt):
-            tokens = prompt
+            try:
+                tokens = check_token_ids(prompt, vocab_size, "prompt")
+            except UserError as e:
+                raise APIError(400, str(e), "prompt", "invalid_value") from None
         elif isinstance(prompt, str):
             tokens = await run_in_threadpool(tokenizer.encode, prompt)
         else:

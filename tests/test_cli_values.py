@@ -153,3 +153,10 @@ def test_api_stats_of_a_speculative_run(tiny_gguf):
     ps = plain[-1].stats  # plain decoding drafts nothing (its stats, where given, say so)
     assert ps is None or (ps.draft == "none" and ps.drafted == ps.accepted == 0)
     assert all(isinstance(r.logprobs, mx.array) for r in responses)
+
+
+@pytest.mark.parametrize("prompt", [[1, -5], [1, 10**6], mx.array([1, 10**6]), [1, 2.0]])
+def test_api_token_ids_outside_the_vocabulary_are_refused(tiny_gguf, prompt):
+    model, tokenizer = load(tiny_gguf)
+    with pytest.raises(ValueError, match=r"prompt\[1\] must be"):
+        next(stream_generate(model, tokenizer, prompt, max_tokens=2))

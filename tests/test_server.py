@@ -194,6 +194,23 @@ def test_bad_requests_and_the_server_stays_up(served):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 1
 
 
+VOCAB = 49152  # the test model's
+
+
+@pytest.mark.parametrize("prompt,bad", [
+    ([1, 2, -5], "-5"),  # a negative id: a segmentation fault in the embedding once
+    ([1, VOCAB], str(VOCAB)),  # just past the vocabulary: out-of-bounds rows were read
+    ([2**40], str(2**40)),
+])
+def test_token_ids_outside_the_vocabulary_are_400_and_the_server_stays_up(served, prompt, bad):
+    error = _error(served.http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2}),
+                   400)
+    assert error["param"] == "prompt" and bad in error["message"]
+    assert str(VOCAB) in error["message"] or bad.startswith("-")
+    ok = served.http.post("/v1/completions", json={"prompt": [1, 2, VOCAB - 1], "max_tokens": 1})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 1
+
+
 # A completion that runs long: counting on (an end-of-text token would end it early)
 LONG = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": MAX_CONTEXT - 16, "stream": True}
 
