@@ -1,16 +1,10 @@
 """mlx_qspec: exactly-lossless self-speculative decoding for 4-bit LLMs on MLX."""
 
-import warnings
-
-# `python -m mlx_qspec.generate` runs the module that this package already imported for
-# the API functions of the same name (as mlx-lm does); runpy's warning about that would
-# be the CLI's only noise on stderr.
-warnings.filterwarnings(
-    "ignore", message=r"'mlx_qspec\.\w+' found in sys.modules", category=RuntimeWarning
-)
-
-from .generate import generate, stream_generate  # noqa: E402
-from .sampling import make_sampler  # noqa: E402
-from .loader import load  # noqa: E402
+# The generate command's package first: importing it after binding the API's ``generate``
+# below would make ``mlx_qspec.generate`` the package again.
+from . import generate as _generate_command  # noqa: F401
+from .api import generate, stream_generate
+from .loader import load
+from .sampling import make_sampler
 
 __all__ = ["load", "generate", "stream_generate", "make_sampler"]

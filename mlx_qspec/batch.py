@@ -1,15 +1,22 @@
-"""The server's engines: requests in, text out, on one thread of their own.
+"""The server's engine: requests in, text out, on one thread of its own.
 
-MLX work never runs on the HTTP event loop: the server hands each request to an engine as a
+MLX work never runs on the HTTP event loop: the server hands each request to the engine as a
 :class:`Job` through a bounded queue and gets its text back through the job's ``deliver``
-callback. :class:`BatchEngine` serves the jobs in hand together (continuous batching): every
-draft step and every verify is one forward over all active sequences, each row with its own
-cache length and its own accepted count (:class:`RaggedKVCache`: rows left-aligned, so a
-ragged rewind is a per-row length, and a per-row mask hides what lies past it). Jobs join
-between steps and leave when done. :class:`Engine` serves one job at a time through
-:func:`mlx_qspec.stream_generate` (what ``auto``, the nested and quantized KV caches and
-models with sliding-window layers need).
-Both reuse the longest cached prefix of each prompt from mlx-lm's :class:`LRUPromptCache`.
+callback. The engine decodes every request with the decoder (:mod:`mlx_qspec.decoder`),
+admitting new jobs and retiring finished ones between steps:
+
+- where the served draft can share a batched forward (one precision level or none, on an fp
+  cache of full-attention layers, no ``kv_bits``, no window, no p-min), the requests are the
+  rows of one decoder over a :class:`~mlx_qspec.ragged_cache.RaggedKVCache`: every draft
+  step and every verify is one forward over all of them, each row with its own length and
+  accepted count (up to ``decode_concurrency`` rows; new ones are prefilled alone, in the
+  chunks and on the cache a single request gets, and join between steps);
+- otherwise (a draft model, a cascade or the lookup, ``auto``, an 8-bit or nested cache,
+  sliding windows, ``kv_bits``) each request is a decoder of its own at batch 1 on the
+  model's own caches, and the engine steps them one block each in turn, interleaved.
+
+Greedy output is the CLI's token for token either way. Both reuse the longest cached prefix
+of each prompt from mlx-lm's :class:`LRUPromptCache`.
 """
 
 import logging
@@ -20,16 +27,20 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
 import mlx.core as mx
-from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE, generation_stream
+from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
 from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache, trim_prompt_cache
 
-from . import precision
-from .generate import stream_generate
-from .kv_cache import make_cache
-from .precision import FULL_PRECISION
-from .quant.modes import NONE, check_draft
-from .sampling import accept, make_sampler, resolve_sampler
-from .speculative import DEFAULT_DRAFT_TOKENS, VERIFY_CHUNK, SpecStats, prefill, prepare
+from . import hooks
+from .caches import position, rewind
+from .decoder import VERIFY, Decoder, Row, SpecStats, new_key, prefill
+from .drafts.auto import AutoPolicy
+from .drafts.cascade import DraftModel, build
+from .drafts.grammar import NONE
+from .kv_cache import WINDOWS, check_kv_bits, make_cache, make_rewindable, make_rotating_cache
+from .policy import FixedGamma
+from .ragged_cache import RaggedKVCache
+from .sampling import make_sampler, resolve_sampler
+from .settings import Settings
 
 log = logging.getLogger("mlx_qspec.server")
 
@@ -94,9 +105,16 @@ class PromptCache:
     a private copy holding the longest cached prefix of a prompt (at least one prompt token
     is left to feed); ``store`` keeps a finished request's cache for the next turn."""
 
-    def __init__(self, model, kv_mode: str, max_size: int, max_bytes: Optional[int]):
-        self.model, self.kv_mode = model, kv_mode
+    def __init__(self, model, kv_mode: str, max_size: int, max_bytes: Optional[int],
+                 max_kv_size: Optional[int] = None):
+        self.model, self.kv_mode, self.max_kv_size = model, kv_mode, max_kv_size
         self.lru = LRUPromptCache(max_size, max_bytes if max_bytes is not None else 1 << 63)
+
+    def fresh(self) -> list:
+        """An empty cache of the served kind (a window of ``max_kv_size``: rewindable)."""
+        if self.max_kv_size is not None:
+            return make_rotating_cache(self.model, self.max_kv_size)
+        return make_rewindable(make_cache(self.model, self.kv_mode))
 
     def fetch(self, prompt: List[int]):
         """``(cache, cached)``: a cache holding ``prompt[:cached]``."""
@@ -105,41 +123,77 @@ class PromptCache:
         except ValueError:  # a nested cache or a window cannot rewind that far
             cache = None
         if cache is None:
-            return make_cache(self.model, self.kv_mode), 0
+            return self.fresh(), 0
         if not rest:  # the whole prompt is cached: feed its last token again
             try:
                 trimmed = trim_prompt_cache(cache, 1)
             except ValueError:  # ours cannot go back there
                 trimmed = 0
             if trimmed != 1:  # (mlx-lm's wrapped window trims nothing, silently)
-                return make_cache(self.model, self.kv_mode), 0
+                return self.fresh(), 0
             rest = prompt[-1:]
         return cache, len(prompt) - len(rest)
 
     def store(self, tokens: List[int], cache):
         """Keep ``cache``; it holds a prefix of ``tokens`` (the prompt and generated text)."""
-        held = cache[0].offset
+        held = position(cache)
         if not 0 < held <= len(tokens):
             raise RuntimeError(f"cache holds {held} positions, the request {len(tokens)} tokens")
         self.lru.insert_cache("model", tokens[:held], cache)
 
 
-class Engine:
-    """One thread that serves queued jobs one at a time (see the module docstring).
 
-    ``generation`` holds what every request decodes with: ``draft``, ``num_draft_tokens``,
-    ``kv_mode`` and mlx-lm's KV-quantization arguments. Totals (requests, emitted tokens,
-    model forwards while decoding, of which verifies or plain steps) are kept for ``/health``
-    and the load test."""
+def _trimmed_cache(model, rows: list):
+    """An mlx-lm cache (one KVCache per layer) holding the given ``(keys, values)``."""
+    cache = make_prompt_cache(model)
+    for c, (k, v) in zip(cache, rows):
+        c.state = (k, v, k.shape[2])
+    return cache
 
-    def __init__(self, model, tokenizer, *, generation: dict, queue_size: int,
-                 prompt_cache_size: int, prompt_cache_bytes: Optional[int]):
-        self.model, self.tokenizer, self.generation = model, tokenizer, generation
-        self.queue_size = queue_size
+
+@dataclass
+class _Request:
+    """A job being decoded: its decoder row, its tokens so far, where its text stands, and
+    at batch 1 its own decoder and cache."""
+
+    job: Job
+    cached: int
+    row: Row
+    detokenizer: Any
+    tokens: List[int] = field(default_factory=list)
+    finish: Optional[str] = None
+    stopped: bool = False
+    decoder: Optional[Decoder] = None
+    cache: Optional[list] = None
+
+
+class BatchEngine:
+    """One thread that decodes the queued jobs (see the module docstring). ``settings``:
+    what every request decodes with but its sampling values (a request's own);
+    ``draft_model``: the smaller model of ``--draft-model``. Totals (requests, emitted
+    tokens, model forwards while decoding, of which at full precision) are kept for
+    ``/health`` and the load test."""
+
+    def __init__(self, model, tokenizer, *, settings: Settings, draft_model=None,
+                 decode_concurrency: int = 32, queue_size: int = 64,
+                 prompt_cache_size: int = 10, prompt_cache_bytes: Optional[int] = None):
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.decode_concurrency, self.queue_size = decode_concurrency, queue_size
+        caches = make_cache(model, settings.kv_mode)  # what the layers can hold, checked now
+        check_kv_bits(caches, settings.kv_bits)
+        self.draft_model = None if draft_model is None else DraftModel(hooks.install(draft_model))
+        d = settings.draft
+        self.cascade = None if d.auto or (d.none and self.draft_model is None) else build(
+            model, d, settings.kv_mode, settings.ngram, self.draft_model)
+        one = self.cascade is None or (self.cascade.precision is not None
+                                       and not self.cascade.precision.skip)
+        self.batched = (one and not d.auto and settings.kv_mode == "fp" and not settings.kv_bits
+                        and settings.max_kv_size is None and not settings.draft_p_min
+                        and not any(isinstance(c, WINDOWS) for c in caches))
+        self.prompt_cache = PromptCache(model, settings.kv_mode, prompt_cache_size,
+                                        prompt_cache_bytes, settings.max_kv_size)
         self.waiting: "deque[Optional[Job]]" = deque()  # None: stop
         self.ready = threading.Condition()
-        self.prompt_cache = PromptCache(model, generation["kv_mode"], prompt_cache_size,
-                                        prompt_cache_bytes)
         self.totals = {"requests": 0, "emitted_tokens": 0, "forwards": 0, "verify_forwards": 0}
         self.thread = threading.Thread(target=self._run, name="mlx_qspec-engine", daemon=True)
 
@@ -147,7 +201,7 @@ class Engine:
         self.thread.start()
 
     def stop(self):
-        """Finish the job in hand, then end the thread (queued jobs are dropped)."""
+        """Finish the step in hand, then end the thread (queued jobs are dropped)."""
         with self.ready:
             self.waiting.clear()
             self.waiting.append(None)
@@ -170,21 +224,166 @@ class Engine:
             self.waiting.append(job)
             self.ready.notify()
 
-    def _next(self) -> Optional[Job]:
+    def _take(self, active: int) -> Optional[list]:
+        """The jobs to admit now, waiting while there is nothing to do; None: stop."""
+        joined = []
         with self.ready:
-            while not self.waiting:
+            while not active and not self.waiting:
                 self.ready.wait()
-            return self.waiting.popleft()
+            while self.waiting and active + len(joined) < self.decode_concurrency:
+                job = self.waiting.popleft()
+                if job is None:
+                    return None
+                if not job.cancelled.is_set():
+                    joined.append(job)
+        return joined
 
     def _run(self):
-        while (job := self._next()) is not None:
-            if job.cancelled.is_set():
+        hooks.install(self.model)  # here: arrays built on another thread's stream cannot run
+        active, batch = [], None
+        while (joined := self._take(len(active))) is not None:
+            kept = [b for b, r in enumerate(active) if not r.job.cancelled.is_set()]
+            new = []
+            for job in joined:
+                try:
+                    new.append(self._admit(job))
+                except Exception as e:  # a bug: this request fails with it, the others go on
+                    log.error("request failed:\n%s", traceback.format_exc())
+                    job.deliver({"type": "error", "message": f"{type(e).__name__}: {e}"})
+            if new or len(kept) < len(active):
+                batch = self._regroup(batch, kept, new)
+                active = [active[b] for b in kept] + [r for r, _ in new]
+            if not active:
                 continue
             try:
-                self._serve(job)
-            except Exception as e:  # a bug: this request fails with it, the server stays up
-                log.error("request failed:\n%s", traceback.format_exc())
-                job.deliver({"type": "error", "message": f"{type(e).__name__}: {e}"})
+                self._step(active, batch)
+            except Exception as e:  # a bug: the jobs in hand fail with it, the server stays up
+                log.error("decoding step failed:\n%s", traceback.format_exc())
+                for r in active:
+                    r.job.deliver({"type": "error", "message": f"{type(e).__name__}: {e}"})
+                active, batch = [], None
+                continue
+            done = [b for b, r in enumerate(active) if r.finish]
+            for b in done:
+                self._retire(active[b], batch, b)
+            if done:
+                kept = [b for b in range(len(active)) if b not in done]
+                batch = self._regroup(batch, kept, [])
+                active = [active[b] for b in kept]
+
+    def _regroup(self, batch: Optional[Decoder], keep: list, new: list) -> Optional[Decoder]:
+        """The batch decoder with rows ``keep`` of ``batch`` and the new ``(request, layers)``
+        (None at batch 1: each request has its own)."""
+        if not self.batched:
+            return None
+        per_layer = []
+        for i in range(len(self.model.layers)):
+            old = [batch.cache[i].row(b, batch.cache[i].lengths[b]) for b in keep] if batch else []
+            per_layer.append(old + [layers[i] for _, layers in new])
+        if not per_layer[0]:
+            return None
+        cache = [RaggedKVCache(rows) for rows in per_layer]
+        mx.eval([(c.keys, c.values) for c in cache if c.keys is not None])
+        rows = ([batch.rows[b] for b in keep] if batch else []) + [r.row for r, _ in new]
+        return Decoder(self.model, cache, rows, FixedGamma(self.cascade, self.settings.gamma))
+
+    def _policy(self, cache):
+        """A batch-1 request's block policy: ``auto``'s (chosen on its prefilled cache), or
+        the served draft at a fixed γ (a fresh draft-model cache of its own), or plain."""
+        s = self.settings
+        if s.draft.auto:
+            return AutoPolicy(self.model, cache, s.ngram, s.num_draft_tokens)
+        return FixedGamma(self.cascade and self.cascade.fresh(), s.gamma)
+
+    def _admit(self, job: Job):
+        """Prefill ``job`` alone (after its cached prefix): ``(request, its layers' K/V for
+        the batch)``, or at batch 1 ``(request with its own decoder, None)``."""
+        s = self.settings
+        cache, cached = self.prompt_cache.fetch(job.prompt)
+        prompt = mx.array(job.prompt[cached:], mx.uint32)
+        quantize = lambda: maybe_quantize_kv_cache(  # noqa: E731
+            cache, s.quantized_kv_start, s.kv_group_size, s.kv_bits)
+        with mx.stream(generation_stream):  # in the chunks a single request is prefilled in
+            prefill(self.model, prompt[:-1], cache, s.prefill_step_size, quantize)
+        sampler = resolve_sampler(make_sampler(job.temperature, job.top_p, job.min_p,
+                                               top_k=job.top_k))
+        stats = SpecStats(draft=self.cascade.name if self.cascade else NONE,
+                          num_draft_tokens=s.gamma if self.cascade else 0)
+        row = Row(job.prompt[-1], sampler=sampler, budget=job.max_tokens, stats=stats,
+                  key=None if sampler is None else new_key(job.seed))
+        request = _Request(job, cached, row, self.tokenizer.detokenizer)
+        if self.batched:
+            return request, [(c.keys[:, :, :c.offset], c.values[:, :, :c.offset]) if c.offset
+                             else (None, None) for c in cache]
+        policy = self._policy(cache)
+        if isinstance(policy, AutoPolicy):
+            stats.draft, stats.auto_reason = policy.name or NONE, policy.reason
+        if policy.draft is not None and policy.draft.reads_context:
+            row.context = list(job.prompt)
+        request.cache = cache
+        request.decoder = Decoder(self.model, cache, [row], policy, draft_p_min=s.draft_p_min,
+                                  kv_bits=s.kv_bits, kv_group_size=s.kv_group_size,
+                                  quantized_kv_start=s.quantized_kv_start)
+        return request, None
+
+    def _step(self, active: list, batch: Optional[Decoder]):
+        """One block for the batch, then one for each batch-1 request, in turn."""
+        with mx.stream(generation_stream):
+            if batch is not None:
+                for r, out in zip(active, self._counted(batch)):
+                    self._emit_all(r, out)
+            for r in active:
+                if r.decoder is not None:
+                    self._emit_all(r, self._counted(r.decoder)[0])
+
+    def _counted(self, decoder: Decoder) -> list:
+        """``decoder.step()``, its model forwards added to the totals."""
+        before = dict(decoder.forwards)
+        out = decoder.step()
+        self.totals["forwards"] += sum(decoder.forwards.values()) - sum(before.values())
+        self.totals["verify_forwards"] += decoder.forwards[VERIFY] - before[VERIFY]
+        return out
+
+    def _emit_all(self, r: _Request, out: list):
+        for token, logprobs, _ in out:
+            if self._emit(r, token, logprobs):
+                break
+
+    def _emit(self, r: _Request, token: int, logprobs: mx.array) -> bool:
+        """Hand one token to the request's job as ``stream_generate`` would; True once done."""
+        job = r.job
+        r.tokens.append(token)
+        lp = [self._logprobs(token, logprobs, job.top_logprobs)] if job.logprobs else None
+        eos = token in self.tokenizer.eos_token_ids
+        if not eos:
+            r.detokenizer.add_token(token)
+        if eos or len(r.tokens) == job.max_tokens:
+            r.detokenizer.finalize()
+            r.finish = "stop" if eos else "length"
+        if job.add(r.detokenizer.last_segment, lp):
+            r.finish, r.stopped = "stop", True
+        return r.finish is not None
+
+    def _retire(self, r: _Request, batch: Optional[Decoder], b: int):
+        """Send the job's last text and event; keep its cache (up to what it emitted)."""
+        if r.job.cancelled.is_set():
+            return
+        if not r.stopped:
+            r.job.flush()
+        tokens = r.job.prompt + r.tokens
+        if r.decoder is None:
+            held = min(batch.cache[0].lengths[b], len(tokens))
+            self.prompt_cache.store(tokens, _trimmed_cache(
+                self.model, [c.row(b, held) for c in batch.cache]))
+        else:
+            try:
+                rewind(r.cache, min(position(r.cache), len(tokens)))
+                self.prompt_cache.store(tokens, r.cache)
+            except ValueError:  # a nested cache cannot go back that far: not kept
+                pass
+        stats = r.row.stats
+        stats.emitted = len(r.tokens)
+        self._done(r.job, r.tokens, r.cached, r.finish, stats.as_dict(), stats.forwards)
 
     def _logprobs(self, token: int, logprobs: mx.array, top: int) -> dict:
         """OpenAI's logprob entry of one token (and its ``top`` most likely alternatives)."""
@@ -202,41 +401,9 @@ class Engine:
         text = self.tokenizer.decode([token])
         return {"id": token, "token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-    def _serve(self, job: Job):
-        cache, cached = self.prompt_cache.fetch(job.prompt)
-        if job.seed is not None:
-            mx.random.seed(job.seed)
-        sampler = make_sampler(job.temperature, job.top_p, job.min_p, top_k=job.top_k)
-        tokens, stats, finish, stopped = [], None, "length", False
-        responses = stream_generate(self.model, self.tokenizer, job.prompt[cached:],
-                                    max_tokens=job.max_tokens, sampler=sampler,
-                                    prompt_cache=cache, cached_tokens=job.prompt[:cached],
-                                    **self.generation)
-        try:
-            for r in responses:
-                if job.cancelled.is_set():
-                    return  # the cache goes with the request
-                tokens.append(r.token)
-                stats = r.stats
-                lp = ([self._logprobs(r.token, r.logprobs, job.top_logprobs)] if job.logprobs
-                      else None)
-                if job.add(r.text, lp):
-                    finish, stopped = "stop", True
-                    break
-                finish = r.finish_reason or finish
-        finally:
-            responses.close()
-        if not stopped:
-            job.flush()
-        self.prompt_cache.store(job.prompt + tokens, cache)
-        forwards = stats.draft_reads.forwards + stats.verify_reads.forwards
-        self.totals["forwards"] += forwards
-        self.totals["verify_forwards"] += stats.verify_reads.forwards
-        self._done(job, tokens, cached, finish, stats.as_dict(), forwards)
-
     def _done(self, job: Job, tokens: list, cached: int, finish: str, stats: dict, forwards: int):
         """Count the job in the totals and send its last event (``forwards``: those the job
-        took part in; the engine counts its forwards itself)."""
+        took part in)."""
         self.totals["requests"] += 1
         self.totals["emitted_tokens"] += len(tokens)
         job.deliver({
@@ -255,288 +422,3 @@ class Engine:
                 "forwards": forwards,
             },
         })
-
-
-class RaggedKVCache:
-    """One layer's K/V for a batch of sequences of different lengths, for mlx-lm's attention.
-
-    Row b holds its positions at ``0 .. lengths[b]`` (left-aligned): a forward of N tokens
-    writes each row's at its own length, RoPE reads each row's own ``offset``, and the mask
-    lets query j of row b see positions ≤ lengths[b] + j only — whatever lies past a row's
-    length (rejected drafts, or nothing) is never read. So rewinding a row by its own count
-    is ``lengths[b] -= n``: mlx-lm's ``BatchKVCache`` rewinds every row alike."""
-
-    step = 256
-
-    def __init__(self, rows: list):
-        """``rows``: one ``(keys, values)`` pair per sequence, each ``(1, heads, L, dim)``, or
-        ``(None, None)`` for a sequence with no positions yet."""
-        self.lengths = [0 if k is None else k.shape[2] for k, _ in rows]
-        self.keys = self.values = None
-        some = next(((k, v) for k, v in rows if k is not None), None)
-        if some is not None:
-            cap = self._capacity(max(self.lengths))
-            self.keys = mx.concatenate([self._pad(k, cap, some[0]) for k, _ in rows])
-            self.values = mx.concatenate([self._pad(v, cap, some[1]) for _, v in rows])
-
-    @classmethod
-    def _capacity(cls, n):
-        return (n // cls.step + 1) * cls.step
-
-    @staticmethod
-    def _pad(x, cap, like=None):
-        """``x`` padded to ``cap`` positions; None: zeros shaped as ``like``."""
-        if x is None:
-            return mx.zeros((1, like.shape[1], cap, like.shape[3]), like.dtype)
-        return mx.pad(x, [(0, 0), (0, 0), (0, cap - x.shape[2]), (0, 0)])
-
-    @property
-    def offset(self) -> mx.array:
-        return mx.array(self.lengths)
-
-    def row(self, b: int, n: int):
-        """Row b's first ``n`` positions as ``(keys, values)``."""
-        return self.keys[b:b + 1, :, :n], self.values[b:b + 1, :, :n]
-
-    def trim(self, counts):
-        """Rewind row b by ``counts[b]`` positions."""
-        self.lengths = [n - c for n, c in zip(self.lengths, counts)]
-
-    def update_and_fetch(self, keys, values):
-        B, N = keys.shape[0], keys.shape[2]
-        end = max(self.lengths) + N
-        if self.keys is None:
-            cap = self._capacity(end)
-            self.keys = mx.concatenate([self._pad(None, cap, keys)] * B)
-            self.values = mx.concatenate([self._pad(None, cap, values)] * B)
-        elif end > self.keys.shape[2]:
-            cap = self._capacity(end)
-            self.keys, self.values = self._pad(self.keys, cap), self._pad(self.values, cap)
-        for b, n in enumerate(self.lengths):
-            self.keys[b:b + 1, :, n:n + N] = keys[b:b + 1]
-            self.values[b:b + 1, :, n:n + N] = values[b:b + 1]
-        self.lengths = [n + N for n in self.lengths]
-        return self.keys[:, :, :end], self.values[:, :, :end]
-
-    def make_mask(self, N: int, return_array: bool = False, window_size=None):
-        """``(B, 1, N, max length + N)``: query j of row b sees positions ≤ lengths[b] + j."""
-        end = max(self.lengths) + N
-        query = mx.array(self.lengths)[:, None, None, None] + mx.arange(N)[None, None, :, None]
-        return mx.arange(end)[None, None, None, :] <= query
-
-
-def _trimmed_cache(model, rows: list):
-    """An mlx-lm cache (one KVCache per layer) holding the given ``(keys, values)``."""
-    cache = make_prompt_cache(model)
-    for c, (k, v) in zip(cache, rows):
-        c.state = (k, v, k.shape[2])
-    return cache
-
-
-@dataclass
-class _Row:
-    """A job being decoded in the batch: its tokens so far, where its text stands, the token
-    the next step starts from, and its share of the speculative counts."""
-
-    job: Job
-    cached: int
-    y: int
-    detokenizer: Any
-    dist: Optional[Any]
-    key: Optional[mx.array]
-    tokens: List[int] = field(default_factory=list)
-    finish: Optional[str] = None
-    stopped: bool = False
-    drafted: int = 0
-    accepted: int = 0
-    verify_passes: int = 0
-    forwards: int = 0
-
-    def split_key(self):
-        """A fresh PRNG key for one draw (None: mlx's global generator)."""
-        if self.key is None:
-            return None
-        self.key, sub = mx.random.split(self.key)
-        return sub
-
-
-class BatchEngine(Engine):
-    """Continuous batching with self-speculation (see the module docstring): up to
-    ``decode_concurrency`` jobs decode together; new ones are prefilled one by one (the same
-    chunks and cache as a single request) and join between steps. Greedy output equals
-    :class:`Engine`'s token for token wherever the forwards are row-invariant (their row
-    for a sequence does not depend on the other rows or on masked positions)."""
-
-    def __init__(self, model, tokenizer, *, decode_concurrency: int, **kwargs):
-        super().__init__(model, tokenizer, **kwargs)
-        g = self.generation
-        self.draft = check_draft(model, g["draft"], g["kv_mode"])
-        self.gamma = (g["num_draft_tokens"] or DEFAULT_DRAFT_TOKENS) if self.draft else 0
-        self.decode_concurrency = decode_concurrency
-
-    def _run(self):
-        prepare(self.model)  # here: arrays built on another thread's stream cannot run here
-        rows, cache = [], None
-        while True:
-            joined = []
-            with self.ready:
-                while not rows and not self.waiting:
-                    self.ready.wait()
-                while self.waiting and len(rows) + len(joined) < self.decode_concurrency:
-                    job = self.waiting.popleft()
-                    if job is None:
-                        return
-                    if not job.cancelled.is_set():
-                        joined.append(job)
-            kept = [(b, r) for b, r in enumerate(rows) if not r.job.cancelled.is_set()]
-            new = []
-            for job in joined:
-                try:
-                    new.append(self._admit(job))
-                except Exception as e:  # a bug: this request fails with it, the others go on
-                    log.error("request failed:\n%s", traceback.format_exc())
-                    job.deliver({"type": "error", "message": f"{type(e).__name__}: {e}"})
-            if new or len(kept) < len(rows):
-                cache = self._regroup(cache, [b for b, _ in kept], new)
-                rows = [r for _, r in kept] + [r for r, _ in new]
-            if not rows:
-                continue
-            try:
-                self._step(rows, cache)
-            except Exception as e:  # a bug: the jobs in hand fail with it, the server stays up
-                log.error("batch step failed:\n%s", traceback.format_exc())
-                for r in rows:
-                    r.job.deliver({"type": "error", "message": f"{type(e).__name__}: {e}"})
-                rows, cache = [], None
-                continue
-            done = [b for b, r in enumerate(rows) if r.finish]
-            for b in done:
-                self._retire(rows[b], cache, b)
-            if done:
-                keep = [b for b in range(len(rows)) if b not in done]
-                cache = self._regroup(cache, keep, [])
-                rows = [rows[b] for b in keep]
-
-    def _regroup(self, cache, keep: list, new: list):
-        """The batch cache with rows ``keep`` of ``cache`` and the new ``(row, layers)``."""
-        per_layer = []
-        for i in range(len(self.model.layers)):
-            old = [cache[i].row(b, cache[i].lengths[b]) for b in keep] if cache else []
-            per_layer.append(old + [layers[i] for _, layers in new])
-        if not per_layer[0]:
-            return None
-        cache = [RaggedKVCache(rows) for rows in per_layer]
-        mx.eval([(c.keys, c.values) for c in cache if c.keys is not None])
-        return cache
-
-    def _admit(self, job: Job):
-        """Prefill ``job`` alone (after its cached prefix) and make it a batch row."""
-        cache, cached = self.prompt_cache.fetch(job.prompt)
-        prompt = mx.array(job.prompt[cached:], mx.uint32)
-        with mx.stream(generation_stream):  # in the chunks a single request is prefilled in
-            prefill(self.model, prompt[:-1], cache, DEFAULT_PREFILL_STEP_SIZE)
-        sampler = make_sampler(job.temperature, job.top_p, job.min_p, top_k=job.top_k)
-        dist = resolve_sampler(sampler)
-        key = mx.random.key(job.seed) if job.seed is not None and dist is not None else None
-        detokenizer = self.tokenizer.detokenizer
-        row = _Row(job=job, cached=cached, y=job.prompt[-1], detokenizer=detokenizer,
-                   dist=dist, key=key)
-        return row, [(c.keys[:, :, :c.offset], c.values[:, :, :c.offset]) if c.offset
-                     else (None, None) for c in cache]
-
-    def _forward(self, tokens, cache, at, rows):
-        """Log-probs of one forward over every row, read at precision ``at``."""
-        with precision.reading(at):
-            logits = self.model(tokens, cache=cache)
-        self.totals["forwards"] += 1
-        self.totals["verify_forwards"] += at is FULL_PRECISION
-        for r in rows:
-            r.forwards += 1
-        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-
-    def _pick(self, lp, rows):
-        """One token per row from log-probs ``(B, V)``: argmax, or a draw from the row's
-        distribution (returned too: the rejection rule needs it)."""
-        if all(r.dist is None for r in rows):
-            return mx.argmax(lp, axis=-1), [None] * len(rows)
-        toks, qs = [], []
-        for b, r in enumerate(rows):
-            if r.dist is None:
-                toks.append(mx.argmax(lp[b], axis=-1, keepdims=True))
-                qs.append(None)
-            else:
-                q = r.dist.distribution(lp[b:b + 1])
-                toks.append(mx.random.categorical(q, key=r.split_key()))
-                qs.append(q)
-        return mx.concatenate(toks), qs
-
-    def _step(self, rows, cache):
-        """One block for every row: k draft forwards, one verify, per-row accept and rewind."""
-        with mx.stream(generation_stream):
-            k = min(self.gamma, max(r.job.max_tokens - len(r.tokens) for r in rows) - 1)
-            k = max(k, 0)
-            y = mx.array([[r.y] for r in rows], mx.uint32)
-            drafts, qs = [], []
-            x = y
-            for _ in range(k):
-                lp = self._forward(x, cache, self.draft, rows)[:, -1]
-                tok, q = self._pick(lp, rows)
-                drafts.append(tok.astype(mx.uint32))
-                qs.append(q)
-                x = drafts[-1][:, None]
-            if k:
-                mx.eval(drafts)
-                for c in cache:
-                    c.trim([k] * len(rows))
-            inputs = mx.concatenate([y, *[d[:, None] for d in drafts]], axis=1)
-            lp = mx.concatenate([
-                self._forward(inputs[:, i:i + VERIFY_CHUNK], cache, FULL_PRECISION, rows)
-                for i in range(0, k + 1, VERIFY_CHUNK)
-            ], axis=1)
-            drafts = mx.stack(drafts, axis=1) if k else mx.zeros((len(rows), 0), mx.uint32)
-            accepted = [accept(lp[b], drafts[b], [q[b] for q in qs], r.dist, r.split_key)
-                        for b, r in enumerate(rows)]
-            mx.eval(lp, accepted)
-            drafts = drafts.tolist()
-            flags = [ok.tolist() for ok, _ in accepted]
-            counts = [f.index(False) if False in f else k for f in flags]
-            for c in cache:
-                c.trim([k - n for n in counts])
-            for b, (r, a, n) in enumerate(zip(rows, accepted, counts)):
-                r.drafted += k
-                r.accepted += n
-                r.verify_passes += 1
-                out = drafts[b][:n] + [a[1].tolist()[n]]
-                r.y = out[-1]
-                for i, tok in enumerate(out):
-                    if self._emit(r, tok, lp[b, i]):
-                        break
-
-    def _emit(self, r: _Row, token: int, logprobs: mx.array) -> bool:
-        """Hand one token to the row's job as ``stream_generate`` would; True once done."""
-        job = r.job
-        r.tokens.append(token)
-        lp = [self._logprobs(token, logprobs, job.top_logprobs)] if job.logprobs else None
-        eos = token in self.tokenizer.eos_token_ids
-        if not eos:
-            r.detokenizer.add_token(token)
-        if eos or len(r.tokens) == job.max_tokens:
-            r.detokenizer.finalize()
-            r.finish = "stop" if eos else "length"
-        if job.add(r.detokenizer.last_segment, lp):
-            r.finish, r.stopped = "stop", True
-        return r.finish is not None
-
-    def _retire(self, r: _Row, cache, b: int):
-        """Send the job's last text and event; keep its cache (up to what it emitted)."""
-        if r.job.cancelled.is_set():
-            return
-        if not r.stopped:
-            r.job.flush()
-        tokens = r.job.prompt + r.tokens
-        held = min(cache[0].lengths[b], len(tokens))
-        self.prompt_cache.store(tokens, _trimmed_cache(self.model, [c.row(b, held) for c in cache]))
-        stats = SpecStats(draft=self.draft.name if self.draft else NONE,
-                          num_draft_tokens=self.gamma, drafted=r.drafted, accepted=r.accepted,
-                          verify_passes=r.verify_passes, emitted=len(r.tokens))
-        self._done(r.job, r.tokens, r.cached, r.finish, stats.as_dict(), r.forwards)

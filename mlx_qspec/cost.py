@@ -13,21 +13,20 @@ draft and γ, or plain decoding with the reason why.
 
 import bisect
 import contextlib
-import json
 import math
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 from mlx_lm.models.cache import can_trim_prompt_cache
 
-from . import distributed, kernels, precision, reads, roofline
-from .cache_dir import cache_dir
+from . import distributed, kernels, precision, reads, roofline, store
+from .caches import position, rewind
+from .drafts.grammar import parse_precision
 
 GAMMAS = (1, 2, 3, 4, 6, 8)
+STORE = "costs.json"  # the stored cost tables (mlx_qspec.store)
 CALIBRATION_ROWS = (1, 5, 9)
 
 
@@ -133,7 +132,7 @@ def prior_acceptance(name: str) -> float:
     """A draft's prior acceptance: the product of its terms' priors (``a8+kv-upper`` →
     0.91 · 0.94). ValueError for a term never measured."""
     alpha = 1.0
-    for term in precision.parse(name).terms:
+    for term in parse_precision(name).terms:
         if term not in PRIOR_ACCEPTANCE:
             known = ", ".join(PRIOR_ACCEPTANCE)
             raise ValueError(f"no measured acceptance for draft term {term!r} (measured: {known})")
@@ -156,17 +155,11 @@ class AcceptanceEstimate:
 
 
 # ---------------------------------------------------------------- calibration
-def _rewind(cache, offsets):
-    """Trim each layer back to its offset (a failed forward may have appended to some only)."""
-    for c, offset in zip(cache, offsets):
-        c.trim(c.offset - offset)
-
-
 def _forward(model, cache, rows: int, read: precision.Precision,
              counter: reads.ReadCounter | None = None) -> float:
     """Seconds for one evaluated forward of ``rows`` tokens at ``read``, its reads counted in
     ``counter`` if one is given; the cache is trimmed back after, also when the forward raises."""
-    offsets = [c.offset for c in cache]
+    at = position(cache)
     inputs = mx.zeros((1, rows), dtype=mx.uint32)
     try:
         counting = contextlib.nullcontext() if counter is None else reads.counting(counter)
@@ -175,7 +168,7 @@ def _forward(model, cache, rows: int, read: precision.Precision,
             mx.eval(model(inputs, cache=cache))
             return time.perf_counter() - start
     finally:
-        _rewind(cache, offsets)
+        rewind(cache, at)  # (a failed forward may have appended to some layers only)
 
 
 def calibrate(model, cache, candidates, rows=CALIBRATION_ROWS, repeats: int = 3) -> CostTable:
@@ -186,7 +179,7 @@ def calibrate(model, cache, candidates, rows=CALIBRATION_ROWS, repeats: int = 3)
     ``room() + 1`` (past it, the nested KV cache quantizes positions a rewind cannot reach)."""
     if not can_trim_prompt_cache(cache):
         raise ValueError("calibration needs a trimmable cache")
-    start = cache[0].offset
+    start = position(cache)
     limit = min((c.room() + 1 for c in cache if hasattr(c, "room")), default=math.inf)
 
     def median(n, read):
@@ -197,10 +190,10 @@ def calibrate(model, cache, candidates, rows=CALIBRATION_ROWS, repeats: int = 3)
     draft = {}
     for name in candidates:
         try:
-            draft[name] = median(1, precision.parse(name))
+            draft[name] = median(1, parse_precision(name))
         except ValueError:
             continue
-    assert cache[0].offset == start, "calibration left the cache moved"
+    assert position(cache) == start, "calibration left the cache moved"
     return CostTable(verify, draft)
 
 
@@ -222,7 +215,7 @@ def modeled(model, cache, candidates, chip: str) -> CostTable | None:
     _forward(model, cache, 1, precision.FULL_PRECISION, plain)
     if sum(m.nbytes for m in linears) != plain.bytes(reads.WEIGHTS):
         return None  # the forward reads weights through matmuls the roofline does not know
-    offset = cache[0].offset
+    offset = position(cache)
 
     def forward(rows):  # the one-row forward's KV bytes, and each further row's
         kv = plain.bytes(reads.KV) * (offset + rows) / (offset + 1)
@@ -234,18 +227,11 @@ def modeled(model, cache, candidates, chip: str) -> CostTable | None:
     for name in candidates:
         counter = reads.ReadCounter()
         try:
-            _forward(model, cache, 1, precision.parse(name), counter)
+            _forward(model, cache, 1, parse_precision(name), counter)
         except ValueError:
             continue
         draft[name] = verify[1] * counter.bytes() / plain.bytes()
     return CostTable(verify, draft, f"modeled({chip.replace(' ', '_')})")
-
-
-def fingerprint(model) -> str:
-    """Model class, layer count and parameter bytes: enough to tell loaded models apart."""
-    nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    cls = type(model)
-    return f"{cls.__module__}.{cls.__name__}:layers={len(model.layers)}:bytes={nbytes}"
 
 
 def device_name() -> str:
@@ -256,19 +242,6 @@ def device_name() -> str:
 def context_bucket(offset: int) -> int:
     """The context length rounded up to a power of two, at least 256."""
     return max(256, 1 << math.ceil(math.log2(max(offset, 1))))
-
-
-def cache_path() -> Path:
-    return cache_dir() / "costs.json"
-
-
-def read_store(path: Path) -> dict:
-    """A JSON object stored at ``path``, or {} if it is missing or corrupt."""
-    try:
-        store = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return store if isinstance(store, dict) else {}
 
 
 def _stored(entry, rows, candidates) -> CostTable | None:
@@ -297,11 +270,11 @@ def calibrate_cached(model, cache, candidates, rows=CALIBRATION_ROWS, repeats: i
         times, n = times.tolist(), len(table.verify)
         return CostTable(dict(zip(table.verify, times[:n])), dict(zip(table.draft, times[n:])))
     key = "|".join(
-        (fingerprint(model), device_name(), f"mlx={mx.__version__}", f"ctx={context_bucket(cache[0].offset)}")
+        (store.fingerprint(model), device_name(), f"mlx={mx.__version__}",
+         f"ctx={context_bucket(position(cache))}")
     )
-    path = cache_path()
-    store = read_store(path)
-    table = _stored(store.get(key), rows, candidates)
+    stored = store.read(STORE)
+    table = _stored(stored.get(key), rows, candidates)
     if table is not None:
         return table
     chip = roofline.this_chip()
@@ -309,7 +282,6 @@ def calibrate_cached(model, cache, candidates, rows=CALIBRATION_ROWS, repeats: i
     if table is not None:
         return table
     table = calibrate(model, cache, candidates, rows, repeats)
-    store[key] = dict(verify=table.verify, draft=table.draft, tried=sorted(candidates))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(store, indent=1, sort_keys=True))
+    stored[key] = dict(verify=table.verify, draft=table.draft, tried=sorted(candidates))
+    store.write(STORE, stored)
     return table

@@ -9,8 +9,8 @@ parallel layer's partial sums are gathered and added in rank order on every rank
 (:class:`~mlx_qspec.quant.linear.QSpecShardedToAllLinear`), so norm, head and argmax see
 identical inputs everywhere — in a verify row as in a plain step — and run the same kernels
 (as mlx-lm's own sharded generation assumes: Macs of one chip family, one MLX version).
-Draws at temperature > 0 agree because every rank seeds alike (:func:`same_seed`) and makes
-the same draws.
+Draws at temperature > 0 agree because every rank draws from the same key (:func:`same_seed`:
+rank 0's seed, passed to the generation) and makes the same draws.
 
 What speculation saves here: a forward pays its collectives (per layer, or per stage) once
 for all its rows, so the verify of γ+1 tokens pays them once. A draft forward through the
@@ -30,15 +30,11 @@ import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model, sharded_load
 
-from . import precision
+from . import hooks, precision
 from .errors import ModelError, UserError
 from .loader import ROTATED_PREFIX, cast_floats, default_dtype, read_config, resolve
-from .quant.linear import install
 
 DEFAULT_CONNECT_TIMEOUT = 60.0  # seconds for every rank to reach the others
-# Every collective mx.distributed offers: what a forward can pay a network round trip for.
-COLLECTIVES = ("all_sum", "all_gather", "all_max", "all_min", "sum_scatter",
-               "send", "recv", "recv_like")
 
 
 class DistributedError(UserError):
@@ -98,12 +94,13 @@ def from_rank0(x: mx.array, g: mx.distributed.Group | None = None) -> mx.array:
                                   stream=mx.cpu)
 
 
-def same_seed(seed: int | None) -> None:
-    """Seed every rank's generator with ``seed``, or with rank 0's clock when there is none:
-    drafts, accept draws and samples at temperature > 0 then match on every rank."""
+def same_seed(seed: int | None) -> int:
+    """The seed every rank generates with: ``seed``, or rank 0's clock when there is none.
+    Passed to the generation (its draws' key), it makes drafts, accept draws and samples at
+    temperature > 0 match on every rank."""
     if seed is None:
         seed = from_rank0(mx.array(time.time_ns() % 2**31, mx.int32)).item()
-    mx.random.seed(seed)
+    return seed
 
 
 # ---------------------------------------------------------------- loading
@@ -180,7 +177,7 @@ def load_sharded(path_or_repo, pipeline: bool = False, *, dtype="auto",
     mx.eval(model.parameters())
     # QSpec layers now: the sharded linears are then the quantized linears that draft
     # names are checked against (mlx's sharded classes do not subclass QuantizedLinear)
-    return install(model), tokenizer
+    return hooks.install(model), tokenizer
 
 
 # ---------------------------------------------------------------- counting collectives
@@ -202,32 +199,17 @@ _active: ContextVar[CollectiveCounter | None] = ContextVar("mlx_qspec_collective
                                                           default=None)
 
 
-def _counted(fn):
-    def collective(*args, **kwargs):
-        counter = _active.get()
-        if counter is not None:
-            name = precision.current().name
-            counter.calls[name] = counter.calls.get(name, 0) + 1
-        return fn(*args, **kwargs)
-
-    collective.original = fn
-    return collective
-
-
-def install_counting() -> None:
-    """Count every ``mx.distributed`` collective made while a counter is open (idempotent).
-    Models call them by their module name at each forward, so that name is the one place
-    to see them all, whoever shards the model."""
-    for name in COLLECTIVES:
-        fn = getattr(mx.distributed, name, None)
-        if fn is not None and not hasattr(fn, "original"):
-            setattr(mx.distributed, name, _counted(fn))
+def _count_call() -> None:
+    counter = _active.get()
+    if counter is not None:
+        name = precision.current().name
+        counter.calls[name] = counter.calls.get(name, 0) + 1
 
 
 @contextmanager
 def counting(counter: CollectiveCounter):
     """Count into ``counter`` the collectives of the graphs built inside the block."""
-    install_counting()
+    hooks.install_collective_counting(_count_call)
     token = _active.set(counter)
     try:
         yield counter

@@ -1,9 +1,9 @@
 """Matmuls and attention whose fast path is a custom kernel, each with its MLX-op reference.
 
-Model code calls the dispatchers only — :func:`act_quant_matmul` (the W4A4 / W4A8 draft)
-and :func:`verify_matmul` (W4A16 for a verify block of M ≤ 16 rows). :func:`nested_matmul`
-(8-bit weights as two 4-bit planes, the draft reading the upper one) is ready for the
-QuantSpec-style nested draft; no model path uses it yet. :func:`nested_attention`
+Model code calls the dispatchers only — :func:`act_quant_matmul` (the W4A4 / W4A8 draft),
+:func:`verify_matmul` (W4A16 for a verify block of M ≤ 16 rows) and :func:`nested_matmul`
+(8-bit weights as two 4-bit planes: the verify reads both, a ``w-upper`` draft the upper
+one; ``quant/linear.py`` runs every 8-bit layer through it). :func:`nested_attention`
 (``attention.py``'s path over the nested KV cache) runs decode, draft and verify rows through
 one kernel that reads the cache once per kv head for all of them. On a Mac with Metal the
 kernels from ``metal/`` run (:func:`backend` says ``"metal"``); elsewhere, and for shapes a
@@ -271,10 +271,10 @@ def metal_verify_matmul(x, w, scales, biases, *, group_size):
     once for all rows. Returns ``(..., N)`` in x's dtype."""
     _check_float("x", x)
     M, K, N = _check_w4(x, w, scales, biases, group_size)
-    return _float_matmul("w4a16_verify", x, [w], scales, biases, M, K, N, group_size)
+    return _float_matmul("w4a16_verify", x, [w], scales, biases, M, K, N, group_size=group_size)
 
 
-def _float_matmul(name, x, planes, scales, biases, M, K, N, group_size):
+def _float_matmul(name, x, planes, scales, biases, M, K, N, *, group_size):
     """Launch a float-activation small-M matmul kernel; ``(..., N)`` in x's dtype. The launch
     shape does not depend on M, nor does any row's arithmetic."""
     y = _kernel(name)(
@@ -345,7 +345,7 @@ def metal_nested_matmul(x, upper, lower, scales, biases, *, group_size, draft):
         raise ValueError("the verify variant needs a lower plane shaped like the upper plane")
     planes = [upper] if draft else [upper, lower]
     return _float_matmul("nested_matmul_draft" if draft else "nested_matmul_verify", x, planes,
-                         scales, biases, M, K, N, group_size)
+                         scales, biases, M, K, N, group_size=group_size)
 
 
 def nested_matmul(x, upper, lower, scales, biases, *, group_size, draft):

@@ -9,9 +9,9 @@ sets a :class:`Precision` for each forward with :func:`reading`; layers and cach
 with :func:`current`. It lives in a :class:`contextvars.ContextVar`, so it never leaks out
 of the ``with`` block, and two threads (two requests of a server) never see each other's.
 
-Names compose with ``+``: ``a8``, ``a4-g32``, ``w-upper``, ``kv-upper``, ``a8+kv-upper``,
-``skip-3,14`` (those blocks), ``skip-0.4+kv-upper`` (a calibrated 40 % of the blocks)…
-The full precision (what plain decoding and every verify read) is named ``verify``.
+A precision's name joins its terms with ``+`` (``a8-g32+kv-upper``, ``skip-3,14``); the full
+precision (what plain decoding and every verify read) is named ``verify``. How names are
+read, and what else a draft may be, is :mod:`mlx_qspec.drafts.grammar`'s.
 """
 
 from contextlib import contextmanager
@@ -89,58 +89,6 @@ class Precision:
 
 
 FULL_PRECISION = Precision()
-
-# Every single term a draft name may contain, and what it sets.
-TERMS: dict[str, dict] = {
-    **{
-        f"a{bits}{'' if g is None else f'-g{g}'}": dict(act_bits=bits, act_group_size=g)
-        for bits in sorted(ACT_BITS, reverse=True)
-        for g in (None, *ACT_GROUP_SIZES)
-    },
-    "w-upper": dict(weights=UPPER),
-    "kv-upper": dict(kv=UPPER),
-}
-SKIP = "skip-"  # a term's prefix: skip-<fraction> or skip-<i>,<j>,…
-
-
-def _skip_fields(term: str) -> dict:
-    """``skip-0.4`` → a fraction to calibrate; ``skip-3,14`` → those blocks."""
-    spec = term[len(SKIP):]
-    try:
-        if "." in spec:
-            return dict(skip_fraction=float(spec))
-        return dict(skip=tuple(sorted(int(i) for i in spec.split(","))))
-    except ValueError:
-        raise UserError(
-            f"bad layer-skip term {term!r}: use skip-<fraction> (e.g. skip-0.4) or "
-            "skip-<block>,<block>,… (e.g. skip-3,14)"
-        ) from None
-
-
-def _axis(term: str) -> str:
-    return "activations" if term.startswith("a") else term.split("-")[0]
-
-
-def parse(name: str) -> Precision:
-    """``'a8+kv-upper'`` → ``Precision(act_bits=8, kv='upper')``; ValueError naming the bad
-    part for an unknown term or two terms on one axis (``a8+a4``)."""
-    terms = [t.strip() for t in str(name).strip().lower().split("+")]
-    fields, axes = {}, {}
-    for term in terms:
-        if term.startswith(SKIP):
-            pass
-        elif term not in TERMS:
-            raise UserError(
-                f"unknown draft term {term!r} in {name!r}; terms: {', '.join(TERMS)} "
-                "(combine with '+', e.g. a8+kv-upper)"
-            )
-        axis = _axis(term)
-        if axis in axes:
-            raise UserError(f"draft {name!r} reads {axis} two ways ({axes[axis]} and {term})")
-        axes[axis] = term
-        fields.update(_skip_fields(term) if term.startswith(SKIP) else TERMS[term])
-    return Precision(**fields)
-
 
 _current: ContextVar[Precision] = ContextVar("mlx_qspec_precision", default=FULL_PRECISION)
 

@@ -20,7 +20,6 @@ with respect to it. Its forward runs the online Hadamards in verify and draft al
 
 import copy
 import sys
-import sysconfig
 from pathlib import Path
 
 import mlx.core as mx
@@ -39,9 +38,6 @@ EMBED_GROUP = 32
 ONLINE = ("o_proj", "down_proj")
 RESIDUAL_KINDS = ("hadamard", "random")
 _LLAMA_FAMILY = ("llama",)
-# Real text present wherever Python is installed (Mac or Linux): GPTQ's calibration set.
-CALIBRATION_FILES = ("textwrap.py", "functools.py", "contextlib.py", "dataclasses.py",
-                     "pathlib.py", "typing.py", "collections/__init__.py", "logging/__init__.py")
 
 
 def check_rotatable(config: dict) -> None:
@@ -259,26 +255,13 @@ def _rtn(fw: dict) -> dict:
     return weights
 
 
-def calibration_tokens(tokenizer, samples: int = 8, length: int = 256) -> mx.array:
-    """GPTQ calibration ids (samples, length): the start of Python stdlib files, one each."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    rows = []
-    for name in CALIBRATION_FILES[:samples]:
-        ids = tokenizer.encode((stdlib / name).read_text(errors="replace"))[:length]
-        if len(ids) == length:
-            rows.append(ids)
-    if not rows:
-        raise ValueError(f"no calibration text of {length} tokens found under {stdlib}")
-    return mx.array(rows)
-
-
 def rotate_model(model: nn.Module, config: dict, *, method: str = "gptq",
                  calibration: mx.array | None = None, residual: str = "hadamard",
                  seed: int = 0, progress: bool = True) -> tuple[dict, dict]:
     """Rotate and re-quantize: ``(weights, config)`` as mlx-lm's save would write them.
 
     ``method``: ``"gptq"`` (mlx-lm's GPTQ; needs ``calibration``, int token ids of shape
-    (samples, length), e.g. :func:`calibration_tokens`) or ``"rtn"`` (round-to-nearest).
+    (samples, length), e.g. :func:`mlx_qspec.calibration_text.calibration_tokens`) or ``"rtn"`` (round-to-nearest).
     GPTQ measured far closer to the original on SmolLM2 (perplexity 13.8 vs 19.8, original
     12.6). Linears 4-bit group 32, embedding and the now-untied LM head 8-bit group 32;
     floating parameters keep the source's dtype (float16 scales cost 1 bit/weight less).

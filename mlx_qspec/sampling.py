@@ -19,35 +19,7 @@ from mlx_lm.sample_utils import (
 )
 
 from .errors import UserError
-
-# The values mlx-lm's filters accept (they check them only when they first run):
-# parameter -> (lowest, highest).
-LIMITS = {
-    "temp": (0.0, math.inf),
-    "top_p": (0.0, 1.0),
-    "min_p": (0.0, 1.0),
-    "xtc_probability": (0.0, 1.0),
-    "xtc_threshold": (0.0, 0.5),
-}
-
-
-def range_problem(name: str, value) -> Optional[str]:
-    """What is wrong with ``value`` for parameter ``name`` ("must be …, got …"), or None.
-    NaN and infinities are refused: they sample garbage without an error."""
-    low, high = LIMITS[name]
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok and math.isfinite(value) and low <= value <= high:
-        return None
-    bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
-    return f"must be a finite number {bounds}, got {value!r}"
-
-
-def count_problem(value, low: int) -> Optional[str]:
-    """What is wrong with an integer parameter that must be ``>= low``, or None."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= low:
-        return None
-    return f"must be an integer >= {low}, got {value!r}"
-
+from .settings import check
 
 def xtc_cut(logprobs: mx.array, threshold: float, special_tokens: Sequence[int]) -> mx.array:
     """mlx-lm's XTC cut without its coin (``apply_xtc`` at probability 1, which would draw
@@ -78,13 +50,9 @@ class Sampler:
                  xtc_probability=0.0, xtc_threshold=0.1, xtc_special_tokens=None):
         for name, value in (("temp", temp), ("top_p", top_p), ("min_p", min_p),
                             ("xtc_probability", xtc_probability),
-                            ("xtc_threshold", xtc_threshold)):
-            if problem := range_problem(name, value):
-                raise UserError(f"{name} {problem}")
-        for name, value, low in (("top_k", top_k, 0),
-                                 ("min_tokens_to_keep", min_tokens_to_keep, 1)):
-            if problem := count_problem(value, low):
-                raise UserError(f"{name} {problem}")
+                            ("xtc_threshold", xtc_threshold), ("top_k", top_k),
+                            ("min_tokens_to_keep", min_tokens_to_keep)):
+            check(name, value)
         self.temp = float(temp)
         self.xtc_probability = float(xtc_probability)
         self.xtc_threshold = float(xtc_threshold)
@@ -126,13 +94,22 @@ class Sampler:
             return cut
         return mx.logaddexp(plain + math.log1p(-pi), cut + math.log(pi))
 
-    def __call__(self, logprobs: mx.array) -> mx.array:
+    def __call__(self, logprobs: mx.array, key: Optional[mx.array] = None) -> mx.array:
+        """A draw, as mlx-lm's sampler draws it from the global generator; with ``key`` (a
+        request's own), the same draw from that key (XTC's coin from a split of it)."""
         if self.greedy:
             return greedy_sampler(logprobs)
         x = self._chain(self.before_xtc, logprobs)
+        if key is None:
+            if self.xtc_probability > 0:
+                x = apply_xtc(x, self.xtc_probability, self.xtc_threshold,
+                              self.xtc_special_tokens)
+            return categorical_sampling(self._chain(self.after_xtc, x), self.temp)
         if self.xtc_probability > 0:
-            x = apply_xtc(x, self.xtc_probability, self.xtc_threshold, self.xtc_special_tokens)
-        return categorical_sampling(self._chain(self.after_xtc, x), self.temp)
+            coin, key = mx.random.split(key)
+            cut = xtc_cut(x, self.xtc_threshold, self.xtc_special_tokens)
+            x = mx.where(mx.random.uniform(key=coin) > self.xtc_probability, x, cut)
+        return mx.random.categorical(self._chain(self.after_xtc, x) * (1.0 / self.temp), key=key)
 
 
 def make_sampler(

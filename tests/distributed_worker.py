@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from mlx_qspec import distributed
 from mlx_qspec.errors import UserError
-from mlx_qspec.generate import stream_generate
+from mlx_qspec.api import stream_generate
 from mlx_qspec.quant.linear import QSpecShardedToAllLinear
 from mlx_qspec.sampling import make_sampler
 
@@ -38,7 +38,6 @@ def row_invariance(model) -> dict:
 
 def run(args):
     distributed.connect(args.timeout)
-    distributed.same_seed(args.seed)
     model, tokenizer = distributed.load_sharded(args.model, pipeline=args.pipeline)
     prompt = tokenizer.encode(args.prompt)
     out = {"rank": distributed.group().rank(), "ranks": distributed.group().size()}
@@ -58,11 +57,11 @@ def run(args):
             drafted=stats.drafted, accepted=stats.accepted,
             tokens_per_verify=stats.tokens_per_verify,
         )
-    if args.temp:  # every rank seeds from rank 0's clock: same draws, same samples
-        distributed.same_seed(None)
+    if args.temp:  # every rank draws with rank 0's clock as seed: same draws, same samples
         responses = list(stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
                                          draft=drafts[0], num_draft_tokens=args.gamma,
-                                         sampler=make_sampler(args.temp)))
+                                         sampler=make_sampler(args.temp),
+                                         seed=distributed.same_seed(None)))
         out["sampled"] = [r.token for r in responses]
     if not args.pipeline:
         out["same_rows"] = row_invariance(model)
@@ -81,7 +80,6 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=12)
     parser.add_argument("--no-plain", action="store_true", help="speculate only")
     parser.add_argument("--prompt", default="The capital of France is")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temp", type=float, default=0.0, help="also sample at this temperature")
     parser.add_argument("--timeout", type=float, default=distributed.DEFAULT_CONNECT_TIMEOUT)
     args = parser.parse_args()

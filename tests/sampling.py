@@ -7,7 +7,8 @@ from collections import Counter
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-from mlx_qspec.speculative import SpecStats, speculative_generate_step
+from mlx_qspec.decoder import SpecStats
+from mlx_qspec.speculative import speculative_generate_step
 
 
 def sample_first_tokens(model, prompt, sampler, steps: int, n: int, seed: int,

@@ -10,13 +10,15 @@ from mlx_lm.generate import generate_step
 
 from conftest import build_tiny_model
 from sampling import chi2_pvalue, sample_first_tokens
-from mlx_qspec import layer_skip, reads
-from mlx_qspec.drafts import check
+from mlx_qspec import hooks, reads
+from mlx_qspec.decoder import SpecStats
+from mlx_qspec.drafts import layer_skip
+from mlx_qspec.drafts.cascade import build
 from mlx_qspec.kv_cache import make_cache
-from mlx_qspec.ngram import Ngram
+from mlx_qspec.drafts.ngram import Ngram
 from mlx_qspec.precision import FULL_PRECISION, Precision, reading
 from mlx_qspec.sampling import make_sampler
-from mlx_qspec.speculative import SpecStats, prepare, speculative_generate_step
+from mlx_qspec.speculative import speculative_generate_step
 
 BLOCK = 32
 # A prompt that repeats itself in part, so the lookup finds matches, and long enough that
@@ -31,7 +33,7 @@ def model():
 
 
 def plain(model, kv_mode="fp"):
-    prepare(model)
+    hooks.install(model)
     cache = make_cache(model, kv_mode, BLOCK, BLOCK)
     return [t for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=MAX_TOKENS,
                                         prompt_cache=cache)]
@@ -110,7 +112,7 @@ def test_copying_output_is_drafted_whole_by_the_lookup():
 
 
 def test_a_skip_draft_reads_only_the_blocks_it_runs(model):
-    prepare(model)
+    hooks.install(model)
     layer = model.model.layers[2]
     block_bytes = sum(v.nbytes for k, v in _flat(layer.parameters()) if "norm" not in k)
     counted = {}
@@ -200,7 +202,7 @@ def test_bad_lookup_settings_name_the_setting():
 
 
 def test_cascade_names_are_canonical(model):
-    assert check(model, "NGRAM > a8+skip-2 > verify").name == "ngram>skip-2+a8"
+    assert build(model, "NGRAM > a8+skip-2 > verify").name == "ngram>skip-2+a8"
 
 
 @pytest.mark.parametrize("verify_cost, expect", [
@@ -219,7 +221,7 @@ def test_auto_weighs_the_free_lookup_and_stays_exact(model, monkeypatch, verify_
 
 
 def test_auto_weighs_the_skip_sets_calibrated_for_the_model(model, tmp_path, monkeypatch):
-    from mlx_qspec.speculative import auto_priors
+    from mlx_qspec.drafts.auto import auto_priors
 
     monkeypatch.setenv("MLX_QSPEC_CACHE", str(tmp_path))
     assert not any(n.startswith("skip-") for n in auto_priors(model, "nested"))
@@ -271,7 +273,7 @@ def test_a_cascade_scores_with_logits_processors_as_plain_decoding(model):
     from mlx_lm.sample_utils import make_logits_processors
 
     procs = make_logits_processors(repetition_penalty=1.5, repetition_context_size=16)
-    prepare(model)
+    hooks.install(model)
     ref = [t for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=MAX_TOKENS,
                                        logits_processors=procs)]
     out, st, _ = spec(model, "ngram>skip-2>a8", 6, logits_processors=procs)

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from mlx_qspec.generate import default_model_path, main
+from mlx_qspec.cli import default_model_path
+from mlx_qspec.generate import main
 
 PROMPT = "What is the capital of France?"
 

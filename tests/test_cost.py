@@ -10,9 +10,10 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_qspec import cost, precision, roofline
 from mlx_qspec.cost import AcceptanceEstimate, CostTable, choose, expected_tokens
 from mlx_qspec.kv_cache import make_cache
-from mlx_qspec.ngram import Ngram
+from mlx_qspec.drafts.ngram import Ngram
 from mlx_qspec.quant.linear import install
-from mlx_qspec.speculative import SpecStats, auto_priors, prepare, resolve_auto
+from mlx_qspec.drafts.auto import AutoPolicy, auto_priors
+from mlx_qspec.hooks import install
 
 
 def test_expected_tokens():
@@ -195,7 +196,7 @@ def test_roofline():
 
 def test_roofline_of_the_test_model_is_flat_for_a_few_rows(smollm2):
     """A verify of up to 5 rows costs about one step on every chip; more rows cost more."""
-    linears = roofline.linears(prepare(smollm2[0]))
+    linears = roofline.linears(install(smollm2[0]))
     assert len(linears) == 30 * 7 + 1  # the tied embedding is the LM head
     for chip in roofline.CHIPS:
         t = [roofline.forward_seconds(linears, 0, rows, chip) for rows in range(1, 17)]
@@ -218,7 +219,7 @@ def _as_mac(monkeypatch, device_name):
 def test_a_mac_models_its_costs_without_timing(mac, monkeypatch, tmp_path, device, chip):
     monkeypatch.setenv("MLX_QSPEC_CACHE", str(tmp_path))
     _as_mac(monkeypatch, device)
-    model = prepare(build_tiny_model())
+    model = install(build_tiny_model())
     cache = _prefilled(model)
     table = cost.calibrate_cached(model, cache, ["a8-g32", "kv-upper"])  # kv-upper: no nested cache
     assert table.source == f"modeled({chip})" and list(table.draft) == ["a8-g32"]
@@ -234,13 +235,13 @@ def test_a_chip_the_roofline_does_not_know_is_timed(mac, monkeypatch, tmp_path):
     monkeypatch.setenv("MLX_QSPEC_CACHE", str(tmp_path))
     monkeypatch.setattr(mx, "device_info", lambda: {"device_name": "Apple M9 Ultra"})
     monkeypatch.setattr(cost, "calibrate", lambda model, cache, names, rows, repeats: CostTable({1: 1.0}, {}))
-    model = prepare(build_tiny_model())
+    model = install(build_tiny_model())
     assert cost.calibrate_cached(model, _prefilled(model), []).source == "timed"
 
 
 def test_a_stored_timing_wins_over_the_model(mac, monkeypatch, tmp_path):
     monkeypatch.setenv("MLX_QSPEC_CACHE", str(tmp_path))
-    model = prepare(build_tiny_model())
+    model = install(build_tiny_model())
     cache = _prefilled(model)
     timed = CostTable({1: 1.0, 5: 5.0, 9: 9.0}, {"a8-g32": 0.5})
     modeled = cost.modeled
@@ -259,13 +260,12 @@ def test_auto_on_a_modeled_mac(mac, monkeypatch, tmp_path):
     bytes as a step (a8-g32 on a 4-bit model) does not, so without the lookup it is plain."""
     monkeypatch.setenv("MLX_QSPEC_CACHE", str(tmp_path))
     _as_mac(monkeypatch, "Apple M2 Max")
-    model = prepare(build_tiny_model(head_bits=8))
+    model = install(build_tiny_model(head_bits=8))
     cache = make_cache(model, "nested")
     mx.eval(model(mx.zeros((1, 24), mx.uint32), cache=cache))
-    stats = SpecStats()
-    cascade, _ = resolve_auto(model, cache, None, stats, Ngram())
-    assert stats.draft == cascade.name == "ngram"
-    assert stats.auto_reason.startswith("modeled_speedup") and stats.auto_reason.endswith(";costs=modeled(M2_Max)")
+    auto = AutoPolicy(model, cache, Ngram())
+    assert auto.name == auto.draft.name == "ngram"
+    assert auto.reason.startswith("modeled_speedup") and auto.reason.endswith(";costs=modeled(M2_Max)")
     priors = {n: a for n, a in auto_priors(model, "nested").items() if n != "ngram"}
     assert {"w-upper", "kv-upper", "w-upper+kv-upper", "a8-g32"} <= set(priors)
     table = cost.calibrate_cached(model, cache, list(priors))

@@ -14,9 +14,12 @@ from mlx_lm.generate import generate_step
 from conftest import build_tiny_model
 from mlx_qspec import kernels, precision, reads
 from mlx_qspec.kv_cache import make_cache
-from mlx_qspec.precision import parse, reading
+from mlx_qspec.drafts.grammar import parse_precision as parse
+from mlx_qspec.precision import reading
 from mlx_qspec.quant.linear import QSpecLinear, install
-from mlx_qspec.speculative import VERIFY_CHUNK, SpecStats, prepare, speculative_generate_step
+from mlx_qspec.decoder import VERIFY_ROWS, SpecStats
+from mlx_qspec.hooks import install
+from mlx_qspec.speculative import speculative_generate_step
 
 BLOCK = 32  # the tiny model's head dim: key blocks and value groups of 32
 PROMPT = [(7 * i + 3) % 256 for i in range(100)]  # > 2 blocks: planes hold tokens already
@@ -31,7 +34,7 @@ def model():
 
 def plain(model, kv_mode, prompt=PROMPT, max_tokens=MAX_TOKENS):
     """mlx-lm's own loop over the same layers, attention and cache kind: the reference."""
-    prepare(model)
+    install(model)
     cache = make_cache(model, kv_mode, BLOCK, BLOCK)
     return [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens,
                                         prompt_cache=cache)]
@@ -170,7 +173,7 @@ def test_every_row_count_of_a_verify_takes_the_one_token_kernel_path(monkeypatch
     """Exactness on Metal rests on a one-token step and every verify row running the same
     kernel: the loop verifies in chunks the small-M kernel takes, and the dispatcher sends
     every such row count to it (larger ones, prefill only, to MLX)."""
-    assert VERIFY_CHUNK <= kernels.MAX_M
+    assert VERIFY_ROWS <= kernels.MAX_M
     calls = []
     monkeypatch.setattr(kernels, "backend", lambda: "metal")
     monkeypatch.setattr(kernels, "metal_verify_matmul", lambda x, *a, **k: calls.append(x.shape[0]) or x)

@@ -8,7 +8,7 @@ from mlx_lm.utils import load_tokenizer
 from mlx_qspec import generate, load, stream_generate
 from mlx_qspec.convert import convert
 from mlx_qspec.errors import ModelError
-from mlx_qspec.generate import default_model_path
+from mlx_qspec.cli import default_model_path
 
 PROMPTS = [
     "What is the capital of France?",

@@ -9,7 +9,8 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models import base, llama
 from mlx_lm.models.cache import QuantizedKVCache
 
-from mlx_qspec import attention, kernels, precision, reads
+from mlx_qspec import hooks, kernels, precision, reads
+from mlx_qspec.drafts.grammar import parse_precision
 from mlx_qspec.kv_cache import NestedKVCache, make_cache
 
 BS, VG = 32, 32
@@ -187,7 +188,7 @@ def test_memory_per_token_is_the_8bit_cache_plus_the_buffer():
 
 
 def test_generate_step_runs_on_the_nested_cache():
-    model = attention.install(build_tiny_model())
+    model = hooks.install(build_tiny_model())
     prompt = mx.array(np.random.default_rng(0).integers(0, 256, 100), mx.uint32)
     cache = make_cache(model, "nested", BS, VG)
     got = [t for t, _ in generate_step(prompt, model, prompt_cache=cache, max_tokens=24)]
@@ -208,7 +209,7 @@ def test_generate_step_runs_on_the_nested_cache():
 
     # the draft reads only the upper planes: fewer KV bytes, exactly the lower planes fewer
     counts = {}
-    for name, p in (("full", precision.FULL_PRECISION), ("upper", precision.parse("kv-upper"))):
+    for name, p in (("full", precision.FULL_PRECISION), ("upper", parse_precision("kv-upper"))):
         with precision.reading(p), reads.counting(reads.ReadCounter()) as rc:
             mx.eval(model(tok[None], cache=cache))
         assert [c.trim(1) for c in cache] == [1, 1]
@@ -218,14 +219,14 @@ def test_generate_step_runs_on_the_nested_cache():
 
 
 def test_kv_upper_needs_the_nested_cache():
-    model = attention.install(attention.install(build_tiny_model()))
+    model = hooks.install(hooks.install(build_tiny_model()))
     assert llama.scaled_dot_product_attention.original is base.scaled_dot_product_attention
     tok = mx.array([[1, 2]])
     for mode in ("fp", "8bit"):
         with reads.counting(reads.ReadCounter()) as rc:
             model(tok, cache=make_cache(model, mode))
         assert rc.bytes(reads.KV) > 0
-        with precision.reading(precision.parse("kv-upper")):
+        with precision.reading(parse_precision("kv-upper")):
             with pytest.raises(ValueError, match="kv-mode nested"):
                 model(tok, cache=make_cache(model, mode))
 

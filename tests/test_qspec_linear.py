@@ -11,10 +11,14 @@ from mlx_lm.models import llama
 
 from conftest import TINY, build_tiny_model
 from mlx_qspec import kernels, precision
-from mlx_qspec.precision import TERMS, Precision, parse, reading
+from mlx_qspec.drafts.grammar import TERMS, draft_help
+from mlx_qspec.drafts.grammar import parse_precision as parse
+from mlx_qspec.precision import Precision, reading
 from mlx_qspec.quant.activations import fake_quantize_activations
 from mlx_qspec.quant.linear import QSpecEmbedding, QSpecLinear, install, is_installed
-from mlx_qspec.quant.modes import activation_draft, check_draft, draft_help, draftable_layers
+from mlx_qspec.drafts.auto import activation_draft
+from mlx_qspec.drafts.cascade import check_draft
+from mlx_qspec.quant.modes import draftable_layers
 
 TOKENS = mx.array([[3, 17, 200, 45, 9, 128, 77]])
 

@@ -7,7 +7,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from mlx_lm.utils import load_model
 
-from mlx_qspec.precision import parse, reading
+from mlx_qspec.drafts.grammar import parse_precision as parse
+from mlx_qspec.precision import reading
 from mlx_qspec.quant.linear import QSpecLinear, install
 from mlx_qspec.quant.hadamard import (
     OnlineHadamard,
@@ -15,10 +16,10 @@ from mlx_qspec.quant.hadamard import (
     hadamard_factors,
     hadamard_size_ok,
 )
+from mlx_qspec.calibration_text import calibration_tokens
 from mlx_qspec.rotate import (
     build_model,
     check_residual,
-    calibration_tokens,
     check_rotatable,
     residual_rotation,
     rotate_model,

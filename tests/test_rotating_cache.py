@@ -3,7 +3,6 @@ mlx-lm's RotatingKVCache gives plain decoding, and can be rewound at any time.""
 
 import copy
 import random
-import sys
 import threading
 
 import mlx.core as mx
@@ -15,26 +14,22 @@ from mlx_lm.models import gemma3_text
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 from conftest import build_tiny_model
-from mlx_qspec.batch import Engine, Job
-from mlx_qspec.drafts import DraftModel
-from mlx_qspec import precision, server
+from mlx_qspec import api, hooks, precision, server
+from mlx_qspec.api import make_generation_cache, stream_generate
+from mlx_qspec.batch import Job
+from mlx_qspec.caches import kv_mode
+from mlx_qspec.decoder import SpecStats, prefill
+from mlx_qspec.drafts.cascade import DraftModel
 from mlx_qspec.errors import UserError
-from mlx_qspec.generate import main, make_generation_cache, stream_generate
+from mlx_qspec.generate import main
 from mlx_qspec.kv_cache import (
+    MAX_DRAFT_TOKENS,
     REWIND_SLOTS,
     SpeculativeRotatingKVCache,
     make_cache,
     make_rotating_cache,
 )
-from mlx_qspec.speculative import (
-    MAX_DRAFT_TOKENS,
-    SpecStats,
-    kv_mode_of,
-    plain_generate_step,
-    prefill,
-    prepare,
-    speculative_generate_step,
-)
+from mlx_qspec.speculative import plain_generate_step, speculative_generate_step
 
 P = 160  # positions in the one-hot tests
 
@@ -128,7 +123,7 @@ def _speculate(model, prompt, cache, max_tokens, draft="a8", gamma=4, stats=None
 
 @pytest.fixture(scope="module")
 def tiny():
-    return prepare(build_tiny_model())
+    return hooks.install(build_tiny_model())
 
 
 W, PROMPT, T = 24, 40, 100
@@ -195,9 +190,8 @@ def test_api_and_cli_max_kv_size_with_a_draft_keep_plain_decodings_window(smollm
     """A window (16) shorter than the prompt: plain decoding gets mlx-lm's rotating cache, a
     draft the rewindable one, and the same tokens — through the API and through the CLI
     (which no longer refuses or drops the draft)."""
-    gen = sys.modules["mlx_qspec.generate"]  # the package's ``generate`` is the function
     made = []
-    monkeypatch.setattr(gen, "make_rotating_cache",
+    monkeypatch.setattr(api, "make_rotating_cache",
                         lambda *a, **kw: made.append(make_rotating_cache(*a, **kw)) or made[-1])
     model, tokenizer = smollm2
     text = "Write a long story about a cat."
@@ -273,7 +267,7 @@ def gemma():
         layer.post_feedforward_layernorm.weight = mx.full((128,), 15.0)
     nn.quantize(model, group_size=32, bits=4)
     mx.eval(model.parameters())
-    return prepare(model)
+    return hooks.install(model)
 
 
 @pytest.fixture(scope="module")
@@ -381,7 +375,7 @@ def test_kv_modes_with_sliding_layers(gemma, gemma_plain):
     prompt, _ = gemma_plain
     cache = make_cache(gemma, "8bit")
     assert [type(c) for c in cache] == [RotatingKVCache, RotatingKVCache, QuantizedKVCache]
-    assert kv_mode_of(cache) == "8bit"  # what its full-attention layers hold
+    assert kv_mode(cache) == "8bit"  # what its full-attention layers hold
     want = _plain(gemma, prompt, cache, GT)
     assert _speculate(gemma, prompt, make_cache(gemma, "8bit"), GT) == want
     with pytest.raises(UserError, match="nested needs full attention in every layer"):
@@ -395,7 +389,7 @@ def test_kv_modes_with_sliding_layers(gemma, gemma_plain):
 def test_server_serves_sliding_window_models_one_at_a_time(gemma, gemma_plain, smollm2,
                                                             monkeypatch):
     """A ragged batch cache holds no window: the server routes such a model to the
-    one-at-a-time Engine, whose greedy text is plain decoding's — also for a repeated request,
+    batch-1 decoders, whose greedy text is plain decoding's — also for a repeated request,
     served from the first one's (converted) cache. kv_bits is refused at start."""
     monkeypatch.setattr(server, "load", lambda path: (gemma, smollm2[1]))
     flags = ["--draft", "a8", "--max-context", "256"]
@@ -404,7 +398,7 @@ def test_server_serves_sliding_window_models_one_at_a_time(gemma, gemma_plain, s
     _, engine = server.build(server.setup_arg_parser().parse_args(flags))
     prompt, ref = gemma_plain
     try:
-        assert type(engine) is Engine
+        assert not engine.batched  # each request decoded at batch 1
         for _ in range(2):
             ids, done = [], threading.Event()
 

@@ -12,7 +12,6 @@ import pytest
 import uvicorn
 
 from mlx_qspec import generate
-from mlx_qspec.batch import BatchEngine, Engine
 from mlx_qspec.server import build, main, setup_arg_parser
 
 KEY = "test-key"
@@ -65,7 +64,7 @@ class Served:
 def served():
     """The batching engine, one sequence at a time, one request waiting at most."""
     s = Served("--decode-concurrency", "1", "--queue-size", "1")
-    assert isinstance(s.engine, BatchEngine)
+    assert s.engine.batched  # its draft steps and verifies are batched forwards
     yield s
     s.close()
 
@@ -285,10 +284,10 @@ def test_concurrent_requests_are_batched_and_give_the_same_text():
 
 
 def test_one_at_a_time_engine_for_an_8bit_cache():
-    """An 8-bit KV cache is served by :class:`Engine` (stream_generate per request)."""
+    """An 8-bit KV cache (no ragged batch) is served request by request at batch 1."""
     s = Served("--kv-mode", "8bit")
     try:
-        assert type(s.engine) is Engine
+        assert not s.engine.batched  # each request decoded at batch 1
         prompt = "The capital of France is"
         full = s.client.completions.create(model=MODEL, prompt=prompt, max_tokens=3)
         assert full.usage.completion_tokens == 3

@@ -13,10 +13,13 @@ from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
 from conftest import build_tiny_model
 from sampling import chi2_pvalue, sample_first_tokens
 from mlx_qspec import precision
-from mlx_qspec.precision import FULL_PRECISION, TERMS, parse, reading
+from mlx_qspec.drafts.grammar import TERMS
+from mlx_qspec.drafts.grammar import parse_precision as parse
+from mlx_qspec.precision import FULL_PRECISION, reading
 from mlx_qspec.quant.linear import install, is_installed
 from mlx_qspec.sampling import make_sampler
-from mlx_qspec.speculative import SpecStats, speculative_generate_step
+from mlx_qspec.decoder import SpecStats
+from mlx_qspec.speculative import speculative_generate_step
 
 ACTIVATION_DRAFTS = [t for t in TERMS if t.startswith("a")]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,9 @@ class Ngram:
     min_n: int = 1
     max_n: int = 4
     window: int = 4096
+
+    reads_context = True  # a level of a cascade (drafts.cascade): it reads the token ids
+    reads_hidden = False
 
     def __post_init__(self):
         for name in ("min_n", "max_n", "window"):
@@ -63,3 +66,8 @@ class Ngram:
             out += more.tolist()
             ids = np.concatenate([ids, more])
         return out
+
+    def proposals(self, context, k: int, draw=None):
+        """As a cascade's first level: the lookup's tokens, each a point mass (None)."""
+        tokens = self.propose(context.tokens, k)
+        return tokens, [None] * len(tokens)

