@@ -181,7 +181,7 @@ class BatchEngine:
         self.decode_concurrency, self.queue_size = decode_concurrency, queue_size
         caches = make_cache(model, settings.kv_mode)  # what the layers can hold, checked now
         check_kv_bits(caches, settings.kv_bits)
-        self.draft_model = None if draft_model is None else DraftModel(hooks.install(draft_model))
+        self.draft_model = None if draft_model is None else DraftModel(draft_model)
         d = settings.draft
         self.cascade = None if d.auto or (d.none and self.draft_model is None) else build(
             model, d, settings.kv_mode, settings.ngram, self.draft_model)
@@ -239,7 +239,10 @@ class BatchEngine:
         return joined
 
     def _run(self):
-        hooks.install(self.model)  # here: arrays built on another thread's stream cannot run
+        # Installed here: arrays built on another thread's stream cannot run on this one.
+        hooks.install(self.model)
+        if self.draft_model is not None:
+            hooks.install(self.draft_model.model)
         active, batch = [], None
         while (joined := self._take(len(active))) is not None:
             kept = [b for b, r in enumerate(active) if not r.job.cancelled.is_set()]

@@ -11,7 +11,9 @@ import openai
 import pytest
 import uvicorn
 
+from mlx_qspec import api as generate_module
 from mlx_qspec import generate
+from mlx_qspec.batch import Job
 from mlx_qspec.server import build, main, setup_arg_parser
 
 KEY = "test-key"
@@ -27,13 +29,13 @@ def _free_port() -> int:
 
 
 class Served:
-    """A server started in this process on a free loopback port (its engine's model is the
-    one offline generation below uses)."""
+    """A server started in this process on a free loopback port, serving the test model
+    already loaded (``loaded``), which offline generation below uses too."""
 
-    def __init__(self, *flags):
+    def __init__(self, *flags, loaded=None):
         args = setup_arg_parser().parse_args(
             [*DRAFT, "--api-key", KEY, "--max-context", str(MAX_CONTEXT), *flags])
-        self.app, self.engine = build(args)
+        self.app, self.engine = build(args, loaded)
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port,
@@ -61,9 +63,9 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served():
+def served(smollm2):
     """The batching engine, one sequence at a time, one request waiting at most."""
-    s = Served("--decode-concurrency", "1", "--queue-size", "1")
+    s = Served("--decode-concurrency", "1", "--queue-size", "1", loaded=smollm2)
     assert s.engine.batched  # its draft steps and verifies are batched forwards
     yield s
     s.close()
@@ -256,10 +258,10 @@ STARTS = ["The capital of France is", "Once upon a time", "def add(a, b):", "1, 
           "The best way to learn", "Dear Sir,", "In 1969 the", "Roses are red,"]
 
 
-def test_concurrent_requests_are_batched_and_give_the_same_text():
+def test_concurrent_requests_are_batched_and_give_the_same_text(smollm2):
     """8 greedy requests at once give what each gives alone, in fewer (batched) forwards.
     No prompt cache, so both runs prefill the same way."""
-    s = Served("--prompt-cache-size", "0", "--queue-size", "8")
+    s = Served("--prompt-cache-size", "0", "--queue-size", "8", loaded=smollm2)
     try:
         ask = lambda p: s.client.completions.create(  # noqa: E731
             model=MODEL, prompt=p, max_tokens=3).choices[0].text
@@ -283,9 +285,9 @@ def test_concurrent_requests_are_batched_and_give_the_same_text():
         s.close()
 
 
-def test_one_at_a_time_engine_for_an_8bit_cache():
+def test_one_at_a_time_engine_for_an_8bit_cache(smollm2):
     """An 8-bit KV cache (no ragged batch) is served request by request at batch 1."""
-    s = Served("--kv-mode", "8bit")
+    s = Served("--kv-mode", "8bit", loaded=smollm2)
     try:
         assert not s.engine.batched  # each request decoded at batch 1
         prompt = "The capital of France is"
@@ -313,3 +315,58 @@ def test_help_says_to_set_a_key_before_binding_elsewhere(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "Set --api-key before binding" in " ".join(capsys.readouterr().out.split())
+
+
+PROMPTS = ["def add(a, b):\n    return a + b\n\ndef sub(a, b):", "The capital of France is",
+           "1, 2, 3, 4, 5, 6,"]
+SERVED_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def plain_texts(smollm2):
+    """Plain greedy decoding of each prompt through the API: computed once, the reference
+    for every draft the server serves."""
+    model, tokenizer = smollm2
+    return {p: [r.token for r in generate_module.stream_generate(
+        model, tokenizer, tokenizer.encode(p), max_tokens=SERVED_TOKENS, draft="none")]
+        for p in PROMPTS}
+
+
+@pytest.mark.parametrize("flags", [
+    ["--draft", "ngram", "--ngram-min", "2"],
+    ["--draft", "ngram>a8-g32", "--num-draft-tokens", "5"],
+    ["--kv-mode", "nested", "--draft", "kv-upper"],
+    ["--draft-model", "MODEL"],
+], ids=["ngram", "cascade", "nested-kv-upper", "draft-model"])
+def test_every_draft_is_served_concurrently_with_plain_decodings_text(smollm2, smollm2_gguf,
+                                                                      plain_texts, flags):
+    """Drafts no batched forward can share run as decoders of their own at batch 1, stepped
+    in turn: requests queued together all emit before any finishes, and each gets the
+    tokens plain decoding gives its prompt."""
+    flags = [str(smollm2_gguf) if f == "MODEL" else f for f in flags]
+    s = Served("--prompt-cache-size", "0", *flags, loaded=smollm2)
+    try:
+        assert not s.engine.batched
+        events, done = [], threading.Semaphore(0)
+
+        def deliver(i):
+            def on(event):
+                events.append((i, event["type"], [e["id"] for e in event.get("logprobs", [])]))
+                if event["type"] in ("done", "error"):
+                    done.release()
+            return on
+
+        jobs = [Job(s.engine.tokenizer.encode(p), SERVED_TOKENS, deliver(i), logprobs=True)
+                for i, p in enumerate(PROMPTS)]
+        with s.engine.ready:  # all queued before the engine takes any
+            for job in jobs:
+                s.engine.submit(job)
+        for _ in jobs:
+            assert done.acquire(timeout=300)
+        assert not [e for e in events if e[1] == "error"], events
+        for i, p in enumerate(PROMPTS):
+            assert [t for j, _, ids in events if j == i for t in ids] == plain_texts[p], flags
+        first_done = next(n for n, (_, kind, _) in enumerate(events) if kind == "done")
+        assert {i for i, kind, ids in events[:first_done] if ids} == set(range(len(PROMPTS)))
+    finally:
+        s.close()
