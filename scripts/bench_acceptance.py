@@ -33,16 +33,12 @@ from pathlib import Path
 import mlx.core as mx
 
 from plotting import pyplot
-from mlx_qspec import load
-from mlx_qspec.generate import default_model_path
-from mlx_qspec import drafts
+from mlx_qspec import load, settings
+from mlx_qspec.cli import default_model_path
+from mlx_qspec.decoder import SpecStats
+from mlx_qspec.drafts.cascade import build, resolve
 from mlx_qspec.kv_cache import KV_MODES, make_cache
-from mlx_qspec.speculative import (
-    SpecStats,
-    check_num_draft_tokens,
-    plain_generate_step,
-    speculative_generate_step,
-)
+from mlx_qspec.speculative import plain_generate_step, speculative_generate_step
 
 DOC_MODULES = ["json", "argparse", "logging", "unittest", "subprocess", "collections", "asyncio"]
 
@@ -186,9 +182,9 @@ def main(argv=None):
 
     try:
         model, tokenizer = load(args.model or default_model_path())
-        modes = [drafts.check(model, drafts.resolve(model, tokenizer, m, progress=_log),
-                              args.kv_mode) for m in args.modes]
-        gammas = [check_num_draft_tokens(g) for g in args.gammas]
+        modes = [build(model, resolve(model, tokenizer, m, progress=_log), args.kv_mode)
+                 for m in args.modes]
+        gammas = [settings.check("num_draft_tokens", g) for g in args.gammas]
     except ValueError as e:
         ap.exit(2, f"bench_acceptance: error: {e}\n")
     prompt_sets = prompts(tokenizer, args.workload, args.prompts, args.prompt_tokens)

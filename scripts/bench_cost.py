@@ -26,10 +26,12 @@ import mlx.core as mx
 from plotting import pyplot
 from mlx_qspec import load, reads
 from mlx_qspec.roofline import CHIPS, tokens_per_s
-from mlx_qspec.generate import default_model_path
+from mlx_qspec.cli import default_model_path
+from mlx_qspec.decoder import SpecStats, prefill
+from mlx_qspec.drafts.cascade import build
+from mlx_qspec.hooks import install
 from mlx_qspec.kv_cache import NestedKVCache, make_cache
-from mlx_qspec.drafts import check
-from mlx_qspec.speculative import SpecStats, prefill, prepare, speculative_generate_step
+from mlx_qspec.speculative import speculative_generate_step
 
 CONTEXTS = (1024, 4096, 16384, 32768)
 MODES = ("kv-upper", "w-upper+kv-upper", "w-upper", "a8-g32", "ngram", "ngram>kv-upper")
@@ -186,10 +188,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     model, tokenizer = load(args.model or default_model_path())
-    prepare(model)
+    install(model)
     try:
         for m in args.modes:
-            check(model, m, "nested")
+            build(model, m, "nested")
     except ValueError as e:
         ap.exit(2, f"bench_cost: error: {e}\n")
     ids = mx.array(long_text(tokenizer, args.context + 1))

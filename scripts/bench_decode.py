@@ -31,7 +31,8 @@ from mlx.utils import tree_flatten
 from mlx_qspec import load
 from mlx_qspec.convert import convert
 from mlx_qspec.errors import ModelError
-from mlx_qspec.generate import default_model_path, stream_generate
+from mlx_qspec.api import stream_generate
+from mlx_qspec.cli import default_model_path
 from mlx_qspec.loader import default_dtype
 
 PROMPTS = [

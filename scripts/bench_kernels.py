@@ -1,6 +1,6 @@
 """Bytes, ALU work and a roofline time of the small-M matmul kernels, M = 1 … 16, on Apple GPUs.
 
-Counted, on this machine, by the MSL emulator's counting build (tests/msl_emulator; rules in
+Counted, on this machine, by the MSL emulator's counting build (tools/msl_emulator; rules in
 msl.h, "ALU counting"): for the kernels that serve a verify or draft block — ``verify``
 (w4a16_verify.metal), ``nested-verify`` and ``nested-draft`` (nested_matmul.metal, 8-bit
 weights as two 4-bit planes) — and each row count M, the lane-operations a launch issues
@@ -39,7 +39,9 @@ Records (``--json``): kernel, model, shape ("KxN" = inputs × outputs, or "layer
 bytes, alu, modeled_s, ratio_to_m1, requested_bytes (counted kernels), path (mlx-qmm),
 counted (false for the modeled rows), group_size, dtype.
 
-    python scripts/bench_kernels.py --json out/kernels.json --plot out/kernels.png
+    python -m scripts.bench_kernels --json out/kernels.json --plot out/kernels.png
+
+(from the repository root, as a module: the emulator is development tooling, ``tools``.)
 """
 
 import argparse
@@ -50,12 +52,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from msl_emulator import KernelError, counting_alu, metal_kernel  # noqa: E402
-
-from plotting import pyplot
-from mlx_qspec import kernels, roofline  # noqa: E402
-from mlx_qspec.roofline import CHIPS  # noqa: E402
+from mlx_qspec import kernels, roofline
+from mlx_qspec.roofline import CHIPS
+from scripts.plotting import pyplot
+from tools.msl_emulator import KernelError, counting_alu, metal_kernel
 
 ROWS = (1, 2, 4, 5, 8, 16)
 # (K, N) of one layer's linears: q, k, v, o, gate, up, down

@@ -34,7 +34,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 from mlx_qspec import load
-from mlx_qspec.generate import default_model_path
+from mlx_qspec.cli import default_model_path
 from mlx_qspec.quant.activations import fake_quantize_activations
 from mlx_qspec.calibration_text import calibration_tokens
 from mlx_qspec.rotate import (

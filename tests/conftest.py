@@ -13,7 +13,7 @@ import pytest
 from mlx_lm.models import llama
 
 from mlx_qspec import kernels
-from msl_emulator import metal_kernel as emulated_metal_kernel
+from tools.msl_emulator import metal_kernel as emulated_metal_kernel
 
 # Cost-model calibrations go to a fresh folder per test session (CLI subprocesses inherit
 # it), never to the user's cache, so no test depends on what an earlier run measured.

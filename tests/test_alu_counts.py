@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mlx_qspec import kernels, roofline
-from msl_emulator import counting_alu, metal_kernel
+from tools.msl_emulator import counting_alu, metal_kernel
 
 # What a lane issues, by msl.h's rules ("ALU counting"): the comments count each line.
 COUNTED = """

@@ -9,7 +9,7 @@ import pytest
 from mlx_qspec import kernels
 from mlx_qspec.kv_cache import NestedKVCache, nest
 from conftest import close
-from msl_emulator import recording
+from tools.msl_emulator import recording
 
 
 def nested_cache(B, Hkv, D, Tq, Tb, key_block, value_group, seed, dtype=mx.float32):

@@ -210,7 +210,7 @@ def test_kv_upper_through_the_metal_kernels_equals_plain(mac):
     kernel (emulated), for every plain step and every verify row. The prompt fills the
     planes (a prefill over more than 16 rows takes MLX's path on both sides alike) and the
     generation crosses another flush."""
-    from msl_emulator import recording
+    from tools.msl_emulator import recording
 
     model = build_tiny_model(head_bits=8)
     prompt = PROMPT[:90]  # offset 90 → 102 crosses the flush at 96

@@ -8,7 +8,7 @@ import pytest
 
 from mlx_qspec import kernels
 from conftest import close
-from msl_emulator import recording
+from tools.msl_emulator import recording
 
 
 def weight(N, K, group_size, seed, bits=4, dtype=mx.float32):

@@ -30,7 +30,7 @@ from conftest import build_tiny_model
 from mlx_qspec.quant.linear import install
 from mlx_qspec.decoder import SpecStats
 from mlx_qspec.speculative import speculative_generate_step
-from msl_emulator import recording
+from tools.msl_emulator import recording
 
 PROMPT = [5, 77, 140, 3, 250, 19, 64, 8]
 MAX_TOKENS = 12

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlx import nn
 
-from msl_emulator import KernelError, metal_kernel
+from tools.msl_emulator import KernelError, metal_kernel
 
 
 def run(src, inputs, out_shapes, out_dtypes, grid, tg, names=None, template=None, header="",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mlx_qspec import kernels
-from msl_emulator import metal_kernel as emulated_metal_kernel
+from tools.msl_emulator import metal_kernel as emulated_metal_kernel
 
 ROWS = (1, 2, 5, 8, 16)
 K, N, GROUP = 256, 16, 64
