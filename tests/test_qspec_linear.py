@@ -175,3 +175,25 @@ def test_activation_draft_follows_the_weight_group():
     model = llama.Model(llama.ModelArgs.from_dict(TINY))
     nn.quantize(model, group_size=64, bits=4)
     assert activation_draft(model) == "a8-g64"
+
+
+def test_hooks_install_and_uninstall_leave_the_model_as_it_was(tiny_model):
+    """hooks.install puts QSpec layers, skippable blocks and our attention in; uninstall
+    gives back the very modules and classes (and the attention, once no model uses it)."""
+    from mlx_lm.models import base
+
+    from mlx_qspec import hooks
+
+    leaves = lambda: dict(tree_flatten(tiny_model.leaf_modules(), is_leaf=nn.Module.is_module))  # noqa: E731
+    before, block = leaves(), type(tiny_model.layers[0])
+    ref = tiny_model(TOKENS)
+    hooks.install(hooks.install(tiny_model))
+    assert is_installed(tiny_model) and type(tiny_model.layers[0]) is not block
+    assert llama.scaled_dot_product_attention.original is base.scaled_dot_product_attention
+    assert mx.array_equal(tiny_model(TOKENS), ref)
+    hooks.uninstall(tiny_model)
+    assert not is_installed(tiny_model) and type(tiny_model.layers[0]) is block
+    assert all(leaves()[path] is m for path, m in before.items())
+    others = hooks._attention_users.get(llama.__name__)
+    assert (llama.scaled_dot_product_attention is base.scaled_dot_product_attention) != bool(others)
+    assert mx.array_equal(tiny_model(TOKENS), ref)
