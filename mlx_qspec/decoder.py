@@ -118,10 +118,10 @@ class SpecStats:
 
 
 def new_key(seed: Optional[int] = None) -> mx.array:
-    """A row's PRNG key: from ``seed``, else from a draw of MLX's global generator (so a
-    process seeded with ``mx.random.seed`` still repeats itself)."""
+    """A row's PRNG key: from ``seed``, else random bits drawn from MLX's global generator
+    (so a process seeded with ``mx.random.seed`` still repeats itself; lazily, no sync)."""
     if seed is None:
-        seed = mx.random.randint(0, 2**31 - 1, shape=[]).item()
+        return mx.random.randint(0, 2**31 - 1, shape=(2,)).astype(mx.uint32)
     return mx.random.key(seed)
 
 

@@ -76,16 +76,15 @@ def _attention_modules(model: nn.Module) -> set[str]:
 
 
 def install(model: nn.Module) -> nn.Module:
-    """QSpec layers, our attention and skippable blocks on ``model`` (idempotent; layers
-    quantized since join); returns it."""
+    """QSpec layers, our attention and skippable blocks on ``model``; returns it. Installing
+    an installed model again does nothing (to add layers quantized since, uninstall first)."""
+    if id(model) in _layers:
+        return model
     before = _leaves(model)
     linear.install(model)
-    replaced = {p: m for p, m in before.items() if _leaves(model).get(p) is not m}
-    if id(model) not in _layers:
-        _layers[id(model)] = {}
-        weakref.finalize(model, _forget, id(model))
-    for path, m in replaced.items():
-        _layers[id(model)].setdefault(path, m)
+    after = _leaves(model)
+    _layers[id(model)] = {p: m for p, m in before.items() if after.get(p) is not m}
+    weakref.finalize(model, _forget, id(model))
     for name in _attention_modules(model):
         module = sys.modules.get(name)
         fn = getattr(module, ATTENTION, None)

@@ -8,7 +8,7 @@ import pytest
 
 from mlx_qspec import kernels
 from mlx_qspec.kv_cache import NestedKVCache, nest
-from conftest import close
+from helpers import close
 from tools.msl_emulator import recording
 
 

@@ -7,22 +7,12 @@ import subprocess
 import sys
 import threading
 
-import pytest
-
 from mlx_qspec import load
 from mlx_qspec.chat import Conversation, setup_arg_parser
 from mlx_qspec.generate import stream_generate
-from conftest import default_sigint
-from test_gguf_reference import MHA, write_gguf
+from helpers import default_sigint
 
 QUESTIONS = ["Name three colours.", "And three animals?"]
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    path = tmp_path_factory.mktemp("chat_tiny") / "tiny.gguf"
-    write_gguf(path, MHA, seed=1, embed_std=0.2)
-    return str(path)
 
 
 def chat(tiny_gguf, draft, stdin: bytes):

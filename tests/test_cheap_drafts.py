@@ -1,6 +1,6 @@
 """Drafts that read no weights or fewer blocks: the n-gram lookup (``ngram``), layer skip
-(``skip-…``) and cascades of levels (``ngram>skip-2>…``). Greedy output equals plain decoding
-token for token at every γ; sampling keeps the verify's distribution with a point-mass
+(``skip-…``) and cascades of levels (``ngram>skip-2>…``) (greedy output equals plain
+decoding: test_exactness.py); a draft model; sampling keeps the verify's distribution with a point-mass
 draft; a skip draft reads only the blocks it runs (counted); calibration picks blocks by
 measured agreement and is cached."""
 
@@ -8,8 +8,8 @@ import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
 
-from conftest import build_tiny_model
-from sampling import chi2_pvalue, sample_first_tokens
+from helpers import build_tiny_model
+from helpers.sampling import chi2_pvalue, joint, sample_first_tokens
 from mlx_qspec import hooks, reads
 from mlx_qspec.decoder import SpecStats
 from mlx_qspec.drafts import layer_skip
@@ -64,23 +64,6 @@ def test_lookup_prefers_the_longest_match_votes_and_extends_periodic_text():
     assert Ngram(min_n=2).propose([1, 2, 3, 1, 9, 9, 1], 2) == []  # only 1-token matches
     far = [1, 2] + [9] * 70 + [1]  # the only earlier 1 lies 72 tokens back
     assert ng.propose(far, 2) == [] and Ngram(window=80).propose(far, 2) == [2, 9]
-
-
-@pytest.mark.parametrize("draft, kv_mode, gamma", [
-    *[(d, "fp", g) for d in ("ngram", "skip-2", "ngram>skip-2") for g in (1, 4, 8)],
-    ("skip-1,3", "fp", 4),
-    ("ngram>a8-g32", "fp", 8),
-    ("skip-1,2>skip-2>a8", "fp", 4),
-    ("skip-2+kv-upper", "nested", 4),
-    *[("ngram>skip-3+kv-upper>kv-upper", "nested", g) for g in (1, 8)],
-])
-def test_greedy_equals_plain_decoding(model, draft, gamma, kv_mode):
-    out, st, cache = spec(model, draft, gamma, kv_mode)
-    assert out == plain(model, kv_mode), (draft, gamma)
-    assert st.emitted == MAX_TOKENS and st.drafted > 0
-    assert {c.offset for c in cache} == {len(PROMPT) + MAX_TOKENS - 1}  # every block alike
-    if ">" in draft:  # the middle levels checked what the levels below offered
-        assert sum(n for n, _ in st.level_counts.values()) > 0
 
 
 def test_a_stream_closed_mid_block_leaves_every_block_at_the_emitted_length(model):
@@ -164,14 +147,12 @@ def test_calibration_picks_blocks_by_measured_agreement_and_is_cached(model, tmp
 def test_speculative_sampling_with_a_point_mass_draft_keeps_the_distribution(draft):
     """Chi-square of the first three tokens against the verify's exact joint distribution,
     with n-gram proposals (q = 1 on the proposal) accepted with probability p."""
-    from test_speculative import _joint
-
     m = build_tiny_model()
     # The prompt starts with what the model writes after it (31 → 204 23 23, found by
     # iterating greedy decoding), so the lookup proposes tokens of probability ~1/3.
     prompt = [31, 204, 23, 23, 200, 5, 77, 140, 3, 9, 31]
     sampler, steps, n = make_sampler(temp=1.0, top_k=4), 3, 600 if draft == "ngram" else 400
-    p_joint = _joint(m, prompt, sampler, steps)
+    p_joint = joint(m, prompt, sampler, steps)
     counts, stats = sample_first_tokens(m, prompt, sampler, steps, n, seed=7, draft=draft,
                                         gamma=3, cached_tokens=prompt[:-1])
     assert stats.drafted > 0 and 0.05 < stats.acceptance < 0.95  # both paths ran
@@ -249,12 +230,10 @@ def test_a_different_draft_model_below_self_drafts_stays_exact(model, draft):
 
 
 def test_speculative_sampling_with_a_draft_model_keeps_the_distribution():
-    from test_speculative import _joint
-
     m, other = build_tiny_model(), build_tiny_model(residual_gain=3.0)
     prompt = [5, 77, 140, 3, 250, 19, 64, 8]
     sampler, steps, n = make_sampler(temp=1.0, top_k=4), 3, 400
-    p_joint = _joint(m, prompt, sampler, steps)
+    p_joint = joint(m, prompt, sampler, steps)
     counts, stats = sample_first_tokens(m, prompt, sampler, steps, n, seed=11, draft="none",
                                         gamma=2, draft_model=other, cached_tokens=prompt[:-1])
     assert 0.05 < stats.acceptance < 0.95

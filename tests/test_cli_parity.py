@@ -28,20 +28,12 @@ from mlx_qspec.cli import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, progress
 from mlx_qspec.generate import main, stream_generate
 from mlx_qspec.loader import ROTATED_PREFIX
 from mlx_qspec.sampling import make_sampler, xtc_cut
-from conftest import default_sigint
-from sampling import chi2_pvalue
-from test_gguf_reference import MHA, write_gguf
+from helpers import default_sigint
+from helpers.sampling import chi2_pvalue
 
 PROMPT = "Name three colours."
 # the module, not the function of the same name the package exports
 generate_module = importlib.import_module("mlx_qspec.generate")
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    path = tmp_path_factory.mktemp("parity_tiny") / "tiny.gguf"
-    write_gguf(path, MHA, seed=1, embed_std=0.2)
-    return str(path)
 
 
 def run_main(capsys, *args):

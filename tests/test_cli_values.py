@@ -3,7 +3,7 @@
 ``mlx_qspec.generate.main`` runs in-process (the model load is the cost, not the
 interpreter). The real test model (SmolLM2-135M Q4_1) is used for five runs of 12 tokens;
 everything about prompts, templates and seeds runs on a tiny GGUF written by
-``test_gguf_reference.write_gguf`` — its tokenizer has no merges, so every UTF-8 byte is
+``conftest``'s ``tiny_gguf`` — its tokenizer has no merges, so every UTF-8 byte is
 one token and the expected prompt token counts are arithmetic, not a tokenizer call.
 ``--draft`` is always explicit (what ``auto`` resolves to depends on the platform).
 """
@@ -13,7 +13,6 @@ import pytest
 
 from mlx_qspec import load
 from mlx_qspec.generate import main, stream_generate
-from test_gguf_reference import MHA, write_gguf
 
 STORY = "Write a long story about a dragon who learns to paint."
 REAL_TOKENS = 12
@@ -92,13 +91,6 @@ def test_kv_bits_8_speculative_equals_plain(capsys, real_runs):
 
 
 # ---------------------------------------------------------------- a tiny GGUF
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli_tiny") / "tiny.gguf"
-    write_gguf(path, MHA, seed=1, embed_std=0.2)  # flat logits: sampling far from greedy
-    return str(path)
-
-
 PROMPT = "Name three colours."
 TEMPLATE_TOKENS = {  # tokens the template adds around a turn's content
     # <|im_start|> role "\n" … <|im_end|> "\n": 3 specials/newline + role + its newline

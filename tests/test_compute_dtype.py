@@ -13,9 +13,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 import mlx_qspec
 from mlx_qspec import loader
 from mlx_qspec.sampling import Sampler
-from test_gguf import tiny_llama as tiny_32_value_llama  # Q4_0 / Q4_1 / Q8_0, float16 scales
-from test_gguf_types import Q4_K_M
-from test_gguf_types import tiny_llama as tiny_k_quant_llama  # Q4_K / Q5_K / Q6_K / Q5_0
+from helpers.gguf_raw import tiny_llama as tiny_32_value_llama  # Q4_0 / Q4_1 / Q8_0, float16 scales
+from helpers.gguf_kquants import Q4_K_M
+from helpers.gguf_kquants import tiny_llama as tiny_k_quant_llama  # Q4_K / Q5_K / Q6_K / Q5_0
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import json
 
 import mlx.core as mx
 import pytest
-from conftest import build_tiny_model
+from helpers import build_tiny_model
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from mlx_qspec import cost, precision, roofline

@@ -21,7 +21,6 @@ from mlx_lm.models import gpt2, qwen2
 from mlx_lm.utils import save_config, save_model
 
 from mlx_qspec import distributed, load
-from mlx_qspec.convert import convert
 from mlx_qspec.errors import ModelError
 from mlx_qspec.generate import stream_generate
 
@@ -77,12 +76,6 @@ def _plain_tokens(path, max_tokens):
     model, tokenizer = load(path)
     return [r.token for r in stream_generate(model, tokenizer, tokenizer.encode(PROMPT),
                                              max_tokens=max_tokens, draft="none")]
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(smollm2_gguf, tmp_path_factory):
-    """The test model as an mlx directory (sharded_load reads mlx directories)."""
-    return convert(str(smollm2_gguf), str(tmp_path_factory.mktemp("dist") / "smollm2"))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """End-to-end checks on the real test model: GGUF loading matches stock mlx-lm on the
 converted directory token for token, the rebuilt tokenizer, hub ids from the local cache."""
 
+from pathlib import Path
+
 import mlx_lm
 import pytest
 from mlx_lm.utils import load_tokenizer
@@ -22,15 +24,13 @@ def gguf_path():
 
 
 @pytest.fixture(scope="module")
-def ours(gguf_path):
-    return load(gguf_path)
+def ours(smollm2):
+    return smollm2
 
 
 @pytest.fixture(scope="module")
-def converted(gguf_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("smollm2") / "mlx"
-    convert(str(gguf_path), str(out), dtype="float32")
-    return out
+def converted(smollm2_dir):
+    return Path(smollm2_dir)
 
 
 def _chat(tokenizer, text):

@@ -30,9 +30,9 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 import mlx_qspec
 from mlx_qspec import gguf as our_gguf
 from mlx_qspec.errors import ModelError
-from test_gguf_reference import BOS_ID, EOS_ID, TOKEN_TYPES, TOKENS, permute
-from test_gguf_types import random_k_blocks
-from conftest import write_gguf_file
+from helpers.gguf_reference import BOS_ID, EOS_ID, TOKEN_TYPES, TOKENS, permute
+from helpers.gguf_kquants import random_k_blocks
+from helpers import write_gguf_file
 
 RTOL = 2e-5  # float32 rounding: quantized_matmul vs dense matmul of the same values
 

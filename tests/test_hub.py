@@ -17,7 +17,7 @@ import pytest
 from mlx_lm.utils import save_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from conftest import TINY, build_tiny_model, byte_symbols
+from helpers import TINY, build_tiny_model, byte_symbols
 
 REPO = "test-org/tiny-4bit"
 SHA = "a" * 40

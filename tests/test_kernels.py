@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_qspec import kernels
-from conftest import close
+from helpers import close
 from tools.msl_emulator import recording
 
 

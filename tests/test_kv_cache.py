@@ -4,7 +4,7 @@ and mlx-lm's own generation loop running on it."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import build_tiny_model
+from helpers import build_tiny_model
 from mlx_lm.generate import generate_step
 from mlx_lm.models import base, llama
 from mlx_lm.models.cache import QuantizedKVCache

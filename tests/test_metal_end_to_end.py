@@ -26,7 +26,7 @@ import pytest
 from mlx.utils import tree_map
 from mlx_lm.generate import generate_step
 
-from conftest import build_tiny_model
+from helpers import build_tiny_model
 from mlx_qspec.quant.linear import install
 from mlx_qspec.decoder import SpecStats
 from mlx_qspec.speculative import speculative_generate_step

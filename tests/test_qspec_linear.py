@@ -9,7 +9,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
-from conftest import TINY, build_tiny_model
+from helpers import TINY, build_tiny_model
 from mlx_qspec import kernels, precision
 from mlx_qspec.drafts.grammar import TERMS, draft_help
 from mlx_qspec.drafts.grammar import parse_precision as parse

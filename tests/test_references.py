@@ -24,8 +24,8 @@ import pytest
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
 
-from conftest import build_tiny_model
-from sampling import chi2_pvalue, sample_first_tokens
+from helpers import build_tiny_model
+from helpers.sampling import chi2_pvalue, sample_first_tokens
 from mlx_qspec import kernels
 from mlx_qspec.quant.activations import quantize_activations
 from mlx_qspec.quant.linear import install

@@ -13,7 +13,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models import gemma3_text
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
-from conftest import build_tiny_model
+from helpers import build_tiny_model
 from mlx_qspec import api, hooks, precision, server
 from mlx_qspec.api import make_generation_cache, stream_generate
 from mlx_qspec.batch import Job

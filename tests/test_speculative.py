@@ -1,5 +1,6 @@
-"""The self-speculative loop: greedy output equals plain decoding token for token, the
-shared cache ends as plain decoding leaves it, and sampling keeps the verify's distribution."""
+"""The self-speculative loop beyond the exactness matrix (test_exactness.py): long drafts
+verified in chunks, the shared cache ending as plain decoding leaves it, EOS mid-block,
+logits processors, kv_bits switching, and sampling keeping the verify's distribution."""
 
 from itertools import islice
 
@@ -10,18 +11,15 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
 
-from conftest import build_tiny_model
-from sampling import chi2_pvalue, sample_first_tokens
+from helpers import build_tiny_model
+from helpers.sampling import chi2_pvalue, joint, sample_first_tokens
 from mlx_qspec import precision
-from mlx_qspec.drafts.grammar import TERMS
 from mlx_qspec.drafts.grammar import parse_precision as parse
-from mlx_qspec.precision import FULL_PRECISION, reading
+from mlx_qspec.precision import reading
 from mlx_qspec.quant.linear import install, is_installed
 from mlx_qspec.sampling import make_sampler
 from mlx_qspec.decoder import SpecStats
 from mlx_qspec.speculative import speculative_generate_step
-
-ACTIVATION_DRAFTS = [t for t in TERMS if t.startswith("a")]
 
 PROMPTS = [
     [5, 77, 140, 3, 250, 19, 64, 8],
@@ -64,29 +62,6 @@ def kv_gap(a, b):
         for ca, cb in zip(a, b)
         for x, y in ((ca.keys, cb.keys), (ca.values, cb.values))
     )
-
-
-@pytest.mark.parametrize("gamma", [1, 2, 4, 8])
-@pytest.mark.parametrize("draft", ACTIVATION_DRAFTS)
-def test_greedy_equals_plain_decode(model, draft, gamma):
-    """Token for token and logprob for logprob; over the prompts, drafts are both kept and
-    cut (A4 disagrees often), so the accept, correction and bonus paths all run."""
-    accepted = drafted = 0
-    for i, prompt in enumerate(PROMPTS):
-        ref = plain(model, prompt, MAX_TOKENS)
-        out, st = spec(model, prompt, draft=draft, num_draft_tokens=gamma,
-                       max_tokens=MAX_TOKENS, prefill_step_size=5)
-        assert [t for t, _, _ in out] == [t for t, _ in ref], (draft, gamma, i)
-        for (_, lp, _), (_, ref_lp) in zip(out, ref):
-            assert mx.array_equal(lp, ref_lp)
-        assert st.emitted == MAX_TOKENS == st.accepted + st.verify_passes
-        assert sum(d for _, _, d in out) == st.accepted <= st.drafted <= gamma * st.verify_passes
-        assert st.tokens_per_verify == pytest.approx(MAX_TOKENS / st.verify_passes)
-        accepted, drafted = accepted + st.accepted, drafted + st.drafted
-    assert accepted > 0
-    if draft.startswith("a4"):
-        assert accepted < drafted
-    assert precision.current().is_full
 
 
 @pytest.mark.parametrize("gamma", [17, 32])
@@ -173,30 +148,13 @@ def test_sampler_draws_like_mlx_lm():
         assert mx.array_equal(ours, mlx_lm_make_sampler(**kw)(lp)), kw
 
 
-def _joint(model, prompt, sampler, steps, mode=FULL_PRECISION):
-    """Exact distribution of the first ``steps`` tokens, by enumerating the filtered support."""
-    out = {(): 1.0}
-    install(model)
-    with reading(mode):
-        for _ in range(steps):
-            nxt = {}
-            for prefix, pp in out.items():
-                logits = model(mx.array([*prompt, *prefix])[None])[0, -1:]
-                p = mx.exp(sampler.distribution(logits - mx.logsumexp(logits, -1, keepdims=True)))[0]
-                for t, pt in enumerate(p.tolist()):
-                    if pt > 0:
-                        nxt[prefix + (t,)] = pp * pt
-            out = nxt
-    return out
-
-
 def test_speculative_sampling_keeps_the_verify_distribution(model):
     """Chi-square of the first three tokens against the verify's exact joint distribution;
     the same samples must be far from the draft's own distribution (the test has power)."""
     prompt, steps, n = PROMPTS[0], 3, 800
     sampler = make_sampler(temp=1.0, top_k=4)
-    p_joint = _joint(model, prompt, sampler, steps)
-    q_joint = _joint(model, prompt, sampler, steps, parse("a4"))
+    p_joint = joint(model, prompt, sampler, steps)
+    q_joint = joint(model, prompt, sampler, steps, parse("a4"))
 
     counts, stats = sample_first_tokens(model, prompt, sampler, steps, n, seed=1234)
     assert 0.1 < stats.acceptance < 0.9  # both the accept and the residual paths ran

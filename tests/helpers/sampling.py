@@ -1,5 +1,6 @@
 """Shared by the speculative-sampling distribution tests: draw the first tokens many times
-from one prefilled cache, and Pearson's chi-square against an exact joint distribution."""
+from one prefilled cache, the exact joint distribution of those tokens, and Pearson's
+chi-square between them."""
 
 import math
 from collections import Counter
@@ -8,6 +9,8 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from mlx_qspec.decoder import SpecStats
+from mlx_qspec.precision import FULL_PRECISION, reading
+from mlx_qspec.quant.linear import install
 from mlx_qspec.speculative import speculative_generate_step
 
 
@@ -43,3 +46,20 @@ def chi2_pvalue(counts: Counter, probs: dict, n: int) -> float:
     df = len(obs) - 1
     z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
     return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def joint(model, prompt, sampler, steps, mode=FULL_PRECISION):
+    """Exact distribution of the first ``steps`` tokens, by enumerating the filtered support."""
+    out = {(): 1.0}
+    install(model)
+    with reading(mode):
+        for _ in range(steps):
+            nxt = {}
+            for prefix, pp in out.items():
+                logits = model(mx.array([*prompt, *prefix])[None])[0, -1:]
+                p = mx.exp(sampler.distribution(logits - mx.logsumexp(logits, -1, keepdims=True)))[0]
+                for t, pt in enumerate(p.tolist()):
+                    if pt > 0:
+                        nxt[prefix + (t,)] = pp * pt
+            out = nxt
+    return out

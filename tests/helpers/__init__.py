@@ -1,0 +1,86 @@
+"""What the tests share beside fixtures (those are in conftest.py): tiny models built in
+process, numerics, GGUF writing, child processes. Test modules import these, never each
+other. Submodules: ``gguf_reference`` / ``gguf_raw`` / ``gguf_kquants`` (tiny GGUF files, three
+ways), ``sampling`` (chi-square against an exact joint distribution), ``decoding`` (plain and
+speculative runs)."""
+
+import signal
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models import llama
+
+TINY = dict(
+    model_type="llama",
+    hidden_size=128,
+    num_hidden_layers=2,
+    intermediate_size=256,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+
+
+def build_tiny_model(seed: int = 0, residual_gain: float = 4.0, head_bits: int = 4,
+                     **overrides) -> nn.Module:
+    """A 4-bit (group 32) float32 llama whose greedy output is not one repeated token.
+
+    Random weights make a model that repeats one token. Here the LM head is a
+    permutation of the embedding (so the next token depends on the current one)
+    and the attention/MLP outputs are scaled by ``residual_gain`` (so the context
+    matters and drafts that read fewer bits disagree some of the time).
+    """
+    mx.random.seed(seed)
+    args = llama.ModelArgs.from_dict({**TINY, **overrides})
+    model = llama.Model(args)
+    if not args.tie_word_embeddings:
+        perm = mx.random.permutation(args.vocab_size)
+        model.lm_head.weight = model.model.embed_tokens.weight[perm]
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight = layer.self_attn.o_proj.weight * residual_gain
+        layer.mlp.down_proj.weight = layer.mlp.down_proj.weight * residual_gain
+    if head_bits != 4:  # an 8-bit head: what ``w-upper`` reads as its upper plane
+        nn.quantize(model, group_size=32, bits=head_bits,
+                    class_predicate=lambda path, m: path in ("lm_head", "model.embed_tokens"))
+    nn.quantize(model, group_size=32, bits=4)
+    mx.eval(model.parameters())
+    return model
+
+
+def byte_symbols():
+    """GPT-2's byte → printable unicode map (the byte-level BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def default_sigint():
+    """``preexec_fn`` for a child that a test stops with SIGINT, as Ctrl-C at a terminal: a
+    shell that runs its jobs in the background (``cmd &``) has them ignore SIGINT, and Python
+    started that way keeps ignoring it (no KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def write_gguf_file(writer):
+    """Write out and close a ``gguf.GGUFWriter`` that has its metadata and tensors."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def close(y, ref, rtol=1e-5):
+    """Within rtol of the reference, relative to the output's scale (sums cancel)."""
+    y, ref = np.array(y.astype(mx.float32)), np.array(ref.astype(mx.float32))
+    assert y.shape == ref.shape
+    err = np.abs(y - ref).max()
+    assert err <= rtol * np.abs(ref).max(), f"max error {err} vs scale {np.abs(ref).max()}"
