@@ -253,6 +253,8 @@ class Decoder:
             context = Context(row.context + before[0], row.hidden, row.stats.draft_reads)
             tokens, q = top.proposals(context, k, lambda lp: self._draw(row, lp))
             return [tokens], [q]
+        if len(self.rows) > 1:  # a batch shares one precision level: k drafts for every row
+            return self._draft_batch(top, k)
         tokens, q = self._nothing()
         while len(tokens[0]) < k:
             so_far = [b + t for b, t in zip(before, tokens)]
@@ -281,6 +283,22 @@ class Decoder:
         if any(d is None for d in drawn):
             return None, None
         return [[t] for t, _ in drawn], [[qi] for _, qi in drawn]
+
+    def _draft_batch(self, at: Precision, k: int):
+        """``k`` tokens per row, one forward over the batch each, drawn without waiting for
+        them (evaluated once, after the k forwards)."""
+        x, tokens, q = self._last([[] for _ in self.rows]), [], [[] for _ in self.rows]
+        for _ in range(k):
+            lp = self._logprobs(self.forward(x, at, DRAFT)[:, -1:], None)[:, 0]
+            drawn = []
+            for b, r in enumerate(self.rows):
+                qb = lp[b : b + 1] if r.sampler is None else r.sampler.distribution(lp[b : b + 1])
+                drawn.append(mx.argmax(qb, axis=-1) if r.sampler is None
+                             else mx.random.categorical(qb, key=r.split_key()))
+                q[b].append(qb)
+            tokens.append(mx.concatenate(drawn).astype(mx.uint32))
+            x = tokens[-1][:, None]
+        return (mx.stack(tokens, axis=1).tolist() if k else [[] for _ in self.rows]), q
 
     def _check_level(self, at: Precision, offered, so_far):
         """A middle level: its forward over what the levels below offered keeps what it
