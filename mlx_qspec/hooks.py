@@ -82,6 +82,7 @@ def install(model: nn.Module) -> nn.Module:
         return model
     before = _leaves(model)
     linear.install(model)
+    mx.eval(model.parameters())  # 8-bit planes built now: any thread may run the model
     after = _leaves(model)
     _layers[id(model)] = {p: m for p, m in before.items() if after.get(p) is not m}
     weakref.finalize(model, _forget, id(model))
