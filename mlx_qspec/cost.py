@@ -203,9 +203,9 @@ MODELED_ROWS = range(1, kernels.MAX_M + 2)
 
 def modeled(model, cache, candidates, chip: str) -> CostTable | None:
     """The costs on ``chip`` by :mod:`roofline`, with no timing: a verify of r rows as its
-    modeled forwards (at most kernels.MAX_M rows each, as the loop verifies), a draft as a
-    plain step × the bytes its one-row forward reads ÷ a plain step's (one row is bound by
-    bytes). Bytes are counted (:mod:`reads`) on one untimed one-row forward per precision,
+    modeled forwards (at most kernels.MAX_M rows each, as the loop verifies), a draft step as
+    a forward's fixed cost plus a plain step's byte time × the bytes its one-row forward reads
+    ÷ a plain step's (one row is bound by bytes). Bytes are counted (:mod:`reads`) on one untimed one-row forward per precision,
     at this context; a candidate that cannot run here is left out. None where the roofline
     does not describe the model's matmuls: they are timed instead."""
     linears = roofline.linears(model)
@@ -230,7 +230,8 @@ def modeled(model, cache, candidates, chip: str) -> CostTable | None:
             _forward(model, cache, 1, parse_precision(name), counter)
         except ValueError:
             continue
-        draft[name] = verify[1] * counter.bytes() / plain.bytes()
+        fixed = roofline.CALIBRATION[chip].fixed  # a forward's own cost: not per byte
+        draft[name] = fixed + (verify[1] - fixed) * counter.bytes() / plain.bytes()
     return CostTable(verify, draft, f"modeled({chip.replace(' ', '_')})")
 
 

@@ -7,7 +7,7 @@ import pytest
 from helpers import build_tiny_model
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from mlx_qspec import cost, precision, roofline
+from mlx_qspec import cost, precision
 from mlx_qspec.cost import AcceptanceEstimate, CostTable, choose, expected_tokens
 from mlx_qspec.kv_cache import make_cache
 from mlx_qspec.drafts.ngram import Ngram
@@ -184,24 +184,6 @@ def test_calibrate_cached(tmp_path, monkeypatch):
 
 def test_context_bucket():
     assert [cost.context_bucket(n) for n in (0, 24, 256, 257, 5000)] == [256, 256, 256, 512, 8192]
-
-
-def test_roofline():
-    assert roofline.CHIPS["M4 Max"].bandwidth == 546e9 and roofline.CHIPS["M1"].bandwidth == 68.25e9
-    assert roofline.tokens_per_s(75e6, "M2") == pytest.approx(1000)  # 0.75 · 100 GB/s ÷ 75 MB
-    assert roofline.tokens_per_s(1e9, "M2 Max", efficiency=1.0) == pytest.approx(400)
-    # bound by bytes, or by lane-ops at half the FP32 rate
-    assert roofline.seconds(100e9, 0, "M2") == 1.0 and roofline.seconds(0, 1.8e12, "M2") == 1.0
-
-
-def test_roofline_of_the_test_model_is_flat_for_a_few_rows(smollm2):
-    """A verify of up to 5 rows costs about one step on every chip; more rows cost more."""
-    linears = roofline.linears(install(smollm2[0]))
-    assert len(linears) == 30 * 7 + 1  # the tied embedding is the LM head
-    for chip in roofline.CHIPS:
-        t = [roofline.forward_seconds(linears, 0, rows, chip) for rows in range(1, 17)]
-        assert t[4] / t[0] <= 1.15, chip
-        assert all(a < b for a, b in zip(t, t[1:])), chip
 
 
 def _as_mac(monkeypatch, device_name):
