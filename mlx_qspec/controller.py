@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache_dir import cache_dir
+
 GAMMAS = (1, 2, 3, 4, 6, 8)
 NGRAM = "ngram"  # the n-gram lookup: a draft with no forward of its own
 HYSTERESIS = 0.05  # switch only to an arm estimated this much faster than the current one
@@ -445,6 +447,22 @@ class Controller:
 
 
 # ---------------------------------------------------------------------- the store
+def store_key(model: str, device: str, mlx_version: str, kv_mode: str) -> str:
+    """What a model's measured costs are kept under (the store adds the context bucket): the
+    model (cost.fingerprint), the device and chip, the MLX version, the KV cache's mode."""
+    return "|".join((model, device, f"mlx={mlx_version}", f"kv={kv_mode}"))
+
+
+_STORES: dict = {}
+
+
+def default_store() -> "Store":
+    """The store ``auto`` reads and ``python -m mlx_qspec.bench`` writes, one per folder and
+    process (so costs kept in memory after a failed write are seen by the next run)."""
+    path = cache_dir() / "measured.json"
+    return _STORES.setdefault(path, Store(path))
+
+
 def context_bucket(position: int) -> int:
     """The context length rounded up to a power of two, at least 256: costs grow with the
     context a forward reads, so they are kept per bucket."""

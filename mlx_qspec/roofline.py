@@ -22,6 +22,7 @@ weight codes, scales and biases once plus the activations in and out. Attention 
 read the KV cache once per forward, bytes-bound. scripts/bench_kernels.py charts it per kernel.
 """
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -129,8 +130,6 @@ def _fit_alu(decode: dict) -> float:
     """The share of the FP32 lane-op rate at which MLX's qmv_wide, as :func:`mlx_qmm` counts
     it, grows with rows as measured on the M4 Pro (least squares on the log ratios, by
     golden-section search: one parameter)."""
-    import math
-
     q = QMV_WIDE_M4_PRO
     chip, (_, share) = "M4 Pro", decode["M4 Pro"]
     bw, lane = share * CHIPS[chip].bandwidth, CHIPS[chip].lane_ops

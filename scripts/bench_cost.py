@@ -26,6 +26,7 @@ import mlx.core as mx
 
 from plotting import pyplot
 from mlx_qspec import load, reads
+from mlx_qspec.bench import long_text
 from mlx_qspec.roofline import CHIPS, tokens_per_s
 from mlx_qspec.cli import default_model_path
 from mlx_qspec.decoder import SpecStats, prefill
@@ -36,22 +37,6 @@ from mlx_qspec.speculative import speculative_generate_step
 
 CONTEXTS = (1024, 4096, 16384, 32768)
 MODES = ("kv-upper", "w-upper+kv-upper", "w-upper", "a8-g32", "ngram", "ngram>kv-upper")
-DOC_MODULES = ["json", "argparse", "logging", "unittest", "subprocess", "collections", "asyncio",
-               "typing", "pathlib", "functools", "itertools", "re", "socket", "threading"]
-
-
-def long_text(tokenizer, n: int) -> list[int]:
-    """``n`` tokens of real English: the docs of stdlib modules, one after another."""
-    import pydoc
-
-    ids = []
-    for name in DOC_MODULES:
-        ids += tokenizer.encode(" ".join(pydoc.getdoc(__import__(name)).split()))
-        if len(ids) >= n:
-            return ids[:n]
-    raise SystemExit(f"only {len(ids)} tokens of stdlib docs found, asked for {n}")
-
-
 def per_forward(counter: reads.ReadCounter) -> dict:
     """Mean f16 bytes per forward: weights and KV."""
     f = max(counter.forwards, 1)
