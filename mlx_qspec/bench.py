@@ -282,17 +282,17 @@ def stock_mlx_lm(model_path: Path, workdir: Path):
 
 def time_decode(ours, theirs, prompt, tokens: int, repeats: int) -> dict:
     """Plain decoding tokens/s, ours vs stock mlx-lm, interleaved; whether they agree."""
-    def run(engine):
+    def run(engine, n=tokens):
         model, tokenizer = ours if engine == "ours" else theirs
-        gen = (stream_generate(model, tokenizer, prompt, max_tokens=tokens, draft="none")
-               if engine == "ours" else mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=tokens))
+        gen = (stream_generate(model, tokenizer, prompt, max_tokens=n, draft="none")
+               if engine == "ours" else mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=n))
         out, last = [], None
         for last in gen:
             out.append(int(last.token))
         return last.generation_tps, out
 
     for engine in ("ours", "mlx-lm"):
-        run(engine)  # warm-up
+        run(engine, 2)  # warm-up
     tps, tokens_of = {"ours": [], "mlx-lm": []}, {}
     for r in range(repeats):
         for engine in (("ours", "mlx-lm") if r % 2 == 0 else ("mlx-lm", "ours")):
@@ -618,9 +618,10 @@ def plan(quick: bool, metal: bool) -> dict:
     """How much of each part to run: ``--quick`` about a minute on the default model on
     this CPU; long contexts only where a prefill of them takes seconds (Metal)."""
     p = dict(repeats=2, tokens=8, drafts=[DRAFTS[i] for i in (0, 1, 3)], rows=KERNEL_ROWS,
-             row_repeats=1, edit_repeats=1, contexts=(4096, 16384), skipped=[]) if quick else dict(
-        repeats=3, tokens=48, drafts=DRAFTS, rows=VERIFY_ROWS, row_repeats=3, edit_repeats=3,
-        contexts=(4096, 16384), skipped=[])
+             row_repeats=1, edit_tokens=12, edit_repeats=1, contexts=(4096, 16384),
+             skipped=[]) if quick else dict(
+        repeats=3, tokens=48, drafts=DRAFTS, rows=VERIFY_ROWS, row_repeats=3, edit_tokens=96,
+        edit_repeats=3, contexts=(4096, 16384), skipped=[])
     if not metal:  # a CPU prefills about as fast as it decodes: 16k tokens take an hour
         p["contexts"] = () if quick else (1024, 2048)
         p["skipped"].append("kv_upper: 4k and 16k context " + (
@@ -647,7 +648,7 @@ def run(args, parser):
                                                    prompt, 2 * p["tokens"], p["repeats"]))
     verify = sec("verify_rows", lambda: time_verify_rows(model, prompt, p["rows"], p["row_repeats"]))
     steps = sec("draft_steps", lambda: time_draft_steps(model, prompt, DRAFT_TERMS, p["repeats"]))
-    sec("ngram_edit", lambda: time_ngram_edit(model, tokenizer, 2 * p["tokens"], p["edit_repeats"]))
+    sec("ngram_edit", lambda: time_ngram_edit(model, tokenizer, p["edit_tokens"], p["edit_repeats"]))
     kv = (sec("kv_upper", lambda: time_kv_upper(model, tokenizer, p["contexts"], p["repeats"]))
           if p["contexts"] else {})
     if not args.no_store:
