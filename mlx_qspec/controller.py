@@ -49,15 +49,18 @@ NGRAM = "ngram"  # the n-gram lookup: a draft with no forward of its own
 HYSTERESIS = 0.05  # switch only to an arm estimated this much faster than the current one
 EXPLORE_SHARE = 0.05  # at most this share of the emitted tokens goes to exploration …
 EXPLORE_ALLOWANCE = 8  # … plus this many tokens, so a run can explore before it has earned any
-EXPLORE_SLACK = 0.2  # a draft estimated within this share of the current rate is re-timed
-PLAIN_REFRESH = 128  # tokens of a draft between two timings of plain decoding
+EXPLORE_SLACK = 0.1  # a draft estimated within this share of the current rate is timed
+PLAIN_REFRESH = 128  # tokens between two timings of plain decoding while a draft runs
 PLAIN_PROBE = 4  # plain steps in one such timing
-STALE_AFTER = 64  # tokens after which a draft's timing is due again (doubled each time it loses)
+STALE_AFTER = 64  # tokens after which a draft's timing is due again (doubled each time it loses,
+BACKOFF_MAX = 2048  # up to this many)
 MEMORY = 96  # tokens: the memory of the fits and rates (older blocks weigh e^(-age/MEMORY))
-PLAIN_CHUNKS = (2, 4, 8, 16, 32, 64)  # plain steps per decision, growing while plain runs
+PLAIN_CHUNKS = (2, 8, 16, 32, 64)  # plain steps per decision, growing while plain runs
 LEAVE_AFTER = 2  # measured blocks of a draft before it may be left for measuring slower
 GAMMA_MARGIN = 0.02  # change γ only for a modeled gain past this
 TOKEN_PRIOR = 64  # tokens of belief in the acceptance model before a draft's blocks correct it
+FRESH = 32  # tokens since a draft's last block within which its timing counts as current
+PROMPT_MEMORY = 256  # tokens over which a draft's acceptance and fill, unseen, fade to the prior
 # Prior strengths, in blocks of evidence: a stored measurement, the roofline, a guess.
 PRIOR_WEIGHT = {"measured": 4.0, "modeled": 1.0, "timed": 0.25}
 
@@ -156,19 +159,26 @@ class _Arm:
     model's error on real text, where acceptance comes in runs)."""
 
     acceptance: float
+    prior: float = 0.0  # its prior acceptance
     fill: float = 1.0  # drafted ÷ γ asked (the lookup may find fewer)
     emitted: float = 0.0  # faded sums over its measured blocks
     expected: float = 0.0
     blocks: int = 0  # measured blocks since it was last switched to
+    last: float = 0.0  # emitted count at its last block
     due: float = 0.0  # emitted count from which its timing is stale
     backoff: float = STALE_AFTER
 
     def measured(self) -> bool:
         return self.expected > 0
 
-    def correction(self) -> float:
-        """Observed ÷ expected tokens, with TOKEN_PRIOR tokens of belief in the model."""
-        return (self.emitted + TOKEN_PRIOR) / (self.expected + TOKEN_PRIOR)
+    def seen(self, now: float) -> tuple[float, float, float]:
+        """(acceptance, fill, observed ÷ expected tokens) as believed ``now``: what it showed
+        fades back to the prior over PROMPT_MEMORY tokens since it last ran (they depend on
+        the text: the lookup that found nothing early may find much once the answer copies
+        its prompt); the ratio with TOKEN_PRIOR tokens of belief in the model."""
+        w = math.exp(-(now - self.last) / PROMPT_MEMORY)
+        ratio = (w * self.emitted + TOKEN_PRIOR) / (w * self.expected + TOKEN_PRIOR)
+        return self.prior + (self.acceptance - self.prior) * w, 1 + (self.fill - 1) * w, ratio
 
 
 @dataclass
@@ -194,10 +204,12 @@ class Controller:
                  store: "Store | None" = None, key: str | None = None, start: int = 0,
                  warm: set | None = None):
         self.gammas = tuple(sorted(gammas))
-        self.arms = {d: _Arm(acceptance=a) for d, a in drafts.items()}
+        self.arms = {d: _Arm(acceptance=a, prior=a) for d, a in drafts.items()}
         self.store, self.key, self.position = store, key, start
         self.warm = set() if warm is None else warm
         self.emitted = self.seconds = self.explored = 0.0
+        # What ran after its warm-up: plain chunks, tokens and seconds; draft tokens and seconds
+        self.ran = dict(chunks=0, plain=0.0, plain_s=0.0, drafts=0.0, drafts_s=0.0)
         self.plain_seen = -math.inf  # emitted count at plain decoding's last timing
         self.chunk_index = 0
         self.current: str | None = None
@@ -208,7 +220,7 @@ class Controller:
         if prior is not None:
             self._start_fits(prior)
             for d, arm in self.arms.items():
-                arm.acceptance = prior.acceptance.get(d, arm.acceptance)
+                arm.acceptance = arm.prior = prior.acceptance.get(d, arm.acceptance)
             best = max(self._estimates().items(), key=lambda kv: kv[1].rate)[0]
             self._switch(best)
 
@@ -218,7 +230,11 @@ class Controller:
         if self.prior is None:  # nothing known: plain decoding first, and time it
             return self._plain_action()
         est = self._estimates()
-        best = max(est, key=lambda arm: est[arm].rate)
+        # Switch only to an arm timed just now: one known from its prior or long ago gets a
+        # timing first (exploration, within its budget).
+        fresh = [a for a in est if a is None or a == self.current or (
+            self.arms[a].measured() and self.emitted - self.arms[a].last <= FRESH)]
+        best = max(fresh, key=lambda arm: est[arm].rate)
         if best != self.current and est[best].rate > est[self.current].rate * (1 + HYSTERESIS):
             if self.current is None or self.arms[self.current].blocks >= LEAVE_AFTER:
                 self._switch(best)
@@ -240,6 +256,13 @@ class Controller:
         arm = action.draft or "plain"
         warm_up = arm not in self.warm
         self.warm.add(arm)
+        if not warm_up and action.draft is None:
+            self.ran["chunks"] += 1
+            self.ran["plain"] += emitted
+            self.ran["plain_s"] += seconds
+        elif not warm_up:
+            self.ran["drafts"] += emitted
+            self.ran["drafts_s"] += seconds
         self._estimates_now = None
         if action.draft is None:
             self._report_plain(emitted, seconds, warm_up)
@@ -264,12 +287,13 @@ class Controller:
         self.blocks = _Fit(block_prior, unit)
 
     def _modeled(self, d: str, gamma: float, block: dict) -> float:
-        """Tokens per second of draft d at γ by the fitted block costs and its acceptance."""
-        arm = self.arms[d]
-        k = arm.fill * gamma
+        """Tokens per second of draft d at γ by the fitted block costs and what it shows of
+        acceptance, fill and the model's error (:meth:`_Arm.seen`)."""
+        acceptance, fill, ratio = self.arms[d].seen(self.emitted)
+        k = fill * gamma
         seconds = (max(block["block"], 1e-9)
                    + k * (max(block["row"], 0.0) + max(block[d], 0.0)))
-        return expected_tokens(arm.acceptance, k) / seconds
+        return expected_tokens(acceptance, k) * ratio / seconds
 
     def _estimates(self) -> dict:
         """Estimated tokens/s of plain decoding (key None) and of each draft at its best γ:
@@ -278,8 +302,8 @@ class Controller:
         if self._estimates_now is None:
             plain, block = self.plain.solve(), self.blocks.solve()
             est = {None: _Estimate(1 / max(plain["step"], 1e-9))}
-            for d, a in self.arms.items():
-                modeled = {g: self._modeled(d, g, block) * a.correction() for g in self.gammas}
+            for d in self.arms:
+                modeled = {g: self._modeled(d, g, block) for g in self.gammas}
                 g = max(modeled, key=modeled.get)
                 est[d] = _Estimate(modeled[g], g, modeled)
             self._estimates_now = est
@@ -298,7 +322,7 @@ class Controller:
         if left is not None and left != arm:  # time it again later, and later each time
             a = self.arms[left]
             a.due = self.emitted + a.backoff
-            a.backoff = min(a.backoff * 2, 16 * STALE_AFTER)
+            a.backoff = min(a.backoff * 2, BACKOFF_MAX)
         self.current = arm
         self.chunk_index = 0
         if arm is not None:
@@ -312,8 +336,7 @@ class Controller:
         """Plain steps while a draft runs and plain's timing is stale; else a block of
         another draft whose timing is stale and whose estimate is within reach of the
         current arm's. None if neither is due or the budget cannot pay for it."""
-        if (self.current is not None and self.emitted - self.plain_seen >= PLAIN_REFRESH
-                and self._credit() >= PLAIN_PROBE):
+        if self.current is not None and self._plain_stale() and self._credit() >= PLAIN_PROBE:
             return Action(None, steps=PLAIN_PROBE, explore=True)
         floor = est[self.current].rate / (1 + EXPLORE_SLACK)
         due = [d for d, a in self.arms.items()
@@ -329,6 +352,13 @@ class Controller:
     def _warm_gamma(self, d: str, gamma: int) -> int:
         """γ for a draft's block: 1 for its warm-up (its time is not counted, so spend little)."""
         return gamma if d in self.warm else min(self.gammas)
+
+    def _plain_stale(self) -> bool:
+        """Plain decoding is due for a timing: never timed in this run once the draft has
+        been (the two must be compared under the same conditions), or not for a while."""
+        if self.plain_seen == -math.inf:
+            return self.arms[self.current].blocks >= LEAVE_AFTER
+        return self.emitted - self.plain_seen >= PLAIN_REFRESH
 
     def _plain_action(self) -> Action:
         steps = PLAIN_CHUNKS[min(self.chunk_index, len(PLAIN_CHUNKS) - 1)]
@@ -347,7 +377,12 @@ class Controller:
 
     def _report_block(self, action, drafted, accepted, emitted, seconds, warm_up):
         arm = self.arms[action.draft]
-        expected = expected_tokens(arm.acceptance, drafted)  # before this block teaches it
+        before = self.emitted - emitted
+        acceptance, arm.fill, _ = arm.seen(before)  # as believed before this block
+        unseen = math.exp(-(before - arm.last) / PROMPT_MEMORY)
+        arm.emitted, arm.expected = arm.emitted * unseen, arm.expected * unseen
+        expected = expected_tokens(acceptance, drafted)
+        arm.acceptance, arm.last = acceptance, self.emitted
         if drafted:  # accepted agreements and, if the block was cut, one disagreement
             compared = accepted + (accepted < drafted)
             rate = accepted / compared
@@ -366,7 +401,7 @@ class Controller:
             arm.due = self.emitted + arm.backoff
             est = self._estimates()
             if est[action.draft].rate < est[self.current].rate:
-                arm.backoff = min(arm.backoff * 2, 16 * STALE_AFTER)
+                arm.backoff = min(arm.backoff * 2, BACKOFF_MAX)
 
     def _save_on_new_bucket(self, emitted: int):
         """Costs grow with the context: leaving a context bucket, store what was measured
@@ -380,10 +415,15 @@ class Controller:
     # ------------------------------------------------------------------ what it says
     @property
     def measured_speedup(self) -> float:
-        """This run's tokens/s as measured ÷ plain decoding's (its fitted steady step)."""
-        if not self.seconds or self.plain is None:
+        """This run's measured tokens/s ÷ plain decoding's: the seconds plain decoding takes
+        for the same tokens by its fit (its chunks as they ran, the drafts' tokens at its
+        step) ÷ the seconds they took. Warm-up blocks are left out (plain pays them too)."""
+        r = self.ran
+        if self.plain is None or r["plain_s"] + r["drafts_s"] <= 0:
             return 1.0
-        return self.emitted / self.seconds * self.plain.solve()["step"]
+        fit = self.plain.solve()
+        plain = r["chunks"] * fit["chunk"] + (r["plain"] + r["drafts"]) * fit["step"]
+        return plain / (r["plain_s"] + r["drafts_s"])
 
     @property
     def source(self) -> str:
@@ -437,7 +477,8 @@ class Controller:
     def measured_costs(self) -> Costs:
         """The fitted costs and acceptances, as the next run's prior (``measured``): the
         drafts timed in this run or in the stored measurement it started from."""
-        plain, block = self.plain.solve(), self.blocks.solve()
+        plain = {k: max(v, 0.0) for k, v in self.plain.solve().items()}
+        block = {k: max(v, 0.0) for k, v in self.blocks.solve().items()}
         stored = self.prior.draft if self.prior.source == "measured" else {}
         timed = [d for d, a in self.arms.items() if a.measured() or d in stored]
         return Costs(step=plain["step"], chunk=plain["chunk"], block=block["block"],

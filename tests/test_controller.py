@@ -103,16 +103,16 @@ def test_costs_from_a_table():
 
 def test_keeps_a_draft_that_measures_faster():
     machine = mac()
-    controller = Controller(DRAFTS, prior=roofline_prior())
+    controller = Controller({"kv-upper": 0.94}, prior=roofline_prior())
     log = drive(controller, machine, 2000)
     kv = sum(e for a, e, _ in log if a.draft == "kv-upper")
-    assert kv >= 0.9 * controller.emitted
-    assert not [a for a, _, _ in log[40:] if a.draft is None and not a.explore]  # never left
+    assert kv >= 0.93 * controller.emitted  # the rest: plain decoding timed now and then
+    assert not [a for a, _, _ in log if a.draft is None and not a.explore]  # never left
     assert controller.reason.startswith("measured_speedup_1.")
     assert controller.reason.endswith(";costs=measured")
     # kv-upper at its best γ (4-6: τ 4.4-5.9 per 0.029-0.038 s) is ~1.53× plain here;
-    # the warm-ups and plain's timings cost a little of it
-    assert 1.35 < controller.measured_speedup < 1.55
+    # plain decoding timed now and then costs a little of it
+    assert 1.35 < controller.measured_speedup < 1.6
     assert controller.gamma >= 2
 
 
@@ -172,7 +172,8 @@ def test_does_not_oscillate_between_arms_of_about_the_same_speed(speed):
     log = drive(controller, machine, 4000)
     chosen = [a.draft for a, _, _ in log if not a.explore]
     switches = sum(a != b for a, b in zip(chosen, chosen[1:]))
-    assert switches <= 4  # in ~4000 tokens: a trial now and then (LEAVE_AFTER, backoff)
+    # in ~4000 tokens: a trial now and then, rarer each time it loses (backoff to 2048 tokens)
+    assert switches <= 8
     assert rate(log) >= 0.95 * min(speed, 1.0) / 0.010
 
 
