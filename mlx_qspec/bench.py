@@ -47,13 +47,16 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 
-from . import controller, cost, kernels, precision
-from .errors import UserError, run_cli
-from .generate import default_model_path, stream_generate
+from . import controller, cost, kernels, precision, store
+from .api import stream_generate
+from .cli import default_model_path, run_cli
+from .decoder import prefill
+from .drafts.grammar import parse_precision
+from .errors import UserError
+from .hooks import install
 from .kv_cache import make_cache
 from .loader import default_dtype, load
 from .quant.linear import QSpecLinear, compute_dtype
-from .speculative import prefill, prepare
 
 KERNEL_ROWS = (1, 2, 5, 8, 16)
 VERIFY_ROWS = (1, 2, 3, 4, 5, 6, 8, 12, 16)
@@ -360,7 +363,7 @@ def time_draft_steps(model, context: list[int], terms, repeats: int) -> dict:
             if kv_mode not in caches:
                 caches[kv_mode] = make_cache(model, kv_mode)
                 prefill(model, mx.array(context, mx.uint32), caches[kv_mode], 2048)
-            cache, read = caches[kv_mode], precision.parse(name)
+            cache, read = caches[kv_mode], parse_precision(name)
             time_forward(model, cache, 1, read)  # warm-up; raises where it cannot run
         except ValueError as e:  # UserError included: this model cannot run it
             skipped[name] = str(e)
@@ -417,7 +420,7 @@ def time_kv_upper(model, tokenizer, contexts, repeats: int) -> dict:
         t0 = time.perf_counter()
         cache = make_cache(model, "nested")
         try:
-            read = precision.parse("kv-upper")
+            read = parse_precision("kv-upper")
             ids = mx.array(long_text(tokenizer, n), mx.uint32)
             prefill(model, ids, cache, 512, lambda: None)
             time_forward(model, cache, 1, read)
@@ -443,9 +446,9 @@ def store_costs(model, verify: dict, steps: dict, exactness: dict, decode: dict,
     """The measured costs, as ``--draft auto``'s controller reads them: per KV mode and
     context bucket, a plain step, a block's fixed part and each further verify row, each
     draft's step, and the acceptance seen in the exactness runs."""
-    store = controller.default_store()
+    measured = controller.default_store()
     device, version = cost.device_name(), mx.__version__
-    model_id = cost.fingerprint(model)
+    model_id = store.fingerprint(model)
     acceptance = {r["draft"]: r["acceptance"] for r in exactness.get("drafts", []) if r.get("equal")}
     keys = []
     if verify.get("status") == "ok":
@@ -462,7 +465,7 @@ def store_costs(model, verify: dict, steps: dict, exactness: dict, decode: dict,
                                      acceptance={n: a for n, a in acceptance.items() if n in drafts},
                                      source="measured", weight=controller.PRIOR_WEIGHT["measured"])
             key = controller.store_key(model_id, device, version, kv_mode)
-            store.save(key, verify["context"], costs)
+            measured.save(key, verify["context"], costs)
             keys.append(f"{key}|ctx={controller.context_bucket(verify['context'])}")
     for c in kv_upper.get("contexts", []):
         row = (c["verify_s"] - c["plain_step_s"]) / max(c["verify_rows"] - 1, 1)
@@ -470,9 +473,9 @@ def store_costs(model, verify: dict, steps: dict, exactness: dict, decode: dict,
                                  draft={"kv-upper": c["draft_step_s"]}, source="measured",
                                  weight=controller.PRIOR_WEIGHT["measured"])
         key = controller.store_key(model_id, device, version, "nested")
-        store.save(key, c["context"], costs)
+        measured.save(key, c["context"], costs)
         keys.append(f"{key}|ctx={controller.context_bucket(c['context'])}")
-    return dict(path=str(store.path), written=store.writable, keys=keys)
+    return dict(path=str(measured.path), written=measured.writable, keys=keys)
 
 
 # ------------------------------------------------------------------ the report
@@ -634,11 +637,11 @@ def run(args, parser):
     start = time.perf_counter()
     model_path = Path(args.model) if args.model else default_model_path()
     model, tokenizer = load(str(model_path))
-    prepare(model)
+    install(model)
     log(f"loaded {model_path} ({time.perf_counter() - start:.0f} s)")
     p = plan(args.quick, kernels.backend() == "metal")
     report = dict(schema=1, machine=machine(), quick=args.quick, sections={}, skipped=p["skipped"],
-                  model=dict(path=str(model_path), fingerprint=cost.fingerprint(model)))
+                  model=dict(path=str(model_path), fingerprint=store.fingerprint(model)))
     prompt = tokenizer.encode(FREE_PROMPT)
     sec = lambda name, fn: _section(name, fn, report)  # noqa: E731
     sec("kernels", check_kernels)

@@ -6,7 +6,7 @@ from conftest import build_tiny_model
 
 from mlx_qspec import roofline
 from mlx_qspec.roofline import CALIBRATION, CHIPS, LLAMA_7B_BYTES, LLAMA_7B_TOKENS_PER_S
-from mlx_qspec.speculative import prepare
+from mlx_qspec.hooks import install
 
 
 @pytest.mark.parametrize("chip", list(LLAMA_7B_TOKENS_PER_S))
@@ -74,7 +74,7 @@ def test_mlx_on_m1_m2_reads_the_weights_once_per_row():
 def test_one_row_forward_is_tokens_per_s():
     """``tokens_per_s`` is the model the prior uses for a one-row forward: no separate
     efficiency constant."""
-    linears = roofline.linears(prepare(build_tiny_model()))
+    linears = roofline.linears(install(build_tiny_model()))
     kv = 12345.0
     nbytes = sum(m.nbytes + (m.K + m.N) * m.itemsize for m in linears) + kv
     for chip in CHIPS:
@@ -91,7 +91,7 @@ def test_seconds_is_bound_by_bytes_or_alu_at_the_achieved_rates():
 def test_roofline_of_the_test_model_is_flat_for_a_few_rows(smollm2):
     """A verify of up to 5 rows costs about one step on every chip (the fixed cost of a
     forward dominates a model this small); more rows cost more."""
-    linears = roofline.linears(prepare(smollm2[0]))
+    linears = roofline.linears(install(smollm2[0]))
     assert len(linears) == 30 * 7 + 1  # the tied embedding is the LM head
     for chip in CHIPS:
         t = [roofline.forward_seconds(linears, 0, rows, chip) for rows in range(1, 17)]
