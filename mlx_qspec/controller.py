@@ -35,8 +35,8 @@ tests drive it with the seconds they choose.
 import json
 import math
 import os
+import sys
 import tempfile
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -564,9 +564,9 @@ class Store:
                 os.unlink(f.name)
                 raise
         except OSError as e:
-            self.writable = False
-            warnings.warn(f"cannot write measured costs to {self.path} ({e.strerror or e}); "
-                          "keeping them in memory for this run", RuntimeWarning, stacklevel=2)
+            self.writable = False  # one line, once: decoding goes on
+            print(f"mlx_qspec: warning: cannot write measured costs to {self.path} "
+                  f"({e.strerror or e}); keeping them in memory for this run", file=sys.stderr)
 
 
 def _costs_from(entry) -> Costs | None:
