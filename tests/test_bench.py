@@ -98,3 +98,17 @@ def test_the_attention_check_on_a_mac(mac):
     checks = bench._attention_checks(mx.float32, 1e-5, quantized=64, buffered=8, per_kv=1)
     assert [c["kernel"] for c in checks] == ["nested_attention (draft)", "nested_attention (verify)"]
     assert all(c["ok"] and c["rows_bitwise"] for c in checks), checks
+
+
+def test_auto_with_a_cache_dir_it_cannot_write_warns_once_and_decodes(tiny_gguf, tmp_path,
+                                                                       monkeypatch, capsys):
+    """A read-only home or a full disk must not stop decoding (issue 26): the measured costs
+    stay in memory, with one line saying so."""
+    from mlx_qspec.generate import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("MLX_QSPEC_CACHE", str(blocker))  # the cache dir is a regular file
+    main(["--model", tiny_gguf, "--prompt", "hello", "--max-tokens", "6", "--draft", "auto"])
+    out, err = capsys.readouterr()
+    assert out.strip() and err.count("cannot write measured costs") == 1
