@@ -211,6 +211,7 @@ class Controller:
         # What ran after its warm-up: plain chunks, tokens and seconds; draft tokens and seconds
         self.ran = dict(chunks=0, plain=0.0, plain_s=0.0, drafts=0.0, drafts_s=0.0)
         self.plain_seen = -math.inf  # emitted count at plain decoding's last timing
+        self.confirm = False  # plain decoding is to be timed again under the current draft
         self.chunk_index = 0
         self.current: str | None = None
         self.gamma = 0
@@ -328,6 +329,7 @@ class Controller:
         if arm is not None:
             self.arms[arm].blocks = 0
             self.gamma = self._gamma_for(arm, 0)
+            self.confirm = True  # plain decoding timed again once the draft has been
 
     def _credit(self) -> float:
         return EXPLORE_ALLOWANCE + EXPLORE_SHARE * self.emitted - self.explored
@@ -354,9 +356,10 @@ class Controller:
         return gamma if d in self.warm else min(self.gammas)
 
     def _plain_stale(self) -> bool:
-        """Plain decoding is due for a timing: never timed in this run once the draft has
-        been (the two must be compared under the same conditions), or not for a while."""
-        if self.plain_seen == -math.inf:
+        """Plain decoding is due for a timing: once a draft switched to has been timed (the
+        two compared under the same conditions: a machine's load comes and goes), and then
+        every PLAIN_REFRESH tokens."""
+        if self.confirm:
             return self.arms[self.current].blocks >= LEAVE_AFTER
         return self.emitted - self.plain_seen >= PLAIN_REFRESH
 
@@ -373,7 +376,7 @@ class Controller:
             self.prior = Costs.guess(seconds / emitted, self.arms)
             self._start_fits(self.prior)
         self.plain.observe({"chunk": 1.0, "step": float(emitted)}, seconds, emitted)
-        self.plain_seen = self.emitted
+        self.plain_seen, self.confirm = self.emitted, False
 
     def _report_block(self, action, drafted, accepted, emitted, seconds, warm_up):
         arm = self.arms[action.draft]
