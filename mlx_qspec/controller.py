@@ -455,8 +455,8 @@ class Controller:
 
     def _why_plain(self, est: dict) -> str:
         """The first bound that fails: free drafts accepted always (the verify's rows cost
-        too much), the cheapest draft accepted always, a draft that measured slower; else
-        acceptance is too low."""
+        too much), a draft that measured slower (in this run or a stored one), the cheapest
+        draft accepted always; else acceptance is too low."""
         if not self.arms:
             return "no_draft_candidates"
         block = self.blocks.solve()
@@ -465,10 +465,11 @@ class Controller:
         verify = block["block"] + g * max(block["row"], 0.0)
         if (g + 1) / verify <= plain * (1 + HYSTERESIS):
             return f"verify_cost_grows_with_rows(x{verify / step:.1f}_at_{g + 1}_rows)"
-        measured = [d for d, a in self.arms.items() if a.measured()]
+        stored = self.prior.draft if self.prior.source == "measured" else {}
+        measured = [d for d, a in self.arms.items() if a.measured() or d in stored]
         if measured:
             d = max(measured, key=lambda n: est[n].rate)
-            return f"measured_slower({d}_x{est[d].rate / plain:.2f})"
+            return f"measured_not_faster({d}_x{est[d].rate / plain:.2f})"
         cheapest = min(self.arms, key=lambda d: block[d])
         perfect = max((n + 1) / (block["block"] + n * (max(block["row"], 0.0) + block[cheapest]))
                       for n in self.gammas)
