@@ -14,7 +14,6 @@ import mlx.core as mx
 
 from . import controller, distributed, kernels, precision, reads, roofline, store
 from .caches import kv_mode, position, rewind
-from .decoder import forward
 from .drafts.grammar import NGRAM, parse_precision
 
 # Per-token top-1 agreement of each single draft term with the verify (docs/design.md §8)
@@ -51,7 +50,8 @@ def _counted(model, cache, read: precision.Precision) -> reads.ReadCounter:
     also when the forward raises."""
     at, counter = position(cache), reads.ReadCounter()
     try:
-        mx.eval(forward(model, mx.zeros((1, 1), mx.uint32), cache, read, counter))
+        with precision.reading(read), reads.counting(counter):
+            mx.eval(model(mx.zeros((1, 1), mx.uint32), cache=cache))
     finally:
         rewind(cache, at)  # (a failed forward may have appended to some layers only)
     return counter

@@ -8,7 +8,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_qspec import bench, controller, kernels
-from test_gguf_reference import Config, write_gguf
+from helpers.gguf_reference import Config, write_gguf
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 to and a few it is not (SPEC.md §9 lists them; docs/design.md §8 tabulates the fit)."""
 
 import pytest
-from conftest import build_tiny_model
+from helpers import build_tiny_model
 
 from mlx_qspec import roofline
 from mlx_qspec.roofline import CALIBRATION, CHIPS, LLAMA_7B_BYTES, LLAMA_7B_TOKENS_PER_S
