@@ -587,6 +587,9 @@ def plot(report: dict, path: Path) -> str | None:
         ax.set_xscale("log", base=2)
         ax.legend(fontsize=7)
     ax.set(xlabel="context (tokens)", title="kv-upper by context")
+    for ax in axes.flat:  # a part that did not run says so where its plot would be
+        if not ax.has_data():
+            ax.text(0.5, 0.5, "not run (see report.md)", ha="center", transform=ax.transAxes)
     fig.suptitle(f"MEASURED on {report['machine']['device']} ({report['machine']['backend']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
