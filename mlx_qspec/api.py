@@ -190,6 +190,8 @@ def summary_line(response: GenerationResponse) -> str:
     }
     if stats.auto_reason:
         fields["auto_reason"] = stats.auto_reason
+    if stats.measured_speedup is not None:
+        fields["measured_speedup"] = f"{stats.measured_speedup:.3f}"
     if stats.drafted or stats.draft != NONE:
         fields.update(
             num_draft_tokens=stats.num_draft_tokens,

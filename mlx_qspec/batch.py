@@ -321,7 +321,8 @@ class BatchEngine:
         policy = self._policy(cache)
         if isinstance(policy, AutoPolicy):
             stats.draft, stats.auto_reason = policy.name or NONE, policy.reason
-        if policy.draft is not None and policy.draft.reads_context:
+        if (policy.reads_context if isinstance(policy, AutoPolicy)
+                else policy.draft is not None and policy.draft.reads_context):
             row.context = list(job.prompt)
         request.cache = cache
         request.decoder = Decoder(self.model, cache, [row], policy, draft_p_min=s.draft_p_min,
@@ -385,6 +386,9 @@ class BatchEngine:
             except ValueError:  # a nested cache cannot go back that far: not kept
                 pass
         stats = r.row.stats
+        if r.decoder is not None and isinstance(r.decoder.policy, AutoPolicy):
+            r.decoder.policy.close()  # store what auto measured
+            stats.draft, stats.auto_reason = r.decoder.policy.name or NONE, r.decoder.policy.reason
         stats.emitted = len(r.tokens)
         self._done(r.job, r.tokens, r.cached, r.finish, stats.as_dict(), stats.forwards)
 

@@ -56,7 +56,8 @@ class SpecStats:
     tokens, so the split is real). ``draft_reads`` / ``verify_reads`` count the bytes the
     draft and verify forwards read (:mod:`mlx_qspec.reads`); a plain step reads what one
     verify forward reads at the same context. ``auto_reason`` says what ``auto`` chose and
-    why. Runs that share one object add up.
+    why, ``measured_speedup`` its measured tokens/s ÷ plain decoding's (None but for
+    ``auto``). Runs that share one object add up.
     """
 
     draft: str = ""
@@ -69,6 +70,7 @@ class SpecStats:
     draft_time: float = 0.0
     verify_time: float = 0.0
     auto_reason: str = ""
+    measured_speedup: Optional[float] = None
     # Cascades: per checking level, [proposals from the levels below, proposals it kept].
     level_counts: dict = field(default_factory=dict)
     draft_reads: reads.ReadCounter = field(default_factory=reads.ReadCounter)
@@ -421,9 +423,10 @@ class Decoder:
     def decode_plainly(self, steps: Optional[int] = None, settle: bool = True):
         """Plain decoding of ``steps`` tokens (None: the row's budget) through mlx-lm's own
         ``generate_step``, pipelined as mlx-lm pipelines it; every forward a one-token step
-        counted in the verify reads, logits processors seeing the row's history. ``settle``:
-        the cache then holds the row as a block would leave it (the token it goes on from
-        not in it); else as ``generate_step`` leaves it."""
+        counted in the verify reads, logits processors seeing the row's history; the policy
+        (if any) told the tokens and the seconds spent waiting for them. ``settle``: the cache
+        then holds the row as a block would leave it (the token it goes on from not in it);
+        else as ``generate_step`` leaves it."""
         (row,) = self.rows
         n = row.budget if steps is None else min(steps, row.budget)
         start = position(self.cache)
@@ -435,12 +438,14 @@ class Decoder:
         sampler = None if row.sampler is None else (lambda lp: row.sampler(lp, row.split_key()))
         model = lambda x, cache: forward(self.model, x, cache, FULL_PRECISION,  # noqa: E731
                                          row.stats.verify_reads)
-        emitted = 0
+        emitted, seconds = 0, 0.0  # the time spent waiting for tokens, not the consumer's
         steps = generate_step(mx.array([row.y], mx.uint32), model,
                               max_tokens=-1 if math.isinf(n) else int(n), sampler=sampler,
                               logits_processors=processors, prompt_cache=self.cache, **self.kv)
         try:
-            for tok, lp in steps:
+            asked = time.perf_counter()
+            for tok, lp in steps:  # each token an int: evaluated
+                seconds += time.perf_counter() - asked
                 emitted += 1
                 row.budget -= 1
                 row.stats.emitted += 1
@@ -448,8 +453,11 @@ class Decoder:
                 row.y = tok
                 row.add([tok])
                 yield tok, lp, False
+                asked = time.perf_counter()
         finally:
             steps.close()
             if settle:
                 rewind(self.cache, [start + emitted])
                 commit(self.cache)
+            if self.policy is not None and emitted:
+                self.policy.report(BlockResult(0, 0, emitted, seconds))

@@ -138,7 +138,7 @@ def _generate(prompt, model, cache, row: Row, s: Settings, cascade, cached_token
         elif cascade is None:
             policy = AutoPolicy(model, cache, s.ngram, s.num_draft_tokens)
             row.stats.draft, row.stats.auto_reason = policy.name or NONE, policy.reason
-            if policy.draft is not None and policy.draft.reads_context:
+            if policy.reads_context:
                 row.context = cached_tokens + prompt.tolist()
         else:
             policy = FixedGamma(cascade, s.gamma)
@@ -155,3 +155,7 @@ def _generate(prompt, model, cache, row: Row, s: Settings, cascade, cached_token
                 yield out
         finally:
             rewind(cache, start + prompt.size + emitted - 1)
+            if isinstance(policy, AutoPolicy):  # what it ran last, why, and its measured speed
+                policy.close()
+                row.stats.draft, row.stats.auto_reason = policy.name or NONE, policy.reason
+                row.stats.measured_speedup = policy.measured_speedup

@@ -15,25 +15,20 @@ larger than --slice, the kernel runs on the first --slice output rows at full K 
 are scaled by N / slice: exact, because every threadgroup does the same work (the activations'
 footprint is not scaled; ``requested`` activation bytes are, as each threadgroup re-reads them).
 
-Modeled (a roofline, not a measurement: mlx_qspec/roofline.py, which ``--draft auto`` uses on a
-Mac with no timing): time = max(bytes ÷ bandwidth, alu ÷ lane-op rate) per launch, on its chips,
-and the ratio to M = 1 of the same kernel, shape and chip. The lane-op rate is the FP32 FMA rate
-(GPU cores × 128 lanes × clock = FP32 FLOPS ÷ 2): every counted operation is assumed to issue at
-the FMA rate, one per lane per clock.
+Modeled (a roofline, not a measurement: mlx_qspec/roofline.py, ``--draft auto``'s prior on a
+Mac): time = max(bytes ÷ achieved bandwidth, alu ÷ achieved lane-op rate) per launch, on its
+chips, and the ratio to M = 1 of the same kernel, shape and chip. Both rates are calibrated to
+public measurements (roofline.py says which): the bandwidth share per chip from llama.cpp's
+decode speeds, the lane-op rate as one share (~0.59) of the FP32 FMA rate (GPU cores × 128 lanes
+× clock = FP32 FLOPS ÷ 2), the share at which MLX's own qmv_wide, counted below, grows with rows
+as measured on an M4 Pro. The forward's fixed cost is left out here: these are single launches.
 
-MLX's own ``quantized_matmul`` (``mlx-qmm``, MODELED, not counted) from the structure of
-mlx/backend/metal/quantized.cpp and kernels/quantized.h (ml-explore/mlx 846d176, 2026-08):
-below ``get_qmv_batch_limit`` rows it runs ``qmv`` — one pass over the weights per row — on
-M1/M2 (GPU gen 13/14) and on M3+ for M = 1, and ``qmv_wide`` on M3/M4 (gen ≥ 15) for M ≥ 2
-(weights dequantized once per tile of ≤ 5 rows, tiles = ⌈M/5⌉); from the limit on, ``qmm`` /
-``qmm_splitk`` (steel GEMM: rows padded to 32, 8×8 simdgroup MMAs). Per weight, counted by hand
-with the same rules: qmv 3.875 ops per row (mask, convert, FMA, ¼ add; the 4-row-shared
-activation prescale and sum; a 16-value epilogue) + a 320-op simd_sum per output and row;
-qmv_wide 3 per tile (mask, convert, FMA) + 1.125 per row + 48 per output and row (8-lane
-shuffle ladder); qmm 3 + 32 per 32-row tile. MLX's weight bytes are counted once (its re-reads
-across rows and tiles, and split-K partial sums, assumed served by cache — this flatters qmv's
-bytes, not its ALU). ``fma-floor`` (MODELED) is a bound for any kernel on the FP32 ALUs: the
-same bytes, M fmas per weight and nothing else.
+MLX's own ``quantized_matmul`` (``mlx-qmm``, MODELED, not counted): ``roofline.mlx_qmm``, op
+counts by hand from the structure of MLX's kernels (qmv on M1/M2, qmv_wide on M3+ for 2+ rows,
+qmm past the batch limit). MLX's weight bytes are counted once (its re-reads across rows and
+tiles, and split-K partial sums, assumed served by cache — this flatters qmv's bytes, not its
+ALU). ``fma-floor`` (MODELED) is a bound for any kernel on the FP32 ALUs: the same bytes, M fmas
+per weight and nothing else.
 
 Records (``--json``): kernel, model, shape ("KxN" = inputs × outputs, or "layer"), M, chip,
 bytes, alu, modeled_s, ratio_to_m1, requested_bytes (counted kernels), path (mlx-qmm),
@@ -102,43 +97,11 @@ def counted(kind, K, N, M, group, dtype, slice_rows):
 
 
 # ------------------------------------------------------------------ modeled
-def qmv_batch_limit(gen, K, N):
-    """mlx/backend/metal/quantized.cpp get_qmv_batch_limit for a base or Max chip (a Pro taken
-    as the Max)."""
-    small, mid = K <= 2048 and N <= 2048, K <= 4096 and N <= 4096
-    if gen >= 15:
-        return 13 if small else 15 if mid else 13
-    return 14 if small else 10 if mid else 6
-
-
-def fetched(K, N, M, group, itemsize):
-    """Bytes a cache-perfect GPU fetches for a 4-bit matmul: weights, scales, biases, x, y."""
-    return N * K // 2 + 2 * N * (K // group) * itemsize + (M * K + M * N) * itemsize
-
-
-def mlx_model(K, N, M, group, itemsize, gen):
-    """MLX quantized_matmul (4-bit, transposed weights): (path, bytes, alu), modeled. Split-K
-    partial sums are taken to stay in cache, like the re-read weights."""
-    nk = N * K
-    dram = fetched(K, N, M, group, itemsize)
-    if M >= qmv_batch_limit(gen, K, N):
-        mt = -(-M // 32)
-        split = min(max(1, 512 // (-(-N // 32) * mt)), K // max(group, 32))
-        while split > 1 and K % (split * max(group, 32)):
-            split -= 1
-        alu = mt * 3 * nk + 32 * mt * nk + (split - 1) * M * N  # dequantize, MMA, add partials
-        return ("qmm_splitk" if split > 1 else "qmm"), dram, alu
-    if gen >= 15 and M >= 2:
-        tiles = -(-M // 5)
-        vecs = tiles * -(-M // tiles)
-        return "qmv_wide", dram, tiles * (3 * nk + nk // group) + vecs * (1.125 * nk + 48 * N)
-    return "qmv", dram, M * (3.875 * nk + 320 * N)
-
-
 MODELED = {
-    MLX: mlx_model,
+    MLX: roofline.mlx_qmm,
     # a lower bound for any kernel on the FP32 ALUs: M fmas per weight, nothing else
-    FLOOR: lambda K, N, M, group, itemsize, gen: ("", fetched(K, N, M, group, itemsize), M * N * K),
+    FLOOR: lambda K, N, M, group, itemsize, gen: ("", roofline.qmm_bytes(K, N, M, group, itemsize),
+                                                   M * N * K),
 }
 
 

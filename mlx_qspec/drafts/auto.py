@@ -1,19 +1,19 @@
 """``--draft auto``: the drafts a model can weigh, their prior acceptance, and the block
-policy that picks one and its γ from the cost model (:mod:`mlx_qspec.cost`), or plain
-decoding where none pays (saying why).
+policy that decides between them and plain decoding from what it measures.
 
 The candidates: the n-gram lookup (free), the precision drafts that read fewer bytes (the
 upper planes of 8-bit weights and of a nested cache, alone and together) and the best
 activation draft, and the layer-skip sets calibrated for this model before. After the
-prefill, :class:`AutoPolicy` takes the forward costs at this context (stored, modeled on a
-Mac, else timed), picks, and then adapts γ to the acceptance it sees, going plain once
-drafting no longer pays.
+prefill, :class:`AutoPolicy` hands them to the measured controller
+(:class:`~mlx_qspec.controller.Controller`) with a prior (:func:`mlx_qspec.cost.prior`), and
+serves its decisions to the decoder as plans on built drafts.
 """
 
+import mlx.core as mx
 import mlx.nn as nn
 
-from .. import cost
-from ..caches import kv_mode
+from .. import controller, cost, distributed
+from ..caches import kv_mode, position
 from ..policy import BlockResult, Plan
 from ..precision import ACT_GROUP_SIZES, Precision
 from ..quant.modes import draftable_layers
@@ -60,39 +60,73 @@ def auto_priors(model, kv: str) -> dict[str, float]:
     return priors
 
 
+WARM: set = set()  # arms run once in this process: only their first block builds kernels
+
+
 class AutoPolicy:
-    """``auto`` as a block policy, made on a prefilled cache: forward costs at this context
-    (cached per model, device and context; the lookup costs no forward), then the draft
-    and γ the cost model favours (γ ≤ ``max_gamma``), or plain decoding. ``draft`` (a
-    cascade, or None) and ``reason`` say what it chose and why."""
+    """``auto`` as a block policy on a prefilled cache: the measured controller's decisions
+    (a draft and γ ≤ ``max_gamma``, or plain decoding for some steps) as plans on built
+    drafts; each block's seconds reported back to it (rank 0's clock across several ranks,
+    so that every rank decides alike). A plain run that reaches the controller as several
+    one-step blocks (the server's loop) is reported to it whole. ``name`` (the draft it runs
+    now, or None), ``reason``, ``measured_speedup``; :meth:`close` stores what it measured."""
 
     def __init__(self, model, cache, ngram: Ngram = Ngram(), max_gamma: int | None = None):
-        kv = kv_mode(cache)
-        priors = auto_priors(model, kv)
-        gamma_max = max_gamma or max(cost.GAMMAS)
-        self.gammas = tuple(g for g in cost.GAMMAS if g <= gamma_max)
-        self.table = cost.calibrate_cached(model, cache, [n for n in priors if n != NGRAM])
-        self.table.draft[NGRAM] = 0.0
-        choice = cost.choose(self.table, priors, gammas=self.gammas)
-        self.name = choice.draft
-        self.reason = f"{choice.reason};costs={self.table.source}"
-        self.draft = None if choice.draft is None else build(model, choice.draft, kv, ngram)
-        self.estimate = None if choice.draft is None else cost.AcceptanceEstimate(
-            priors[choice.draft])
+        self.model, self.kv, self.ngram = model, kv_mode(cache), ngram
+        priors = auto_priors(model, self.kv)
+        gammas = tuple(g for g in controller.GAMMAS if g <= (max_gamma or max(controller.GAMMAS)))
+        self.ranks = distributed.group().size()
+        key = None if self.ranks > 1 else cost.store_key(model, cache)
+        self.controller = controller.Controller(
+            priors, gammas, cost.prior(model, cache, priors), start=position(cache), warm=WARM,
+            store=None if key is None else controller.default_store(), key=key)
+        self.reads_context = NGRAM in priors  # the lookup may run any time: keep the context
+        self.drafts: dict = {}
+        self.action = self.plain = None  # the controller's action; a plain run's [emitted, seconds]
+
+    @property
+    def name(self) -> str | None:
+        return self.controller.current
+
+    @property
+    def reason(self) -> str:
+        return self.controller.reason
+
+    @property
+    def measured_speedup(self) -> float:
+        return self.controller.measured_speedup
 
     def plan(self) -> Plan:
-        if self.draft is None:
-            return Plan(None)
-        choice = cost.choose(self.table, {self.name: self.estimate.value}, gammas=self.gammas)
-        if choice.draft is None:  # drafting no longer pays: plain decoding from here on
-            self.draft = None
-            return Plan(None)
-        return Plan(self.draft, choice.gamma)
+        if self.plain is None:
+            self.action = self.controller.next()
+            if self.action.draft is None:
+                self.plain = [0, 0.0]
+        if self.action.draft is None:
+            return Plan(None, steps=self.action.steps - self.plain[0])
+        if self.action.draft not in self.drafts:
+            self.drafts[self.action.draft] = build(self.model, self.action.draft, self.kv, self.ngram)
+        return Plan(self.drafts[self.action.draft], self.action.gamma)
 
     def report(self, result: BlockResult) -> None:
-        """A block is ``accepted`` agreements and, if it was cut, one disagreement: drafts
-        after the first rejection were never compared (counting them would make the
-        per-token agreement the cost model expects look lower than it is)."""
-        if result.drafted and self.estimate is not None:
-            accepted = result.accepted
-            self.estimate.update(accepted + (accepted < result.drafted), accepted)
+        seconds = result.seconds
+        if self.ranks > 1:
+            seconds = distributed.from_rank0(mx.array(seconds, mx.float32)).item()
+        if self.action.draft is not None:
+            self.controller.report(self.action, result.drafted, result.accepted, result.emitted,
+                                   seconds)
+            return
+        self.plain[0] += result.emitted
+        self.plain[1] += seconds
+        if self.plain[0] >= self.action.steps:
+            self._report_plain()
+
+    def _report_plain(self):
+        if self.plain and self.plain[0]:
+            self.controller.report(self.action, 0, 0, self.plain[0], self.plain[1])
+        self.plain = None
+
+    def close(self) -> None:
+        """The generation ended: report a plain run cut short, store what was measured."""
+        if self.action is not None and self.action.draft is None:
+            self._report_plain()
+        self.controller.close()
