@@ -60,7 +60,7 @@ class NextTokenHead(nn.Module):
         ``normed`` goes to the LM head, ``fed back`` is the next chained row's hidden state."""
         e, h = self.embed_norm(embeddings), self.hidden_norm(hidden)
         x = self.fc(mx.concatenate([h, e] if self.hidden_first else [e, h], axis=-1))
-        out = self.block(x, create_attention_mask(x, cache), cache)
+        out = self.block(x, create_attention_mask(x, cache, return_array=True), cache)  # DeepSeek MLA needs an array
         normed = self.norm(out)
         return (normed if self.feed_back == NORMED else out), normed
 

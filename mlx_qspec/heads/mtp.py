@@ -104,7 +104,11 @@ def _sanitized(model_class, model, layout: Layout, config: dict, mtp: dict) -> t
     layer FIXED_INDEX meanwhile (sanitizers process, or drop, layers by index), then split
     into (block weights, NextTokenHead extras)."""
     prefix, fixed = layout.prefix_for(config), f"model.layers.{FIXED_INDEX}."
-    mine = {fixed + k[len(prefix):]: v for k, v in mtp.items() if k.startswith(prefix)}
+    mine = {}
+    for k, v in mtp.items():
+        if k.startswith(prefix):
+            rest = k[len(prefix):]
+            mine[fixed + (rest[len(layout.block):] if rest.startswith(layout.block) else rest)] = v
     before = {k: v for k, v in mine.items() if k.endswith("input_layernorm.weight")}
     if hasattr(model_class, "sanitize"):
         mine = model_class.sanitize(model, mine)
@@ -116,8 +120,8 @@ def _sanitized(model_class, model, layout: Layout, config: dict, mtp: dict) -> t
         if module in layout.extras:
             name = layout.extras[module]
             extras[f"{name}.{param}"] = v + 1.0 if shifted and name in _SHIFTED_NORMS else v
-        elif k.startswith(layout.block):
-            block[k[len(layout.block):]] = v
+        else:
+            block[k] = v
     return block, extras
 
 
