@@ -494,5 +494,26 @@ def test_gguf_nextn_tensors_load_as_mtp(tmp_path):
     drafted, _ = HeadDraft(model, prepare_head(head), "mtp").propose(
         context, hidden_states(model, context[:-1]), 3)
     assert len(drafted) == 3
+    out = convert(str(tmp_path / "n.gguf"), str(tmp_path / "mlx"))  # kept through convert too
+    again, _ = load(str(out))
+    kept, _ = mtp.attached(again)
+    for k, v in tree_flatten(head.parameters()):
+        assert mx.array_equal(v, dict(tree_flatten(kept.parameters()))[k]).item(), k
     plain, _ = load(write_tiny_gguf(tmp_path / "p.gguf"))
     assert mtp.attached(plain) is None
+
+
+def test_levels_refuse_in_one_line(tiny, tmp_path):
+    """``mtp`` on a model without MTP layers and ``head`` without --draft-head say what to do."""
+    from mlx_qspec.errors import UserError
+    from mlx_qspec.heads.level import head_level, mtp_level
+
+    model, _ = tiny
+    with pytest.raises(UserError) as info:
+        mtp_level(model)
+    assert "\n" not in str(info.value) and "mlx_qspec.convert" in str(info.value) and "train_head" in str(info.value)
+    with pytest.raises(UserError) as info:
+        head_level(model, None)
+    assert "--draft-head" in str(info.value) and "train_head" in str(info.value)
+    with pytest.raises(ModelError, match="no config.json"):
+        head_level(model, tmp_path)

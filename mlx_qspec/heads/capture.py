@@ -50,13 +50,14 @@ def find_embedding(model: nn.Module) -> tuple[str, nn.Module]:
     vocab = vocabulary_size(model)
     found = [(p, m) for p, m in model.named_modules()
              if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding))
-             and (vocab is None or _rows(m) == vocab)]
+             and (vocab is None or rows_of(m) == vocab)]
     if not found:
         raise UserError(f"model type {getattr(model, 'model_type', '?')}: no token embedding found")
     return next(((p, m) for p, m in found if p.endswith("embed_tokens")), found[0])
 
 
-def _rows(m: nn.Module) -> int:
+def rows_of(m: nn.Module) -> int:
+    """Rows of an embedding (its vocabulary)."""
     return m.num_embeddings if hasattr(m, "num_embeddings") else m.weight.shape[0]
 
 

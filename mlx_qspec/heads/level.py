@@ -21,10 +21,12 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from .. import precision, reads
+from ..errors import UserError
 from ..precision import FULL_PRECISION, Precision
-from .block import NextTokenHead
-from ..vocabulary import vocabulary_size
-from .capture import ModelEnds
+from .block import NextTokenHead, prepare
+from .capture import ModelEnds, rows_of
+from .mtp import attached
+from .store import load
 
 CATCH_UP_ROWS = 512  # rows per forward when the head catches up on a long prompt
 
@@ -43,15 +45,31 @@ class HeadDraft:
     it the model's final hidden states (contract 2 in TEAM.md)."""
 
     reads_hidden = True
+    reads_context = True
 
     def __init__(self, model, head: NextTokenHead, name: str, at: Precision = FULL_PRECISION,
-                 ends: ModelEnds | None = None):
+                 ends: ModelEnds | None = None, vocab_head=None):
         self.head, self.name, self.precision = head, name, at
         self.ends = ends or ModelEnds(model)
         self.vocab = head["draft_vocab"] if "draft_vocab" in head else None
-        self.vocab_head = None if self.vocab is None else self.ends.restricted_head(self.vocab)
-        self.vocab_size = vocabulary_size(model)
+        if self.vocab is not None and vocab_head is None:
+            vocab_head = self.ends.restricted_head(self.vocab)
+        self.vocab_head = vocab_head
+        self.vocab_size = rows_of(self.ends.embedding)
         self.reset()
+
+    def fresh(self) -> "HeadDraft":
+        """The same head with a cache of its own (for another request)."""
+        return HeadDraft(None, self.head, self.name, self.precision, self.ends, self.vocab_head)
+
+    def proposals(self, context, k: int, draw):
+        """The decoder's level contract (``drafts.cascade``): ``context.tokens`` the row's ids
+        (the pending one last), ``context.hidden`` the model's final hidden states of the
+        positions cached since the last block (at least the last one), ``context.reads``
+        where reads are counted; ``draw(logprobs)`` the row's draw."""
+        return self.propose(context.tokens, context.hidden, k,
+                            lambda logits, _: draw(logits - mx.logsumexp(logits, axis=-1, keepdims=True)),
+                            context.reads)
 
     def reset(self):
         """Forget every entry (a new conversation)."""
@@ -133,3 +151,30 @@ class HeadDraft:
             self.exact.append(False)
         return drafted, qs
 
+
+
+MTP, HEAD = "mtp", "head"  # the draft names of the two levels
+NO_MTP = ("has no MTP layers{why}: convert its Hugging Face checkpoint with "
+          "`python -m mlx_qspec.convert --model HF_MODEL --mlx-path DIR -q` (mlx-lm's convert drops "
+          "them), or train a head with `python -m mlx_qspec.train_head --model MODEL --out HEAD_DIR` "
+          "and draft with --draft head --draft-head HEAD_DIR")
+
+
+def mtp_level(model, at: Precision = FULL_PRECISION) -> HeadDraft:
+    """The ``mtp`` level: the checkpoint's own MTP layers, or a UserError naming what to do."""
+    kept = attached(model)
+    if not isinstance(kept, tuple):
+        why = "" if kept is None else f" it can use ({kept})"
+        raise UserError("draft 'mtp': this model " + NO_MTP.format(why=why))
+    return HeadDraft(model, prepare(kept[0]), MTP, at)
+
+
+def head_level(model, path, at: Precision = FULL_PRECISION) -> HeadDraft:
+    """The ``head`` level: the head in directory ``path`` (``--draft-head``), checked against
+    the model; a UserError (one line) where there is none or it does not fit."""
+    if path is None:
+        raise UserError("draft 'head' needs --draft-head DIR (a head trained with "
+                        "`python -m mlx_qspec.train_head --model MODEL --out DIR`)")
+    ends = ModelEnds(model)
+    head, _ = load(path, model, ends)
+    return HeadDraft(model, prepare(head), HEAD, at, ends)
