@@ -116,12 +116,29 @@ def modeled_speedup(model, alpha_tau: dict, gamma: int, ratio: float, chip: str)
     return alpha_tau["emitted"] / alpha_tau["blocks"] * step(1) / per_block
 
 
+def measure(model, level, refs, g, read, workload, args, plain_b, draft_b) -> dict:
+    """One table row: the level at γ = ``g`` over every reference of a workload."""
+    tot = {"drafted": 0, "accepted": 0, "blocks": 0, "emitted": 0}
+    for (seq, hidden), start in refs:
+        for k, v in simulate(level, seq, hidden, start, g).items():
+            tot[k] += v
+    row = {"workload": workload, "draft": args.draft, "read": read, "gamma": g, **tot,
+           "acceptance": tot["accepted"] / max(tot["drafted"], 1),
+           "tokens_per_verify": tot["emitted"] / tot["blocks"],
+           "draft_step_bytes": draft_b, "plain_step_bytes": plain_b,
+           "draft_step_vs_plain": draft_b / plain_b, "chip": args.chip}
+    row["modeled_mac_speedup"] = modeled_speedup(model, tot, g, row["draft_step_vs_plain"], args.chip)
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model (default: the SmolLM2 test GGUF)")
     ap.add_argument("--draft-head", required=True, help="the head directory to measure")
     ap.add_argument("--draft", default="head", help="the level's name in the table")
-    ap.add_argument("--read", default="verify", help="how the head reads weights (verify or w-upper)")
+    ap.add_argument("--reads", nargs="+", default=["verify"],
+                    help="how the head reads weights: verify (all bits), w-upper (the upper plane "
+                    "of 8-bit layers: the test model's LM head)")
     ap.add_argument("--gammas", nargs="+", type=int, default=[1, 2, 3, 4])
     ap.add_argument("--prompts", type=int, default=4, help="prompts per workload")
     ap.add_argument("--prompt-tokens", type=int, default=96, help="held-back text tokens per prompt")
@@ -134,26 +151,17 @@ def main(argv=None):
     prepare(model)
     ends = capture.ModelEnds(model)
     head, _ = store.load(args.draft_head, model, ends)
-    at = precision.FULL_PRECISION if args.read == "verify" else precision.parse(args.read)
-    level = HeadDraft(model, prepare_head(head), args.draft, at, ends)
+    levels = {read: HeadDraft(model, prepare_head(head), args.draft, precision.parse(read)
+                              if read != "verify" else precision.FULL_PRECISION, ends)
+              for read in args.reads}
     rows, t0 = [], time.perf_counter()
     for workload, prompts in workloads(tokenizer, args.prompts, args.prompt_tokens).items():
         eos = set(tokenizer.eos_token_ids)
         refs = [(reference(model, p, args.max_tokens, eos), len(p) - 1) for p in prompts]
-        plain_b, draft_b = step_bytes(model, level, *refs[0][0])
-        for g in args.gammas:
-            tot = {"drafted": 0, "accepted": 0, "blocks": 0, "emitted": 0}
-            for (seq, hidden), start in refs:
-                for k, v in simulate(level, seq, hidden, start, g).items():
-                    tot[k] += v
-            row = {"workload": workload, "draft": args.draft, "read": args.read, "gamma": g, **tot,
-                   "acceptance": tot["accepted"] / tot["drafted"],
-                   "tokens_per_verify": tot["emitted"] / tot["blocks"],
-                   "draft_step_bytes": draft_b, "plain_step_bytes": plain_b,
-                   "draft_step_vs_plain": draft_b / plain_b}
-            row["modeled_mac_speedup"] = modeled_speedup(model, tot, g, row["draft_step_vs_plain"], args.chip)
-            row["chip"] = args.chip
-            rows.append(row)
+        for read, level in levels.items():
+            plain_b, draft_b = step_bytes(model, level, *refs[0][0])
+            for g in args.gammas:
+                rows.append(measure(model, level, refs, g, read, workload, args, plain_b, draft_b))
         print(f"{workload}: {len(prompts)} prompts, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print_table(rows)
     if args.json:
@@ -164,12 +172,12 @@ def main(argv=None):
 
 
 def print_table(rows):
-    head = (f"{'workload':10} {'draft':8} {'γ':>2} {'α':>6} {'τ':>5} {'draft/plain bytes':>17} "
+    head = (f"{'workload':10} {'draft':8} {'read':8} {'γ':>2} {'α':>6} {'τ':>5} {'draft/plain bytes':>17} "
             f"{'modeled× (' + rows[0]['chip'] + ')':>18}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['workload']:10} {r['draft']:8} {r['gamma']:>2} {r['acceptance']:6.3f} "
+        print(f"{r['workload']:10} {r['draft']:8} {r['read']:8} {r['gamma']:>2} {r['acceptance']:6.3f} "
               f"{r['tokens_per_verify']:5.2f} {r['draft_step_vs_plain']:17.3f} "
               f"{r['modeled_mac_speedup']:18.2f}")
 
@@ -180,8 +188,10 @@ def plot(rows, path):
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for w in dict.fromkeys(r["workload"] for r in rows):
-        pts = sorted((r["gamma"], r["tokens_per_verify"]) for r in rows if r["workload"] == w)
-        ax.plot(*zip(*pts), "o-", label=f"τ, {w}")
+        for read in dict.fromkeys(r["read"] for r in rows):
+            pts = sorted((r["gamma"], r["tokens_per_verify"]) for r in rows
+                         if r["workload"] == w and r["read"] == read)
+            ax.plot(*zip(*pts), "o-", label=f"τ, {w}, {read}")
     ax.set_xlabel("draft length γ")
     ax.set_ylabel("tokens per verify pass τ")
     ax.legend()
