@@ -36,8 +36,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import dequantize_model
 
-from .convert import progress
-from .errors import ModelError, UserError, run_cli
+from .errors import UserError, run_cli
 from .heads import capture, store
 from .heads.block import NextTokenHead, build_layer, decoder_layer_class, quantize
 from .loader import load
@@ -297,7 +296,7 @@ def learning_rate(args, step: int, fraction: float) -> float:
     return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(fraction, 1.0))))
 
 
-def train(head, ends, tokens, hidden, args, state, ckpt, budget, show):
+def train(head, ends, tokens, hidden, args, state, ckpt, *, budget, show):
     """Epochs over the kept windows in a seeded order per epoch until the steps or the
     seconds run out; returns the last step's (loss, feature loss, KL, top-1 agreement).
     With the full vocabulary the LM head scores KL_ROWS rows a step, else every row."""
@@ -390,7 +389,7 @@ def train_head(args) -> Path:
     if vocab is not None:
         ends.restrict(vocab)
     metrics = train(head, ends, tokens, hidden, args, state, ckpt,
-                    budget - state["teacher_seconds"], show)
+                    budget=budget - state["teacher_seconds"], show=show)
     if q := config.get("quantization"):
         quantize(head, q["group_size"], q["bits"])
     held = [] if args.text else list(itertools.islice(

@@ -116,7 +116,7 @@ def modeled_speedup(model, alpha_tau: dict, gamma: int, ratio: float, chip: str)
     return alpha_tau["emitted"] / alpha_tau["blocks"] * step(1) / per_block
 
 
-def measure(model, level, refs, g, read, workload, args, plain_b, draft_b) -> dict:
+def measure(model, level, refs, g, read, workload, args, *, plain_b, draft_b) -> dict:
     """One table row: the level at γ = ``g`` over every reference of a workload."""
     tot = {"drafted": 0, "accepted": 0, "blocks": 0, "emitted": 0}
     for (seq, hidden), start in refs:
@@ -161,7 +161,8 @@ def main(argv=None):
         for read, level in levels.items():
             plain_b, draft_b = step_bytes(model, level, *refs[0][0])
             for g in args.gammas:
-                rows.append(measure(model, level, refs, g, read, workload, args, plain_b, draft_b))
+                rows.append(measure(model, level, refs, g, read, workload, args,
+                                    plain_b=plain_b, draft_b=draft_b))
         print(f"{workload}: {len(prompts)} prompts, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print_table(rows)
     if args.json:
