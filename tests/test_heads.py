@@ -517,3 +517,17 @@ def test_levels_refuse_in_one_line(tiny, tmp_path):
     assert "--draft-head" in str(info.value) and "train_head" in str(info.value)
     with pytest.raises(ModelError, match="no config.json"):
         head_level(model, tmp_path)
+
+
+def test_given_tokens_run_through_the_chain(tiny):
+    """Tokens after the pending one (a lower level's proposals) are chained as if drafted:
+    the drafts after them equal the level's own drafts after drafting those tokens itself."""
+    model, _ = tiny
+    head = random_head(model, seed=6)
+    context = [5, 70, 71, 72, 9, 100, 101, 40]
+    hidden = hidden_states(model, context[:-1])
+    own, _ = HeadDraft(model, head, "head").propose(context, hidden, 4)
+    given, _ = HeadDraft(model, head, "head").propose(context + own[:2], hidden, 2, cached=len(context) - 1)
+    assert given == own[2:]
+    none, _ = HeadDraft(model, head, "head").propose(context, None, 2)
+    assert len(none) == 2

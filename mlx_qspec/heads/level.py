@@ -56,6 +56,7 @@ class HeadDraft:
             vocab_head = self.ends.restricted_head(self.vocab)
         self.vocab_head = vocab_head
         self.vocab_size = rows_of(self.ends.embedding)
+        self.hidden_size = int(self.ends.embed(mx.array([0])).shape[-1])
         self.reset()
 
     def fresh(self) -> "HeadDraft":
@@ -64,12 +65,13 @@ class HeadDraft:
 
     def proposals(self, context, k: int, draw):
         """The decoder's level contract (``drafts.cascade``): ``context.tokens`` the row's ids
-        (the pending one last), ``context.hidden`` the model's final hidden states of the
-        positions cached since the last block (at least the last one), ``context.reads``
+        (its pending token, then this block's proposals so far), ``context.cached`` how many
+        are in the model's cache, ``context.hidden`` the model's final hidden states of the
+        positions cached since the level last ran (at least the last one), ``context.reads``
         where reads are counted; ``draw(logprobs)`` the row's draw."""
         return self.propose(context.tokens, context.hidden, k,
                             lambda logits, _: draw(logits - mx.logsumexp(logits, axis=-1, keepdims=True)),
-                            context.reads)
+                            context.reads, getattr(context, "cached", None))
 
     def reset(self):
         """Forget every entry (a new conversation)."""
@@ -77,11 +79,11 @@ class HeadDraft:
         self.tokens: list[int] = []  # the token of each entry
         self.exact: list[bool] = []  # whether its hidden state was the model's
 
-    def _keep(self, context: list[int], start: int) -> int:
-        """Entries still right for ``context``: their token matches it, and their hidden state
-        is the model's or no model state is given for their position (before ``start``); never
-        the last (its output gives the first draft)."""
-        m, keep = len(context) - 1, 0
+    def _keep(self, context: list[int], m: int, start: int) -> int:
+        """Entries still right for ``context`` (``m`` positions cached): their token matches
+        it, and their hidden state is the model's or no model state is given for their
+        position (before ``start``); never the pending token's (its output drafts)."""
+        keep = 0
         limit = min(len(self.tokens), m - 1)  # the pending token's row always runs: it drafts
         while (keep < limit and self.tokens[keep] == context[keep + 1]
                and (self.exact[keep] or keep < start)):
@@ -109,23 +111,26 @@ class HeadDraft:
         full[:, self.vocab] = sub
         return full
 
-    def propose(self, context: list[int], hidden: mx.array, k: int, draw=greedy_draw,
-                counter: reads.ReadCounter | None = None):
+    def propose(self, context: list[int], hidden: mx.array | None, k: int, draw=greedy_draw,
+                counter: reads.ReadCounter | None = None, cached: int | None = None):
         """Up to ``k`` draft tokens after ``context`` and the distribution each was drawn from.
 
-        ``context``: every token so far, the last one pending (not yet in the model's cache);
-        ``hidden``: (L, D) or (1, L, D), the model's final hidden states of the last L cached
-        positions (L >= 1). ``draw(logits, tokens so far)`` returns ``(token, distribution)``,
-        or None to end the block (the loop's sampler, logits processors and p-min).
-        ``counter`` counts the head's reads (its own weights, the LM head, its KV)."""
+        ``context``: every token so far; ``cached`` of them are in the model's cache (default:
+        all but the last, the pending one). Tokens after the pending one (this block's tokens
+        so far: a lower level's proposals) run through the chain as given and drafting goes
+        on after them. ``hidden``: (L, D) or (1, L, D), the model's final hidden states of the
+        last L cached positions (None: none). ``draw(logits, tokens so far)`` returns ``(token,
+        distribution)``, or None to end the block (the loop's sampler and p-min). ``counter``
+        counts the head's reads (its own weights, the LM head, its KV)."""
         if k <= 0:
             return [], []
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        m = len(context) - 1
+        m = len(context) - 1 if cached is None else cached
+        hidden = (mx.zeros((0, self.hidden_size)) if hidden is None
+                  else hidden.reshape(-1, hidden.shape[-1]))
         start = m - hidden.shape[0]
         if start < 0:
             raise ValueError(f"{hidden.shape[0]} hidden states for {m} cached positions")
-        keep = self._keep(context, start)
+        keep = self._keep(context, m, start)
         self.cache.trim(self.cache.offset - keep)
         del self.tokens[keep:], self.exact[keep:]
         gap = max(start - keep, 0)
@@ -138,6 +143,8 @@ class HeadDraft:
         self.tokens += tokens
         self.exact += [keep + j >= start for j in range(len(tokens))]
         drafted, qs = [], []
+        for t in context[m + 1:]:  # given, not drawn: chained like drafts
+            back, logits = self._chain(t, back, counter)
         while True:
             drawn = draw(logits, context + drafted)
             if drawn is None:
@@ -146,10 +153,14 @@ class HeadDraft:
             qs.append(drawn[1])
             if len(drafted) == k:
                 break
-            back, logits = self._forward(drafted[-1:], back, counter)
-            self.tokens.append(drafted[-1])
-            self.exact.append(False)
+            back, logits = self._chain(drafted[-1], back, counter)
         return drafted, qs
+
+    def _chain(self, token: int, back: mx.array, counter):
+        """One chained row: ``token`` with the head's own last output as its hidden state."""
+        self.tokens.append(token)
+        self.exact.append(False)
+        return self._forward([token], back, counter)
 
 
 
