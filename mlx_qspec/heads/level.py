@@ -189,3 +189,9 @@ def head_level(model, path, at: Precision = FULL_PRECISION) -> HeadDraft:
     ends = ModelEnds(model)
     head, _ = load(path, model, ends)
     return HeadDraft(model, prepare(head), HEAD, at, ends)
+
+
+def heads_available(model, draft_head=None) -> bool:
+    """Whether ``auto`` could pick a head level: a head was given, or the model kept its
+    MTP layers (the prefill then keeps the hidden states such a level reads)."""
+    return draft_head is not None or isinstance(attached(model), tuple)
