@@ -531,3 +531,17 @@ def test_given_tokens_run_through_the_chain(tiny):
     assert given == own[2:]
     none, _ = HeadDraft(model, head, "head").propose(context, None, 2)
     assert len(none) == 2
+
+
+def test_step_reads_are_a_fraction_of_a_plain_step(tiny):
+    """One draft step reads the head's block and the LM head (its draft rows where it has a
+    draft vocabulary), far less than the model's forward."""
+    from mlx_qspec import reads
+
+    model, _ = tiny
+    level = HeadDraft(model, random_head(model), "head")
+    plain = reads.ReadCounter()
+    with reads.counting(plain):
+        model(mx.array([[5, 6]]))
+    step = level.step_reads()
+    assert step.forwards == 1 and 0 < step.bytes() < 0.75 * plain.bytes()

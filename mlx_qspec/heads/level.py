@@ -48,8 +48,9 @@ class HeadDraft:
     reads_context = True
 
     def __init__(self, model, head: NextTokenHead, name: str, at: Precision = FULL_PRECISION,
-                 ends: ModelEnds | None = None, vocab_head=None):
+                 ends: ModelEnds | None = None, vocab_head=None, agreement: float | None = None):
         self.head, self.name, self.precision = head, name, at
+        self.agreement = agreement  # measured when it was trained (held-back text), if known
         self.ends = ends or ModelEnds(model)
         self.vocab = head["draft_vocab"] if "draft_vocab" in head else None
         if self.vocab is not None and vocab_head is None:
@@ -61,7 +62,15 @@ class HeadDraft:
 
     def fresh(self) -> "HeadDraft":
         """The same head with a cache of its own (for another request)."""
-        return HeadDraft(None, self.head, self.name, self.precision, self.ends, self.vocab_head)
+        return HeadDraft(None, self.head, self.name, self.precision, self.ends, self.vocab_head,
+                         self.agreement)
+
+    def step_reads(self) -> reads.ReadCounter:
+        """What one draft step reads (its layers, the LM head or its draft rows, its KV):
+        counted on a fresh cache, one entry long."""
+        counter = reads.ReadCounter()
+        self.fresh().propose([0, 0], None, 1, counter=counter)
+        return counter
 
     def proposals(self, context, k: int, draw):
         """The decoder's level contract (``drafts.cascade``): ``context.tokens`` the row's ids
@@ -187,8 +196,9 @@ def head_level(model, path, at: Precision = FULL_PRECISION) -> HeadDraft:
         raise UserError("draft 'head' needs --draft-head DIR (a head trained with "
                         "`python -m mlx_qspec.train_head --model MODEL --out DIR`)")
     ends = ModelEnds(model)
-    head, _ = load(path, model, ends)
-    return HeadDraft(model, prepare(head), HEAD, at, ends)
+    head, cfg = load(path, model, ends)
+    agreement = cfg.get("source", {}).get("held_back_agreement")
+    return HeadDraft(model, prepare(head), HEAD, at, ends, agreement=agreement)
 
 
 def heads_available(model, draft_head=None) -> bool:
