@@ -171,6 +171,11 @@ def _forward(model, cache, rows: int, read: precision.Precision,
         rewind(cache, at)  # (a failed forward may have appended to some layers only)
 
 
+def count_forward(model, cache, counter: reads.ReadCounter) -> None:
+    """Count what one full-precision one-row forward reads at this context (cache unmoved)."""
+    _forward(model, cache, 1, precision.FULL_PRECISION, counter)
+
+
 def calibrate(model, cache, candidates, rows=CALIBRATION_ROWS, repeats: int = 3) -> CostTable:
     """Measure, on ``model`` with its prefilled ``cache`` as it stands (cost depends on
     context), the median seconds of a verify forward at each row count and of a one-row

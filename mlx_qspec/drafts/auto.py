@@ -12,14 +12,21 @@ drafting no longer pays.
 
 import mlx.nn as nn
 
-from .. import cost
+from .. import cost, reads
+from ..heads import mtp
+from ..heads.level import HeadDraft, head_level, mtp_level
 from ..caches import kv_mode
 from ..policy import BlockResult, Plan
 from ..precision import ACT_GROUP_SIZES, Precision
 from ..quant.modes import draftable_layers
 from . import layer_skip
 from .cascade import build, runs
-from .grammar import NGRAM, parse_precision
+from .grammar import HEAD, MTP, NGRAM, parse_precision
+
+# A checkpoint's MTP layers, before any is measured here: DeepSeek-V3's report puts the
+# acceptance of its MTP module's token at 85-90 %; the running estimate takes over.
+MTP_PRIOR = 0.85
+HEAD_PRIOR = 0.3  # a trained head whose agreement was not measured (trained on the user's text)
 from .ngram import Ngram
 
 
@@ -60,23 +67,48 @@ def auto_priors(model, kv: str) -> dict[str, float]:
     return priors
 
 
+def weigh_heads(model, cache, table, priors: dict, draft_head) -> None:
+    """Add the head levels the model can run to what ``auto`` weighs: the checkpoint's MTP
+    layers (``mtp``) and a ``--draft-head`` (``head``), each at its acceptance — a trained
+    head's agreement measured on held-back text, else :data:`MTP_PRIOR` / :data:`HEAD_PRIOR` —
+    and at a plain step's
+    cost × the bytes one of its steps reads ÷ a plain step's (bound by bytes, as the modeled
+    drafts are)."""
+    levels = {}
+    if isinstance(mtp.attached(model), tuple):
+        levels[MTP] = mtp_level(model)
+    if draft_head is not None:
+        levels[HEAD] = draft_head if isinstance(draft_head, HeadDraft) else head_level(model, draft_head)
+    if not levels:
+        return
+    plain = reads.ReadCounter()
+    cost.count_forward(model, cache, plain)
+    for name, level in levels.items():
+        table.draft[name] = table.verify_cost(1) * level.step_reads().bytes() / plain.bytes()
+        default = MTP_PRIOR if name == MTP else HEAD_PRIOR
+        priors[name] = level.agreement if level.agreement is not None else default
+
+
 class AutoPolicy:
     """``auto`` as a block policy, made on a prefilled cache: forward costs at this context
     (cached per model, device and context; the lookup costs no forward), then the draft
     and γ the cost model favours (γ ≤ ``max_gamma``), or plain decoding. ``draft`` (a
     cascade, or None) and ``reason`` say what it chose and why."""
 
-    def __init__(self, model, cache, ngram: Ngram = Ngram(), max_gamma: int | None = None):
+    def __init__(self, model, cache, ngram: Ngram = Ngram(), max_gamma: int | None = None,
+                 draft_head=None):
         kv = kv_mode(cache)
         priors = auto_priors(model, kv)
         gamma_max = max_gamma or max(cost.GAMMAS)
         self.gammas = tuple(g for g in cost.GAMMAS if g <= gamma_max)
         self.table = cost.calibrate_cached(model, cache, [n for n in priors if n != NGRAM])
         self.table.draft[NGRAM] = 0.0
+        weigh_heads(model, cache, self.table, priors, draft_head)
         choice = cost.choose(self.table, priors, gammas=self.gammas)
         self.name = choice.draft
         self.reason = f"{choice.reason};costs={self.table.source}"
-        self.draft = None if choice.draft is None else build(model, choice.draft, kv, ngram)
+        self.draft = None if choice.draft is None else build(model, choice.draft, kv, ngram,
+                                                              draft_head=draft_head)
         self.estimate = None if choice.draft is None else cost.AcceptanceEstimate(
             priors[choice.draft])
 
