@@ -123,6 +123,11 @@ def test_captured_hidden_state_is_the_lm_head_input(tiny, kind):
     with capture.capturing() as rows:
         model(tokens)
     assert len(rows) == 1
+    capture.uninstall(model)
+    with capture.capturing() as rows:
+        model(tokens)
+    assert rows == [] and not capture.is_installed(model)
+    capture.install(model)
 
 
 # ------------------------------------------------------------------ the level

@@ -134,3 +134,12 @@ class ModelEnds:
             out.bias = bias
         mx.eval(out.parameters())
         return out
+
+
+def uninstall(model: nn.Module) -> nn.Module:
+    """Undo :func:`install`'s hook: the LM head gets its own class back."""
+    head, _ = find_head(model)
+    base = getattr(type(head), "_head_base", None)
+    if base is not None:
+        head.__class__ = base
+    return model
