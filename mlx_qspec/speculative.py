@@ -62,6 +62,7 @@ def speculative_generate_step(
     place. ``logprobs`` are the verify's (after ``logits_processors``). Bad arguments raise
     UserError (a ValueError) here, before any compute.
     """
+    model = hooks.install(model)  # first: levels built below find the model's installed layers
     cache = make_rotating_cache(model) if prompt_cache is None else make_rewindable(prompt_cache)
     named = not isinstance(draft, (Precision, Cascade))
     s = _settings(values, kv_mode=kv_mode(cache), draft=draft if named else NONE)
@@ -74,7 +75,7 @@ def speculative_generate_step(
         raise UserError("--draft auto weighs self-drafts only; with a draft model pass "
                         "--draft none or a level")
     if isinstance(draft_head, (str, Path)):
-        draft_head = head_level(hooks.install(model), draft_head)
+        draft_head = head_level(model, draft_head)
     cascade = None if s.draft.auto else build(model, draft if not named else s.draft,
                                              kv_mode(cache), s.ngram, draft_model, draft_head)
     dist = resolve_sampler(sampler)

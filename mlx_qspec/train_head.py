@@ -36,7 +36,8 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import dequantize_model
 
-from .errors import UserError, run_cli
+from .cli import ArgumentParser, default_model_path, run_cli
+from .errors import UserError
 from .heads import capture, store
 from .heads.block import NextTokenHead, build_layer, decoder_layer_class, quantize
 from .loader import load
@@ -365,8 +366,6 @@ def _check_out(out: Path):
 
 def train_head(args) -> Path:
     """The command's body: load, read the text, train, write the head directory."""
-    from .generate import default_model_path
-
     out = Path(args.out).expanduser()
     _check_out(out)
     files = user_corpus(args.text) if args.text else default_corpus()
@@ -407,7 +406,7 @@ def train_head(args) -> Path:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="mlx_qspec.train_head",
         description="Train a one-block draft head for a model by self-distillation.")
     parser.add_argument("--model", help="model path, hub id or GGUF (default: the test model)")

@@ -27,11 +27,12 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from plotting import pyplot
 from mlx_qspec import load, precision, reads, roofline
-from mlx_qspec.generate import default_model_path
+from mlx_qspec.cli import default_model_path
 from mlx_qspec.heads import capture, store
 from mlx_qspec.heads.block import prepare as prepare_head
 from mlx_qspec.heads.level import HeadDraft
-from mlx_qspec.speculative import plain_generate_step, prepare
+from mlx_qspec.hooks import install as prepare
+from mlx_qspec.speculative import plain_generate_step
 from mlx_qspec.train_head import default_corpus
 
 CHAT = [

@@ -23,7 +23,7 @@ from mlx_qspec.errors import ModelError
 from mlx_qspec.heads import capture, mtp, store
 from mlx_qspec.heads.block import NextTokenHead, build_layer, prepare as prepare_head, quantize
 from mlx_qspec.heads.level import HeadDraft
-from mlx_qspec.speculative import prepare
+from mlx_qspec.hooks import install as prepare
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TOKENS = SPECIALS + byte_symbols()
@@ -550,3 +550,161 @@ def test_step_reads_are_a_fraction_of_a_plain_step(tiny):
         model(mx.array([[5, 6]]))
     step = level.step_reads()
     assert step.forwards == 1 and 0 < step.bytes() < 0.75 * plain.bytes()
+
+
+# ------------------------------------------------------------------ decoding with a head
+
+
+def bigram_head(model):
+    """A head whose block passes its input through and whose projection keeps the embedding:
+    it drafts the LM head's best match for the next token alone — what the tiny model (its LM
+    head a permutation of its embedding) predicts where the context does not sway it. So
+    blocks are accepted and rejected."""
+    d = model.args.hidden_size
+    block = build_layer(llama.TransformerBlock, vars(model.args), 1)
+    block.self_attn.o_proj.weight = mx.zeros_like(block.self_attn.o_proj.weight)
+    block.mlp.down_proj.weight = mx.zeros_like(block.mlp.down_proj.weight)
+    head = NextTokenHead(block, d, model.args.vocab_size, 1e-5)
+    head.fc.weight = mx.concatenate([mx.eye(d), mx.zeros((d, d))], axis=1)
+    quantize(head, 32, 4)
+    mx.eval(head.parameters())
+    return prepare_head(head)
+
+
+@pytest.fixture(scope="module")
+def bigram():
+    model = prepare(build_tiny_model(residual_gain=1.0))  # the context sways some tokens
+    return model, HeadDraft(model, bigram_head(model), "head")
+
+
+def _generate(model, prompt, **kw):
+    from mlx_qspec.decoder import SpecStats
+    from mlx_qspec.speculative import plain_generate_step, speculative_generate_step
+
+    if kw.get("draft") is None:
+        return [t for t, _, _ in plain_generate_step(mx.array(prompt), model, **kw)], None
+    stats = SpecStats()
+    out = [t for t, _, _ in speculative_generate_step(mx.array(prompt), model, stats=stats, **kw)]
+    return out, stats
+
+
+def test_head_drafts_exactly_with_accepted_and_rejected_blocks(bigram):
+    """Greedy speculative decoding with a head equals plain decoding token for token at
+    γ 1, 4 and 8, with blocks accepted and rejected; so does ngram>head (the lookup's
+    proposals extended by the head)."""
+    model, level = bigram
+    prompt = [5, 77, 140, 3, 250, 19, 64, 8]
+    plain, _ = _generate(model, prompt, max_tokens=40)
+    for gamma in (1, 4, 8):
+        out, stats = _generate(model, prompt, draft="head", draft_head=level,
+                               num_draft_tokens=gamma, max_tokens=40)
+        assert out == plain, gamma
+        assert 0.3 < stats.acceptance < 1, (gamma, stats.acceptance)
+    out, stats = _generate(model, prompt, draft="ngram>head", draft_head=level,
+                           num_draft_tokens=4, max_tokens=40)
+    assert out == plain and stats.drafted
+
+
+def test_head_cache_after_decoding_equals_built_from_scratch(bigram):
+    """After a generation the head's cache holds, for every position before the last block,
+    the entry built from the model's own hidden state there (the decoder handed over every
+    accepted row, the prefill's too), as one built from scratch over the context."""
+    from mlx_qspec.drafts.cascade import Cascade
+
+    model, level = bigram
+    mine = level.fresh()
+    prompt = [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    out, _ = _generate(model, prompt, draft=Cascade((mine,)), num_draft_tokens=4, max_tokens=30)
+    context = prompt + out
+    exact = mine.exact.index(False) if False in mine.exact else len(mine.exact)
+    assert exact >= len(context) - 1 - 6
+    fresh = level.fresh()
+    fresh.propose(context[:exact + 1], hidden_states(model, context[:exact]), 1)
+    for a, b in zip(mine.cache.state[:2], fresh.cache.state[:2]):
+        np.testing.assert_allclose(np.array(a[..., :exact, :]), np.array(b[..., :exact, :]),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_head_sampling_keeps_the_model_distribution(bigram):
+    """At temperature > 0 the first tokens follow the model's exact joint distribution
+    (chi-square), and not the head's (the test has power)."""
+    from sampling import chi2_pvalue, sample_first_tokens
+
+    from mlx_qspec.sampling import make_sampler
+
+    model, level = bigram
+    prompt, steps, n = [5, 77, 140, 3, 250, 19, 64, 8], 2, 600
+    sampler = make_sampler(temp=1.0, top_k=4)
+    joint = {(): 1.0}
+    for _ in range(steps):
+        nxt = {}
+        for prefix, pp in joint.items():
+            logits = model(mx.array([*prompt, *prefix])[None])[0, -1:]
+            p = mx.exp(sampler.distribution(logits - mx.logsumexp(logits, -1, keepdims=True)))[0]
+            nxt.update({prefix + (t,): pp * pt for t, pt in enumerate(p.tolist()) if pt > 0})
+        joint = nxt
+    counts, stats = sample_first_tokens(model, prompt, sampler, steps, n, seed=7, draft="head",
+                                        gamma=2, draft_head=level)
+    assert 0.05 < stats.acceptance < 0.95  # the accept and the residual paths both ran
+    assert chi2_pvalue(counts, joint, n) > 1e-3
+    assert chi2_pvalue(counts, {k: 1.0 / len(joint) for k in joint}, n) < 1e-6  # power
+
+
+def test_mtp_drafts_exactly(tmp_path):
+    """The tiny DeepSeek-V3 with its MTP module (MLA attention, MoE) drafts with ``mtp`` and
+    gives plain decoding's tokens at γ 1, 4 and 8."""
+    mx.random.seed(8)
+    args = deepseek_v3.ModelArgs.from_dict(DEEPSEEK)
+    model = deepseek_v3.Model(args)
+    layer = deepseek_v3.DeepseekV3DecoderLayer(args, 2)
+    extras = {"enorm.weight": _norm(), "hnorm.weight": _norm(), "shared_head.norm.weight": _norm(),
+              "eh_proj.weight": mx.random.normal((HIDDEN, 2 * HIDDEN)) * 0.1}
+    weights = dict(tree_flatten(model.parameters()))
+    weights.update({f"model.layers.2.{k}": v for k, v in {**deepseek_hf_layer(layer, args), **extras}.items()})
+    loaded, _ = load(str(write_checkpoint(tmp_path / "ds", DEEPSEEK, weights)))
+    prompt = [3, 17, 40, 41, 42, 60, 7, 8, 9]
+    plain, _ = _generate(loaded, prompt, max_tokens=24)
+    for gamma in (1, 4, 8):
+        out, stats = _generate(loaded, prompt, draft="mtp", num_draft_tokens=gamma, max_tokens=24)
+        assert out == plain and stats.drafted, gamma
+
+
+def test_cli_draft_head_mistakes_are_one_line(tiny, tmp_path, capsys):
+    """--draft head without --draft-head, a directory that is no head, a head of another
+    model: exit 2, one line each, before generating."""
+    from mlx_qspec.generate import main
+
+    model, _ = tiny
+    gguf_path = write_tiny_gguf(tmp_path / "t.gguf")
+    other = tmp_path / "other"
+    small = build_tiny_model()  # hidden 128: not the GGUF model's 64
+    block = build_layer(llama.TransformerBlock, vars(small.args), 1)
+    head = NextTokenHead(block, 128, 256, 1e-5)
+    store.save(other, head, store.head_config(head, "llama", 1, vars(small.args), {"kind": "test"}))
+    for extra, words in ((["--draft", "head"], "--draft-head"),
+                         (["--draft", "head", "--draft-head", str(tmp_path)], "no config.json"),
+                         (["--draft", "head", "--draft-head", str(other)], "hidden states of size 128")):
+        with pytest.raises(SystemExit) as info:
+            main(["--model", str(gguf_path), "--prompt", "hi", "--max-tokens", "3", *extra])
+        err = capsys.readouterr().err.strip()
+        assert info.value.code == 2 and "\n" not in err and words in err, (extra, err)
+
+
+def test_auto_weighs_a_head_by_its_agreement_and_bytes(bigram):
+    """``auto`` adds the head with its measured agreement as the prior and a plain step's cost
+    times the bytes one of its steps reads ÷ a plain step's."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_qspec.cost import CostTable
+    from mlx_qspec.drafts.auto import weigh_heads
+
+    model, level = bigram
+    level = level.fresh()
+    level.agreement = 0.42
+    cache = make_prompt_cache(model)
+    model(mx.array([[5, 6, 7]]), cache=cache)
+    table, priors = CostTable({1: 1.0, 5: 1.1}, {}), {}
+    weigh_heads(model, cache, table, priors, level)
+    assert priors == {"head": 0.42}
+    assert 0 < table.draft["head"] < 0.75
+    assert cache[0].offset == 3

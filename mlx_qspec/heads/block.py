@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.utils import infer_quant_config
 
-from .. import attention
+from .. import hooks
 from ..errors import ModelError
 from ..quant.linear import install as install_qspec
 
@@ -152,5 +152,5 @@ def prepare(head: NextTokenHead) -> NextTokenHead:
     """What the model's forwards read through, for the head too: QSpec layers (precision-read,
     counted) and our attention routing (counted)."""
     install_qspec(head)
-    attention.install(head)
+    hooks.install_attention(head)
     return head
