@@ -136,9 +136,9 @@ def test_captured_hidden_state_is_the_lm_head_input(tiny, kind):
 def reference_drafts(head, ends, context, hidden, k):
     """Greedy chained drafts computed without a KV cache: the whole row sequence (the model's
     rows, then each chained row) through the head at once, row by row."""
-    m = len(context) - 1
-    emb = ends.embed(mx.array(context[1:m + 1])[None])
-    states = hidden[None, :m]
+    m = len(context) - 1  # entries: (x_j, h_{j-1}), a zero state before the first
+    emb = ends.embed(mx.array(context[:m + 1])[None])
+    states = mx.concatenate([mx.zeros((1, 1, hidden.shape[-1])), hidden[None, :m]], axis=1)
     drafts, logits = [], []
     for _ in range(k):
         back, normed = head(emb, states)
@@ -169,7 +169,7 @@ def test_level_catch_up_and_chain_equal_a_cacheless_reference(tiny):
     head_bytes = sum(v.nbytes for _, v in tree_flatten(head.parameters()) if v.dtype == mx.uint32)
     assert counter.bytes("weights") > 4 * (head_bytes + lm_head["upper"].nbytes)
     assert counter.bytes("kv") > 0
-    assert level.cache.offset == len(context) - 1 + 3
+    assert level.cache.offset == len(context) + 3
 
 
 def test_head_cache_after_blocks_equals_built_from_scratch(tiny):
@@ -208,9 +208,9 @@ def test_level_with_only_the_last_hidden_state(tiny):
     seq = [5, 70, 71, 72, 9, 100, 101, 40, 41, 42]
     hidden = hidden_states(model, seq)
     first, _ = level.propose(seq[:6], hidden[4:5], 3)
-    assert len(first) == 3 and level.exact[:4] == [False] * 4 and level.exact[4]
+    assert len(first) == 3 and level.exact[:6] == [True, False, False, False, False, True]
     second, _ = level.propose(seq[:9], hidden[7:8], 3)
-    assert len(second) == 3 and level.cache.offset == 8 + 2
+    assert len(second) == 3 and level.cache.offset == 9 + 2
 
 
 # ------------------------------------------------------------------ head directories
@@ -379,7 +379,7 @@ def test_deepseek_mtp_kept_with_its_own_head_and_matches_reference(tmp_path):
         y = layer(x, create_attention_mask(x, None, return_array=True), None)
         return y, _rms(y, extras["shared_head.norm.weight"], 1e-6) @ extras["shared_head.head.weight"].T
 
-    tokens, states = context[1:], hidden
+    tokens, states = context, mx.concatenate([mx.zeros((1, HIDDEN)), hidden])
     for d, q in zip(drafted, qs):
         y, logits = ref_step(tokens, states)
         lp = logits[0, -1] - mx.logsumexp(logits[0, -1])

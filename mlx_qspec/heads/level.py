@@ -1,9 +1,9 @@
 """A draft level that proposes from a next-token head reading the model's hidden state: the
 checkpoint's MTP layers (``mtp``) or a trained head (``head``).
 
-The head keeps a KV cache of its own, one entry per position of the model's cache: entry i
-is the row (x_{i+1}, h_i) — the token that position predicted, with the model's final hidden
-state there. Each block the level is handed the model's hidden states of the positions
+The head keeps a KV cache of its own, one entry per token of the context: entry j is the
+row (x_j, h_{j-1}) — a token with the model's final hidden state at the position before it
+(zero before the first). Each block the level is handed the model's hidden states of the positions
 cached since it last ran (the verify's accepted rows, the prefill's rows; at least the last
 one), rebuilds the entries of those positions from them in one forward whose last row (the
 pending token with the last hidden state) gives the first draft, then chains: each further
@@ -90,12 +90,12 @@ class HeadDraft:
 
     def _keep(self, context: list[int], m: int, start: int) -> int:
         """Entries still right for ``context`` (``m`` positions cached): their token matches
-        it, and their hidden state is the model's or no model state is given for their
-        position (before ``start``); never the pending token's (its output drafts)."""
+        it, and their hidden state is the model's or no model state is given for the position
+        before them (before ``start``); never the pending token's (its output drafts)."""
         keep = 0
-        limit = min(len(self.tokens), m - 1)  # the pending token's row always runs: it drafts
-        while (keep < limit and self.tokens[keep] == context[keep + 1]
-               and (self.exact[keep] or keep < start)):
+        limit = min(len(self.tokens), m)
+        while (keep < limit and self.tokens[keep] == context[keep]
+               and (self.exact[keep] or keep - 1 < start)):
             keep += 1
         return keep
 
@@ -142,15 +142,17 @@ class HeadDraft:
         keep = self._keep(context, m, start)
         self.cache.trim(self.cache.offset - keep)
         del self.tokens[keep:], self.exact[keep:]
-        gap = max(start - keep, 0)
+        # entry j pairs context[j] with the hidden state of position j - 1 (zero before the
+        # first position, and where none was given)
+        gap = max(start + 1 - keep, 0)
         rows = mx.concatenate([mx.zeros((gap, hidden.shape[-1]), hidden.dtype),
-                               hidden[max(keep - start, 0):]])
-        tokens = context[keep + 1:m + 1]
+                               hidden[max(keep - 1 - start, 0):]])
+        tokens = context[keep:m + 1]
         for i in range(0, len(tokens), CATCH_UP_ROWS):
             back, logits = self._forward(tokens[i:i + CATCH_UP_ROWS], rows[i:i + CATCH_UP_ROWS],
                                          counter, last=i + CATCH_UP_ROWS >= len(tokens))
         self.tokens += tokens
-        self.exact += [keep + j >= start for j in range(len(tokens))]
+        self.exact += [keep + j == 0 or keep + j - 1 >= start for j in range(len(tokens))]
         drafted, qs = [], []
         for t in context[m + 1:]:  # given, not drawn: chained like drafts
             back, logits = self._chain(t, back, counter)
