@@ -307,7 +307,7 @@ class Decoder:
             rewind(self.cache, base)  # what the lower levels' forwards appended
         reads_hidden = getattr(top, "reads_hidden", False)
         context = Context(row.context + before[0] + offered[0], row.hidden if reads_hidden else None,
-                          row.stats.draft_reads, position(self.cache))
+                          row.stats.draft_reads, len(row.context) - 1)
         tokens, q = top.proposals(context, k - len(offered[0]), lambda lp: self._draw(row, lp))
         if reads_hidden and k > len(offered[0]):  # the level took them
             row.hidden = None

@@ -48,7 +48,7 @@ class Context:
     tokens: list
     hidden: Any = None
     reads: Any = None
-    cached: Any = None  # how many of ``tokens`` the model's cache holds (levels that read hidden)
+    cached: Any = None  # how many of ``tokens`` the model's cache holds (the row's, not the block's)
 
 
 class DraftModel:
