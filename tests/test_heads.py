@@ -288,6 +288,10 @@ def test_train_head_writes_a_head_that_loads_and_resumes(tiny, tmp_path):
     seq = tokenizer.encode("the quick brown fox jumps")
     drafted, _ = HeadDraft(model, prepare_head(head), "head").propose(seq, hidden_states(model, seq[:-1]), 4)
     assert len(drafted) == 4 and set(drafted) <= vocab
+    plain, _ = _generate(model, seq, max_tokens=16)  # and it drafts exactly, from its directory
+    out, stats = _generate(model, seq, draft="head", draft_head=str(tmp_path / "head"),
+                           num_draft_tokens=3, max_tokens=16)
+    assert out == plain and stats.drafted
 
 
 # ------------------------------------------------------------------ MTP layers
@@ -633,7 +637,7 @@ def test_head_sampling_keeps_the_model_distribution(bigram):
     from mlx_qspec.sampling import make_sampler
 
     model, level = bigram
-    prompt, steps, n = [5, 77, 140, 3, 250, 19, 64, 8], 2, 600
+    prompt, steps, n = [5, 77, 140, 3, 250, 19, 64, 8], 2, 300
     sampler = make_sampler(temp=1.0, top_k=4)
     joint = {(): 1.0}
     for _ in range(steps):

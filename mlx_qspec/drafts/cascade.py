@@ -184,7 +184,8 @@ def build(model: nn.Module, name, kv_mode: str = "fp", ngram: Ngram = Ngram(),
     :class:`Precision` or :class:`Cascade`), ``draft_model`` (if given) below its levels
     (``none`` then leaves the draft model alone), each level checked against ``model`` and
     its cache: UserError naming what to pass instead, before any compute. ``draft_head``: the
-    ``head`` level's head (a :class:`HeadDraft`, or its directory)."""
+    ``head`` level's head (a :class:`HeadDraft`, used as given: one per conversation; or its
+    directory)."""
     if isinstance(name, Cascade):
         levels = list(name.levels)
     else:
@@ -219,8 +220,8 @@ def _named_level(model, name: str, ngram: Ngram, draft_head):
         return ngram
     if name == grammar.MTP:
         return mtp_level(model)
-    if isinstance(draft_head, HeadDraft):
-        return draft_head.fresh()
+    if isinstance(draft_head, HeadDraft):  # its cache goes on with the conversation it drafts for
+        return draft_head
     return head_level(model, draft_head)
 
 
