@@ -218,11 +218,15 @@ def _named_level(model, name: str, ngram: Ngram, draft_head):
     """The level a name stands for: the lookup, the checkpoint's MTP layers, or the head."""
     if name == NGRAM:
         return ngram
-    if name == grammar.MTP:
-        return mtp_level(model)
+    at = grammar.head_precision(name)
+    if at.weights == UPPER and not eight_bit_layers(model):
+        raise UserError(f"draft {name!r} reads 8-bit weights as their upper plane, and this "
+                        "model has no 8-bit layers")
+    if name.startswith(grammar.MTP):
+        return mtp_level(model, at)
     if isinstance(draft_head, HeadDraft):  # its cache goes on with the conversation it drafts for
-        return draft_head
-    return head_level(model, draft_head)
+        return draft_head if draft_head.precision == at else draft_head.reading(at)
+    return head_level(model, draft_head, at)
 
 
 def _check_vocabulary(model: nn.Module, draft: nn.Module):

@@ -120,6 +120,22 @@ class DraftName:
         return self.name
 
 
+def _head_level(part: str) -> str:
+    """``head+w-upper`` / ``mtp+w-upper``: a head level reading 8-bit layers (its own, the
+    model's LM head) as their upper plane; the one precision a head level takes."""
+    base, rest = part.split("+", 1)
+    if parse_precision(rest).terms != ["w-upper"]:
+        raise UserError(f"draft level {part!r}: a {base} level reads weights at full precision "
+                        f"or as {base}+w-upper")
+    return part
+
+
+def head_precision(part: str) -> Precision:
+    """How a head level (``head``, ``head+w-upper``, ``mtp`` …) reads weights."""
+    _, _, rest = part.partition("+")
+    return parse_precision(rest) if rest else Precision()
+
+
 def parse(name) -> DraftName:
     """A draft name (``none``, ``auto``, ``ngram>a8-g32``, a :class:`Precision`, or an
     already parsed :class:`DraftName`) as a :class:`DraftName`; UserError naming the bad
@@ -135,7 +151,9 @@ def parse(name) -> DraftName:
     levels = []
     for part in parse_levels(name):
         try:
-            levels.append(part if part in NAMED_LEVELS else parse_precision(part))
+            levels.append(part if part in NAMED_LEVELS else
+                          _head_level(part) if part.split("+")[0] in (MTP, HEAD) else
+                          parse_precision(part))
         except UserError as e:
             raise UserError(f"{e}; or {NONE} / {AUTO} / {' / '.join(NAMED_LEVELS)}") from None
     return DraftName(tuple(levels))
