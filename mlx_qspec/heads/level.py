@@ -49,7 +49,8 @@ class HeadDraft:
 
     def __init__(self, model, head: NextTokenHead, name: str, at: Precision = FULL_PRECISION,
                  ends: ModelEnds | None = None, vocab_head=None, agreement: float | None = None):
-        self.head, self.name, self.precision = head, name, at
+        self.head, self.base, self.precision = head, name, at
+        self.name = name if at.is_full else f"{name}+{at.name}"  # as --draft names it
         self.agreement = agreement  # measured when it was trained (held-back text), if known
         self.ends = ends or ModelEnds(model)
         self.vocab = head["draft_vocab"] if "draft_vocab" in head else None
@@ -62,8 +63,12 @@ class HeadDraft:
 
     def fresh(self) -> "HeadDraft":
         """The same head with a cache of its own (for another request)."""
-        return HeadDraft(None, self.head, self.name, self.precision, self.ends, self.vocab_head,
-                         self.agreement)
+        return self.reading(self.precision)
+
+    def reading(self, at: Precision) -> "HeadDraft":
+        """The same head read at ``at`` (``w-upper``: 8-bit layers as their upper plane), with
+        a cache of its own."""
+        return HeadDraft(None, self.head, self.base, at, self.ends, self.vocab_head, self.agreement)
 
     def step_reads(self) -> reads.ReadCounter:
         """What one draft step reads (its layers, the LM head or its draft rows, its KV):
