@@ -712,3 +712,25 @@ def test_auto_weighs_a_head_by_its_agreement_and_bytes(bigram):
     assert priors == {"head": 0.42}
     assert 0 < table.draft["head"] < 0.75
     assert cache[0].offset == 3
+
+
+def test_head_reading_the_upper_plane(bigram):
+    """``head+w-upper`` reads 8-bit layers (the model's 8-bit LM head here) as their upper
+    plane: exact, fewer bytes per draft step; refused on a model without 8-bit layers, and
+    any other precision on a head level is refused in one line."""
+    from mlx_qspec.errors import UserError
+
+    model8 = prepare(build_tiny_model(residual_gain=1.0, head_bits=8))
+    level = HeadDraft(model8, bigram_head(model8), "head")
+    prompt = [5, 77, 140, 3, 250, 19, 64, 8]
+    plain, _ = _generate(model8, prompt, max_tokens=24)
+    full, s_full = _generate(model8, prompt, draft="head", draft_head=level, max_tokens=24)
+    upper, s_upper = _generate(model8, prompt, draft="head+w-upper", draft_head=level, max_tokens=24)
+    assert full == plain == upper and s_upper.draft == "head+w-upper"
+    per = lambda s: s.draft_reads.bytes() / s.draft_reads.forwards  # noqa: E731
+    assert per(s_upper) < per(s_full)  # the 8-bit LM head: half its code bytes
+    model, level4 = bigram
+    with pytest.raises(UserError, match="no 8-bit layers"):
+        _generate(model, prompt, draft="head+w-upper", draft_head=level4, max_tokens=4)
+    with pytest.raises(UserError, match="head\\+w-upper"):
+        _generate(model, prompt, draft="head+a8", draft_head=level4, max_tokens=4)
