@@ -24,7 +24,6 @@ from . import gguf
 from .cache_dir import cache_dir
 from .errors import ModelError
 from .heads import mtp
-from .heads.store import cast_to_model
 from .quant.hadamard import apply_online_rotations
 
 # A rotated directory's model_type: stock mlx-lm refuses it ("Model type … not supported")
@@ -335,8 +334,10 @@ def load(
         if dtype is None and from_gguf:  # Metal: half-precision compute, weights untouched
             cast_float32_to_half(model)
     cast_floats(model, dtype)
-    if isinstance(kept := mtp.attached(model), tuple):
-        cast_to_model(kept[0], model)
+    if isinstance(kept := mtp.attached(model), tuple):  # the MTP head computes as the model does
+        cast_floats(kept[0], dtype)
+        if dtype is None and from_gguf:
+            cast_float32_to_half(kept[0])
     if not lazy:
         mx.eval(model.parameters(), kept[0].parameters() if isinstance(kept, tuple) else [])
     return (model, tokenizer, config) if return_config else (model, tokenizer)

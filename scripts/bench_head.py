@@ -29,7 +29,6 @@ from plotting import pyplot
 from mlx_qspec import load, precision, reads, roofline
 from mlx_qspec.cli import default_model_path
 from mlx_qspec.heads import capture, store
-from mlx_qspec.heads.block import prepare as prepare_head
 from mlx_qspec.heads.level import HeadDraft
 from mlx_qspec.hooks import install as prepare
 from mlx_qspec.speculative import plain_generate_step
@@ -152,7 +151,7 @@ def main(argv=None):
     prepare(model)
     ends = capture.ModelEnds(model)
     head, _ = store.load(args.draft_head, model, ends)
-    levels = {read: HeadDraft(model, prepare_head(head), args.draft, precision.parse(read)
+    levels = {read: HeadDraft(model, head, args.draft, precision.parse(read)
                               if read != "verify" else precision.FULL_PRECISION, ends)
               for read in args.reads}
     rows, t0 = [], time.perf_counter()

@@ -21,7 +21,7 @@ from mlx_qspec import load
 from mlx_qspec.convert import convert
 from mlx_qspec.errors import ModelError
 from mlx_qspec.heads import capture, mtp, store
-from mlx_qspec.heads.block import NextTokenHead, build_layer, prepare as prepare_head, quantize
+from mlx_qspec.heads.block import NextTokenHead, build_layer, quantize
 from mlx_qspec.heads.level import HeadDraft
 from mlx_qspec.hooks import install as prepare
 
@@ -84,7 +84,7 @@ def random_head(model, seed=0, bits=4):
     head = NextTokenHead(block, HIDDEN, len(TOKENS), 1e-5)
     quantize(head, 32, bits)
     mx.eval(head.parameters())
-    return prepare_head(head)
+    return head
 
 
 def hidden_states(model, tokens):
@@ -230,7 +230,7 @@ def test_head_directory_round_trip_and_bad_heads(tiny, tmp_path):
     seq = [5, 70, 71, 72, 9, 100]
     hidden = hidden_states(model, seq[:-1])
     assert (HeadDraft(model, head, "head").propose(seq, hidden, 3)[0]
-            == HeadDraft(model, prepare_head(loaded), "head").propose(seq, hidden, 3)[0])
+            == HeadDraft(model, loaded, "head").propose(seq, hidden, 3)[0])
 
     def broken(name, edit):
         d = tmp_path / name
@@ -286,7 +286,7 @@ def test_train_head_writes_a_head_that_loads_and_resumes(tiny, tmp_path):
     vocab = set(head["draft_vocab"].tolist())
     assert set(tokenizer.encode("the quick brown fox")) <= vocab
     seq = tokenizer.encode("the quick brown fox jumps")
-    drafted, _ = HeadDraft(model, prepare_head(head), "head").propose(seq, hidden_states(model, seq[:-1]), 4)
+    drafted, _ = HeadDraft(model, head, "head").propose(seq, hidden_states(model, seq[:-1]), 4)
     assert len(drafted) == 4 and set(drafted) <= vocab
     plain, _ = _generate(model, seq, max_tokens=16)  # and it drafts exactly, from its directory
     out, stats = _generate(model, seq, draft="head", draft_head=str(tmp_path / "head"),
@@ -374,7 +374,7 @@ def test_deepseek_mtp_kept_with_its_own_head_and_matches_reference(tmp_path):
     prepare(loaded)
     context = [3, 17, 40, 41, 42, 60, 7, 8, 9]
     hidden = hidden_states(loaded, context[:-1])
-    level = HeadDraft(loaded, prepare_head(head), "mtp")
+    level = HeadDraft(loaded, head, "mtp")
     drafted, qs = level.propose(context, hidden, 3)
 
     def ref_step(tokens, states):  # DeepSeek's MTP module on the original tensors, no cache
@@ -474,7 +474,7 @@ def test_mimo_mtp_round_trips_through_convert(tmp_path):
         assert mx.array_equal(v, dict(tree_flatten(head.parameters()))[k]).item(), k
     prepare(converted)
     context = [3, 17, 40, 41, 42, 60, 7]
-    drafted, _ = HeadDraft(converted, prepare_head(head), "mtp").propose(
+    drafted, _ = HeadDraft(converted, head, "mtp").propose(
         context, hidden_states(converted, context[:-1]), 3)
     assert len(drafted) == 3
 
@@ -500,7 +500,7 @@ def test_gguf_nextn_tensors_load_as_mtp(tmp_path):
     assert isinstance(head.fc, nn.QuantizedLinear) and isinstance(head.block.self_attn.q_proj, nn.QuantizedLinear)
     prepare(model)
     context = [5, 70, 71, 72, 9, 100]
-    drafted, _ = HeadDraft(model, prepare_head(head), "mtp").propose(
+    drafted, _ = HeadDraft(model, head, "mtp").propose(
         context, hidden_states(model, context[:-1]), 3)
     assert len(drafted) == 3
     out = convert(str(tmp_path / "n.gguf"), str(tmp_path / "mlx"))  # kept through convert too

@@ -18,9 +18,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.utils import infer_quant_config
 
-from .. import hooks
 from ..errors import ModelError
-from ..quant.linear import install as install_qspec
 
 NORMED, RAW = "normed", "raw"  # what a chained step feeds back: after the final norm, or before
 
@@ -146,11 +144,3 @@ def quantize(module: nn.Module, group_size: int, bits: int, weights: dict | None
         return m.weight.shape[-1] % group_size == 0
 
     nn.quantize(module, group_size=group_size, bits=bits, class_predicate=predicate)
-
-
-def prepare(head: NextTokenHead) -> NextTokenHead:
-    """What the model's forwards read through, for the head too: QSpec layers (precision-read,
-    counted) and our attention routing (counted)."""
-    install_qspec(head)
-    hooks.install_attention(head)
-    return head

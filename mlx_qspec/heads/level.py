@@ -20,10 +20,12 @@ import contextlib
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from .. import precision, reads
+from .. import hooks, precision, reads
+from ..quant.linear import compute_dtype
+from ..quant.linear import install as install_qspec
 from ..errors import UserError
 from ..precision import FULL_PRECISION, Precision
-from .block import NextTokenHead, prepare
+from .block import NextTokenHead
 from .capture import ModelEnds, rows_of
 from .mtp import attached
 from .store import load
@@ -49,7 +51,7 @@ class HeadDraft:
 
     def __init__(self, model, head: NextTokenHead, name: str, at: Precision = FULL_PRECISION,
                  ends: ModelEnds | None = None, vocab_head=None, agreement: float | None = None):
-        self.head, self.base, self.precision = head, name, at
+        self.head, self.base, self.precision = _prepare(head), name, at
         self.name = name if at.is_full else f"{name}+{at.name}"  # as --draft names it
         self.agreement = agreement  # measured when it was trained (held-back text), if known
         self.ends = ends or ModelEnds(model)
@@ -180,6 +182,14 @@ class HeadDraft:
 
 
 
+def _prepare(head: NextTokenHead) -> NextTokenHead:
+    """What the model's forwards read through, for the head too (idempotent): QSpec layers
+    (precision-read, reads counted) and our attention routing (KV reads counted)."""
+    install_qspec(head)
+    hooks.install_attention(head)
+    return head
+
+
 MTP, HEAD = "mtp", "head"  # the draft names of the two levels
 NO_MTP = ("has no MTP layers{why}: convert its Hugging Face checkpoint with "
           "`python -m mlx_qspec.convert --model HF_MODEL --mlx-path DIR -q` (mlx-lm's convert drops "
@@ -193,7 +203,7 @@ def mtp_level(model, at: Precision = FULL_PRECISION) -> HeadDraft:
     if not isinstance(kept, tuple):
         why = "" if kept is None else f" it can use ({kept})"
         raise UserError("draft 'mtp': this model " + NO_MTP.format(why=why))
-    return HeadDraft(model, prepare(kept[0]), MTP, at)
+    return HeadDraft(model, kept[0], MTP, at)
 
 
 def head_level(model, path, at: Precision = FULL_PRECISION) -> HeadDraft:
@@ -203,9 +213,9 @@ def head_level(model, path, at: Precision = FULL_PRECISION) -> HeadDraft:
         raise UserError("draft 'head' needs --draft-head DIR (a head trained with "
                         "`python -m mlx_qspec.train_head --model MODEL --out DIR`)")
     ends = ModelEnds(model)
-    head, cfg = load(path, model, ends)
+    head, cfg = load(path, model, ends, compute_dtype(model))
     agreement = cfg.get("source", {}).get("held_back_agreement")
-    return HeadDraft(model, prepare(head), HEAD, at, ends, agreement=agreement)
+    return HeadDraft(model, head, HEAD, at, ends, agreement=agreement)
 
 
 def heads_available(model, draft_head=None) -> bool:

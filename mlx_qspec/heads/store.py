@@ -14,7 +14,6 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from ..errors import ModelError
-from ..quant.linear import compute_dtype
 from ..vocabulary import vocabulary_size
 from .block import NextTokenHead, build_layer, layer_class, quantize
 
@@ -109,9 +108,10 @@ def check(cfg: dict, model: nn.Module, ends, where: str) -> None:
                          f"model's {vocab} (a head is trained for one model); {TRAIN_HINT}")
 
 
-def load(directory, model: nn.Module, ends) -> tuple[NextTokenHead, dict]:
+def load(directory, model: nn.Module, ends, dtype=None) -> tuple[NextTokenHead, dict]:
     """``(head, config)`` from ``directory``, checked against ``model`` (``ends``: its
-    :class:`~mlx_qspec.heads.capture.ModelEnds`); floats cast to the model's dtype."""
+    :class:`~mlx_qspec.heads.capture.ModelEnds`); floats cast to ``dtype`` (the model's
+    compute dtype) if given."""
     directory = Path(directory)
     where = f"--draft-head '{directory}'"
     cfg = read_config(directory)
@@ -122,13 +122,7 @@ def load(directory, model: nn.Module, ends) -> tuple[NextTokenHead, dict]:
         head.load_weights(list(weights.items()), strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ModelError(f"{where}: the weights do not fit its config ({' '.join(str(e).split())[:200]})") from None
-    cast_to_model(head, model)
+    if dtype is not None:  # scales included: a head is stored at the precision it was written in
+        head.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+                             head.parameters()))
     return head, cfg
-
-
-def cast_to_model(head: nn.Module, model: nn.Module) -> None:
-    """The head's float parameters in the model's compute dtype (quantization scales and
-    biases included: a head is stored at the precision it was written in)."""
-    dtype = compute_dtype(model)
-    head.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
-                         head.parameters()))
