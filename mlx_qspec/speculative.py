@@ -126,7 +126,7 @@ def _settings(values: dict, **given) -> Settings:
     return s
 
 
-def _generate(prompt, model, cache, row: Row, s: Settings, cascade, cached_tokens,
+def _generate(prompt, model, cache, row: Row, s: Settings, cascade, cached_tokens, *,
               plain: bool = False, draft_head=None):
     """Prefill, the policy, then the decoder's blocks; the cache left holding the prompt
     and every yielded token but the last, however the consumer stops."""
