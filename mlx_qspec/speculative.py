@@ -62,7 +62,6 @@ def speculative_generate_step(
     place. ``logprobs`` are the verify's (after ``logits_processors``). Bad arguments raise
     UserError (a ValueError) here, before any compute.
     """
-    model = hooks.install(model)  # first: levels built below find the model's installed layers
     cache = make_rotating_cache(model) if prompt_cache is None else make_rewindable(prompt_cache)
     named = not isinstance(draft, (Precision, Cascade))
     s = _settings(values, kv_mode=kv_mode(cache), draft=draft if named else NONE)

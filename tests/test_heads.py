@@ -112,6 +112,7 @@ def test_captured_hidden_state_is_the_lm_head_input(tiny, kind):
             prepare(model)
     tokens = mx.array([[5, 9, 200, 17, 33]])
     before = model(tokens)
+    capture.install(model)  # the hook alone (hooks.install puts QSpec layers in first)
     ends = capture.ModelEnds(model)
     after_install = model(tokens)  # outside a capture: nothing recorded, nothing different
     with capture.capturing() as rows:
@@ -127,7 +128,7 @@ def test_captured_hidden_state_is_the_lm_head_input(tiny, kind):
     with capture.capturing() as rows:
         model(tokens)
     assert rows == [] and not capture.is_installed(model)
-    capture.install(model)
+    prepare(model)
 
 
 # ------------------------------------------------------------------ the level

@@ -17,7 +17,6 @@ import mlx.nn as nn
 from .. import kernels
 from ..errors import UserError
 from ..quant.linear import QSpecLinear
-from ..quant.linear import install as install_qspec
 from ..vocabulary import vocabulary_size
 
 _open: ContextVar[list | None] = ContextVar("mlx_qspec_hidden_capture", default=None)
@@ -71,9 +70,9 @@ def find_head(model: nn.Module) -> tuple[nn.Module, str]:
 
 
 def install(model: nn.Module) -> nn.Module:
-    """Make ``model``'s LM head record its input inside :func:`capturing` (idempotent). QSpec
-    layers go in first: installed later, they would replace the hooked head."""
-    install_qspec(model)
+    """Make ``model``'s LM head record its input inside :func:`capturing` (idempotent).
+    :func:`mlx_qspec.hooks.install` calls it after the QSpec layers are in (installed later,
+    they would replace the hooked head)."""
     head, method = find_head(model)
     if not hasattr(type(head), "_head_base"):
         head.__class__ = _capturing(type(head), method)
@@ -102,7 +101,7 @@ class ModelEnds:
     draft's own rows must not pass for the model's)."""
 
     def __init__(self, model: nn.Module):
-        install(model)  # first: installing QSpec layers later would replace the head found here
+        """``model`` with :func:`mlx_qspec.hooks.install` done (the head found here stays)."""
         self.head, self.method = find_head(model)
         self.embedding = find_embedding(model)[1]
         self._call = getattr(getattr(type(self.head), "_head_base", type(self.head)), self.method)

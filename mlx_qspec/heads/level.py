@@ -54,7 +54,7 @@ class HeadDraft:
         self.head, self.base, self.precision = _prepare(head), name, at
         self.name = name if at.is_full else f"{name}+{at.name}"  # as --draft names it
         self.agreement = agreement  # measured when it was trained (held-back text), if known
-        self.ends = ends or ModelEnds(model)
+        self.ends = ends or ModelEnds(hooks.install(model))
         self.vocab = head["draft_vocab"] if "draft_vocab" in head else None
         if self.vocab is not None and vocab_head is None:
             vocab_head = self.ends.restricted_head(self.vocab)
@@ -203,7 +203,7 @@ def mtp_level(model, at: Precision = FULL_PRECISION) -> HeadDraft:
     if not isinstance(kept, tuple):
         why = "" if kept is None else f" it can use ({kept})"
         raise UserError("draft 'mtp': this model " + NO_MTP.format(why=why))
-    return HeadDraft(model, kept[0], MTP, at)
+    return HeadDraft(hooks.install(model), kept[0], MTP, at)
 
 
 def head_level(model, path, at: Precision = FULL_PRECISION) -> HeadDraft:
@@ -212,7 +212,7 @@ def head_level(model, path, at: Precision = FULL_PRECISION) -> HeadDraft:
     if path is None:
         raise UserError("draft 'head' needs --draft-head DIR (a head trained with "
                         "`python -m mlx_qspec.train_head --model MODEL --out DIR`)")
-    ends = ModelEnds(model)
+    ends = ModelEnds(hooks.install(model))
     head, cfg = load(path, model, ends, compute_dtype(model))
     agreement = cfg.get("source", {}).get("held_back_agreement")
     return HeadDraft(model, head, HEAD, at, ends, agreement=agreement)
