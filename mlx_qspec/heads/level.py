@@ -187,6 +187,7 @@ def _prepare(head: NextTokenHead) -> NextTokenHead:
     (precision-read, reads counted) and our attention routing (KV reads counted)."""
     install_qspec(head)
     hooks.install_attention(head)
+    mx.eval(head.parameters())  # here: a server's engine thread cannot evaluate them later
     return head
 
 
