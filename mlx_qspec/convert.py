@@ -124,7 +124,7 @@ def _convert(src: Path, mlx_path: Path, dtype, rotate: bool, rotate_method: str)
         print("writing model.safetensors", file=sys.stderr)
         save_model(mlx_path, model_obj, donate_model=True)
         save_config(config, mlx_path / "config.json")
-        write_mtp(model_obj, mlx_path, None)
+        write_mtp(model_obj, mlx_path, None, DTYPES.get(dtype))
     gguf.write_tokenizer(metadata, src, mlx_path)
     print(f"wrote {mlx_path}", file=sys.stderr)
     return mlx_path
