@@ -73,7 +73,7 @@ def _token_generator(model, tokenizer, prompt, max_tokens, kwargs, given):
         kwargs["prompt_cache"] = make_generation_cache(model, s.kv_mode, s.max_kv_size, plain)
     stats = kwargs.pop("stats", None) or SpecStats()
     if plain:
-        for name in ("draft_model", "cached_tokens"):
+        for name in ("draft_model", "draft_head", "cached_tokens"):
             kwargs.pop(name, None)
         stats.draft = NONE
         return stats, True, plain_generate_step(prompt, model, max_tokens=max_tokens, stats=stats,
@@ -105,7 +105,9 @@ def stream_generate(
     settings (``kv_bits``, ``max_kv_size``, ``draft_p_min``, ``ngram``, ``seed``, …, or all of
     them as ``settings=``), and mlx-lm's ``sampler``, ``logits_processors``,
     ``prompt_cache``, plus ``draft_model`` (a smaller model proposing below ``draft``; alone
-    with ``draft="none"``) and ``cached_tokens`` (the ids already in ``prompt_cache``).
+    with ``draft="none"``), ``draft_head`` (the directory of a head trained for the model,
+    for ``draft="head"``; ``auto`` weighs it) and ``cached_tokens`` (the ids already in
+    ``prompt_cache``).
     """
     if max_tokens == 0:
         raise UserError("Maximum number of tokens must be non-zero (use -1 for no limit).")

@@ -35,6 +35,7 @@ from .caches import position, rewind
 from .decoder import VERIFY, Decoder, Row, SpecStats, new_key, prefill
 from .drafts.auto import AutoPolicy
 from .drafts.cascade import DraftModel, build
+from .heads.level import heads_available
 from .drafts.grammar import NONE
 from .kv_cache import WINDOWS, check_kv_bits, make_cache, make_rewindable, make_rotating_cache
 from .policy import FixedGamma
@@ -170,11 +171,12 @@ class _Request:
 class BatchEngine:
     """One thread that decodes the queued jobs (see the module docstring). ``settings``:
     what every request decodes with but its sampling values (a request's own);
-    ``draft_model``: the smaller model of ``--draft-model``. Totals (requests, emitted
+    ``draft_model``: the smaller model of ``--draft-model``; ``draft_head``: the head of
+    ``--draft-head``. Totals (requests, emitted
     tokens, model forwards while decoding, of which at full precision) are kept for
     ``/health`` and the load test."""
 
-    def __init__(self, model, tokenizer, *, settings: Settings, draft_model=None,
+    def __init__(self, model, tokenizer, *, settings: Settings, draft_model=None, draft_head=None,
                  decode_concurrency: int = 32, queue_size: int = 64,
                  prompt_cache_size: int = 10, prompt_cache_bytes: Optional[int] = None):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
@@ -183,8 +185,11 @@ class BatchEngine:
         check_kv_bits(caches, settings.kv_bits)
         self.draft_model = None if draft_model is None else DraftModel(draft_model)
         d = settings.draft
+        self.draft_head = draft_head  # --draft-head: each request drafts with a fresh() copy
         self.cascade = None if d.auto or (d.none and self.draft_model is None) else build(
-            model, d, settings.kv_mode, settings.ngram, self.draft_model)
+            model, d, settings.kv_mode, settings.ngram, self.draft_model, draft_head)
+        self.keep_hidden = (heads_available(model, draft_head) if d.auto
+                            else self.cascade is not None and self.cascade.reads_hidden)
         one = self.cascade is None or (self.cascade.precision is not None
                                        and not self.cascade.precision.skip)
         self.batched = (one and not d.auto and settings.kv_mode == "fp" and not settings.kv_bits
@@ -295,7 +300,8 @@ class BatchEngine:
         the served draft at a fixed γ (a fresh draft-model cache of its own), or plain."""
         s = self.settings
         if s.draft.auto:
-            return AutoPolicy(self.model, cache, s.ngram, s.num_draft_tokens)
+            return AutoPolicy(self.model, cache, s.ngram, s.num_draft_tokens,
+                              self.draft_head and self.draft_head.fresh())
         return FixedGamma(self.cascade and self.cascade.fresh(), s.gamma)
 
     def _admit(self, job: Job):
@@ -306,14 +312,17 @@ class BatchEngine:
         prompt = mx.array(job.prompt[cached:], mx.uint32)
         quantize = lambda: maybe_quantize_kv_cache(  # noqa: E731
             cache, s.quantized_kv_start, s.kv_group_size, s.kv_bits)
+        hidden = [] if self.keep_hidden and not self.batched else None  # levels that read it
         with mx.stream(generation_stream):  # in the chunks a single request is prefilled in
-            prefill(self.model, prompt[:-1], cache, s.prefill_step_size, quantize)
+            prefill(self.model, prompt[:-1], cache, s.prefill_step_size, quantize, hidden)
         sampler = resolve_sampler(make_sampler(job.temperature, job.top_p, job.min_p,
                                                top_k=job.top_k))
         stats = SpecStats(draft=self.cascade.name if self.cascade else NONE,
                           num_draft_tokens=s.gamma if self.cascade else 0)
         row = Row(job.prompt[-1], sampler=sampler, budget=job.max_tokens, stats=stats,
                   key=None if sampler is None else new_key(job.seed))
+        if hidden:
+            row.keep_hidden(mx.concatenate(hidden, axis=1)[0])
         request = _Request(job, cached, row, self.tokenizer.detokenizer)
         if self.batched:
             return request, [(c.keys[:, :, :c.offset], c.values[:, :, :c.offset]) if c.offset
@@ -327,7 +336,8 @@ class BatchEngine:
         request.cache = cache
         request.decoder = Decoder(self.model, cache, [row], policy, draft_p_min=s.draft_p_min,
                                   kv_bits=s.kv_bits, kv_group_size=s.kv_group_size,
-                                  quantized_kv_start=s.quantized_kv_start)
+                                  quantized_kv_start=s.quantized_kv_start,
+                                  keep_hidden=self.keep_hidden)
         return request, None
 
     def _step(self, active: list, batch: Optional[Decoder]):

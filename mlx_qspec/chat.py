@@ -25,6 +25,7 @@ from .cli import (
     check_text_args,
     default_model_path,
     integer,
+    load_draft_head,
     load_draft_model,
     make_cli_sampler,
     run_cli,
@@ -68,6 +69,7 @@ class Conversation:
         settings = settings_from_args(args)
         self.sampler = make_cli_sampler(settings, model, tokenizer)
         self.draft_model = load_draft_model(args.draft_model, tokenizer)
+        self.draft_head = load_draft_head(args.draft_head, model)  # one head cache per chat
         self.settings = settings.but(draft=resolve(model, tokenizer, settings.draft))
         self.turns = 0  # each turn draws from its own key: the seed + the turn's number
         self.reset()
@@ -99,7 +101,7 @@ class Conversation:
         for response in stream_generate(
             self.model, self.tokenizer, tokens, max_tokens=self.args.max_tokens,
             settings=settings, sampler=self.sampler, prompt_cache=self.cache,
-            cached_tokens=self.tokens, draft_model=self.draft_model,
+            cached_tokens=self.tokens, draft_model=self.draft_model, draft_head=self.draft_head,
         ):
             emitted.append(response.token)
             yield response

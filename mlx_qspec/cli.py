@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from . import hooks
 from .drafts import grammar
+from .heads.level import head_level
 from .drafts.ngram import Ngram
 from .errors import ModelError, UserError
 from .kv_cache import GROUP_SIZES, KV_MODES, MAX_DRAFT_TOKENS
@@ -231,6 +233,9 @@ def add_draft_args(parser, named: bool = False):
     parser.add_argument("--draft-model", default=None,
                         help="A smaller model with the same tokenizer that drafts first (as "
                         "mlx-lm's flag): alone, or below --draft's levels (e.g. --draft kv-upper)")
+    parser.add_argument("--draft-head", default=None,
+                        help="A head trained for the model (python -m mlx_qspec.train_head): "
+                        "--draft head drafts with it, auto weighs it")
     parser.add_argument("--ngram-min", type=integer(1), default=Ngram.min_n,
                         help=f"ngram draft: shortest context suffix looked up (default {Ngram.min_n})")
     parser.add_argument("--ngram-max", type=integer(1), default=Ngram.max_n,
@@ -274,6 +279,12 @@ def load_draft_model(path: Optional[str], tokenizer):
                          f"tokens, the model's {tokenizer.vocab_size}; a draft model must share "
                          "the tokenizer")
     return draft_model
+
+
+def load_draft_head(path: Optional[str], model):
+    """``--draft-head``: the head level, checked against the model (one line if it does not
+    fit); None without the flag."""
+    return None if path is None else head_level(hooks.install(model), path)
 
 
 def make_cli_sampler(settings: Settings, model, tokenizer) -> Sampler:

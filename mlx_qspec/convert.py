@@ -3,6 +3,11 @@ style directory that stock mlx-lm loads. The tensors are saved as the loader rea
 (exact MLX forms for every type but Q6_K, which the loader reads as 8-bit), so stock mlx-lm
 on DIR computes what we compute on X.gguf.
 ``--rotate`` writes the QuaRot-rotated model instead (loadable by mlx_qspec only).
+
+A Hugging Face model (a directory or a hub id) converts as mlx-lm's convert does (``-q``,
+``--q-bits``, ``--q-group-size``), except that its MTP layers are kept: quantized like the
+model, they go to ``DIR/mtp`` (a head directory, which stock mlx-lm does not read), and so do a
+GGUF's nextn layers.
 """
 
 import shutil
@@ -10,13 +15,15 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
-from mlx_lm.utils import save_config, save_model
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from mlx_lm.utils import quantize_model, save, save_config, save_model
 
 from . import gguf
 from .cli import ArgumentParser, progress, run_cli
 from .errors import ModelError
-from .loader import cast_floats, load_gguf, resolve, rotated_model_type
+from .heads import mtp, store
+from .heads.block import quantize as quantize_head
+from .loader import cast_floats, load, load_gguf, resolve, rotated_model_type
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -45,17 +52,26 @@ def convert(
     dtype: str | None = None,
     rotate: bool = False,
     rotate_method: str = "gptq",
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
 ) -> Path:
-    """Convert a GGUF file to an mlx directory; returns the directory."""
+    """Convert a GGUF file or a Hugging Face model to an mlx directory; returns the
+    directory. ``quantize``, ``q_bits``, ``q_group_size``: for a Hugging Face model, as
+    mlx-lm's convert takes them (a GGUF keeps its own quantization)."""
     mlx_path = Path(mlx_path)
     _check_destination(mlx_path)
     src = resolve(model)
-    if not src.is_file():
-        raise ModelError(f"--model '{model}' is not a GGUF file")
     if dtype is not None and dtype not in DTYPES:
         raise ModelError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    if src.is_dir() and rotate:
+        raise ModelError("--rotate converts a GGUF file; convert the model to GGUF first")
+    if src.is_file() and quantize:
+        raise ModelError(f"--model '{model}' is a GGUF file, quantized already: drop -q")
     created = _make_destination(mlx_path)
     try:
+        if src.is_dir():
+            return _convert_hf(model, src, mlx_path, dtype, quantize and (q_bits, q_group_size))
         return _convert(src, mlx_path, dtype, rotate, rotate_method)
     except BaseException:
         # The destination was absent or empty: clearing it loses nothing.
@@ -108,16 +124,57 @@ def _convert(src: Path, mlx_path: Path, dtype, rotate: bool, rotate_method: str)
         print("writing model.safetensors", file=sys.stderr)
         save_model(mlx_path, model_obj, donate_model=True)
         save_config(config, mlx_path / "config.json")
+        write_mtp(model_obj, mlx_path, None, DTYPES.get(dtype))
     gguf.write_tokenizer(metadata, src, mlx_path)
     print(f"wrote {mlx_path}", file=sys.stderr)
     return mlx_path
 
 
+def _convert_hf(name: str, src: Path, mlx_path: Path, dtype, quantization) -> Path:
+    """mlx-lm's convert of a Hugging Face model (its dtype rule, its quantization, its
+    save), through our loader so that the MTP layers are kept."""
+    model_obj, tokenizer, config = load(str(src), dtype=None, lazy=True, return_config=True)
+    dtype = dtype or config.get("torch_dtype") or config.get("text_config", {}).get("dtype")
+    if dtype in DTYPES:
+        keep = getattr(model_obj, "cast_predicate", lambda _: True)
+        model_obj.update(tree_map_with_path(
+            lambda k, v: v.astype(DTYPES[dtype]) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v,
+            model_obj.parameters()))
+    if quantization:
+        model_obj, config = quantize_model(model_obj, config, quantization[1], quantization[0])
+    write_mtp(model_obj, mlx_path, quantization, DTYPES.get(dtype))
+    print("writing model.safetensors", file=sys.stderr)
+    save(mlx_path, src, model_obj, tokenizer, config)
+    print(f"wrote {mlx_path}", file=sys.stderr)
+    return mlx_path
+
+
+def write_mtp(model_obj, mlx_path: Path, quantization, dtype=None) -> None:
+    """The model's MTP layers, if it has any, as the head directory ``mlx_path/mtp``:
+    quantized like the model (``quantization``: (bits, group size) to quantize to; None: as
+    loaded)."""
+    kept = mtp.attached(model_obj)
+    if isinstance(kept, str):
+        print(f"note: the MTP layers are not kept: {kept}", file=sys.stderr)
+    if not isinstance(kept, tuple):
+        return
+    head, cfg = kept
+    if dtype is not None:
+        head.update(tree_map(lambda v: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v,
+                             head.parameters()))
+    if quantization:
+        quantize_head(head, quantization[1], quantization[0])
+        cfg = {**cfg, "quantization": {"group_size": quantization[1], "bits": quantization[0]}}
+    store.save(mlx_path / mtp.MTP_DIR, head, cfg)
+    print(f"wrote the MTP layers to {mlx_path / mtp.MTP_DIR}", file=sys.stderr)
+
+
 def main(argv=None):
     parser = ArgumentParser(
-        prog="mlx_qspec.convert", description="Convert a GGUF model to an mlx directory."
+        prog="mlx_qspec.convert", description="Convert a GGUF or Hugging Face model to an mlx directory."
     )
-    parser.add_argument("--model", "--hf-path", required=True, help="The .gguf file to convert")
+    parser.add_argument("--model", "--hf-path", required=True,
+                        help="The .gguf file, or the Hugging Face model (directory or hub id), to convert")
     parser.add_argument("--mlx-path", default="mlx_model", help="Directory to write (must not exist or be empty)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="dtype of the float parameters (norms, scales, biases); default: as stored")
@@ -126,8 +183,15 @@ def main(argv=None):
     parser.add_argument("--rotate-method", choices=["gptq", "rtn"], default="gptq",
                         help="How the rotated weights are re-quantized to 4 bits: mlx-lm's GPTQ "
                         "(calibrated on Python stdlib text) or round-to-nearest")
+    parser.add_argument("-q", "--quantize", action="store_true",
+                        help="Quantize a Hugging Face model (as mlx_lm.convert -q; its MTP layers too)")
+    parser.add_argument("--q-bits", type=int, choices=[2, 3, 4, 5, 6, 8], default=4,
+                        help="Bits per weight with -q (default: %(default)s)")
+    parser.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64,
+                        help="Group size with -q (default: %(default)s)")
     run_cli(parser, argv, lambda args, _: convert(args.model, args.mlx_path, args.dtype,
-                                                  args.rotate, args.rotate_method))
+                                                  args.rotate, args.rotate_method, args.quantize,
+                                                  args.q_bits, args.q_group_size))
 
 
 if __name__ == "__main__":

@@ -61,14 +61,15 @@ def _counted(model, cache, read: precision.Precision) -> reads.ReadCounter:
 MODELED_ROWS = range(1, kernels.MAX_M + 2)
 
 
-def modeled(model, cache, candidates, chip: str) -> controller.Costs | None:
+def modeled(model, cache, candidates, chip: str, step_bytes=None) -> controller.Costs | None:
     """The costs on ``chip`` by :mod:`roofline`, with no timing: a verify of r rows as its
     modeled forwards (at most kernels.MAX_M rows each, as the decoder verifies), a draft step
     as a forward's fixed cost plus a plain step's byte time × the bytes its one-row forward
     reads ÷ a plain step's (one row is bound by bytes), the n-gram lookup free. Bytes are
-    counted (:mod:`reads`) on one untimed one-row forward per precision, at this context; a
-    candidate that cannot run here is left out. None where the roofline does not describe
-    the model's matmuls."""
+    counted (:mod:`reads`) on one untimed one-row forward per precision, at this context, or
+    given in ``step_bytes`` (a head level's step); a candidate that cannot run here is left
+    out. None where the roofline does not describe the model's matmuls."""
+    step_bytes = step_bytes or {}
     linears = roofline.linears(model)
     if linears is None:
         return None
@@ -89,10 +90,10 @@ def modeled(model, cache, candidates, chip: str) -> controller.Costs | None:
         if name == NGRAM:
             continue
         try:
-            counter = _counted(model, cache, parse_precision(name))
+            read = step_bytes.get(name) or _counted(model, cache, parse_precision(name)).bytes()
         except ValueError:
             continue
-        draft[name] = fixed + (verify[1] - fixed) * counter.bytes() / plain.bytes()
+        draft[name] = fixed + (verify[1] - fixed) * read / plain.bytes()
     return controller.Costs.from_table(verify, draft, f"modeled({chip.replace(' ', '_')})")
 
 
@@ -107,7 +108,7 @@ def store_key(model, cache) -> str:
                                 kv_mode(cache))
 
 
-def prior(model, cache, candidates) -> controller.Costs | None:
+def prior(model, cache, candidates, step_bytes=None) -> controller.Costs | None:
     """``auto``'s prior on this model and prefilled cache (see the module docstring). None
     across several ranks: each would hold other measurements and might model another chip,
     and all must decide alike (they then time from rank 0's clock)."""
@@ -115,7 +116,7 @@ def prior(model, cache, candidates) -> controller.Costs | None:
         return None
     stored = controller.default_store().load(store_key(model, cache), position(cache))
     chip = roofline.this_chip()
-    costs = modeled(model, cache, list(candidates), chip) if chip else None
+    costs = modeled(model, cache, list(candidates), chip, step_bytes) if chip else None
     if stored is None:
         return costs
     stored.acceptance = {}  # the last prompt's acceptance says little of this one's

@@ -38,6 +38,7 @@ from mlx_lm.generate import generate_step, maybe_quantize_kv_cache
 from . import kernels, precision, reads
 from .caches import commit, position, positions, rewind, room
 from .drafts.cascade import Context
+from .heads import capture
 from .kv_cache import SpeculativeRotatingKVCache
 from .policy import BlockResult
 from .precision import FULL_PRECISION, Precision
@@ -141,7 +142,7 @@ class Row:
     context: Optional[List[int]] = None  # token ids so far (levels that read them)
     history: Optional[mx.array] = None  # the same as an array (logits processors)
     processors: list = field(default_factory=list)
-    hidden: Optional[mx.array] = None  # final hidden state of the last cached position
+    hidden: Optional[mx.array] = None  # final hidden states of the last cached positions not yet handed to a level
 
     def split_key(self) -> Optional[mx.array]:
         """A fresh key for one draw (None for a greedy row: it draws nothing)."""
@@ -149,6 +150,11 @@ class Row:
             return None
         self.key, sub = mx.random.split(self.key)
         return sub
+
+    def keep_hidden(self, rows: mx.array) -> None:
+        """The final hidden states (N, D) of the next N cached positions, after those kept
+        and not yet handed to a level."""
+        self.hidden = rows if self.hidden is None else mx.concatenate([self.hidden, rows])
 
     def add(self, tokens: list) -> None:
         """Tokens emitted: the contexts grow by them."""
@@ -158,28 +164,34 @@ class Row:
             self.history = mx.concatenate([self.history, mx.array(tokens, mx.uint32)])
 
 
-def forward(model, tokens: mx.array, cache, at: Precision = FULL_PRECISION, counter=None):
+def forward(model, tokens: mx.array, cache, at: Precision = FULL_PRECISION, counter=None,
+            hidden: Optional[list] = None):
     """The model's logits for ``tokens`` (B, N) on ``cache`` at precision ``at``, reads
     counted in ``counter``: the one place the decoder, its prefill and plain decoding run
-    the model (where a level that reads the hidden state would take it)."""
-    with precision.reading(at), reads.counting(counter) if counter else nullcontext():
-        return model(tokens, cache=cache)
+    the model. ``hidden``: a list that gets the forward's final hidden states (B, N, D),
+    the LM head's input, captured as it runs (:mod:`mlx_qspec.heads.capture`)."""
+    keep = nullcontext([]) if hidden is None else capture.capturing()
+    with precision.reading(at), reads.counting(counter) if counter else nullcontext(), keep as rows:
+        logits = model(tokens, cache=cache)
+    if hidden is not None:
+        hidden.extend(rows)
+    return logits
 
 
-def prefill(model, tokens: mx.array, cache, step: int, after=None):
+def prefill(model, tokens: mx.array, cache, step: int, after=None, hidden: Optional[list] = None):
     """Feed ``tokens`` into ``cache`` at full precision in chunks of ``step``, as mlx-lm's
     ``generate_step`` does with a prompt's first n − 1 tokens (same chunks, same cache),
     committing after each. Rewindable windows see the chunks as prompt chunks, the blocks
-    after them as verifies."""
+    after them as verifies. ``hidden``: a list that gets each chunk's final hidden states."""
     windows = [c for c in cache if isinstance(c, SpeculativeRotatingKVCache)]
     for c in windows:
         c.decoding = False
     while tokens.size:
         n = min(step, tokens.size)
-        forward(model, tokens[:n][None], cache)
+        forward(model, tokens[:n][None], cache, hidden=hidden)
         if after is not None:
             after()
-        mx.eval([c.state for c in cache])
+        mx.eval([c.state for c in cache], hidden or [])
         commit(cache)
         tokens = tokens[n:]
         mx.clear_cache()
@@ -194,9 +206,14 @@ class Decoder:
     applied after each block as plain decoding applies it after each step."""
 
     def __init__(self, model, cache, rows: List[Row], policy, *, draft_p_min: float = 0.0,
-                 kv_bits=None, kv_group_size: int = 64, quantized_kv_start: int = 0):
+                 kv_bits=None, kv_group_size: int = 64, quantized_kv_start: int = 0,
+                 keep_hidden: bool = False):
         self.model, self.cache, self.rows, self.policy = model, cache, rows, policy
         self.draft_p_min = draft_p_min
+        # Levels that read the hidden state (heads.level) get the verify's rows of each
+        # block's accepted positions, and a plain stretch's (contract 2 in TEAM.md).
+        self.keep_hidden = keep_hidden
+        self._hidden: list = []  # the LM head inputs of this block's verify forwards
         self.forwards = {DRAFT: 0, VERIFY: 0}  # model forwards made, by kind
         self.kv = dict(kv_bits=kv_bits, kv_group_size=kv_group_size,
                        quantized_kv_start=quantized_kv_start)
@@ -212,6 +229,7 @@ class Decoder:
         drafted = time.perf_counter()
         lp = self.verify(drafts, FULL_PRECISION, VERIFY)
         counts, out = self.settle(lp, drafts, q)
+        self._keep_hidden(counts)
         maybe_quantize_kv_cache(self.cache, **self.kv)
         end = time.perf_counter()
         for r, d, n in zip(self.rows, drafts, counts):
@@ -223,6 +241,15 @@ class Decoder:
         self.policy.report(BlockResult(sum(map(len, drafts)), sum(counts),
                                        sum(map(len, out)), end - start))
         return self.emit(out, lp, counts)
+
+    def _keep_hidden(self, counts: list) -> None:
+        """Each row keeps the verify's hidden states of the positions it accepted (its
+        pending token's and the accepted drafts'), after those not yet handed to a level."""
+        if self._hidden:
+            h = mx.concatenate(self._hidden, axis=1)
+            for b, (r, n) in enumerate(zip(self.rows, counts)):
+                r.keep_hidden(h[b, : n + 1])
+        self._hidden = []
 
     def block_size(self, gamma: int) -> int:
         """Drafts the next block may hold: γ, cut to what the rows may still emit and to
@@ -251,10 +278,7 @@ class Decoder:
         offers with one forward and extends what it keeps."""
         *lower, top = levels
         if not isinstance(top, Precision):  # a level that proposes by itself (batch 1)
-            (row,) = self.rows
-            context = Context(row.context + before[0], row.hidden, row.stats.draft_reads)
-            tokens, q = top.proposals(context, k, lambda lp: self._draw(row, lp))
-            return [tokens], [q]
+            return self._propose_alone(lower, top, k, before)
         if len(self.rows) > 1:  # a batch shares one precision level: k drafts for every row
             return self._draft_batch(top, k)
         tokens, q = self._nothing()
@@ -273,6 +297,25 @@ class Decoder:
                 t += o
                 qi += oq
         return [t[:k] for t in tokens], [qi[:k] for qi in q]
+
+    def _propose_alone(self, lower, top, k: int, before: list):
+        """A level that proposes by itself (batch 1): above lower levels (``ngram>head``) it
+        takes their proposals as given and extends them, so what the verify sees was drawn
+        from each level's distribution. A level that reads the hidden state gets the rows the
+        decoder kept since it last ran (then let go)."""
+        (row,) = self.rows
+        offered, offered_q = [[]], [[]]
+        if lower:
+            base = positions(self.cache)
+            offered, offered_q = self._propose(lower, k, before)
+            rewind(self.cache, base)  # what the lower levels' forwards appended
+        reads_hidden = getattr(top, "reads_hidden", False)
+        context = Context(row.context + before[0] + offered[0], row.hidden if reads_hidden else None,
+                          row.stats.draft_reads, len(row.context) - 1)
+        tokens, q = top.proposals(context, k - len(offered[0]), lambda lp: self._draw(row, lp))
+        if reads_hidden and k > len(offered[0]):  # the level took them
+            row.hidden = None
+        return [offered[0] + tokens], [offered_q[0] + q]
 
     def _last(self, so_far) -> mx.array:
         return mx.array([[s[-1] if s else r.y] for r, s in zip(self.rows, so_far)], mx.uint32)
@@ -335,9 +378,11 @@ class Decoder:
         """One forward over every row, its reads counted in the rows' ``kind`` counters (a
         batch's bytes are not split: each row counts the forward)."""
         self.forwards[kind] += 1
+        hidden = self._hidden if self.keep_hidden and kind == VERIFY else None
         if len(self.rows) == 1:
-            return forward(self.model, tokens, self.cache, at, self.rows[0].stats.reads(kind))
-        logits = forward(self.model, tokens, self.cache, at)
+            return forward(self.model, tokens, self.cache, at, self.rows[0].stats.reads(kind),
+                           hidden=hidden)
+        logits = forward(self.model, tokens, self.cache, at, hidden=hidden)
         for r in self.rows:
             r.stats.reads(kind).forwards += 1
         return logits
@@ -436,8 +481,9 @@ class Decoder:
             for proc in row.processors
         ] if history is not None and history.size else row.processors
         sampler = None if row.sampler is None else (lambda lp: row.sampler(lp, row.split_key()))
+        hidden = [] if self.keep_hidden else None  # one row per step, in order
         model = lambda x, cache: forward(self.model, x, cache, FULL_PRECISION,  # noqa: E731
-                                         row.stats.verify_reads)
+                                         row.stats.verify_reads, hidden=hidden)
         emitted, seconds = 0, 0.0  # the time spent waiting for tokens, not the consumer's
         steps = generate_step(mx.array([row.y], mx.uint32), model,
                               max_tokens=-1 if math.isinf(n) else int(n), sampler=sampler,
@@ -459,5 +505,7 @@ class Decoder:
             if settle:
                 rewind(self.cache, [start + emitted])
                 commit(self.cache)
+                if hidden and emitted:
+                    row.keep_hidden(mx.concatenate(hidden, axis=1)[0, :emitted])
             if self.policy is not None and emitted:
                 self.policy.report(BlockResult(0, 0, emitted, seconds))

@@ -51,6 +51,10 @@ _BLOCK = {
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# llama.cpp's MTP ("nextn") tensors of the last blocks (blk.N.nextn.*), DeepSeek-V3's names;
+# the block's own tensors beside them are an ordinary decoder layer (see heads/mtp.py)
+_NEXTN = {"eh_proj": "eh_proj", "enorm": "enorm", "hnorm": "hnorm", "embed_tokens": "embed_tokens",
+          "shared_head_norm": "shared_head.norm", "shared_head_head": "shared_head.head"}
 # per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3)
 _QK_NORM = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 # Gemma 2 / 3 "sandwich" norms: ffn_norm is the norm before the MLP, and both sublayers'
@@ -106,6 +110,8 @@ class Architecture:
         block = {**_BLOCK, **self.block}
         if parts[0] == "blk" and len(parts) >= 4 and parts[2] in block:
             return ".".join(["model.layers", parts[1], block[parts[2]], *parts[3:]])
+        if parts[0] == "blk" and len(parts) >= 5 and parts[2] == "nextn" and parts[3] in _NEXTN:
+            return ".".join(["model.layers", parts[1], _NEXTN[parts[3]], *parts[4:]])
         if parts[0] in _TOP_LEVEL:
             return ".".join([_TOP_LEVEL[parts[0]], *parts[1:]])
         return None
@@ -256,11 +262,12 @@ def model_config(metadata, tensors, path):
 
     n_heads = int(meta("attention.head_count"))
     hidden = int(meta("embedding_length"))
+    nextn = int(meta("nextn_predict_layers", 0))  # MTP blocks, counted in block_count
     config = {
         "model_type": spec.model_type,
         "architectures": [spec.class_name],
         "hidden_size": hidden,
-        "num_hidden_layers": int(meta("block_count")),
+        "num_hidden_layers": int(meta("block_count")) - nextn,
         "intermediate_size": int(meta("feed_forward_length")),
         "num_attention_heads": n_heads,
         "num_key_value_heads": int(meta("attention.head_count_kv", n_heads)),
@@ -285,6 +292,8 @@ def model_config(metadata, tensors, path):
         config["rope_scaling"] = scaling
     if spec.extra_config:
         config.update(spec.extra_config(meta, config, path))
+    if nextn:
+        config["gguf_nextn_layers"] = nextn  # heads/mtp.py reads them as DeepSeek's MTP layout
     if spec.model_type == "llama":
         config["attention_bias"] = any(t.name.endswith("attn_q.bias") for t in tensors)
     eos = metadata.get("tokenizer.ggml.eos_token_id")

@@ -8,6 +8,8 @@
   kernel, KV reads counted, anything else to the original).
 - Blocks: each transformer block's class becomes a subclass that passes its input through
   when the current precision skips it (layer-skip drafts).
+- The LM head: its class becomes a subclass that records its input (the final hidden state)
+  inside :func:`mlx_qspec.heads.capture.capturing` (drafts that read the hidden state).
 - Collectives: each ``mx.distributed`` collective calls a counter first
   (:func:`mlx_qspec.distributed.counting`).
 
@@ -26,6 +28,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import attention, precision
+from .heads import capture
 from .quant import linear
 
 ATTENTION = "scaled_dot_product_attention"
@@ -86,15 +89,23 @@ def install(model: nn.Module) -> nn.Module:
     after = _leaves(model)
     _layers[id(model)] = {p: m for p, m in before.items() if after.get(p) is not m}
     weakref.finalize(model, _forget, id(model))
-    for name in _attention_modules(model):
-        module = sys.modules.get(name)
-        fn = getattr(module, ATTENTION, None)
+    capture.install(model)
+    install_attention(model)
+    return install_skippable_blocks(model)
+
+
+def install_attention(module: nn.Module) -> nn.Module:
+    """Our attention for every mlx-lm module ``module``'s classes come from (idempotent):
+    the model's, or a draft head's block (:mod:`mlx_qspec.heads`)."""
+    for name in _attention_modules(module):
+        found = sys.modules.get(name)
+        fn = getattr(found, ATTENTION, None)
         if fn is None:
             continue
         if not hasattr(fn, "original"):
-            setattr(module, ATTENTION, _dispatcher(fn))
-        _attention_users.setdefault(name, set()).add(id(model))
-    return install_skippable_blocks(model)
+            setattr(found, ATTENTION, _dispatcher(fn))
+        _attention_users.setdefault(name, set()).add(id(module))
+    return module
 
 
 def _forget(model_id: int) -> None:
@@ -116,6 +127,7 @@ def _restore_attention(name: str) -> None:
 def uninstall(model: nn.Module) -> nn.Module:
     """Undo :func:`install` on ``model``: its original layers and block classes come back,
     and the attention of each mlx-lm module no other installed model uses."""
+    capture.uninstall(model)
     originals = _layers.pop(id(model), {})
     if originals:
         model.update_modules(tree_unflatten(list(originals.items())))

@@ -23,6 +23,7 @@ from mlx_lm.utils import (
 from . import gguf
 from .cache_dir import cache_dir
 from .errors import ModelError
+from .heads import mtp
 from .quant.hadamard import apply_online_rotations
 
 # A rotated directory's model_type: stock mlx-lm refuses it ("Model type … not supported")
@@ -159,8 +160,9 @@ def cast_float32_to_half(model: nn.Module) -> None:
 def build_model(weights: dict, config: dict) -> nn.Module:
     """An mlx-lm model from weights in saved layout and their config, as mlx-lm's
     ``load_model`` builds it (per-module quantization overrides, else quantize what has
-    scales), without a round trip through files."""
-    model_class, args_class = _get_classes(config)
+    scales), without a round trip through files. MTP weights are kept (:mod:`.heads.mtp`)."""
+    found = {}
+    model_class, args_class = mtp.keeping(_get_classes, found)(config)
     model = model_class(args_class.from_dict(config))
     if hasattr(model, "sanitize"):  # as mlx-lm's load_model: drops a tied head, ...
         weights = model.sanitize(weights)
@@ -175,7 +177,7 @@ def build_model(weights: dict, config: dict) -> nn.Module:
         )
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
-    return model
+    return mtp.restore(model, found)
 
 
 def load_gguf(path: Path, tokenizer_config: dict | None = None):
@@ -310,9 +312,14 @@ def load(
         model_type = read_config(path)["model_type"]
         original = {"model_type": model_type[len(ROTATED_PREFIX):]} if model_type.startswith(
             ROTATED_PREFIX) else None
+        found = {}
         try:
             model, config = load_model(path, lazy=True, model_config=original,
+                                       get_model_classes=mtp.keeping(_get_classes, found),
                                        trust_remote_code=trust_remote_code)
+            mtp.restore(model, found)
+            if "mtp" not in found and (converted := mtp.load_converted(path)) is not None:
+                mtp.attach(model, converted)
             tokenizer = load_tokenizer(path, tokenizer_config,
                                        eos_token_ids=config.get("eos_token_id"))
         except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
@@ -327,6 +334,10 @@ def load(
         if dtype is None and from_gguf:  # Metal: half-precision compute, weights untouched
             cast_float32_to_half(model)
     cast_floats(model, dtype)
+    if isinstance(kept := mtp.attached(model), tuple):  # the MTP head computes as the model does
+        cast_floats(kept[0], dtype)
+        if dtype is None and from_gguf:
+            cast_float32_to_half(kept[0])
     if not lazy:
-        mx.eval(model.parameters())
+        mx.eval(model.parameters(), kept[0].parameters() if isinstance(kept, tuple) else [])
     return (model, tokenizer, config) if return_config else (model, tokenizer)

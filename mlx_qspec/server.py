@@ -470,6 +470,7 @@ def build(args, loaded: Optional[tuple] = None) -> tuple:
         raise ModelError("--chat-template-args must be a JSON object")
     model, tokenizer = loaded or load(args.model or cli.default_model_path())
     draft_model = cli.load_draft_model(args.draft_model, tokenizer)
+    draft_head = cli.load_draft_head(args.draft_head, model)
     settings = settings.but(draft=resolve(model, tokenizer, settings.draft))
     max_context = args.max_context or getattr(model.args, "max_position_embeddings", None)
     if max_context is None:
@@ -481,6 +482,7 @@ def build(args, loaded: Optional[tuple] = None) -> tuple:
         chat_template_args=args.chat_template_args,
     )
     engine = BatchEngine(model, tokenizer, settings=settings, draft_model=draft_model,
+                         draft_head=draft_head,
                          decode_concurrency=args.decode_concurrency,
                          queue_size=args.queue_size, prompt_cache_size=args.prompt_cache_size,
                          prompt_cache_bytes=args.prompt_cache_bytes)

@@ -10,6 +10,7 @@ holding the prompt and every emitted token but the last.
 
 import math
 import time
+from pathlib import Path
 from typing import Callable, Generator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -24,6 +25,7 @@ from .drafts.auto import AutoPolicy
 from .drafts.cascade import Cascade, DraftModel, build
 from .drafts.grammar import AUTO, NONE
 from .errors import UserError
+from .heads.level import head_level, heads_available
 from .kv_cache import check_kv_bits, make_rewindable, make_rotating_cache
 from .policy import FixedGamma
 from .precision import Precision
@@ -36,7 +38,7 @@ def speculative_generate_step(
     max_tokens: int = 256, sampler: Optional[Callable[[mx.array], mx.array]] = None,
     logits_processors: Optional[List[Callable]] = None, prompt_cache: Optional[list] = None,
     cached_tokens: Sequence[int] = (), draft_model: Optional[nn.Module] = None,
-    stats: Optional[SpecStats] = None, **values,
+    draft_head=None, stats: Optional[SpecStats] = None, **values,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Yield ``(token, logprobs, from_draft)`` like mlx-lm's ``speculative_generate_step``.
 
@@ -52,7 +54,9 @@ def speculative_generate_step(
     — the key of the draws at temperature > 0). The lookup searches ``cached_tokens`` (the ids
     already in ``prompt_cache``), the prompt and the output. ``draft_model`` (a smaller model
     with the same tokenizer, or a :class:`DraftModel`) proposes below ``draft``'s levels
-    (``draft='none'``: alone). ``max_tokens < 0`` never stops on its own. ``prompt_cache``
+    (``draft='none'``: alone). ``draft_head``: the head of the ``head`` level (its
+    directory, or a :class:`~mlx_qspec.heads.level.HeadDraft`); ``auto`` weighs it too, and
+    the model's own MTP layers where it has them. ``max_tokens < 0`` never stops on its own. ``prompt_cache``
     (one trimmable cache per layer, or a window: mlx-lm's ``RotatingKVCache`` is swapped in
     the list for a rewindable one; a ``NestedKVCache`` list for ``kv-upper``) is updated in
     place. ``logprobs`` are the verify's (after ``logits_processors``). Bad arguments raise
@@ -69,8 +73,10 @@ def speculative_generate_step(
     if s.draft.auto and draft_model is not None:
         raise UserError("--draft auto weighs self-drafts only; with a draft model pass "
                         "--draft none or a level")
+    if isinstance(draft_head, (str, Path)):
+        draft_head = head_level(model, draft_head)
     cascade = None if s.draft.auto else build(model, draft if not named else s.draft,
-                                             kv_mode(cache), s.ngram, draft_model)
+                                             kv_mode(cache), s.ngram, draft_model, draft_head)
     dist = resolve_sampler(sampler)
     if not can_trim_prompt_cache(cache):
         types = {type(c).__name__ for c in cache if not c.is_trimmable()}
@@ -87,7 +93,7 @@ def speculative_generate_step(
     if cascade is not None and cascade.reads_context:
         row.context = list(cached_tokens) + prompt.tolist()
     return _generate(prompt, hooks.install(model), cache, row, s, cascade,
-                     list(cached_tokens))
+                     list(cached_tokens), draft_head=draft_head)
 
 
 def plain_generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int = 256,
@@ -119,8 +125,8 @@ def _settings(values: dict, **given) -> Settings:
     return s
 
 
-def _generate(prompt, model, cache, row: Row, s: Settings, cascade, cached_tokens,
-              plain: bool = False):
+def _generate(prompt, model, cache, row: Row, s: Settings, cascade, cached_tokens, *,
+              plain: bool = False, draft_head=None):
     """Prefill, the policy, then the decoder's blocks; the cache left holding the prompt
     and every yielded token but the last, however the consumer stops."""
     quantize = lambda: maybe_quantize_kv_cache(  # noqa: E731
@@ -132,11 +138,16 @@ def _generate(prompt, model, cache, row: Row, s: Settings, cascade, cached_token
     with mx.stream(generation_stream):
         t0 = time.perf_counter()
         start = position(cache)
-        prefill(model, prompt[:-1], cache, s.prefill_step_size, quantize)
+        keep_hidden = not plain and (cascade.reads_hidden if cascade is not None
+                                     else heads_available(model, draft_head))
+        hidden = [] if keep_hidden else None
+        prefill(model, prompt[:-1], cache, s.prefill_step_size, quantize, hidden)
+        if hidden:
+            row.keep_hidden(mx.concatenate(hidden, axis=1)[0])
         if plain:
             policy = None
         elif cascade is None:
-            policy = AutoPolicy(model, cache, s.ngram, s.num_draft_tokens)
+            policy = AutoPolicy(model, cache, s.ngram, s.num_draft_tokens, draft_head)
             row.stats.draft, row.stats.auto_reason = policy.name or NONE, policy.reason
             if policy.reads_context:
                 row.context = cached_tokens + prompt.tolist()
@@ -145,7 +156,7 @@ def _generate(prompt, model, cache, row: Row, s: Settings, cascade, cached_token
         row.stats.prefill_time += time.perf_counter() - t0
         decoder = Decoder(model, cache, [row], policy, draft_p_min=s.draft_p_min,
                           kv_bits=s.kv_bits, kv_group_size=s.kv_group_size,
-                          quantized_kv_start=s.quantized_kv_start)
+                          quantized_kv_start=s.quantized_kv_start, keep_hidden=keep_hidden)
         if plain:  # the cache as mlx-lm's generate_step leaves it
             yield from decoder.decode_plainly(settle=False)
             return

@@ -331,18 +331,35 @@ def plain_texts(smollm2):
         for p in PROMPTS}
 
 
+@pytest.fixture(scope="module")
+def smollm2_head(smollm2, tmp_path_factory):
+    """A head for the test model with random weights (a draft's quality is not exactness)."""
+    from mlx_qspec.heads import store
+    from mlx_qspec.heads.block import NextTokenHead, build_layer, decoder_layer_class, quantize
+
+    model, _ = smollm2
+    config = {**vars(model.args)}
+    block = build_layer(decoder_layer_class(model), config, len(model.layers) - 1)
+    head = NextTokenHead(block, model.args.hidden_size, model.args.vocab_size, 1e-5)
+    quantize(head, 32, 4)
+    return store.save(tmp_path_factory.mktemp("head") / "head", head,
+                      store.head_config(head, "llama", len(model.layers) - 1, config, {}))
+
+
 @pytest.mark.parametrize("flags", [
     ["--draft", "ngram", "--ngram-min", "2"],
     ["--draft", "ngram>a8-g32", "--num-draft-tokens", "5"],
     ["--kv-mode", "nested", "--draft", "kv-upper"],
     ["--draft-model", "MODEL", "--num-draft-tokens", "3"],
-], ids=["ngram", "cascade", "nested-kv-upper", "draft-model"])
+    ["--draft", "ngram>head", "--draft-head", "HEAD"],
+], ids=["ngram", "cascade", "nested-kv-upper", "draft-model", "head"])
 def test_every_draft_is_served_concurrently_with_plain_decodings_text(smollm2, smollm2_gguf,
-                                                                      plain_texts, flags):
+                                                                      smollm2_head, plain_texts,
+                                                                      flags):
     """Drafts no batched forward can share run as decoders of their own at batch 1, stepped
     in turn: requests queued together all emit before any finishes, and each gets the
     tokens plain decoding gives its prompt."""
-    flags = [str(smollm2_gguf) if f == "MODEL" else f for f in flags]
+    flags = [{"MODEL": str(smollm2_gguf), "HEAD": str(smollm2_head)}.get(f, f) for f in flags]
     s = Served("--prompt-cache-size", "0", *flags, loaded=smollm2)
     try:
         assert not s.engine.batched

@@ -14,13 +14,20 @@ import mlx.nn as nn
 
 from .. import controller, cost, distributed
 from ..caches import kv_mode, position
+from ..heads import mtp
+from ..heads.level import HeadDraft, head_level, mtp_level
 from ..policy import BlockResult, Plan
 from ..precision import ACT_GROUP_SIZES, Precision
 from ..quant.modes import draftable_layers
 from . import layer_skip
 from .cascade import build, runs
-from .grammar import NGRAM, parse_precision
+from .grammar import HEAD, MTP, NGRAM, parse_precision
 from .ngram import Ngram
+
+# A checkpoint's MTP layers, before any is measured here: DeepSeek-V3's report puts the
+# acceptance of its MTP module's token at 85-90 %; what the controller sees takes over.
+MTP_PRIOR = 0.85
+HEAD_PRIOR = 0.3  # a trained head whose agreement was not measured (trained on the user's text)
 
 
 def activation_draft(model: nn.Module) -> str | None:
@@ -60,6 +67,18 @@ def auto_priors(model, kv: str) -> dict[str, float]:
     return priors
 
 
+def head_levels(model, draft_head) -> dict:
+    """The levels that propose by reading the model's hidden state that ``auto`` can weigh:
+    the checkpoint's MTP layers (``mtp``) and a ``--draft-head`` (``head``: a
+    :class:`HeadDraft` used as given, or its directory)."""
+    levels = {}
+    if isinstance(mtp.attached(model), tuple):
+        levels[MTP] = mtp_level(model)
+    if draft_head is not None:
+        levels[HEAD] = draft_head if isinstance(draft_head, HeadDraft) else head_level(model, draft_head)
+    return levels
+
+
 WARM: set = set()  # arms run once in this process: only their first block builds kernels
 
 
@@ -71,14 +90,21 @@ class AutoPolicy:
     one-step blocks (the server's loop) is reported to it whole. ``name`` (the draft it runs
     now, or None), ``reason``, ``measured_speedup``; :meth:`close` stores what it measured."""
 
-    def __init__(self, model, cache, ngram: Ngram = Ngram(), max_gamma: int | None = None):
+    def __init__(self, model, cache, ngram: Ngram = Ngram(), max_gamma: int | None = None,
+                 draft_head=None):
         self.model, self.kv, self.ngram = model, kv_mode(cache), ngram
         priors = auto_priors(model, self.kv)
+        heads = head_levels(model, draft_head)  # at a trained head's measured agreement
+        for name, level in heads.items():
+            default = MTP_PRIOR if name == MTP else HEAD_PRIOR
+            priors[name] = level.agreement if level.agreement is not None else default
+        self.draft_head = heads.get(HEAD)
+        step_bytes = {name: level.step_reads().bytes() for name, level in heads.items()}
         gammas = tuple(g for g in controller.GAMMAS if g <= (max_gamma or max(controller.GAMMAS)))
         self.ranks = distributed.group().size()
         key = None if self.ranks > 1 else cost.store_key(model, cache)
         self.controller = controller.Controller(
-            priors, gammas, cost.prior(model, cache, priors), start=position(cache), warm=WARM,
+            priors, gammas, cost.prior(model, cache, priors, step_bytes), start=position(cache), warm=WARM,
             store=None if key is None else controller.default_store(), key=key)
         self.reads_context = NGRAM in priors  # the lookup may run any time: keep the context
         self.drafts: dict = {}
@@ -104,7 +130,8 @@ class AutoPolicy:
         if self.action.draft is None:
             return Plan(None, steps=self.action.steps - self.plain[0])
         if self.action.draft not in self.drafts:
-            self.drafts[self.action.draft] = build(self.model, self.action.draft, self.kv, self.ngram)
+            self.drafts[self.action.draft] = build(self.model, self.action.draft, self.kv,
+                                                   self.ngram, draft_head=self.draft_head)
         return Plan(self.drafts[self.action.draft], self.action.gamma)
 
     def report(self, result: BlockResult) -> None:

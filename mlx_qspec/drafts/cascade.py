@@ -27,6 +27,7 @@ import mlx.nn as nn
 
 from .. import precision, reads
 from ..errors import UserError
+from ..heads.level import HeadDraft, head_level, mtp_level
 from ..kv_cache import KV_MODES, make_rotating_cache
 from ..precision import FULL_PRECISION, UPPER, Precision
 from ..quant.modes import draftable_layers, eight_bit_layers, input_dims
@@ -39,12 +40,15 @@ from .ngram import Ngram
 
 @dataclass
 class Context:
-    """What a level proposes from: the row's token ids so far, the final hidden state of
-    its last cached position (levels that read it), and where its reads are counted."""
+    """What a level proposes from: the row's token ids so far (its pending token, then the
+    block's proposals so far), the model's final hidden states of the positions cached since
+    the level last ran (levels that read them), where its reads are counted, and how many
+    of the tokens are in the model's cache."""
 
     tokens: list
     hidden: Any = None
     reads: Any = None
+    cached: Any = None  # how many of ``tokens`` the model's cache holds (the row's, not the block's)
 
 
 class DraftModel:
@@ -129,7 +133,8 @@ class Cascade:
 
     def fresh(self) -> "Cascade":
         """The same cascade with fresh per-request state (a draft model's own cache)."""
-        return Cascade(tuple(x.fresh() if isinstance(x, DraftModel) else x for x in self.levels))
+        return Cascade(tuple(x.fresh() if isinstance(x, (DraftModel, HeadDraft)) else x
+                             for x in self.levels))
 
     def __str__(self):
         return self.name
@@ -174,15 +179,18 @@ def runs(model: nn.Module, name, kv_mode: str) -> bool:
 
 
 def build(model: nn.Module, name, kv_mode: str = "fp", ngram: Ngram = Ngram(),
-          draft_model: DraftModel | None = None) -> Cascade:
+          draft_model: DraftModel | None = None, draft_head=None) -> Cascade:
     """The cascade ``name`` denotes (a name, :class:`~.grammar.DraftName`,
     :class:`Precision` or :class:`Cascade`), ``draft_model`` (if given) below its levels
     (``none`` then leaves the draft model alone), each level checked against ``model`` and
-    its cache: UserError naming what to pass instead, before any compute."""
+    its cache: UserError naming what to pass instead, before any compute. ``draft_head``: the
+    ``head`` level's head (a :class:`HeadDraft`, used as given: one per conversation; or its
+    directory)."""
     if isinstance(name, Cascade):
         levels = list(name.levels)
     else:
-        levels = [ngram if x == NGRAM else x for x in grammar.parse(name).levels]
+        levels = [_named_level(model, x, ngram, draft_head) if isinstance(x, str) else x
+                  for x in grammar.parse(name).levels]
     if draft_model is not None:
         _check_vocabulary(model, draft_model.model)
         if levels and isinstance(levels[0], Ngram):
@@ -206,6 +214,21 @@ def build(model: nn.Module, name, kv_mode: str = "fp", ngram: Ngram = Ngram(),
     return cascade
 
 
+def _named_level(model, name: str, ngram: Ngram, draft_head):
+    """The level a name stands for: the lookup, the checkpoint's MTP layers, or the head."""
+    if name == NGRAM:
+        return ngram
+    at = grammar.head_precision(name)
+    if at.weights == UPPER and not eight_bit_layers(model):
+        raise UserError(f"draft {name!r} reads 8-bit weights as their upper plane, and this "
+                        "model has no 8-bit layers")
+    if name.startswith(grammar.MTP):
+        return mtp_level(model, at)
+    if isinstance(draft_head, HeadDraft):  # its cache goes on with the conversation it drafts for
+        return draft_head if draft_head.precision == at else draft_head.reading(at)
+    return head_level(model, draft_head, at)
+
+
 def _check_vocabulary(model: nn.Module, draft: nn.Module):
     if vocabulary_size(model) != vocabulary_size(draft):
         raise UserError(
@@ -220,6 +243,6 @@ def resolve(model: nn.Module, tokenizer, name, progress=None):
     if not isinstance(name, (str, grammar.DraftName)):
         return name
     draft = grammar.parse(name)
-    levels = tuple(x if x == NGRAM else layer_skip.resolve(model, tokenizer, x, progress)
+    levels = tuple(x if isinstance(x, str) else layer_skip.resolve(model, tokenizer, x, progress)
                    for x in draft.levels)
     return grammar.DraftName(levels, draft.auto)

@@ -7,7 +7,9 @@ lookup, :mod:`.ngram`) or a way of reading the model — a
 activations (``a8``, ``a4-g32``, …), weights (``w-upper``), the nested KV cache
 (``kv-upper``), skipped blocks (``skip-3,14``, or a share ``skip-0.4`` calibrated per model).
 A separate draft model (mlx-lm's ``--draft-model``) proposes below the named levels; its
-level is called ``draft-model``. ``none`` is plain decoding; ``auto`` lets the cost model
+level is called ``draft-model``. ``mtp`` (the checkpoint's own MTP layers) and ``head`` (a
+head trained for the model, ``--draft-head DIR``) draft from the model's hidden state
+(:mod:`mlx_qspec.heads`). ``none`` is plain decoding; ``auto`` lets the cost model
 choose (:mod:`.auto`), which may also mean plain decoding.
 
 :func:`parse` reads a name once into a :class:`DraftName`; :func:`check` adds what needs no
@@ -24,6 +26,8 @@ from ..precision import ACT_BITS, ACT_GROUP_SIZES, UPPER, VERIFY_NAME, Precision
 NONE = "none"
 AUTO = "auto"
 NGRAM = "ngram"
+MTP, HEAD = "mtp", "head"  # trained self-drafts (mlx_qspec.heads): a checkpoint's MTP layers, --draft-head
+NAMED_LEVELS = (NGRAM, MTP, HEAD)  # levels that are not a way of reading the model
 DRAFT_MODEL = "draft-model"
 SEPARATOR = ">"
 NESTED_KV = "nested"
@@ -91,8 +95,9 @@ def parse_levels(name: str) -> list[str]:
 
 @dataclass(frozen=True)
 class DraftName:
-    """A draft name read once: ``auto``, or its levels cheapest first (:data:`NGRAM` or a
-    :class:`Precision`); no levels is ``none`` (plain decoding, or a draft model alone)."""
+    """A draft name read once: ``auto``, or its levels cheapest first (a name of
+    :data:`NAMED_LEVELS` or a :class:`Precision`); no levels is ``none`` (plain decoding, or
+    a draft model alone)."""
 
     levels: tuple = ()
     auto: bool = False
@@ -105,7 +110,7 @@ class DraftName:
     def name(self) -> str:
         if self.auto:
             return AUTO
-        return SEPARATOR.join(x if x == NGRAM else x.name for x in self.levels) or NONE
+        return SEPARATOR.join(x if isinstance(x, str) else x.name for x in self.levels) or NONE
 
     @property
     def reads_kv_upper(self) -> bool:
@@ -113,6 +118,22 @@ class DraftName:
 
     def __str__(self):
         return self.name
+
+
+def _head_level(part: str) -> str:
+    """``head+w-upper`` / ``mtp+w-upper``: a head level reading 8-bit layers (its own, the
+    model's LM head) as their upper plane; the one precision a head level takes."""
+    base, rest = part.split("+", 1)
+    if parse_precision(rest).terms != ["w-upper"]:
+        raise UserError(f"draft level {part!r}: a {base} level reads weights at full precision "
+                        f"or as {base}+w-upper")
+    return part
+
+
+def head_precision(part: str) -> Precision:
+    """How a head level (``head``, ``head+w-upper``, ``mtp`` …) reads weights."""
+    _, _, rest = part.partition("+")
+    return parse_precision(rest) if rest else Precision()
 
 
 def parse(name) -> DraftName:
@@ -130,9 +151,11 @@ def parse(name) -> DraftName:
     levels = []
     for part in parse_levels(name):
         try:
-            levels.append(part if part == NGRAM else parse_precision(part))
+            levels.append(part if part in NAMED_LEVELS else
+                          _head_level(part) if part.split("+")[0] in (MTP, HEAD) else
+                          parse_precision(part))
         except UserError as e:
-            raise UserError(f"{e}; or {NONE} / {AUTO} / {NGRAM}") from None
+            raise UserError(f"{e}; or {NONE} / {AUTO} / {' / '.join(NAMED_LEVELS)}") from None
     return DraftName(tuple(levels))
 
 
@@ -180,5 +203,7 @@ def drafts_epilog() -> str:
   ngram: no forward: the continuation of the context's last --ngram-min..--ngram-max
     tokens where they occurred before (pays where output copies input)
   skip-3,14 / skip-0.3: the model without those blocks (a share: calibrated, cached)
+  mtp: the checkpoint's own MTP layers (one block over the model's hidden state)
+  head: a head trained for the model (python -m mlx_qspec.train_head), with --draft-head DIR
   cascades, cheapest first: ngram>skip-0.3>verify (each level checks the one below)
   --draft-model M: a smaller model with the same tokenizer drafts first"""

@@ -24,6 +24,7 @@ from ..cli import (
     check_text_args,
     default_model_path,
     integer,
+    load_draft_head,
     load_draft_model,
     make_cli_sampler,
     read_prompt,
@@ -230,6 +231,7 @@ def run(args, parser) -> None:
     sampler = make_cli_sampler(settings, model, tokenizer)
     tokens = build_prompt(args, tokenizer, prompt, from_cache=cache is not None)
     draft_model = load_draft_model(args.draft_model, tokenizer)
+    draft_head = load_draft_head(args.draft_head, model)
     show = distributed.is_main()  # one rank prints
     settings = settings.but(draft=resolve(model, tokenizer, settings.draft,
                                           say if show else None))
@@ -239,7 +241,7 @@ def run(args, parser) -> None:
     with distributed.counting(counter):
         for response in stream_generate(model, tokenizer, tokens, max_tokens=args.max_tokens,
                                         settings=settings, sampler=sampler, prompt_cache=cache,
-                                        draft_model=draft_model):
+                                        draft_model=draft_model, draft_head=draft_head):
             if show:
                 sys.stdout.write(response.text)
                 sys.stdout.flush()
