@@ -52,6 +52,9 @@ class DraftModel:
                 c.trim(c.offset - common)
         except ValueError:  # a window holds too little to go back that far
             self.cache, common = make_rotating_cache(self.model), 0
+        for c in self.cache:  # what it shares with the context is settled
+            if hasattr(c, "commit"):
+                c.commit()
         self.tokens = context[:common]
         return context[common:]
 

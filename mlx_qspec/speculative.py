@@ -22,8 +22,8 @@ from mlx_lm.generate import (
     generation_stream,
     maybe_quantize_kv_cache,
 )
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-from . import attention, cost, drafts, kernels, layer_skip, precision, reads
+from mlx_lm.models.cache import ArraysCache, CacheList, can_trim_prompt_cache, trim_prompt_cache
+from . import attention, cost, drafts, kernels, layer_skip, precision, reads, recurrent
 from .drafts import Cascade, DraftModel
 from .errors import UserError
 from .kv_cache import (
@@ -132,6 +132,7 @@ def prepare(model: nn.Module) -> nn.Module:
     install(model)
     attention.install(model)
     layer_skip.install(model)
+    recurrent.install(model)
     return model
 
 
@@ -161,6 +162,7 @@ def prefill(model, tokens: mx.array, cache, step: int, after=None):
         if after is not None:
             after()
         mx.eval([c.state for c in cache])
+        _commit(cache)
         tokens = tokens[n:]
         mx.clear_cache()
     for c in windows:
@@ -236,7 +238,7 @@ class _AdaptiveGamma:
 def kv_mode_of(cache) -> str:
     """``nested``, ``8bit`` or ``fp``: how the cache stores K/V (what ``kv-upper`` needs) in
     its full-attention layers (sliding-window layers stay float windows in every mode)."""
-    full = [c for c in cache if not isinstance(c, WINDOWS)]
+    full = [c for c in cache if not isinstance(c, (*WINDOWS, ArraysCache, CacheList))]
     if full and all(isinstance(c, NestedKVCache) for c in full):
         return "nested"
     return "8bit" if full and all(hasattr(c, "bits") for c in full) else "fp"
@@ -263,6 +265,10 @@ def resolve_auto(model, cache, num_draft_tokens: Optional[int], stats: "SpecStat
     model, device and context; the lookup costs no forward), then pick the draft and γ the
     cost model favours, or none. Returns ``(cascade or None, gamma policy)`` and records
     the choice in ``stats``."""
+    why = recurrent.unsupported(model)
+    if why:
+        stats.draft, stats.auto_reason = "none", "recurrent_state_not_rewindable"
+        return None, None
     kv_mode = kv_mode_of(cache)
     priors = auto_priors(model, kv_mode)
     gamma_max = num_draft_tokens or max(cost.GAMMAS)
@@ -334,6 +340,8 @@ def speculative_generate_step(
     if not can_trim_prompt_cache(cache):
         types = {type(c).__name__ for c in cache if not c.is_trimmable()}
         raise UserError(f"speculative decoding needs a trimmable prompt cache, got {types}")
+    if not auto and (why := recurrent.unsupported(model)):
+        raise UserError(f"cannot speculate: {why}")
     if prompt.size == 0:
         raise UserError("the prompt is empty")
     stats = SpecStats() if stats is None else stats
@@ -345,6 +353,13 @@ def speculative_generate_step(
         dist, logits_processors, cache, prefill_step_size, kv_bits, kv_group_size,
         quantized_kv_start, draft_p_min, ngram, list(cached_tokens), stats,
     )
+
+
+def _commit(cache):
+    """Tell every cache that keeps a rewind point (recurrent state) that all it holds is settled."""
+    for c in cache:
+        if hasattr(c, "commit"):
+            c.commit()
 
 
 def _trim_to(cache, offset: int):
@@ -504,6 +519,7 @@ def _generate(
                     yield out
                 return
             while ntoks < limit:
+                _commit(cache)  # the previous block's tokens are out: it is settled
                 k = int(max(0, min(gamma_of(), limit - ntoks - 1, room(cache, kv_bits, quantized_kv_start))))
                 t0 = time.perf_counter()
                 offset = cache[0].offset
