@@ -9,6 +9,7 @@ model choose (``cost.py``), which may also mean plain decoding.
 """
 
 import mlx.nn as nn
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from ..errors import UserError
 from ..kv_cache import KV_MODES
@@ -47,12 +48,13 @@ def _is_quantized(module) -> bool:
 
 
 def draftable_layers(model: nn.Module, exclude=("lm_head",)) -> list[tuple[str, nn.Module]]:
-    """``(path, layer)`` for every linear whose activations a draft quantizes; the LM head
-    and embeddings keep theirs (a draft reads them only through ``w-upper``)."""
+    """``(path, layer)`` for every linear (a mixture's experts included) whose activations a
+    draft quantizes; the LM head and embeddings keep theirs (a draft reads them only
+    through ``w-upper``)."""
     return [
         (path, m)
         for path, m in model.named_modules()
-        if isinstance(m, nn.QuantizedLinear) and m.mode == "affine"
+        if isinstance(m, (nn.QuantizedLinear, QuantizedSwitchLinear)) and m.mode == "affine"
         and path.split(".")[-1] not in exclude
     ]
 
