@@ -31,6 +31,7 @@ they are given, the recurrence functions of their mlx-lm modules wrapped. With m
 """
 
 import sys
+import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -84,6 +85,9 @@ MIXERS = {
     ("mlx_lm.models.plamo2", "Mamba"): _MAMBA2,
 }
 
+# Inside a prepared mixer's call: whether (the wrapped recurrences act only there, so other
+# models of the same mlx-lm module run as mlx-lm's), and the cache it records into, if any.
+_inside: ContextVar[bool] = ContextVar("mlx_qspec_recurrent_mixer", default=False)
 _recording: ContextVar["RecurrentCache | None"] = ContextVar("mlx_qspec_recurrent", default=None)
 
 
@@ -271,6 +275,8 @@ def _gated_delta(original):
 
     def gated_delta_update(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, **kwargs):
         y, new = original(q, k, v, a, b, A_log, dt_bias, state, mask, **kwargs)
+        if not _inside.get():
+            return y, new
         _count_state(state, new)
         cache = _recording.get()
         if cache is not None:
@@ -304,6 +310,9 @@ def _ssm(original):
 
     def ssm_update(hidden_states, A_log, B, C, D, dt, dt_bias, state=None,
                    time_step_limit=(0.001, 100.0), mask=None, lengths=None):
+        if not _inside.get():
+            return original(hidden_states, A_log, B, C, D, dt, dt_bias, state, time_step_limit,
+                            mask, lengths)
         if lengths is None and hidden_states.shape[1] <= BLOCK_ROWS:
             y, new = steps(hidden_states, A_log, B, C, D, dt, dt_bias, state, time_step_limit, mask)
         else:
@@ -336,16 +345,17 @@ def _recording_class(cls: type, mixer: Mixer) -> type:
         def __call__(self, *args, **kwargs):
             values = (*args, *kwargs.values())
             cache = next((a for a in values if isinstance(a, RecurrentCache)), None)
-            if cache is None:
-                return cls.__call__(self, *args, **kwargs)
             length = next(a for a in values if isinstance(a, mx.array)).shape[1]
-            cache._begin(mixer, length)
-            token = _recording.set(cache)
+            if cache is not None:
+                cache._begin(mixer, length)
+            tokens = _inside.set(True), _recording.set(cache)
             try:
                 out = cls.__call__(self, *args, **kwargs)
             finally:
-                _recording.reset(token)
-            cache._end(length)
+                _inside.reset(tokens[0])
+                _recording.reset(tokens[1])
+            if cache is not None:
+                cache._end(length)
             return out
 
         _recording_classes[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
@@ -395,6 +405,9 @@ def _convs(mixer: nn.Module, spec: Mixer):
         yield owner, name, getattr(owner, name), slot
 
 
+_prepared: dict[str, list] = {}  # mlx-lm module → weak references to its prepared mixers
+
+
 def install(model: nn.Module) -> nn.Module:
     """Prepare ``model``'s recurrent mixers (idempotent): exact convolutions, calls that
     record into a :class:`RecurrentCache`, and the recurrence functions of their mlx-lm
@@ -405,6 +418,9 @@ def install(model: nn.Module) -> nn.Module:
                 setattr(owner, name, ShiftedConv1d(conv, slot))
         cls = _mlx_lm_class(mixer)
         mixer.__class__ = _recording_class(cls, spec)
+        refs = _prepared.setdefault(cls.__module__, [])
+        if not any(r() is mixer for r in refs):
+            refs.append(weakref.ref(mixer))
         module = sys.modules[cls.__module__]
         fn = getattr(module, spec.recurrence) if spec.recurrence else None
         if fn is not None and not hasattr(fn, "original"):
@@ -414,15 +430,18 @@ def install(model: nn.Module) -> nn.Module:
 
 def uninstall(model: nn.Module) -> nn.Module:
     """Undo :func:`install` on ``model``: its convolutions and mixer classes mlx-lm's again,
-    the recurrence functions of their modules unwrapped."""
+    and the recurrence functions of their modules unwrapped once no prepared mixer of the
+    module is left (the wrappers act only inside prepared mixers anyway)."""
     for mixer, spec in mixers(model):
         for owner, name, conv, _ in _convs(mixer, spec):
             if isinstance(conv, ShiftedConv1d):
                 setattr(owner, name, conv.as_conv1d())
         cls = mixer.__class__ = _mlx_lm_class(mixer)
+        refs = _prepared.get(cls.__module__, [])
+        refs[:] = [r for r in refs if r() is not None and r() is not mixer]
         module = sys.modules[cls.__module__]
         fn = getattr(module, spec.recurrence) if spec.recurrence else None
-        if fn is not None and hasattr(fn, "original"):
+        if fn is not None and hasattr(fn, "original") and not refs:
             setattr(module, spec.recurrence, fn.original)
     return model
 
