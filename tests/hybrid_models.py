@@ -122,3 +122,22 @@ def build(name: str, seed: int = 0, bits: int = 4, experts_mode: str = "affine")
     nn.quantize(model, group_size=32, bits=bits)
     mx.eval(model.parameters())
     return model
+
+
+def save(name: str, root, experts_mode: str = "affine"):
+    """The tiny ``name`` model as an mlx-community style directory: weights, config (mlx-lm
+    infers each layer's quantization from its arrays), a byte-level BPE tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from mlx_lm.utils import save_config, save_model
+
+    from conftest import byte_symbols
+
+    save_model(root, build(name, experts_mode=experts_mode), donate_model=True)
+    save_config({**CONFIGS[name][1], "quantization": {"group_size": 32, "bits": 4}},
+                root / "config.json")
+    tok = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(byte_symbols())}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    return root

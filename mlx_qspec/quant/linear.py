@@ -157,7 +157,7 @@ class QSpecSwitchLinear(QuantizedSwitchLinear):
         if self.mode == "affine" and p.act_bits is not None:
             x = fake_quantize_activations(x, p.act_bits, p.act_group_size)
         reads.count_routed(self.route_key, indices, self["weight"], self["scales"],
-                           self.get("biases"), self.global_scale, self.get("bias"))
+                           self.get("biases"), self.global_scale)
         return super().__call__(x, indices, sorted_indices and indices.size > UNSORTED_ROWS)
 
 
