@@ -10,6 +10,7 @@ read less disagree some of the time.
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models import switch_layers
 from mlx_lm.models import (
     falcon_h1, gpt_oss, granitemoehybrid, kimi_linear, lfm2, mamba2, nemotron_h, olmo_hybrid,
     plamo2, qwen3_5, qwen3_moe, qwen3_next,
@@ -117,8 +118,7 @@ def build(name: str, seed: int = 0, bits: int = 4, experts_mode: str = "affine")
     _liven(model)
     if experts_mode != "affine":
         nn.quantize(model, group_size=32, bits=4, mode=experts_mode,
-                    class_predicate=lambda p, m: p.endswith("experts.gate_proj")
-                    or p.endswith("experts.up_proj") or p.endswith("experts.down_proj"))
+                    class_predicate=lambda _, m: isinstance(m, switch_layers.SwitchLinear))
     nn.quantize(model, group_size=32, bits=bits)
     mx.eval(model.parameters())
     return model

@@ -16,6 +16,7 @@ from test_speculative import _joint
 from mlx_qspec.generate import main
 from mlx_qspec.kv_cache import make_cache, make_rewindable
 from mlx_qspec.precision import parse
+from mlx_qspec.quant.linear import QSpecSwitchLinear
 from mlx_qspec.recurrent import RecurrentCache
 from mlx_qspec.sampling import make_sampler
 from mlx_qspec.speculative import (
@@ -69,6 +70,7 @@ def test_drafts_that_read_no_expert_bits_on_mxfp4_experts(draft_model):
     """The lookup, a draft model and kv-upper on a mixture whose experts are mxfp4 (no
     activation draft: the experts are not affine)."""
     model = prepare(build("qwen3_moe", experts_mode="mxfp4"))
+    assert {m.mode for _, m in model.named_modules() if isinstance(m, QSpecSwitchLinear)} == {"mxfp4"}
     _check_greedy("qwen3_moe", model, draft_model, drafts=("ngram", "kv-upper", "draft-model"))
 
 
