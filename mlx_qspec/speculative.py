@@ -423,7 +423,8 @@ def _generate(
         mx.eval(ok, targets, lp)
         ok, targets = ok.tolist(), targets.tolist()
         n = ok.index(False) if False in ok else k
-        _trim_to(cache, base + n + 1)
+        with reads.counting(counter, forward=False):  # a recurrent state's replay reads
+            _trim_to(cache, base + n + 1)
         return n, [int(t) for t in proposed[:n]] + [targets[n]], lp
 
     def draw(lp):

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import switch_layers
 from mlx_lm.models import (
-    falcon_h1, gpt_oss, granitemoehybrid, kimi_linear, lfm2, mamba2, nemotron_h, olmo_hybrid,
+    falcon_h1, gpt_oss, granitemoehybrid, kimi_linear, lfm2, lfm2_moe, mamba2, nemotron_h, olmo_hybrid,
     plamo2, qwen3_5, qwen3_moe, qwen3_next,
 )
 
@@ -84,6 +84,12 @@ MORE = {
         linear_value_head_dim=32, linear_conv_kernel_dim=4, linear_allow_neg_eigval=True,
         attention_bias=False, layer_types=["linear_attention", "full_attention"],
         rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=1024)),
+    "lfm2_moe": (lfm2_moe, dict(
+        COMMON, model_type="lfm2_moe", intermediate_size=256, moe_intermediate_size=64,
+        num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        use_expert_bias=True, num_dense_layers=1, norm_eps=1e-5, conv_bias=True, conv_L_cache=3,
+        full_attn_idxs=[1])),
     "kimi_linear": (kimi_linear, dict(
         COMMON, model_type="kimi_linear", num_hidden_layers=2, intermediate_size=256,
         num_attention_heads=4, num_key_value_heads=4, head_dim=32, rope_theta=10000.0,
