@@ -180,7 +180,7 @@ class RecurrentCache(ArraysCache):
     # -- rewinding
     def trim(self, n: int) -> int:
         n = min(n, self.offset)
-        if n == 0:
+        if n <= 0:
             return 0
         if n > self.rewindable:
             raise ValueError(

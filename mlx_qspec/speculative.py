@@ -342,6 +342,8 @@ def speculative_generate_step(
         raise UserError(f"speculative decoding needs a trimmable prompt cache, got {types}")
     if not auto and (why := recurrent.unsupported(model)):
         raise UserError(f"cannot speculate: {why}")
+    if draft_model is not None and (why := recurrent.unsupported(draft_model.model)):
+        raise UserError(f"cannot draft with the draft model: {why}")
     if prompt.size == 0:
         raise UserError("the prompt is empty")
     stats = SpecStats() if stats is None else stats

@@ -157,6 +157,8 @@ def test_a_model_whose_state_cannot_be_rewound_is_refused_and_auto_decodes_plain
     out = list(speculative_generate_step(mx.array(PROMPT), model, draft="auto", max_tokens=4, stats=stats))
     assert len(out) == 4 and stats.draft == "none"
     assert stats.auto_reason == "recurrent_state_not_rewindable"
+    with pytest.raises(UserError, match="cannot draft with the draft model: this model \\(mamba\\)"):
+        speculative_generate_step(mx.array(PROMPT), build("qwen3_5"), draft="none", draft_model=model)
     assert recurrent.unsupported(build("qwen3_moe")) is None  # no recurrent layers
 
 
