@@ -106,18 +106,19 @@ OUTPUTS = ("out_proj", "o_proj", "down_proj", "w2", "fc2", "dense")
 
 def _liven(model: nn.Module):
     """Permuted-embedding head, scaled block outputs (see the module docstring)."""
-    head = getattr(model, "lm_head", None) or getattr(getattr(model, "language_model", None), "lm_head", None)
-    embed = next(m for p, m in model.named_modules() if isinstance(m, nn.Embedding))
+    modules = dict(model.named_modules())
+    head = next((m for p, m in modules.items() if p.split(".")[-1] == "lm_head"), None)
+    embed = next(m for m in modules.values() if isinstance(m, nn.Embedding))
     if head is not None and head.weight.shape == embed.weight.shape:
         head.weight = embed.weight[mx.random.permutation(embed.weight.shape[0])]
-    for path, m in model.named_modules():
-        if path.split(".")[-1] in OUTPUTS and "weight" in m and path.startswith(("model", "backbone", "language_model")):
+    for path, m in modules.items():
+        if path.split(".")[-1] in OUTPUTS and "weight" in m and "layers" in path:
             m.weight = m.weight * GAIN
 
 
 def build(name: str, seed: int = 0, bits: int = 4, experts_mode: str = "affine") -> nn.Module:
     """The tiny ``name`` model, affine ``bits``-bit (group 32) but its convolutions and
-    norms; gpt-oss's experts in ``experts_mode`` (``mxfp4``: as gpt-oss ships them)."""
+    norms; its experts in ``experts_mode`` (``mxfp4``: as gpt-oss ships them)."""
     module, config = {**CONFIGS, **MORE}[name]
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(dict(config)))

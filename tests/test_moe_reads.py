@@ -30,7 +30,8 @@ def _file_bytes(path):
     for key in arrays:
         if key.endswith(".scales"):
             prefix = key[: -len(".scales")]
-            out[prefix] = [arrays[prefix + s] for s in (".weight", ".scales", ".biases") if prefix + s in arrays]
+            parts = (".weight", ".scales", ".biases")
+            out[prefix] = [arrays[prefix + s] for s in parts if prefix + s in arrays]
     return out
 
 

@@ -8,9 +8,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx_lm.models import gated_delta, mamba
-from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache
+from mlx_lm.models.cache import ArraysCache, make_prompt_cache
 
-from hybrid_models import CONFIGS, MORE, build
+from hybrid_models import MORE, build
 from msl_emulator import metal_kernel as emulated_metal_kernel
 from mlx_qspec import reads, recurrent
 from mlx_qspec.errors import UserError
