@@ -232,9 +232,9 @@ class RecurrentCacheList(CacheList):
 # ---------------------------------------------------------------- exact operations
 class ShiftedConv1d(nn.Module):
     """A depthwise ``nn.Conv1d`` (no padding, stride 1) as an explicit sum of shifted
-    products, ``y[t] = Σ_j x[t + j] · w[j] (+ bias)`` added in ``j`` order: every output
-    row is the same elementwise arithmetic however many rows there are, so a T-token block
-    and T one-token steps agree bit for bit. Records its input (the state rows, then the
+    products, ``y[t] = Σ_j x[t + j] · w[j] (+ bias)`` added in ``j`` order in float32: every
+    output row is the same elementwise arithmetic however many rows there are, so a T-token
+    block and T one-token steps agree bit for bit. Records its input (the state rows, then the
     new ones) into the cache being written, as the state of ``slot``."""
 
     def __init__(self, conv: nn.Conv1d, slot: int):
@@ -263,9 +263,12 @@ class ShiftedConv1d(nn.Module):
         T = x.shape[1] - K + 1
         reads.count(reads.WEIGHTS, self.weight, self.get("bias"))
         reads.count(reads.STATE, x[:, : K - 1], x[:, T:])  # the state read, the state written
-        y = x[:, :T] * w[:, 0]
+        dtype = mx.result_type(x, w)
+        xf, wf = x.astype(mx.float32), w.astype(mx.float32)  # summed in float32, as conv1d does
+        y = xf[:, :T] * wf[:, 0]
         for j in range(1, K):
-            y = y + x[:, j : j + T] * w[:, j]
+            y = y + xf[:, j : j + T] * wf[:, j]
+        y = y.astype(dtype)
         return y + self["bias"] if "bias" in self else y
 
 
