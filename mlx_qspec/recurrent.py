@@ -264,7 +264,7 @@ class ShiftedConv1d(nn.Module):
         reads.count(reads.WEIGHTS, self.weight, self.get("bias"))
         reads.count(reads.STATE, x[:, : K - 1], x[:, T:])  # the state read, the state written
         dtype = mx.result_type(x, w)
-        xf, wf = x.astype(mx.float32), w.astype(mx.float32)  # summed in float32, as conv1d does
+        xf, wf = x.astype(mx.float32), w.astype(mx.float32)  # summed in float32
         y = xf[:, :T] * wf[:, 0]
         for j in range(1, K):
             y = y + xf[:, j : j + T] * wf[:, j]
