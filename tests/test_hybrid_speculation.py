@@ -1,0 +1,131 @@
+"""Speculation on the models Mac users run now (issue 24): hybrids with recurrent state, a
+mixture of experts, mxfp4 experts. Greedy speculation equals plain decoding token for token
+for every draft that applies, with drafts accepted and rejected; sampling keeps the verify's
+distribution on a hybrid; ``auto`` runs on each of them."""
+
+import copy
+from collections import Counter
+
+import mlx.core as mx
+import pytest
+
+from conftest import build_tiny_model
+from hybrid_models import build, save
+from sampling import chi2_pvalue
+from test_speculative import _joint
+from mlx_qspec.generate import main
+from mlx_qspec.kv_cache import make_cache, make_rewindable
+from mlx_qspec.precision import parse
+from mlx_qspec.quant.linear import QSpecSwitchLinear
+from mlx_qspec.recurrent import RecurrentCache
+from mlx_qspec.sampling import make_sampler
+from mlx_qspec.speculative import (
+    SpecStats, plain_generate_step, prefill, prepare, speculative_generate_step,
+)
+
+PROMPT = [5, 77, 140, 3, 250, 19, 64, 8, 5, 77, 140, 3]  # repeats: the lookup proposes
+MAX_TOKENS = 12
+EXPERTS = {"gpt_oss": "mxfp4"}
+MODELS = ["qwen3_5", "lfm2", "mamba2", "nemotron_h", "qwen3_moe", "gpt_oss"]
+HYBRIDS = MODELS[:4]
+DRAFTS = ["ngram", "a4", "kv-upper", "a8-g32", "ngram>a8-g32", "skip-1", "draft-model"]
+GAMMAS = (1, 4, 8)
+
+
+def gammas(name: str, draft: str) -> tuple:
+    """γ ∈ {1, 4, 8} for the lookup and A4 (most rewinds) on the main hybrid; elsewhere one γ
+    per draft, turning over the models so that each draft meets each γ on some model and
+    each model each γ (suite time)."""
+    if name == "qwen3_5" and draft in ("ngram", "a4"):
+        return GAMMAS
+    return (GAMMAS[(MODELS.index(name) + DRAFTS.index(draft)) % 3],)
+
+
+def applies(model, name: str, draft: str) -> bool:
+    if draft == "kv-upper":  # needs attention layers, none of them sliding windows
+        return name not in ("mamba2", "gpt_oss")
+    return draft != "skip-1" or len(model.layers) >= 4
+
+
+@pytest.fixture(scope="module")
+def draft_model():
+    return build_tiny_model()  # llama, the same 256-token vocabulary
+
+
+def _run(model, draft, gamma, cache, draft_model):
+    stats = SpecStats()
+    kw = dict(draft="none", draft_model=draft_model) if draft == "draft-model" else dict(draft=draft)
+    out = speculative_generate_step(mx.array(PROMPT), model, num_draft_tokens=gamma,
+                                    max_tokens=MAX_TOKENS, prompt_cache=cache, stats=stats,
+                                    prefill_step_size=5, **kw)
+    return [t for t, _, _ in out], stats
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_greedy_speculation_equals_plain_decoding(name, draft_model):
+    _check_greedy(name, prepare(build(name, experts_mode=EXPERTS.get(name, "affine"))), draft_model)
+
+
+def test_drafts_that_read_no_expert_bits_on_mxfp4_experts(draft_model):
+    """The lookup, a draft model and kv-upper on a mixture whose experts are mxfp4 (no
+    activation draft: the experts are not affine)."""
+    model = prepare(build("qwen3_moe", experts_mode="mxfp4"))
+    assert {m.mode for _, m in model.named_modules() if isinstance(m, QSpecSwitchLinear)} == {"mxfp4"}
+    _check_greedy("qwen3_moe", model, draft_model, drafts=("ngram", "kv-upper", "draft-model"))
+
+
+def _check_greedy(name, model, draft_model, drafts=DRAFTS):
+    kv_modes = ("fp", "nested") if applies(model, name, "kv-upper") else ("fp",)
+    want = {kv: [t for t, _, _ in plain_generate_step(
+        mx.array(PROMPT), model, max_tokens=MAX_TOKENS, prefill_step_size=5,
+        prompt_cache=make_cache(model, kv))] for kv in kv_modes}
+    accepted = rejected = 0
+    for draft in (d for d in drafts if applies(model, name, d)):
+        for gamma in gammas(name, draft):
+            kv = "nested" if draft == "kv-upper" else "fp"
+            cache = make_cache(model, kv)
+            out, stats = _run(model, draft, gamma, cache, draft_model)
+            assert out == want[kv], (draft, gamma)
+            assert stats.emitted == MAX_TOKENS == stats.accepted + stats.verify_passes
+            accepted += stats.accepted
+            rejected += stats.drafted - stats.accepted
+            recurrent = any(isinstance(c, RecurrentCache) or hasattr(c, "caches") for c in cache)
+            assert recurrent == (name in HYBRIDS)
+    assert accepted > 0 and rejected > 0  # the accept, correction and rewind paths all ran
+
+
+def test_sampling_on_a_hybrid_keeps_the_verify_distribution():
+    """Chi-square of the first two tokens on qwen3_5 against the verify's exact joint
+    distribution; the same samples are far from the draft's own (the test has power). Each
+    run starts from a copy of one prefilled cache (a recurrent state rewinds only within the
+    blocks since its last commit)."""
+    model = prepare(build("qwen3_5"))
+    prompt, steps, n = PROMPT[:8], 2, 200
+    sampler = make_sampler(temp=1.0, top_k=4)
+    p_joint = _joint(model, prompt, sampler, steps)
+    q_joint = _joint(model, prompt, sampler, steps, parse("a4"))
+    start = make_rewindable(make_cache(model, "fp"))
+    prefill(model, mx.array(prompt[:-1]), start, step=16)
+    mx.random.seed(1234)
+    counts, stats = Counter(), SpecStats()
+    for _ in range(n):
+        gen = speculative_generate_step(mx.array(prompt[-1:]), model, draft="a4", num_draft_tokens=2,
+                                        max_tokens=steps, sampler=sampler,
+                                        prompt_cache=copy.deepcopy(start), stats=stats)
+        counts[tuple(t for t, _, _ in gen)] += 1
+    assert 0.1 < stats.acceptance < 0.9  # both the accept and the residual paths ran
+    p_value, q_value = chi2_pvalue(counts, p_joint, n), chi2_pvalue(counts, q_joint, n)
+    print(f"chi-square p-values: verify {p_value:.3g}, draft {q_value:.3g}")
+    assert p_value > 1e-3
+    assert q_value < 1e-6
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_auto_runs_on_each_model(name, tmp_path, capsys):
+    """The CLI's default draft on each model: it exits 0 (a user error would be exit 2) and
+    says what it chose and why."""
+    path = save(name, tmp_path / name, EXPERTS.get(name, "affine"))
+    main(["--model", str(path), "--prompt", "hello hello hello", "--max-tokens", "6",
+                   "--draft", "auto", "--verbose", "--ignore-chat-template"])
+    err = capsys.readouterr().err
+    assert "Speculation: SpecStats(" in err or "auto_reason" in err, err
