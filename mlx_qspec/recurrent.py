@@ -30,6 +30,7 @@ they are given, the recurrence functions of their mlx-lm modules wrapped. With m
 ``ArraysCache`` (plain decoding) nothing is recorded; the arithmetic is the same.
 """
 
+import inspect
 import sys
 import weakref
 from contextvars import ContextVar
@@ -136,11 +137,19 @@ class RecurrentCache(ArraysCache):
         super().__init__(size, left_padding)
         self.offset = 0
         self._open = self._mixer = None
-        self.commit()
+        self._settle()
 
     def commit(self):
-        """The state as it stands is settled: later trims may go back to it, no further."""
+        """The state as it stands is settled: once the next forward starts, trims go back to
+        here and no further. Until then the replay inputs since the commit before are kept, so
+        a consumer that stops inside a settled block (the decoder commits as the block
+        settles, before handing out its tokens) can still take back what it did not use."""
+        self._committed = True
+
+    def _settle(self):
+        """Drop the replay inputs: the slots as they stand are the new rewind point."""
         self._base, self._base_offset, self._segments = list(self.cache), self.offset, []
+        self._committed = False
 
     def is_trimmable(self):
         return True
@@ -152,8 +161,8 @@ class RecurrentCache(ArraysCache):
 
     # -- recording (called by the prepared mixer and the operations under it)
     def _begin(self, mixer: Mixer, length: int):
-        if self.rewindable > AUTO_COMMIT:
-            self.commit()
+        if self._committed or self.rewindable > AUTO_COMMIT:
+            self._settle()
         self._mixer = mixer
         self._open = _Segment(length)
 
@@ -169,7 +178,7 @@ class RecurrentCache(ArraysCache):
         seg, self._open = self._open, None
         self.offset += length
         if length > BLOCK_ROWS or self.lengths is not None:
-            self.commit()  # a prompt chunk, or ragged rows: no going back past it
+            self._settle()  # a prompt chunk, or ragged rows: no going back past it
             return
         if set(seg.convs) != set(self._mixer.convs.values()) or (
                 seg.inputs is None) != (self._mixer.state is None):
@@ -228,6 +237,9 @@ class RecurrentCacheList(CacheList):
             if hasattr(c, "commit"):
                 c.commit()
 
+    def is_trimmable(self):
+        return all(c.is_trimmable() for c in self.caches)
+
 
 # ---------------------------------------------------------------- exact operations
 class ShiftedConv1d(nn.Module):
@@ -272,62 +284,82 @@ class ShiftedConv1d(nn.Module):
         return y + self["bias"] if "bias" in self else y
 
 
+# The per-position inputs a recurrence's replay takes again, by their names in mlx-lm.
+_DELTA_INPUTS = ("q", "k", "v", "a", "b", "mask")
+_SSM_INPUTS = ("hidden_states", "B", "C", "dt", "mask")
+
+
+def _arguments(signature: inspect.Signature, args, kwargs) -> dict:
+    """A call's arguments by name, defaults filled in (mlx-lm passes them by position)."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
 def _gated_delta(original):
     """mlx-lm's ``gated_delta_update`` (a T-token call is T one-token calls already, see the
     module docstring), recording its per-position inputs and counting its state traffic."""
+    signature = inspect.signature(original)
 
-    def gated_delta_update(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, **kwargs):
-        y, new = original(q, k, v, a, b, A_log, dt_bias, state, mask, **kwargs)
+    def gated_delta_update(*args, **kwargs):
+        y, new = original(*args, **kwargs)
         if not _inside.get():
             return y, new
-        _count_state(state, new)
+        given = _arguments(signature, args, kwargs)
+        _count_state(given["state"], new)
         cache = _recording.get()
         if cache is not None:
             def replay(state, q, k, v, a, b, mask):
-                new = original(q, k, v, a, b, A_log, dt_bias, state, mask, **kwargs)[1]
+                new = original(**{**given, "q": q, "k": k, "v": v, "a": a, "b": b,
+                                  "state": state, "mask": mask})[1]
                 _count_state(state, new)
                 return new
 
-            cache._record_recurrence(replay, (q, k, v, a, b, mask))
+            cache._record_recurrence(replay, tuple(given[n] for n in _DELTA_INPUTS))
         return y, new
 
     gated_delta_update.original = original
     return gated_delta_update
 
 
+def _ssm_steps(original, given: dict, state):
+    """``ssm_update`` over the call ``given`` (by name) as one-token steps from ``state``:
+    ``(y, state after its last position)``; each step reads and writes the state."""
+    x, B, C, dt, mask = (given[n] for n in _SSM_INPUTS)
+    ys = []
+    for t in range(x.shape[1]):
+        one = slice(t, t + 1)
+        y, new = original(**{**given, "hidden_states": x[:, one], "B": B[:, one], "C": C[:, one],
+                             "dt": dt[:, one], "state": state, "lengths": None,
+                             "mask": None if mask is None else mask[:, one]})
+        _count_state(state, new)
+        ys.append(y)
+        state = new
+    return mx.concatenate(ys, axis=1), state
+
+
 def _ssm(original):
     """mlx-lm's ``ssm_update`` with blocks of 2..BLOCK_ROWS positions run as one-token
     steps of itself (its multi-token form is SSD's parallel one, other arithmetic), recording
     its per-position inputs and counting its state traffic (each step reads and writes it)."""
+    signature = inspect.signature(original)
 
-    def steps(x, A_log, B, C, D, dt, dt_bias, state, limit, mask):
-        ys = []
-        for t in range(x.shape[1]):
-            y, new = original(x[:, t : t + 1], A_log, B[:, t : t + 1], C[:, t : t + 1], D,
-                              dt[:, t : t + 1], dt_bias, state, limit,
-                              None if mask is None else mask[:, t : t + 1], None)
-            _count_state(state, new)
-            ys.append(y)
-            state = new
-        return mx.concatenate(ys, axis=1), state
-
-    def ssm_update(hidden_states, A_log, B, C, D, dt, dt_bias, state=None,
-                   time_step_limit=(0.001, 100.0), mask=None, lengths=None):
+    def ssm_update(*args, **kwargs):
         if not _inside.get():
-            return original(hidden_states, A_log, B, C, D, dt, dt_bias, state, time_step_limit,
-                            mask, lengths)
-        if lengths is None and hidden_states.shape[1] <= BLOCK_ROWS:
-            y, new = steps(hidden_states, A_log, B, C, D, dt, dt_bias, state, time_step_limit, mask)
+            return original(*args, **kwargs)
+        given = _arguments(signature, args, kwargs)
+        if given["lengths"] is None and given["hidden_states"].shape[1] <= BLOCK_ROWS:
+            y, new = _ssm_steps(original, given, given["state"])
         else:
-            y, new = original(hidden_states, A_log, B, C, D, dt, dt_bias, state,
-                              time_step_limit, mask, lengths)
-            _count_state(state, new)
+            y, new = original(**given)
+            _count_state(given["state"], new)
         cache = _recording.get()
         if cache is not None:
             def replay(state, x, B, C, dt, mask):
-                return steps(x, A_log, B, C, D, dt, dt_bias, state, time_step_limit, mask)[1]
+                block = {**given, "hidden_states": x, "B": B, "C": C, "dt": dt, "mask": mask}
+                return _ssm_steps(original, block, state)[1]
 
-            cache._record_recurrence(replay, (hidden_states, B, C, dt, mask))
+            cache._record_recurrence(replay, tuple(given[n] for n in _SSM_INPUTS))
         return y, new
 
     ssm_update.original = original
@@ -469,17 +501,21 @@ def _convert(c, offset: int):
         new = RecurrentCache(len(c.cache))
         new.cache, new.left_padding, new.lengths = list(c.cache), c.left_padding, c.lengths
         new.offset = 0 if c.empty() else offset
-        new.commit()
+        new._settle()
         return new
     if type(c) is CacheList:
         return RecurrentCacheList(*(_convert(x, offset) for x in c.caches))
     return c
 
 
-def make_rewindable(cache: list) -> list:
-    """``cache`` (changed in place) with every mlx-lm ``ArraysCache`` a
+def make_rewindable(cache: list, model: nn.Module) -> list:
+    """``cache`` (``model``'s, changed in place) with every mlx-lm ``ArraysCache`` a
     :class:`RecurrentCache` holding the same state, its offset that of the list's other
-    layers (which saw the same tokens). Other caches are left as they are."""
+    layers (which saw the same tokens). Other caches are left as they are, and so is every
+    cache of a model whose recurrent state this module cannot rewind (:func:`unsupported`):
+    its mixers would not count a RecurrentCache's positions."""
+    if unsupported(model):
+        return cache
     offset = _offset_hint(cache)
     for i, c in enumerate(cache):
         cache[i] = _convert(c, offset)
