@@ -9,19 +9,18 @@ from collections import Counter
 import mlx.core as mx
 import pytest
 
-from conftest import build_tiny_model
-from hybrid_models import build, save
-from sampling import chi2_pvalue
-from test_speculative import _joint
+from helpers import build_tiny_model
+from helpers.hybrid_models import build, save
+from helpers.sampling import chi2_pvalue, joint
 from mlx_qspec.generate import main
 from mlx_qspec.kv_cache import make_cache, make_rewindable
-from mlx_qspec.precision import parse
+from mlx_qspec.drafts.grammar import parse_precision
 from mlx_qspec.quant.linear import QSpecSwitchLinear
 from mlx_qspec.recurrent import RecurrentCache
 from mlx_qspec.sampling import make_sampler
-from mlx_qspec.speculative import (
-    SpecStats, plain_generate_step, prefill, prepare, speculative_generate_step,
-)
+from mlx_qspec.decoder import SpecStats, prefill
+from mlx_qspec.hooks import install
+from mlx_qspec.speculative import plain_generate_step, speculative_generate_step
 
 PROMPT = [5, 77, 140, 3, 250, 19, 64, 8, 5, 77, 140, 3]  # repeats: the lookup proposes
 MAX_TOKENS = 12
@@ -63,13 +62,13 @@ def _run(model, draft, gamma, cache, draft_model):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_greedy_speculation_equals_plain_decoding(name, draft_model):
-    _check_greedy(name, prepare(build(name, experts_mode=EXPERTS.get(name, "affine"))), draft_model)
+    _check_greedy(name, install(build(name, experts_mode=EXPERTS.get(name, "affine"))), draft_model)
 
 
 def test_drafts_that_read_no_expert_bits_on_mxfp4_experts(draft_model):
     """The lookup, a draft model and kv-upper on a mixture whose experts are mxfp4 (no
     activation draft: the experts are not affine)."""
-    model = prepare(build("qwen3_moe", experts_mode="mxfp4"))
+    model = install(build("qwen3_moe", experts_mode="mxfp4"))
     assert {m.mode for _, m in model.named_modules() if isinstance(m, QSpecSwitchLinear)} == {"mxfp4"}
     _check_greedy("qwen3_moe", model, draft_model, drafts=("ngram", "kv-upper", "draft-model"))
 
@@ -99,12 +98,12 @@ def test_sampling_on_a_hybrid_keeps_the_verify_distribution():
     distribution; the same samples are far from the draft's own (the test has power). Each
     run starts from a copy of one prefilled cache (a recurrent state rewinds only within the
     blocks since its last commit)."""
-    model = prepare(build("qwen3_5"))
+    model = install(build("qwen3_5"))
     prompt, steps, n = PROMPT[:8], 2, 200
     sampler = make_sampler(temp=1.0, top_k=4)
-    p_joint = _joint(model, prompt, sampler, steps)
-    q_joint = _joint(model, prompt, sampler, steps, parse("a4"))
-    start = make_rewindable(make_cache(model, "fp"))
+    p_joint = joint(model, prompt, sampler, steps)
+    q_joint = joint(model, prompt, sampler, steps, parse_precision("a4"))
+    start = make_rewindable(make_cache(model, "fp"), model)
     prefill(model, mx.array(prompt[:-1]), start, step=16)
     mx.random.seed(1234)
     counts, stats = Counter(), SpecStats()

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from mlx_lm.models import switch_layers
 
-from hybrid_models import build, save
+from helpers.hybrid_models import build, save
 from mlx_qspec import moe, reads
 from mlx_qspec.kv_cache import make_cache
-from mlx_qspec.precision import parse, reading
+from mlx_qspec.drafts.grammar import parse_precision
+from mlx_qspec.precision import reading
 from mlx_qspec.quant.linear import CountedQuantizedLinear, QSpecSwitchLinear
-from mlx_qspec.speculative import prefill, prepare
+from mlx_qspec.decoder import prefill
+from mlx_qspec.hooks import install
 
 PROMPT = [5, 77, 140, 3, 250, 19, 64, 8]
 ROWS = [12, 200, 7, 45, 90]
@@ -60,7 +62,7 @@ def test_the_counter_reads_the_routed_experts(name, mode, tmp_path, routes):
         layer = p.rsplit(".", 1)[0]
         per_expert[layer] = per_expert.get(layer, 0) + sum(a.nbytes for a in arrays) / arrays[0].shape[0]
     assert mode == "affine" or all(a[1].dtype == mx.uint8 for a in expert.values())  # mxfp4 scales
-    model = prepare(build(name, experts_mode=mode))
+    model = install(build(name, experts_mode=mode))
     cache = make_cache(model, "fp")
     prefill(model, mx.array(PROMPT), cache, step=16)
     dense_bytes = sum(a.nbytes for arrays in dense for a in arrays)
@@ -81,13 +83,13 @@ def test_the_counter_reads_the_routed_experts(name, mode, tmp_path, routes):
 
 
 def test_experts_take_part_in_activation_drafts():
-    model = prepare(build("qwen3_moe"))
+    model = install(build("qwen3_moe"))
     layer = model.model.layers[0].mlp.switch_mlp.gate_proj
     assert isinstance(layer, QSpecSwitchLinear)
     x = mx.random.normal((3, 1, 1, 128))
     idx = mx.array([[0, 3], [1, 3], [7, 2]])
     full = layer(x, idx)
-    with reading(parse("a8-g32")):
+    with reading(parse_precision("a8-g32")):
         draft = layer(x, idx)
     assert not mx.array_equal(full, draft) and mx.allclose(full, draft, atol=0.05 * mx.abs(full).max().item())
     # sorted rows (mlx-lm's SwitchGLU for long prompts) give the same values as unsorted ones
@@ -101,7 +103,7 @@ def test_non_affine_linears_are_counted():
     model = build("gpt_oss")
     head = nn.QuantizedLinear(128, 256, bias=False, group_size=32, bits=4, mode="mxfp4")
     model.lm_head = head
-    prepare(model)
+    install(model)
     assert isinstance(model.lm_head, CountedQuantizedLinear)
     counter = reads.ReadCounter()
     with reads.counting(counter):
@@ -120,7 +122,7 @@ def test_expected_distinct_experts():
 
 
 def test_forward_expert_bytes_from_the_routes_decoding_saw():
-    model = prepare(build("qwen3_moe"))
+    model = install(build("qwen3_moe"))
     layers = moe.expert_layers(model, half=False)
     assert [x.experts for x in layers] == [8, 8] and all(x.top_k == 2 for x in layers)
     per = {m.route_key: 0 for _, m in model.named_modules() if isinstance(m, QSpecSwitchLinear)}

@@ -10,14 +10,17 @@ import pytest
 from mlx_lm.models import gated_delta, mamba
 from mlx_lm.models.cache import ArraysCache, make_prompt_cache
 
-from hybrid_models import MORE, build
-from msl_emulator import metal_kernel as emulated_metal_kernel
-from mlx_qspec import reads, recurrent
+from helpers.hybrid_models import MORE, build
+from tools.msl_emulator import metal_kernel as emulated_metal_kernel
+from mlx_qspec import hooks, reads, recurrent
 from mlx_qspec.errors import UserError
 from mlx_qspec.kv_cache import make_rewindable
-from mlx_qspec.precision import parse, reading
+from mlx_qspec.drafts.grammar import parse_precision
+from mlx_qspec.precision import reading
 from mlx_qspec.recurrent import RecurrentCache, ShiftedConv1d
-from mlx_qspec.speculative import SpecStats, prepare, prefill, speculative_generate_step
+from mlx_qspec.decoder import SpecStats, prefill
+from mlx_qspec.drafts.auto import NOT_REWINDABLE
+from mlx_qspec.speculative import plain_generate_step, speculative_generate_step
 
 FAMILIES = ["qwen3_5", "qwen3_next", "lfm2", "mamba2", "nemotron_h", *MORE]
 PROMPT = [5, 77, 140, 3, 250, 19, 64, 8, 31, 99]
@@ -49,11 +52,11 @@ def _plain(model, tokens):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_state_after_a_rejected_block_is_plain_decodings(name):
-    model = prepare(build(name))
-    cache = make_rewindable(make_prompt_cache(model))
+    model = hooks.install(build(name))
+    cache = make_rewindable(make_prompt_cache(model), model)
     assert any(isinstance(c, RecurrentCache) or hasattr(c, "caches") for c in cache)
     prefill(model, mx.array(PROMPT[:-1]), cache, step=4)
-    with reading(parse("a4")):  # a draft's one-token forwards, rewound whole
+    with reading(parse_precision("a4")):  # a draft's one-token forwards, rewound whole
         for t in BLOCK[:3]:
             model(mx.array([[t]]), cache=cache)
     for c in cache:
@@ -71,8 +74,8 @@ def test_state_after_a_rejected_block_is_plain_decodings(name):
 
 
 def test_a_rewind_stops_at_the_last_commit():
-    model = prepare(build("qwen3_5"))
-    cache = make_rewindable(make_prompt_cache(model))
+    model = hooks.install(build("qwen3_5"))
+    cache = make_rewindable(make_prompt_cache(model), model)
     model(mx.array([PROMPT]), cache=cache)
     for c in cache:
         if isinstance(c, RecurrentCache):
@@ -87,8 +90,8 @@ def test_a_rewind_stops_at_the_last_commit():
 def test_recurrent_state_is_counted_and_replays_add_to_it():
     """A one-token step of a gated-delta layer reads and writes its float32 state and its
     convolution's K − 1 rows; a rewind's replay reads and writes the state again."""
-    model = prepare(build("qwen3_5"))
-    cache = make_rewindable(make_prompt_cache(model))
+    model = hooks.install(build("qwen3_5"))
+    cache = make_rewindable(make_prompt_cache(model), model)
     prefill(model, mx.array(PROMPT), cache, step=16)
     layers = [c for c in cache if isinstance(c, RecurrentCache)]
     state, conv = layers[0][1], layers[0][0]
@@ -120,9 +123,9 @@ def test_shifted_convolution_is_row_invariant_and_mlx_s_convolution():
     assert mx.array_equal(back.weight, conv.weight) and mx.array_equal(back.bias, conv.bias)
 
 
-def test_install_and_uninstall_leave_mlx_lm_as_it_was():
-    """Two prepared models of one mlx-lm module: the module's recurrence stays wrapped until
-    the last is given back; an unprepared model runs mlx-lm's arithmetic meanwhile."""
+def test_hooks_install_and_uninstall_the_recurrent_hooks_leaving_mlx_lm_as_it_was():
+    """Two installed models of one mlx-lm module: the module's recurrence stays wrapped until
+    the last is uninstalled; an uninstalled model runs mlx-lm's arithmetic meanwhile."""
     first, second = build("nemotron_h"), build("nemotron_h", seed=1)
     mixer = next(m for _, m in first.named_modules() if type(m).__name__ == "NemotronHMamba2Mixer")
     module = importlib.import_module(type(mixer).__module__)
@@ -132,14 +135,14 @@ def test_install_and_uninstall_leave_mlx_lm_as_it_was():
     x = mx.array([PROMPT])
     before = first(x)
     for model in (first, first, second):  # idempotent
-        recurrent.install(model)
+        hooks.install(model)
     assert isinstance(mixer.conv1d, ShiftedConv1d) and module.ssm_update.original is original
     assert mx.allclose(first(x), before, atol=1e-4)
-    recurrent.uninstall(first)
+    hooks.uninstall(first)
     assert type(mixer) is cls and type(mixer.conv1d) is nn.Conv1d
     assert mx.array_equal(first(x), before)  # wrapped, but inert outside a prepared mixer
     assert module.ssm_update.original is original
-    recurrent.uninstall(second)
+    hooks.uninstall(second)
     assert module.ssm_update is original
 
 
@@ -154,24 +157,26 @@ def test_a_model_whose_state_cannot_be_rewound_is_refused_and_auto_decodes_plain
     with pytest.raises(UserError, match="cannot speculate: this model \\(mamba\\)"):
         speculative_generate_step(mx.array(PROMPT), model, draft="ngram")
     stats = SpecStats()
-    out = list(speculative_generate_step(mx.array(PROMPT), model, draft="auto", max_tokens=4, stats=stats))
-    assert len(out) == 4 and stats.draft == "none"
-    assert stats.auto_reason == "recurrent_state_not_rewindable"
+    out = [t for t, _, _ in speculative_generate_step(mx.array(PROMPT), model, draft="auto",
+                                                      max_tokens=6, stats=stats)]
+    assert out == [t for t, _, _ in plain_generate_step(mx.array(PROMPT), model, max_tokens=6)]
+    assert stats.draft == "none" and stats.auto_reason == NOT_REWINDABLE
     with pytest.raises(UserError, match="cannot draft with the draft model: this model \\(mamba\\)"):
         speculative_generate_step(mx.array(PROMPT), build("qwen3_5"), draft="none", draft_model=model)
     assert recurrent.unsupported(build("qwen3_moe")) is None  # no recurrent layers
 
 
 def test_a_filled_mlx_lm_state_takes_its_offset_from_the_attention_layers():
-    model = prepare(build("lfm2"))
+    model = hooks.install(build("lfm2"))
     cache = make_prompt_cache(model)
     model(mx.array([PROMPT]), cache=cache)
-    make_rewindable(cache)
+    make_rewindable(cache, model)
     assert all(c.offset == len(PROMPT) for c in cache)
-    pure = make_prompt_cache(prepare(build("mamba2")))
-    pure[0][0] = mx.zeros((1, 3, 8))
+    pure = hooks.install(build("mamba2"))
+    filled = make_prompt_cache(pure)
+    filled[0][0] = mx.zeros((1, 3, 8))
     with pytest.raises(UserError, match="does not record how many tokens"):
-        make_rewindable(pure)
+        make_rewindable(filled, pure)
 
 
 @pytest.fixture
