@@ -95,7 +95,9 @@ class SpecStats:
 
     def bytes_per_token(self, half: bool = False) -> dict:
         """Bytes read per emitted token: by the drafts, the verifies, both, and by plain
-        decoding at the same context (``half``: float arrays counted as a Mac's float16)."""
+        decoding at the same context — a verify forward's reads less what only a forward of
+        several rows reads (a mixture's experts beyond a row's own, a recurrent replay):
+        ``reads.ReadCounter.step_bytes`` (``half``: float arrays counted as a Mac's float16)."""
         n = lambda c: c.bytes_f16() if half else c.bytes()  # noqa: E731
         per = lambda b: b / self.emitted if self.emitted else 0.0  # noqa: E731
         v = self.verify_reads
@@ -103,7 +105,7 @@ class SpecStats:
             "draft": per(n(self.draft_reads)),
             "verify": per(n(v)),
             "total": per(n(self.draft_reads) + n(v)),
-            "plain": n(v) / v.forwards if v.forwards else 0.0,
+            "plain": v.step_bytes(half) / v.forwards if v.forwards else 0.0,
         }
 
     def __str__(self):

@@ -19,6 +19,11 @@ takes the routing indices (still lazy while the graph is built) and the per-expe
 the counter resolves them when asked for bytes — the union of the experts over the forward's
 rows, so a verify of k rows reads up to k× a step's expert bytes — and keeps the routes it
 saw (:meth:`ReadCounter.recent_routes`) for the cost model (``moe.py``).
+
+What plain decoding would have read in the same forwards (:meth:`ReadCounter.step_bytes`):
+the count less what only a forward of several rows reads — the experts beyond each row's own
+(a row reads its top-k; the union of k rows reads more) — and less the reads counted outside a
+forward (``counting(…, forward=False)``: a recurrent state's replay after a rejection).
 """
 
 from collections import deque
@@ -48,18 +53,27 @@ class ReadCounter:
     ints: dict = field(default_factory=_per_kind)  # bytes of arrays counted as stored
     floats: dict = field(default_factory=_per_kind)  # bytes in their dtype
     float_elems: dict = field(default_factory=_per_kind)
+    # What no plain step reads (see the module docstring): bytes as stored, float bytes, float elements
+    beyond_step: list = field(default_factory=lambda: [0, 0, 0])
     _routed: list = field(default_factory=list, repr=False)  # (kind, key, indices, per expert)
     _routes: dict = field(default_factory=dict, repr=False)  # key → [experts, rows, last indices]
 
-    def add(self, kind: str, arrays, as_stored: bool = False):
+    def add(self, kind: str, arrays, as_stored: bool = False, beyond_step: bool = False):
         for a in arrays:
             if a is None:
                 continue
             if mx.issubdtype(a.dtype, mx.floating) and not as_stored:
-                self.floats[kind] += a.nbytes
-                self.float_elems[kind] += a.size
+                self._tally(kind, 0, a.nbytes, a.size, beyond_step)
             else:
-                self.ints[kind] += a.nbytes
+                self._tally(kind, a.nbytes, 0, 0, beyond_step)
+
+    def _tally(self, kind: str, ints, floats, elems, beyond_step: bool):
+        self.ints[kind] += ints
+        self.floats[kind] += floats
+        self.float_elems[kind] += elems
+        if beyond_step:
+            for i, n in enumerate((ints, floats, elems)):
+                self.beyond_step[i] += n
 
     def add_routed(self, kind: str, key, indices: mx.array, arrays):
         """Expert arrays (leading axis: experts) of which a forward reads the rows
@@ -78,9 +92,14 @@ class ReadCounter:
         for kind, key, experts, indices, (ints, floats, elems) in pending:
             routed = np.array(indices)
             distinct = np.unique(routed).size
-            self.ints[kind] += round(distinct * ints)
-            self.floats[kind] += round(distinct * floats)
-            self.float_elems[kind] += round(distinct * elems)
+            own = distinct  # the distinct experts of one row, on average (sorted rows: unknown)
+            if routed.ndim >= 2 and routed.size:
+                rows = np.sort(routed.reshape(-1, routed.shape[-1]), axis=1)
+                own = 1 + np.count_nonzero(np.diff(rows, axis=1), axis=1).mean()
+            total = [round(distinct * n) for n in (ints, floats, elems)]
+            step = [round(own * n) for n in (ints, floats, elems)]
+            self._tally(kind, *step, False)
+            self._tally(kind, *(t - s for t, s in zip(total, step)), True)
             history = self._routes.setdefault(key, [experts, deque(maxlen=ROUTES_KEPT), None])
             # A layer's projections share one indices array: its rows are recorded once. Rows
             # sorted by expert (mlx-lm's SwitchGLU for a long prompt) come flattened: no rows.
@@ -105,8 +124,15 @@ class ReadCounter:
         kinds = KINDS if kind is None else (kind,)
         return sum(self.ints[k] + 2 * self.float_elems[k] for k in kinds)
 
+    def step_bytes(self, half: bool = False) -> int:
+        """What plain decoding's one-row steps would have read in these forwards (see the
+        module docstring); ``half``: float arrays as a Mac's float16."""
+        ints, floats, elems = self.beyond_step
+        return (self.bytes_f16() - ints - 2 * elems) if half else (self.bytes() - ints - floats)
+
 
 _active: ContextVar[ReadCounter | None] = ContextVar("mlx_qspec_reads", default=None)
+_outside_forward: ContextVar[bool] = ContextVar("mlx_qspec_reads_outside", default=False)
 
 
 def count(kind: str, *arrays, as_stored: bool = False):
@@ -114,7 +140,7 @@ def count(kind: str, *arrays, as_stored: bool = False):
     (``as_stored``: floats counted in their dtype on a Mac too)."""
     counter = _active.get()
     if counter is not None:
-        counter.add(kind, arrays, as_stored)
+        counter.add(kind, arrays, as_stored, beyond_step=_outside_forward.get())
 
 
 def count_routed(key, indices: mx.array, *arrays):
@@ -129,9 +155,10 @@ def count_routed(key, indices: mx.array, *arrays):
 def counting(counter: ReadCounter, forward: bool = True):
     """Count the reads of one forward built inside the block (``forward=False``: reads that
     are not a forward of their own, such as a rewind's replay)."""
-    token = _active.set(counter)
+    token, outside = _active.set(counter), _outside_forward.set(not forward)
     try:
         yield counter
     finally:
         _active.reset(token)
+        _outside_forward.reset(outside)
         counter.forwards += forward
