@@ -37,12 +37,14 @@ def expected_distinct(experts: int, top_k: int, rows: int, routes=None) -> float
 @dataclass(frozen=True)
 class ExpertLayer:
     """One expert layer (a SwitchGLU or SwitchMLP): its route key, its experts, the router's
-    top-k, and the bytes one of its experts holds (codes as stored, floats as ``half``)."""
+    top-k, the bytes one of its experts holds (codes as stored, floats as ``half``), and its
+    weights (every projection's inputs × outputs: what a row multiplies)."""
 
     key: str
     experts: int
     top_k: int
     expert_bytes: float
+    expert_weights: int = 0
 
 
 def top_k(model: nn.Module) -> int | None:
@@ -63,13 +65,15 @@ def expert_layers(model: nn.Module, half: bool = True) -> list[ExpertLayer]:
     for _, m in model.named_modules():
         if not isinstance(m, QSpecSwitchLinear):
             continue
-        entry = sizes.setdefault(m.route_key, [m.num_experts, 0.0])
+        entry = sizes.setdefault(m.route_key, [m.num_experts, 0.0, 0])
         for _, a in tree_flatten(m.parameters()):
             floats = mx.issubdtype(a.dtype, mx.floating)
             entry[1] += (2 * a.size if half and floats else a.nbytes) / m.num_experts
+        _, outputs, packed = m["weight"].shape
+        entry[2] += outputs * packed * 32 // m.bits
     if sizes and k is None:
         raise ValueError("this mixture-of-experts model does not say its router's top-k")
-    return [ExpertLayer(key, n, k, b) for key, (n, b) in sizes.items()]
+    return [ExpertLayer(key, n, k, b, w) for key, (n, b, w) in sizes.items()]
 
 
 def forward_expert_bytes(layers: list[ExpertLayer], rows: int, routes: dict | None = None) -> float:

@@ -3,6 +3,8 @@ the experts its rows route to (the union over a verify's rows), in bytes compute
 saved weight files and the routes taken; mxfp4 experts (gpt-oss) alike. Affine experts take
 part in activation drafts; the expected number of distinct experts a k-row forward reads."""
 
+from dataclasses import replace
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -10,12 +12,15 @@ import pytest
 from mlx_lm.models import switch_layers
 
 from helpers.hybrid_models import build, save
-from mlx_qspec import moe, reads
+from mlx_qspec import cost, moe, reads
+from mlx_qspec.caches import rewind
+from mlx_qspec.decoder import SpecStats
 from mlx_qspec.kv_cache import make_cache
 from mlx_qspec.drafts.grammar import parse_precision
 from mlx_qspec.precision import reading
 from mlx_qspec.quant.linear import CountedQuantizedLinear, QSpecSwitchLinear
 from mlx_qspec.decoder import prefill
+from mlx_qspec.speculative import speculative_generate_step
 from mlx_qspec.hooks import install
 
 PROMPT = [5, 77, 140, 3, 250, 19, 64, 8]
@@ -142,3 +147,55 @@ def test_forward_expert_bytes_from_the_routes_decoding_saw():
     measured = moe.forward_expert_bytes(layers, 4, seen)
     assert measured == pytest.approx(sum(
         moe.expected_distinct(8, 2, 4, seen[k][1]) * b for k, b in per.items()))
+
+
+def _prefilled(model):
+    cache = make_cache(model, "fp")
+    prefill(model, mx.array(PROMPT), cache, step=16)
+    return cache
+
+
+def _step_reads(model, cache) -> reads.ReadCounter:
+    """A one-row full-precision forward's reads at the cache's context (rewound after)."""
+    counter = reads.ReadCounter()
+    with reads.counting(counter):
+        mx.eval(model(mx.array([ROWS[:1]]), cache=cache))
+    rewind(cache, len(PROMPT))
+    return counter
+
+
+def test_a_modeled_five_row_verify_reads_more_expert_bytes_than_a_step():
+    """auto's prior on a Mac (cost.ForwardShape): a step reads what the counter counts of a
+    one-row forward (the router's top-k experts per layer), a verify of 5 rows the expected
+    distinct experts of 5 rows' choices, so its modeled cost grows with its rows."""
+    model = install(build("qwen3_moe"))
+    cache = _prefilled(model)
+    shape = cost.forward_shape(model, cache)
+    assert shape is not None and len(shape.experts) == 2
+    assert shape.bytes(1) == pytest.approx(_step_reads(model, cache).bytes())
+    experts = sum((moe.expected_distinct(8, 2, 5) - 2) * x.expert_bytes for x in shape.experts)
+    kv = shape.kv * 4 / (len(PROMPT) + 1)
+    assert shape.bytes(5) == pytest.approx(shape.bytes(1) + experts + kv)
+    assert shape.bytes(5) > 1.2 * shape.bytes(1)
+    dense = replace(shape, experts=[])  # the same forward were its experts read like weights
+    for chip in ("M1", "M3 Max"):
+        grows = shape.seconds(5, chip) - shape.seconds(1, chip)
+        assert grows > dense.seconds(5, chip) - dense.seconds(1, chip)
+    costs = cost.modeled(model, cache, ["ngram"], "M3 Max")
+    assert costs is not None and costs.row > 0
+
+
+def test_plain_bytes_per_token_on_a_mixture_are_a_steps_not_a_verifys():
+    """A verify forward of several rows reads the union of their experts; plain decoding's
+    bytes per token (the stats' ``plain``) are what a one-row step reads: each verify forward
+    less the experts beyond a row's own."""
+    model = install(build("qwen3_moe"))
+    one = _step_reads(model, _prefilled(model)).bytes(reads.WEIGHTS)
+    stats = SpecStats()
+    list(speculative_generate_step(mx.array(PROMPT * 2), model, draft="ngram", num_draft_tokens=4,
+                                   max_tokens=10, stats=stats))
+    v = stats.verify_reads
+    assert stats.drafted > 0 and v.bytes(reads.WEIGHTS) > v.forwards * one
+    assert v.bytes(reads.WEIGHTS) - v.beyond_step[0] - v.beyond_step[1] == v.forwards * one
+    assert stats.bytes_per_token()["plain"] == pytest.approx(v.step_bytes() / v.forwards)
+    assert stats.bytes_per_token()["plain"] < v.bytes() / v.forwards
