@@ -6,10 +6,11 @@ Every figure here is MODELED, not measured: a forward of r rows costs, on the ro
 ``roofline.py``, its dense matmuls (bytes or ALU, whichever binds), the experts its rows read
 (``moe.expected_distinct``: the union of r rows' top-k, uniform routing — routes seen while
 decoding are usually fewer), the KV cache its attention reads, and the recurrent state it
-reads and writes (plus a rewind's replay, charged to every verify: an upper bound). ``auto``'s
-own rule (``cost.choose``) then picks a draft and γ or plain decoding from these costs and the
-drafts' prior acceptance (``cost.PRIOR_ACCEPTANCE``): the lookup (free) and A8 (reads what
-the verify reads).
+reads and writes (plus a rewind's replay, charged to every verify of several rows: an upper
+bound), as ``cost.ForwardShape`` models a loaded model. ``auto``'s measured controller
+(``controller.Controller``) starts from these costs as its prior (``controller.Costs``) and
+the drafts' prior acceptance (``cost.PRIOR_ACCEPTANCE``): the lookup (free) and A8 (reads
+what the verify reads); its first choice, before it has timed anything, is the verdict.
 
     python scripts/model_moe_hybrid.py --chip "M3 Max" --json out/moe_hybrid.json --plot out/moe_hybrid.png
 """
@@ -20,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from plotting import pyplot
-from mlx_qspec import cost, moe, roofline
-from mlx_qspec.roofline import CHIPS, DEQUANTIZE_OPS, FMA_OPS, Linear
+from mlx_qspec import controller, cost, moe, roofline
+from mlx_qspec.roofline import CHIPS, Linear
 
 BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4-bit codes, a float16 scale and bias per 64 weights
 CONTEXTS = (1024, 16384)
-ROWS = range(1, max(cost.GAMMAS) + 2)
+ROWS = range(1, max(controller.GAMMAS) + 2)
+DRAFTS = ("ngram", "a8-g32")
 
 
 def linear(K: int, N: int) -> Linear:
@@ -49,13 +51,14 @@ class Shape:
 
     def seconds(self, rows: int, context: int, chip: str) -> float:
         kv = self.attention_layers * 2 * self.kv_heads * self.head_dim * (context + rows) * 2
-        t = roofline.forward_seconds(self.dense, kv + 4 * self.state_bytes, rows, chip)
+        state = (2 if rows == 1 else 4) * self.state_bytes  # read and written; a replay's again
+        t = roofline.forward_seconds(self.dense, kv + state, rows, chip)
         if self.expert_layers:
             per_expert = sum(K * N for K, N in self.expert_dims)
             distinct = moe.expected_distinct(self.experts, self.top_k, rows)
             nbytes = self.expert_layers * distinct * per_expert * BYTES_PER_WEIGHT
-            alu = self.expert_layers * rows * self.top_k * per_expert * (DEQUANTIZE_OPS[4] + FMA_OPS)
-            t += roofline.seconds(nbytes, alu, chip)
+            t += roofline.experts_seconds(nbytes, self.expert_layers * self.top_k * per_expert,
+                                          rows, chip)
         return t
 
 
@@ -79,14 +82,19 @@ def qwen3_5_9b() -> Shape:
 
 
 def verdict(shape: Shape, context: int, chip: str) -> dict:
-    """``auto``'s choice on the modeled costs: ``cost.choose`` as the loop calls it."""
+    """``auto``'s first choice on the modeled costs: the controller started from them as
+    ``AutoPolicy`` starts it on a Mac (before any block is timed)."""
     verify = {r: shape.seconds(r, context, chip) for r in ROWS}
-    table = cost.CostTable(verify, {"ngram": 0.0, "a8-g32": verify[1]}, f"modeled({chip})")
-    priors = {n: cost.PRIOR_ACCEPTANCE[n] for n in ("ngram", "a8-g32")}
-    choice = cost.choose(table, priors)
-    return {"model": shape.name, "context": context, "chip": chip, "draft": choice.draft or "none",
-            "gamma": choice.gamma, "modeled_speedup": round(choice.speedup, 3),
-            "auto_reason": choice.reason, "step_ms": 1e3 * verify[1],
+    costs = controller.Costs.from_table(verify, {"ngram": 0.0, "a8-g32": verify[1]},
+                                        f"modeled({chip.replace(' ', '_')})")
+    auto = controller.Controller({n: cost.PRIOR_ACCEPTANCE[n] for n in DRAFTS}, prior=costs)
+    d, g = auto.current, auto.gamma
+    speedup = 1.0 if d is None else (
+        controller.expected_tokens(cost.PRIOR_ACCEPTANCE[d], g) * costs.step
+        / (costs.block + g * (costs.row + costs.draft[d])))
+    return {"model": shape.name, "context": context, "chip": chip, "draft": d or "none",
+            "gamma": g if d else 0, "modeled_speedup": round(speedup, 3),
+            "auto_reason": auto.reason, "step_ms": 1e3 * verify[1],
             "verify_over_step": {r: round(verify[r] / verify[1], 3) for r in ROWS}}
 
 
