@@ -8,6 +8,8 @@ and each block's output projections are scaled up (the context matters), so draf
 read less disagree some of the time.
 """
 
+import json
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import switch_layers
@@ -133,7 +135,8 @@ def build(name: str, seed: int = 0, bits: int = 4, experts_mode: str = "affine")
 
 def save(name: str, root, experts_mode: str = "affine"):
     """The tiny ``name`` model as an mlx-community style directory: weights, config (mlx-lm
-    infers each layer's quantization from its arrays), a byte-level BPE tokenizer."""
+    infers each layer's quantization from its arrays), a byte-level BPE tokenizer with a
+    chat template that joins the messages' texts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from mlx_lm.utils import save_config, save_model
 
@@ -146,5 +149,7 @@ def save(name: str, root, experts_mode: str = "affine"):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.save(str(root / "tokenizer.json"))
-    (root / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    (root / "tokenizer_config.json").write_text(json.dumps({  # a chat template: each message's text
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"}))
     return root
