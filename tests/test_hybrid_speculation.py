@@ -15,15 +15,15 @@ from helpers.hybrid_models import build, save
 from helpers.sampling import chi2_pvalue, joint
 from mlx_qspec import controller, cost, reads
 from mlx_qspec.caches import position
+from mlx_qspec.decoder import SpecStats, prefill
 from mlx_qspec.drafts.cascade import DraftModel
-from mlx_qspec.generate import main
-from mlx_qspec.kv_cache import make_cache, make_rewindable
 from mlx_qspec.drafts.grammar import parse_precision
+from mlx_qspec.generate import main
+from mlx_qspec.hooks import install
+from mlx_qspec.kv_cache import make_cache, make_rewindable
 from mlx_qspec.quant.linear import QSpecSwitchLinear
 from mlx_qspec.recurrent import RecurrentCache
 from mlx_qspec.sampling import make_sampler
-from mlx_qspec.decoder import SpecStats, prefill
-from mlx_qspec.hooks import install
 from mlx_qspec.speculative import plain_generate_step, speculative_generate_step
 
 PROMPT = [5, 77, 140, 3, 250, 19, 64, 8, 5, 77, 140, 3]  # repeats: the lookup proposes

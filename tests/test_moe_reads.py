@@ -14,14 +14,13 @@ from mlx_lm.models import switch_layers
 from helpers.hybrid_models import build, save
 from mlx_qspec import cost, moe, reads
 from mlx_qspec.caches import rewind
-from mlx_qspec.decoder import SpecStats
-from mlx_qspec.kv_cache import make_cache
+from mlx_qspec.decoder import SpecStats, prefill
 from mlx_qspec.drafts.grammar import parse_precision
+from mlx_qspec.hooks import install
+from mlx_qspec.kv_cache import make_cache
 from mlx_qspec.precision import reading
 from mlx_qspec.quant.linear import CountedQuantizedLinear, QSpecSwitchLinear
-from mlx_qspec.decoder import prefill
 from mlx_qspec.speculative import speculative_generate_step
-from mlx_qspec.hooks import install
 
 PROMPT = [5, 77, 140, 3, 250, 19, 64, 8]
 ROWS = [12, 200, 7, 45, 90]

@@ -13,13 +13,13 @@ from mlx_lm.models.cache import ArraysCache, make_prompt_cache
 from helpers.hybrid_models import MORE, build
 from tools.msl_emulator import metal_kernel as emulated_metal_kernel
 from mlx_qspec import hooks, reads, recurrent
-from mlx_qspec.errors import UserError
-from mlx_qspec.kv_cache import make_rewindable
-from mlx_qspec.drafts.grammar import parse_precision
-from mlx_qspec.precision import reading
-from mlx_qspec.recurrent import RecurrentCache, ShiftedConv1d
 from mlx_qspec.decoder import SpecStats, prefill
 from mlx_qspec.drafts.auto import NOT_REWINDABLE
+from mlx_qspec.drafts.grammar import parse_precision
+from mlx_qspec.errors import UserError
+from mlx_qspec.kv_cache import make_rewindable
+from mlx_qspec.precision import reading
+from mlx_qspec.recurrent import RecurrentCache, ShiftedConv1d
 from mlx_qspec.speculative import plain_generate_step, speculative_generate_step
 
 FAMILIES = ["qwen3_5", "qwen3_next", "lfm2", "mamba2", "nemotron_h", *MORE]
