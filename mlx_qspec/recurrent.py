@@ -237,9 +237,6 @@ class RecurrentCacheList(CacheList):
             if hasattr(c, "commit"):
                 c.commit()
 
-    def is_trimmable(self):
-        return all(c.is_trimmable() for c in self.caches)
-
 
 # ---------------------------------------------------------------- exact operations
 class ShiftedConv1d(nn.Module):
