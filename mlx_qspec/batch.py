@@ -12,8 +12,10 @@ admitting new jobs and retiring finished ones between steps:
   accepted count (up to ``decode_concurrency`` rows; new ones are prefilled alone, in the
   chunks and on the cache a single request gets, and join between steps);
 - otherwise (a draft model, a cascade or the lookup, ``auto``, an 8-bit or nested cache,
-  sliding windows, ``kv_bits``) each request is a decoder of its own at batch 1 on the
-  model's own caches, and the engine steps them one block each in turn, interleaved.
+  sliding windows, recurrent layers, ``kv_bits``) each request is a decoder of its own at
+  batch 1 on the model's own caches, and the engine steps them one block each in turn,
+  interleaved. (A hybrid's recurrent state rewinds by replay per row, and the ragged batch
+  holds attention's K/V only.)
 
 Greedy output is the CLI's token for token either way. Both reuse the longest cached prefix
 of each prompt from mlx-lm's :class:`LRUPromptCache`.
@@ -28,7 +30,9 @@ from typing import Any, Callable, List, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
-from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import (
+    ArraysCache, CacheList, LRUPromptCache, make_prompt_cache, trim_prompt_cache,
+)
 
 from . import hooks
 from .caches import position, rewind
@@ -115,7 +119,7 @@ class PromptCache:
         """An empty cache of the served kind (a window of ``max_kv_size``: rewindable)."""
         if self.max_kv_size is not None:
             return make_rotating_cache(self.model, self.max_kv_size)
-        return make_rewindable(make_cache(self.model, self.kv_mode))
+        return make_rewindable(make_cache(self.model, self.kv_mode), self.model)
 
     def fetch(self, prompt: List[int]):
         """``(cache, cached)``: a cache holding ``prompt[:cached]``."""
@@ -194,7 +198,8 @@ class BatchEngine:
                                        and not self.cascade.precision.skip)
         self.batched = (one and not d.auto and settings.kv_mode == "fp" and not settings.kv_bits
                         and settings.max_kv_size is None and not settings.draft_p_min
-                        and not any(isinstance(c, WINDOWS) for c in caches))
+                        and not any(isinstance(c, (*WINDOWS, ArraysCache, CacheList))
+                                    for c in caches))
         self.prompt_cache = PromptCache(model, settings.kv_mode, prompt_cache_size,
                                         prompt_cache_bytes, settings.max_kv_size)
         self.waiting: "deque[Optional[Job]]" = deque()  # None: stop

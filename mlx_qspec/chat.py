@@ -124,7 +124,7 @@ class Conversation:
         except ValueError:
             return False
         self.tokens = self.tokens[:offset]
-        return all(c.offset == offset for c in self.cache)
+        return all(c.offset == offset for c in self.cache if hasattr(c, "offset"))
 
 
 class _UI(ChatUI):

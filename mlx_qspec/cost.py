@@ -10,9 +10,13 @@ first and the drafts are timed by exploring them. Acceptance priors: agreement m
 real text (docs/design.md §8).
 """
 
+import math
+from dataclasses import dataclass
+
 import mlx.core as mx
 
-from . import controller, distributed, kernels, precision, reads, roofline, store
+from . import controller, distributed, kernels, moe, precision, reads, roofline, store
+from .recurrent import ShiftedConv1d
 from .caches import kv_mode, position, rewind
 from .drafts.grammar import NGRAM, parse_precision
 
@@ -61,29 +65,79 @@ def _counted(model, cache, read: precision.Precision) -> reads.ReadCounter:
 MODELED_ROWS = range(1, kernels.MAX_M + 2)
 
 
-def modeled(model, cache, candidates, chip: str, step_bytes=None) -> controller.Costs | None:
-    """The costs on ``chip`` by :mod:`roofline`, with no timing: a verify of r rows as its
-    modeled forwards (at most kernels.MAX_M rows each, as the decoder verifies), a draft step
-    as a forward's fixed cost plus a plain step's byte time × the bytes its one-row forward
-    reads ÷ a plain step's (one row is bound by bytes), the n-gram lookup free. Bytes are
-    counted (:mod:`reads`) on one untimed one-row forward per precision, at this context, or
-    given in ``step_bytes`` (a head level's step); a candidate that cannot run here is left
-    out. None where the roofline does not describe the model's matmuls."""
-    step_bytes = step_bytes or {}
+@dataclass(frozen=True)
+class ForwardShape:
+    """What a full-precision forward reads at a context, in the roofline's terms, from one
+    counted one-row forward: the matmuls our kernels run, the expert layers (a row reads its
+    router's top-k; r rows the expected distinct experts of their union, :mod:`moe`), the KV
+    cache (growing with the rows), and what is read once per forward outside the matmuls (a
+    recurrent layer's state, read and written, and its convolutions' weights)."""
+
+    linears: list
+    experts: list
+    kv: float  # KV bytes of the one-row forward
+    once: float  # bytes read once per forward beside the matmuls and the KV
+    state: float  # of which recurrent state
+    offset: int  # positions in the cache before the forward
+
+    def _kv(self, rows: int) -> float:
+        return self.kv * (self.offset + rows) / (self.offset + 1)
+
+    def _once(self, rows: int) -> float:
+        """A verify (rows > 1) that rejects replays the recurrent state from the block's
+        start: read and written again (charged to every verify, an upper bound)."""
+        return self.once + (self.state if rows > 1 else 0.0)
+
+    def bytes(self, rows: int) -> float:
+        """Bytes a forward of ``rows`` rows reads."""
+        return (sum(m.nbytes for m in self.linears) + moe.forward_expert_bytes(self.experts, rows)
+                + self._kv(rows) + self._once(rows))
+
+    def seconds(self, rows: int, chip: str) -> float:
+        """A forward of ``rows`` ≤ kernels.MAX_M rows on ``chip``, by the roofline."""
+        experts = moe.forward_expert_bytes(self.experts, rows)
+        row_weights = sum(x.top_k * x.expert_weights for x in self.experts)
+        return (roofline.forward_seconds(self.linears, self._kv(rows) + self._once(rows), rows, chip)
+                + (roofline.experts_seconds(experts, row_weights, rows, chip) if self.experts else 0.0))
+
+
+def forward_shape(model, cache, plain: reads.ReadCounter | None = None) -> ForwardShape | None:
+    """The :class:`ForwardShape` of ``model`` at ``cache``'s context (``plain``: the reads of
+    a one-row full-precision forward there, counted if not given). None where the forward
+    reads weights through matmuls the roofline does not know (float or non-affine linears,
+    other bit widths or groups)."""
     linears = roofline.linears(model)
     if linears is None:
         return None
+    plain = plain or _counted(model, cache, precision.FULL_PRECISION)
+    experts = moe.expert_layers(model, half=False)  # as counted here
+    convs = sum(p.nbytes for _, m in model.named_modules() if isinstance(m, ShiftedConv1d)
+                for p in (m.weight, m.get("bias")) if p is not None)
+    known = sum(m.nbytes for m in linears) + moe.forward_expert_bytes(experts, 1) + convs
+    if not math.isclose(plain.bytes(reads.WEIGHTS), known, rel_tol=1e-6, abs_tol=0.5):
+        return None
+    state = plain.bytes(reads.STATE)
+    return ForwardShape(linears, experts, plain.bytes(reads.KV), convs + state, state,
+                        position(cache))
+
+
+def modeled(model, cache, candidates, chip: str, step_bytes=None) -> controller.Costs | None:
+    """The costs on ``chip`` by :mod:`roofline`, with no timing: a verify of r rows as its
+    modeled forwards (:class:`ForwardShape`, at most kernels.MAX_M rows each, as the decoder
+    verifies), a draft step as a forward's fixed cost plus a plain step's byte time × the
+    bytes its one-row forward reads ÷ a plain step's (one row is bound by bytes), the n-gram
+    lookup free. Bytes are counted (:mod:`reads`) on one untimed one-row forward per
+    precision, at this context, or given in ``step_bytes`` (a head level's step); a candidate
+    that cannot run here is left out. None where the roofline does not describe the model's
+    matmuls."""
+    step_bytes = step_bytes or {}
     plain = _counted(model, cache, precision.FULL_PRECISION)
-    if sum(m.nbytes for m in linears) != plain.bytes(reads.WEIGHTS):
-        return None  # the forward reads weights through matmuls the roofline does not know
-    offset = position(cache)
-
-    def forward_s(rows):  # the one-row forward's KV bytes, and each further row's
-        kv = plain.bytes(reads.KV) * (offset + rows) / (offset + 1)
-        return roofline.forward_seconds(linears, kv, rows, chip)
-
+    shape = forward_shape(model, cache, plain)
+    if shape is None:
+        return None
     step = kernels.MAX_M
-    verify = {r: sum(forward_s(min(step, r - i)) for i in range(0, r, step)) for r in MODELED_ROWS}
+    verify = {r: sum(shape.seconds(min(step, r - i), chip) for i in range(0, r, step))
+              for r in MODELED_ROWS}
     fixed = roofline.CALIBRATION[chip].fixed  # a forward's own cost: not per byte
     draft = {NGRAM: 0.0} if NGRAM in candidates else {}
     for name in candidates:

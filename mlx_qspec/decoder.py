@@ -7,7 +7,8 @@ scores ``[last token, d1..dγ]`` at full precision in forwards of at most ``kern
 rows (the row counts one kernel path serves, so a verify row is computed as a one-token step
 is); :meth:`~Decoder.settle` applies the rejection rule per row (greedy: accept while the
 argmax agrees; sampling: keep d with probability min(1, p/q), else draw from the residual),
-rewinds each row to what it accepted and commits the caches; :meth:`~Decoder.emit` hands
+rewinds each row to what it accepted (the step then commits the caches: a middle level's
+check settles too, and the block may still be taken back); :meth:`~Decoder.emit` hands
 each row its accepted drafts and one token of the verify's. Greedy output equals plain
 decoding token for token; at temperature > 0 the rule keeps the verify's distribution.
 
@@ -94,7 +95,9 @@ class SpecStats:
 
     def bytes_per_token(self, half: bool = False) -> dict:
         """Bytes read per emitted token: by the drafts, the verifies, both, and by plain
-        decoding at the same context (``half``: float arrays counted as a Mac's float16)."""
+        decoding at the same context — a verify forward's reads less what only a forward of
+        several rows reads (a mixture's experts beyond a row's own, a recurrent replay):
+        ``reads.ReadCounter.step_bytes`` (``half``: float arrays counted as a Mac's float16)."""
         n = lambda c: c.bytes_f16() if half else c.bytes()  # noqa: E731
         per = lambda b: b / self.emitted if self.emitted else 0.0  # noqa: E731
         v = self.verify_reads
@@ -102,7 +105,7 @@ class SpecStats:
             "draft": per(n(self.draft_reads)),
             "verify": per(n(v)),
             "total": per(n(self.draft_reads) + n(v)),
-            "plain": n(v) / v.forwards if v.forwards else 0.0,
+            "plain": v.step_bytes(half) / v.forwards if v.forwards else 0.0,
         }
 
     def __str__(self):
@@ -229,6 +232,7 @@ class Decoder:
         drafted = time.perf_counter()
         lp = self.verify(drafts, FULL_PRECISION, VERIFY)
         counts, out = self.settle(lp, drafts, q)
+        commit(self.cache)  # the block is settled: no rewind goes back past it
         self._keep_hidden(counts)
         maybe_quantize_kv_cache(self.cache, **self.kv)
         end = time.perf_counter()
@@ -269,7 +273,7 @@ class Decoder:
         distribution each was drawn from (None: a point mass); the cache ends where it began."""
         base = positions(self.cache)
         out = self._propose(tuple(levels), k, [[] for _ in self.rows])
-        rewind(self.cache, base)
+        self._rewind(base, DRAFT)
         return out
 
     def _propose(self, levels, k: int, before: list):
@@ -286,7 +290,7 @@ class Decoder:
             so_far = [b + t for b, t in zip(before, tokens)]
             base = positions(self.cache)
             offered = self._propose(lower, k - len(tokens[0]), so_far) if lower else None
-            rewind(self.cache, base)  # what the lower levels' forwards appended
+            self._rewind(base, DRAFT)  # what the lower levels' forwards appended
             if offered and offered[0][0]:
                 out, qs = self._check_level(top, offered, so_far)
             else:
@@ -308,7 +312,7 @@ class Decoder:
         if lower:
             base = positions(self.cache)
             offered, offered_q = self._propose(lower, k, before)
-            rewind(self.cache, base)  # what the lower levels' forwards appended
+            self._rewind(base, DRAFT)  # what the lower levels' forwards appended
         reads_hidden = getattr(top, "reads_hidden", False)
         context = Context(row.context + before[0] + offered[0], row.hidden if reads_hidden else None,
                           row.stats.draft_reads, len(row.context) - 1)
@@ -352,7 +356,7 @@ class Decoder:
         base = positions(self.cache)
         tokens, q = offered
         lp = self.verify(tokens, at, DRAFT, so_far)
-        counts, out = self.settle(lp, tokens, q, base)
+        counts, out = self.settle(lp, tokens, q, base, DRAFT)
         counted[0] += len(tokens[0])
         counted[1] += counts[0]
         qs = []
@@ -420,10 +424,11 @@ class Decoder:
             out.append(row - mx.logsumexp(row, axis=-1, keepdims=True))
         return mx.stack(out)
 
-    def settle(self, lp: mx.array, drafts: list, q: list, base=None):
+    def settle(self, lp: mx.array, drafts: list, q: list, base=None, kind: str = VERIFY):
         """The rejection rule per row: ``(accepted counts, tokens to emit)``, each row's
         accepted drafts and the verify's token after them; every row's cache rewound to its
-        ``base`` (default: where it stood before the verify) + accepted + 1, and committed."""
+        ``base`` (default: where it stood before the verify) + accepted + 1, what the rewind
+        reads counted as the ``kind`` forward's (a recurrent state's replay)."""
         k = [len(d) for d in drafts]
         base = base or [p - n - 1 for p, n in zip(positions(self.cache), k)]
         results = [accept(lp[b, : k[b] + 1], mx.array(d, mx.uint32), qi, r.sampler, r.split_key)
@@ -435,9 +440,16 @@ class Decoder:
             n = flags.index(False) if False in flags else len(d)
             counts.append(n)
             out.append(list(d[:n]) + [targets.tolist()[n]])
-        rewind(self.cache, [b + n + 1 for b, n in zip(base, counts)])
-        commit(self.cache)
+        self._rewind([b + n + 1 for b, n in zip(base, counts)], kind)
         return counts, out
+
+    def _rewind(self, to, kind: str) -> None:
+        """:func:`caches.rewind`, what it reads (a recurrent state's replay of the positions
+        kept) counted with the ``kind`` forwards' reads, as no forward of its own (batch 1: a
+        batch's rows hold no recurrent state)."""
+        counter = self.rows[0].stats.reads(kind) if len(self.rows) == 1 else None
+        with reads.counting(counter, forward=False) if counter else nullcontext():
+            rewind(self.cache, to)
 
     def emit(self, out: list, lp: mx.array, counts: list) -> list:
         """Each row's ``(token, logprobs, from_draft)``, cut to what it may still emit; the
@@ -474,7 +486,7 @@ class Decoder:
         else as ``generate_step`` leaves it."""
         (row,) = self.rows
         n = row.budget if steps is None else min(steps, row.budget)
-        start = position(self.cache)
+        start = position(self.cache) if settle else None
         history = None if row.history is None else row.history[:-1]
         processors = [
             (lambda toks, logits, proc=proc: proc(mx.concatenate([history, toks]), logits))
@@ -503,7 +515,7 @@ class Decoder:
         finally:
             steps.close()
             if settle:
-                rewind(self.cache, [start + emitted])
+                self._rewind([start + emitted], VERIFY)
                 commit(self.cache)
                 if hidden and emitted:
                     row.keep_hidden(mx.concatenate(hidden, axis=1)[0, :emitted])

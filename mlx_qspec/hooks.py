@@ -10,10 +10,13 @@
   when the current precision skips it (layer-skip drafts).
 - The LM head: its class becomes a subclass that records its input (the final hidden state)
   inside :func:`mlx_qspec.heads.capture.capturing` (drafts that read the hidden state).
+- Recurrent mixers (hybrid models): their short convolutions exact sums of shifted products,
+  their calls recording into a rewindable cache, the recurrences of their mlx-lm modules
+  wrapped (:func:`mlx_qspec.recurrent.install`).
 - Collectives: each ``mx.distributed`` collective calls a counter first
   (:func:`mlx_qspec.distributed.counting`).
 
-:func:`install` / :func:`uninstall` do the first three for a model (idempotent; uninstall puts
+:func:`install` / :func:`uninstall` do the first five for a model (idempotent; uninstall puts
 back the very modules, classes and functions that were there, an attention global once no
 installed model uses it); :func:`install_collective_counting` /
 :func:`uninstall_collective_counting` the last. Plain decoding, the decoder and the server
@@ -27,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import attention, precision
+from . import attention, precision, recurrent
 from .heads import capture
 from .quant import linear
 
@@ -79,8 +82,9 @@ def _attention_modules(model: nn.Module) -> set[str]:
 
 
 def install(model: nn.Module) -> nn.Module:
-    """QSpec layers, our attention and skippable blocks on ``model``; returns it. Installing
-    an installed model again does nothing (to add layers quantized since, uninstall first)."""
+    """QSpec layers, our attention, the LM head's capture, recurrent mixers and skippable
+    blocks on ``model``; returns it. Installing an installed model again does nothing (to add
+    layers quantized since, uninstall first)."""
     if id(model) in _layers:
         return model
     before = _leaves(model)
@@ -91,6 +95,7 @@ def install(model: nn.Module) -> nn.Module:
     weakref.finalize(model, _forget, id(model))
     capture.install(model)
     install_attention(model)
+    recurrent.install(model)
     return install_skippable_blocks(model)
 
 
@@ -125,9 +130,11 @@ def _restore_attention(name: str) -> None:
 
 
 def uninstall(model: nn.Module) -> nn.Module:
-    """Undo :func:`install` on ``model``: its original layers and block classes come back,
-    and the attention of each mlx-lm module no other installed model uses."""
+    """Undo :func:`install` on ``model``: its original layers, block and mixer classes come
+    back, and the attention and recurrences of each mlx-lm module no other installed model
+    uses."""
     capture.uninstall(model)
+    recurrent.uninstall(model)
     originals = _layers.pop(id(model), {})
     if originals:
         model.update_modules(tree_unflatten(list(originals.items())))

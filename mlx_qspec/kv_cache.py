@@ -24,6 +24,7 @@ from mlx_lm.models.cache import (
     make_prompt_cache,
 )
 
+from . import recurrent
 from .errors import UserError
 
 GROUP_SIZES = (32, 64, 128)
@@ -248,7 +249,8 @@ def _group(model, size: int) -> int:
     """The largest supported group ≤ ``size`` that divides the model's head dim (``size``
     itself when it divides, or when none does: the cache then names the problem)."""
     args = getattr(model, "args", None)
-    D = args and (getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads)
+    args = getattr(args, "text_config", None) or vars(args or {})  # multimodal: the text model's
+    D = args.get("head_dim") or args.get("hidden_size", 0) // args.get("num_attention_heads", 1)
     fits = [g for g in GROUP_SIZES if g <= size and D and D % g == 0]
     return max(fits) if fits and D % size else size
 
@@ -258,17 +260,18 @@ def make_cache(model: nn.Module, kv_mode: str, block_size: int = 64, value_group
     ``8bit`` mlx-lm's QuantizedKVCache (group 64), ``nested`` :class:`NestedKVCache`. Groups
     along the head dim (8-bit, nested values) fall to the largest supported size that divides
     it (32 for a head dim of 32). A model's sliding-window layers stay float windows (their
-    memory is bounded already); ``nested`` refuses them: ``kv-upper`` reads every layer's
-    upper plane, and a window has none."""
+    memory is bounded already); ``nested`` refuses them: ``kv-upper`` reads every attention
+    layer's upper plane, and a window has none. Recurrent layers (a hybrid's) keep their state
+    in a :class:`~mlx_qspec.recurrent.RecurrentCache` (it counts its positions)."""
     if kv_mode not in KV_MODES:
         raise UserError(f"unknown kv mode {kv_mode!r}; choose one of {', '.join(KV_MODES)}")
-    caches = make_prompt_cache(model)
+    caches = recurrent.make_rewindable(make_prompt_cache(model), model)
     if kv_mode == "fp":
         return caches
-    others = sorted({type(c).__name__ for c in caches if type(c) is not KVCache})
-    if kv_mode == "nested" and others:
-        raise UserError(f"kv_mode nested needs full attention in every layer, and this model "
-                        f"has {', '.join(others)} layers; use kv_mode 8bit or fp")
+    windows = sorted({type(c).__name__ for c in caches if isinstance(c, WINDOWS)})
+    if kv_mode == "nested" and windows:
+        raise UserError(f"kv_mode nested needs full attention in every layer (recurrent ones "
+                        f"aside), and this model has {', '.join(windows)} layers; use kv_mode 8bit or fp")
     if kv_mode == "8bit":
         full = lambda: QuantizedKVCache(group_size=_group(model, 64), bits=8)  # noqa: E731
     else:
@@ -436,13 +439,16 @@ class SpeculativeRotatingKVCache(_RewindableCache):
 WINDOWS = (RotatingKVCache, SpeculativeRotatingKVCache)
 
 
-def make_rewindable(cache: list) -> list:
+def make_rewindable(cache: list, model: nn.Module) -> list:
     """``cache`` (changed in place, as the caller's list is the generation's) with each
     mlx-lm ``RotatingKVCache`` — a model's sliding-window layers, a ``max_kv_size`` window —
     made a :class:`SpeculativeRotatingKVCache` of the same window: mlx-lm's can be trimmed
     only until it wraps. A filled one converts exactly: it holds at least the newest
     ``max_size − 1 − keep`` positions, all any later query sees, and speculation never
-    rewinds past what it appended after the conversion."""
+    rewinds past what it appended after the conversion. Recurrent layers' ``ArraysCache``
+    become :class:`~mlx_qspec.recurrent.RecurrentCache` (rewound by replay) where ``model``'s
+    mixers are ones :mod:`~mlx_qspec.recurrent` rewinds."""
+    recurrent.make_rewindable(cache, model)
     for i, c in enumerate(cache):
         if type(c) is not RotatingKVCache:
             continue
@@ -461,13 +467,15 @@ def make_rotating_cache(model: nn.Module, max_size: int | None = None, keep: int
     ``KVCache`` a window of ``max_size`` when given (``keep=4`` as mlx-lm's
     ``make_prompt_cache``, which ignores ``max_kv_size`` for models that build their caches,
     llama among them). ``rewindable``: every window a :class:`SpeculativeRotatingKVCache`
-    (for a draft), else mlx-lm's ``RotatingKVCache`` (plain decoding, same windows)."""
+    (for a draft), else mlx-lm's ``RotatingKVCache`` (plain decoding, same windows).
+    Recurrent layers are :class:`~mlx_qspec.recurrent.RecurrentCache` either way (the same
+    arithmetic as mlx-lm's; it counts its positions, and a chat can take a turn back)."""
     caches = make_prompt_cache(model)
     if max_size is not None:
         if max_size <= keep:
             raise UserError(f"max_kv_size must exceed the {keep} kept positions, got {max_size}")
         caches = [RotatingKVCache(max_size, keep) if type(c) is KVCache else c for c in caches]
-    return make_rewindable(caches) if rewindable else caches
+    return make_rewindable(caches, model) if rewindable else recurrent.make_rewindable(caches, model)
 
 
 def check_kv_bits(cache, kv_bits) -> None:

@@ -7,67 +7,158 @@ the count goes to the :class:`ReadCounter` that the caller opened with :func:`co
 (none open: nothing is counted, nothing is slower). Counters live in a ContextVar, so
 concurrent generations count apart.
 
-Integer arrays (packed codes) are counted as they are stored; float arrays both in their
-dtype here (``nbytes``) and as half precision (``nbytes_f16``: what a Mac running the
-model in float16/bfloat16 reads), because on the CPU backend we compute in float32.
+Integer arrays (packed codes, fp8 scales) are counted as they are stored; float arrays both
+in their dtype here (``nbytes``) and as half precision (``nbytes_f16``: what a Mac running
+the model in float16/bfloat16 reads), because on the CPU backend we compute in float32 —
+except a recurrent layer's state (``STATE``), which mlx-lm keeps in float32 on a Mac too
+(``as_stored``). A state counts where it is read and where it is written, and again where a
+rewind replays it.
+
+Mixture-of-experts layers read only the experts their rows route to: :func:`count_routed`
+takes the routing indices (still lazy while the graph is built) and the per-expert arrays;
+the counter resolves them when asked for bytes — the union of the experts over the forward's
+rows, so a verify of k rows reads up to k× a step's expert bytes — and keeps the routes it
+saw (:meth:`ReadCounter.recent_routes`) for the cost model (``moe.py``).
+
+What plain decoding would have read in the same forwards (:meth:`ReadCounter.step_bytes`):
+the count less what only a forward of several rows reads — the experts beyond each row's own
+(a row reads its top-k; the union of k rows reads more) — and less the reads counted outside a
+forward (``counting(…, forward=False)``: a recurrent state's replay after a rejection).
 """
 
+from collections import deque
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import numpy as np
 
-WEIGHTS, KV = "weights", "kv"
+WEIGHTS, KV, STATE = "weights", "kv", "state"
+KINDS = (WEIGHTS, KV, STATE)
+ROUTES_KEPT = 256  # rows of routes remembered per expert layer
+_RESOLVE_AT = 4096  # routed reads held lazily before they are resolved
+
+
+def _per_kind():
+    return {k: 0 for k in KINDS}
 
 
 @dataclass
 class ReadCounter:
-    """Bytes read by the forwards built while it was open, split into weights and KV."""
+    """Bytes read by the forwards built while it was open, by kind (weights, KV, recurrent
+    state)."""
 
     forwards: int = 0
-    ints: dict = field(default_factory=lambda: {WEIGHTS: 0, KV: 0})
-    floats: dict = field(default_factory=lambda: {WEIGHTS: 0, KV: 0})  # bytes in their dtype
-    float_elems: dict = field(default_factory=lambda: {WEIGHTS: 0, KV: 0})
+    ints: dict = field(default_factory=_per_kind)  # bytes of arrays counted as stored
+    floats: dict = field(default_factory=_per_kind)  # bytes in their dtype
+    float_elems: dict = field(default_factory=_per_kind)
+    # What no plain step reads (see the module docstring): bytes as stored, float bytes, float elements
+    beyond_step: list = field(default_factory=lambda: [0, 0, 0])
+    _routed: list = field(default_factory=list, repr=False)  # (kind, key, indices, per expert)
+    _routes: dict = field(default_factory=dict, repr=False)  # key → [experts, rows, last indices]
 
-    def add(self, kind: str, arrays):
+    def add(self, kind: str, arrays, as_stored: bool = False, beyond_step: bool = False):
         for a in arrays:
             if a is None:
                 continue
-            if mx.issubdtype(a.dtype, mx.floating):
-                self.floats[kind] += a.nbytes
-                self.float_elems[kind] += a.size
+            if mx.issubdtype(a.dtype, mx.floating) and not as_stored:
+                self._tally(kind, 0, a.nbytes, a.size, beyond_step)
             else:
-                self.ints[kind] += a.nbytes
+                self._tally(kind, a.nbytes, 0, 0, beyond_step)
+
+    def _tally(self, kind: str, ints, floats, elems, beyond_step: bool):
+        self.ints[kind] += ints
+        self.floats[kind] += floats
+        self.float_elems[kind] += elems
+        if beyond_step:
+            for i, n in enumerate((ints, floats, elems)):
+                self.beyond_step[i] += n
+
+    def add_routed(self, kind: str, key, indices: mx.array, arrays):
+        """Expert arrays (leading axis: experts) of which a forward reads the rows
+        ``indices`` (…, top-k) select; resolved into bytes on the next :meth:`bytes`."""
+        arrays = [a for a in arrays if a is not None]
+        experts = arrays[0].shape[0]
+        per = (sum(a.nbytes for a in arrays if not mx.issubdtype(a.dtype, mx.floating)) / experts,
+               sum(a.nbytes for a in arrays if mx.issubdtype(a.dtype, mx.floating)) / experts,
+               sum(a.size for a in arrays if mx.issubdtype(a.dtype, mx.floating)) / experts)
+        self._routed.append((kind, key, experts, indices, per))
+        if len(self._routed) > _RESOLVE_AT:
+            self._resolve()
+
+    def _resolve(self):
+        pending, self._routed = self._routed, []
+        for kind, key, experts, indices, (ints, floats, elems) in pending:
+            routed = np.array(indices)
+            distinct = np.unique(routed).size
+            own = distinct  # the distinct experts of one row, on average (sorted rows: unknown)
+            if routed.ndim >= 2 and routed.size:
+                rows = np.sort(routed.reshape(-1, routed.shape[-1]), axis=1)
+                own = 1 + np.count_nonzero(np.diff(rows, axis=1), axis=1).mean()
+            total = [round(distinct * n) for n in (ints, floats, elems)]
+            step = [round(own * n) for n in (ints, floats, elems)]
+            self._tally(kind, *step, False)
+            self._tally(kind, *(t - s for t, s in zip(total, step)), True)
+            history = self._routes.setdefault(key, [experts, deque(maxlen=ROUTES_KEPT), None])
+            # A layer's projections share one indices array: its rows are recorded once. Rows
+            # sorted by expert (mlx-lm's SwitchGLU for a long prompt) come flattened: no rows.
+            if history[2] is not indices and indices.ndim >= 2:
+                history[1].extend(frozenset(r) for r in routed.reshape(-1, indices.shape[-1]).tolist())
+            history[2] = indices
+
+    def recent_routes(self) -> dict:
+        """Per expert layer: ``(number of experts, the expert sets of its latest rows)``."""
+        self._resolve()
+        return {k: (n, list(rows)) for k, (n, rows, _) in self._routes.items()}
 
     def bytes(self, kind: str | None = None) -> int:
-        """Bytes read here (in this machine's dtypes), of one kind or both."""
-        kinds = (WEIGHTS, KV) if kind is None else (kind,)
+        """Bytes read here (in this machine's dtypes), of one kind or all."""
+        self._resolve()
+        kinds = KINDS if kind is None else (kind,)
         return sum(self.ints[k] + self.floats[k] for k in kinds)
 
     def bytes_f16(self, kind: str | None = None) -> int:
         """The same reads with every float array in half precision (a Mac's model dtype)."""
-        kinds = (WEIGHTS, KV) if kind is None else (kind,)
+        self._resolve()
+        kinds = KINDS if kind is None else (kind,)
         return sum(self.ints[k] + 2 * self.float_elems[k] for k in kinds)
+
+    def step_bytes(self, half: bool = False) -> int:
+        """What plain decoding's one-row steps would have read in these forwards (see the
+        module docstring); ``half``: float arrays as a Mac's float16."""
+        ints, floats, elems = self.beyond_step
+        return (self.bytes_f16() - ints - 2 * elems) if half else (self.bytes() - ints - floats)
 
 
 _active: ContextVar[ReadCounter | None] = ContextVar("mlx_qspec_reads", default=None)
+_outside_forward: ContextVar[bool] = ContextVar("mlx_qspec_reads_outside", default=False)
 
 
-def count(kind: str, *arrays):
-    """Add the arrays a matmul or attention reads to the open counter, if any."""
+def count(kind: str, *arrays, as_stored: bool = False):
+    """Add the arrays a matmul or attention reads to the open counter, if any
+    (``as_stored``: floats counted in their dtype on a Mac too)."""
     counter = _active.get()
     if counter is not None:
-        counter.add(kind, arrays)
+        counter.add(kind, arrays, as_stored, beyond_step=_outside_forward.get())
+
+
+def count_routed(key, indices: mx.array, *arrays):
+    """Add the rows of expert ``arrays`` a forward reads — those ``indices`` route to — to
+    the open counter, if any (``key``: the expert layer, for the routes it keeps)."""
+    counter = _active.get()
+    if counter is not None:
+        counter.add_routed(WEIGHTS, key, indices, arrays)
 
 
 @contextmanager
-def counting(counter: ReadCounter):
-    """Count the reads of one forward built inside the block."""
-    token = _active.set(counter)
+def counting(counter: ReadCounter, forward: bool = True):
+    """Count the reads of one forward built inside the block (``forward=False``: reads that
+    are not a forward of their own, such as a rewind's replay)."""
+    token, outside = _active.set(counter), _outside_forward.set(not forward)
     try:
         yield counter
     finally:
         _active.reset(token)
-        counter.forwards += 1
-
+        _outside_forward.reset(outside)
+        counter.forwards += forward

@@ -266,6 +266,13 @@ def linears(model) -> list[Linear] | None:
     return out
 
 
+def experts_seconds(nbytes: float, row_weights: float, rows: int, chip: str) -> float:
+    """A forward's expert layers (MLX's ``gather_qmm``, not our kernels): bound by the bytes
+    of the distinct experts its rows read, or by each row dequantizing and multiplying the
+    ``row_weights`` of its own experts (4-bit), whichever takes longer."""
+    return seconds(nbytes, rows * row_weights * (DEQUANTIZE_OPS[4] + FMA_OPS), chip)
+
+
 def forward_seconds(model_linears: list[Linear], kv_bytes: float, rows: int, chip: str) -> float:
     """One forward of ``rows`` rows (≤ kernels.MAX_M): the fixed cost of a forward, its
     linears one launch after another, and attention reading ``kv_bytes`` of cache."""

@@ -18,10 +18,10 @@ import mlx.nn as nn
 from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
 from mlx_lm.models.cache import can_trim_prompt_cache
 
-from . import hooks, settings as settings_module
+from . import hooks, recurrent, settings as settings_module
 from .caches import kv_mode, position, rewind
 from .decoder import Decoder, Row, SpecStats, new_key, prefill
-from .drafts.auto import AutoPolicy
+from .drafts.auto import NOT_REWINDABLE, AutoPolicy
 from .drafts.cascade import Cascade, DraftModel, build
 from .drafts.grammar import AUTO, NONE
 from .errors import UserError
@@ -62,7 +62,8 @@ def speculative_generate_step(
     place. ``logprobs`` are the verify's (after ``logits_processors``). Bad arguments raise
     UserError (a ValueError) here, before any compute.
     """
-    cache = make_rotating_cache(model) if prompt_cache is None else make_rewindable(prompt_cache)
+    cache = (make_rotating_cache(model) if prompt_cache is None
+             else make_rewindable(prompt_cache, model))
     named = not isinstance(draft, (Precision, Cascade))
     s = _settings(values, kv_mode=kv_mode(cache), draft=draft if named else NONE)
     check_kv_bits(cache, s.kv_bits)
@@ -78,7 +79,10 @@ def speculative_generate_step(
     cascade = None if s.draft.auto else build(model, draft if not named else s.draft,
                                              kv_mode(cache), s.ngram, draft_model, draft_head)
     dist = resolve_sampler(sampler)
-    if not can_trim_prompt_cache(cache):
+    # auto on a model whose recurrent state cannot be rewound decodes plainly (explicit
+    # drafts were refused by ``build``): mlx-lm's generate_step, on mlx-lm's caches
+    unrewindable = cascade is None and recurrent.unsupported(model) is not None
+    if not unrewindable and not can_trim_prompt_cache(cache):
         types = {type(c).__name__ for c in cache if not c.is_trimmable()}
         raise UserError(f"speculative decoding needs a trimmable prompt cache, got {types}")
     if prompt.size == 0:
@@ -92,6 +96,9 @@ def speculative_generate_step(
               processors=list(logits_processors or []))
     if cascade is not None and cascade.reads_context:
         row.context = list(cached_tokens) + prompt.tolist()
+    if unrewindable:
+        stats.draft, stats.auto_reason = NONE, NOT_REWINDABLE
+        return _generate(prompt, hooks.install(model), cache, row, s, None, None, plain=True)
     return _generate(prompt, hooks.install(model), cache, row, s, cascade,
                      list(cached_tokens), draft_head=draft_head)
 
@@ -137,7 +144,7 @@ def _generate(prompt, model, cache, row: Row, s: Settings, cascade, cached_token
     emitted = 0
     with mx.stream(generation_stream):
         t0 = time.perf_counter()
-        start = position(cache)
+        start = None if plain else position(cache)  # (mlx-lm's recurrent caches count none)
         keep_hidden = not plain and (cascade.reads_hidden if cascade is not None
                                      else heads_available(model, draft_head))
         hidden = [] if keep_hidden else None

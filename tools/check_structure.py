@@ -16,7 +16,7 @@ PACKAGE = "mlx_qspec"
 # What sits at the bottom: it may import only from this set.
 LOWER = {"errors", "cache_dir", "store", "calibration_text", "vocabulary", "reads", "precision",
          "kernels", "quant", "quant.activations", "quant.hadamard", "quant.modes",
-         "quant.linear", "kv_cache", "caches", "ragged_cache", "policy"}
+         "quant.linear", "recurrent", "moe", "kv_cache", "caches", "ragged_cache", "policy"}
 ENGINE = {"decoder", "speculative", "batch", "api"}  # never reaches argparse
 MAX_FLOORS, MAX_LINES, MAX_POSITIONAL = 10, 80, 8
 

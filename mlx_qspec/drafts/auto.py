@@ -12,7 +12,7 @@ serves its decisions to the decoder as plans on built drafts.
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import controller, cost, distributed
+from .. import controller, cost, distributed, recurrent
 from ..caches import kv_mode, position
 from ..heads import mtp
 from ..heads.level import HeadDraft, head_level, mtp_level
@@ -28,6 +28,8 @@ from .ngram import Ngram
 # acceptance of its MTP module's token at 85-90 %; what the controller sees takes over.
 MTP_PRIOR = 0.85
 HEAD_PRIOR = 0.3  # a trained head whose agreement was not measured (trained on the user's text)
+# Why auto decodes plainly a model whose recurrent state mlx_qspec cannot rewind.
+NOT_REWINDABLE = "recurrent_state_not_rewindable"
 
 
 def activation_draft(model: nn.Module) -> str | None:
@@ -88,13 +90,15 @@ class AutoPolicy:
     drafts; each block's seconds reported back to it (rank 0's clock across several ranks,
     so that every rank decides alike). A plain run that reaches the controller as several
     one-step blocks (the server's loop) is reported to it whole. ``name`` (the draft it runs
-    now, or None), ``reason``, ``measured_speedup``; :meth:`close` stores what it measured."""
+    now, or None), ``reason``, ``measured_speedup``; :meth:`close` stores what it measured.
+    A model whose recurrent state cannot be rewound has no draft to weigh: plain decoding."""
 
     def __init__(self, model, cache, ngram: Ngram = Ngram(), max_gamma: int | None = None,
                  draft_head=None):
         self.model, self.kv, self.ngram = model, kv_mode(cache), ngram
-        priors = auto_priors(model, self.kv)
-        heads = head_levels(model, draft_head)  # at a trained head's measured agreement
+        self.unrewindable = recurrent.unsupported(model) is not None
+        priors = {} if self.unrewindable else auto_priors(model, self.kv)
+        heads = {} if self.unrewindable else head_levels(model, draft_head)
         for name, level in heads.items():
             default = MTP_PRIOR if name == MTP else HEAD_PRIOR
             priors[name] = level.agreement if level.agreement is not None else default
@@ -116,7 +120,7 @@ class AutoPolicy:
 
     @property
     def reason(self) -> str:
-        return self.controller.reason
+        return NOT_REWINDABLE if self.unrewindable else self.controller.reason
 
     @property
     def measured_speedup(self) -> float:

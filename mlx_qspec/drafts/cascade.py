@@ -25,13 +25,13 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import precision, reads
+from .. import precision, reads, recurrent
 from ..errors import UserError
 from ..heads.level import HeadDraft, head_level, mtp_level
 from ..kv_cache import KV_MODES, make_rotating_cache
 from ..precision import FULL_PRECISION, UPPER, Precision
 from ..quant.modes import draftable_layers, eight_bit_layers, input_dims
-from ..caches import rewind
+from ..caches import commit, rewind
 from ..vocabulary import vocabulary_size
 from . import grammar, layer_skip
 from .grammar import DRAFT_MODEL, NESTED_KV, NGRAM, SEPARATOR
@@ -79,6 +79,7 @@ class DraftModel:
             rewind(self.cache, common)
         except ValueError:  # a window holds too little to go back that far
             self.cache, common = make_rotating_cache(self.model), 0
+        commit(self.cache)  # what it shares with the context is settled: never rewound
         self.tokens = context[:common]
         return context[common:]
 
@@ -186,6 +187,8 @@ def build(model: nn.Module, name, kv_mode: str = "fp", ngram: Ngram = Ngram(),
     its cache: UserError naming what to pass instead, before any compute. ``draft_head``: the
     ``head`` level's head (a :class:`HeadDraft`, used as given: one per conversation; or its
     directory)."""
+    if why := recurrent.unsupported(model):
+        raise UserError(f"cannot speculate: {why}")
     if isinstance(name, Cascade):
         levels = list(name.levels)
     else:
@@ -193,6 +196,8 @@ def build(model: nn.Module, name, kv_mode: str = "fp", ngram: Ngram = Ngram(),
                   for x in grammar.parse(name).levels]
     if draft_model is not None:
         _check_vocabulary(model, draft_model.model)
+        if why := recurrent.unsupported(draft_model.model):
+            raise UserError(f"cannot draft with the draft model: {why}")
         if levels and isinstance(levels[0], Ngram):
             raise UserError("a draft model and ngram are both first levels: pick one")
         levels.insert(0, draft_model)

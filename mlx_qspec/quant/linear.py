@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import QuantizedAllToShardedLinear, QuantizedShardedToAllLinear
 from mlx.utils import tree_flatten, tree_map_with_path
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from .. import kernels, precision, reads
 from .activations import fake_quantize_activations
@@ -125,6 +126,51 @@ class QSpecShardedToAllLinear(QSpecLinear):
         return y
 
 
+# A forward of at most this many (token, expert) rows gathers its experts row by row (no
+# expert sorting): kernels.MAX_M verify rows of up to 16 experts each. So a verify row and a
+# one-token step take one kernel path (mlx-lm's SwitchGLU sorts from 64 rows, and sorted
+# rows go to another Metal kernel); longer prompt chunks sort, in plain decoding alike.
+UNSORTED_ROWS = kernels.MAX_M * 16
+
+
+class QSpecSwitchLinear(QuantizedSwitchLinear):
+    """mlx-lm's ``QuantizedSwitchLinear`` (a mixture's experts, same arrays) read at the
+    forward's precision, counting only the experts its rows route to
+    (:func:`reads.count_routed`; ``route_key`` names the expert layer).
+
+    Activation drafts quantize the rows' activations before affine experts (4- or 8-bit).
+    ``w-upper`` reads 8-bit experts whole (halving them would take a second copy of their
+    scales), and other modes (mxfp4, nvfp4, mxfp8) are read as stored at every precision."""
+
+    def __init__(self, layer: QuantizedSwitchLinear, route_key: str):
+        nn.Module.__init__(self)
+        self.group_size, self.bits, self.mode = layer.group_size, layer.bits, layer.mode
+        self.weight, self.scales, self.biases = layer.weight, layer.scales, layer.biases
+        self.global_scale = layer.global_scale
+        if "bias" in layer:
+            self.bias = layer.bias
+        self.route_key = route_key
+        self.freeze()
+
+    def __call__(self, x, indices, sorted_indices=False):
+        p = precision.current()
+        if self.mode == "affine" and p.act_bits is not None:
+            x = fake_quantize_activations(x, p.act_bits, p.act_group_size)
+        reads.count_routed(self.route_key, indices, self["weight"], self["scales"],
+                           self.get("biases"), self.global_scale)
+        return super().__call__(x, indices, sorted_indices and indices.size > UNSORTED_ROWS)
+
+
+class CountedQuantizedLinear(nn.QuantizedLinear):
+    """A non-affine ``QuantizedLinear`` (mxfp4, nvfp4, mxfp8) as MLX runs it, its bytes counted.
+    No draft reads it with fewer bits (its codes have no second plane, activation drafts
+    need affine weights)."""
+
+    def __call__(self, x):
+        reads.count(reads.WEIGHTS, self["weight"], self["scales"], self.get("biases"))
+        return super().__call__(x)
+
+
 class QSpecEmbedding(nn.QuantizedEmbedding):
     """A ``QuantizedEmbedding`` whose tied LM head (``as_linear``) is read at the forward's
     precision; lookups always read the exact rows (a few rows: nothing to save), given in
@@ -193,8 +239,15 @@ def install(model: nn.Module) -> nn.Module:
     for m in sharded:
         m.act_draft = id(m) in act
 
-    def swap(_, m):
-        if isinstance(m, (QSpecLinear, QSpecEmbedding)) or getattr(m, "mode", None) != "affine":
+    def swap(path, m):
+        if isinstance(m, (QSpecLinear, QSpecEmbedding, QSpecSwitchLinear, CountedQuantizedLinear)):
+            return m
+        if isinstance(m, QuantizedSwitchLinear):
+            return QSpecSwitchLinear(m, route_key=path.rsplit(".", 1)[0])
+        if getattr(m, "mode", "affine") != "affine" and type(m) is nn.QuantizedLinear:
+            m.__class__ = CountedQuantizedLinear
+            return m
+        if getattr(m, "mode", None) != "affine":
             return m
         if isinstance(m, nn.QuantizedLinear):
             return QSpecLinear(m, act_draft=id(m) in act)
@@ -207,4 +260,5 @@ def install(model: nn.Module) -> nn.Module:
 
 
 def is_installed(model: nn.Module) -> bool:
-    return any(isinstance(m, (QSpecLinear, QSpecEmbedding)) for _, m in model.named_modules())
+    return any(isinstance(m, (QSpecLinear, QSpecEmbedding, QSpecSwitchLinear))
+               for _, m in model.named_modules())

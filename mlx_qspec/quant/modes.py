@@ -3,6 +3,7 @@ activation draft quantizes, and the 8-bit layers ``w-upper`` reads as their uppe
 (What a draft is called and whether a model can run it: :mod:`mlx_qspec.drafts`.)"""
 
 import mlx.nn as nn
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 
 def _is_quantized(module) -> bool:
@@ -10,12 +11,13 @@ def _is_quantized(module) -> bool:
 
 
 def draftable_layers(model: nn.Module, exclude=("lm_head",)) -> list[tuple[str, nn.Module]]:
-    """``(path, layer)`` for every linear whose activations a draft quantizes; the LM head
-    and embeddings keep theirs (a draft reads them only through ``w-upper``)."""
+    """``(path, layer)`` for every linear (a mixture's experts included) whose activations a
+    draft quantizes; the LM head and embeddings keep theirs (a draft reads them only
+    through ``w-upper``)."""
     return [
         (path, m)
         for path, m in model.named_modules()
-        if isinstance(m, nn.QuantizedLinear) and m.mode == "affine"
+        if isinstance(m, (nn.QuantizedLinear, QuantizedSwitchLinear)) and m.mode == "affine"
         and path.split(".")[-1] not in exclude
     ]
 
