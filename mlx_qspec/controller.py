@@ -34,15 +34,12 @@ tests drive it with the seconds they choose.
 
 import json
 import math
-import os
-import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .cache_dir import cache_dir
+from .cache_dir import cache_dir, write_file
 
 GAMMAS = (1, 2, 3, 4, 6, 8)
 NGRAM = "ngram"  # the n-gram lookup: a draft with no forward of its own
@@ -557,20 +554,7 @@ class Store:
             return
         data = self._read()
         data[name] = entry
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False,
-                                             prefix=".measured-", suffix=".json") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            try:  # whole or not at all: a reader never sees half a file
-                os.replace(f.name, self.path)
-            except OSError:
-                os.unlink(f.name)
-                raise
-        except OSError as e:
-            self.writable = False  # one line, once: decoding goes on
-            print(f"mlx_qspec: warning: cannot write measured costs to {self.path} "
-                  f"({e.strerror or e}); keeping them in memory for this run", file=sys.stderr)
+        self.writable = write_file(self.path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def _costs_from(entry) -> Costs | None:

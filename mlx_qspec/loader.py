@@ -5,7 +5,6 @@ wrapper."""
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from mlx_lm.utils import (
 )
 
 from . import gguf
-from .cache_dir import cache_dir
+from .cache_dir import cache_dir, publish_folder
 from .errors import ModelError
 from .heads import mtp
 from .quant.hadamard import apply_online_rotations
@@ -211,8 +210,8 @@ def _cached_tokenizer_dir(path: Path, metadata: dict, model_type: str) -> Path |
     """The rebuilt tokenizer's folder under :func:`cache_dir`, made on first use; keyed by
     the tokenizer's metadata and the code that rebuilds it, so files sharing a vocabulary
     share it. Rebuilding costs seconds for a large vocabulary (Gemma 3's 262k tokens: ~8 s
-    on a 2-core CPU, at every load); hashing the metadata, ~0.1 s. None if the cache is not
-    writable."""
+    on a 2-core CPU, at every load); hashing the metadata, ~0.1 s. None (and one line) if the
+    cache is not writable."""
     import tokenizers
     import transformers
 
@@ -226,19 +225,8 @@ def _cached_tokenizer_dir(path: Path, metadata: dict, model_type: str) -> Path |
     folder = cache_dir() / "tokenizers" / digest.hexdigest()[:32]
     if (folder / "config.json").is_file():  # written last: the folder is complete
         return folder
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=folder.parent))
-    except OSError:
-        return None
-    try:
-        _write_tokenizer_dir(path, metadata, model_type, staging)
-        os.replace(staging, folder)
-    except OSError:  # another load stored it first
-        pass
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone once moved; else what is left
-    return folder
+    return publish_folder(folder, lambda staging: _write_tokenizer_dir(
+        path, metadata, model_type, staging))
 
 
 def _is_model_dir(path: Path) -> bool:
