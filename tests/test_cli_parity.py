@@ -24,7 +24,8 @@ from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
 
 from mlx_qspec import load
 from mlx_qspec.cache_prompt import main as cache_prompt_main
-from mlx_qspec.cli import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, progress
+from mlx_qspec.cli import progress
+from mlx_qspec.command import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 from mlx_qspec.generate import main, stream_generate
 from mlx_qspec.loader import ROTATED_PREFIX
 from mlx_qspec.sampling import make_sampler, xtc_cut

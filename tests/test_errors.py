@@ -9,9 +9,10 @@ import pytest
 
 from mlx_qspec.errors import ModelError, UserError
 
-# The modules, not the functions of the same name that mlx_qspec exports.
-generate = importlib.import_module("mlx_qspec.generate")
-convert = importlib.import_module("mlx_qspec.convert")
+# The commands' code (where their names are bound), not the functions of the same name that
+# mlx_qspec exports.
+generate = importlib.import_module("mlx_qspec.commands.generate")
+convert = importlib.import_module("mlx_qspec.commands.convert")
 
 
 def boom(exc):
@@ -60,7 +61,7 @@ def test_convert_lets_a_bug_value_error_through(monkeypatch, tmp_path):
 ])
 def test_a_bug_exits_1_with_its_traceback(module, patch, argv):
     """As a user sees it: exit status 1 and the traceback, not 'error:' and exit 2."""
-    code = (f"import importlib, sys\nm = importlib.import_module('mlx_qspec.{module}')\n"
+    code = (f"import importlib, sys\nm = importlib.import_module('mlx_qspec.commands.{module}')\n"
             f"def {patch}(*a, **k): raise RuntimeError('internal bug')\n"
             f"m.{patch} = {patch}\n"
             f"m.main(sys.argv[1:])\n")

@@ -28,6 +28,7 @@ from ..cli import (
     load_draft_head,
     load_draft_model,
     make_cli_sampler,
+    progress_of,
     run_cli,
     settings_from_args,
 )
@@ -70,7 +71,8 @@ class Conversation:
         self.sampler = make_cli_sampler(settings, model, tokenizer)
         self.draft_model = load_draft_model(args.draft_model, tokenizer)
         self.draft_head = load_draft_head(args.draft_head, model)  # one head cache per chat
-        self.settings = settings.but(draft=resolve(model, tokenizer, settings.draft))
+        self.settings = settings.but(draft=resolve(model, tokenizer, settings.draft,
+                                                   progress_of("skip calibration (forwards)")))
         self.turns = 0  # each turn draws from its own key: the seed + the turn's number
         self.reset()
 

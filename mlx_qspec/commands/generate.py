@@ -25,9 +25,9 @@ from ..cli import (
     load_draft_head,
     load_draft_model,
     make_cli_sampler,
+    progress_of,
     read_prompt,
     run_cli,
-    say,
     settings_from_args,
     template_config,
 )
@@ -231,8 +231,8 @@ def run(args, parser) -> None:
     draft_model = load_draft_model(args.draft_model, tokenizer)
     draft_head = load_draft_head(args.draft_head, model)
     show = distributed.is_main()  # one rank prints
-    settings = settings.but(draft=resolve(model, tokenizer, settings.draft,
-                                          say if show else None))
+    calibrating = progress_of("skip calibration (forwards)") if show else None
+    settings = settings.but(draft=resolve(model, tokenizer, settings.draft, calibrating))
 
     text, response = "", None
     counter = distributed.CollectiveCounter()
