@@ -13,6 +13,8 @@ import mlx.core as mx
 
 from helpers import build_tiny_model, default_sigint
 from helpers.gguf_reference import MHA, write_gguf
+from mlx_qspec import decoder
+from mlx_qspec.cache_prompt import main as cache_prompt_main
 from mlx_qspec.drafts import layer_skip
 from mlx_qspec.generate import main as generate_main
 
@@ -23,6 +25,15 @@ def three_blocks(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("three") / "three.gguf"
     write_gguf(path, replace(MHA, layers=3), seed=1, embed_std=0.2)
     return str(path)
+
+
+def _refused(capsys, main, *argv) -> str:
+    """The one line ``main(argv)`` is refused with (exit 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    assert exc.value.code == 2
+    return _error_line(capsys)
 
 
 def _error_line(capsys) -> str:
@@ -95,3 +106,54 @@ def test_skip_calibration_shows_progress_counted_after_each_forward(monkeypatch)
     assert [d for d, _, _ in seen] == list(range(total + 1))
     assert total == len(forwards) == 5 + 4 + 3  # reference, 4 single blocks, 2 greedy steps
     assert all(done == ran for done, _, ran in seen)
+
+
+def test_a_prompt_cache_is_refused_for_another_model_at_the_same_path(tmp_path, capsys):
+    """The cache records the model it was made with; another model saved at the same path
+    (here the same shapes, other weights) is refused in one line, not decoded on."""
+    model, file = tmp_path / "m.gguf", str(tmp_path / "s.safetensors")
+    write_gguf(model, MHA, seed=1, embed_std=0.2)
+    cache_prompt_main(["--model", str(model), "--prompt", "Colours:", "--prompt-cache-file", file])
+    args = ["--model", str(model), "--prompt-cache-file", file, "--prompt", "Which?",
+            "--max-tokens", "3"]
+    generate_main(args)  # the same model: accepted
+    write_gguf(model, MHA, seed=2, embed_std=0.2)
+    line = _refused(capsys, generate_main, *args)
+    assert "was made with another model" in line and "cache_prompt" in line
+    write_gguf(model, replace(MHA, layers=3), seed=1, embed_std=0.2)
+    assert "was made with another model" in _refused(capsys, generate_main, *args)
+
+
+def test_cache_prompt_checks_its_file_before_loading(tmp_path, capsys, monkeypatch):
+    from mlx_qspec.commands import cache_prompt
+
+    monkeypatch.setattr(cache_prompt, "load", lambda *a, **k: pytest.fail("loaded first"))
+    for path, says in ((tmp_path / "no" / "c.safetensors", "'" + str(tmp_path / "no") +
+                        "' does not exist"),
+                       (tmp_path, "must end in .safetensors")):
+        line = _refused(capsys, cache_prompt_main, "--prompt", "hi", "--prompt-cache-file",
+                        str(path))
+        assert says in line, line
+    (tmp_path / "d.safetensors").mkdir()
+    line = _refused(capsys, cache_prompt_main, "--prompt", "hi", "--prompt-cache-file",
+                    str(tmp_path / "d.safetensors"))
+    assert "is a directory" in line
+    line = _refused(capsys, generate_main, "--prompt", "hi", "--prompt-cache-file",
+                    str(tmp_path / "d.safetensors"))
+    assert "is a directory" in line
+
+
+def test_prefill_progress_is_reported_after_the_chunk_is_evaluated(monkeypatch):
+    """MLX is lazy: a chunk's work is done when it is evaluated. cache_prompt's progress came
+    before (431/431 printed, then minutes of silence)."""
+    model = build_tiny_model()
+    events = []
+    evaluate = mx.eval
+    monkeypatch.setattr(decoder.mx, "eval", lambda *a: events.append("eval") or evaluate(*a))
+    from mlx_lm.models.cache import make_prompt_cache
+
+    decoder.prefill(model, mx.arange(10, dtype=mx.uint32), make_prompt_cache(model), 4,
+                    after=lambda: events.append("after"),
+                    progress=lambda done, total: events.append((done, total)))
+    assert events == ["after", "eval", (4, 10), "after", "eval", (8, 10), "after", "eval",
+                      (10, 10)]

@@ -7,15 +7,16 @@ computed) and saved with mlx-lm's ``save_prompt_cache``; ``mlx_qspec.generate
 """
 
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.generate import maybe_quantize_kv_cache
 from mlx_lm.models.cache import make_prompt_cache, save_prompt_cache
 
-from .. import hooks
-from ..caches import position
+from .. import hooks, store
 from ..cli import (
     ArgumentParser,
     add_kv_args,
@@ -33,6 +34,11 @@ from ..errors import UserError
 from ..kv_cache import check_kv_bits
 from ..loader import load
 from ..settings import Settings
+
+# The metadata key of the model a cache was made with (store.weights_fingerprint): generate
+# refuses the cache for any other model (its shapes would fail deep in attention, or worse,
+# the same shapes would silently continue another model's context).
+MODEL_FINGERPRINT = "model_fingerprint"
 
 
 def setup_arg_parser():
@@ -64,16 +70,30 @@ def prompt_tokens(tokenizer, prompt: str) -> list:
     return tokenizer.encode(prompt)
 
 
+def check_destination(path: str) -> None:
+    """The file to write, checked before the model loads and the prompt is prefilled (minutes
+    for a long one): a .safetensors name, in a folder that exists and can be written."""
+    if not path.endswith(".safetensors"):
+        # mx.save_safetensors would add the suffix, and generate would not find the file
+        raise UserError(f"--prompt-cache-file '{path}' must end in .safetensors")
+    file = Path(path).expanduser()
+    folder = file.parent
+    if file.is_dir():
+        raise UserError(f"--prompt-cache-file '{path}' is a directory; name a file in it")
+    if not folder.is_dir():
+        what = "is not a directory" if folder.exists() else "does not exist"
+        raise UserError(f"--prompt-cache-file '{path}': the folder '{folder}' {what}")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"--prompt-cache-file '{path}': the folder '{folder}' is not writable")
+
+
 def run(args, parser) -> None:
     check_text_args(parser, args)
     settings = settings_from_args(args)
     prompt = read_prompt(args.prompt)
     if not prompt.strip():
         raise UserError("the prompt is empty")
-    if not args.prompt_cache_file.endswith(".safetensors"):
-        # mx.save_safetensors would add the suffix, and generate would not find the file
-        raise UserError(f"--prompt-cache-file '{args.prompt_cache_file}' must end in "
-                        ".safetensors")
+    check_destination(args.prompt_cache_file)
     tokenizer_config = {"trust_remote_code": args.trust_remote_code}
     if args.eos_token is not None:
         tokenizer_config["eos_token"] = args.eos_token
@@ -81,23 +101,27 @@ def run(args, parser) -> None:
     model, tokenizer = load(model_name, adapter_path=args.adapter_path,
                             tokenizer_config=tokenizer_config,
                             trust_remote_code=args.trust_remote_code)
+    made_with = store.weights_fingerprint(model)  # as loaded: generate checks it so, too
     tokens = mx.array(prompt_tokens(tokenizer, prompt), mx.uint32)
 
     cache = make_prompt_cache(model)  # mlx-lm's classes, which its loader knows
     check_kv_bits(cache, settings.kv_bits)
     start = time.perf_counter()
 
-    def after_chunk():
+    def quantize():
         maybe_quantize_kv_cache(cache, settings.quantized_kv_start, settings.kv_group_size,
                                 settings.kv_bits)
-        done = position(cache)
-        speed = done / (time.perf_counter() - start)
-        progress(f"prefill ({speed:.1f} tok/s)", done, tokens.size)
 
-    prefill(hooks.install(model), tokens, cache, settings.prefill_step_size, after_chunk)
+    def prefilled(done, total):  # after the chunk is evaluated: its tokens are done
+        speed = done / (time.perf_counter() - start)
+        progress(f"prefill ({speed:.1f} tok/s)", done, total)
+
+    prefill(hooks.install(model), tokens, cache, settings.prefill_step_size, quantize,
+            progress=prefilled)
     print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB", file=sys.stderr)
     print("Saving...", file=sys.stderr)
-    metadata = {"model": model_name, "tokenizer_config": json.dumps(tokenizer_config)}
+    metadata = {"model": model_name, "tokenizer_config": json.dumps(tokenizer_config),
+                MODEL_FINGERPRINT: made_with}
     try:
         save_prompt_cache(args.prompt_cache_file, cache, metadata)
     except (OSError, RuntimeError, ValueError) as e:

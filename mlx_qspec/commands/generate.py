@@ -10,7 +10,7 @@ from typing import List
 
 from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache
 
-from .. import distributed
+from .. import distributed, store
 from ..api import GenerationResponse, generate, stream_generate, summary_line  # noqa: F401
 from ..cli import (
     ArgumentParser,
@@ -36,6 +36,7 @@ from ..drafts.grammar import NONE, drafts_epilog
 from ..errors import ModelError, UserError
 from ..loader import load
 from ..settings import Settings
+from .cache_prompt import MODEL_FINGERPRINT
 
 DEFAULT_PROMPT = "hello"
 DEFAULT_MAX_TOKENS = 100
@@ -100,6 +101,9 @@ def check_args(args) -> Settings:
 
 def load_prompt_cache_file(path: str):
     """``(cache, metadata)`` of a file ``cache_prompt`` wrote, or a UserError naming it."""
+    if Path(path).is_dir():
+        raise UserError(f"--prompt-cache-file '{path}' is a directory, not a file "
+                        "cache_prompt wrote")
     if not Path(path).is_file():
         raise UserError(f"--prompt-cache-file '{path}' does not exist")
     try:
@@ -110,6 +114,19 @@ def load_prompt_cache_file(path: str):
         raise UserError(f"--prompt-cache-file '{path}' has no model metadata; write it with "
                         "python -m mlx_qspec.cache_prompt")
     return cache, metadata
+
+
+def check_cache_model(path: str, cache, metadata: dict, model) -> None:
+    """The cache was made with this model (as loaded, before hooks install): the fingerprint
+    ``cache_prompt`` recorded (a file made by mlx-lm records none: its layer count, at least)."""
+    recorded = metadata.get(MODEL_FINGERPRINT)
+    if recorded is not None and recorded != store.weights_fingerprint(model):
+        raise UserError(f"--prompt-cache-file '{path}' was made with another model than the "
+                        f"one at '{metadata['model']}' now; make it again with "
+                        "python -m mlx_qspec.cache_prompt")
+    if len(cache) != len(model.layers):
+        raise UserError(f"--prompt-cache-file '{path}' holds {len(cache)} layers, the model "
+                        f"{len(model.layers)}: it was made with another model")
 
 
 def _cache_kv_settings(args, cache, settings: Settings) -> Settings:
@@ -207,6 +224,8 @@ def _load(args, ranks: int, settings: Settings):
                                 adapter_path=args.adapter_path,
                                 tokenizer_config=tokenizer_config,
                                 trust_remote_code=args.trust_remote_code)
+    if cache is not None and ranks == 1:  # (a rank holds a shard: another fingerprint)
+        check_cache_model(args.prompt_cache_file, cache, metadata, model)
     return model, tokenizer, cache, settings
 
 
