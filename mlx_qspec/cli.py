@@ -25,7 +25,7 @@ from .drafts.ngram import Ngram
 from .command import EXIT_BROKEN_PIPE, exit_interrupted
 from .errors import ModelError, UserError
 from .kv_cache import GROUP_SIZES, KV_MODES, MAX_DRAFT_TOKENS
-from .loader import load
+from .loader import check_adapters, load
 from .sampling import Sampler, make_sampler
 from .settings import KV_BITS, SettingError, Settings, check
 from .vocabulary import vocabulary_size
@@ -56,7 +56,8 @@ def run_cli(parser, argv, body) -> None:
         sys.stdout.flush()
         # Under mlx.launch every rank fails alike: one line, from rank 0 (MLX_RANK).
         main_rank = os.environ.get("MLX_RANK", "0") == "0"
-        parser.exit(2, f"{parser.prog}: error: {' '.join(str(e).splitlines())}\n"
+        message = e.with_flags() if isinstance(e, SettingError) else str(e)  # flags, not names
+        parser.exit(2, f"{parser.prog}: error: {' '.join(message.splitlines())}\n"
                     if main_rank else None)
     except KeyboardInterrupt:
         exit_interrupted()
@@ -264,6 +265,20 @@ def settings_from_args(args) -> Settings:
         return Settings(**values)
     except SettingError as e:
         raise UserError(e.with_flags()) from None
+
+
+def check_before_load(args) -> Settings:
+    """What every command that loads a model checks first, so that a mistake costs no load
+    (and a chat shows no prompt before it): the settings its flags give, and the folders
+    they name (``--adapter-path``, ``--draft-head``) where the command has them."""
+    settings = settings_from_args(args)
+    if getattr(args, "adapter_path", None) is not None:
+        check_adapters(args.adapter_path, "--adapter-path")
+    head = getattr(args, "draft_head", None)
+    if head is not None and not Path(head).expanduser().is_dir():
+        raise UserError(f"--draft-head '{head}' is not a directory (python -m "
+                        "mlx_qspec.train_head --out DIR writes one)")
+    return settings
 
 
 def load_draft_model(path: Optional[str], tokenizer):

@@ -251,13 +251,45 @@ def read_config(path: Path) -> dict:
     return config
 
 
+ADAPTER_TYPES = ("lora", "dora", "full")
+
+
+def check_adapters(adapter_path, what: str = "adapter path") -> None:
+    """What mlx-lm's ``load_adapters`` reads from ``adapter_path``, checked before any model
+    loads: a ModelError naming ``what``, the file and the missing piece (mlx-lm would fail
+    with an AttributeError on a SimpleNamespace)."""
+    path = Path(adapter_path).expanduser()
+    lead = f"{what} '{adapter_path}'"
+    if not path.is_dir():
+        raise ModelError(f"{lead} is not a directory")
+    file = path / "adapter_config.json"
+    if not file.is_file():
+        raise ModelError(f"{lead} has no adapter_config.json (mlx_lm.lora writes one)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    kind = config.get("fine_tune_type", "lora")
+    if kind not in ADAPTER_TYPES:
+        raise ModelError(f"{file}: fine_tune_type must be one of {', '.join(ADAPTER_TYPES)}, "
+                         f"got {kind!r}")
+    lora = config.get("lora_parameters")
+    if kind != "full" and not isinstance(config.get("num_layers"), int):
+        raise ModelError(f"{file}: no num_layers (an integer) for a {kind} adapter")
+    if kind != "full" and not (isinstance(lora, dict) and {"rank", "scale", "dropout"} <= set(lora)):
+        raise ModelError(f"{file}: lora_parameters must hold rank, scale and dropout")
+    if not (path / "adapters.safetensors").is_file():
+        raise ModelError(f"{lead} has no adapters.safetensors")
+
+
 def _load_adapters(model: nn.Module, adapter_path) -> None:
     """mlx-lm's LoRA / DoRA / full adapters, their mistakes as one-line ModelErrors."""
     from mlx_lm.tuner.utils import load_adapters
 
+    check_adapters(adapter_path)
     path = Path(adapter_path).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        raise ModelError(f"adapter path '{adapter_path}' has no adapter_config.json")
     try:
         load_adapters(model, str(path))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

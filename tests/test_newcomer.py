@@ -157,3 +157,51 @@ def test_prefill_progress_is_reported_after_the_chunk_is_evaluated(monkeypatch):
                     progress=lambda done, total: events.append((done, total)))
     assert events == ["after", "eval", (4, 10), "after", "eval", (8, 10), "after", "eval",
                       (10, 10)]
+
+
+@pytest.fixture
+def junk_adapter(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    return str(folder)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--draft", "kv-upper"], "pass --kv-mode nested"),
+    (["--draft", "bogus"], "unknown draft term 'bogus'"),
+    (["--kv-mode", "nested", "--max-kv-size", "64"], "--max-kv-size applies to --kv-mode fp"),
+    (["--adapter-path", "JUNK"], "adapter_config.json: no num_layers"),
+    (["--draft-head", "/no/such/head"], "--draft-head '/no/such/head' is not a directory"),
+])
+def test_chat_checks_what_generate_checks_before_loading(argv, says, junk_adapter, capsys,
+                                                         monkeypatch):
+    """With stdin at its end too: the mistake is one line and exit 2, before any model
+    loads or the chat shows its prompt (it exited 0 at end of input and never said)."""
+    import io
+
+    from mlx_qspec.chat import main as chat_main
+    from mlx_qspec.commands import chat
+
+    monkeypatch.setattr(chat, "load", lambda *a, **k: pytest.fail("loaded first"))
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    argv = [junk_adapter if a == "JUNK" else a for a in argv]
+    line = _refused(capsys, chat_main, *argv)
+    assert says in line and line.startswith("mlx_qspec.chat: error:"), line
+
+
+def test_a_junk_adapter_is_named_before_loading(junk_adapter, capsys, monkeypatch):
+    from mlx_qspec.commands import generate
+
+    monkeypatch.setattr(generate, "load", lambda *a, **k: pytest.fail("loaded first"))
+    line = _refused(capsys, generate_main, "--adapter-path", junk_adapter)
+    assert f"{junk_adapter}/adapter_config.json: no num_layers" in line
+    assert "SimpleNamespace" not in line
+
+
+def test_settings_refused_after_loading_name_their_flags(tiny_gguf, capsys):
+    """A window too small for the positions it keeps is found when the cache is made: the
+    message names --max-kv-size, not the Python name."""
+    line = _refused(capsys, generate_main, "--model", tiny_gguf, "--max-kv-size", "2",
+                    "--draft", "a8")
+    assert line.startswith("mlx_qspec.generate: error: --max-kv-size must exceed"), line

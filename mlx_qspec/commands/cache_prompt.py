@@ -21,13 +21,13 @@ from ..cli import (
     ArgumentParser,
     add_kv_args,
     add_model_args,
+    check_before_load,
     check_text_args,
     default_model_path,
     progress,
     read_prompt,
     run_cli,
     setting,
-    settings_from_args,
 )
 from ..decoder import prefill
 from ..errors import UserError
@@ -89,7 +89,7 @@ def check_destination(path: str) -> None:
 
 def run(args, parser) -> None:
     check_text_args(parser, args)
-    settings = settings_from_args(args)
+    settings = check_before_load(args)
     prompt = read_prompt(args.prompt)
     if not prompt.strip():
         raise UserError("the prompt is empty")

@@ -22,6 +22,7 @@ from ..cli import (
     add_draft_args,
     add_model_args,
     add_sampling_args,
+    check_before_load,
     check_text_args,
     default_model_path,
     integer,
@@ -182,7 +183,7 @@ class _UI(ChatUI):
 
 def run(args, parser) -> None:
     check_text_args(parser, args)
-    settings_from_args(args)  # its mistakes before the model loads
+    check_before_load(args)  # as generate: its mistakes before the model loads
     model_name = str(args.model or default_model_path())
     model, tokenizer = load(model_name, adapter_path=args.adapter_path,
                             trust_remote_code=args.trust_remote_code)

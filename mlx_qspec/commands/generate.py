@@ -19,6 +19,7 @@ from ..cli import (
     add_model_args,
     add_sampling_args,
     boolean,
+    check_before_load,
     check_text_args,
     default_model_path,
     integer,
@@ -28,7 +29,6 @@ from ..cli import (
     progress_of,
     read_prompt,
     run_cli,
-    settings_from_args,
     template_config,
 )
 from ..drafts.cascade import resolve
@@ -83,7 +83,7 @@ def setup_arg_parser():
 def check_args(args) -> Settings:
     """What needs no model, checked before one loads: the decoding settings, and the flags
     that only make sense together."""
-    settings = settings_from_args(args)
+    settings = check_before_load(args)
     if args.kv_bits is None and args.prompt_cache_file is None:
         for flag, value in (("--kv-group-size", args.kv_group_size),
                             ("--quantized-kv-start", args.quantized_kv_start)):
@@ -94,8 +94,6 @@ def check_args(args) -> Settings:
         if args.kv_mode != "fp" or args.max_kv_size is not None:
             flag = "--max-kv-size" if args.max_kv_size is not None else f"--kv-mode {args.kv_mode}"
             raise UserError(f"{flag} cannot change the cache read from --prompt-cache-file")
-    if args.adapter_path is not None and not Path(args.adapter_path).expanduser().is_dir():
-        raise UserError(f"--adapter-path '{args.adapter_path}' is not a directory")
     return settings
 
 
