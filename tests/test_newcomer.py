@@ -205,3 +205,37 @@ def test_settings_refused_after_loading_name_their_flags(tiny_gguf, capsys):
     line = _refused(capsys, generate_main, "--model", tiny_gguf, "--max-kv-size", "2",
                     "--draft", "a8")
     assert line.startswith("mlx_qspec.generate: error: --max-kv-size must exceed"), line
+
+
+def test_a_gguf_is_recognised_by_its_magic_whatever_its_extension(tiny_gguf, tmp_path):
+    import shutil
+
+    from mlx_qspec import generate, load
+
+    renamed = tmp_path / "model.txt"
+    shutil.copy(tiny_gguf, renamed)
+    outs = [generate(*load(str(path)), "hello", max_tokens=4) for path in (tiny_gguf, renamed)]
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("mlx_path, says", [
+    ("FILE", "is a file; name a directory"),
+    ("", "--mlx-path is empty"),
+    ("   ", "--mlx-path is empty"),
+])
+def test_convert_says_what_is_wrong_with_its_destination(mlx_path, says, tiny_gguf, tmp_path,
+                                                         capsys):
+    from mlx_qspec.convert import main as convert_main
+
+    (tmp_path / "f").write_text("")
+    mlx_path = str(tmp_path / "f") if mlx_path == "FILE" else mlx_path
+    line = _refused(capsys, convert_main, "--model", tiny_gguf, "--mlx-path", mlx_path)
+    assert says in line, line
+
+
+@pytest.mark.parametrize("argv", [[], ["--model", "m.gguf", "--q-bits", "7"],
+                                  ["--model", "m.gguf", "--bogus"]])
+def test_convert_argparse_errors_are_one_line(argv, capsys):
+    from mlx_qspec.convert import main as convert_main
+
+    assert _refused(capsys, convert_main, *argv).startswith("mlx_qspec.convert: error:")

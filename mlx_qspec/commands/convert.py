@@ -28,9 +28,17 @@ from ..loader import cast_floats, load, load_gguf, resolve, rotated_model_type
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
-def _check_destination(mlx_path: Path) -> None:
-    if mlx_path.exists() and (not mlx_path.is_dir() or any(mlx_path.iterdir())):
+def _check_destination(mlx_path: str) -> Path:
+    """The directory to write: named, and absent or empty (nothing is overwritten)."""
+    if not mlx_path.strip():
+        raise ModelError("--mlx-path is empty; name the directory to write")
+    path = Path(mlx_path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ModelError(f"--mlx-path '{mlx_path}' is a file; name a directory to write "
+                         "(absent or empty)")
+    if path.is_dir() and any(path.iterdir()):
         raise ModelError(f"--mlx-path '{mlx_path}' exists and is not empty; refusing to overwrite")
+    return path
 
 
 def _make_destination(mlx_path: Path) -> Path:
@@ -59,8 +67,7 @@ def convert(
     """Convert a GGUF file or a Hugging Face model to an mlx directory; returns the
     directory. ``quantize``, ``q_bits``, ``q_group_size``: for a Hugging Face model, as
     mlx-lm's convert takes them (a GGUF keeps its own quantization)."""
-    mlx_path = Path(mlx_path)
-    _check_destination(mlx_path)
+    mlx_path = _check_destination(str(mlx_path))
     src = resolve(model)
     if dtype is not None and dtype not in DTYPES:
         raise ModelError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
