@@ -255,3 +255,67 @@ def test_help_and_readme_say_what_happens(capsys):
     assert mlx_qspec.default_model_path() == default_model_path()
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert "load(default_model_path())" in readme and "2–4 tokens/s" in readme
+
+
+def _read_pty(fd: int, seen: bytearray, done, timeout: float = 60) -> None:
+    """Read the terminal's output into ``seen`` until ``done(seen)`` (or until the child
+    closes the terminal, where ``done`` is None)."""
+    import select
+    import time
+
+    end = time.monotonic() + timeout
+    while done is None or not done(seen):
+        assert time.monotonic() < end, bytes(seen[-400:])
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                chunk = b""
+            if not chunk:
+                assert done is None, bytes(seen[-400:])
+                return
+            seen += chunk
+
+
+def _shows(marker: bytes, after: int = 0):
+    return lambda seen: marker in seen[after:]
+
+
+def test_chat_q_typed_while_an_answer_streams_is_neither_echoed_nor_the_next_message(tiny_gguf):
+    """At a terminal: 'q' typed during an answer used to show inside the answer and then end
+    the chat as if typed at the next prompt. It is dropped: the chat waits for a message."""
+    import pty
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_qspec.chat", "--model", tiny_gguf, "--max-tokens", "300",
+         "--draft", "none"], stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="80", TERM="dumb"))
+    os.close(slave)
+    seen, question, marker = bytearray(), b"Name three colours.\r\n", b"\xe2\x80\xba"
+    try:
+        _read_pty(master, seen, _shows(marker))  # the prompt
+        os.write(master, b"Name three colours.\n")
+        _read_pty(master, seen, _shows(question))  # echoed as typed
+        start = seen.index(question) + len(question)
+        _read_pty(master, seen, lambda seen: len(seen) > start + 16)  # the answer streams ...
+        assert b"tok/s" not in seen[start:]  # (still streaming)
+        os.write(master, b"q\n")  # ... and q is typed
+        _read_pty(master, seen, _shows(b"tok/s", start))  # the answer ended
+        stats = seen.index(b"tok/s", start)
+        answer = bytes(seen[start:stats])
+        _read_pty(master, seen, _shows(marker, stats))  # the next prompt
+        time.sleep(1.0)
+        assert proc.poll() is None, bytes(seen[-400:])  # the typed q did not end the chat
+        os.write(master, b"h\n")
+        _read_pty(master, seen, _shows(b"commands", stats), timeout=30)
+        os.write(master, b"q\n")
+        _read_pty(master, seen, None, timeout=30)  # to the end: bye
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert proc.returncode == 0 and b"bye" in seen[stats:]
+    assert b"q\r\n" not in answer

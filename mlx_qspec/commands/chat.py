@@ -9,6 +9,8 @@ conversation stays token for token the plain one, turn after turn.
 
 import argparse
 import sys
+import termios
+from contextlib import contextmanager
 from typing import Generator
 
 import mlx.core as mx
@@ -155,8 +157,11 @@ class _UI(ChatUI):
         return self
 
     def prompt(self) -> str:
-        """The next message; UnicodeDecodeError where its bytes are not UTF-8."""
+        """The next message; UnicodeDecodeError where its bytes are not UTF-8. At a terminal,
+        what was typed while the answer streamed is dropped first: a 'q' typed then must not
+        end the chat as the next message."""
         if sys.stdin.isatty():
+            termios.tcflush(sys.stdin.fileno(), termios.TCIFLUSH)
             return super().prompt()
         line = sys.stdin.buffer.readline()
         if not line:
@@ -179,6 +184,24 @@ class _UI(ChatUI):
     def say_interrupted(self, kept: bool):
         what = "the answer was dropped" if kept else "context cleared"
         self._console.print(f"  [ui.warn]interrupted[/ui.warn] [ui.muted]{what}[/ui.muted]")
+
+
+@contextmanager
+def keys_not_echoed():
+    """While an answer streams to a terminal, keys typed are not echoed into it (the
+    prompt drops them after)."""
+    if not sys.stdin.isatty():
+        yield
+        return
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO  # the local modes
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def run(args, parser) -> None:
@@ -212,8 +235,9 @@ def run(args, parser) -> None:
                 continue
             start, response = conversation.offset, None
             try:
-                for response in conversation.reply(query):
-                    ui.stream_token(response.text)
+                with keys_not_echoed():
+                    for response in conversation.reply(query):
+                        ui.stream_token(response.text)
             except KeyboardInterrupt:  # this answer stops; the conversation goes on
                 kept = conversation.rewind(start)
                 if not kept:
