@@ -66,9 +66,11 @@ def run_cli(parser, argv, body) -> None:
         sys.exit(EXIT_BROKEN_PIPE)
 
 
-def progress(label: str, done: int, total: int, stream=sys.stderr) -> None:
+def progress(label: str, done: int, total: int, stream=None) -> None:
     """A progress bar redrawn in place on a terminal; in a log file (no terminal) one plain
-    line at each tenth of the way, so the log reads as lines, not carriage returns."""
+    line at each tenth of the way, so the log reads as lines, not carriage returns. On
+    ``stream``, else on sys.stderr as it is now (not as it was at import)."""
+    stream = stream or sys.stderr
     if not stream.isatty():
         if done == total or 10 * done // max(total, 1) != 10 * (done - 1) // max(total, 1):
             stream.write(f"{label} {done}/{total}\n")

@@ -10,7 +10,9 @@ Each command module (``generate``, ``chat``, ``cache_prompt``, ``convert``, ``tr
 """
 
 import importlib
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 
 # Exit codes besides 0 (done) and 2 (a user mistake): Ctrl-C and a reader that went away,
@@ -50,13 +52,43 @@ def interrupts_exit():
         exit_interrupted()
 
 
+@contextmanager
+def importing():
+    """Ctrl-C while the block imports ends the command, even where a library swallows it:
+    a C extension interrupted while it initializes raises ImportError, which an optional
+    import's ``except ImportError`` takes for a missing package, and the command would go on.
+    So the interrupt is also recorded, and acted on after the block."""
+    seen = []
+
+    def record(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    # Only where Ctrl-C raises KeyboardInterrupt now (not ignored, not someone's handler), and
+    # from the main thread (the only one that may set handlers).
+    ours = (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if ours:
+        signal.signal(signal.SIGINT, record)
+    try:
+        with interrupts_exit():
+            yield
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    if seen:
+        exit_interrupted()
+
+
 def shell(code: str):
     """``(main, __getattr__)`` for a command module whose code is the module ``code``: ``main``
     handles Ctrl-C from its first line, then imports ``code`` and runs its ``main``."""
 
     def main(argv=None):
+        with importing():
+            command = importlib.import_module(code)
         with interrupts_exit():
-            importlib.import_module(code).main(argv)
+            command.main(argv)
 
     def __getattr__(name):  # PEP 562: the command's other names, from its code
         if name.startswith("__"):
