@@ -24,7 +24,8 @@ from .drafts.ngram import Ngram
 from .command import EXIT_BROKEN_PIPE, exit_interrupted
 from .errors import ModelError, UserError
 from .kv_cache import GROUP_SIZES, KV_MODES, MAX_DRAFT_TOKENS
-from .loader import DEFAULT_GGUF_FILE, check_adapters, default_model_path, load  # noqa: F401
+from .loader import DEFAULT_GGUF_FILE, check_adapters, is_hub_id, load
+from .loader import default_model_path  # noqa: F401  (the commands take it from here)
 from .sampling import Sampler, make_sampler
 from .settings import KV_BITS, SettingError, Settings, check
 from .vocabulary import vocabulary_size
@@ -254,9 +255,14 @@ def settings_from_args(args) -> Settings:
 
 def check_before_load(args) -> Settings:
     """What every command that loads a model checks first, so that a mistake costs no load
-    (and a chat shows no prompt before it): the settings its flags give, and the folders
-    they name (``--adapter-path``, ``--draft-head``) where the command has them."""
+    (and a chat shows no prompt before it): the settings its flags give, and the paths they
+    name (``--model``, ``--draft-model``, ``--adapter-path``, ``--draft-head``) where the
+    command has them."""
     settings = settings_from_args(args)
+    for flag in ("model", "draft_model"):  # (a hub id is looked up when it loads)
+        name = getattr(args, flag, None)
+        if name is not None and not Path(name).expanduser().exists() and not is_hub_id(name):
+            raise ModelError(f"--{flag.replace('_', '-')} '{name}' does not exist")
     if getattr(args, "adapter_path", None) is not None:
         check_adapters(args.adapter_path, "--adapter-path")
     head = getattr(args, "draft_head", None)

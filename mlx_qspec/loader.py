@@ -68,14 +68,18 @@ def _offline() -> bool:
     return constants.HF_HUB_OFFLINE or now
 
 
+def is_hub_id(name: str) -> bool:
+    """Spelled as a Hugging Face repo id (``org/name``), not as a local path."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
 def resolve(path_or_repo: str, revision: str | None = None) -> Path:
     """A local path, or a hub id as mlx-lm resolves it: the local cache first, then a
     download of what is missing (mlx-lm's file patterns, huggingface_hub's progress bars)."""
     path = Path(path_or_repo).expanduser()
     if path.exists():
         return path
-    looks_like_repo = path_or_repo.count("/") == 1 and not path_or_repo.startswith((".", "/", "~"))
-    if not looks_like_repo:
+    if not is_hub_id(path_or_repo):
         raise ModelError(f"model path '{path_or_repo}' does not exist")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (

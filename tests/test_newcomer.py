@@ -321,3 +321,15 @@ def test_chat_q_typed_while_an_answer_streams_is_neither_echoed_nor_the_next_mes
         os.close(master)
     assert proc.returncode == 0 and b"bye" in seen[stats:]
     assert b"q\r\n" not in answer
+
+
+def test_paths_named_by_flags_are_checked_before_loading_and_name_the_flag(tmp_path, capsys):
+    """--draft-model nope.gguf said "model path 'nope.gguf' does not exist" once the model
+    had loaded (which model?); train_head --out where nothing can be made was a traceback."""
+    from mlx_qspec.train_head import main as train_head_main
+
+    line = _refused(capsys, generate_main, "--draft-model", str(tmp_path / "nope.gguf"))
+    assert line.endswith(f"--draft-model '{tmp_path / 'nope.gguf'}' does not exist")
+    (tmp_path / "f").write_text("")
+    line = _refused(capsys, train_head_main, "--out", str(tmp_path / "f" / "head"))
+    assert f"--out '{tmp_path / 'f' / 'head'}': cannot create it" in line

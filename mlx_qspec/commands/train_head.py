@@ -357,11 +357,17 @@ def agreement(model, head, ends, vocab, windows_: list) -> float | None:
 
 
 def _check_out(out: Path):
+    """The directory to write: a new or empty one, or a run's to resume; made now, so that a
+    place that cannot be written fails before the model loads and the text is read."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is a file")
     if out.is_dir() and any(out.iterdir()) and not (out / "checkpoint").is_dir():
         raise UserError(f"--out '{out}' exists, is not empty and holds no train_head checkpoint; "
                         "refusing to overwrite")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out '{out}': cannot create it ({e.strerror or e})") from None
 
 
 def train_head(args) -> Path:
