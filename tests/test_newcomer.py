@@ -333,3 +333,16 @@ def test_paths_named_by_flags_are_checked_before_loading_and_name_the_flag(tmp_p
     (tmp_path / "f").write_text("")
     line = _refused(capsys, train_head_main, "--out", str(tmp_path / "f" / "head"))
     assert f"--out '{tmp_path / 'f' / 'head'}': cannot create it" in line
+
+
+def test_bench_makes_its_report_folder_before_the_work(tmp_path, capsys, monkeypatch):
+    """It wrote the report only after minutes of checks and timings, and a folder it could
+    not make was a traceback then; its argparse errors were several lines."""
+    from mlx_qspec.bench import main as bench_main
+    from mlx_qspec.commands import bench
+
+    monkeypatch.setattr(bench, "load", lambda *a, **k: pytest.fail("loaded first"))
+    (tmp_path / "f").write_text("")
+    for out, says in ((tmp_path / "f" / "r", "cannot create it"), (tmp_path / "f", "is a file")):
+        assert says in _refused(capsys, bench_main, "--out", str(out))
+    assert _refused(capsys, bench_main, "--bogus").startswith("mlx_qspec.bench: error:")

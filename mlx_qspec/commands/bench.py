@@ -49,7 +49,7 @@ import numpy as np
 
 from .. import controller, cost, kernels, precision, store
 from ..api import stream_generate
-from ..cli import default_model_path, run_cli
+from ..cli import ArgumentParser, default_model_path, run_cli
 from ..decoder import prefill
 from ..drafts.grammar import parse_precision
 from ..errors import UserError
@@ -636,8 +636,19 @@ def plan(quick: bool, metal: bool) -> dict:
     return p
 
 
+def _make_out(out: Path) -> None:
+    """The report's folder, made before any work (a bench runs for minutes)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; name a folder for the report")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out '{out}': cannot create it ({e.strerror or e})") from None
+
+
 def run(args, parser):
     start = time.perf_counter()
+    _make_out(Path(args.out))
     model_path = Path(args.model) if args.model else default_model_path()
     model, tokenizer = load(str(model_path))
     install(model)
@@ -681,8 +692,7 @@ def write(report: dict, out: Path):
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mlx_qspec.bench",
-                                     description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="mlx_qspec.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a GGUF file or an mlx directory (default: SmolLM2-135M Q4_1)")
     parser.add_argument("--quick", action="store_true",
                         help="short runs (about a minute on the default model); long contexts "
