@@ -229,7 +229,9 @@ def test_prompt_cache_file_plain_and_speculative(capsys, tiny_gguf, tmp_path):
         assert int(summary(err)["prompt_tokens"]) == len(query) + 2 + GENERATION
         outs.append(out)
     assert outs[0] == outs[1]
-    code, _, err = run_main(capsys, "--model", "other.gguf", "--prompt-cache-file", file,
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"")  # it exists: refused for the cache before it is read
+    code, _, err = run_main(capsys, "--model", str(other), "--prompt-cache-file", file,
                             "--prompt", query)
     assert_one_line(code, err, "is not the model that made the cache")
 
