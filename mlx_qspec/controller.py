@@ -452,8 +452,9 @@ class Controller:
 
     def _why_plain(self, est: dict) -> str:
         """The first bound that fails: free drafts accepted always (the verify's rows cost
-        too much), a draft that measured slower (in this run or a stored one), the cheapest
-        draft accepted always; else acceptance is too low."""
+        too much), a draft that measured slower (in this run or a stored one); no draft
+        timed yet where the costs are guessed (no roofline, nothing stored: a short run on a
+        CPU); the cheapest draft accepted always; else acceptance is too low."""
         if not self.arms:
             return "no_draft_candidates"
         block = self.blocks.solve()
@@ -467,6 +468,9 @@ class Controller:
         if measured:
             d = max(measured, key=lambda n: est[n].rate)
             return f"measured_not_faster({d}_x{est[d].rate / plain:.2f})"
+        if self.prior.source == "timed":  # the drafts' costs are guesses until one is timed
+            top = max(self.arms, key=lambda d: est[d].rate)
+            return f"not_timed_yet({top})"
         cheapest = min(self.arms, key=lambda d: block[d])
         perfect = max((n + 1) / (block["block"] + n * (max(block["row"], 0.0) + block[cheapest]))
                       for n in self.gammas)

@@ -346,3 +346,18 @@ def test_bench_makes_its_report_folder_before_the_work(tmp_path, capsys, monkeyp
     for out, says in ((tmp_path / "f" / "r", "cannot create it"), (tmp_path / "f", "is a file")):
         assert says in _refused(capsys, bench_main, "--out", str(out))
     assert _refused(capsys, bench_main, "--bogus").startswith("mlx_qspec.bench: error:")
+
+
+def test_auto_does_not_blame_acceptance_for_a_draft_it_never_timed():
+    """A short run on a CPU (no roofline, nothing stored) times plain decoding and stops
+    before trying a draft: it said acceptance_too_low(a8-g32_0.97) — untrue. It says the
+    draft was not timed yet; once timed, what it measured."""
+    from mlx_qspec.controller import Controller
+
+    controller = Controller({"a8-g32": 0.97, "ngram": 0.44})
+    for _ in range(2):  # plain decoding timed first (a warm-up, then timed; 0.2 s a token) ...
+        action = controller.next()
+        assert action.draft is None
+        controller.report(action, 0, 0, action.steps, 0.2 * action.steps)
+    assert controller.reason == "not_timed_yet(a8-g32);costs=timed"  # ... and the run ends
+    assert "acceptance_too_low" not in controller.reason
