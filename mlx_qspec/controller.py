@@ -34,15 +34,12 @@ tests drive it with the seconds they choose.
 
 import json
 import math
-import os
-import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .cache_dir import cache_dir
+from .cache_dir import cache_dir, write_file
 
 GAMMAS = (1, 2, 3, 4, 6, 8)
 NGRAM = "ngram"  # the n-gram lookup: a draft with no forward of its own
@@ -455,8 +452,9 @@ class Controller:
 
     def _why_plain(self, est: dict) -> str:
         """The first bound that fails: free drafts accepted always (the verify's rows cost
-        too much), a draft that measured slower (in this run or a stored one), the cheapest
-        draft accepted always; else acceptance is too low."""
+        too much), a draft that measured slower (in this run or a stored one); no draft
+        timed yet where the costs are guessed (no roofline, nothing stored: a short run on a
+        CPU); the cheapest draft accepted always; else acceptance is too low."""
         if not self.arms:
             return "no_draft_candidates"
         block = self.blocks.solve()
@@ -470,6 +468,9 @@ class Controller:
         if measured:
             d = max(measured, key=lambda n: est[n].rate)
             return f"measured_not_faster({d}_x{est[d].rate / plain:.2f})"
+        if self.prior.source == "timed":  # the drafts' costs are guesses until one is timed
+            top = max(self.arms, key=lambda d: est[d].rate)
+            return f"not_timed_yet({top})"
         cheapest = min(self.arms, key=lambda d: block[d])
         perfect = max((n + 1) / (block["block"] + n * (max(block["row"], 0.0) + block[cheapest]))
                       for n in self.gammas)
@@ -557,20 +558,7 @@ class Store:
             return
         data = self._read()
         data[name] = entry
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False,
-                                             prefix=".measured-", suffix=".json") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            try:  # whole or not at all: a reader never sees half a file
-                os.replace(f.name, self.path)
-            except OSError:
-                os.unlink(f.name)
-                raise
-        except OSError as e:
-            self.writable = False  # one line, once: decoding goes on
-            print(f"mlx_qspec: warning: cannot write measured costs to {self.path} "
-                  f"({e.strerror or e}); keeping them in memory for this run", file=sys.stderr)
+        self.writable = write_file(self.path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def _costs_from(entry) -> Costs | None:

@@ -181,14 +181,19 @@ def forward(model, tokens: mx.array, cache, at: Precision = FULL_PRECISION, coun
     return logits
 
 
-def prefill(model, tokens: mx.array, cache, step: int, after=None, hidden: Optional[list] = None):
+def prefill(model, tokens: mx.array, cache, step: int, after=None, hidden: Optional[list] = None,
+            progress=None):
     """Feed ``tokens`` into ``cache`` at full precision in chunks of ``step``, as mlx-lm's
     ``generate_step`` does with a prompt's first n − 1 tokens (same chunks, same cache),
     committing after each. Rewindable windows see the chunks as prompt chunks, the blocks
-    after them as verifies. ``hidden``: a list that gets each chunk's final hidden states."""
+    after them as verifies. ``hidden``: a list that gets each chunk's final hidden states.
+    ``after()``: after each chunk's forward, before its evaluation (mlx-lm's KV
+    quantization); ``progress(done, total)``: once the chunk is evaluated (MLX is lazy: the
+    work is done only then)."""
     windows = [c for c in cache if isinstance(c, SpeculativeRotatingKVCache)]
     for c in windows:
         c.decoding = False
+    total, done = tokens.size, 0
     while tokens.size:
         n = min(step, tokens.size)
         forward(model, tokens[:n][None], cache, hidden=hidden)
@@ -196,7 +201,9 @@ def prefill(model, tokens: mx.array, cache, step: int, after=None, hidden: Optio
             after()
         mx.eval([c.state for c in cache], hidden or [])
         commit(cache)
-        tokens = tokens[n:]
+        tokens, done = tokens[n:], done + n
+        if progress is not None:
+            progress(done, total)
         mx.clear_cache()
     for c in windows:
         c.decoding = True

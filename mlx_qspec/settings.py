@@ -19,34 +19,12 @@ from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE, DEFAULT_QUANTIZED_KV_STAR
 
 from .drafts import grammar
 from .drafts.ngram import Ngram
-from .errors import UserError
+from .errors import SettingError, UserError
 from .kv_cache import GROUP_SIZES, KV_MODES, MAX_DRAFT_TOKENS
 
 DEFAULT_DRAFT_TOKENS = 4  # γ of an explicit draft when none is given
 KV_BITS = (4, 8)
 SEED_MAX = 2**64 - 1
-
-
-class _Names(dict):
-    def __init__(self, flags: bool):
-        super().__init__()
-        self.flags = flags
-
-    def __missing__(self, key):
-        return "--" + key.replace("_", "-") if self.flags else key
-
-
-class SettingError(UserError):
-    """A setting that cannot be used. ``template`` writes settings as ``{name}``: ``str()``
-    names them as the API does, :meth:`with_flags` as the command line does; ``problem``
-    is the message without the setting's name (what an argparse type says)."""
-
-    def __init__(self, template: str, problem: str = ""):
-        self.template, self.problem = template, problem or template
-        super().__init__(template.format_map(_Names(False)))
-
-    def with_flags(self) -> str:
-        return self.template.format_map(_Names(True))
 
 
 def _integer(value, low: int, high: Optional[int] = None) -> Optional[str]:

@@ -34,7 +34,7 @@ import mlx.core as mx
 
 from plotting import pyplot
 from mlx_qspec import load, settings
-from mlx_qspec.cli import default_model_path
+from mlx_qspec.cli import default_model_path, progress_of
 from mlx_qspec.decoder import SpecStats
 from mlx_qspec.drafts.cascade import build, resolve
 from mlx_qspec.kv_cache import KV_MODES, make_cache
@@ -161,10 +161,6 @@ def plot(rows, path):
     print(f"plot: {path}", file=sys.stderr)
 
 
-def _log(message):
-    print(message, file=sys.stderr, flush=True)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model path (default: the SmolLM2 test GGUF)")
@@ -182,7 +178,7 @@ def main(argv=None):
 
     try:
         model, tokenizer = load(args.model or default_model_path())
-        modes = [build(model, resolve(model, tokenizer, m, progress=_log), args.kv_mode)
+        modes = [build(model, resolve(model, tokenizer, m, progress=progress_of("skip calibration")), args.kv_mode)
                  for m in args.modes]
         gammas = [settings.check("num_draft_tokens", g) for g in args.gammas]
     except ValueError as e:

@@ -187,7 +187,8 @@ def main(argv=None):
     t = time.perf_counter()
     cache = make_cache(model, "nested")
     print(f"prefill {args.context} tokens into a nested cache ...", file=sys.stderr, flush=True)
-    prefill(model, ids[:-1], cache, 256, lambda: print(".", end="", file=sys.stderr, flush=True))
+    prefill(model, ids[:-1], cache, 256,
+            progress=lambda done, total: print(".", end="", file=sys.stderr, flush=True))
     print(f" {time.perf_counter() - t:.0f}s", file=sys.stderr)
     state = [(c.state, c.meta_state) for c in cache]
     measured = []

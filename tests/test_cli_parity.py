@@ -24,7 +24,8 @@ from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
 
 from mlx_qspec import load
 from mlx_qspec.cache_prompt import main as cache_prompt_main
-from mlx_qspec.cli import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, progress
+from mlx_qspec.cli import progress
+from mlx_qspec.command import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 from mlx_qspec.generate import main, stream_generate
 from mlx_qspec.loader import ROTATED_PREFIX
 from mlx_qspec.sampling import make_sampler, xtc_cut
@@ -228,7 +229,9 @@ def test_prompt_cache_file_plain_and_speculative(capsys, tiny_gguf, tmp_path):
         assert int(summary(err)["prompt_tokens"]) == len(query) + 2 + GENERATION
         outs.append(out)
     assert outs[0] == outs[1]
-    code, _, err = run_main(capsys, "--model", "other.gguf", "--prompt-cache-file", file,
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"")  # it exists: refused for the cache before it is read
+    code, _, err = run_main(capsys, "--model", str(other), "--prompt-cache-file", file,
                             "--prompt", query)
     assert_one_line(code, err, "is not the model that made the cache")
 

@@ -235,7 +235,7 @@ def test_a_store_that_cannot_be_written_warns_once_and_keeps_costs_in_memory(tmp
     store.save("k", 10, costs)
     store.save("k", 10, costs)  # a second save: no second warning
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and "cannot write measured costs" in err[0] and "a_file" in err[0]
+    assert len(err) == 1 and "cannot write to the cache folder" in err[0] and "a_file" in err[0]
     assert store.load("k", 10) == costs
 
 

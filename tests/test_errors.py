@@ -9,9 +9,11 @@ import pytest
 
 from mlx_qspec.errors import ModelError, UserError
 
-# The modules, not the functions of the same name that mlx_qspec exports.
-generate = importlib.import_module("mlx_qspec.generate")
-convert = importlib.import_module("mlx_qspec.convert")
+# The commands' code (where their names are bound), not the functions of the same name that
+# mlx_qspec exports.
+MODEL = sys.executable  # a file that exists (checked before loading); load itself is replaced
+generate = importlib.import_module("mlx_qspec.commands.generate")
+convert = importlib.import_module("mlx_qspec.commands.convert")
 
 
 def boom(exc):
@@ -25,7 +27,7 @@ def boom(exc):
 def test_user_errors_exit_2_in_one_line(exc, monkeypatch, capsys):
     monkeypatch.setattr(generate, "load", boom(exc))
     with pytest.raises(SystemExit) as out:
-        generate.main(["--model", "m", "--prompt", "hi"])
+        generate.main(["--model", MODEL, "--prompt", "hi"])
     assert out.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"mlx_qspec.generate: error: {exc}"]
 
@@ -43,7 +45,7 @@ def test_generate_lets_bugs_through(exc, monkeypatch):
     """Not a SystemExit(2): the original exception reaches the interpreter."""
     monkeypatch.setattr(generate, "load", boom(exc))
     with pytest.raises(type(exc)):
-        generate.main(["--model", "m", "--prompt", "hi"])
+        generate.main(["--model", MODEL, "--prompt", "hi"])
 
 
 def test_convert_lets_a_bug_value_error_through(monkeypatch, tmp_path):
@@ -55,12 +57,12 @@ def test_convert_lets_a_bug_value_error_through(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("module, patch, argv", [
-    ("generate", "load", ["--model", "m", "--prompt", "hi"]),
+    ("generate", "load", ["--model", MODEL, "--prompt", "hi"]),
     ("convert", "load_gguf", ["--model", sys.executable, "--mlx-path", "/nonexistent/out"]),
 ])
 def test_a_bug_exits_1_with_its_traceback(module, patch, argv):
     """As a user sees it: exit status 1 and the traceback, not 'error:' and exit 2."""
-    code = (f"import importlib, sys\nm = importlib.import_module('mlx_qspec.{module}')\n"
+    code = (f"import importlib, sys\nm = importlib.import_module('mlx_qspec.commands.{module}')\n"
             f"def {patch}(*a, **k): raise RuntimeError('internal bug')\n"
             f"m.{patch} = {patch}\n"
             f"m.main(sys.argv[1:])\n")

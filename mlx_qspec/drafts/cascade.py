@@ -26,7 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import precision, reads, recurrent
-from ..errors import UserError
+from ..errors import SettingError, UserError
 from ..heads.level import HeadDraft, head_level, mtp_level
 from ..kv_cache import KV_MODES, make_rotating_cache
 from ..precision import FULL_PRECISION, UPPER, Precision
@@ -150,7 +150,7 @@ def check_draft(model: nn.Module, name, kv_mode: str = "fp") -> Precision | None
     if p.is_full:
         raise UserError(f"draft {name!r} reads nothing with fewer bits; use --draft none")
     if kv_mode not in KV_MODES:
-        raise UserError(f"unknown KV mode {kv_mode!r}; valid: {', '.join(KV_MODES)}")
+        raise SettingError(f"unknown {{kv_mode}} {kv_mode!r}; valid: {', '.join(KV_MODES)}")
     if p.kv == UPPER and kv_mode != NESTED_KV:
         raise UserError(f"draft {p.name!r} reads the upper plane of a nested KV cache: "
                         f"pass --kv-mode nested (got --kv-mode {kv_mode})")

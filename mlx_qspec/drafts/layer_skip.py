@@ -23,8 +23,8 @@ from ..calibration_text import calibration_tokens
 from ..errors import UserError
 from ..precision import Precision
 
-CALIBRATION_SAMPLES, CALIBRATION_LENGTH = 1, 128  # ~40 forwards of 128 tokens (slow on MLX-CPU only)
-STORE = "skip.json"  # beside the cost tables (costs.json)
+CALIBRATION_SAMPLES, CALIBRATION_LENGTH = 1, 128  # forwards of 128 tokens (slow on MLX-CPU)
+STORE = "skip.json"  # beside the measured costs (measured.json)
 SHORTLIST = 6  # blocks tried at each greedy step: the best by their agreement when skipped alone
 
 def check(model: nn.Module, p: Precision) -> None:
@@ -58,25 +58,39 @@ def _agreement(model, tokens, reference, skip) -> float:
 
 def calibrate(model: nn.Module, tokens: mx.array, fraction: float, progress=None) -> Calibration:
     """Greedy search for ``round(fraction · blocks)`` blocks to skip (block 0 never), scored
-    by teacher-forced top-1 agreement with the full model on ``tokens`` (samples, length)."""
-    hooks.install_skippable_blocks(model)
+    by teacher-forced top-1 agreement with the full model on ``tokens`` (samples, length).
+    ``progress(done, total)`` after each forward (minutes on a CPU: ~40 forwards of 128
+    tokens for a 30-block model)."""
     n = len(model.layers)
+    if n < 3:  # block 0 always runs and a draft must run one more: nothing left to choose
+        raise UserError(f"draft skip-{fraction:g}: this model has {n} blocks; a skip draft "
+                        "needs at least 3")
+    hooks.install_skippable_blocks(model)
     count = max(1, min(round(fraction * n), n - 2))
-    reference = mx.argmax(model(tokens)[:, :-1], axis=-1)
-    single = {}
-    for i in range(1, n):
-        single[i] = _agreement(model, tokens, reference, {i})
+    total = n + sum(min(SHORTLIST, n - 1 - k) for k in range(count))
+    done = 0
+    if progress:
+        progress(done, total)
+
+    def measured(value):  # counted once its forward has run (.item() evaluates it)
+        nonlocal done
+        done += 1
         if progress:
-            progress(f"skip calibration: block {i} alone keeps {single[i]:.3f}")
+            progress(done, total)
+        return value
+
+    reference = mx.argmax(model(tokens)[:, :-1], axis=-1)
+    mx.eval(reference)
+    measured(reference)
+    single = {i: measured(_agreement(model, tokens, reference, {i})) for i in range(1, n)}
     chosen, agreement = set(), 1.0
     while len(chosen) < count:
         shortlist = sorted((i for i in single if i not in chosen), key=single.get, reverse=True)
-        scores = {i: _agreement(model, tokens, reference, chosen | {i}) for i in shortlist[:SHORTLIST]}
+        scores = {i: measured(_agreement(model, tokens, reference, chosen | {i}))
+                  for i in shortlist[:SHORTLIST]}
         best = max(scores, key=scores.get)
         chosen.add(best)
         agreement = scores[best]
-        if progress:
-            progress(f"skip calibration: {len(chosen)}/{count} blocks, agreement {agreement:.3f}")
     return Calibration(fraction, tuple(sorted(chosen)), agreement, single)
 
 
