@@ -32,7 +32,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -52,7 +52,7 @@ log = logging.getLogger("mlx_qspec.server")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 DEFAULT_MODEL_ALIAS = "default_model"  # what mlx-lm's server takes for "the served model"
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat (completions: 5)
-MAX_TEMPERATURE = 2.0  # OpenAI's; past it sampling is a uniform draw over the vocabulary
+MAX_TEMPERATURE = 2.0  # OpenAI's limit; far past it a draw is all but uniform over the vocabulary
 MAX_SEED = 2**64 - 1  # what mx.random.seed takes
 MAX_STOPS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256  # the engine holds back up to this much text while a stop may begin
@@ -79,6 +79,7 @@ NOT_IMPLEMENTED = {
     "prediction": lambda v: False,
     "reasoning_effort": lambda v: False,
     "adapters": lambda v: False,
+    "chat_template_kwargs": lambda v: v == {},  # mlx-lm's; the server's flag sets them
 }
 COMPLETIONS_NOT_IMPLEMENTED = {
     "echo": lambda v: v is False,
@@ -592,6 +593,8 @@ class _CatchAll:
 
         try:
             await self.app(scope, receive, watch)
+        except ClientDisconnect:  # it left while sending its body: nobody to answer
+            return
         except Exception as e:
             rid = f"req-{uuid.uuid4().hex[:12]}"
             log.error("request %s (%s %s) failed", rid, scope.get("method"), scope.get("path"),
