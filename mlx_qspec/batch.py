@@ -42,6 +42,7 @@ from .policy import FixedGamma
 from .ragged_cache import RaggedKVCache
 from .sampling import make_sampler, resolve_sampler
 from .settings import Settings
+from .stop_strings import StopMatcher
 
 log = logging.getLogger("mlx_qspec.server")
 
@@ -55,7 +56,11 @@ class Job:
     """One request as the engine sees it: prompt tokens, sampling, stop strings, and where its
     events go. ``deliver`` is called from the engine thread with dicts of type ``text``
     (a piece of text and, when asked for, its tokens' logprobs), then one ``done`` or
-    ``error``. Text that could still turn into a stop string is held back until it cannot."""
+    ``error``. Text that could still turn into a stop string is held back until it cannot,
+    and so is a trailing U+FFFD, which a streaming detokenizer emits only for the bytes of a
+    character that the last token left incomplete: at the end it is dropped, so a response
+    cut inside a character (``max_tokens``) ends with the last whole character, streamed or
+    not (a model that generated U+FFFD itself as its very last character loses it too)."""
 
     prompt: List[int]
     max_tokens: int
@@ -69,8 +74,10 @@ class Job:
     logprobs: bool = False
     top_logprobs: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
-    text: str = ""
-    sent: int = 0
+    held: str = ""  # generated, not yet delivered
+
+    def __post_init__(self):
+        self.stops = StopMatcher(self.stop)
 
     def cancel(self):
         """The client went away: the engine stops this job at its next token."""
@@ -78,27 +85,32 @@ class Job:
 
     def add(self, segment: str, logprobs: Optional[list]) -> bool:
         """Append generated text; deliver what no stop string can still claim. True when a
-        stop string ended the text (it and anything after it are never delivered)."""
-        self.text += segment
-        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop)
-                if i >= 0]
-        if hits:
-            self._send(min(hits), logprobs)
+        stop string ended the text (it and anything after it are never delivered). Time
+        linear in the text (:class:`StopMatcher`)."""
+        start = self.stops.feed(segment)
+        text, self.held = self.held + segment, ""
+        if start is not None:
+            self._send(text[:len(text) - len(segment) + start], logprobs)
             return True
-        hold = max((n for s in self.stop for n in range(len(s) - 1, 0, -1)
-                    if self.text.endswith(s[:n])), default=0)
-        self._send(len(self.text) - hold, logprobs)
+        keep = len(text) - max(self.stops.partial, _replacement_tail(text))
+        self._send(text[:keep], logprobs)
+        self.held = text[keep:]
         return False
 
     def flush(self):
-        """Deliver the held-back tail: generation ended without a stop string."""
-        self._send(len(self.text), None)
+        """Deliver the held-back tail, less an incomplete last character: generation ended
+        without a stop string."""
+        text, self.held = self.held[:len(self.held) - _replacement_tail(self.held)], ""
+        self._send(text, None)
 
-    def _send(self, upto: int, logprobs: Optional[list]):
-        if upto > self.sent or logprobs:
-            self.deliver({"type": "text", "text": self.text[self.sent:upto],
-                          "logprobs": logprobs or []})
-            self.sent = max(self.sent, upto)
+    def _send(self, text: str, logprobs: Optional[list]):
+        if text or logprobs:
+            self.deliver({"type": "text", "text": text, "logprobs": logprobs or []})
+
+
+def _replacement_tail(text: str) -> int:
+    """How many U+FFFD end ``text``."""
+    return len(text) - len(text.rstrip("\ufffd"))
 
 
 class PromptCache:

@@ -10,8 +10,13 @@ mlx-lm's server's (``mlx_lm.server``) plus ours (``--draft``, ``--num-draft-toke
 """
 
 import asyncio
+import hmac
+import ipaddress
 import json
 import logging
+import math
+import re
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,8 +29,9 @@ from mlx_lm.utils import _parse_size
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import settings as decoding
@@ -41,6 +47,39 @@ log = logging.getLogger("mlx_qspec.server")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 DEFAULT_MODEL_ALIAS = "default_model"  # what mlx-lm's server takes for "the served model"
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat (completions: 5)
+MAX_TEMPERATURE = 2.0  # OpenAI's limit; far past it a draw is all but uniform over the vocabulary
+MAX_STOPS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # the engine holds back up to this much text while a stop may begin
+MAX_BODY_BYTES = 16 << 20  # a 1M-token prompt as ids fits
+MAX_JSON_DEPTH = 64  # a real request nests ~6 deep; 100,000 brackets exhausted the stack
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON escapes can spell them; UTF-8 cannot
+
+# Request fields that would change what is generated and that this server does not
+# implement: refused with a 400 naming the field unless absent, null, or at their "off"
+# value (a client that relies on one must not get output that silently ignored it).
+NOT_IMPLEMENTED = {
+    "tools": lambda v: v == [],
+    "tool_choice": lambda v: v in ("none", "auto"),  # without tools, "auto" calls none
+    "functions": lambda v: v == [],
+    "function_call": lambda v: v in ("none", "auto"),
+    "response_format": lambda v: v == {"type": "text"},
+    "logit_bias": lambda v: v == {},
+    "frequency_penalty": lambda v: v == 0,
+    "presence_penalty": lambda v: v == 0,
+    "repetition_penalty": lambda v: v in (0, 1),  # mlx-lm: 0 is off; 1 divides by one
+    "xtc_probability": lambda v: v == 0,
+    "modalities": lambda v: v == ["text"],
+    "audio": lambda v: False,
+    "prediction": lambda v: False,
+    "reasoning_effort": lambda v: False,
+    "adapters": lambda v: False,
+    "chat_template_kwargs": lambda v: v == {},  # mlx-lm's; the server's flag sets them
+}
+COMPLETIONS_NOT_IMPLEMENTED = {
+    "echo": lambda v: v is False,
+    "suffix": lambda v: v == "",
+    "best_of": lambda v: v == 1,
+}
 
 
 class APIError(Exception):
@@ -56,8 +95,10 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def response(self) -> Response:
+        """The error as JSON in ASCII: whatever a message quotes, it encodes."""
+        return Response(json.dumps(self.body()), status_code=self.status,
+                        media_type="application/json")
 
 
 @dataclass
@@ -78,13 +119,19 @@ class Settings:
 # ---------------------------------------------------------------- request checking
 
 
+def _show(v) -> str:
+    """A request value quoted in an error message (long ones cut)."""
+    text = json.dumps(v)
+    return text if len(text) <= 200 else text[:200] + "…"
+
+
 def _value(body: dict, name: str, default, kinds, what: str):
     """``body[name]`` (null or absent: ``default``), or a 400 naming the field and the type."""
     v = body.get(name)
     if v is None:
         return default
     if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
-        raise APIError(400, f"'{name}' must be {what}, got {json.dumps(v)}", name, "invalid_type")
+        raise APIError(400, f"'{name}' must be {what}, got {_show(v)}", name, "invalid_type")
     return v
 
 
@@ -96,8 +143,8 @@ def _number(body, name, default, low=None, high=None, low_open=False, integer=Fa
     if low is not None and (v <= low if low_open else v < low) or high is not None and v > high:
         lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
         hi = "" if high is None else f"<= {high}"
-        raise APIError(400, f"'{name}' must be {' and '.join(x for x in (lo, hi) if x)}, got {v}",
-                       name, "invalid_value")
+        raise APIError(400, f"'{name}' must be {' and '.join(x for x in (lo, hi) if x)}, "
+                       f"got {_show(v)}", name, "invalid_value")
     return v
 
 
@@ -110,35 +157,60 @@ def _setting(value, name: str, field: str):
         raise APIError(400, f"'{field}' {e.problem}", field, "invalid_value") from None
 
 
-def _sampling(body: dict, s: Settings, chat: bool) -> dict:
+def _sampling(body: dict, s: Settings, chat: bool, vocab_size: int) -> dict:
     """The fields both endpoints share, checked."""
+    _refuse_not_implemented(body, NOT_IMPLEMENTED if chat else
+                            {**NOT_IMPLEMENTED, **COMPLETIONS_NOT_IMPLEMENTED})
     model = _value(body, "model", None, (str,), "a string")
     if model not in (None, s.model_id, DEFAULT_MODEL_ALIAS):
-        raise APIError(404, f"The model '{model}' does not exist: this server serves "
+        raise APIError(404, f"The model {_show(model)} does not exist: this server serves "
                        f"'{s.model_id}'", "model", "model_not_found")
     if _number(body, "n", 1, low=1, integer=True) != 1:
         raise APIError(400, "'n' must be 1: one choice per request", "n", "invalid_value")
     name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None \
         else "max_tokens"
     max_tokens = _number(body, name, None, low=1, high=s.max_context, integer=True)
+    stream_options = _value(body, "stream_options", {}, (dict,), "an object")
+    return dict(
+        max_tokens=max_tokens,
+        temperature=float(_setting(_number(body, "temperature", s.temp, high=MAX_TEMPERATURE),
+                                   "temp", "temperature")),
+        top_p=float(_setting(_number(body, "top_p", s.top_p, low=0, low_open=True), "top_p",
+                             "top_p")),
+        top_k=_setting(_number(body, "top_k", s.top_k, high=vocab_size - 1, integer=True),
+                       "top_k", "top_k"),
+        min_p=float(_setting(_number(body, "min_p", s.min_p), "min_p", "min_p")),
+        seed=_setting(_value(body, "seed", None, (int,), "an integer"), "seed", "seed"),
+        stop=_stop(body),
+        stream=_value(body, "stream", False, (bool,), "a boolean"),
+        include_usage=_value(stream_options, "include_usage", False, (bool,), "a boolean"),
+    )
+
+
+def _stop(body: dict) -> list:
+    """``stop``: up to MAX_STOPS non-empty strings of at most MAX_STOP_CHARS characters."""
     stop = _value(body, "stop", [], (str, list), "a string or a list of strings")
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(x, str) and x for x in stop):
         raise APIError(400, "'stop' must be a string or a list of non-empty strings", "stop",
                        "invalid_type")
-    stream_options = _value(body, "stream_options", {}, (dict,), "an object")
-    return dict(
-        max_tokens=max_tokens,
-        temperature=float(_setting(_number(body, "temperature", s.temp), "temp", "temperature")),
-        top_p=float(_setting(_number(body, "top_p", s.top_p, low=0, low_open=True), "top_p",
-                             "top_p")),
-        top_k=_setting(_number(body, "top_k", s.top_k, integer=True), "top_k", "top_k"),
-        min_p=float(_setting(_number(body, "min_p", s.min_p), "min_p", "min_p")),
-        seed=_setting(_value(body, "seed", None, (int,), "an integer"), "seed", "seed"),
-        stop=stop,
-        stream=_value(body, "stream", False, (bool,), "a boolean"),
-        include_usage=_value(stream_options, "include_usage", False, (bool,), "a boolean"),
-    )
+    if len(stop) > MAX_STOPS:
+        raise APIError(400, f"'stop' may hold at most {MAX_STOPS} strings, got {len(stop)}",
+                       "stop", "invalid_value")
+    if max(map(len, stop), default=0) > MAX_STOP_CHARS:
+        raise APIError(400, f"each 'stop' string may be at most {MAX_STOP_CHARS} characters, "
+                       f"got one of {max(map(len, stop))}", "stop", "invalid_value")
+    return stop
+
+
+def _refuse_not_implemented(body: dict, fields: dict):
+    """A 400 naming the first field that asks for something this server does not do."""
+    for name, off in fields.items():
+        v = body.get(name)
+        if v is not None and not off(v):
+            raise APIError(400, f"'{name}' is not supported by this server (it would be ignored "
+                           f"otherwise), got {_show(v)}", name,
+                           "unsupported_parameter")
 
 
 def _messages(body: dict) -> list:
@@ -157,7 +229,7 @@ def _messages(body: dict) -> list:
         role = m.get("role")
         if role not in ROLES:
             raise APIError(400, f"'{where}.role' must be one of {', '.join(ROLES)}, got "
-                           f"{json.dumps(role)}", f"{where}.role", "invalid_value")
+                           f"{_show(role)}", f"{where}.role", "invalid_value")
         content = m.get("content")
         if isinstance(content, list):
             if not all(isinstance(p, dict) and p.get("type") == "text"
@@ -169,19 +241,106 @@ def _messages(body: dict) -> list:
         elif not isinstance(content, str) and not (content is None and role == "assistant"):
             raise APIError(400, f"'{where}.content' must be a string or a list of text parts",
                            f"{where}.content", "invalid_type")
-        out.append({**m, "content": content or ""})
+        if m.get("tool_calls") not in (None, []):
+            raise APIError(400, f"'{where}.tool_calls': tool calls are not supported by this "
+                           "server", f"{where}.tool_calls", "unsupported_parameter")
+        message = {"role": role, "content": content or ""}
+        if m.get("name") is not None:
+            if not isinstance(m["name"], str):
+                raise APIError(400, f"'{where}.name' must be a string, got {_show(m['name'])}",
+                               f"{where}.name", "invalid_type")
+            message["name"] = m["name"]
+        out.append(message)  # what the chat template reads, and nothing else
     return out
 
 
 async def _json_body(request: Request) -> dict:
-    raw = await request.body()
+    """The body as a JSON object: a JSON (or unlabelled) body of at most MAX_BODY_BYTES,
+    UTF-8, strict JSON (no NaN or Infinity), nested at most MAX_JSON_DEPTH deep, every
+    string encodable; else a 4xx naming the problem. Parsed off the event loop."""
+    kind = request.headers.get("content-type")
+    if kind is not None:
+        media, _, params = kind.partition(";")
+        media = media.strip().lower()
+        charset = re.search(r"charset\s*=\s*\"?([^\";\s]+)", params, re.IGNORECASE)
+        if media != "application/json" and not media.endswith("+json") or \
+                charset and charset.group(1).lower().replace("-", "") != "utf8":
+            raise APIError(415, f"the request body must be JSON in UTF-8: send 'Content-Type: "
+                           f"application/json', got {json.dumps(kind)}", None,
+                           "unsupported_media_type")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    raw = bytearray()
+    async for piece in request.stream():
+        raw += piece
+        if len(raw) > MAX_BODY_BYTES:
+            raise _too_large()
+    return await run_in_threadpool(_parse_json, bytes(raw))
+
+
+def _too_large() -> APIError:
+    return APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", None,
+                    "request_too_large")
+
+
+def _not_json(message: str) -> APIError:
+    return APIError(400, f"the request body is not valid JSON: {message}", None, "invalid_json")
+
+
+def _reject_constant(name: str):
+    raise _not_json(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise _not_json(f"the number {text[:40]} is out of range")
+    return x
+
+
+def _parse_json(raw: bytes) -> dict:
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", None, "invalid_json")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_json(f"not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})")
+    try:
+        body = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as e:
+        raise _not_json(str(e))
+    except RecursionError:
+        raise _not_json(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise _not_json(str(e).split(";")[0])
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", None, "invalid_type")
+    _check_structure(body)
     return body
+
+
+def _check_structure(body: dict):
+    """Depth at most MAX_JSON_DEPTH; no lone surrogate (a JSON escape like \\ud800) in any
+    string or key: the tokenizer and every UTF-8 writer would fail on it."""
+    stack = [(body, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _not_json(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(node, dict):
+            if any(_SURROGATE.search(key) for key in node):
+                raise _surrogate()
+            node = node.values()
+        for v in node:
+            if isinstance(v, str):
+                if _SURROGATE.search(v):
+                    raise _surrogate()
+            elif isinstance(v, (dict, list)):
+                stack.append((v, depth + 1))
+
+
+def _surrogate() -> APIError:
+    return APIError(400, "the request holds a string that is not Unicode text (a lone "
+                    "surrogate, such as \\ud800)", None, "invalid_value")
 
 
 # ---------------------------------------------------------------- the app
@@ -193,9 +352,13 @@ def create_app(engine: BatchEngine, tokenizer, settings: Settings) -> Starlette:
     vocab_size = vocabulary_size(engine.model) or len(tokenizer.get_vocab())
 
     def authorize(request: Request):
+        """``Authorization: Bearer KEY`` (the scheme in any case, RFC 9110), compared in
+        constant time."""
         if settings.api_key is None:
             return
-        if request.headers.get("authorization") != f"Bearer {settings.api_key}":
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode("latin-1"), settings.api_key.encode()):
             raise APIError(401, "a missing or wrong API key: send 'Authorization: Bearer <key>'",
                            None, "invalid_api_key")
 
@@ -304,7 +467,7 @@ def create_app(engine: BatchEngine, tokenizer, settings: Settings) -> Starlette:
         authorize(request)
         body = await _json_body(request)
         messages = _messages(body)
-        params = _sampling(body, settings, chat=True)
+        params = _sampling(body, settings, chat=True, vocab_size=vocab_size)
         logprobs = _value(body, "logprobs", False, (bool,), "a boolean")
         top = _number(body, "top_logprobs", 0, low=0, high=MAX_TOP_LOGPROBS, integer=True)
         if top and not logprobs:
@@ -342,7 +505,7 @@ def create_app(engine: BatchEngine, tokenizer, settings: Settings) -> Starlette:
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool)
                                             for t in prompt):
             try:
-                tokens = check_token_ids(prompt, vocab_size, "prompt")
+                tokens = await run_in_threadpool(check_token_ids, prompt, vocab_size, "prompt")
             except UserError as e:
                 raise APIError(400, str(e), "prompt", "invalid_value") from None
         elif isinstance(prompt, str):
@@ -350,7 +513,7 @@ def create_app(engine: BatchEngine, tokenizer, settings: Settings) -> Starlette:
         else:
             raise APIError(400, "'prompt' must be a string or a list of token ids", "prompt",
                            "invalid_type")
-        params = _sampling(body, settings, chat=False)
+        params = _sampling(body, settings, chat=False, vocab_size=vocab_size)
         top = _number(body, "logprobs", None, low=0, high=5, integer=True)
         rid = f"cmpl-{uuid.uuid4()}"
 
@@ -404,6 +567,7 @@ def create_app(engine: BatchEngine, tokenizer, settings: Settings) -> Starlette:
                         ).response()
 
     return Starlette(
+        middleware=[Middleware(_CatchAll)],
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/chat/completions", chat_completions, methods=["POST"]),
@@ -413,6 +577,39 @@ def create_app(engine: BatchEngine, tokenizer, settings: Settings) -> Starlette:
         ],
         exception_handlers={APIError: api_error, HTTPException: http_error},
     )
+
+
+class _CatchAll:
+    """Whatever a request raises that no handler turned into an answer becomes a 500 in
+    OpenAI's error shape (Starlette's own is plain text), logged with a request id that the
+    answer names. Once a response has started (a stream) it can only be cut: re-raised."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watch(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except ClientDisconnect:  # it left while sending its body: nobody to answer
+            return
+        except Exception as e:
+            rid = f"req-{uuid.uuid4().hex[:12]}"
+            log.error("request %s (%s %s) failed", rid, scope.get("method"), scope.get("path"),
+                      exc_info=e)
+            if started:
+                raise
+            await APIError(500, f"the server failed on this request ({type(e).__name__}); "
+                           f"request id {rid}", None, "internal_error", "server_error"
+                           ).response()(scope, receive, send)
 
 
 # ---------------------------------------------------------------- CLI
@@ -428,11 +625,15 @@ def setup_arg_parser():
     parser.add_argument("--model", help=cli.MODEL_HELP)
     parser.add_argument("--host", default="127.0.0.1",
                         help="Host to bind (default: 127.0.0.1). Set --api-key before binding "
-                        "any other interface: the server runs whatever it is sent")
+                        "any other interface (refused without one): the server runs whatever "
+                        "it is sent")
     parser.add_argument("--port", type=cli.integer(1, name="--port"), default=8080,
                         help="Port (default: 8080)")
     parser.add_argument("--api-key", default=None,
                         help="Require 'Authorization: Bearer KEY' on every request but /health")
+    parser.add_argument("--insecure-no-api-key", action="store_true",
+                        help="Serve a --host other than loopback without --api-key (refused "
+                        "otherwise): anyone who reaches the port runs the model")
     parser.add_argument("--max-tokens", type=cli.integer(1, name="--max-tokens"), default=512,
                         help="Default maximum number of tokens to generate (default: 512)")
     cli.add_sampling_args(parser, extended=False, named=True)  # the requests' defaults
@@ -490,6 +691,33 @@ def build(args, loaded: Optional[tuple] = None) -> tuple:
     return create_app(engine, tokenizer, server), engine
 
 
+def check_host(host: str, api_key: Optional[str], insecure: bool) -> Optional[str]:
+    """May ``host`` be bound? None: yes; a warning to print: only because
+    ``--insecure-no-api-key`` says so; a UserError: no (a server that runs whatever it is
+    sent must not listen beyond this machine without a key)."""
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key must not be empty")
+    if api_key is not None or _is_loopback(host):
+        return None
+    host = host or "''"
+    if insecure:
+        return (f"--host {host} is served WITHOUT an API key (--insecure-no-api-key): anyone "
+                "who can reach this port can run the model")
+    raise UserError(f"--host {host} is not a loopback address: set --api-key KEY to serve it, "
+                    "or --insecure-no-api-key to serve it open")
+
+
+def _is_loopback(host: str) -> bool:
+    """Every address ``host`` resolves to is a loopback address ('' binds every interface)."""
+    if not host.strip():
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"--host {host} cannot be resolved: {e}")
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
 def main(argv=None):
     """Bad flags: one line, exit 2 (as the generate CLI)."""
     import uvicorn
@@ -498,6 +726,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     try:
+        warning = check_host(args.host, args.api_key, args.insecure_no_api_key)
+        if warning:
+            log.warning(warning)
         app, engine = build(args)
     except UserError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")

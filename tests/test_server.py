@@ -2,64 +2,19 @@
 never send), on a loopback port, serving the SmolLM2 test model with an explicit draft."""
 
 import json
-import socket
 import threading
 import time
 
 import httpx2
 import openai
 import pytest
-import uvicorn
 
+from helpers.serving import MAX_CONTEXT, Served
 from mlx_qspec import api as generate_module
-from mlx_qspec import generate
 from mlx_qspec.batch import Job
-from mlx_qspec.server import build, main, setup_arg_parser
+from mlx_qspec.server import main
 
-KEY = "test-key"
 MODEL = "default_model"  # mlx-lm's name for whatever the server serves
-MAX_CONTEXT = 256
-DRAFT = ["--draft", "a8", "--num-draft-tokens", "3"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Served:
-    """A server started in this process on a free loopback port, serving the test model
-    already loaded (``loaded``), which offline generation below uses too."""
-
-    def __init__(self, *flags, loaded=None):
-        args = setup_arg_parser().parse_args(
-            [*DRAFT, "--api-key", KEY, "--max-context", str(MAX_CONTEXT), *flags])
-        self.app, self.engine = build(args, loaded)
-        port = _free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0)
-        self.http = httpx2.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"},
-                                 timeout=120)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join()
-        self.engine.stop()
-
-    def offline(self, prompt_tokens, max_tokens, **kwargs) -> str:
-        """What the offline API gives for the same tokens and draft."""
-        return generate(self.engine.model, self.engine.tokenizer, prompt_tokens,
-                        max_tokens=max_tokens, draft="a8", num_draft_tokens=3, **kwargs)
-
-    def chat_tokens(self, messages):
-        return self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
 @pytest.fixture(scope="module")
