@@ -20,34 +20,18 @@ import httpx2
 import mlx.core as mx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
-from mlx_lm.utils import save_config, save_model
 
-from helpers import TINY, build_tiny_model
-from helpers.serving import KEY, Served
+from helpers.serving import KEY, VOCAB, Served
 
 EXAMPLES = int(os.environ.get("MLX_QSPEC_FUZZ_EXAMPLES", "200"))
 REPORT = os.environ.get("MLX_QSPEC_FUZZ_REPORT")
 CONTEXT = 64
-VOCAB = 49152  # the test model's tokenizer
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(smollm2, tmp_path_factory):
-    """An mlx model directory: a tiny 4-bit llama over the test model's vocabulary, with
-    its tokenizer and chat template."""
-    config = dict(TINY, vocab_size=VOCAB, hidden_size=64, intermediate_size=128)
-    path = tmp_path_factory.mktemp("fuzz") / "tiny"
-    save_model(path, build_tiny_model(**{k: config[k] for k in
-                                         ("vocab_size", "hidden_size", "intermediate_size")}))
-    save_config({**config, "quantization": {"group_size": 32, "bits": 4}}, path / "config.json")
-    smollm2[1]._tokenizer.save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def served(tiny_dir):
-    s = Served("--model", str(tiny_dir), "--max-context", str(CONTEXT), "--max-tokens", "4",
-               "--queue-size", "4")
+def served(tiny_served_dir):
+    s = Served("--model", str(tiny_served_dir), "--max-context", str(CONTEXT),
+               "--max-tokens", "4", "--queue-size", "4")
     yield s
     s.close()
 

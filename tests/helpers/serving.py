@@ -8,13 +8,28 @@ import time
 import httpx2
 import openai
 import uvicorn
+from mlx_lm.utils import save_config, save_model
 
+from helpers import TINY, build_tiny_model
 from mlx_qspec import generate
 from mlx_qspec.server import build, setup_arg_parser
 
 KEY = "test-key"
 MAX_CONTEXT = 256
 DRAFT = ["--draft", "a8", "--num-draft-tokens", "3"]
+VOCAB = 49152  # the test model's tokenizer's
+
+
+def write_tiny_model_dir(path, tokenizer):
+    """An mlx model directory at ``path``: a tiny 4-bit llama over the test model's
+    vocabulary, with ``tokenizer`` (the test model's) and its chat template — served in
+    milliseconds, so a test can send it many requests or long prompts."""
+    sizes = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128)
+    save_model(path, build_tiny_model(**sizes))
+    save_config({**TINY, **sizes, "quantization": {"group_size": 32, "bits": 4}},
+                path / "config.json")
+    tokenizer._tokenizer.save_pretrained(str(path))
+    return path
 
 
 def free_port() -> int:
