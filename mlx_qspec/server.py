@@ -20,7 +20,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import mlx.core as mx
 from jinja2 import TemplateError
@@ -47,6 +47,7 @@ log = logging.getLogger("mlx_qspec.server")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 DEFAULT_MODEL_ALIAS = "default_model"  # what mlx-lm's server takes for "the served model"
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat (completions: 5)
+PREFILL_STEP_SIZE = 512  # prompt tokens per engine round (mlx-lm's 2048: a longer stall)
 MAX_TEMPERATURE = 2.0  # OpenAI's limit; far past it a draw is all but uniform over the vocabulary
 MAX_STOPS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256  # the engine holds back up to this much text while a stop may begin
@@ -348,215 +349,7 @@ def _surrogate() -> APIError:
 
 def create_app(engine: BatchEngine, tokenizer, settings: Settings) -> Starlette:
     """The ASGI app serving ``engine`` (which must be started) under OpenAI's URLs."""
-    created = int(time.time())
-    vocab_size = vocabulary_size(engine.model) or len(tokenizer.get_vocab())
-
-    def authorize(request: Request):
-        """``Authorization: Bearer KEY`` (the scheme in any case, RFC 9110), compared in
-        constant time."""
-        if settings.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode("latin-1"), settings.api_key.encode()):
-            raise APIError(401, "a missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           None, "invalid_api_key")
-
-    def budget(prompt: list, max_tokens: Optional[int], field: str) -> int:
-        """Tokens the request may generate: its ``max_tokens``, or the server's default cut
-        to the context left; a 400 past the context."""
-        if not prompt:
-            raise APIError(400, "the prompt is empty", None, "invalid_value")
-        room = settings.max_context - len(prompt)
-        if room < 1 or max_tokens is not None and max_tokens > room:
-            raise APIError(400, f"This model's maximum context length is {settings.max_context} "
-                           f"tokens; the request needs {len(prompt) + (max_tokens or 1)} "
-                           f"({len(prompt)} in the prompt, {max_tokens or 1} to generate)",
-                           field, "context_length_exceeded")
-        return min(settings.max_tokens, room) if max_tokens is None else max_tokens
-
-    def chat_prompt(messages: list) -> list:
-        if not tokenizer.has_chat_template:
-            return tokenizer.encode(convert_chat(messages))
-        try:
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=True, **settings.chat_template_args)
-        except TemplateError as e:  # the template's own raise_exception: messages it refuses
-            raise APIError(400, f"the model's chat template refused the messages: {e}",
-                           "messages", "invalid_value")
-
-    async def run_job(request: Request, field: str, prompt: list, params: dict, logprobs: bool,
-                      top_logprobs: int, chunk, final):
-        """Queue the job (``field`` holds the prompt); answer with one JSON body or a stream
-        of events. ``chunk(text, logprobs)`` and ``final(text, logprobs, done event,
-        with_usage)`` build the OpenAI objects."""
-        params = dict(params, max_tokens=budget(prompt, params["max_tokens"], field))
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-
-        def deliver(event):
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop is gone (shutdown): stop generating
-                job.cancel()
-
-        job = Job(prompt=prompt, deliver=deliver, logprobs=logprobs, top_logprobs=top_logprobs,
-                  **{k: params[k] for k in ("max_tokens", "temperature", "top_p", "top_k",
-                                            "min_p", "seed", "stop")})
-        try:
-            engine.submit(job)
-        except QueueFull as e:
-            raise APIError(429, str(e), None, "server_busy", type="server_overloaded")
-
-        if not params["stream"]:
-            text, lps = "", []
-            while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), 0.25)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancel()
-                        return JSONResponse({}, status_code=499)
-                    continue
-                if event["type"] == "text":
-                    text += event["text"]
-                    lps += event["logprobs"]
-                elif event["type"] == "error":
-                    raise APIError(500, event["message"], None, "internal_error", "server_error")
-                else:
-                    return JSONResponse(final(text, lps, event, with_usage=True))
-
-        async def stream():
-            """Server-sent events; a client that leaves cancels this generator, and the job."""
-            try:
-                first = chunk("", [], role=True)
-                if first is not None:
-                    yield f"data: {json.dumps(first)}\n\n"
-                while True:
-                    event = await events.get()
-                    if event["type"] == "text":
-                        yield f"data: {json.dumps(chunk(event['text'], event['logprobs']))}\n\n"
-                    elif event["type"] == "error":
-                        err = APIError(500, event["message"], None, "internal_error",
-                                       "server_error")
-                        yield f"data: {json.dumps(err.body())}\n\n"
-                        break
-                    else:
-                        yield f"data: {json.dumps(final('', [], event, with_usage=False))}\n\n"
-                        if params["include_usage"]:
-                            usage = dict(final("", [], event, with_usage=True), choices=[])
-                            yield f"data: {json.dumps(usage)}\n\n"
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancel()
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-
-    def envelope(rid: str, obj: str) -> dict:
-        return {"id": rid, "object": obj, "created": int(time.time()), "model": settings.model_id,
-                "system_fingerprint": f"mlx_qspec-{mx.__version__}"}
-
-    def done_fields(event: dict, with_usage: bool) -> dict:
-        out = {"speculative": event["speculative"]}
-        if with_usage:
-            out["usage"] = event["usage"]
-        return out
-
-    async def chat_completions(request: Request):
-        authorize(request)
-        body = await _json_body(request)
-        messages = _messages(body)
-        params = _sampling(body, settings, chat=True, vocab_size=vocab_size)
-        logprobs = _value(body, "logprobs", False, (bool,), "a boolean")
-        top = _number(body, "top_logprobs", 0, low=0, high=MAX_TOP_LOGPROBS, integer=True)
-        if top and not logprobs:
-            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs",
-                           "invalid_value")
-        prompt = await run_in_threadpool(chat_prompt, messages)
-        rid = f"chatcmpl-{uuid.uuid4()}"
-
-        def chunk(text, lps, role=False):
-            delta = {"role": "assistant", "content": ""} if role else {"content": text}
-            choice = {"index": 0, "delta": delta, "finish_reason": None,
-                      "logprobs": {"content": lps} if lps else None}
-            return dict(envelope(rid, "chat.completion.chunk"), choices=[choice])
-
-        def final(text, lps, event, with_usage):
-            if params["stream"] and not with_usage:
-                choice = {"index": 0, "delta": {}, "finish_reason": event["finish_reason"],
-                          "logprobs": None}
-                return dict(envelope(rid, "chat.completion.chunk"), choices=[choice],
-                            **done_fields(event, False))
-            obj = "chat.completion.chunk" if params["stream"] else "chat.completion"
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": event["finish_reason"],
-                      "logprobs": {"content": lps} if logprobs else None}
-            return dict(envelope(rid, obj), choices=[choice], **done_fields(event, True))
-
-        return await run_job(request, "messages", prompt, params, logprobs, top, chunk, final)
-
-    async def completions(request: Request):
-        authorize(request)
-        body = await _json_body(request)
-        if "prompt" not in body:
-            raise APIError(400, "'prompt' is required", "prompt", "missing_required_parameter")
-        prompt = body["prompt"]
-        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                            for t in prompt):
-            try:
-                tokens = await run_in_threadpool(check_token_ids, prompt, vocab_size, "prompt")
-            except UserError as e:
-                raise APIError(400, str(e), "prompt", "invalid_value") from None
-        elif isinstance(prompt, str):
-            tokens = await run_in_threadpool(tokenizer.encode, prompt)
-        else:
-            raise APIError(400, "'prompt' must be a string or a list of token ids", "prompt",
-                           "invalid_type")
-        params = _sampling(body, settings, chat=False, vocab_size=vocab_size)
-        top = _number(body, "logprobs", None, low=0, high=5, integer=True)
-        rid = f"cmpl-{uuid.uuid4()}"
-
-        def legacy(lps):
-            """Completions' logprobs: parallel lists, top alternatives as {token: logprob}."""
-            offsets, at = [], 0
-            for e in lps:
-                offsets.append(at)
-                at += len(e["token"])
-            return {"tokens": [e["token"] for e in lps],
-                    "token_logprobs": [e["logprob"] for e in lps],
-                    "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
-                                     for e in lps],
-                    "text_offset": offsets}
-
-        def chunk(text, lps, role=False):
-            if role:
-                return None
-            choice = {"index": 0, "text": text, "finish_reason": None,
-                      "logprobs": legacy(lps) if top is not None else None}
-            return dict(envelope(rid, "text_completion"), choices=[choice])
-
-        def final(text, lps, event, with_usage):
-            choice = {"index": 0, "text": text, "finish_reason": event["finish_reason"],
-                      "logprobs": legacy(lps) if top is not None and not params["stream"] else None}
-            if params["stream"] and with_usage:
-                choice = None
-            return dict(envelope(rid, "text_completion"), choices=[choice] if choice else [],
-                        **done_fields(event, with_usage))
-
-        return await run_job(request, "prompt", tokens, params, top is not None, top or 0, chunk,
-                             final)
-
-    async def models(request: Request):
-        authorize(request)
-        return JSONResponse({"object": "list", "data": [
-            {"id": settings.model_id, "object": "model", "created": created,
-             "owned_by": "mlx_qspec"}]})
-
-    async def health(request: Request):
-        """Liveness plus the engine's totals (model forwards per emitted token for the load
-        test). Open without an API key, as a load balancer's probe is."""
-        return JSONResponse({"status": "ok", "queued": engine.queued(), **engine.totals})
+    service = _Service(engine, tokenizer, settings)
 
     async def api_error(request: Request, e: APIError):
         return e.response()
@@ -569,14 +362,270 @@ def create_app(engine: BatchEngine, tokenizer, settings: Settings) -> Starlette:
     return Starlette(
         middleware=[Middleware(_CatchAll)],
         routes=[
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/chat/completions", chat_completions, methods=["POST"]),
-            Route("/v1/completions", completions, methods=["POST"]),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/health", health, methods=["GET"]),
+            Route("/v1/chat/completions", service.chat_completions, methods=["POST"]),
+            Route("/chat/completions", service.chat_completions, methods=["POST"]),
+            Route("/v1/completions", service.completions, methods=["POST"]),
+            Route("/v1/models", service.models, methods=["GET"]),
+            Route("/health", service.health, methods=["GET"]),
         ],
         exception_handlers={APIError: api_error, HTTPException: http_error},
     )
+
+
+class _Service:
+    """The endpoints: each checks its request, queues a job on the engine and answers with its
+    events, as one JSON body or a stream of server-sent events."""
+
+    def __init__(self, engine: BatchEngine, tokenizer, settings: Settings):
+        self.engine, self.tokenizer, self.settings = engine, tokenizer, settings
+        self.created = int(time.time())
+        self.vocab_size = vocabulary_size(engine.model) or len(tokenizer.get_vocab())
+
+    def authorize(self, request: Request):
+        """``Authorization: Bearer KEY`` (the scheme in any case, RFC 9110), compared in
+        constant time."""
+        if self.settings.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode("latin-1"), self.settings.api_key.encode()):
+            raise APIError(401, "a missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           None, "invalid_api_key")
+
+    def budget(self, prompt: list, max_tokens: Optional[int], field: str) -> int:
+        """Tokens the request may generate: its ``max_tokens``, or the server's default cut
+        to the context left; a 400 past the context."""
+        if not prompt:
+            raise APIError(400, "the prompt is empty", None, "invalid_value")
+        context = self.settings.max_context
+        room = context - len(prompt)
+        if room < 1 or max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"This model's maximum context length is {context} "
+                           f"tokens; the request needs {len(prompt) + (max_tokens or 1)} "
+                           f"({len(prompt)} in the prompt, {max_tokens or 1} to generate)",
+                           field, "context_length_exceeded")
+        return min(self.settings.max_tokens, room) if max_tokens is None else max_tokens
+
+    def chat_prompt(self, messages: list) -> list:
+        if not self.tokenizer.has_chat_template:
+            return self.tokenizer.encode(convert_chat(messages))
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True,
+                **self.settings.chat_template_args)
+        except TemplateError as e:  # the template's own raise_exception: messages it refuses
+            raise APIError(400, f"the model's chat template refused the messages: {e}",
+                           "messages", "invalid_value")
+
+    def envelope(self, rid: str, obj: str) -> dict:
+        return {"id": rid, "object": obj, "created": int(time.time()),
+                "model": self.settings.model_id,
+                "system_fingerprint": f"mlx_qspec-{mx.__version__}"}
+
+    # ------------------------------------------------------------ a job's life
+    async def run_job(self, request: Request, rid: str, field: str, prompt: list, params: dict,
+                      logprobs: tuple, build):
+        """Queue the job (``field`` holds the prompt; ``rid`` names it in logs and errors;
+        ``logprobs``: whether asked for, and how many alternatives); answer with one JSON body
+        or a stream of events. ``build.chunk(text, logprobs)`` and ``build.final(text,
+        logprobs, done event, with_usage)`` make the OpenAI objects."""
+        params = dict(params, max_tokens=self.budget(prompt, params["max_tokens"], field))
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def deliver(event):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (shutdown): stop generating
+                job.cancel()
+
+        job = Job(prompt=prompt, deliver=deliver, logprobs=logprobs[0],
+                  top_logprobs=logprobs[1], rid=rid,
+                  **{k: params[k] for k in ("max_tokens", "temperature", "top_p", "top_k",
+                                            "min_p", "seed", "stop")})
+        try:
+            self.engine.submit(job)
+        except QueueFull as e:
+            raise APIError(429, str(e), None, "server_busy", type="server_overloaded")
+        if not params["stream"]:
+            return await _answer(request, job, events, build)
+        return StreamingResponse(_stream(job, events, build, params["include_usage"]),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    # ------------------------------------------------------------ endpoints
+    async def chat_completions(self, request: Request):
+        self.authorize(request)
+        body = await _json_body(request)
+        messages = _messages(body)
+        params = _sampling(body, self.settings, chat=True, vocab_size=self.vocab_size)
+        logprobs = _value(body, "logprobs", False, (bool,), "a boolean")
+        top = _number(body, "top_logprobs", 0, low=0, high=MAX_TOP_LOGPROBS, integer=True)
+        if top and not logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs",
+                           "invalid_value")
+        prompt = await run_in_threadpool(self.chat_prompt, messages)
+        rid = f"chatcmpl-{uuid.uuid4()}"
+        build = _ChatObjects(self.envelope, rid, params["stream"], logprobs)
+        return await self.run_job(request, rid, "messages", prompt, params, (logprobs, top),
+                                  build)
+
+    async def completions(self, request: Request):
+        self.authorize(request)
+        body = await _json_body(request)
+        if "prompt" not in body:
+            raise APIError(400, "'prompt' is required", "prompt", "missing_required_parameter")
+        prompt = body["prompt"]
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                            for t in prompt):
+            try:
+                tokens = await run_in_threadpool(check_token_ids, prompt, self.vocab_size,
+                                                 "prompt")
+            except UserError as e:
+                raise APIError(400, str(e), "prompt", "invalid_value") from None
+        elif isinstance(prompt, str):
+            tokens = await run_in_threadpool(self.tokenizer.encode, prompt)
+        else:
+            raise APIError(400, "'prompt' must be a string or a list of token ids", "prompt",
+                           "invalid_type")
+        params = _sampling(body, self.settings, chat=False, vocab_size=self.vocab_size)
+        top = _number(body, "logprobs", None, low=0, high=5, integer=True)
+        rid = f"cmpl-{uuid.uuid4()}"
+        build = _CompletionObjects(self.envelope, rid, params["stream"], top)
+        return await self.run_job(request, rid, "prompt", tokens, params,
+                                  (top is not None, top or 0), build)
+
+    async def models(self, request: Request):
+        self.authorize(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.settings.model_id, "object": "model", "created": self.created,
+             "owned_by": "mlx_qspec"}]})
+
+    async def health(self, request: Request):
+        """Liveness, what the engine holds — requests queued, running, and prefilling with
+        their progress (prompt tokens in the cache so far) — and its totals (model forwards
+        per emitted token for the load test). Open without an API key, as a load balancer's
+        probe is."""
+        return JSONResponse({"status": "ok", "queued": self.engine.queued(),
+                             **self.engine.progress, **self.engine.totals})
+
+
+async def _answer(request: Request, job: Job, events: asyncio.Queue, build):
+    """The job's events gathered into one JSON body (499 when the client leaves first)."""
+    text, lps = "", []
+    while True:
+        try:
+            event = await asyncio.wait_for(events.get(), 0.25)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancel()
+                return JSONResponse({}, status_code=499)
+            continue
+        if event["type"] == "text":
+            text += event["text"]
+            lps += event["logprobs"]
+        elif event["type"] == "error":
+            raise APIError(500, event["message"], None, "internal_error", "server_error")
+        else:
+            return JSONResponse(build.final(text, lps, event, with_usage=True))
+
+
+async def _stream(job: Job, events: asyncio.Queue, build, include_usage: bool):
+    """Server-sent events; a client that leaves cancels this generator, and the job."""
+    try:
+        first = build.chunk("", [], role=True)
+        if first is not None:
+            yield f"data: {json.dumps(first)}\n\n"
+        while True:
+            event = await events.get()
+            if event["type"] == "text":
+                yield f"data: {json.dumps(build.chunk(event['text'], event['logprobs']))}\n\n"
+            elif event["type"] == "error":
+                err = APIError(500, event["message"], None, "internal_error", "server_error")
+                yield f"data: {json.dumps(err.body())}\n\n"
+                break
+            else:
+                yield f"data: {json.dumps(build.final('', [], event, with_usage=False))}\n\n"
+                if include_usage:
+                    usage = dict(build.final("", [], event, with_usage=True), choices=[])
+                    yield f"data: {json.dumps(usage)}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()
+
+
+def _done_fields(event: dict, with_usage: bool) -> dict:
+    out = {"speculative": event["speculative"]}
+    if with_usage:
+        out["usage"] = event["usage"]
+    return out
+
+
+@dataclass
+class _ChatObjects:
+    """Chat completions' response objects: streamed chunks and the final one."""
+
+    envelope: Any
+    rid: str
+    stream: bool
+    logprobs: bool
+
+    def chunk(self, text, lps, role=False):
+        delta = {"role": "assistant", "content": ""} if role else {"content": text}
+        choice = {"index": 0, "delta": delta, "finish_reason": None,
+                  "logprobs": {"content": lps} if lps else None}
+        return dict(self.envelope(self.rid, "chat.completion.chunk"), choices=[choice])
+
+    def final(self, text, lps, event, with_usage):
+        if self.stream and not with_usage:
+            choice = {"index": 0, "delta": {}, "finish_reason": event["finish_reason"],
+                      "logprobs": None}
+            return dict(self.envelope(self.rid, "chat.completion.chunk"), choices=[choice],
+                        **_done_fields(event, False))
+        obj = "chat.completion.chunk" if self.stream else "chat.completion"
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "finish_reason": event["finish_reason"],
+                  "logprobs": {"content": lps} if self.logprobs else None}
+        return dict(self.envelope(self.rid, obj), choices=[choice], **_done_fields(event, True))
+
+
+@dataclass
+class _CompletionObjects:
+    """Completions' response objects; ``top``: the logprobs asked for (None: none)."""
+
+    envelope: Any
+    rid: str
+    stream: bool
+    top: Optional[int]
+
+    @staticmethod
+    def legacy(lps):
+        """Completions' logprobs: parallel lists, top alternatives as {token: logprob}."""
+        offsets, at = [], 0
+        for e in lps:
+            offsets.append(at)
+            at += len(e["token"])
+        return {"tokens": [e["token"] for e in lps],
+                "token_logprobs": [e["logprob"] for e in lps],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                                 for e in lps],
+                "text_offset": offsets}
+
+    def chunk(self, text, lps, role=False):
+        if role:
+            return None
+        choice = {"index": 0, "text": text, "finish_reason": None,
+                  "logprobs": self.legacy(lps) if self.top is not None else None}
+        return dict(self.envelope(self.rid, "text_completion"), choices=[choice])
+
+    def final(self, text, lps, event, with_usage):
+        choice = {"index": 0, "text": text, "finish_reason": event["finish_reason"],
+                  "logprobs": self.legacy(lps) if self.top is not None and not self.stream
+                  else None}
+        if self.stream and with_usage:
+            choice = None
+        return dict(self.envelope(self.rid, "text_completion"),
+                    choices=[choice] if choice else [], **_done_fields(event, with_usage))
 
 
 class _CatchAll:
@@ -657,7 +706,10 @@ def setup_arg_parser():
     parser.add_argument("--queue-size", type=cli.integer(1, name="--queue-size"), default=64,
                         help="Requests that may wait for the engine; more get 429 (default: 64)")
     cli.add_kv_args(parser, named=True)
-    cli.add_draft_args(parser, named=True)
+    cli.add_draft_args(parser, named=True, prefill_step_size=PREFILL_STEP_SIZE, prefill_help=(
+        "Prompts are prefilled this many tokens per round, between the running requests' "
+        "decode steps: smaller values keep them flowing while a long prompt prefills (the "
+        "same value at the CLI builds the same cache)"))
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     return parser

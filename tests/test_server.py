@@ -92,7 +92,8 @@ def test_completions_stop_string_and_logprobs(served):
 def test_models_and_health(served):
     assert [m.id for m in served.client.models.list().data] == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
     health = httpx2.get(f"{served.url}/health").json()  # no key needed
-    assert health == {"status": "ok", "queued": 0, **served.engine.totals}
+    assert health == {"status": "ok", "queued": 0, "running": 0, "prefilling": [],
+                      **served.engine.totals}
 
 
 def _error(response, status):
@@ -172,10 +173,13 @@ LONG = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": MAX_CONTEXT - 16, "stream": Tr
 
 
 def _first_text(response):
-    """Read a completions stream up to its first generated text."""
-    for line in response.iter_lines():
+    """Read a completions stream up to its first generated text; returns the rest of its
+    lines, which the caller holds to stay connected (an abandoned iterator is closed, and
+    with it the connection: the server sees the client leave)."""
+    lines = response.iter_lines()
+    for line in lines:
         if line.startswith("data:") and json.loads(line[5:])["choices"][0]["text"]:
-            return
+            return lines
     raise AssertionError("the stream ended before any text")
 
 
@@ -200,11 +204,12 @@ def _wait_idle(served, seconds=30):
 def test_full_queue_is_429(served):
     """Queue size 1: one request decoding, one waiting, the third is refused."""
     with served.http.stream("POST", "/v1/completions", json=LONG) as running:
-        _first_text(running)  # the engine has it
+        rest = _first_text(running)  # the engine has it
         with served.http.stream("POST", "/v1/completions", json=LONG) as waiting:
             assert waiting.status_code == 200 and served.engine.queued() == 1
             error = _error(served.http.post("/v1/completions", json=LONG), 429)
             assert "busy" in error["message"]
+        assert next(line for line in rest if line).startswith("data:")  # still streaming
     _wait_idle(served)
     assert served.client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2).choices
 
