@@ -123,6 +123,21 @@ def test_a_fault_in_one_rows_forward_mid_batch_fails_that_request_alone(served, 
     assert served.engine.progress == {"running": 0, "prefilling": []}
 
 
+def test_at_batch_1_a_fault_in_one_requests_block_fails_it_alone(tiny_served_dir, alone,
+                                                                  monkeypatch, caplog):
+    """The engine that steps each request's own decoder in turn (a lookup draft): the
+    others still get their greedy text, which is plain decoding's whatever the draft."""
+    caplog.set_level(logging.ERROR, logger="mlx_qspec.server")
+    s = Served("--model", str(tiny_served_dir), "--draft", "ngram", "--ngram-min", "1")
+    try:
+        assert not s.engine.batched
+        _faulty_forward(monkeypatch, lambda tokens, cache: not isinstance(
+            cache[0], RaggedKVCache) and cache[0].offset >= FAULT_AT)
+        _failed_alone(s.engine, _run(s.engine, list(PROMPTS)), alone, "victim", caplog)
+    finally:
+        s.close()
+
+
 def test_a_fault_in_one_prefill_fails_that_request_alone(served, alone, monkeypatch, caplog):
     caplog.set_level(logging.ERROR, logger="mlx_qspec.server")
     _faulty_forward(monkeypatch, lambda tokens, cache: not isinstance(
