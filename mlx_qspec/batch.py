@@ -288,9 +288,11 @@ class BatchEngine:
             try:
                 if not self._round():
                     return
-            except Exception as e:  # a bug in the engine's own bookkeeping: no request
+            except Exception as e:
+                # A bug in the engine's own bookkeeping, which no one request brought: the
+                # requests in hand fail with it, and the engine goes on with the next.
                 log.error("the engine's round failed; the requests in hand fail with it",
-                          exc_info=e)  # can tell which, so they all fail; the engine goes on
+                          exc_info=e)
                 for job in [r.job for r in self.running] + [p.job for p in self.prefilling]:
                     self._fail(job, e)
                 self.running, self.batch = [], None

@@ -290,12 +290,17 @@ def load_draft_head(path: Optional[str], model):
     return None if path is None else head_level(hooks.install(model), path)
 
 
+def check_top_k(top_k: int, model) -> None:
+    """``--top-k`` below the vocabulary size: the check of it that needs the model."""
+    vocab = vocabulary_size(model)
+    if vocab is not None and top_k >= vocab:
+        raise UserError(f"--top-k must be below the vocabulary size {vocab}, got {top_k}")
+
+
 def make_cli_sampler(settings: Settings, model, tokenizer) -> Sampler:
     """mlx-lm's CLI sampler (XTC spares newline and EOS), after the check that needs the
-    model: top-k below the vocabulary size."""
-    vocab = vocabulary_size(model)
-    if vocab is not None and settings.top_k >= vocab:
-        raise UserError(f"--top-k must be below the vocabulary size {vocab}, got {settings.top_k}")
+    model (:func:`check_top_k`)."""
+    check_top_k(settings.top_k, model)
     return make_sampler(**settings.sampling(),
                         xtc_special_tokens=tokenizer.encode("\n") + list(tokenizer.eos_token_ids))
 

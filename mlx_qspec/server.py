@@ -722,6 +722,7 @@ def build(args, loaded: Optional[tuple] = None) -> tuple:
     if not isinstance(args.chat_template_args, dict):
         raise ModelError("--chat-template-args must be a JSON object")
     model, tokenizer = loaded or load(args.model or cli.default_model_path())
+    cli.check_top_k(settings.top_k, model)  # (every request would default to it)
     draft_model = cli.load_draft_model(args.draft_model, tokenizer)
     draft_head = cli.load_draft_head(args.draft_head, model)
     settings = settings.but(draft=resolve(model, tokenizer, settings.draft))

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from mlx_qspec import server as server_module
-from mlx_qspec.server import MAX_BODY_BYTES, MAX_STOP_CHARS, check_host, main
+from mlx_qspec.server import (MAX_BODY_BYTES, MAX_STOP_CHARS, build, check_host, main,
+                              setup_arg_parser)
 from mlx_qspec.errors import UserError
 from helpers.serving import KEY, Served
 
@@ -175,6 +176,13 @@ def test_an_internal_error_is_a_500_in_openai_shape_and_the_server_stays_up(
     assert any(rid in r.getMessage() for r in caplog.records)
     monkeypatch.undo()
     _ok(served.http.post(CHAT, json={"messages": MSG, "max_tokens": 1}))
+
+
+def test_a_top_k_flag_past_the_vocabulary_is_refused_at_start(smollm2):
+    """(A request's top_k defaults to it: every request would be refused.)"""
+    args = setup_arg_parser().parse_args(["--top-k", "49152"])
+    with pytest.raises(UserError, match="--top-k must be below the vocabulary size 49152"):
+        build(args, smollm2)
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "192.0.2.1"])
