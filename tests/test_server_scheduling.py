@@ -146,7 +146,7 @@ def test_health_shows_a_prefill_and_a_client_that_leaves_stops_it(served, monkey
 
     def slow(model, tokens, cache, *args, **kwargs):
         if tokens.shape[1] == CHUNK:
-            time.sleep(0.05)
+            time.sleep(0.1)  # the prompt's 20 chunks: 2 s
         return real(model, tokens, cache, *args, **kwargs)
 
     monkeypatch.setattr(decoder_module, "forward", slow)
