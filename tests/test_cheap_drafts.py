@@ -196,7 +196,7 @@ def test_auto_weighs_the_free_lookup_and_stays_exact(model, monkeypatch, verify_
     from mlx_qspec import controller, cost
     from mlx_qspec.drafts.auto import AutoPolicy
 
-    def prior(m, cache, names):
+    def prior(m, cache, names, step_bytes=None):
         verify = {r: t * 0.004 for r, t in verify_cost.items()}
         return controller.Costs.from_table(verify, {n: 0.0 if n == "ngram" else 0.0038
                                                     for n in names}, "measured")

@@ -175,7 +175,7 @@ def test_auto_follows_the_cost_model_and_stays_exact(model, monkeypatch, verify_
     plainly where it grows with rows — greedy output equal to plain decoding either way."""
     from mlx_qspec import controller, cost
 
-    def prior(m, cache, names):
+    def prior(m, cache, names, step_bytes=None):
         return controller.Costs.from_table(dict(verify_cost), {n: 0.5 for n in names}, "measured")
     monkeypatch.setattr(cost, "prior", prior)
     out, st, _ = spec(model, "auto", None, "nested")

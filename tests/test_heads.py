@@ -695,23 +695,27 @@ def test_cli_draft_head_mistakes_are_one_line(tiny, tmp_path, capsys):
         assert info.value.code == 2 and "\n" not in err and words in err, (extra, err)
 
 
-def test_auto_weighs_a_head_by_its_agreement_and_bytes(bigram):
-    """``auto`` adds the head with its measured agreement as the prior and a plain step's cost
-    times the bytes one of its steps reads ÷ a plain step's."""
+def test_auto_weighs_a_head_by_its_agreement_and_bytes(bigram, monkeypatch):
+    """``auto`` weighs the head as an arm of its controller: at its measured agreement, and
+    on a Mac at the roofline's cost of the bytes one head step reads (a fraction of a plain
+    step's); the cache unmoved."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    from mlx_qspec.cost import CostTable
-    from mlx_qspec.drafts.auto import weigh_heads
+    from mlx_qspec import cost
+    from mlx_qspec.drafts.auto import AutoPolicy
 
     model, level = bigram
     level = level.fresh()
     level.agreement = 0.42
     cache = make_prompt_cache(model)
     model(mx.array([[5, 6, 7]]), cache=cache)
-    table, priors = CostTable({1: 1.0, 5: 1.1}, {}), {}
-    weigh_heads(model, cache, table, priors, level)
-    assert priors == {"head": 0.42}
-    assert 0 < table.draft["head"] < 0.75
+    seen = {}
+    monkeypatch.setattr(cost, "prior", lambda m, c, priors, step_bytes=None: seen.update(
+        priors=dict(priors), step_bytes=step_bytes))
+    AutoPolicy(model, cache, draft_head=level)
+    assert seen["priors"]["head"] == 0.42 and "ngram" in seen["priors"]
+    modeled = cost.modeled(model, cache, ["head"], "M2 Max", seen["step_bytes"])
+    assert 0 < modeled.draft["head"] < modeled.step
     assert cache[0].offset == 3
 
 

@@ -65,28 +65,47 @@ def test_license_and_metadata(wheel):
     assert "License-Expression: MIT" in metadata
 
 
-def third_party_imports() -> set[str]:
-    names = set()
+def _names(node) -> set[str]:
+    if isinstance(node, ast.Import):
+        return {a.name.split(".")[0] for a in node.names}
+    if isinstance(node, ast.ImportFrom) and node.level == 0:
+        return {node.module.split(".")[0]}
+    return set()
+
+
+def third_party_imports() -> tuple[set[str], set[str]]:
+    """What ``mlx_qspec`` imports from other distributions: always, and only where an
+    ImportError is caught (an optional extra, e.g. matplotlib for the bench's plot)."""
+    names, optional = set(), set()
     for path in (ROOT / "mlx_qspec").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names.add(node.module.split(".")[0])
-    return names - set(sys.stdlib_module_names) - {"mlx_qspec"}
+        tree = ast.parse(path.read_text())
+        guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try)
+                   and any(isinstance(h.type, ast.Name) and h.type.id == "ImportError"
+                           for h in t.handlers)
+                   for b in t.body for n in ast.walk(b)}
+        for node in ast.walk(tree):
+            (optional if id(node) in guarded else names).update(_names(node))
+    ours = set(sys.stdlib_module_names) | {"mlx_qspec"}
+    return names - ours, optional - names - ours
 
 
 def test_every_import_is_a_declared_dependency(wheel):
+    """Every import is a dependency; one guarded by ``except ImportError`` may be an extra."""
     _, metadata = wheel
     norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
-    declared = {norm(re.match(r"[A-Za-z0-9._-]+", line[len("Requires-Dist: "):]).group())
-                for line in metadata.splitlines()
-                if line.startswith("Requires-Dist: ") and "extra ==" not in line}
-    imports = third_party_imports()
+    requires = [line[len("Requires-Dist: "):] for line in metadata.splitlines()
+                if line.startswith("Requires-Dist: ")]
+    dist = lambda line: norm(re.match(r"[A-Za-z0-9._-]+", line).group())  # noqa: E731
+    declared = {dist(r) for r in requires if "extra ==" not in r}
+    extras = {dist(r) for r in requires if "extra ==" in r}
+    imports, optional = third_party_imports()
     assert {"mlx", "mlx_lm", "tokenizers"} <= imports
     owners = packages_distributions()
     undeclared = [m for m in imports if not {norm(d) for d in owners.get(m, [m])} & declared]
     assert undeclared == [], f"imported but not in pyproject's dependencies: {undeclared}"
+    unlisted = [m for m in optional
+                if not {norm(d) for d in owners.get(m, [m])} & (declared | extras)]
+    assert unlisted == [], f"imported where optional but in no extra: {unlisted}"
 
 
 def test_installed_wheel_finds_the_metal_sources(wheel, tmp_path):
