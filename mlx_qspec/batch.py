@@ -2,8 +2,12 @@
 
 MLX work never runs on the HTTP event loop: the server hands each request to the engine as a
 :class:`Job` through a bounded queue and gets its text back through the job's ``deliver``
-callback. The engine decodes every request with the decoder (:mod:`mlx_qspec.decoder`),
-admitting new jobs and retiring finished ones between steps:
+callback. The engine decodes every request with the decoder (:mod:`mlx_qspec.decoder`) in
+rounds: admit what fits, one block for every running request, then up to
+``prefill_step_size`` prompt tokens of prefill, a chunk at a time, the prompts taking turns
+(mlx-lm's ``BatchGenerator`` interleaves the same way). So a long prompt delays everyone else
+by one chunk per round, never by its whole prefill, and one whose client left stops at its
+next chunk.
 
 - where the served draft can share a batched forward (one precision level or none, on an fp
   cache of full-attention layers, no ``kv_bits``, no window, no p-min), the requests are the
@@ -17,13 +21,20 @@ admitting new jobs and retiring finished ones between steps:
   interleaved. (A hybrid's recurrent state rewinds by replay per row, and the ragged batch
   holds attention's K/V only.)
 
-Greedy output is the CLI's token for token either way. Both reuse the longest cached prefix
-of each prompt from mlx-lm's :class:`LRUPromptCache`.
-"""
+Greedy output is the CLI's token for token either way (the CLI's ``--prefill-step-size``
+the same). Both reuse the longest cached prefix of each prompt from mlx-lm's
+:class:`LRUPromptCache`.
 
+Whatever one request raises — in its prefill, its block (a forward, a draft, its sampler), its
+text — fails that request alone, with a 500 that names its request id (logged with the
+traceback): a batched block that raises is run again row by row from where it began, so only
+the rows that raise again fail and the others' text is what it would have been. The prompt
+cache only ever hands out copies and takes finished requests' caches.
+"""
+import copy
 import logging
 import threading
-import traceback
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
@@ -35,7 +46,7 @@ from mlx_lm.models.cache import (
 )
 
 from . import hooks
-from .caches import position, rewind
+from .caches import position, positions, rewind
 from .decoder import VERIFY, Decoder, Row, SpecStats, new_key, prefill
 from .drafts.auto import AutoPolicy
 from .drafts.cascade import DraftModel, build
@@ -46,6 +57,7 @@ from .policy import FixedGamma
 from .ragged_cache import RaggedKVCache
 from .sampling import make_sampler, resolve_sampler
 from .settings import Settings
+from .stop_strings import StopMatcher
 
 log = logging.getLogger("mlx_qspec.server")
 
@@ -59,7 +71,11 @@ class Job:
     """One request as the engine sees it: prompt tokens, sampling, stop strings, and where its
     events go. ``deliver`` is called from the engine thread with dicts of type ``text``
     (a piece of text and, when asked for, its tokens' logprobs), then one ``done`` or
-    ``error``. Text that could still turn into a stop string is held back until it cannot."""
+    ``error``. Text that could still turn into a stop string is held back until it cannot,
+    and so is a trailing U+FFFD, which a streaming detokenizer emits only for the bytes of a
+    character that the last token left incomplete: at the end it is dropped, so a response
+    cut inside a character (``max_tokens``) ends with the last whole character, streamed or
+    not (a model that generated U+FFFD itself as its very last character loses it too)."""
 
     prompt: List[int]
     max_tokens: int
@@ -73,8 +89,11 @@ class Job:
     logprobs: bool = False
     top_logprobs: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
-    text: str = ""
-    sent: int = 0
+    rid: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:12]}")  # in logs, errors
+    held: str = ""  # generated, not yet delivered
+
+    def __post_init__(self):
+        self.stops = StopMatcher(self.stop)
 
     def cancel(self):
         """The client went away: the engine stops this job at its next token."""
@@ -82,27 +101,32 @@ class Job:
 
     def add(self, segment: str, logprobs: Optional[list]) -> bool:
         """Append generated text; deliver what no stop string can still claim. True when a
-        stop string ended the text (it and anything after it are never delivered)."""
-        self.text += segment
-        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop)
-                if i >= 0]
-        if hits:
-            self._send(min(hits), logprobs)
+        stop string ended the text (it and anything after it are never delivered). Time
+        linear in the text (:class:`StopMatcher`)."""
+        start = self.stops.feed(segment)
+        text, self.held = self.held + segment, ""
+        if start is not None:
+            self._send(text[:len(text) - len(segment) + start], logprobs)
             return True
-        hold = max((n for s in self.stop for n in range(len(s) - 1, 0, -1)
-                    if self.text.endswith(s[:n])), default=0)
-        self._send(len(self.text) - hold, logprobs)
+        keep = len(text) - max(self.stops.partial, _replacement_tail(text))
+        self._send(text[:keep], logprobs)
+        self.held = text[keep:]
         return False
 
     def flush(self):
-        """Deliver the held-back tail: generation ended without a stop string."""
-        self._send(len(self.text), None)
+        """Deliver the held-back tail, less an incomplete last character: generation ended
+        without a stop string."""
+        text, self.held = self.held[:len(self.held) - _replacement_tail(self.held)], ""
+        self._send(text, None)
 
-    def _send(self, upto: int, logprobs: Optional[list]):
-        if upto > self.sent or logprobs:
-            self.deliver({"type": "text", "text": self.text[self.sent:upto],
-                          "logprobs": logprobs or []})
-            self.sent = max(self.sent, upto)
+    def _send(self, text: str, logprobs: Optional[list]):
+        if text or logprobs:
+            self.deliver({"type": "text", "text": text, "logprobs": logprobs or []})
+
+
+def _replacement_tail(text: str) -> int:
+    """How many U+FFFD end ``text``."""
+    return len(text) - len(text.rstrip("\ufffd"))
 
 
 class PromptCache:
@@ -156,7 +180,23 @@ def _trimmed_cache(model, rows: list):
     return cache
 
 
-@dataclass
+@dataclass(eq=False)
+class _Prefill:
+    """A job whose prompt goes into its cache a chunk at a time, between decode steps."""
+
+    job: Job
+    cache: list
+    cached: int  # prompt tokens the prompt cache held
+    done: int  # prompt tokens in the cache so far
+    hidden: Optional[list]  # the chunks' final hidden states (levels that read them)
+
+    @property
+    def total(self) -> int:
+        """Prompt tokens in the cache when decoding starts: all but the last."""
+        return len(self.job.prompt) - 1
+
+
+@dataclass(eq=False)
 class _Request:
     """A job being decoded: its decoder row, its tokens so far, where its text stands, and
     at batch 1 its own decoder and cache."""
@@ -168,6 +208,7 @@ class _Request:
     tokens: List[int] = field(default_factory=list)
     finish: Optional[str] = None
     stopped: bool = False
+    failed: bool = False
     decoder: Optional[Decoder] = None
     cache: Optional[list] = None
 
@@ -176,9 +217,9 @@ class BatchEngine:
     """One thread that decodes the queued jobs (see the module docstring). ``settings``:
     what every request decodes with but its sampling values (a request's own);
     ``draft_model``: the smaller model of ``--draft-model``; ``draft_head``: the head of
-    ``--draft-head``. Totals (requests, emitted
-    tokens, model forwards while decoding, of which at full precision) are kept for
-    ``/health`` and the load test."""
+    ``--draft-head``. Totals (requests served and failed, emitted tokens, model forwards while
+    decoding and of them verifies, decode steps, prefill chunks and tokens) are kept for
+    ``/health`` and the load test; :attr:`progress` says what is running and prefilling."""
 
     def __init__(self, model, tokenizer, *, settings: Settings, draft_model=None, draft_head=None,
                  decode_concurrency: int = 32, queue_size: int = 64,
@@ -204,14 +245,22 @@ class BatchEngine:
                                         prompt_cache_bytes, settings.max_kv_size)
         self.waiting: "deque[Optional[Job]]" = deque()  # None: stop
         self.ready = threading.Condition()
-        self.totals = {"requests": 0, "emitted_tokens": 0, "forwards": 0, "verify_forwards": 0}
+        # The engine thread's own: requests decoding (in the batch's row order), the batch's
+        # decoder (batched mode), prompts being prefilled (round robin).
+        self.running: List[_Request] = []
+        self.batch: Optional[Decoder] = None
+        self.prefilling: "deque[_Prefill]" = deque()
+        self.totals = {"requests": 0, "failed": 0, "emitted_tokens": 0, "forwards": 0,
+                       "verify_forwards": 0, "decode_steps": 0, "prefill_chunks": 0,
+                       "prefill_tokens": 0}
+        self.progress = {"running": 0, "prefilling": []}  # replaced whole after each round
         self.thread = threading.Thread(target=self._run, name="mlx_qspec-engine", daemon=True)
 
     def start(self):
         self.thread.start()
 
     def stop(self):
-        """Finish the step in hand, then end the thread (queued jobs are dropped)."""
+        """Finish the round in hand, then end the thread (queued jobs are dropped)."""
         with self.ready:
             self.waiting.clear()
             self.waiting.append(None)
@@ -234,13 +283,55 @@ class BatchEngine:
             self.waiting.append(job)
             self.ready.notify()
 
-    def _take(self, active: int) -> Optional[list]:
-        """The jobs to admit now, waiting while there is nothing to do; None: stop."""
+    # ------------------------------------------------------------ the rounds
+    def _run(self):
+        # Installed here: arrays built on another thread's stream cannot run on this one.
+        hooks.install(self.model)
+        if self.draft_model is not None:
+            hooks.install(self.draft_model.model)
+        while True:
+            try:
+                if not self._round():
+                    return
+            except Exception as e:
+                # A bug in the engine's own bookkeeping, which no one request brought: the
+                # requests in hand fail with it, and the engine goes on with the next.
+                log.error("the engine's round failed; the requests in hand fail with it",
+                          exc_info=e)
+                for job in [r.job for r in self.running] + [p.job for p in self.prefilling]:
+                    self._fail(job, e)
+                self.running, self.batch = [], None
+                self.prefilling.clear()
+
+    def _round(self) -> bool:
+        """Admit what fits, one block for every running request, a round's worth of prefill
+        (see the module docstring). False: stop."""
+        joined = self._take()
+        if joined is None:
+            return False
+        for job in joined:
+            try:
+                self._start(job)
+            except Exception as e:
+                self._fail(job, e)
+        self._leave([r for r in self.running if r.job.cancelled.is_set()])
+        if self.running:
+            self._decode()
+        self._prefill()
+        self.progress = {"running": len(self.running), "prefilling": [
+            {"id": p.job.rid, "prompt_tokens": len(p.job.prompt), "processed_tokens": p.done}
+            for p in self.prefilling]}
+        return True
+
+    def _take(self) -> Optional[list]:
+        """The jobs to admit now (up to ``decode_concurrency`` running and prefilling), waiting
+        while there is nothing to do; None: stop."""
         joined = []
         with self.ready:
-            while not active and not self.waiting:
+            while not (self.running or self.prefilling or self.waiting):
                 self.ready.wait()
-            while self.waiting and active + len(joined) < self.decode_concurrency:
+            room = self.decode_concurrency - len(self.running) - len(self.prefilling)
+            while self.waiting and (len(joined) < room or self.waiting[0] is None):
                 job = self.waiting.popleft()
                 if job is None:
                     return None
@@ -248,47 +339,107 @@ class BatchEngine:
                     joined.append(job)
         return joined
 
-    def _run(self):
-        # Installed here: arrays built on another thread's stream cannot run on this one.
-        hooks.install(self.model)
-        if self.draft_model is not None:
-            hooks.install(self.draft_model.model)
-        active, batch = [], None
-        while (joined := self._take(len(active))) is not None:
-            kept = [b for b, r in enumerate(active) if not r.job.cancelled.is_set()]
-            new = []
-            for job in joined:
-                try:
-                    new.append(self._admit(job))
-                except Exception as e:  # a bug: this request fails with it, the others go on
-                    log.error("request failed:\n%s", traceback.format_exc())
-                    job.deliver({"type": "error", "message": f"{type(e).__name__}: {e}"})
-            if new or len(kept) < len(active):
-                batch = self._regroup(batch, kept, new)
-                active = [active[b] for b in kept] + [r for r, _ in new]
-            if not active:
+    # ------------------------------------------------------------ prefill
+    def _start(self, job: Job):
+        """``job`` joins the prefill line, on the longest cached prefix of its prompt."""
+        cache, cached = self.prompt_cache.fetch(job.prompt)
+        hidden = [] if self.keep_hidden and not self.batched else None  # levels that read it
+        self.prefilling.append(_Prefill(job, cache, cached, cached, hidden))
+
+    def _prefill(self):
+        """Up to ``prefill_step_size`` prompt tokens this round, a whole chunk at a time (the
+        first always): many short prompts start together, a long one advances a chunk per
+        round. The prefills take turns (those fed this round go behind those that waited);
+        one whose client left stops here; a finished one starts decoding."""
+        fed, step, line, later = 0, self.settings.prefill_step_size, self.prefilling, []
+        self.prefilling = deque()
+        for p in line:
+            if p.job.cancelled.is_set():
+                continue
+            n = min(step, p.total - p.done)
+            if fed and fed + n > step:  # no room left this round
+                self.prefilling.append(p)
                 continue
             try:
-                self._step(active, batch)
-            except Exception as e:  # a bug: the jobs in hand fail with it, the server stays up
-                log.error("decoding step failed:\n%s", traceback.format_exc())
-                for r in active:
-                    r.job.deliver({"type": "error", "message": f"{type(e).__name__}: {e}"})
-                active, batch = [], None
-                continue
-            done = [b for b, r in enumerate(active) if r.finish]
-            for b in done:
-                self._retire(active[b], batch, b)
-            if done:
-                kept = [b for b in range(len(active)) if b not in done]
-                batch = self._regroup(batch, kept, [])
-                active = [active[b] for b in kept]
+                if n:
+                    self._chunk(p, n)
+                    fed += n
+                if p.done < p.total:
+                    later.append(p)
+                else:
+                    self._join(p)
+            except Exception as e:  # this request fails alone; its cache was its own
+                self._fail(p.job, e)
+        self.prefilling.extend(later)
+
+    def _chunk(self, p: _Prefill, n: int):
+        """Feed the next ``n`` prompt tokens (``prefill_step_size`` but for the last chunk):
+        the chunks a single request is prefilled in (the CLI's, with the same flag), so the
+        cache is the CLI's."""
+        s = self.settings
+        quantize = lambda: maybe_quantize_kv_cache(  # noqa: E731
+            p.cache, s.quantized_kv_start, s.kv_group_size, s.kv_bits)
+        with mx.stream(generation_stream):
+            prefill(self.model, mx.array(p.job.prompt[p.done:p.done + n], mx.uint32), p.cache,
+                    n, quantize, p.hidden)
+        p.done += n
+        self.totals["prefill_chunks"] += 1
+        self.totals["prefill_tokens"] += n
+
+    def _join(self, p: _Prefill):
+        """A prefilled job starts decoding: a row of the batch, or a decoder of its own."""
+        job, s = p.job, self.settings
+        sampler = resolve_sampler(make_sampler(job.temperature, job.top_p, job.min_p,
+                                               top_k=job.top_k))
+        stats = SpecStats(draft=self.cascade.name if self.cascade else NONE,
+                          num_draft_tokens=s.gamma if self.cascade else 0)
+        row = Row(job.prompt[-1], sampler=sampler, budget=job.max_tokens, stats=stats,
+                  key=None if sampler is None else new_key(job.seed))
+        if p.hidden:
+            row.keep_hidden(mx.concatenate(p.hidden, axis=1)[0])
+        request = _Request(job, p.cached, row, self.tokenizer.detokenizer)
+        if self.batched:
+            layers = [(c.keys[:, :, :c.offset], c.values[:, :, :c.offset]) if c.offset
+                      else (None, None) for c in p.cache]
+            self._reshape(list(range(len(self.running))), [(request, layers)])
+            return
+        policy = self._policy(p.cache)
+        if isinstance(policy, AutoPolicy):
+            stats.draft, stats.auto_reason = policy.name or NONE, policy.reason
+        if (policy.reads_context if isinstance(policy, AutoPolicy)
+                else policy.draft is not None and policy.draft.reads_context):
+            row.context = list(job.prompt)
+        request.cache = p.cache
+        request.decoder = Decoder(self.model, p.cache, [row], policy, draft_p_min=s.draft_p_min,
+                                  kv_bits=s.kv_bits, kv_group_size=s.kv_group_size,
+                                  quantized_kv_start=s.quantized_kv_start,
+                                  keep_hidden=self.keep_hidden)
+        self.running.append(request)
+
+    def _policy(self, cache):
+        """A batch-1 request's block policy: ``auto``'s (chosen on its prefilled cache), or
+        the served draft at a fixed γ (a fresh draft-model cache of its own), or plain."""
+        s = self.settings
+        if s.draft.auto:
+            return AutoPolicy(self.model, cache, s.ngram, s.num_draft_tokens,
+                              self.draft_head and self.draft_head.fresh())
+        return FixedGamma(self.cascade and self.cascade.fresh(), s.gamma)
+
+    # ------------------------------------------------------------ the batch's shape
+    def _reshape(self, keep: list, new: list):
+        """The running requests become those at ``keep`` and the ``new`` ``(request, its
+        layers' K/V)``; in batched mode the batch's decoder is rebuilt over their K/V."""
+        if self.batched:
+            self.batch = self._regroup(self.batch, keep, new)
+        self.running = [self.running[b] for b in keep] + [r for r, _ in new]
+
+    def _leave(self, gone: list):
+        """The requests ``gone`` (finished, failed, or their clients left) stop decoding."""
+        if gone:
+            self._reshape([b for b, r in enumerate(self.running) if r not in gone], [])
 
     def _regroup(self, batch: Optional[Decoder], keep: list, new: list) -> Optional[Decoder]:
-        """The batch decoder with rows ``keep`` of ``batch`` and the new ``(request, layers)``
-        (None at batch 1: each request has its own)."""
-        if not self.batched:
-            return None
+        """The batch decoder with rows ``keep`` of ``batch`` and the new ``(request, layers)``."""
         per_layer = []
         for i in range(len(self.model.layers)):
             old = [batch.cache[i].row(b, batch.cache[i].lengths[b]) for b in keep] if batch else []
@@ -300,60 +451,69 @@ class BatchEngine:
         rows = ([batch.rows[b] for b in keep] if batch else []) + [r.row for r, _ in new]
         return Decoder(self.model, cache, rows, FixedGamma(self.cascade, self.settings.gamma))
 
-    def _policy(self, cache):
-        """A batch-1 request's block policy: ``auto``'s (chosen on its prefilled cache), or
-        the served draft at a fixed γ (a fresh draft-model cache of its own), or plain."""
-        s = self.settings
-        if s.draft.auto:
-            return AutoPolicy(self.model, cache, s.ngram, s.num_draft_tokens,
-                              self.draft_head and self.draft_head.fresh())
-        return FixedGamma(self.cascade and self.cascade.fresh(), s.gamma)
-
-    def _admit(self, job: Job):
-        """Prefill ``job`` alone (after its cached prefix): ``(request, its layers' K/V for
-        the batch)``, or at batch 1 ``(request with its own decoder, None)``."""
-        s = self.settings
-        cache, cached = self.prompt_cache.fetch(job.prompt)
-        prompt = mx.array(job.prompt[cached:], mx.uint32)
-        quantize = lambda: maybe_quantize_kv_cache(  # noqa: E731
-            cache, s.quantized_kv_start, s.kv_group_size, s.kv_bits)
-        hidden = [] if self.keep_hidden and not self.batched else None  # levels that read it
-        with mx.stream(generation_stream):  # in the chunks a single request is prefilled in
-            prefill(self.model, prompt[:-1], cache, s.prefill_step_size, quantize, hidden)
-        sampler = resolve_sampler(make_sampler(job.temperature, job.top_p, job.min_p,
-                                               top_k=job.top_k))
-        stats = SpecStats(draft=self.cascade.name if self.cascade else NONE,
-                          num_draft_tokens=s.gamma if self.cascade else 0)
-        row = Row(job.prompt[-1], sampler=sampler, budget=job.max_tokens, stats=stats,
-                  key=None if sampler is None else new_key(job.seed))
-        if hidden:
-            row.keep_hidden(mx.concatenate(hidden, axis=1)[0])
-        request = _Request(job, cached, row, self.tokenizer.detokenizer)
-        if self.batched:
-            return request, [(c.keys[:, :, :c.offset], c.values[:, :, :c.offset]) if c.offset
-                             else (None, None) for c in cache]
-        policy = self._policy(cache)
-        if isinstance(policy, AutoPolicy):
-            stats.draft, stats.auto_reason = policy.name or NONE, policy.reason
-        if (policy.reads_context if isinstance(policy, AutoPolicy)
-                else policy.draft is not None and policy.draft.reads_context):
-            row.context = list(job.prompt)
-        request.cache = cache
-        request.decoder = Decoder(self.model, cache, [row], policy, draft_p_min=s.draft_p_min,
-                                  kv_bits=s.kv_bits, kv_group_size=s.kv_group_size,
-                                  quantized_kv_start=s.quantized_kv_start,
-                                  keep_hidden=self.keep_hidden)
-        return request, None
-
-    def _step(self, active: list, batch: Optional[Decoder]):
-        """One block for the batch, then one for each batch-1 request, in turn."""
+    # ------------------------------------------------------------ decode
+    def _decode(self):
+        """One block for every running request (the batch's, then each batch-1 decoder's in
+        turn), then their text; a request whose block or text raises fails alone. The
+        finished are answered and leave."""
         with mx.stream(generation_stream):
-            if batch is not None:
-                for r, out in zip(active, self._counted(batch)):
-                    self._emit_all(r, out)
-            for r in active:
+            outs = self._batch_block() if self.batch is not None else []
+            for r in self.running:
                 if r.decoder is not None:
-                    self._emit_all(r, self._counted(r.decoder)[0])
+                    try:
+                        outs.append((r, self._counted(r.decoder)[0]))
+                    except Exception as e:  # its cache is its own: dropped with it
+                        self._fail_request(r, e)
+            for r, out in outs:
+                try:
+                    self._emit_all(r, out)
+                except Exception as e:
+                    self._fail_request(r, e)
+        self.totals["decode_steps"] += 1
+        done = [r for r in self.running if r.finish or r.failed]
+        for r in done:
+            if not r.failed:
+                try:
+                    self._retire(r)
+                except Exception as e:
+                    self._fail(r.job, e)
+        self._leave(done)
+
+    def _batch_block(self) -> list:
+        """One block over the batch: ``[(request, what it emits)]``. Should it raise, every
+        row is put back as it stood and tries the block alone (:meth:`_isolate`), so a fault
+        that one request brings (its sampler, its tokens in a forward) fails that request
+        only, and one that passes leaves everyone's text as it would have been."""
+        batch = self.batch
+        lengths, saved = positions(batch.cache), [copy.copy(row) for row in batch.rows]
+        try:
+            return list(zip(self.running, self._counted(batch)))
+        except Exception:
+            log.warning("a batched block over %d requests failed; each tries it alone",
+                        len(self.running), exc_info=True)
+        for row, was in zip(batch.rows, saved):  # its key, token and budget before the block
+            vars(row).update(vars(was))
+        rewind(batch.cache, lengths)
+        return self._isolate(lengths)
+
+    def _isolate(self, lengths: list) -> list:
+        """The block again for each of the batch's rows alone, on a copy of its K/V (the
+        positions before the block, which a block never writes): a row whose block raises
+        again fails, the others emit what their block gave and are batched again."""
+        outs, alone = [], []
+        for b, r in enumerate(self.running):
+            try:
+                layers = [c.row(b, lengths[b]) for c in self.batch.cache]
+                mx.eval(layers)
+                single = Decoder(self.model, [RaggedKVCache([kv]) for kv in layers], [r.row],
+                                 FixedGamma(self.cascade, self.settings.gamma))
+                outs.append((r, self._counted(single)[0]))
+                alone.append((r, [c.row(0, c.lengths[0]) for c in single.cache]))
+            except Exception as e:
+                self._fail_request(r, e)
+        self.running, self.batch = [], None
+        self._reshape([], alone)
+        return outs
 
     def _counted(self, decoder: Decoder) -> list:
         """``decoder.step()``, its model forwards added to the totals."""
@@ -363,6 +523,22 @@ class BatchEngine:
         self.totals["verify_forwards"] += decoder.forwards[VERIFY] - before[VERIFY]
         return out
 
+    def _fail_request(self, r: _Request, error: Exception):
+        r.failed = True
+        self._fail(r.job, error)
+
+    def _fail(self, job: Job, error: Exception):
+        """``job`` fails alone: logged with its request id and answered with a 500 that names
+        it (the log has the traceback; the client gets the kind of error)."""
+        self.totals["failed"] += 1
+        log.error("request %s failed", job.rid, exc_info=error)
+        try:
+            job.deliver({"type": "error", "message": f"the server failed on this request "
+                         f"({type(error).__name__}); request id {job.rid}"})
+        except Exception:  # nobody to tell
+            log.exception("request %s: its error could not be delivered", job.rid)
+
+    # ------------------------------------------------------------ text out
     def _emit_all(self, r: _Request, out: list):
         for token, logprobs, _ in out:
             if self._emit(r, token, logprobs):
@@ -383,7 +559,7 @@ class BatchEngine:
             r.finish, r.stopped = "stop", True
         return r.finish is not None
 
-    def _retire(self, r: _Request, batch: Optional[Decoder], b: int):
+    def _retire(self, r: _Request):
         """Send the job's last text and event; keep its cache (up to what it emitted)."""
         if r.job.cancelled.is_set():
             return
@@ -391,9 +567,10 @@ class BatchEngine:
             r.job.flush()
         tokens = r.job.prompt + r.tokens
         if r.decoder is None:
-            held = min(batch.cache[0].lengths[b], len(tokens))
+            b = self.running.index(r)
+            held = min(self.batch.cache[0].lengths[b], len(tokens))
             self.prompt_cache.store(tokens, _trimmed_cache(
-                self.model, [c.row(b, held) for c in batch.cache]))
+                self.model, [c.row(b, held) for c in self.batch.cache]))
         else:
             try:
                 rewind(r.cache, min(position(r.cache), len(tokens)))

@@ -200,8 +200,11 @@ def add_kv_args(parser, named: bool = False):
                         f"(with --kv-bits; default {Settings.quantized_kv_start})")
 
 
-def add_draft_args(parser, named: bool = False):
-    """How the model drafts, and the caches drafts read."""
+def add_draft_args(parser, named: bool = False,
+                   prefill_step_size: int = Settings.prefill_step_size,
+                   prefill_help: str = "Smaller values lower peak memory during prefill"):
+    """How the model drafts, the caches drafts read, and the prefill's chunk (the server
+    gives its own default and why)."""
     parser.add_argument("--max-kv-size", type=setting("max_kv_size", int, named), default=None,
                         help="Maximum key-value cache size: attention sees a window of this "
                         "many tokens (--kv-mode fp; drafts keep it exactly)")
@@ -230,9 +233,9 @@ def add_draft_args(parser, named: bool = False):
                         help="End a draft block early when the draft's top probability falls "
                         "below this (0 = never; llama.cpp's --draft-p-min)")
     parser.add_argument("--prefill-step-size", type=setting("prefill_step_size", int, named),
-                        default=Settings.prefill_step_size,
-                        help="Number of prompt tokens to process at a time. Smaller values "
-                        f"lower peak memory during prefill (default: {Settings.prefill_step_size})")
+                        default=prefill_step_size,
+                        help=f"Number of prompt tokens to process at a time. {prefill_help} "
+                        f"(default: {prefill_step_size})")
 
 
 def settings_from_args(args) -> Settings:
@@ -290,12 +293,17 @@ def load_draft_head(path: Optional[str], model):
     return None if path is None else head_level(hooks.install(model), path)
 
 
+def check_top_k(top_k: int, model) -> None:
+    """``--top-k`` below the vocabulary size: the check of it that needs the model."""
+    vocab = vocabulary_size(model)
+    if vocab is not None and top_k >= vocab:
+        raise UserError(f"--top-k must be below the vocabulary size {vocab}, got {top_k}")
+
+
 def make_cli_sampler(settings: Settings, model, tokenizer) -> Sampler:
     """mlx-lm's CLI sampler (XTC spares newline and EOS), after the check that needs the
-    model: top-k below the vocabulary size."""
-    vocab = vocabulary_size(model)
-    if vocab is not None and settings.top_k >= vocab:
-        raise UserError(f"--top-k must be below the vocabulary size {vocab}, got {settings.top_k}")
+    model (:func:`check_top_k`)."""
+    check_top_k(settings.top_k, model)
     return make_sampler(**settings.sampling(),
                         xtc_special_tokens=tokenizer.encode("\n") + list(tokenizer.eos_token_ids))
 

@@ -10,12 +10,17 @@ mlx-lm's server's (``mlx_lm.server``) plus ours (``--draft``, ``--num-draft-toke
 """
 
 import asyncio
+import hmac
+import ipaddress
 import json
 import logging
+import math
+import re
+import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import mlx.core as mx
 from jinja2 import TemplateError
@@ -24,8 +29,9 @@ from mlx_lm.utils import _parse_size
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import settings as decoding
@@ -41,6 +47,40 @@ log = logging.getLogger("mlx_qspec.server")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 DEFAULT_MODEL_ALIAS = "default_model"  # what mlx-lm's server takes for "the served model"
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat (completions: 5)
+PREFILL_STEP_SIZE = 512  # prompt tokens per engine round (mlx-lm's 2048: a longer stall)
+MAX_TEMPERATURE = 2.0  # OpenAI's limit; far past it a draw is all but uniform over the vocabulary
+MAX_STOPS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # the engine holds back up to this much text while a stop may begin
+MAX_BODY_BYTES = 16 << 20  # a 1M-token prompt as ids fits
+MAX_JSON_DEPTH = 64  # a real request nests ~6 deep; 100,000 brackets exhausted the stack
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON escapes can spell them; UTF-8 cannot
+
+# Request fields that would change what is generated and that this server does not
+# implement: refused with a 400 naming the field unless absent, null, or at their "off"
+# value (a client that relies on one must not get output that silently ignored it).
+NOT_IMPLEMENTED = {
+    "tools": lambda v: v == [],
+    "tool_choice": lambda v: v in ("none", "auto"),  # without tools, "auto" calls none
+    "functions": lambda v: v == [],
+    "function_call": lambda v: v in ("none", "auto"),
+    "response_format": lambda v: v == {"type": "text"},
+    "logit_bias": lambda v: v == {},
+    "frequency_penalty": lambda v: v == 0,
+    "presence_penalty": lambda v: v == 0,
+    "repetition_penalty": lambda v: v in (0, 1),  # mlx-lm: 0 is off; 1 divides by one
+    "xtc_probability": lambda v: v == 0,
+    "modalities": lambda v: v == ["text"],
+    "audio": lambda v: False,
+    "prediction": lambda v: False,
+    "reasoning_effort": lambda v: False,
+    "adapters": lambda v: False,
+    "chat_template_kwargs": lambda v: v == {},  # mlx-lm's; the server's flag sets them
+}
+COMPLETIONS_NOT_IMPLEMENTED = {
+    "echo": lambda v: v is False,
+    "suffix": lambda v: v == "",
+    "best_of": lambda v: v == 1,
+}
 
 
 class APIError(Exception):
@@ -56,8 +96,10 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def response(self) -> Response:
+        """The error as JSON in ASCII: whatever a message quotes, it encodes."""
+        return Response(json.dumps(self.body()), status_code=self.status,
+                        media_type="application/json")
 
 
 @dataclass
@@ -78,13 +120,19 @@ class Settings:
 # ---------------------------------------------------------------- request checking
 
 
+def _show(v) -> str:
+    """A request value quoted in an error message (long ones cut)."""
+    text = json.dumps(v)
+    return text if len(text) <= 200 else text[:200] + "…"
+
+
 def _value(body: dict, name: str, default, kinds, what: str):
     """``body[name]`` (null or absent: ``default``), or a 400 naming the field and the type."""
     v = body.get(name)
     if v is None:
         return default
     if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
-        raise APIError(400, f"'{name}' must be {what}, got {json.dumps(v)}", name, "invalid_type")
+        raise APIError(400, f"'{name}' must be {what}, got {_show(v)}", name, "invalid_type")
     return v
 
 
@@ -96,8 +144,8 @@ def _number(body, name, default, low=None, high=None, low_open=False, integer=Fa
     if low is not None and (v <= low if low_open else v < low) or high is not None and v > high:
         lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
         hi = "" if high is None else f"<= {high}"
-        raise APIError(400, f"'{name}' must be {' and '.join(x for x in (lo, hi) if x)}, got {v}",
-                       name, "invalid_value")
+        raise APIError(400, f"'{name}' must be {' and '.join(x for x in (lo, hi) if x)}, "
+                       f"got {_show(v)}", name, "invalid_value")
     return v
 
 
@@ -110,35 +158,60 @@ def _setting(value, name: str, field: str):
         raise APIError(400, f"'{field}' {e.problem}", field, "invalid_value") from None
 
 
-def _sampling(body: dict, s: Settings, chat: bool) -> dict:
+def _sampling(body: dict, s: Settings, chat: bool, vocab_size: int) -> dict:
     """The fields both endpoints share, checked."""
+    _refuse_not_implemented(body, NOT_IMPLEMENTED if chat else
+                            {**NOT_IMPLEMENTED, **COMPLETIONS_NOT_IMPLEMENTED})
     model = _value(body, "model", None, (str,), "a string")
     if model not in (None, s.model_id, DEFAULT_MODEL_ALIAS):
-        raise APIError(404, f"The model '{model}' does not exist: this server serves "
+        raise APIError(404, f"The model {_show(model)} does not exist: this server serves "
                        f"'{s.model_id}'", "model", "model_not_found")
     if _number(body, "n", 1, low=1, integer=True) != 1:
         raise APIError(400, "'n' must be 1: one choice per request", "n", "invalid_value")
     name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None \
         else "max_tokens"
     max_tokens = _number(body, name, None, low=1, high=s.max_context, integer=True)
+    stream_options = _value(body, "stream_options", {}, (dict,), "an object")
+    return dict(
+        max_tokens=max_tokens,
+        temperature=float(_setting(_number(body, "temperature", s.temp, high=MAX_TEMPERATURE),
+                                   "temp", "temperature")),
+        top_p=float(_setting(_number(body, "top_p", s.top_p, low=0, low_open=True), "top_p",
+                             "top_p")),
+        top_k=_setting(_number(body, "top_k", s.top_k, high=vocab_size - 1, integer=True),
+                       "top_k", "top_k"),
+        min_p=float(_setting(_number(body, "min_p", s.min_p), "min_p", "min_p")),
+        seed=_setting(_value(body, "seed", None, (int,), "an integer"), "seed", "seed"),
+        stop=_stop(body),
+        stream=_value(body, "stream", False, (bool,), "a boolean"),
+        include_usage=_value(stream_options, "include_usage", False, (bool,), "a boolean"),
+    )
+
+
+def _stop(body: dict) -> list:
+    """``stop``: up to MAX_STOPS non-empty strings of at most MAX_STOP_CHARS characters."""
     stop = _value(body, "stop", [], (str, list), "a string or a list of strings")
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(x, str) and x for x in stop):
         raise APIError(400, "'stop' must be a string or a list of non-empty strings", "stop",
                        "invalid_type")
-    stream_options = _value(body, "stream_options", {}, (dict,), "an object")
-    return dict(
-        max_tokens=max_tokens,
-        temperature=float(_setting(_number(body, "temperature", s.temp), "temp", "temperature")),
-        top_p=float(_setting(_number(body, "top_p", s.top_p, low=0, low_open=True), "top_p",
-                             "top_p")),
-        top_k=_setting(_number(body, "top_k", s.top_k, integer=True), "top_k", "top_k"),
-        min_p=float(_setting(_number(body, "min_p", s.min_p), "min_p", "min_p")),
-        seed=_setting(_value(body, "seed", None, (int,), "an integer"), "seed", "seed"),
-        stop=stop,
-        stream=_value(body, "stream", False, (bool,), "a boolean"),
-        include_usage=_value(stream_options, "include_usage", False, (bool,), "a boolean"),
-    )
+    if len(stop) > MAX_STOPS:
+        raise APIError(400, f"'stop' may hold at most {MAX_STOPS} strings, got {len(stop)}",
+                       "stop", "invalid_value")
+    if max(map(len, stop), default=0) > MAX_STOP_CHARS:
+        raise APIError(400, f"each 'stop' string may be at most {MAX_STOP_CHARS} characters, "
+                       f"got one of {max(map(len, stop))}", "stop", "invalid_value")
+    return stop
+
+
+def _refuse_not_implemented(body: dict, fields: dict):
+    """A 400 naming the first field that asks for something this server does not do."""
+    for name, off in fields.items():
+        v = body.get(name)
+        if v is not None and not off(v):
+            raise APIError(400, f"'{name}' is not supported by this server (it would be ignored "
+                           f"otherwise), got {_show(v)}", name,
+                           "unsupported_parameter")
 
 
 def _messages(body: dict) -> list:
@@ -157,7 +230,7 @@ def _messages(body: dict) -> list:
         role = m.get("role")
         if role not in ROLES:
             raise APIError(400, f"'{where}.role' must be one of {', '.join(ROLES)}, got "
-                           f"{json.dumps(role)}", f"{where}.role", "invalid_value")
+                           f"{_show(role)}", f"{where}.role", "invalid_value")
         content = m.get("content")
         if isinstance(content, list):
             if not all(isinstance(p, dict) and p.get("type") == "text"
@@ -169,19 +242,106 @@ def _messages(body: dict) -> list:
         elif not isinstance(content, str) and not (content is None and role == "assistant"):
             raise APIError(400, f"'{where}.content' must be a string or a list of text parts",
                            f"{where}.content", "invalid_type")
-        out.append({**m, "content": content or ""})
+        if m.get("tool_calls") not in (None, []):
+            raise APIError(400, f"'{where}.tool_calls': tool calls are not supported by this "
+                           "server", f"{where}.tool_calls", "unsupported_parameter")
+        message = {"role": role, "content": content or ""}
+        if m.get("name") is not None:
+            if not isinstance(m["name"], str):
+                raise APIError(400, f"'{where}.name' must be a string, got {_show(m['name'])}",
+                               f"{where}.name", "invalid_type")
+            message["name"] = m["name"]
+        out.append(message)  # what the chat template reads, and nothing else
     return out
 
 
 async def _json_body(request: Request) -> dict:
-    raw = await request.body()
+    """The body as a JSON object: a JSON (or unlabelled) body of at most MAX_BODY_BYTES,
+    UTF-8, strict JSON (no NaN or Infinity), nested at most MAX_JSON_DEPTH deep, every
+    string encodable; else a 4xx naming the problem. Parsed off the event loop."""
+    kind = request.headers.get("content-type")
+    if kind is not None:
+        media, _, params = kind.partition(";")
+        media = media.strip().lower()
+        charset = re.search(r"charset\s*=\s*\"?([^\";\s]+)", params, re.IGNORECASE)
+        if media != "application/json" and not media.endswith("+json") or \
+                charset and charset.group(1).lower().replace("-", "") != "utf8":
+            raise APIError(415, f"the request body must be JSON in UTF-8: send 'Content-Type: "
+                           f"application/json', got {json.dumps(kind)}", None,
+                           "unsupported_media_type")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    raw = bytearray()
+    async for piece in request.stream():
+        raw += piece
+        if len(raw) > MAX_BODY_BYTES:
+            raise _too_large()
+    return await run_in_threadpool(_parse_json, bytes(raw))
+
+
+def _too_large() -> APIError:
+    return APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", None,
+                    "request_too_large")
+
+
+def _not_json(message: str) -> APIError:
+    return APIError(400, f"the request body is not valid JSON: {message}", None, "invalid_json")
+
+
+def _reject_constant(name: str):
+    raise _not_json(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise _not_json(f"the number {text[:40]} is out of range")
+    return x
+
+
+def _parse_json(raw: bytes) -> dict:
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", None, "invalid_json")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_json(f"not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})")
+    try:
+        body = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as e:
+        raise _not_json(str(e))
+    except RecursionError:
+        raise _not_json(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise _not_json(str(e).split(";")[0])
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", None, "invalid_type")
+    _check_structure(body)
     return body
+
+
+def _check_structure(body: dict):
+    """Depth at most MAX_JSON_DEPTH; no lone surrogate (a JSON escape like \\ud800) in any
+    string or key: the tokenizer and every UTF-8 writer would fail on it."""
+    stack = [(body, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _not_json(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(node, dict):
+            if any(_SURROGATE.search(key) for key in node):
+                raise _surrogate()
+            node = node.values()
+        for v in node:
+            if isinstance(v, str):
+                if _SURROGATE.search(v):
+                    raise _surrogate()
+            elif isinstance(v, (dict, list)):
+                stack.append((v, depth + 1))
+
+
+def _surrogate() -> APIError:
+    return APIError(400, "the request holds a string that is not Unicode text (a lone "
+                    "surrogate, such as \\ud800)", None, "invalid_value")
 
 
 # ---------------------------------------------------------------- the app
@@ -189,211 +349,7 @@ async def _json_body(request: Request) -> dict:
 
 def create_app(engine: BatchEngine, tokenizer, settings: Settings) -> Starlette:
     """The ASGI app serving ``engine`` (which must be started) under OpenAI's URLs."""
-    created = int(time.time())
-    vocab_size = vocabulary_size(engine.model) or len(tokenizer.get_vocab())
-
-    def authorize(request: Request):
-        if settings.api_key is None:
-            return
-        if request.headers.get("authorization") != f"Bearer {settings.api_key}":
-            raise APIError(401, "a missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           None, "invalid_api_key")
-
-    def budget(prompt: list, max_tokens: Optional[int], field: str) -> int:
-        """Tokens the request may generate: its ``max_tokens``, or the server's default cut
-        to the context left; a 400 past the context."""
-        if not prompt:
-            raise APIError(400, "the prompt is empty", None, "invalid_value")
-        room = settings.max_context - len(prompt)
-        if room < 1 or max_tokens is not None and max_tokens > room:
-            raise APIError(400, f"This model's maximum context length is {settings.max_context} "
-                           f"tokens; the request needs {len(prompt) + (max_tokens or 1)} "
-                           f"({len(prompt)} in the prompt, {max_tokens or 1} to generate)",
-                           field, "context_length_exceeded")
-        return min(settings.max_tokens, room) if max_tokens is None else max_tokens
-
-    def chat_prompt(messages: list) -> list:
-        if not tokenizer.has_chat_template:
-            return tokenizer.encode(convert_chat(messages))
-        try:
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=True, **settings.chat_template_args)
-        except TemplateError as e:  # the template's own raise_exception: messages it refuses
-            raise APIError(400, f"the model's chat template refused the messages: {e}",
-                           "messages", "invalid_value")
-
-    async def run_job(request: Request, field: str, prompt: list, params: dict, logprobs: bool,
-                      top_logprobs: int, chunk, final):
-        """Queue the job (``field`` holds the prompt); answer with one JSON body or a stream
-        of events. ``chunk(text, logprobs)`` and ``final(text, logprobs, done event,
-        with_usage)`` build the OpenAI objects."""
-        params = dict(params, max_tokens=budget(prompt, params["max_tokens"], field))
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-
-        def deliver(event):
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop is gone (shutdown): stop generating
-                job.cancel()
-
-        job = Job(prompt=prompt, deliver=deliver, logprobs=logprobs, top_logprobs=top_logprobs,
-                  **{k: params[k] for k in ("max_tokens", "temperature", "top_p", "top_k",
-                                            "min_p", "seed", "stop")})
-        try:
-            engine.submit(job)
-        except QueueFull as e:
-            raise APIError(429, str(e), None, "server_busy", type="server_overloaded")
-
-        if not params["stream"]:
-            text, lps = "", []
-            while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), 0.25)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancel()
-                        return JSONResponse({}, status_code=499)
-                    continue
-                if event["type"] == "text":
-                    text += event["text"]
-                    lps += event["logprobs"]
-                elif event["type"] == "error":
-                    raise APIError(500, event["message"], None, "internal_error", "server_error")
-                else:
-                    return JSONResponse(final(text, lps, event, with_usage=True))
-
-        async def stream():
-            """Server-sent events; a client that leaves cancels this generator, and the job."""
-            try:
-                first = chunk("", [], role=True)
-                if first is not None:
-                    yield f"data: {json.dumps(first)}\n\n"
-                while True:
-                    event = await events.get()
-                    if event["type"] == "text":
-                        yield f"data: {json.dumps(chunk(event['text'], event['logprobs']))}\n\n"
-                    elif event["type"] == "error":
-                        err = APIError(500, event["message"], None, "internal_error",
-                                       "server_error")
-                        yield f"data: {json.dumps(err.body())}\n\n"
-                        break
-                    else:
-                        yield f"data: {json.dumps(final('', [], event, with_usage=False))}\n\n"
-                        if params["include_usage"]:
-                            usage = dict(final("", [], event, with_usage=True), choices=[])
-                            yield f"data: {json.dumps(usage)}\n\n"
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancel()
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-
-    def envelope(rid: str, obj: str) -> dict:
-        return {"id": rid, "object": obj, "created": int(time.time()), "model": settings.model_id,
-                "system_fingerprint": f"mlx_qspec-{mx.__version__}"}
-
-    def done_fields(event: dict, with_usage: bool) -> dict:
-        out = {"speculative": event["speculative"]}
-        if with_usage:
-            out["usage"] = event["usage"]
-        return out
-
-    async def chat_completions(request: Request):
-        authorize(request)
-        body = await _json_body(request)
-        messages = _messages(body)
-        params = _sampling(body, settings, chat=True)
-        logprobs = _value(body, "logprobs", False, (bool,), "a boolean")
-        top = _number(body, "top_logprobs", 0, low=0, high=MAX_TOP_LOGPROBS, integer=True)
-        if top and not logprobs:
-            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs",
-                           "invalid_value")
-        prompt = await run_in_threadpool(chat_prompt, messages)
-        rid = f"chatcmpl-{uuid.uuid4()}"
-
-        def chunk(text, lps, role=False):
-            delta = {"role": "assistant", "content": ""} if role else {"content": text}
-            choice = {"index": 0, "delta": delta, "finish_reason": None,
-                      "logprobs": {"content": lps} if lps else None}
-            return dict(envelope(rid, "chat.completion.chunk"), choices=[choice])
-
-        def final(text, lps, event, with_usage):
-            if params["stream"] and not with_usage:
-                choice = {"index": 0, "delta": {}, "finish_reason": event["finish_reason"],
-                          "logprobs": None}
-                return dict(envelope(rid, "chat.completion.chunk"), choices=[choice],
-                            **done_fields(event, False))
-            obj = "chat.completion.chunk" if params["stream"] else "chat.completion"
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": event["finish_reason"],
-                      "logprobs": {"content": lps} if logprobs else None}
-            return dict(envelope(rid, obj), choices=[choice], **done_fields(event, True))
-
-        return await run_job(request, "messages", prompt, params, logprobs, top, chunk, final)
-
-    async def completions(request: Request):
-        authorize(request)
-        body = await _json_body(request)
-        if "prompt" not in body:
-            raise APIError(400, "'prompt' is required", "prompt", "missing_required_parameter")
-        prompt = body["prompt"]
-        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                            for t in prompt):
-            try:
-                tokens = check_token_ids(prompt, vocab_size, "prompt")
-            except UserError as e:
-                raise APIError(400, str(e), "prompt", "invalid_value") from None
-        elif isinstance(prompt, str):
-            tokens = await run_in_threadpool(tokenizer.encode, prompt)
-        else:
-            raise APIError(400, "'prompt' must be a string or a list of token ids", "prompt",
-                           "invalid_type")
-        params = _sampling(body, settings, chat=False)
-        top = _number(body, "logprobs", None, low=0, high=5, integer=True)
-        rid = f"cmpl-{uuid.uuid4()}"
-
-        def legacy(lps):
-            """Completions' logprobs: parallel lists, top alternatives as {token: logprob}."""
-            offsets, at = [], 0
-            for e in lps:
-                offsets.append(at)
-                at += len(e["token"])
-            return {"tokens": [e["token"] for e in lps],
-                    "token_logprobs": [e["logprob"] for e in lps],
-                    "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
-                                     for e in lps],
-                    "text_offset": offsets}
-
-        def chunk(text, lps, role=False):
-            if role:
-                return None
-            choice = {"index": 0, "text": text, "finish_reason": None,
-                      "logprobs": legacy(lps) if top is not None else None}
-            return dict(envelope(rid, "text_completion"), choices=[choice])
-
-        def final(text, lps, event, with_usage):
-            choice = {"index": 0, "text": text, "finish_reason": event["finish_reason"],
-                      "logprobs": legacy(lps) if top is not None and not params["stream"] else None}
-            if params["stream"] and with_usage:
-                choice = None
-            return dict(envelope(rid, "text_completion"), choices=[choice] if choice else [],
-                        **done_fields(event, with_usage))
-
-        return await run_job(request, "prompt", tokens, params, top is not None, top or 0, chunk,
-                             final)
-
-    async def models(request: Request):
-        authorize(request)
-        return JSONResponse({"object": "list", "data": [
-            {"id": settings.model_id, "object": "model", "created": created,
-             "owned_by": "mlx_qspec"}]})
-
-    async def health(request: Request):
-        """Liveness plus the engine's totals (model forwards per emitted token for the load
-        test). Open without an API key, as a load balancer's probe is."""
-        return JSONResponse({"status": "ok", "queued": engine.queued(), **engine.totals})
+    service = _Service(engine, tokenizer, settings)
 
     async def api_error(request: Request, e: APIError):
         return e.response()
@@ -404,15 +360,305 @@ def create_app(engine: BatchEngine, tokenizer, settings: Settings) -> Starlette:
                         ).response()
 
     return Starlette(
+        middleware=[Middleware(_CatchAll)],
         routes=[
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/chat/completions", chat_completions, methods=["POST"]),
-            Route("/v1/completions", completions, methods=["POST"]),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/health", health, methods=["GET"]),
+            Route("/v1/chat/completions", service.chat_completions, methods=["POST"]),
+            Route("/chat/completions", service.chat_completions, methods=["POST"]),
+            Route("/v1/completions", service.completions, methods=["POST"]),
+            Route("/v1/models", service.models, methods=["GET"]),
+            Route("/health", service.health, methods=["GET"]),
         ],
         exception_handlers={APIError: api_error, HTTPException: http_error},
     )
+
+
+class _Service:
+    """The endpoints: each checks its request, queues a job on the engine and answers with its
+    events, as one JSON body or a stream of server-sent events."""
+
+    def __init__(self, engine: BatchEngine, tokenizer, settings: Settings):
+        self.engine, self.tokenizer, self.settings = engine, tokenizer, settings
+        self.created = int(time.time())
+        self.vocab_size = vocabulary_size(engine.model) or len(tokenizer.get_vocab())
+
+    def authorize(self, request: Request):
+        """``Authorization: Bearer KEY`` (the scheme in any case, RFC 9110), compared in
+        constant time."""
+        if self.settings.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode("latin-1"), self.settings.api_key.encode()):
+            raise APIError(401, "a missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           None, "invalid_api_key")
+
+    def budget(self, prompt: list, max_tokens: Optional[int], field: str) -> int:
+        """Tokens the request may generate: its ``max_tokens``, or the server's default cut
+        to the context left; a 400 past the context."""
+        if not prompt:
+            raise APIError(400, "the prompt is empty", None, "invalid_value")
+        context = self.settings.max_context
+        room = context - len(prompt)
+        if room < 1 or max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"This model's maximum context length is {context} "
+                           f"tokens; the request needs {len(prompt) + (max_tokens or 1)} "
+                           f"({len(prompt)} in the prompt, {max_tokens or 1} to generate)",
+                           field, "context_length_exceeded")
+        return min(self.settings.max_tokens, room) if max_tokens is None else max_tokens
+
+    def chat_prompt(self, messages: list) -> list:
+        if not self.tokenizer.has_chat_template:
+            return self.tokenizer.encode(convert_chat(messages))
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True,
+                **self.settings.chat_template_args)
+        except TemplateError as e:  # the template's own raise_exception: messages it refuses
+            raise APIError(400, f"the model's chat template refused the messages: {e}",
+                           "messages", "invalid_value")
+
+    def envelope(self, rid: str, obj: str) -> dict:
+        return {"id": rid, "object": obj, "created": int(time.time()),
+                "model": self.settings.model_id,
+                "system_fingerprint": f"mlx_qspec-{mx.__version__}"}
+
+    # ------------------------------------------------------------ a job's life
+    async def run_job(self, request: Request, rid: str, field: str, prompt: list, params: dict,
+                      logprobs: tuple, build):
+        """Queue the job (``field`` holds the prompt; ``rid`` names it in logs and errors;
+        ``logprobs``: whether asked for, and how many alternatives); answer with one JSON body
+        or a stream of events. ``build.chunk(text, logprobs)`` and ``build.final(text,
+        logprobs, done event, with_usage)`` make the OpenAI objects."""
+        params = dict(params, max_tokens=self.budget(prompt, params["max_tokens"], field))
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def deliver(event):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (shutdown): stop generating
+                job.cancel()
+
+        job = Job(prompt=prompt, deliver=deliver, logprobs=logprobs[0],
+                  top_logprobs=logprobs[1], rid=rid,
+                  **{k: params[k] for k in ("max_tokens", "temperature", "top_p", "top_k",
+                                            "min_p", "seed", "stop")})
+        try:
+            self.engine.submit(job)
+        except QueueFull as e:
+            raise APIError(429, str(e), None, "server_busy", type="server_overloaded")
+        if not params["stream"]:
+            return await _answer(request, job, events, build)
+        return StreamingResponse(_stream(job, events, build, params["include_usage"]),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    # ------------------------------------------------------------ endpoints
+    async def chat_completions(self, request: Request):
+        self.authorize(request)
+        body = await _json_body(request)
+        messages = _messages(body)
+        params = _sampling(body, self.settings, chat=True, vocab_size=self.vocab_size)
+        logprobs = _value(body, "logprobs", False, (bool,), "a boolean")
+        top = _number(body, "top_logprobs", 0, low=0, high=MAX_TOP_LOGPROBS, integer=True)
+        if top and not logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs",
+                           "invalid_value")
+        prompt = await run_in_threadpool(self.chat_prompt, messages)
+        rid = f"chatcmpl-{uuid.uuid4()}"
+        build = _ChatObjects(self.envelope, rid, params["stream"], logprobs)
+        return await self.run_job(request, rid, "messages", prompt, params, (logprobs, top),
+                                  build)
+
+    async def completions(self, request: Request):
+        self.authorize(request)
+        body = await _json_body(request)
+        if "prompt" not in body:
+            raise APIError(400, "'prompt' is required", "prompt", "missing_required_parameter")
+        prompt = body["prompt"]
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                            for t in prompt):
+            try:
+                tokens = await run_in_threadpool(check_token_ids, prompt, self.vocab_size,
+                                                 "prompt")
+            except UserError as e:
+                raise APIError(400, str(e), "prompt", "invalid_value") from None
+        elif isinstance(prompt, str):
+            tokens = await run_in_threadpool(self.tokenizer.encode, prompt)
+        else:
+            raise APIError(400, "'prompt' must be a string or a list of token ids", "prompt",
+                           "invalid_type")
+        params = _sampling(body, self.settings, chat=False, vocab_size=self.vocab_size)
+        top = _number(body, "logprobs", None, low=0, high=5, integer=True)
+        rid = f"cmpl-{uuid.uuid4()}"
+        build = _CompletionObjects(self.envelope, rid, params["stream"], top)
+        return await self.run_job(request, rid, "prompt", tokens, params,
+                                  (top is not None, top or 0), build)
+
+    async def models(self, request: Request):
+        self.authorize(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.settings.model_id, "object": "model", "created": self.created,
+             "owned_by": "mlx_qspec"}]})
+
+    async def health(self, request: Request):
+        """Liveness, what the engine holds — requests queued, running, and prefilling with
+        their progress (prompt tokens in the cache so far) — and its totals (model forwards
+        per emitted token for the load test). Open without an API key, as a load balancer's
+        probe is."""
+        return JSONResponse({"status": "ok", "queued": self.engine.queued(),
+                             **self.engine.progress, **self.engine.totals})
+
+
+async def _answer(request: Request, job: Job, events: asyncio.Queue, build):
+    """The job's events gathered into one JSON body (499 when the client leaves first)."""
+    text, lps = "", []
+    while True:
+        try:
+            event = await asyncio.wait_for(events.get(), 0.25)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancel()
+                return JSONResponse({}, status_code=499)
+            continue
+        if event["type"] == "text":
+            text += event["text"]
+            lps += event["logprobs"]
+        elif event["type"] == "error":
+            raise APIError(500, event["message"], None, "internal_error", "server_error")
+        else:
+            return JSONResponse(build.final(text, lps, event, with_usage=True))
+
+
+async def _stream(job: Job, events: asyncio.Queue, build, include_usage: bool):
+    """Server-sent events; a client that leaves cancels this generator, and the job."""
+    try:
+        first = build.chunk("", [], role=True)
+        if first is not None:
+            yield f"data: {json.dumps(first)}\n\n"
+        while True:
+            event = await events.get()
+            if event["type"] == "text":
+                yield f"data: {json.dumps(build.chunk(event['text'], event['logprobs']))}\n\n"
+            elif event["type"] == "error":
+                err = APIError(500, event["message"], None, "internal_error", "server_error")
+                yield f"data: {json.dumps(err.body())}\n\n"
+                break
+            else:
+                yield f"data: {json.dumps(build.final('', [], event, with_usage=False))}\n\n"
+                if include_usage:
+                    usage = dict(build.final("", [], event, with_usage=True), choices=[])
+                    yield f"data: {json.dumps(usage)}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()
+
+
+def _done_fields(event: dict, with_usage: bool) -> dict:
+    out = {"speculative": event["speculative"]}
+    if with_usage:
+        out["usage"] = event["usage"]
+    return out
+
+
+@dataclass
+class _ChatObjects:
+    """Chat completions' response objects: streamed chunks and the final one."""
+
+    envelope: Any
+    rid: str
+    stream: bool
+    logprobs: bool
+
+    def chunk(self, text, lps, role=False):
+        delta = {"role": "assistant", "content": ""} if role else {"content": text}
+        choice = {"index": 0, "delta": delta, "finish_reason": None,
+                  "logprobs": {"content": lps} if lps else None}
+        return dict(self.envelope(self.rid, "chat.completion.chunk"), choices=[choice])
+
+    def final(self, text, lps, event, with_usage):
+        if self.stream and not with_usage:
+            choice = {"index": 0, "delta": {}, "finish_reason": event["finish_reason"],
+                      "logprobs": None}
+            return dict(self.envelope(self.rid, "chat.completion.chunk"), choices=[choice],
+                        **_done_fields(event, False))
+        obj = "chat.completion.chunk" if self.stream else "chat.completion"
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "finish_reason": event["finish_reason"],
+                  "logprobs": {"content": lps} if self.logprobs else None}
+        return dict(self.envelope(self.rid, obj), choices=[choice], **_done_fields(event, True))
+
+
+@dataclass
+class _CompletionObjects:
+    """Completions' response objects; ``top``: the logprobs asked for (None: none)."""
+
+    envelope: Any
+    rid: str
+    stream: bool
+    top: Optional[int]
+
+    @staticmethod
+    def legacy(lps):
+        """Completions' logprobs: parallel lists, top alternatives as {token: logprob}."""
+        offsets, at = [], 0
+        for e in lps:
+            offsets.append(at)
+            at += len(e["token"])
+        return {"tokens": [e["token"] for e in lps],
+                "token_logprobs": [e["logprob"] for e in lps],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                                 for e in lps],
+                "text_offset": offsets}
+
+    def chunk(self, text, lps, role=False):
+        if role:
+            return None
+        choice = {"index": 0, "text": text, "finish_reason": None,
+                  "logprobs": self.legacy(lps) if self.top is not None else None}
+        return dict(self.envelope(self.rid, "text_completion"), choices=[choice])
+
+    def final(self, text, lps, event, with_usage):
+        choice = {"index": 0, "text": text, "finish_reason": event["finish_reason"],
+                  "logprobs": self.legacy(lps) if self.top is not None and not self.stream
+                  else None}
+        if self.stream and with_usage:
+            choice = None
+        return dict(self.envelope(self.rid, "text_completion"),
+                    choices=[choice] if choice else [], **_done_fields(event, with_usage))
+
+
+class _CatchAll:
+    """Whatever a request raises that no handler turned into an answer becomes a 500 in
+    OpenAI's error shape (Starlette's own is plain text), logged with a request id that the
+    answer names. Once a response has started (a stream) it can only be cut: re-raised."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watch(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except ClientDisconnect:  # it left while sending its body: nobody to answer
+            return
+        except Exception as e:
+            rid = f"req-{uuid.uuid4().hex[:12]}"
+            log.error("request %s (%s %s) failed", rid, scope.get("method"), scope.get("path"),
+                      exc_info=e)
+            if started:
+                raise
+            await APIError(500, f"the server failed on this request ({type(e).__name__}); "
+                           f"request id {rid}", None, "internal_error", "server_error"
+                           ).response()(scope, receive, send)
 
 
 # ---------------------------------------------------------------- CLI
@@ -428,11 +674,15 @@ def setup_arg_parser():
     parser.add_argument("--model", help=cli.MODEL_HELP)
     parser.add_argument("--host", default="127.0.0.1",
                         help="Host to bind (default: 127.0.0.1). Set --api-key before binding "
-                        "any other interface: the server runs whatever it is sent")
+                        "any other interface (refused without one): the server runs whatever "
+                        "it is sent")
     parser.add_argument("--port", type=cli.integer(1, name="--port"), default=8080,
                         help="Port (default: 8080)")
     parser.add_argument("--api-key", default=None,
                         help="Require 'Authorization: Bearer KEY' on every request but /health")
+    parser.add_argument("--insecure-no-api-key", action="store_true",
+                        help="Serve a --host other than loopback without --api-key (refused "
+                        "otherwise): anyone who reaches the port runs the model")
     parser.add_argument("--max-tokens", type=cli.integer(1, name="--max-tokens"), default=512,
                         help="Default maximum number of tokens to generate (default: 512)")
     cli.add_sampling_args(parser, extended=False, named=True)  # the requests' defaults
@@ -456,7 +706,10 @@ def setup_arg_parser():
     parser.add_argument("--queue-size", type=cli.integer(1, name="--queue-size"), default=64,
                         help="Requests that may wait for the engine; more get 429 (default: 64)")
     cli.add_kv_args(parser, named=True)
-    cli.add_draft_args(parser, named=True)
+    cli.add_draft_args(parser, named=True, prefill_step_size=PREFILL_STEP_SIZE, prefill_help=(
+        "Prompts are prefilled this many tokens per round, between the running requests' "
+        "decode steps: smaller values keep them flowing while a long prompt prefills (the "
+        "same value at the CLI builds the same cache)"))
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     return parser
@@ -469,6 +722,7 @@ def build(args, loaded: Optional[tuple] = None) -> tuple:
     if not isinstance(args.chat_template_args, dict):
         raise ModelError("--chat-template-args must be a JSON object")
     model, tokenizer = loaded or load(args.model or cli.default_model_path())
+    cli.check_top_k(settings.top_k, model)  # (every request would default to it)
     draft_model = cli.load_draft_model(args.draft_model, tokenizer)
     draft_head = cli.load_draft_head(args.draft_head, model)
     settings = settings.but(draft=resolve(model, tokenizer, settings.draft))
@@ -490,6 +744,33 @@ def build(args, loaded: Optional[tuple] = None) -> tuple:
     return create_app(engine, tokenizer, server), engine
 
 
+def check_host(host: str, api_key: Optional[str], insecure: bool) -> Optional[str]:
+    """May ``host`` be bound? None: yes; a warning to print: only because
+    ``--insecure-no-api-key`` says so; a UserError: no (a server that runs whatever it is
+    sent must not listen beyond this machine without a key)."""
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key must not be empty")
+    if api_key is not None or _is_loopback(host):
+        return None
+    host = host or "''"
+    if insecure:
+        return (f"--host {host} is served WITHOUT an API key (--insecure-no-api-key): anyone "
+                "who can reach this port can run the model")
+    raise UserError(f"--host {host} is not a loopback address: set --api-key KEY to serve it, "
+                    "or --insecure-no-api-key to serve it open")
+
+
+def _is_loopback(host: str) -> bool:
+    """Every address ``host`` resolves to is a loopback address ('' binds every interface)."""
+    if not host.strip():
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"--host {host} cannot be resolved: {e}")
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
 def main(argv=None):
     """Bad flags: one line, exit 2 (as the generate CLI)."""
     import uvicorn
@@ -498,6 +779,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     try:
+        warning = check_host(args.host, args.api_key, args.insecure_no_api_key)
+        if warning:
+            log.warning(warning)
         app, engine = build(args)
     except UserError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")

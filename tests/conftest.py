@@ -54,6 +54,15 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_served_dir(smollm2, tmp_path_factory) -> Path:
+    """A tiny random llama with the test model's tokenizer, as an mlx directory: what the
+    server's fuzz, fault and scheduling tests serve (helpers.serving)."""
+    from helpers.serving import write_tiny_model_dir
+
+    return write_tiny_model_dir(tmp_path_factory.mktemp("served") / "tiny", smollm2[1])
+
+
+@pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory) -> str:
     """A tiny llama GGUF (helpers.gguf_reference) with flat logits: sampling far from
     greedy. Its tokenizer has no merges: every UTF-8 byte is one token."""

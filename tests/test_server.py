@@ -2,64 +2,19 @@
 never send), on a loopback port, serving the SmolLM2 test model with an explicit draft."""
 
 import json
-import socket
 import threading
 import time
 
 import httpx2
 import openai
 import pytest
-import uvicorn
 
+from helpers.serving import MAX_CONTEXT, Served
 from mlx_qspec import api as generate_module
-from mlx_qspec import generate
 from mlx_qspec.batch import Job
-from mlx_qspec.server import build, main, setup_arg_parser
+from mlx_qspec.server import main
 
-KEY = "test-key"
 MODEL = "default_model"  # mlx-lm's name for whatever the server serves
-MAX_CONTEXT = 256
-DRAFT = ["--draft", "a8", "--num-draft-tokens", "3"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Served:
-    """A server started in this process on a free loopback port, serving the test model
-    already loaded (``loaded``), which offline generation below uses too."""
-
-    def __init__(self, *flags, loaded=None):
-        args = setup_arg_parser().parse_args(
-            [*DRAFT, "--api-key", KEY, "--max-context", str(MAX_CONTEXT), *flags])
-        self.app, self.engine = build(args, loaded)
-        port = _free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0)
-        self.http = httpx2.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"},
-                                 timeout=120)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join()
-        self.engine.stop()
-
-    def offline(self, prompt_tokens, max_tokens, **kwargs) -> str:
-        """What the offline API gives for the same tokens and draft."""
-        return generate(self.engine.model, self.engine.tokenizer, prompt_tokens,
-                        max_tokens=max_tokens, draft="a8", num_draft_tokens=3, **kwargs)
-
-    def chat_tokens(self, messages):
-        return self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +92,8 @@ def test_completions_stop_string_and_logprobs(served):
 def test_models_and_health(served):
     assert [m.id for m in served.client.models.list().data] == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
     health = httpx2.get(f"{served.url}/health").json()  # no key needed
-    assert health == {"status": "ok", "queued": 0, **served.engine.totals}
+    assert health == {"status": "ok", "queued": 0, "running": 0, "prefilling": [],
+                      **served.engine.totals}
 
 
 def _error(response, status):
@@ -217,10 +173,13 @@ LONG = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": MAX_CONTEXT - 16, "stream": Tr
 
 
 def _first_text(response):
-    """Read a completions stream up to its first generated text."""
-    for line in response.iter_lines():
+    """Read a completions stream up to its first generated text; returns the rest of its
+    lines, which the caller holds to stay connected (an abandoned iterator is closed, and
+    with it the connection: the server sees the client leave)."""
+    lines = response.iter_lines()
+    for line in lines:
         if line.startswith("data:") and json.loads(line[5:])["choices"][0]["text"]:
-            return
+            return lines
     raise AssertionError("the stream ended before any text")
 
 
@@ -245,11 +204,12 @@ def _wait_idle(served, seconds=30):
 def test_full_queue_is_429(served):
     """Queue size 1: one request decoding, one waiting, the third is refused."""
     with served.http.stream("POST", "/v1/completions", json=LONG) as running:
-        _first_text(running)  # the engine has it
+        rest = _first_text(running)  # the engine has it
         with served.http.stream("POST", "/v1/completions", json=LONG) as waiting:
             assert waiting.status_code == 200 and served.engine.queued() == 1
             error = _error(served.http.post("/v1/completions", json=LONG), 429)
             assert "busy" in error["message"]
+        assert next(line for line in rest if line).startswith("data:")  # still streaming
     _wait_idle(served)
     assert served.client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2).choices
 

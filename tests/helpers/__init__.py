@@ -2,7 +2,7 @@
 process, numerics, GGUF writing, child processes. Test modules import these, never each
 other. Submodules: ``gguf_reference`` / ``gguf_raw`` / ``gguf_kquants`` (tiny GGUF files, three
 ways), ``sampling`` (chi-square against an exact joint distribution), ``decoding`` (plain and
-speculative runs)."""
+speculative runs), ``serving`` (a chat server started in the test process)."""
 
 import signal
 
