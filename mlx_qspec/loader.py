@@ -257,6 +257,17 @@ def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("model*.safetensors"))
 
 
+def _json_object(file: Path) -> dict:
+    """``file``'s JSON object, or a ModelError naming the file and what is wrong."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
 def read_config(path: Path) -> dict:
     """``path/config.json`` as a dict, or a ModelError naming the file and what is wrong."""
     file = path / "config.json"
@@ -264,12 +275,7 @@ def read_config(path: Path) -> dict:
         raise ModelError(f"'{path}' is not a model directory (no config.json)")
     if not any(path.glob("model*.safetensors")):
         raise ModelError(f"'{path}' is not a model directory (no model*.safetensors)")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    config = _json_object(file)
     if not isinstance(config.get("model_type"), str):
         raise ModelError(f"{file}: no model_type")
     return config
@@ -289,12 +295,7 @@ def check_adapters(adapter_path, what: str = "adapter path") -> None:
     file = path / "adapter_config.json"
     if not file.is_file():
         raise ModelError(f"{lead} has no adapter_config.json (mlx_lm.lora writes one)")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    config = _json_object(file)
     kind = config.get("fine_tune_type", "lora")
     if kind not in ADAPTER_TYPES:
         raise ModelError(f"{file}: fine_tune_type must be one of {', '.join(ADAPTER_TYPES)}, "
