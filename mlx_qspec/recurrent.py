@@ -427,6 +427,16 @@ def unsupported(model: nn.Module) -> str | None:
     return None
 
 
+def check_conversational(model: nn.Module, command: str) -> None:
+    """A chat or a server keeps each conversation's position in its cache list: a UserError
+    (one line, what runs the model instead) where no cache counts positions — a model whose
+    only state is recurrent and not rewindable here (Mamba 1, RWKV-7)."""
+    why = unsupported(model)
+    if why and not any(hasattr(c, "offset") for c in make_prompt_cache(model)):
+        raise UserError(f"{command} cannot run it: {why}, and no attention layer that counts "
+                        "a conversation's positions (python -m mlx_qspec.generate runs it plainly)")
+
+
 def _convs(mixer: nn.Module, spec: Mixer):
     """``(owner, attribute name, module, slot)`` for each convolution of a mixer."""
     for path, slot in spec.convs.items():

@@ -36,7 +36,7 @@ from starlette.routing import Route
 
 from . import settings as decoding
 from .batch import BatchEngine, Job, QueueFull
-from . import cli
+from . import cli, recurrent
 from .drafts.cascade import resolve
 from .errors import ModelError, UserError
 from .loader import load
@@ -722,6 +722,7 @@ def build(args, loaded: Optional[tuple] = None) -> tuple:
     if not isinstance(args.chat_template_args, dict):
         raise ModelError("--chat-template-args must be a JSON object")
     model, tokenizer = loaded or load(args.model or cli.default_model_path())
+    recurrent.check_conversational(model, "mlx_qspec.server")
     cli.check_top_k(settings.top_k, model)  # (every request would default to it)
     draft_model = cli.load_draft_model(args.draft_model, tokenizer)
     draft_head = cli.load_draft_head(args.draft_head, model)

@@ -11,6 +11,7 @@ from mlx_lm.models import gated_delta, mamba
 from mlx_lm.models.cache import ArraysCache, make_prompt_cache
 
 from helpers.hybrid_models import MORE, build
+from helpers.serving import Served
 from tools.msl_emulator import metal_kernel as emulated_metal_kernel
 from mlx_qspec import hooks, reads, recurrent
 from mlx_qspec.decoder import SpecStats, prefill
@@ -164,6 +165,11 @@ def test_a_model_whose_state_cannot_be_rewound_is_refused_and_auto_decodes_plain
     with pytest.raises(UserError, match="cannot draft with the draft model: this model \\(mamba\\)"):
         speculative_generate_step(mx.array(PROMPT), build("qwen3_5"), draft="none", draft_model=model)
     assert recurrent.unsupported(build("qwen3_moe")) is None  # no recurrent layers
+    # A chat or a server keeps a conversation's position in the cache list: refused at start,
+    # in one line, where nothing counts positions; a hybrid with attention layers runs.
+    with pytest.raises(UserError, match="mlx_qspec.server cannot run it: this model \\(mamba\\)"):
+        Served(loaded=(model, None))
+    recurrent.check_conversational(build("qwen3_5"), "mlx_qspec.chat")
 
 
 def test_a_filled_mlx_lm_state_takes_its_offset_from_the_attention_layers():

@@ -40,6 +40,7 @@ from ..drafts.cascade import resolve
 from ..drafts.grammar import NONE, drafts_epilog
 from ..errors import UserError
 from ..loader import load
+from .. import recurrent
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_SEED = 0  # mlx_lm.chat seeds 0
@@ -210,6 +211,7 @@ def run(args, parser) -> None:
     model_name = str(args.model or default_model_path())
     model, tokenizer = load(model_name, adapter_path=args.adapter_path,
                             trust_remote_code=args.trust_remote_code)
+    recurrent.check_conversational(model, "mlx_qspec.chat")
     if not tokenizer.has_chat_template:
         raise UserError(f"the model {model_name} has no chat template; "
                         "use python -m mlx_qspec.generate")
