@@ -89,11 +89,6 @@ def progress_of(label: str):
     return lambda done, total: progress(label, done, total)
 
 
-def say(message: str) -> None:
-    """A line of progress on stderr (stdout carries only the text)."""
-    print(message, file=sys.stderr, flush=True)
-
-
 # ---------------------------------------------------------------- argparse types
 def integer(low: int, high: Optional[int] = None, also: Optional[int] = None,
             name: Optional[str] = None):
