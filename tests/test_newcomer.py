@@ -68,7 +68,7 @@ def test_a_skip_share_on_a_model_too_small_is_refused_before_calibrating(tiny_gg
     assert "has 2 blocks; a skip draft needs at least 3" in _error_line(capsys)
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "cache_prompt", "convert"])
+@pytest.mark.parametrize("command", ["generate", "chat", "cache_prompt", "convert", "server"])
 def test_ctrl_c_while_the_imports_run_exits_130_without_a_traceback(command):
     """The seconds spent importing MLX, mlx-lm and transformers are the command's too: Ctrl-C
     there ends it as later (exit 130), not with a KeyboardInterrupt traceback. The signal is

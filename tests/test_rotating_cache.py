@@ -14,7 +14,8 @@ from mlx_lm.models import gemma3_text
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 from helpers import build_tiny_model
-from mlx_qspec import api, hooks, precision, server
+from mlx_qspec import api, hooks, precision
+from mlx_qspec.commands import server
 from mlx_qspec.api import make_generation_cache, stream_generate
 from mlx_qspec.batch import Job
 from mlx_qspec.caches import kv_mode

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mlx_qspec import server as server_module
+from mlx_qspec.commands import server as server_module
 from mlx_qspec.server import (MAX_BODY_BYTES, MAX_STOP_CHARS, build, check_host, main,
                               setup_arg_parser)
 from mlx_qspec.errors import UserError

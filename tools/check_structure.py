@@ -154,7 +154,7 @@ def main() -> int:
     for m in sorted(ENGINE & set(graph)):
         if reaches(graph, external, m, "argparse"):
             problems.append(f"engine module {m} reaches argparse")
-    floors = longest_path(graph, "server", "errors") if not cycles(graph) else []
+    floors = longest_path(graph, "commands.server", "errors") if not cycles(graph) else []
     if len(floors) > MAX_FLOORS:
         problems.append(f"{len(floors)} floors from errors to server (at most {MAX_FLOORS})")
     sizes = list(functions(known))
