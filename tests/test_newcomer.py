@@ -361,3 +361,15 @@ def test_auto_does_not_blame_acceptance_for_a_draft_it_never_timed():
         controller.report(action, 0, 0, action.steps, 0.2 * action.steps)
     assert controller.reason == "not_timed_yet(a8-g32);costs=timed"  # ... and the run ends
     assert "acceptance_too_low" not in controller.reason
+
+
+def test_the_server_checks_the_paths_it_is_given_before_loading(monkeypatch, capsys):
+    """As generate and chat: a wrong --draft-model or --draft-head costs no model load."""
+    from mlx_qspec.commands import server
+
+    monkeypatch.setattr(server, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    for flags, words in ((["--draft-model", "/nope.gguf"], "--draft-model '/nope.gguf' does not exist"),
+                         (["--draft-head", "/nope"], "--draft-head '/nope' is not a directory")):
+        with pytest.raises(SystemExit) as exc:
+            server.main(flags)
+        assert exc.value.code == 2 and words in _error_line(capsys)

@@ -718,7 +718,7 @@ def setup_arg_parser():
 def build(args, loaded: Optional[tuple] = None) -> tuple:
     """``(app, engine)`` from parsed flags: checks them, loads the model (or takes
     ``loaded``, a ``(model, tokenizer)`` already in memory), starts the engine."""
-    settings = cli.settings_from_args(args)
+    settings = cli.check_before_load(args)  # its mistakes before the model loads
     if not isinstance(args.chat_template_args, dict):
         raise ModelError("--chat-template-args must be a JSON object")
     model, tokenizer = loaded or load(args.model or cli.default_model_path())
