@@ -141,7 +141,8 @@ def boolean(value):
 
 
 def template_config(value):
-    """``--chat-template-config``: a JSON object of extra ``apply_chat_template`` arguments."""
+    """``--chat-template-config`` (the server's ``--chat-template-args``): a JSON object of
+    extra ``apply_chat_template`` arguments, none of those the command sets itself."""
     try:
         obj = json.loads(value)
     except json.JSONDecodeError as e:

@@ -263,6 +263,9 @@ def test_one_at_a_time_engine_for_an_8bit_cache(smollm2):
     (["--draft", "kv-upper"], "--kv-mode nested"),
     (["--port", "zero"], "--port must be an integer"),
     (["--num-draft-tokens", "99"], "num_draft_tokens must be an integer from 1 to 32"),
+    # (accepted, it made every chat request a 500: apply_chat_template got tokenize twice)
+    (["--chat-template-args", '{"tokenize": false}'], "--chat-template-args: cannot set tokenize"),
+    (["--chat-template-args", "[1]"], "--chat-template-args: must be a JSON object"),
 ])
 def test_bad_flags_exit_2_with_one_line(capsys, flags, message):
     with pytest.raises(SystemExit) as exit:

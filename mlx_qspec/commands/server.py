@@ -686,9 +686,10 @@ def setup_arg_parser():
     parser.add_argument("--max-tokens", type=cli.integer(1, name="--max-tokens"), default=512,
                         help="Default maximum number of tokens to generate (default: 512)")
     cli.add_sampling_args(parser, extended=False, named=True)  # the requests' defaults
-    parser.add_argument("--chat-template-args", type=json.loads, default={},
+    parser.add_argument("--chat-template-args", type=cli.template_config, default={},
                         help="JSON object of arguments for the tokenizer's apply_chat_template, "
-                        "e.g. '{\"enable_thinking\": false}'")
+                        "e.g. '{\"enable_thinking\": false}' (not "
+                        f"{', '.join(cli.TEMPLATE_ARGS)}: the server sets them)")
     parser.add_argument("--prompt-cache-size", type=cli.integer(0, name="--prompt-cache-size"),
                         default=10, help="Maximum number of KV caches kept for reuse by later "
                         "requests sharing a prefix (default: 10)")
@@ -719,8 +720,6 @@ def build(args, loaded: Optional[tuple] = None) -> tuple:
     """``(app, engine)`` from parsed flags: checks them, loads the model (or takes
     ``loaded``, a ``(model, tokenizer)`` already in memory), starts the engine."""
     settings = cli.check_before_load(args)  # its mistakes before the model loads
-    if not isinstance(args.chat_template_args, dict):
-        raise ModelError("--chat-template-args must be a JSON object")
     model, tokenizer = loaded or load(args.model or cli.default_model_path())
     recurrent.check_conversational(model, "mlx_qspec.server")
     cli.check_top_k(settings.top_k, model)  # (every request would default to it)
