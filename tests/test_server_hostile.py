@@ -10,7 +10,7 @@ import pytest
 from mlx_qspec.commands import server as server_module
 from mlx_qspec.server import (MAX_BODY_BYTES, MAX_STOP_CHARS, build, check_host, main,
                               setup_arg_parser)
-from mlx_qspec.errors import UserError
+from mlx_qspec.errors import SettingError, UserError
 from helpers.serving import KEY, Served
 
 CHAT = "/v1/chat/completions"
@@ -210,3 +210,19 @@ def test_binding_0_0_0_0_without_a_key_is_refused_at_start_with_one_line(capsys,
     with pytest.raises(SystemExit):
         main(["--host", "0.0.0.0", "--api-key", " "])
     assert "must not be empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error,line", [
+    (SettingError("{kv_bits} 4 needs {kv_mode} fp"), "--kv-bits 4 needs --kv-mode fp"),
+    (UserError("first line\nsecond line"), "first line second line"),
+])
+def test_a_mistake_found_while_building_is_one_line_naming_flags(capsys, monkeypatch, error, line):
+    """As every command (cli.run_cli): a setting by its flag, a message on one line."""
+    def refuse(args):
+        raise error
+
+    monkeypatch.setattr(server_module, "build", refuse)
+    with pytest.raises(SystemExit) as exit:
+        main([])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == f"mlx_qspec.server: error: {line}\n"

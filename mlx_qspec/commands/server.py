@@ -772,19 +772,19 @@ def _is_loopback(host: str) -> bool:
 
 
 def main(argv=None):
-    """Bad flags: one line, exit 2 (as the generate CLI)."""
+    """Serve until stopped; a mistake in the flags is one line, exit 2 (:func:`cli.run_cli`,
+    as every command)."""
+    cli.run_cli(setup_arg_parser(), argv, _serve)
+
+
+def _serve(args, parser) -> None:
     import uvicorn
 
-    parser = setup_arg_parser()
-    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        warning = check_host(args.host, args.api_key, args.insecure_no_api_key)
-        if warning:
-            log.warning(warning)
-        app, engine = build(args)
-    except UserError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    warning = check_host(args.host, args.api_key, args.insecure_no_api_key)
+    if warning:
+        log.warning(warning)
+    app, engine = build(args)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     finally:
