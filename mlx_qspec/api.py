@@ -65,8 +65,7 @@ def _encode_prompt(tokenizer: TokenizerWrapper, prompt, vocab_size: Optional[int
 
 def _token_generator(model, tokenizer, prompt, max_tokens, kwargs, given):
     """``(its stats, whether it is plain, the generator of (token, logprobs, from_draft))``."""
-    s = kwargs.pop("settings", None)
-    s = settings_module.from_kwargs(kwargs, **given) if s is None else s
+    s = settings_module.resolve(kwargs, **given)
     kwargs.pop("prompt_progress_callback", None)
     plain = s.plain and kwargs.get("draft_model") is None
     if kwargs.get("prompt_cache") is None:

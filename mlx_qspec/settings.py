@@ -161,3 +161,15 @@ def from_kwargs(kwargs: dict, **given) -> Settings:
     values = {k: kwargs.pop(k) for k in NAMES if k in kwargs}
     values.update(given)
     return Settings(**{k: v for k, v in values.items() if v is not None})
+
+
+def resolve(kwargs: dict, **given) -> Settings:
+    """The settings of an API call: its ``settings=`` value (removed from ``kwargs``) changed
+    by the setting names beside it and ``given``, or :func:`from_kwargs` without one. Either
+    way the setting names leave ``kwargs``; None for one means not given."""
+    settings = kwargs.pop("settings", None)
+    if settings is None:
+        return from_kwargs(kwargs, **given)
+    changes = {k: kwargs.pop(k) for k in NAMES if k in kwargs}
+    changes.update(given)
+    return settings.but(**{k: v for k, v in changes.items() if v is not None})

@@ -124,9 +124,9 @@ def plain_generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int =
 
 
 def _settings(values: dict, **given) -> Settings:
-    """The settings given whole (``settings=``) or as keyword arguments, with ``given``."""
-    s = values.pop("settings", None)
-    s = settings_module.from_kwargs(values, **given) if s is None else s.but(**given)
+    """The settings of ``values`` (:func:`~mlx_qspec.settings.resolve`); nothing else may be
+    among them."""
+    s = settings_module.resolve(values, **given)
     if values:
         raise TypeError(f"unexpected keyword arguments: {', '.join(values)}")
     return s

@@ -13,6 +13,7 @@ import pytest
 
 from mlx_qspec import load
 from mlx_qspec.generate import main, stream_generate
+from mlx_qspec.settings import Settings
 
 STORY = "Write a long story about a dragon who learns to paint."
 REAL_TOKENS = 12
@@ -145,6 +146,29 @@ def test_api_stats_of_a_speculative_run(tiny_gguf):
     ps = plain[-1].stats  # plain decoding drafts nothing (its stats, where given, say so)
     assert ps is None or (ps.draft == "none" and ps.drafted == ps.accepted == 0)
     assert all(isinstance(r.logprobs, mx.array) for r in responses)
+
+
+def test_api_setting_names_beside_settings_change_them(tiny_gguf):
+    """``draft=``, ``num_draft_tokens=`` and other setting names passed beside ``settings=``
+    override it (they were dropped, or a TypeError)."""
+    model, tokenizer = load(tiny_gguf)
+    prompt = tokenizer.encode("hello there")
+    base = Settings(draft="none", num_draft_tokens=2)
+    responses = list(stream_generate(model, tokenizer, prompt, max_tokens=10, draft="a8-g32",
+                                     num_draft_tokens=3, settings=base))
+    plain = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=10,
+                                              settings=base)]
+    st = responses[-1].stats
+    assert st.draft == "a8-g32" and st.num_draft_tokens == 3 and st.drafted > 0
+    assert [r.token for r in responses] == plain
+    windowed = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=10,
+                                                 settings=base, max_kv_size=6)]
+    assert windowed == [r.token for r in stream_generate(model, tokenizer, prompt,
+                                                         max_tokens=10, max_kv_size=6)]
+    assert windowed != plain  # the window slides: the setting took effect
+    with pytest.raises(ValueError, match="kv_bits applies to kv_mode fp only"):
+        next(stream_generate(model, tokenizer, prompt, max_tokens=2,
+                             settings=Settings(kv_mode="8bit"), kv_bits=8))
 
 
 @pytest.mark.parametrize("prompt", [[1, -5], [1, 10**6], mx.array([1, 10**6]), [1, 2.0]])
