@@ -252,12 +252,19 @@ def settings_from_args(args) -> Settings:
         raise UserError(e.with_flags()) from None
 
 
-def check_before_load(args) -> Settings:
+def check_before_load(args, kv_from_file: bool = False) -> Settings:
     """What every command that loads a model checks first, so that a mistake costs no load
-    (and a chat shows no prompt before it): the settings its flags give, and the paths they
-    name (``--model``, ``--draft-model``, ``--adapter-path``, ``--draft-head``) where the
-    command has them."""
+    (and a chat shows no prompt before it): the settings its flags give, the KV flags that
+    apply with ``--kv-bits`` only (``kv_from_file``: a prompt cache file fixes the
+    quantization, so they may come alone), and the paths they name (``--model``,
+    ``--draft-model``, ``--adapter-path``, ``--draft-head``) where the command has them."""
     settings = settings_from_args(args)
+    if hasattr(args, "kv_bits") and args.kv_bits is None and not kv_from_file:
+        for flag, value in (("--kv-group-size", args.kv_group_size),
+                            ("--quantized-kv-start", args.quantized_kv_start)):
+            if value is not None:
+                raise UserError(f"{flag} {value} applies with --kv-bits only; pass --kv-bits "
+                                "4 or 8, or leave it out")
     for flag in ("model", "draft_model"):  # (a hub id is looked up when it loads)
         name = getattr(args, flag, None)
         if name is not None and not Path(name).expanduser().exists() and not is_hub_id(name):

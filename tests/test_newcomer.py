@@ -373,3 +373,18 @@ def test_the_server_checks_the_paths_it_is_given_before_loading(monkeypatch, cap
         with pytest.raises(SystemExit) as exc:
             server.main(flags)
         assert exc.value.code == 2 and words in _error_line(capsys)
+
+
+@pytest.mark.parametrize("flag", ["--kv-group-size", "--quantized-kv-start"])
+def test_every_command_refuses_a_kv_flag_without_kv_bits(monkeypatch, capsys, tmp_path, flag):
+    """generate refused --kv-group-size 32 alone; the server and cache_prompt take the same
+    flags and ignored it: all three refuse it now, before loading."""
+    from mlx_qspec.commands import cache_prompt, server
+
+    for module in (cache_prompt, server):
+        monkeypatch.setattr(module, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    file = str(tmp_path / "c.safetensors")
+    for main, argv in ((generate_main, ["--prompt", "hi"]), (server.main, []),
+                       (cache_prompt_main, ["--prompt", "hi", "--prompt-cache-file", file])):
+        line = _refused(capsys, main, *argv, flag, "32")
+        assert f"{flag} 32 applies with --kv-bits only" in line, line

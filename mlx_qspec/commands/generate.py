@@ -83,13 +83,7 @@ def setup_arg_parser():
 def check_args(args) -> Settings:
     """What needs no model, checked before one loads: the decoding settings, and the flags
     that only make sense together."""
-    settings = check_before_load(args)
-    if args.kv_bits is None and args.prompt_cache_file is None:
-        for flag, value in (("--kv-group-size", args.kv_group_size),
-                            ("--quantized-kv-start", args.quantized_kv_start)):
-            if value is not None:
-                raise UserError(f"{flag} {value} applies with --kv-bits only; pass --kv-bits "
-                                "4 or 8, or leave it out")
+    settings = check_before_load(args, kv_from_file=args.prompt_cache_file is not None)
     if args.prompt_cache_file is not None:
         if args.kv_mode != "fp" or args.max_kv_size is not None:
             flag = "--max-kv-size" if args.max_kv_size is not None else f"--kv-mode {args.kv_mode}"
