@@ -383,6 +383,6 @@ def load(
         cast_floats(kept[0], dtype)
         if dtype is None and from_gguf:
             cast_float32_to_half(kept[0])
-    if not lazy:
-        mx.eval(model.parameters(), kept[0].parameters() if isinstance(kept, tuple) else [])
+    if not lazy:  # (not the MTP head's: a whole layer, read only if a level is built of it,
+        mx.eval(model.parameters())  # which evaluates it then: heads.level._prepare)
     return (model, tokenizer, config) if return_config else (model, tokenizer)

@@ -513,6 +513,26 @@ def test_gguf_nextn_tensors_load_as_mtp(tmp_path):
     assert mtp.attached(plain) is None
 
 
+def test_loading_leaves_the_mtp_head_to_the_level_that_reads_it(tmp_path, monkeypatch):
+    """A load evaluates the model, not its MTP head (a whole MoE layer on DeepSeek-V3, read
+    only with --draft mtp): the mtp level evaluates the head when it is built."""
+    from mlx_qspec.heads.level import mtp_level
+
+    evaluated, eval_ = set(), mx.eval
+
+    def recording(*trees):
+        evaluated.update(id(a) for t in trees for _, a in tree_flatten(t))
+        return eval_(*trees)
+
+    monkeypatch.setattr(mx, "eval", recording)
+    model, _ = load(write_tiny_gguf(tmp_path / "n.gguf", nextn=True))
+    head, _ = mtp.attached(model)
+    ids = lambda m: {id(a) for _, a in tree_flatten(m.parameters())}  # noqa: E731
+    assert ids(model) <= evaluated and not ids(head) & evaluated
+    mtp_level(model)
+    assert ids(head) <= evaluated
+
+
 def test_levels_refuse_in_one_line(tiny, tmp_path):
     """``mtp`` on a model without MTP layers and ``head`` without --draft-head say what to do."""
     from mlx_qspec.errors import UserError
