@@ -9,6 +9,7 @@ import threading
 
 from mlx_qspec import load
 from mlx_qspec.chat import Conversation, setup_arg_parser
+from mlx_qspec.cli import check_before_load
 from mlx_qspec.generate import stream_generate
 from helpers import default_sigint
 
@@ -65,6 +66,11 @@ def _args(*extra):
     return setup_arg_parser().parse_args(["--max-tokens", "10", *extra])
 
 
+def _conversation(model, tokenizer, flags):
+    args = _args(*flags)
+    return Conversation(model, tokenizer, args, check_before_load(args))
+
+
 def _tokens(responses):
     return [r.token for r in responses]
 
@@ -73,7 +79,7 @@ def test_second_turn_is_plain_decoding_of_the_whole_conversation(tiny_gguf):
     """The cache after turn 1 holds its prompt and every generated token (as mlx-lm's): turn
     2 with a draft equals plain decoding of turn 1 + its answer + turn 2 from scratch."""
     model, tokenizer = load(tiny_gguf)
-    conversation = Conversation(model, tokenizer, _args("--draft", "a8-g32"))
+    conversation = _conversation(model, tokenizer, ("--draft", "a8-g32"))
     history = []
     for question in QUESTIONS:
         prompt = conversation.prompt_tokens(question)
@@ -87,7 +93,7 @@ def test_second_turn_is_plain_decoding_of_the_whole_conversation(tiny_gguf):
 
 def test_an_interrupted_answer_leaves_no_trace(tiny_gguf):
     model, tokenizer = load(tiny_gguf)
-    conversation = Conversation(model, tokenizer, _args("--draft", "a8-g32"))
+    conversation = _conversation(model, tokenizer, ("--draft", "a8-g32"))
     first = _tokens(conversation.reply(QUESTIONS[0]))
     start = conversation.offset
     reply = conversation.reply(QUESTIONS[1])
@@ -95,7 +101,7 @@ def test_an_interrupted_answer_leaves_no_trace(tiny_gguf):
     reply.close()  # what Ctrl-C does to the loop
     assert conversation.offset > start
     assert conversation.rewind(start) and conversation.offset == start
-    fresh = Conversation(model, tokenizer, _args("--draft", "none"))
+    fresh = _conversation(model, tokenizer, ("--draft", "none"))
     assert _tokens(fresh.reply(QUESTIONS[0])) == first
     assert _tokens(conversation.reply(QUESTIONS[1])) == _tokens(fresh.reply(QUESTIONS[1]))
 

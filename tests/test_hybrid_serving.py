@@ -12,6 +12,7 @@ from mlx_qspec import load, settings
 from mlx_qspec.api import stream_generate
 from mlx_qspec.batch import BatchEngine, Job
 from mlx_qspec.chat import Conversation, setup_arg_parser
+from mlx_qspec.cli import settings_from_args
 
 PROMPTS = ["hello hello hello", "abcabcabc"]
 TOKENS = 8
@@ -72,7 +73,7 @@ def test_requests_served_together_get_plain_decodings_tokens(hybrid, plain, draf
 def test_a_chat_keeps_its_position_and_its_second_turn_is_plain_decoding(hybrid):
     model, tokenizer = hybrid
     args = setup_arg_parser().parse_args(["--max-tokens", str(TOKENS), "--draft", "a8-g32"])
-    conversation = Conversation(model, tokenizer, args)
+    conversation = Conversation(model, tokenizer, args, settings_from_args(args))
     history = []
     for question in PROMPTS:
         prompt = conversation.prompt_tokens(question)

@@ -33,13 +33,13 @@ from ..cli import (
     make_cli_sampler,
     progress_of,
     run_cli,
-    settings_from_args,
 )
 from ..decoder import forward
 from ..drafts.cascade import resolve
 from ..drafts.grammar import NONE, drafts_epilog
 from ..errors import UserError
 from ..loader import load
+from ..settings import Settings
 from .. import recurrent
 
 DEFAULT_MAX_TOKENS = 256
@@ -69,9 +69,9 @@ def setup_arg_parser():
 class Conversation:
     """One KV cache across turns, and the turns' generation on top of it."""
 
-    def __init__(self, model, tokenizer, args):
+    def __init__(self, model, tokenizer, args, settings: Settings):
+        """``settings``: those ``args`` give, as :func:`cli.check_before_load` returned them."""
         self.model, self.tokenizer, self.args = model, tokenizer, args
-        settings = settings_from_args(args)
         self.sampler = make_cli_sampler(settings, model, tokenizer)
         self.draft_model = load_draft_model(args.draft_model, tokenizer)
         self.draft_head = load_draft_head(args.draft_head, model)  # one head cache per chat
@@ -207,7 +207,7 @@ def keys_not_echoed():
 
 def run(args, parser) -> None:
     check_text_args(parser, args)
-    check_before_load(args)  # as generate: its mistakes before the model loads
+    settings = check_before_load(args)  # as generate: its mistakes before the model loads
     model_name = str(args.model or default_model_path())
     model, tokenizer = load(model_name, adapter_path=args.adapter_path,
                             trust_remote_code=args.trust_remote_code)
@@ -215,7 +215,7 @@ def run(args, parser) -> None:
     if not tokenizer.has_chat_template:
         raise UserError(f"the model {model_name} has no chat template; "
                         "use python -m mlx_qspec.generate")
-    conversation = Conversation(model, tokenizer, args)
+    conversation = Conversation(model, tokenizer, args, settings)
     with _UI(args, model_name) as ui:
         while True:
             try:
