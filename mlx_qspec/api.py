@@ -24,7 +24,7 @@ from .drafts.cascade import resolve
 from .drafts.grammar import NONE
 from .errors import UserError
 from .kernels import backend
-from .kv_cache import make_cache, make_rotating_cache
+from .kv_cache import make_generation_cache
 from .speculative import plain_generate_step, speculative_generate_step
 from .vocabulary import check_token_ids, vocabulary_size
 
@@ -35,17 +35,6 @@ class GenerationResponse(_MLXGenerationResponse):
     acceptance, tokens per verify, bytes read per token)."""
 
     stats: Optional[Any] = None
-
-
-def make_generation_cache(model: nn.Module, kv_mode: str = "fp", max_kv_size=None,
-                          plain: bool = False):
-    """The cache :func:`stream_generate` makes when given none (a chat keeps one across
-    turns): the model's, its full-attention layers ours for ``kv_mode`` 8bit / nested or a
-    window of ``max_kv_size``; the same windows for plain decoding and a draft (whose are
-    rewindable unless ``plain``)."""
-    if kv_mode != "fp":
-        return make_cache(model, kv_mode)
-    return make_rotating_cache(model, max_kv_size, rewindable=not plain)
 
 
 def _encode_prompt(tokenizer: TokenizerWrapper, prompt, vocab_size: Optional[int]) -> mx.array:

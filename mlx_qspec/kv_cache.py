@@ -481,6 +481,17 @@ def make_rotating_cache(model: nn.Module, max_size: int | None = None, keep: int
     return make_rewindable(caches, model) if rewindable else recurrent.make_rewindable(caches, model)
 
 
+def make_generation_cache(model: nn.Module, kv_mode: str = "fp", max_kv_size=None,
+                          plain: bool = False):
+    """The cache a generation makes when given none (a chat keeps one across turns): the
+    model's, its full-attention layers ours for ``kv_mode`` 8bit / nested or a window of
+    ``max_kv_size``; the same windows for plain decoding and a draft (whose are rewindable
+    unless ``plain``)."""
+    if kv_mode != "fp":
+        return make_cache(model, kv_mode)
+    return make_rotating_cache(model, max_kv_size, rewindable=not plain)
+
+
 def check_kv_bits(cache, kv_bits) -> None:
     """mlx-lm's ``kv_bits`` quantizes every layer's cache once it is long enough, and a
     window cannot be (NotImplementedError mid-generation): refuse it up front."""

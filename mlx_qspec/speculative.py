@@ -26,7 +26,7 @@ from .drafts.cascade import Cascade, DraftModel, build
 from .drafts.grammar import AUTO, NONE
 from .errors import UserError
 from .heads.level import head_level, heads_available
-from .kv_cache import check_kv_bits, make_rewindable, make_rotating_cache
+from .kv_cache import check_kv_bits, make_generation_cache, make_rewindable
 from .policy import FixedGamma
 from .precision import Precision
 from .sampling import resolve_sampler
@@ -51,7 +51,8 @@ def speculative_generate_step(
     ``draft_p_min`` or the lookup finds no more. ``values`` are the other decoding settings
     (:class:`~mlx_qspec.settings.Settings`: ``num_draft_tokens``, ``draft_p_min``, ``ngram``,
     ``kv_bits``, ``kv_group_size``, ``quantized_kv_start``, ``prefill_step_size``, ``seed``
-    — the key of the draws at temperature > 0). The lookup searches ``cached_tokens`` (the ids
+    — the key of the draws at temperature > 0; ``kv_mode`` and ``max_kv_size`` shape the
+    cache made when ``prompt_cache`` is None). The lookup searches ``cached_tokens`` (the ids
     already in ``prompt_cache``), the prompt and the output. ``draft_model`` (a smaller model
     with the same tokenizer, or a :class:`DraftModel`) proposes below ``draft``'s levels
     (``draft='none'``: alone). ``draft_head``: the head of the ``head`` level (its
@@ -62,10 +63,13 @@ def speculative_generate_step(
     place. ``logprobs`` are the verify's (after ``logits_processors``). Bad arguments raise
     UserError (a ValueError) here, before any compute.
     """
-    cache = (make_rotating_cache(model) if prompt_cache is None
-             else make_rewindable(prompt_cache, model))
     named = not isinstance(draft, (Precision, Cascade))
-    s = _settings(values, kv_mode=kv_mode(cache), draft=draft if named else NONE)
+    if prompt_cache is None:  # the settings' cache (KV mode, window)
+        s = _settings(values, draft=draft if named else NONE)
+        cache = make_generation_cache(model, s.kv_mode, s.max_kv_size)
+    else:  # the cache's KV mode
+        cache = make_rewindable(prompt_cache, model)
+        s = _settings(values, kv_mode=kv_mode(cache), draft=draft if named else NONE)
     check_kv_bits(cache, s.kv_bits)
     if draft_model is not None and not isinstance(draft_model, DraftModel):
         draft_model = DraftModel(hooks.install(draft_model))
@@ -111,7 +115,7 @@ def plain_generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int =
     ``values``: the KV settings (``kv_bits``, ``max_kv_size``, …), ``prefill_step_size``,
     ``seed`` (the key of its draws)."""
     s = _settings(values)
-    cache = (make_rotating_cache(model, s.max_kv_size, rewindable=False)
+    cache = (make_generation_cache(model, s.kv_mode, s.max_kv_size, plain=True)
              if prompt_cache is None else prompt_cache)
     check_kv_bits(cache, s.kv_bits)
     stats = SpecStats(draft=NONE) if stats is None else stats

@@ -11,7 +11,9 @@ from mlx_lm.models.cache import QuantizedKVCache
 
 from mlx_qspec import hooks, kernels, precision, reads
 from mlx_qspec.drafts.grammar import parse_precision
+from mlx_qspec.decoder import SpecStats
 from mlx_qspec.kv_cache import NestedKVCache, make_cache
+from mlx_qspec.speculative import plain_generate_step, speculative_generate_step
 
 BS, VG = 32, 32
 
@@ -216,6 +218,21 @@ def test_generate_step_runs_on_the_nested_cache():
         counts[name] = rc.bytes(reads.KV)
     lower = sum(c.state[i].nbytes for c in cache for i in (1, 6))
     assert counts["full"] > 0 and counts["full"] - counts["upper"] == lower
+
+
+def test_speculation_and_plain_decoding_without_a_cache_build_the_nested_one():
+    """``kv_mode="nested"`` with no cache given: both loops build the nested cache (they
+    built an fp one, which ``kv-upper`` cannot read) and decode as mlx-lm does on it."""
+    model = hooks.install(build_tiny_model())
+    prompt = mx.array(np.random.default_rng(1).integers(0, 256, 80), mx.uint32)
+    want = [t for t, _ in generate_step(prompt, model, prompt_cache=make_cache(model, "nested"),
+                                        max_tokens=20)]
+    stats = SpecStats()
+    got = [t for t, *_ in speculative_generate_step(prompt, model, draft="kv-upper",
+                                                    kv_mode="nested", max_tokens=20, stats=stats)]
+    assert got == want and stats.drafted > 0
+    assert [t for t, *_ in plain_generate_step(prompt, model, kv_mode="nested",
+                                                max_tokens=20)] == want
 
 
 def test_kv_upper_needs_the_nested_cache():

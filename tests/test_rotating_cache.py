@@ -14,9 +14,9 @@ from mlx_lm.models import gemma3_text
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 from helpers import build_tiny_model
-from mlx_qspec import api, hooks, precision
+from mlx_qspec import hooks, precision
 from mlx_qspec.commands import server
-from mlx_qspec.api import make_generation_cache, stream_generate
+from mlx_qspec.api import stream_generate
 from mlx_qspec.batch import Job
 from mlx_qspec.caches import kv_mode
 from mlx_qspec.decoder import SpecStats, prefill
@@ -28,6 +28,7 @@ from mlx_qspec.kv_cache import (
     REWIND_SLOTS,
     SpeculativeRotatingKVCache,
     make_cache,
+    make_generation_cache,
     make_rotating_cache,
 )
 from mlx_qspec.speculative import plain_generate_step, speculative_generate_step
@@ -167,6 +168,16 @@ def test_plain_generate_step_applies_the_window_too(tiny, plain_windowed):
     assert out == ref
 
 
+def test_speculation_without_a_cache_applies_the_window(tiny, plain_windowed):
+    """Given no cache, ``speculative_generate_step`` builds the ``max_kv_size`` window too
+    (it built an unbounded cache) and keeps plain decoding's output on it."""
+    prompt, ref = plain_windowed
+    stats = SpecStats()
+    out = [t for t, *_ in speculative_generate_step(prompt, tiny, draft="a8", num_draft_tokens=4,
+                                                    max_tokens=T, max_kv_size=W, stats=stats)]
+    assert out == ref and stats.accepted > 0
+
+
 def test_keep_zero_window(tiny):
     """mlx-lm's ``RotatingKVCache(max_size)`` default (keep 0), prompt shorter than W."""
     prompt = mx.arange(3, 13).astype(mx.uint32)
@@ -192,7 +203,7 @@ def test_api_and_cli_max_kv_size_with_a_draft_keep_plain_decodings_window(smollm
     draft the rewindable one, and the same tokens — through the API and through the CLI
     (which no longer refuses or drops the draft)."""
     made = []
-    monkeypatch.setattr(api, "make_rotating_cache",
+    monkeypatch.setattr("mlx_qspec.kv_cache.make_rotating_cache",
                         lambda *a, **kw: made.append(make_rotating_cache(*a, **kw)) or made[-1])
     model, tokenizer = smollm2
     text = "Write a long story about a cat."
