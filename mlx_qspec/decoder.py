@@ -22,8 +22,8 @@ generator), never by reseeding the global generator.
 
 The contracts other parts build on: caches rewind and commit through
 :mod:`mlx_qspec.caches`; levels propose as :mod:`mlx_qspec.drafts.cascade` describes (a level
-that ``reads_hidden`` gets ``Row.hidden``; every forward goes through :func:`forward`, the one
-place where that state would be taken); the policy is asked before and told after every
+that ``reads_hidden`` gets ``Row.kept_hidden()``; every forward goes through :func:`forward`,
+the one place where that state would be taken); the policy is asked before and told after every
 block, with its wall-clock seconds measured after the ``mx.eval`` that ends it.
 """
 
@@ -145,7 +145,8 @@ class Row:
     context: Optional[List[int]] = None  # token ids so far (levels that read them)
     history: Optional[mx.array] = None  # the same as an array (logits processors)
     processors: list = field(default_factory=list)
-    hidden: Optional[mx.array] = None  # final hidden states of the last cached positions not yet handed to a level
+    # final hidden states of the last cached positions not yet handed to a level, in pieces
+    hidden: List[mx.array] = field(default_factory=list)
 
     def split_key(self) -> Optional[mx.array]:
         """A fresh key for one draw (None for a greedy row: it draws nothing)."""
@@ -156,8 +157,15 @@ class Row:
 
     def keep_hidden(self, rows: mx.array) -> None:
         """The final hidden states (N, D) of the next N cached positions, after those kept
-        and not yet handed to a level."""
-        self.hidden = rows if self.hidden is None else mx.concatenate([self.hidden, rows])
+        and not yet handed to a level: a piece, joined only when a level reads them (one
+        concatenation per stretch, not a copy of all kept so far per block)."""
+        self.hidden.append(rows)
+
+    def kept_hidden(self) -> Optional[mx.array]:
+        """The hidden states kept since a level last took them, (N, D), or None."""
+        if len(self.hidden) > 1:
+            self.hidden = [mx.concatenate(self.hidden)]
+        return self.hidden[0] if self.hidden else None
 
     def add(self, tokens: list) -> None:
         """Tokens emitted: the contexts grow by them."""
@@ -321,11 +329,12 @@ class Decoder:
             offered, offered_q = self._propose(lower, k, before)
             self._rewind(base, DRAFT)  # what the lower levels' forwards appended
         reads_hidden = getattr(top, "reads_hidden", False)
-        context = Context(row.context + before[0] + offered[0], row.hidden if reads_hidden else None,
+        context = Context(row.context + before[0] + offered[0],
+                          row.kept_hidden() if reads_hidden else None,
                           row.stats.draft_reads, len(row.context) - 1)
         tokens, q = top.proposals(context, k - len(offered[0]), lambda lp: self._draw(row, lp))
         if reads_hidden and k > len(offered[0]):  # the level took them
-            row.hidden = None
+            row.hidden = []
         return [offered[0] + tokens], [offered_q[0] + q]
 
     def _last(self, so_far) -> mx.array:
