@@ -3,6 +3,7 @@ documents and stores costs where ``auto`` reads them; the device's kernel checks
 Mac runs) work through the MSL emulator and catch a kernel whose rows depend on M."""
 
 import json
+import sys
 
 import mlx.core as mx
 import pytest
@@ -57,6 +58,21 @@ def test_quick_writes_the_documented_report(tiny_gguf, tmp_path, capsys):
     assert "| part | status | result |" in text and "Measured on this machine" in text
     assert text in capsys.readouterr().out
     assert (out / "report.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_report_md_says_why_there_is_no_png(tmp_path, monkeypatch, capsys):
+    """Without matplotlib the report has no PNG, and report.md (not only report.json) says so."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    skipped = dict(status="skipped", why="not run here")
+    report = dict(machine=dict(device="cpu", backend="mlx-reference", system="Linux", mlx="0",
+                               mlx_lm="0", cpus=2, load=[0.0, 0.0]),
+                  model=dict(path="m.gguf"), quick=True, seconds=1.0, skipped=[],
+                  sections={name: skipped for name in ("kernels", "verify_rows", "draft_steps")})
+    bench.write(report, tmp_path)
+    assert not (tmp_path / "report.png").exists()
+    assert "- plot: matplotlib is not installed" in (tmp_path / "report.md").read_text()
+    assert "plot: matplotlib is not installed" in json.loads(
+        (tmp_path / "report.json").read_text())["skipped"][0]
 
 
 def test_a_missing_model_is_one_line(tmp_path, capsys):

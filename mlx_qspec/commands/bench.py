@@ -680,10 +680,10 @@ def run(args, parser):
 def write(report: dict, out: Path):
     """report.md (also printed), report.json, report.png under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(report)
     why = plot(report, out / "report.png")
-    if why:
+    if why:  # (before the text is written: report.md lists it)
         report["skipped"].append(f"plot: {why}")
+    text = markdown(report)
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(text)
@@ -695,8 +695,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="mlx_qspec.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a GGUF file or an mlx directory (default: SmolLM2-135M Q4_1)")
     parser.add_argument("--quick", action="store_true",
-                        help="short runs (about a minute on the default model); long contexts "
-                        "shrink to 1k on the CPU backend")
+                        help="short runs (about a minute on the default model); the long "
+                        "contexts are skipped on the CPU backend")
     parser.add_argument("--out", default="mlx_qspec-bench",
                         help="folder for report.md, report.json and report.png (default: %(default)s)")
     parser.add_argument("--no-store", action="store_true",
