@@ -388,3 +388,14 @@ def test_every_command_refuses_a_kv_flag_without_kv_bits(monkeypatch, capsys, tm
                        (cache_prompt_main, ["--prompt", "hi", "--prompt-cache-file", file])):
         line = _refused(capsys, main, *argv, flag, "32")
         assert f"{flag} 32 applies with --kv-bits only" in line, line
+
+
+def test_cache_prompt_writes_where_it_checked(tiny_gguf, tmp_path, monkeypatch):
+    """--prompt-cache-file ~/c.safetensors (quoted, or as --flag=~/…: no shell expands it)
+    was checked as $HOME/c.safetensors and then saved to ./~/c.safetensors."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    cache_prompt_main(["--model", tiny_gguf, "--prompt", "hi", "--prompt-cache-file",
+                       "~/c.safetensors"])
+    assert (tmp_path / "c.safetensors").is_file() and not (tmp_path / "work" / "~").exists()

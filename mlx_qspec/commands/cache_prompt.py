@@ -70,9 +70,10 @@ def prompt_tokens(tokenizer, prompt: str) -> list:
     return tokenizer.encode(prompt)
 
 
-def check_destination(path: str) -> None:
-    """The file to write, checked before the model loads and the prompt is prefilled (minutes
-    for a long one): a .safetensors name, in a folder that exists and can be written."""
+def check_destination(path: str) -> Path:
+    """The file to write (``~`` expanded), checked before the model loads and the prompt is
+    prefilled (minutes for a long one): a .safetensors name, in a folder that exists and can
+    be written."""
     if not path.endswith(".safetensors"):
         # mx.save_safetensors would add the suffix, and generate would not find the file
         raise UserError(f"--prompt-cache-file '{path}' must end in .safetensors")
@@ -85,6 +86,7 @@ def check_destination(path: str) -> None:
         raise UserError(f"--prompt-cache-file '{path}': the folder '{folder}' {what}")
     if not os.access(folder, os.W_OK):
         raise UserError(f"--prompt-cache-file '{path}': the folder '{folder}' is not writable")
+    return file
 
 
 def run(args, parser) -> None:
@@ -93,7 +95,7 @@ def run(args, parser) -> None:
     prompt = read_prompt(args.prompt)
     if not prompt.strip():
         raise UserError("the prompt is empty")
-    check_destination(args.prompt_cache_file)
+    file = check_destination(args.prompt_cache_file)
     tokenizer_config = {"trust_remote_code": args.trust_remote_code}
     if args.eos_token is not None:
         tokenizer_config["eos_token"] = args.eos_token
@@ -123,7 +125,7 @@ def run(args, parser) -> None:
     metadata = {"model": model_name, "tokenizer_config": json.dumps(tokenizer_config),
                 MODEL_FINGERPRINT: made_with}
     try:
-        save_prompt_cache(args.prompt_cache_file, cache, metadata)
+        save_prompt_cache(str(file), cache, metadata)
     except (OSError, RuntimeError, ValueError) as e:
         raise UserError(f"--prompt-cache-file '{args.prompt_cache_file}': cannot write it "
                         f"({e})") from None
