@@ -333,6 +333,12 @@ def test_paths_named_by_flags_are_checked_before_loading_and_name_the_flag(tmp_p
     (tmp_path / "f").write_text("")
     line = _refused(capsys, train_head_main, "--out", str(tmp_path / "f" / "head"))
     assert f"--out '{tmp_path / 'f' / 'head'}': cannot create it" in line
+    line = _refused(capsys, train_head_main, "--model", str(tmp_path / "nope.gguf"), "--out",
+                    str(tmp_path / "new"))  # the model before --out is made
+    assert line.endswith(f"--model '{tmp_path / 'nope.gguf'}' does not exist")
+    assert not (tmp_path / "new").exists()
+    assert _refused(capsys, train_head_main, "--out", str(tmp_path / "new"), "--seq-len", "0"
+                    ).endswith("argument --seq-len: must be an integer >= 1, got 0")
 
 
 def test_bench_makes_its_report_folder_before_the_work(tmp_path, capsys, monkeypatch):

@@ -36,7 +36,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import dequantize_model
 
-from ..cli import ArgumentParser, default_model_path, run_cli
+from ..cli import MODEL_HELP, ArgumentParser, check_before_load, default_model_path, integer, run_cli
 from ..errors import UserError
 from ..heads import capture, store
 from ..heads.block import NextTokenHead, build_layer, decoder_layer_class, quantize
@@ -202,7 +202,8 @@ class Progress:
 
 class Checkpoint:
     """DIR/checkpoint: the teacher's hidden states, the float head, the optimizer and a
-    state.json (phase, windows read, steps, seconds spent)."""
+    state.json (phase, windows read, steps, seconds spent, and the flags that shape what is
+    kept: a resumed run must give the same)."""
 
     def __init__(self, out: Path):
         self.dir = out / "checkpoint"
@@ -370,10 +371,33 @@ def _check_out(out: Path):
         raise UserError(f"--out '{out}': cannot create it ({e.strerror or e})") from None
 
 
+# The flags whose values shape the checkpoint (hidden states' width, windows, the head's vocabulary)
+RESUMED_FLAGS = ("model", "seq_len", "draft_vocab")
+
+
+def _check_resume(state: dict, args, out: Path) -> None:
+    """A checkpoint resumes only under the flags it was made with (state.json records them
+    from its first write): other ones failed deep in the run with a ValueError on shapes."""
+    given = {name: getattr(args, name) for name in RESUMED_FLAGS}
+    if given["model"] is not None and (path := Path(given["model"]).expanduser()).exists():
+        given["model"] = str(path.resolve())  # (the same model named from another folder)
+    made = state.setdefault("arguments", given)  # (a checkpoint from before: taken as is)
+    if differ := [name for name in RESUMED_FLAGS if made.get(name) != given[name]]:
+        show = lambda v: "its default" if v is None else v  # noqa: E731
+        flags = ", ".join(f"--{n.replace('_', '-')} {show(made.get(n))} (this run: {show(given[n])})"
+                          for n in differ)
+        raise UserError(f"--out '{out}' holds a checkpoint made with {flags}: resume with the "
+                        "same flags, or write to another --out")
+
+
 def train_head(args) -> Path:
     """The command's body: load, read the text, train, write the head directory."""
+    check_before_load(args)  # --model, before --out is made
     out = Path(args.out).expanduser()
     _check_out(out)
+    ckpt = Checkpoint(out)
+    state = ckpt.state()
+    _check_resume(state, args, out)
     files = user_corpus(args.text) if args.text else default_corpus()
     model_path = args.model or default_model_path()
     model, tokenizer, config = load(model_path, return_config=True)
@@ -381,8 +405,6 @@ def train_head(args) -> Path:
         dequantize_model(model)  # dense float32 matmuls: the CPU's fast path
     ends = TeacherEnds(model)
     capture.install(model)
-    ckpt = Checkpoint(out)
-    state = ckpt.state()
     budget = args.minutes * 60
     show = Progress()
     tokens, hidden = read_text(model, tokenizer, files, args, state, ckpt, budget * TEACHER_SHARE, show)
@@ -415,32 +437,30 @@ def main(argv=None):
     parser = ArgumentParser(
         prog="mlx_qspec.train_head",
         description="Train a one-block draft head for a model by self-distillation.")
-    parser.add_argument("--model", help="model path, hub id or GGUF (default: the test model)")
+    parser.add_argument("--model", help=MODEL_HELP)
     parser.add_argument("--out", required=True, help="directory to write (--draft-head loads it)")
     parser.add_argument("--text", nargs="+", default=None,
                         help="text files or folders to learn on (default: Python stdlib and licence texts)")
-    parser.add_argument("--minutes", type=_positive(float), default=DEFAULT_MINUTES,
+    parser.add_argument("--minutes", type=_positive, default=DEFAULT_MINUTES,
                         help="time budget in minutes, across resumed runs (default: %(default)s)")
-    parser.add_argument("--steps", type=_positive(int), default=None, help="stop after this many steps")
-    parser.add_argument("--teacher-tokens", type=_positive(int), default=None,
+    parser.add_argument("--steps", type=integer(1), default=None, help="stop after this many steps")
+    parser.add_argument("--teacher-tokens", type=integer(1), default=None,
                         help="stop reading text after this many tokens")
-    parser.add_argument("--seq-len", type=_positive(int), default=256, help="tokens per window")
-    parser.add_argument("--batch", type=_positive(int), default=8, help="windows per step")
-    parser.add_argument("--lr", type=_positive(float), default=1e-3, help="peak learning rate")
-    parser.add_argument("--draft-vocab", type=_positive(int, zero=True), default=None,
+    parser.add_argument("--seq-len", type=integer(1), default=256, help="tokens per window")
+    parser.add_argument("--batch", type=integer(1), default=8, help="windows per step")
+    parser.add_argument("--lr", type=_positive, default=1e-3, help="peak learning rate")
+    parser.add_argument("--draft-vocab", type=integer(0), default=None,
                         help="draft from the N most frequent tokens of the text only (0: the whole "
                         f"vocabulary; default {DRAFT_VOCAB} for vocabularies over {2 * DRAFT_VOCAB})")
     run_cli(parser, argv, lambda args, _: train_head(args))
 
 
-def _positive(kind, zero: bool = False):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not (value > 0 or zero and value == 0) or (kind is float and not math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-    return parse
-
+def _positive(text: str) -> float:
+    """An argparse type: a finite number above 0 (cli.integer checks the integer flags)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
+    return value
