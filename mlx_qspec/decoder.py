@@ -155,6 +155,17 @@ class Row:
         self.key, sub = mx.random.split(self.key)
         return sub
 
+    def distribution(self, lp: mx.array) -> mx.array:
+        """What this row draws from, given log-probs ``lp``: ``lp`` itself when greedy (its
+        argmax), else its sampler's distribution."""
+        return lp if self.sampler is None else self.sampler.distribution(lp)
+
+    def draw(self, q: mx.array) -> mx.array:
+        """A token from each row of the distribution ``q``: its argmax when greedy, else a
+        draw with a fresh key."""
+        return (mx.argmax(q, axis=-1) if self.sampler is None
+                else mx.random.categorical(q, key=self.split_key()))
+
     def keep_hidden(self, rows: mx.array) -> None:
         """The final hidden states (N, D) of the next N cached positions, after those kept
         and not yet handed to a level: a piece, joined only when a level reads them (one
@@ -353,15 +364,17 @@ class Decoder:
         """``k`` tokens per row, one forward over the batch each, drawn without waiting for
         them (evaluated once, after the k forwards)."""
         x, tokens, q = self._last([[] for _ in self.rows]), [], [[] for _ in self.rows]
+        greedy = all(r.sampler is None for r in self.rows)
         for _ in range(k):
             lp = self._logprobs(self.forward(x, at, DRAFT)[:, -1:], None)[:, 0]
-            drawn = []
-            for b, r in enumerate(self.rows):
-                qb = lp[b : b + 1] if r.sampler is None else r.sampler.distribution(lp[b : b + 1])
-                drawn.append(mx.argmax(qb, axis=-1) if r.sampler is None
-                             else mx.random.categorical(qb, key=r.split_key()))
-                q[b].append(qb)
-            tokens.append(mx.concatenate(drawn).astype(mx.uint32))
+            if greedy:  # one argmax over (B, V); accept reads no q for a greedy row
+                drawn, qs = mx.argmax(lp, axis=-1), [None] * len(self.rows)
+            else:
+                qs = [r.distribution(lp[b : b + 1]) for b, r in enumerate(self.rows)]
+                drawn = mx.concatenate([r.draw(qb) for r, qb in zip(self.rows, qs)])
+            for qi, qb in zip(q, qs):
+                qi.append(qb)
+            tokens.append(drawn.astype(mx.uint32))
             x = tokens[-1][:, None]
         return (mx.stack(tokens, axis=1).tolist() if k else [[] for _ in self.rows]), q
 
@@ -377,8 +390,7 @@ class Decoder:
         counted[1] += counts[0]
         qs = []
         for r, row_lp, n in zip(self.rows, lp, counts):
-            kept = row_lp[: n + 1]
-            dist = kept if r.sampler is None else r.sampler.distribution(kept)
+            dist = r.distribution(row_lp[: n + 1])
             qs.append([dist[i : i + 1] for i in range(n + 1)])
         return out, qs
 
@@ -386,12 +398,10 @@ class Decoder:
         """One draft token from a level's log-probs ``lp`` (1, V) and the distribution it
         was drawn from, or None where its top probability is below ``draft_p_min``
         (llama.cpp's --draft-p-min: an unsure draft ends the block)."""
-        q = lp if row.sampler is None else row.sampler.distribution(lp)
+        q = row.distribution(lp)
         if self.draft_p_min and math.exp(q.max().item()) < self.draft_p_min:
             return None
-        t = (mx.argmax(q, axis=-1) if row.sampler is None
-             else mx.random.categorical(q, key=row.split_key()))
-        return t.item(), q
+        return row.draw(q).item(), q
 
     # ------------------------------------------------------------ verify, settle, emit
     def forward(self, tokens: mx.array, at: Precision, kind: str) -> mx.array:
