@@ -1,13 +1,14 @@
 """What the command lines share: their flags, each value's check, and how a command ends.
 
 ``generate``, ``chat``, ``cache_prompt``, ``convert`` and ``server`` build their parsers from
-here: the model flags, mlx-lm's sampling flags, the KV flags (declared once), the draft flags
-— every value checked as argparse reads it, by its setting's one check
-(:func:`mlx_qspec.settings.check`), so a mistake fails before any model loads — and the
-helpers: the default model, the prompt read from a flag or stdin, a progress line, the draft
-model, and :func:`run_cli`, the rule for how a command ends (a user mistake is one line and
-exit 2; Ctrl-C exit 130; a closed stdout exit 141; a bug keeps its traceback, exit 1). The
-engine (decoder, server engine) never imports this module.
+here (``train_head`` and ``bench`` take the parts they need): the model flags, mlx-lm's
+sampling flags, the KV flags (declared once), the draft flags — every value checked as
+argparse reads it, by its setting's one check (:func:`mlx_qspec.settings.check`), so a
+mistake fails before any model loads — and the helpers: the default model, the prompt read
+from a flag or stdin, a progress line, the draft model, and :func:`run_cli`, the rule for
+how a command ends (a user mistake is one line and exit 2; Ctrl-C exit 130; a closed
+stdout exit 141; a bug keeps its traceback, exit 1). The engine (decoder, server engine)
+never imports this module.
 """
 
 import argparse

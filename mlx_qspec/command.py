@@ -3,8 +3,8 @@
 does later (exit 130, no traceback). Standard library only, so that it is in place from the
 first line of a command's ``main``.
 
-Each command module (``generate``, ``chat``, ``cache_prompt``, ``convert``, ``train_head``,
-``bench``) is a shell made by :func:`shell`: its ``main`` imports the command's code
+Each command module (``generate``, ``chat``, ``cache_prompt``, ``convert``, ``server``,
+``train_head``, ``bench``) is a shell made by :func:`shell`: its ``main`` imports the command's code
 (``mlx_qspec.commands.<name>``) under :func:`interrupts_exit`, then runs it; its other names
 (``convert.convert``, ``chat.Conversation``, …) are looked up there on first use.
 """
