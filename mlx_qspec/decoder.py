@@ -240,7 +240,8 @@ class Decoder:
         self.model, self.cache, self.rows, self.policy = model, cache, rows, policy
         self.draft_p_min = draft_p_min
         # Levels that read the hidden state (heads.level) get the verify's rows of each
-        # block's accepted positions, and a plain stretch's (contract 2 in TEAM.md).
+        # block's accepted positions, and a plain stretch's (DEVELOPERS.md, "The decoder's
+        # contracts").
         self.keep_hidden = keep_hidden
         self._hidden: list = []  # the LM head inputs of this block's verify forwards
         self.forwards = {DRAFT: 0, VERIFY: 0}  # model forwards made, by kind

@@ -4,8 +4,9 @@
 drafting as the settings say (an explicit draft at a fixed γ, or ``auto``'s policy);
 :func:`plain_generate_step` is plain decoding — mlx-lm's ``generate_step`` through the same
 layers and attention as every verify (one kernel path). Both prefill the prompt's first
-n − 1 tokens in mlx-lm's chunks, check every argument before any compute, and leave the cache
-holding the prompt and every emitted token but the last.
+n − 1 tokens in mlx-lm's chunks and check every argument before any compute. Speculation
+leaves the cache holding the prompt and every emitted token but the last; plain decoding
+leaves what mlx-lm's pipelined ``generate_step`` leaves (it runs a step ahead of its yields).
 """
 
 import math

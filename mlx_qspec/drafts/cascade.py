@@ -14,8 +14,9 @@ on the shared cache). Any other level proposes by itself:
 and, for each, the log-distribution it was drawn from (None: a point mass on it).
 ``context`` (:class:`Context`) holds the row's token ids so far (prompt, output and this
 block's drafts) and, for a level that declares ``reads_hidden = True``, the final hidden
-state (the LM head's input) of the last cached position; ``draw(logprobs)`` draws one
-token with the row's sampler and key (None where ``--draft-p-min`` ends the block).
+states (the LM head's input) of every position cached since it last ran;
+``draw(logprobs)`` draws one token with the row's sampler and key (None where
+``--draft-p-min`` ends the block).
 ``reads_context`` says the level needs the token ids (the decoder then keeps them).
 """
 
@@ -108,7 +109,8 @@ class DraftModel:
 @dataclass(frozen=True)
 class Cascade:
     """The levels below the verify, cheapest first: ``Ngram`` settings, a ``DraftModel``,
-    or a ``Precision``."""
+    a ``Precision``, or a head (:class:`~mlx_qspec.heads.level.HeadDraft`: an MTP layer or
+    a trained head, reading the hidden states)."""
 
     levels: tuple
 
@@ -123,7 +125,8 @@ class Cascade:
 
     @property
     def reads_hidden(self) -> bool:
-        """Whether a level needs the final hidden state of the last cached position."""
+        """Whether a level needs the final hidden states of the positions cached since it
+        last ran."""
         return any(getattr(x, "reads_hidden", False) for x in self.levels)
 
     @property

@@ -44,7 +44,7 @@ class HeadDraft:
 
     ``precision``: how its forwards read weights (``w-upper``: the upper plane of 8-bit
     layers, the model's 8-bit LM head included). ``reads_hidden`` tells the decoder to hand
-    it the model's final hidden states (contract 2 in TEAM.md)."""
+    it the model's final hidden states (DEVELOPERS.md, "The decoder's contracts")."""
 
     reads_hidden = True
     reads_context = True
