@@ -335,13 +335,18 @@ def _check_utf8(text: str, what: str) -> None:
 
 def read_prompt(prompt: str) -> str:
     """``-``: stdin, decoded as UTF-8 or refused (a prompt silently changed would answer
-    another question); otherwise the flag with ``\\n`` / ``\\t`` escapes, as mlx-lm reads it."""
+    another question); otherwise the flag with ``\\n`` / ``\\t`` escapes, as mlx-lm reads it.
+    A prompt of white space only is refused: there is nothing to continue."""
     if prompt != "-":
-        return prompt.replace("\\n", "\n").replace("\\t", "\t")
-    data = sys.stdin.buffer.read()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"--prompt - : stdin is not valid UTF-8 (byte 0x{data[e.start]:02x} at "
-                        f"offset {e.start}); convert it first, e.g. with iconv -f latin1 "
-                        "-t utf-8") from None
+        text = prompt.replace("\\n", "\n").replace("\\t", "\t")
+    else:
+        data = sys.stdin.buffer.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--prompt - : stdin is not valid UTF-8 (byte 0x{data[e.start]:02x} "
+                            f"at offset {e.start}); convert it first, e.g. with iconv -f latin1 "
+                            "-t utf-8") from None
+    if not text.strip():
+        raise UserError("the prompt is empty")
+    return text

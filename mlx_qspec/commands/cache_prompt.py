@@ -93,8 +93,6 @@ def run(args, parser) -> None:
     check_text_args(parser, args)
     settings = check_before_load(args)
     prompt = read_prompt(args.prompt)
-    if not prompt.strip():
-        raise UserError("the prompt is empty")
     file = check_destination(args.prompt_cache_file)
     tokenizer_config = {"trust_remote_code": args.trust_remote_code}
     if args.eos_token is not None:

@@ -33,7 +33,7 @@ from ..cli import (
 )
 from ..drafts.cascade import resolve
 from ..drafts.grammar import NONE, drafts_epilog
-from ..errors import ModelError, UserError
+from ..errors import UserError
 from ..loader import load
 from ..settings import Settings
 from .cache_prompt import MODEL_FINGERPRINT
@@ -225,8 +225,6 @@ def run(args, parser) -> None:
     check_text_args(parser, args)
     settings = check_args(args)
     prompt = read_prompt(args.prompt)
-    if not prompt.strip():
-        raise ModelError("the prompt is empty")
     ranks = distributed.connect().size()  # 1 unless mlx.launch started several
     if ranks > 1:  # every rank draws alike: same drafts, same accept draws, same samples
         settings = settings.but(seed=distributed.same_seed(settings.seed))
