@@ -32,14 +32,13 @@ context bucket, so the next run starts from measurements. Pure logic: no MLX, no
 tests drive it with the seconds they choose.
 """
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .cache_dir import cache_dir, write_file
+from .cache_dir import cache_dir, read_json, write_json
 
 GAMMAS = (1, 2, 3, 4, 6, 8)
 NGRAM = "ngram"  # the n-gram lookup: a draft with no forward of its own
@@ -499,14 +498,9 @@ def store_key(model: str, device: str, mlx_version: str, kv_mode: str) -> str:
     return "|".join((model, device, f"mlx={mlx_version}", f"kv={kv_mode}"))
 
 
-_STORES: dict = {}
-
-
 def default_store() -> "Store":
-    """The store ``auto`` reads and ``python -m mlx_qspec.bench`` writes, one per folder and
-    process (so costs kept in memory after a failed write are seen by the next run)."""
-    path = cache_dir() / "measured.json"
-    return _STORES.setdefault(path, Store(path))
+    """The store ``auto`` reads and ``python -m mlx_qspec.bench`` writes."""
+    return Store(cache_dir() / "measured.json")
 
 
 def context_bucket(position: int) -> int:
@@ -516,28 +510,18 @@ def context_bucket(position: int) -> int:
 
 
 class Store:
-    """Measured costs kept between runs, a JSON file of ``key|ctx=<bucket>`` → costs. Where
-    the file cannot be written (a read-only home, a sandbox, a full disk) the costs are
-    kept in memory for this process, with one warning: measuring must never stop decoding.
-    A corrupt or unreadable file reads as empty."""
+    """Measured costs kept between runs, a JSON file of ``key|ctx=<bucket>`` → costs
+    (:func:`~mlx_qspec.cache_dir.read_json`): where it cannot be written (a read-only home, a
+    sandbox, a full disk) they are kept in memory for this process, with one warning —
+    measuring must never stop decoding; a corrupt or unreadable file reads as empty."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.memory: dict = {}
-        self.writable = True
-
-    def _read(self) -> dict:
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        data = data if isinstance(data, dict) else {}
-        return {**data, **self.memory}
 
     def load(self, key: str, position: int) -> Costs | None:
         """The costs stored for ``key`` at the context bucket of ``position``, else at the
         nearest bucket stored for it; None if none (or malformed)."""
-        entries = self._read()
+        entries = read_json(self.path)
         want = context_bucket(position)
         found = []
         for name, entry in entries.items():
@@ -550,15 +534,11 @@ class Store:
                 return costs
         return None
 
-    def save(self, key: str, position: int, costs: Costs):
-        name = f"{key}|ctx={context_bucket(position)}"
-        entry = asdict(costs)
-        self.memory[name] = entry
-        if not self.writable:
-            return
-        data = self._read()
-        data[name] = entry
-        self.writable = write_file(self.path, json.dumps(data, indent=1, sort_keys=True))
+    def save(self, key: str, position: int, costs: Costs) -> bool:
+        """False where the file could not be written (the costs kept in memory)."""
+        entries = read_json(self.path)
+        entries[f"{key}|ctx={context_bucket(position)}"] = asdict(costs)
+        return write_json(self.path, entries)
 
 
 def _costs_from(entry) -> Costs | None:

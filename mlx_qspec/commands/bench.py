@@ -49,6 +49,7 @@ import numpy as np
 
 from .. import controller, cost, kernels, precision, store
 from ..api import stream_generate
+from ..caches import room
 from ..cli import ArgumentParser, default_model_path, run_cli
 from ..decoder import prefill
 from ..drafts.grammar import parse_precision
@@ -96,21 +97,6 @@ def long_text(tokenizer, n: int) -> list[int]:
         if len(ids) >= n:
             return ids[:n]
     return (ids * (n // max(len(ids), 1) + 1))[:n]
-
-
-def time_forward(model, cache, rows: int, read=precision.FULL_PRECISION) -> float:
-    """Seconds of one evaluated forward of ``rows`` tokens at ``read``; the cache is trimmed
-    back after, also when the forward raises."""
-    offsets = [c.offset for c in cache]
-    inputs = mx.zeros((1, rows), mx.uint32)
-    try:
-        with precision.reading(read):
-            start = time.perf_counter()
-            mx.eval(model(inputs, cache=cache))
-            return time.perf_counter() - start
-    finally:
-        for c, offset in zip(cache, offsets):
-            c.trim(c.offset - offset)
 
 
 def interleaved(named, repeats: int) -> dict[str, float]:
@@ -322,8 +308,8 @@ def time_verify_rows(model, context: list[int], rows, repeats: int) -> dict:
     linear at each row count with our kernel and with MLX's quantized_matmul."""
     cache = make_cache(model, "fp")
     prefill(model, mx.array(context, mx.uint32), cache, 2048)
-    time_forward(model, cache, 1)  # warm-up
-    forward = interleaved({r: (lambda r=r: time_forward(model, cache, r)) for r in rows}, repeats)
+    cost.forward(model, cache)  # warm-up
+    forward = interleaved({r: (lambda r=r: cost.forward(model, cache, r)) for r in rows}, repeats)
     out = dict(status="ok", context=len(context), rows=list(rows),
                forward_s=[forward[r] for r in rows], our_kernel=kernels.backend())
     linear = _largest_4bit_linear(model)
@@ -364,12 +350,12 @@ def time_draft_steps(model, context: list[int], terms, repeats: int) -> dict:
                 caches[kv_mode] = make_cache(model, kv_mode)
                 prefill(model, mx.array(context, mx.uint32), caches[kv_mode], 2048)
             cache, read = caches[kv_mode], parse_precision(name)
-            time_forward(model, cache, 1, read)  # warm-up; raises where it cannot run
+            cost.forward(model, cache, 1, read)  # warm-up; raises where it cannot run
         except ValueError as e:  # UserError included: this model cannot run it
             skipped[name] = str(e)
             continue
-        t = interleaved({"plain": lambda: time_forward(model, cache, 1),
-                         name: lambda: time_forward(model, cache, 1, read)}, repeats)
+        t = interleaved({"plain": lambda: cost.forward(model, cache),
+                         name: lambda: cost.forward(model, cache, 1, read)}, repeats)
         out[name] = dict(kv_mode=kv_mode, seconds=t[name], plain_s=t["plain"], ratio=t[name] / t["plain"])
     return dict(status="ok", context=len(context), drafts=out, skipped=skipped)
 
@@ -423,13 +409,13 @@ def time_kv_upper(model, tokenizer, contexts, repeats: int) -> dict:
             read = parse_precision("kv-upper")
             ids = mx.array(long_text(tokenizer, n), mx.uint32)
             prefill(model, ids, cache, 512, lambda: None)
-            time_forward(model, cache, 1, read)
+            cost.forward(model, cache, 1, read)
         except ValueError as e:
             return dict(status="skipped", why=f"kv-upper cannot run on this model: {e}")
-        rows = min(GAMMA + 1, min(c.room() + 1 for c in cache if hasattr(c, "room")))
-        t = interleaved({"plain": lambda: time_forward(model, cache, 1),
-                         "kv-upper": lambda: time_forward(model, cache, 1, read),
-                         "verify": lambda: time_forward(model, cache, rows)}, repeats)
+        rows = min(GAMMA + 1, room(cache) + 1)
+        t = interleaved({"plain": lambda: cost.forward(model, cache),
+                         "kv-upper": lambda: cost.forward(model, cache, 1, read),
+                         "verify": lambda: cost.forward(model, cache, rows)}, repeats)
         rows_out.append(dict(context=n, plain_step_s=t["plain"], draft_step_s=t["kv-upper"],
                              verify_rows=rows, verify_s=t["verify"], ratio=t["kv-upper"] / t["plain"]))
         log(f"  {n} tokens: prefill {time.perf_counter() - t0:.0f} s; kv-upper step "
@@ -446,36 +432,29 @@ def store_costs(model, verify: dict, steps: dict, exactness: dict, decode: dict,
     """The measured costs, as ``--draft auto``'s controller reads them: per KV mode and
     context bucket, a plain step, a block's fixed part and each further verify row, each
     draft's step, and the acceptance seen in the exactness runs."""
-    measured = controller.default_store()
-    device, version = cost.device_name(), mx.__version__
-    model_id = store.fingerprint(model)
+    measured, keys, written = controller.default_store(), [], []
+
+    def save(kv_mode: str, context: int, costs: controller.Costs):
+        key = controller.store_key(store.fingerprint(model), cost.device_name(), mx.__version__, kv_mode)
+        written.append(measured.save(key, context, costs))
+        keys.append(f"{key}|ctx={controller.context_bucket(context)}")
+
     acceptance = {r["draft"]: r["acceptance"] for r in exactness.get("drafts", []) if r.get("equal")}
-    keys = []
     if verify.get("status") == "ok":
-        rows, seconds = verify["rows"], verify["forward_s"]
-        one = seconds[0]
-        near = [(r, t) for r, t in zip(rows, seconds) if 1 < r <= 9]
-        row = (sum((r - 1) * (t - one) for r, t in near) / sum((r - 1) ** 2 for r, _ in near)
-               if near else one)
-        step = 1 / statistics.median(decode["ours_tps"]) if decode.get("status") == "ok" else one
         for kv_mode in ("fp", "nested"):
             drafts = {n: d["seconds"] for n, d in steps.get("drafts", {}).items()
                       if d["kv_mode"] == kv_mode or kv_mode == "nested"}
-            costs = controller.Costs(step=step, block=one, row=max(row, 0.0), draft=drafts,
-                                     acceptance={n: a for n, a in acceptance.items() if n in drafts},
-                                     source="measured", weight=controller.PRIOR_WEIGHT["measured"])
-            key = controller.store_key(model_id, device, version, kv_mode)
-            measured.save(key, verify["context"], costs)
-            keys.append(f"{key}|ctx={controller.context_bucket(verify['context'])}")
+            costs = controller.Costs.from_table(dict(zip(verify["rows"], verify["forward_s"])),
+                                                drafts, "measured")
+            if decode.get("status") == "ok":  # a plain step as plain decoding runs it
+                costs.step = 1 / statistics.median(decode["ours_tps"])
+            costs.acceptance = {n: a for n, a in acceptance.items() if n in drafts}
+            save(kv_mode, verify["context"], costs)
     for c in kv_upper.get("contexts", []):
-        row = (c["verify_s"] - c["plain_step_s"]) / max(c["verify_rows"] - 1, 1)
-        costs = controller.Costs(step=c["plain_step_s"], block=c["plain_step_s"], row=max(row, 0.0),
-                                 draft={"kv-upper": c["draft_step_s"]}, source="measured",
-                                 weight=controller.PRIOR_WEIGHT["measured"])
-        key = controller.store_key(model_id, device, version, "nested")
-        measured.save(key, c["context"], costs)
-        keys.append(f"{key}|ctx={controller.context_bucket(c['context'])}")
-    return dict(path=str(measured.path), written=measured.writable, keys=keys)
+        table = {c["verify_rows"]: c["verify_s"], 1: c["plain_step_s"]}
+        save("nested", c["context"], controller.Costs.from_table(
+            table, {"kv-upper": c["draft_step_s"]}, "measured"))
+    return dict(path=str(measured.path), written=all(written), keys=keys)
 
 
 # ------------------------------------------------------------------ the report
