@@ -47,7 +47,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 
-from .. import controller, cost, kernels, precision, store
+from .. import controller, cost, kernels, store
 from ..api import stream_generate
 from ..caches import room
 from ..cli import ArgumentParser, default_model_path, run_cli
@@ -97,6 +97,23 @@ def long_text(tokenizer, n: int) -> list[int]:
         if len(ids) >= n:
             return ids[:n]
     return (ids * (n // max(len(ids), 1) + 1))[:n]
+
+
+def chat_tokens(tokenizer, text: str) -> list[int]:
+    """``text`` as the CLIs encode a prompt: a user's turn in the chat template if there is
+    one, else the raw text."""
+    if tokenizer.has_chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=not tokenizer.has_chat_template)
+
+
+def drain(responses) -> tuple[list[int], object]:
+    """The tokens of a generation's responses, and its last response."""
+    tokens, last = [], None
+    for last in responses:
+        tokens.append(int(last.token))
+    return tokens, last
 
 
 def interleaved(named, repeats: int) -> dict[str, float]:
@@ -225,12 +242,9 @@ def check_kernels(dtype=mx.float16, K: int = 576, N: int = 256, group: int = 32)
 
 # ------------------------------------------------------------------ 2. exactness
 def _generate(model, tokenizer, prompt, tokens: int, draft: str, kv_mode: str):
-    """The tokens of one greedy generation, and its stats."""
-    out, last = [], None
-    for last in stream_generate(model, tokenizer, prompt, max_tokens=tokens, draft=draft,
-                                num_draft_tokens=None if draft == "none" else GAMMA, kv_mode=kv_mode):
-        out.append(int(last.token))
-    return out, last
+    """The tokens of one greedy generation, and its last response."""
+    return drain(stream_generate(model, tokenizer, prompt, max_tokens=tokens, draft=draft,
+                                 num_draft_tokens=None if draft == "none" else GAMMA, kv_mode=kv_mode))
 
 
 def check_exactness(model, tokenizer, prompt, tokens: int, drafts) -> dict:
@@ -275,9 +289,7 @@ def time_decode(ours, theirs, prompt, tokens: int, repeats: int) -> dict:
         model, tokenizer = ours if engine == "ours" else theirs
         gen = (stream_generate(model, tokenizer, prompt, max_tokens=n, draft="none")
                if engine == "ours" else mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=n))
-        out, last = [], None
-        for last in gen:
-            out.append(int(last.token))
+        out, last = drain(gen)
         return last.generation_tps, out
 
     for engine in ("ours", "mlx-lm"):
@@ -375,19 +387,16 @@ def _fork(cache) -> list:
 def time_ngram_edit(model, tokenizer, tokens: int, repeats: int) -> dict:
     """``ngram`` end to end against plain decoding on an edit request (its answer repeats
     the prompt), interleaved; the prompt is prefilled once and each run starts from a copy."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": EDIT_REQUEST}], tokenize=False,
-                                         add_generation_prompt=True) if tokenizer.has_chat_template else EDIT_REQUEST
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    ids = chat_tokens(tokenizer, EDIT_REQUEST)
     cache = make_cache(model, "fp")
     prefill(model, mx.array(ids[:-1], mx.uint32), cache, 2048)
     runs, outputs = {"none": [], "ngram": []}, {}
     for r in range(repeats):
         for draft in (("none", "ngram") if r % 2 == 0 else ("ngram", "none")):
-            out, last = [], None
-            for last in stream_generate(model, tokenizer, ids[-1:], max_tokens=tokens, draft=draft,
-                                        num_draft_tokens=GAMMA if draft != "none" else None,
-                                        prompt_cache=_fork(cache), cached_tokens=ids[:-1]):
-                out.append(int(last.token))
+            out, last = drain(stream_generate(
+                model, tokenizer, ids[-1:], max_tokens=tokens, draft=draft,
+                num_draft_tokens=GAMMA if draft != "none" else None, prompt_cache=_fork(cache),
+                cached_tokens=ids[:-1]))
             runs[draft].append((last.generation_tps, last.stats))
             outputs[draft] = out
     stats = runs["ngram"][-1][1]
@@ -465,36 +474,36 @@ def markdown(report: dict) -> str:
              f"Measured on this machine: {m['system']}, MLX {m['mlx']}, mlx-lm {m['mlx_lm']}, "
              f"{m['cpus']} CPUs, load {m['load'][0]:.1f} → {m['load'][1]:.1f}; model "
              f"`{report['model']['path']}`; {'--quick, ' if report['quick'] else ''}"
-             f"{report['seconds']:.0f} s.", "", "| part | status | result |", "|---|---|---|"]
-    for name, sec in s.items():
-        lines.append(f"| {name} | {sec['status']} | {_summary(name, sec)} |")
-    k = s["kernels"]
-    if k.get("checks"):
-        lines += ["", "| kernel | max error | tolerance | rows bit for bit |", "|---|---|---|---|"]
-        lines += [f"| {c['kernel']} | {c['max_error']:.2e} | {c['tolerance']:.0e} | "
-                  f"{'yes' if c['rows_bitwise'] else 'NO'} |" for c in k["checks"]]
+             f"{report['seconds']:.0f} s."]
+    lines += _table("part | status | result", [(n, sec["status"], _summary(n, sec)) for n, sec in s.items()])
+    if s["kernels"].get("checks"):
+        lines += _table("kernel | max error | tolerance | rows bit for bit", [
+            (c["kernel"], f"{c['max_error']:.2e}", f"{c['tolerance']:.0e}", "yes" if c["rows_bitwise"] else "NO")
+            for c in s["kernels"]["checks"]])
     v = s["verify_rows"]
     if v.get("forward_s"):
-        lines += ["", "| rows | verify forward ÷ 1 row | MLX quantized_matmul ÷ 1 row | our kernel ÷ 1 row |",
-                  "|---|---|---|---|"]
-        for i, r in enumerate(v["rows"]):
-            mlx_r = f"{v['mlx_s'][i] / v['mlx_s'][0]:.2f}" if v.get("mlx_s") else "-"
-            ours_r = f"{v['ours_s'][i] / v['ours_s'][0]:.2f}" if v.get("ours_s") else "-"
-            lines.append(f"| {r} | {v['forward_s'][i] / v['forward_s'][0]:.2f} | {mlx_r} | {ours_r} |")
+        def ratios(key):  # each row count's time ÷ one row's
+            return [f"{t / v[key][0]:.2f}" for t in v[key]] if v.get(key) else ["-"] * len(v["rows"])
+        lines += _table("rows | verify forward ÷ 1 row | MLX quantized_matmul ÷ 1 row | our kernel ÷ 1 row",
+                        zip(v["rows"], ratios("forward_s"), ratios("mlx_s"), ratios("ours_s")))
     d = s["draft_steps"]
     if d.get("drafts"):
-        lines += ["", "| draft term | step (ms) | ÷ plain step |", "|---|---|---|"]
-        lines += [f"| {n} | {x['seconds'] * 1e3:.2f} | {x['ratio']:.2f} |" for n, x in d["drafts"].items()]
+        lines += _table("draft term | step (ms) | ÷ plain step", [
+            (n, f"{x['seconds'] * 1e3:.2f}", f"{x['ratio']:.2f}") for n, x in d["drafts"].items()])
     kv = s.get("kv_upper", {})
     if kv.get("contexts"):
-        lines += ["", "| context | plain step (ms) | kv-upper step ÷ plain | verify ÷ plain |",
-                  "|---|---|---|---|"]
-        lines += [f"| {c['context']} | {c['plain_step_s'] * 1e3:.2f} | {c['ratio']:.2f} | "
-                  f"{c['verify_s'] / c['plain_step_s']:.2f} ({c['verify_rows']} rows) |"
-                  for c in kv["contexts"]]
+        lines += _table("context | plain step (ms) | kv-upper step ÷ plain | verify ÷ plain", [
+            (c["context"], f"{c['plain_step_s'] * 1e3:.2f}", f"{c['ratio']:.2f}",
+             f"{c['verify_s'] / c['plain_step_s']:.2f} ({c['verify_rows']} rows)") for c in kv["contexts"]])
     if report["skipped"]:
         lines += ["", "Not run:"] + [f"- {why}" for why in report["skipped"]]
     return "\n".join(lines) + "\n"
+
+
+def _table(head: str, rows) -> list[str]:
+    """A Markdown table after a blank line: ``head``'s cells and each row's, between bars."""
+    rule = "|" + "---|" * len(head.split(" | "))
+    return ["", f"| {head} |", rule] + [f"| {' | '.join(map(str, row))} |" for row in rows]
 
 
 def _summary(name: str, sec: dict) -> str:
@@ -537,10 +546,11 @@ def plot(report: dict, path: Path) -> str | None:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     v, ax = s["verify_rows"], axes[0, 0]
     if v.get("forward_s"):
-        ax.plot(v["rows"], [t / v["forward_s"][0] for t in v["forward_s"]], "o-", label="verify forward")
-        for key, label in (("mlx_s", "MLX quantized_matmul"), ("ours_s", "our verify kernel")):
+        for key, label in (("forward_s", "verify forward"), ("mlx_s", "MLX quantized_matmul"),
+                           ("ours_s", "our verify kernel")):
             if v.get(key):
-                ax.plot(v["rows"], [t / v[key][0] for t in v[key]], "s--", label=label)
+                ax.plot(v["rows"], [t / v[key][0] for t in v[key]], "o-" if key == "forward_s" else "s--",
+                        label=label)
         ax.legend(fontsize=7)
     ax.set(xlabel="rows", ylabel="time ÷ 1 row", title="verify cost by rows")
     d, ax = s["draft_steps"], axes[0, 1]
@@ -603,10 +613,9 @@ def plan(quick: bool, metal: bool) -> dict:
     """How much of each part to run: ``--quick`` about a minute on the default model on
     this CPU; long contexts only where a prefill of them takes seconds (Metal)."""
     p = dict(repeats=2, tokens=8, drafts=[DRAFTS[i] for i in (0, 1, 3)], rows=KERNEL_ROWS,
-             row_repeats=1, edit_tokens=12, edit_repeats=1, contexts=(4096, 16384),
-             skipped=[]) if quick else dict(
-        repeats=3, tokens=48, drafts=DRAFTS, rows=VERIFY_ROWS, row_repeats=3, edit_tokens=96,
-        edit_repeats=3, contexts=(4096, 16384), skipped=[])
+             row_repeats=1, edit_tokens=12, edit_repeats=1) if quick else dict(
+        repeats=3, tokens=48, drafts=DRAFTS, rows=VERIFY_ROWS, row_repeats=3, edit_tokens=96, edit_repeats=3)
+    p.update(contexts=(4096, 16384), skipped=[])
     if not metal:  # a CPU prefills about as fast as it decodes: 16k tokens take an hour
         p["contexts"] = () if quick else (1024, 2048)
         p["skipped"].append("kv_upper: 4k and 16k context " + (
