@@ -203,7 +203,7 @@ class Controller:
         self.arms = {d: _Arm(acceptance=a, prior=a) for d, a in drafts.items()}
         self.store, self.key, self.position = store, key, start
         self.warm = set() if warm is None else warm
-        self.emitted = self.seconds = self.explored = 0.0
+        self.emitted = self.explored = 0.0
         # What ran after its warm-up: plain chunks, tokens and seconds; draft tokens and seconds
         self.ran = dict(chunks=0, plain=0.0, plain_s=0.0, drafts=0.0, drafts_s=0.0)
         self.plain_seen = -math.inf  # emitted count at plain decoding's last timing
@@ -247,19 +247,16 @@ class Controller:
         """What ``action`` did: tokens drafted, accepted and emitted, and its wall-clock
         seconds (after the evaluation that ended it)."""
         self.emitted += emitted
-        self.seconds += seconds
         if action.explore:
             self.explored += emitted
         arm = action.draft or "plain"
         warm_up = arm not in self.warm
         self.warm.add(arm)
-        if not warm_up and action.draft is None:
-            self.ran["chunks"] += 1
-            self.ran["plain"] += emitted
-            self.ran["plain_s"] += seconds
-        elif not warm_up:
-            self.ran["drafts"] += emitted
-            self.ran["drafts_s"] += seconds
+        if not warm_up:
+            ran = "plain" if action.draft is None else "drafts"
+            self.ran[ran] += emitted
+            self.ran[ran + "_s"] += seconds
+            self.ran["chunks"] += action.draft is None
         self._estimates_now = None
         if action.draft is None:
             self._report_plain(emitted, seconds, warm_up)
@@ -269,8 +266,11 @@ class Controller:
 
     def close(self):
         """Store what was measured (the decoder calls it when the generation ends)."""
-        if self.store is not None and self.key is not None and self.plain is not None:
-            self.store.save(self.key, self.position, self.measured_costs())
+        self._save(self.position)
+
+    def _save(self, position: int):
+        if self.store is not None and self.key and self.plain is not None:
+            self.store.save(self.key, position, self.measured_costs())
 
     # ------------------------------------------------------------------ estimates
     def _start_fits(self, prior: Costs):
@@ -407,9 +407,8 @@ class Controller:
         in it."""
         before = context_bucket(self.position)
         self.position += emitted
-        if (context_bucket(self.position) != before and self.store is not None and self.key
-                and self.plain is not None):
-            self.store.save(self.key, self.position - emitted, self.measured_costs())
+        if context_bucket(self.position) != before:
+            self._save(self.position - emitted)
 
     # ------------------------------------------------------------------ what it says
     @property

@@ -30,10 +30,8 @@ import mlx.core as mx
 
 from plotting import pyplot
 from mlx_qspec import load
-from mlx_qspec.bench import EDIT_REQUEST, _fork, chat_tokens, drain, log
-from mlx_qspec.decoder import prefill
+from mlx_qspec.bench import EDIT_REQUEST, _fork, _prefilled, chat_tokens, drain, log
 from mlx_qspec.generate import default_model_path, stream_generate
-from mlx_qspec.kv_cache import make_cache
 
 FREE = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 PROMPTS = {"free": FREE, "grounded": EDIT_REQUEST}
@@ -56,8 +54,7 @@ def tps(run: dict, clock: str = "wall_s") -> float:
 
 def bench_prompt(model, tokenizer, name, text, max_tokens, repeats) -> dict:
     ids = chat_tokens(tokenizer, text)
-    cache = make_cache(model, "fp")
-    prefill(model, mx.array(ids[:-1], mx.uint32), cache, 2048)
+    cache = _prefilled(model, ids[:-1])
     first = run_once(model, tokenizer, ids, cache, "auto", max_tokens)  # an empty store
     log(f"{name}: first auto run {first['wall_s']:.1f} s ({first['auto_reason']})")
     runs = []

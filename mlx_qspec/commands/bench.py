@@ -116,15 +116,27 @@ def drain(responses) -> tuple[list[int], object]:
     return tokens, last
 
 
-def interleaved(named, repeats: int) -> dict[str, float]:
-    """Median seconds of each ``name → call`` (a call returns its seconds), run in turns — the
-    order reversed every other round — so that load on the machine falls on all alike."""
+def rounds(named, repeats: int) -> dict[str, list]:
+    """What each ``name → call`` returns, ``repeats`` times, run in turns — the order reversed
+    every other round — so that load on the machine falls on all alike."""
     names = list(named)
-    times = {n: [] for n in names}
+    out = {n: [] for n in names}
     for r in range(repeats):
         for n in (names if r % 2 == 0 else names[::-1]):
-            times[n].append(named[n]())
-    return {n: statistics.median(t) for n, t in times.items()}
+            out[n].append(named[n]())
+    return out
+
+
+def interleaved(named, repeats: int) -> dict[str, float]:
+    """Median seconds of each ``name → call`` (a call returns its seconds), in :func:`rounds`."""
+    return {n: statistics.median(t) for n, t in rounds(named, repeats).items()}
+
+
+def _prefilled(model, ids: list[int], kv_mode: str = "fp") -> list:
+    """A ``kv_mode`` cache holding ``ids``."""
+    cache = make_cache(model, kv_mode)
+    prefill(model, mx.array(ids, mx.uint32), cache, 2048)
+    return cache
 
 
 # ------------------------------------------------------------------ 1. kernels
@@ -294,15 +306,12 @@ def time_decode(ours, theirs, prompt, tokens: int, repeats: int) -> dict:
 
     for engine in ("ours", "mlx-lm"):
         run(engine, 2)  # warm-up
-    tps, tokens_of = {"ours": [], "mlx-lm": []}, {}
-    for r in range(repeats):
-        for engine in (("ours", "mlx-lm") if r % 2 == 0 else ("mlx-lm", "ours")):
-            speed, tokens_of[engine] = run(engine)
-            tps[engine].append(speed)
+    runs = rounds({engine: (lambda e=engine: run(e)) for engine in ("ours", "mlx-lm")}, repeats)
+    tps = {engine: [speed for speed, _ in r] for engine, r in runs.items()}
     pairs = [a / b for a, b in zip(tps["ours"], tps["mlx-lm"])]
     return dict(status="ok", max_tokens=tokens, repeats=repeats, ours_tps=tps["ours"],
                 mlx_lm_tps=tps["mlx-lm"], ratio=statistics.median(pairs),
-                tokens_equal=tokens_of["ours"] == tokens_of["mlx-lm"])
+                tokens_equal=runs["ours"][-1][1] == runs["mlx-lm"][-1][1])
 
 
 def _largest_4bit_linear(model):
@@ -318,8 +327,7 @@ def _largest_4bit_linear(model):
 def time_verify_rows(model, context: list[int], rows, repeats: int) -> dict:
     """A verify forward at each row count (the prompt in the cache), and the largest 4-bit
     linear at each row count with our kernel and with MLX's quantized_matmul."""
-    cache = make_cache(model, "fp")
-    prefill(model, mx.array(context, mx.uint32), cache, 2048)
+    cache = _prefilled(model, context)
     cost.forward(model, cache)  # warm-up
     forward = interleaved({r: (lambda r=r: cost.forward(model, cache, r)) for r in rows}, repeats)
     out = dict(status="ok", context=len(context), rows=list(rows),
@@ -359,8 +367,7 @@ def time_draft_steps(model, context: list[int], terms, repeats: int) -> dict:
     for name, kv_mode in terms:
         try:
             if kv_mode not in caches:
-                caches[kv_mode] = make_cache(model, kv_mode)
-                prefill(model, mx.array(context, mx.uint32), caches[kv_mode], 2048)
+                caches[kv_mode] = _prefilled(model, context, kv_mode)
             cache, read = caches[kv_mode], parse_precision(name)
             cost.forward(model, cache, 1, read)  # warm-up; raises where it cannot run
         except ValueError as e:  # UserError included: this model cannot run it
@@ -388,23 +395,19 @@ def time_ngram_edit(model, tokenizer, tokens: int, repeats: int) -> dict:
     """``ngram`` end to end against plain decoding on an edit request (its answer repeats
     the prompt), interleaved; the prompt is prefilled once and each run starts from a copy."""
     ids = chat_tokens(tokenizer, EDIT_REQUEST)
-    cache = make_cache(model, "fp")
-    prefill(model, mx.array(ids[:-1], mx.uint32), cache, 2048)
-    runs, outputs = {"none": [], "ngram": []}, {}
-    for r in range(repeats):
-        for draft in (("none", "ngram") if r % 2 == 0 else ("ngram", "none")):
-            out, last = drain(stream_generate(
-                model, tokenizer, ids[-1:], max_tokens=tokens, draft=draft,
-                num_draft_tokens=GAMMA if draft != "none" else None, prompt_cache=_fork(cache),
-                cached_tokens=ids[:-1]))
-            runs[draft].append((last.generation_tps, last.stats))
-            outputs[draft] = out
-    stats = runs["ngram"][-1][1]
-    plain = statistics.median(t for t, _ in runs["none"])
-    ngram = statistics.median(t for t, _ in runs["ngram"])
+    cache = _prefilled(model, ids[:-1])
+
+    def run(draft):
+        return drain(stream_generate(model, tokenizer, ids[-1:], max_tokens=tokens, draft=draft,
+                                     num_draft_tokens=GAMMA if draft != "none" else None,
+                                     prompt_cache=_fork(cache), cached_tokens=ids[:-1]))
+
+    runs = rounds({"none": lambda: run("none"), "ngram": lambda: run("ngram")}, repeats)
+    plain, ngram = (statistics.median(last.generation_tps for _, last in runs[d]) for d in ("none", "ngram"))
+    stats = runs["ngram"][-1][1].stats
     return dict(status="ok", prompt_tokens=len(ids), max_tokens=tokens, repeats=repeats,
                 plain_tps=plain, ngram_tps=ngram, speedup=ngram / plain, acceptance=stats.acceptance,
-                tokens_per_verify=stats.tokens_per_verify, equal=outputs["none"] == outputs["ngram"])
+                tokens_per_verify=stats.tokens_per_verify, equal=runs["none"][-1][0] == runs["ngram"][-1][0])
 
 
 def time_kv_upper(model, tokenizer, contexts, repeats: int) -> dict:
