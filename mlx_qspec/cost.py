@@ -116,13 +116,13 @@ def forward_shape(model, cache, plain: reads.ReadCounter | None = None) -> Forwa
     a one-row full-precision forward there, counted if not given). None where the forward
     reads weights through matmuls the roofline does not know (float or non-affine linears,
     other bit widths or groups)."""
-    linears = roofline.linears(model)
+    linears, experts, convs = store.per_model(model, "forward weights", lambda: (
+        roofline.linears(model), moe.expert_layers(model, half=False),  # experts as counted here
+        sum(p.nbytes for _, m in model.named_modules() if isinstance(m, ShiftedConv1d)
+            for p in (m.weight, m.get("bias")) if p is not None)))
     if linears is None:
         return None
     plain = plain or _counted(model, cache, precision.FULL_PRECISION)
-    experts = moe.expert_layers(model, half=False)  # as counted here
-    convs = sum(p.nbytes for _, m in model.named_modules() if isinstance(m, ShiftedConv1d)
-                for p in (m.weight, m.get("bias")) if p is not None)
     known = sum(m.nbytes for m in linears) + moe.forward_expert_bytes(experts, 1) + convs
     if not math.isclose(plain.bytes(reads.WEIGHTS), known, rel_tol=1e-6, abs_tol=0.5):
         return None

@@ -669,8 +669,7 @@ def run(args, parser):
 
 
 def write(report: dict, out: Path):
-    """report.md (also printed), report.json, report.png under ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+    """report.md (also printed), report.json, report.png under the folder ``out``."""
     why = plot(report, out / "report.png")
     if why:  # (before the text is written: report.md lists it)
         report["skipped"].append(f"plot: {why}")
