@@ -163,6 +163,5 @@ class AutoPolicy:
 
     def close(self) -> None:
         """The generation ended: report a plain run cut short, store what was measured."""
-        if self.action is not None and self.action.draft is None:
-            self._report_plain()
+        self._report_plain()
         self.controller.close()
