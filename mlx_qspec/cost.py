@@ -169,9 +169,8 @@ def device_name() -> str:
 
 def store_key(model, cache) -> str:
     """What this model's measured costs are kept under on this machine (with this KV mode)."""
-    kv = kv_mode(cache)
-    return store.per_model(model, f"store_key {kv}", lambda: controller.store_key(
-        store.fingerprint(model), device_name(), mx.__version__, kv))
+    fingerprint = store.per_model(model, "fingerprint", lambda: store.fingerprint(model))
+    return controller.store_key(fingerprint, device_name(), mx.__version__, kv_mode(cache))
 
 
 def prior(model, cache, candidates, step_bytes=None) -> controller.Costs | None:
