@@ -1,8 +1,8 @@
 """What tells models apart in what mlx_qspec keeps between runs: the entries of the JSON
-files under :func:`~mlx_qspec.cache_dir.cache_dir` (:func:`read` / :func:`write`: layer-skip
-calibrations in ``skip.json``, measured costs in ``measured.json``) are keyed by the model's
-:func:`fingerprint`; a prompt cache records its :func:`weights_fingerprint`. And what is
-computed once per loaded model (:func:`per_model`)."""
+files under :func:`~mlx_qspec.cache_dir.cache_dir` (layer-skip calibrations in ``skip.json``,
+through :func:`read` / :func:`write`; measured costs in ``measured.json``) are keyed by the
+model's :func:`fingerprint`; a prompt cache records its :func:`weights_fingerprint`. And what
+is computed once per loaded model (:func:`per_model`)."""
 
 import hashlib
 import weakref

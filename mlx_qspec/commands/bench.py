@@ -186,7 +186,8 @@ def _attention_checks(dtype, rtol, quantized: int = 256, buffered: int = 40, per
                       for L in (2, 5, 8, 16))
         out.append(_check(f"nested_attention ({'draft' if upper else 'verify'})",
                           lambda qq: attend(kernels.metal_nested_attention, qq, "causal"),
-                          lambda qq: attend(kernels.nested_attention_reference, qq, "causal"), q, rtol, bitwise))
+                          lambda qq: attend(kernels.nested_attention_reference, qq, "causal"),
+                          q, rtol, bitwise))
     return out
 
 
@@ -480,14 +481,14 @@ def markdown(report: dict) -> str:
     lines += _table("part | status | result", [(n, sec["status"], _summary(n, sec)) for n, sec in s.items()])
     if s["kernels"].get("checks"):
         lines += _table("kernel | max error | tolerance | rows bit for bit", [
-            (c["kernel"], f"{c['max_error']:.2e}", f"{c['tolerance']:.0e}", "yes" if c["rows_bitwise"] else "NO")
-            for c in s["kernels"]["checks"]])
+            (c["kernel"], f"{c['max_error']:.2e}", f"{c['tolerance']:.0e}",
+             "yes" if c["rows_bitwise"] else "NO") for c in s["kernels"]["checks"]])
     v = s["verify_rows"]
     if v.get("forward_s"):
         def ratios(key):  # each row count's time ÷ one row's
             return [f"{t / v[key][0]:.2f}" for t in v[key]] if v.get(key) else ["-"] * len(v["rows"])
-        lines += _table("rows | verify forward ÷ 1 row | MLX quantized_matmul ÷ 1 row | our kernel ÷ 1 row",
-                        zip(v["rows"], ratios("forward_s"), ratios("mlx_s"), ratios("ours_s")))
+        head = "rows | verify forward ÷ 1 row | MLX quantized_matmul ÷ 1 row | our kernel ÷ 1 row"
+        lines += _table(head, zip(v["rows"], ratios("forward_s"), ratios("mlx_s"), ratios("ours_s")))
     d = s["draft_steps"]
     if d.get("drafts"):
         lines += _table("draft term | step (ms) | ÷ plain step", [
