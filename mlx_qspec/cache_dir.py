@@ -1,6 +1,7 @@
 """Where mlx_qspec keeps what it measured or rebuilt, to reuse on later runs: forward costs
-and skip calibrations (``controller``, ``store``), tokenizers rebuilt from GGUF metadata
-(``loader``). ``$MLX_QSPEC_CACHE``, else ``~/.cache/mlx_qspec``; deleting it loses nothing
+and skip calibrations (``controller``, ``drafts.layer_skip``: JSON objects keyed by the model's
+``store.fingerprint``, :func:`read_json` / :func:`write_json`), tokenizers rebuilt from GGUF
+metadata (``loader``). ``$MLX_QSPEC_CACHE``, else ``~/.cache/mlx_qspec``; deleting it loses nothing
 but time.
 
 Every writer goes through :func:`write_file` / :func:`publish_folder`: where the folder
@@ -9,6 +10,7 @@ they return False / None and say so once per folder, in one line; the caller kee
 made in memory for this run. Caching must never stop decoding.
 """
 
+import json
 import os
 import shutil
 import sys
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 _WARNED: set = set()  # folders already reported as not writable (one line each per process)
+_MEMORY: dict = {}  # path -> the JSON object this process last stored there
 
 
 def cache_dir() -> Path:
@@ -53,6 +56,26 @@ def write_file(path: Path, text: str) -> bool:
         _cannot_write(path, e)
         return False
     return True
+
+
+def read_json(name) -> dict:
+    """The JSON object stored as ``name`` under :func:`cache_dir` (or at the path ``name``), {}
+    if it is missing or corrupt (deleting it loses nothing but the time to measure again),
+    with what this process stored there on top: kept in memory where it could not be written."""
+    path = cache_dir() / name
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    return {**(data if isinstance(data, dict) else {}), **_MEMORY.get(path, {})}
+
+
+def write_json(name, data: dict) -> bool:
+    """``data`` as the JSON file :func:`read_json` reads; False, with one line, where it
+    cannot be written (it is then kept in memory for this process)."""
+    path = cache_dir() / name
+    _MEMORY[path] = dict(data)
+    return write_file(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def publish_folder(path: Path, fill: Callable[[Path], None]) -> Optional[Path]:

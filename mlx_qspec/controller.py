@@ -32,14 +32,13 @@ context bucket, so the next run starts from measurements. Pure logic: no MLX, no
 tests drive it with the seconds they choose.
 """
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .cache_dir import cache_dir, write_file
+from .cache_dir import cache_dir, read_json, write_json
 
 GAMMAS = (1, 2, 3, 4, 6, 8)
 NGRAM = "ngram"  # the n-gram lookup: a draft with no forward of its own
@@ -204,7 +203,7 @@ class Controller:
         self.arms = {d: _Arm(acceptance=a, prior=a) for d, a in drafts.items()}
         self.store, self.key, self.position = store, key, start
         self.warm = set() if warm is None else warm
-        self.emitted = self.seconds = self.explored = 0.0
+        self.emitted = self.explored = 0.0
         # What ran after its warm-up: plain chunks, tokens and seconds; draft tokens and seconds
         self.ran = dict(chunks=0, plain=0.0, plain_s=0.0, drafts=0.0, drafts_s=0.0)
         self.plain_seen = -math.inf  # emitted count at plain decoding's last timing
@@ -248,19 +247,16 @@ class Controller:
         """What ``action`` did: tokens drafted, accepted and emitted, and its wall-clock
         seconds (after the evaluation that ended it)."""
         self.emitted += emitted
-        self.seconds += seconds
         if action.explore:
             self.explored += emitted
         arm = action.draft or "plain"
         warm_up = arm not in self.warm
         self.warm.add(arm)
-        if not warm_up and action.draft is None:
-            self.ran["chunks"] += 1
-            self.ran["plain"] += emitted
-            self.ran["plain_s"] += seconds
-        elif not warm_up:
-            self.ran["drafts"] += emitted
-            self.ran["drafts_s"] += seconds
+        if not warm_up:
+            ran = "plain" if action.draft is None else "drafts"
+            self.ran[ran] += emitted
+            self.ran[ran + "_s"] += seconds
+            self.ran["chunks"] += action.draft is None
         self._estimates_now = None
         if action.draft is None:
             self._report_plain(emitted, seconds, warm_up)
@@ -270,8 +266,11 @@ class Controller:
 
     def close(self):
         """Store what was measured (the decoder calls it when the generation ends)."""
-        if self.store is not None and self.key is not None and self.plain is not None:
-            self.store.save(self.key, self.position, self.measured_costs())
+        self._save(self.position)
+
+    def _save(self, position: int):
+        if self.store is not None and self.key and self.plain is not None:
+            self.store.save(self.key, position, self.measured_costs())
 
     # ------------------------------------------------------------------ estimates
     def _start_fits(self, prior: Costs):
@@ -408,9 +407,8 @@ class Controller:
         in it."""
         before = context_bucket(self.position)
         self.position += emitted
-        if (context_bucket(self.position) != before and self.store is not None and self.key
-                and self.plain is not None):
-            self.store.save(self.key, self.position - emitted, self.measured_costs())
+        if context_bucket(self.position) != before:
+            self._save(self.position - emitted)
 
     # ------------------------------------------------------------------ what it says
     @property
@@ -499,14 +497,9 @@ def store_key(model: str, device: str, mlx_version: str, kv_mode: str) -> str:
     return "|".join((model, device, f"mlx={mlx_version}", f"kv={kv_mode}"))
 
 
-_STORES: dict = {}
-
-
 def default_store() -> "Store":
-    """The store ``auto`` reads and ``python -m mlx_qspec.bench`` writes, one per folder and
-    process (so costs kept in memory after a failed write are seen by the next run)."""
-    path = cache_dir() / "measured.json"
-    return _STORES.setdefault(path, Store(path))
+    """The store ``auto`` reads and ``python -m mlx_qspec.bench`` writes."""
+    return Store(cache_dir() / "measured.json")
 
 
 def context_bucket(position: int) -> int:
@@ -516,28 +509,18 @@ def context_bucket(position: int) -> int:
 
 
 class Store:
-    """Measured costs kept between runs, a JSON file of ``key|ctx=<bucket>`` → costs. Where
-    the file cannot be written (a read-only home, a sandbox, a full disk) the costs are
-    kept in memory for this process, with one warning: measuring must never stop decoding.
-    A corrupt or unreadable file reads as empty."""
+    """Measured costs kept between runs, a JSON file of ``key|ctx=<bucket>`` → costs
+    (:func:`~mlx_qspec.cache_dir.read_json`): where it cannot be written (a read-only home, a
+    sandbox, a full disk) they are kept in memory for this process, with one warning —
+    measuring must never stop decoding; a corrupt or unreadable file reads as empty."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.memory: dict = {}
-        self.writable = True
-
-    def _read(self) -> dict:
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        data = data if isinstance(data, dict) else {}
-        return {**data, **self.memory}
 
     def load(self, key: str, position: int) -> Costs | None:
         """The costs stored for ``key`` at the context bucket of ``position``, else at the
         nearest bucket stored for it; None if none (or malformed)."""
-        entries = self._read()
+        entries = read_json(self.path)
         want = context_bucket(position)
         found = []
         for name, entry in entries.items():
@@ -550,15 +533,11 @@ class Store:
                 return costs
         return None
 
-    def save(self, key: str, position: int, costs: Costs):
-        name = f"{key}|ctx={context_bucket(position)}"
-        entry = asdict(costs)
-        self.memory[name] = entry
-        if not self.writable:
-            return
-        data = self._read()
-        data[name] = entry
-        self.writable = write_file(self.path, json.dumps(data, indent=1, sort_keys=True))
+    def save(self, key: str, position: int, costs: Costs) -> bool:
+        """False where the file could not be written (the costs kept in memory)."""
+        entries = read_json(self.path)
+        entries[f"{key}|ctx={context_bucket(position)}"] = asdict(costs)
+        return write_json(self.path, entries)
 
 
 def _costs_from(entry) -> Costs | None:

@@ -11,6 +11,7 @@ real text (docs/design.md §8).
 """
 
 import math
+import time
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -48,16 +49,25 @@ def prior_acceptance(name: str) -> float:
     return alpha
 
 
+def forward(model, cache, rows: int = 1, read: precision.Precision = precision.FULL_PRECISION) -> float:
+    """Seconds of one evaluated forward of ``rows`` rows at ``read`` (of zeros: what it reads
+    and how long it takes do not depend on the tokens); the cache rewound after, also when
+    the forward raises (a failed forward may have appended to some layers only)."""
+    at, inputs = position(cache), mx.zeros((1, rows), mx.uint32)
+    try:
+        with precision.reading(read):
+            start = time.perf_counter()
+            mx.eval(model(inputs, cache=cache))
+            return time.perf_counter() - start
+    finally:
+        rewind(cache, at)
+
 
 def _counted(model, cache, read: precision.Precision) -> reads.ReadCounter:
-    """The bytes one untimed one-row forward at ``read`` reads; the cache rewound after,
-    also when the forward raises."""
-    at, counter = position(cache), reads.ReadCounter()
-    try:
-        with precision.reading(read), reads.counting(counter):
-            mx.eval(model(mx.zeros((1, 1), mx.uint32), cache=cache))
-    finally:
-        rewind(cache, at)  # (a failed forward may have appended to some layers only)
+    """The bytes one untimed one-row forward at ``read`` reads."""
+    counter = reads.ReadCounter()
+    with reads.counting(counter):
+        forward(model, cache, 1, read)
     return counter
 
 
@@ -106,13 +116,13 @@ def forward_shape(model, cache, plain: reads.ReadCounter | None = None) -> Forwa
     a one-row full-precision forward there, counted if not given). None where the forward
     reads weights through matmuls the roofline does not know (float or non-affine linears,
     other bit widths or groups)."""
-    linears = roofline.linears(model)
+    linears, experts, convs = store.per_model(model, "forward weights", lambda: (
+        roofline.linears(model), moe.expert_layers(model, half=False),  # experts as counted here
+        sum(p.nbytes for _, m in model.named_modules() if isinstance(m, ShiftedConv1d)
+            for p in (m.weight, m.get("bias")) if p is not None)))
     if linears is None:
         return None
     plain = plain or _counted(model, cache, precision.FULL_PRECISION)
-    experts = moe.expert_layers(model, half=False)  # as counted here
-    convs = sum(p.nbytes for _, m in model.named_modules() if isinstance(m, ShiftedConv1d)
-                for p in (m.weight, m.get("bias")) if p is not None)
     known = sum(m.nbytes for m in linears) + moe.forward_expert_bytes(experts, 1) + convs
     if not math.isclose(plain.bytes(reads.WEIGHTS), known, rel_tol=1e-6, abs_tol=0.5):
         return None
@@ -127,7 +137,7 @@ def modeled(model, cache, candidates, chip: str, step_bytes=None) -> controller.
     verifies), a draft step as a forward's fixed cost plus a plain step's byte time × the
     bytes its one-row forward reads ÷ a plain step's (one row is bound by bytes), the n-gram
     lookup free. Bytes are counted (:mod:`reads`) on one untimed one-row forward per
-    precision, at this context, or given in ``step_bytes`` (a head level's step); a candidate
+    precision, at this context, or by ``step_bytes[name]()`` (a head level's step); a candidate
     that cannot run here is left out. None where the roofline does not describe the model's
     matmuls."""
     step_bytes = step_bytes or {}
@@ -144,7 +154,8 @@ def modeled(model, cache, candidates, chip: str, step_bytes=None) -> controller.
         if name == NGRAM:
             continue
         try:
-            read = step_bytes.get(name) or _counted(model, cache, parse_precision(name)).bytes()
+            read = (step_bytes[name]() if name in step_bytes
+                    else _counted(model, cache, parse_precision(name)).bytes())
         except ValueError:
             continue
         draft[name] = fixed + (verify[1] - fixed) * read / plain.bytes()
@@ -158,8 +169,8 @@ def device_name() -> str:
 
 def store_key(model, cache) -> str:
     """What this model's measured costs are kept under on this machine (with this KV mode)."""
-    return controller.store_key(store.fingerprint(model), device_name(), mx.__version__,
-                                kv_mode(cache))
+    fingerprint = store.per_model(model, "fingerprint", lambda: store.fingerprint(model))
+    return controller.store_key(fingerprint, device_name(), mx.__version__, kv_mode(cache))
 
 
 def prior(model, cache, candidates, step_bytes=None) -> controller.Costs | None:

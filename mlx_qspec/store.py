@@ -1,36 +1,32 @@
-"""What mlx_qspec measured, kept between runs: one JSON object per file under
-:func:`~mlx_qspec.cache_dir.cache_dir` (layer-skip calibrations in ``skip.json``), each entry
-keyed by the model's :func:`fingerprint`. A missing or corrupt file reads as empty and is
-rewritten: deleting it loses nothing but the time to measure again. Where the folder cannot
-be written, what was stored stays in memory for this process (one line says so)."""
+"""What tells models apart in what mlx_qspec keeps between runs: the entries of the JSON
+files under :func:`~mlx_qspec.cache_dir.cache_dir` (layer-skip calibrations in ``skip.json``,
+through :func:`read` / :func:`write`; measured costs in ``measured.json``) are keyed by the
+model's :func:`fingerprint`; a prompt cache records its :func:`weights_fingerprint`. And what
+is computed once per loaded model (:func:`per_model`)."""
 
 import hashlib
-import json
+import weakref
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .cache_dir import cache_dir, write_file
+from .cache_dir import read_json as read, write_json as write  # noqa: F401  (drafts.layer_skip)
 
-_MEMORY: dict = {}  # path -> what was stored there in this process
-
-
-def read(name: str) -> dict:
-    """The JSON object stored as ``name`` (or {} if it is missing or corrupt), with what this
-    process stored in memory on top."""
-    path = cache_dir() / name
-    try:
-        store = json.loads(path.read_text())
-    except (OSError, ValueError):
-        store = {}
-    return {**(store if isinstance(store, dict) else {}), **_MEMORY.get(path, {})}
+_MODELS: dict = {}  # id(model) → what was computed of it, dropped with the model
 
 
-def write(name: str, store: dict) -> None:
-    path = cache_dir() / name
-    _MEMORY[path] = dict(store)
-    write_file(path, json.dumps(store, indent=1, sort_keys=True))
+def per_model(model, what: str, compute):
+    """``compute()``, once per loaded model and ``what``: what does not change while it is
+    loaded (its fingerprint, the drafts it can run) but is asked for on every request (on
+    the server's engine thread too)."""
+    memo = _MODELS.get(id(model))
+    if memo is None:
+        memo = _MODELS[id(model)] = {}
+        weakref.finalize(model, _MODELS.pop, id(model), None)
+    if what not in memo:
+        memo[what] = compute()
+    return memo[what]
 
 
 def fingerprint(model) -> str:

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,31 +30,19 @@ import mlx.core as mx
 
 from plotting import pyplot
 from mlx_qspec import load
-from mlx_qspec.bench import EDIT_REQUEST, _fork
-from mlx_qspec.decoder import prefill
+from mlx_qspec.bench import EDIT_REQUEST, _fork, _prefilled, chat_tokens, drain, log
 from mlx_qspec.generate import default_model_path, stream_generate
-from mlx_qspec.kv_cache import make_cache
 
 FREE = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 PROMPTS = {"free": FREE, "grounded": EDIT_REQUEST}
-
-
-def prompt_tokens(tokenizer, text: str) -> list[int]:
-    """A chat turn, as the CLI builds it."""
-    if tokenizer.has_chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def run_once(model, tokenizer, ids, cache, draft: str, max_tokens: int) -> dict:
     """One greedy generation from a copy of the prefilled ``cache``: wall and CPU seconds from
     the call to the last token (auto's setup included), the tokens, auto's reason."""
     start, cpu = time.perf_counter(), time.process_time()
-    tokens, last = [], None
-    for last in stream_generate(model, tokenizer, ids[-1:], max_tokens=max_tokens, draft=draft,
-                                prompt_cache=_fork(cache), cached_tokens=ids[:-1]):
-        tokens.append(int(last.token))
+    tokens, last = drain(stream_generate(model, tokenizer, ids[-1:], max_tokens=max_tokens, draft=draft,
+                                         prompt_cache=_fork(cache), cached_tokens=ids[:-1]))
     return dict(draft=draft, wall_s=time.perf_counter() - start, cpu_s=time.process_time() - cpu,
                 tokens=tokens, auto_reason=last.stats.auto_reason, chosen=last.stats.draft,
                 measured_speedup=last.stats.measured_speedup)
@@ -65,10 +52,9 @@ def tps(run: dict, clock: str = "wall_s") -> float:
     return len(run["tokens"]) / run[clock]
 
 
-def bench_prompt(model, tokenizer, name, text, max_tokens, repeats, log) -> dict:
-    ids = prompt_tokens(tokenizer, text)
-    cache = make_cache(model, "fp")
-    prefill(model, mx.array(ids[:-1], mx.uint32), cache, 2048)
+def bench_prompt(model, tokenizer, name, text, max_tokens, repeats) -> dict:
+    ids = chat_tokens(tokenizer, text)
+    cache = _prefilled(model, ids[:-1])
     first = run_once(model, tokenizer, ids, cache, "auto", max_tokens)  # an empty store
     log(f"{name}: first auto run {first['wall_s']:.1f} s ({first['auto_reason']})")
     runs = []
@@ -142,7 +128,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.max_tokens < 1 or args.repeats < 1:
         ap.error("--max-tokens and --repeats must be >= 1")
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     model, tokenizer = load(str(args.model or default_model_path()))
     load_before = os.getloadavg()[0]
     results = []
@@ -150,7 +135,7 @@ def main(argv=None):
         for name in args.prompts:
             os.environ["MLX_QSPEC_CACHE"] = str(Path(store) / name)  # each prompt starts empty
             results.append(bench_prompt(model, tokenizer, name, PROMPTS[name], args.max_tokens,
-                                        args.repeats, log))
+                                        args.repeats))
     note = (f"{platform.system()} {platform.machine()}, MLX {mx.__version__}, "
             f"{'Metal' if mx.metal.is_available() else 'CPU backend (not a Mac number)'}, "
             f"{os.cpu_count()} CPUs, 1-min load {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")

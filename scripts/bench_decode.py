@@ -29,9 +29,9 @@ import mlx_lm
 from mlx.utils import tree_flatten
 
 from mlx_qspec import load
-from mlx_qspec.convert import convert
 from mlx_qspec.errors import ModelError
 from mlx_qspec.api import stream_generate
+from mlx_qspec.bench import chat_tokens, drain, stock_mlx_lm
 from mlx_qspec.cli import default_model_path
 from mlx_qspec.loader import default_dtype
 
@@ -52,16 +52,6 @@ def param_bytes(model) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
-def chat_tokens(tokenizer, text: str) -> list[int]:
-    """As the CLIs do: the chat template when there is one, else the raw text."""
-    if tokenizer.has_chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(text)
-
-
 def run_once(engine: str, model, tokenizer, prompt: mx.array, max_tokens: int) -> dict:
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -70,9 +60,7 @@ def run_once(engine: str, model, tokenizer, prompt: mx.array, max_tokens: int) -
         responses = stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, draft=None)
     else:
         responses = mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens)
-    tokens, last = [], None
-    for last in responses:
-        tokens.append(int(last.token))
+    tokens, last = drain(responses)
     own_peak = last.peak_memory * 1e9 - before + param_bytes(model)
     return {
         "generation_tps": last.generation_tps,
@@ -133,13 +121,11 @@ def main(argv=None):
     except ModelError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
-    # Stock mlx-lm computes in the dtype the directory stores: make it ours.
+    # Stock mlx-lm computes in the dtype the directory stores: bench.stock_mlx_lm makes it ours.
     dtype = "float32" if default_dtype() == mx.float32 else None
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"converting {gguf.name} (dtype {dtype or 'as stored'})", file=sys.stderr)
-        converted = convert(str(gguf), str(Path(tmp) / "model"), dtype=dtype)
-        print("loading both models", file=sys.stderr)
-        engines = {"ours": load(gguf), "mlx-lm": mlx_lm.load(str(converted))}
+        print(f"converting {gguf.name} (dtype {dtype or 'as stored'}), loading both models", file=sys.stderr)
+        engines = {"ours": load(gguf), "mlx-lm": stock_mlx_lm(gguf, Path(tmp))}
     weights_gb = {k: param_bytes(m) / 1e9 for k, (m, _) in engines.items()}
 
     tokenizer = engines["ours"][1]

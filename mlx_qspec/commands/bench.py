@@ -47,8 +47,9 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 
-from .. import controller, cost, kernels, precision, store
+from .. import controller, cost, kernels, store
 from ..api import stream_generate
+from ..caches import room
 from ..cli import ArgumentParser, default_model_path, run_cli
 from ..decoder import prefill
 from ..drafts.grammar import parse_precision
@@ -98,30 +99,44 @@ def long_text(tokenizer, n: int) -> list[int]:
     return (ids * (n // max(len(ids), 1) + 1))[:n]
 
 
-def time_forward(model, cache, rows: int, read=precision.FULL_PRECISION) -> float:
-    """Seconds of one evaluated forward of ``rows`` tokens at ``read``; the cache is trimmed
-    back after, also when the forward raises."""
-    offsets = [c.offset for c in cache]
-    inputs = mx.zeros((1, rows), mx.uint32)
-    try:
-        with precision.reading(read):
-            start = time.perf_counter()
-            mx.eval(model(inputs, cache=cache))
-            return time.perf_counter() - start
-    finally:
-        for c, offset in zip(cache, offsets):
-            c.trim(c.offset - offset)
+def chat_tokens(tokenizer, text: str) -> list[int]:
+    """``text`` as the CLIs encode a prompt: a user's turn in the chat template if there is
+    one, else the raw text."""
+    if tokenizer.has_chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=not tokenizer.has_chat_template)
+
+
+def drain(responses) -> tuple[list[int], object]:
+    """The tokens of a generation's responses, and its last response."""
+    tokens, last = [], None
+    for last in responses:
+        tokens.append(int(last.token))
+    return tokens, last
+
+
+def rounds(named, repeats: int) -> dict[str, list]:
+    """What each ``name → call`` returns, ``repeats`` times, run in turns — the order reversed
+    every other round — so that load on the machine falls on all alike."""
+    names = list(named)
+    out = {n: [] for n in names}
+    for r in range(repeats):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            out[n].append(named[n]())
+    return out
 
 
 def interleaved(named, repeats: int) -> dict[str, float]:
-    """Median seconds of each ``name → call`` (a call returns its seconds), run in turns — the
-    order reversed every other round — so that load on the machine falls on all alike."""
-    names = list(named)
-    times = {n: [] for n in names}
-    for r in range(repeats):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            times[n].append(named[n]())
-    return {n: statistics.median(t) for n, t in times.items()}
+    """Median seconds of each ``name → call`` (a call returns its seconds), in :func:`rounds`."""
+    return {n: statistics.median(t) for n, t in rounds(named, repeats).items()}
+
+
+def _prefilled(model, ids: list[int], kv_mode: str = "fp") -> list:
+    """A ``kv_mode`` cache holding ``ids``."""
+    cache = make_cache(model, kv_mode)
+    prefill(model, mx.array(ids, mx.uint32), cache, 2048)
+    return cache
 
 
 # ------------------------------------------------------------------ 1. kernels
@@ -134,14 +149,16 @@ def _distinct_rows(K: int, dtype, seed=0) -> mx.array:
     return mx.array(x.astype(np.float32)).astype(dtype)
 
 
-def _check(name, kernel, reference, x, rtol) -> dict:
+def _check(name, kernel, reference, x, rtol, bitwise: bool | None = None) -> dict:
     """One kernel: its error against the reference on 16 rows (relative to the output's
-    scale), and whether row m of every M-row call equals the one-row call bit for bit."""
+    scale), and whether row m of every M-row call equals the one-row call bit for bit (or
+    ``bitwise``, as the caller checked it)."""
     y, ref = (np.array(f(x).astype(mx.float32)) for f in (kernel, reference))
     error = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
-    single = [np.array(kernel(x[i:i + 1])) for i in range(x.shape[0])]
-    bitwise = all(np.array_equal(np.array(kernel(x[:m]))[i], single[i][0])
-                  for m in KERNEL_ROWS for i in range(m))
+    if bitwise is None:
+        single = [np.array(kernel(x[i:i + 1])) for i in range(x.shape[0])]
+        bitwise = all(np.array_equal(np.array(kernel(x[:m]))[i], single[i][0])
+                      for m in KERNEL_ROWS for i in range(m))
     return dict(kernel=name, max_error=error, tolerance=rtol, rows_bitwise=bitwise,
                 ok=error <= rtol and bitwise)
 
@@ -164,15 +181,13 @@ def _attention_checks(dtype, rtol, quantized: int = 256, buffered: int = 40, per
         def attend(fn, qq, mask):
             return fn(qq, keys, values, scale=D ** -0.5, mask=mask, upper=upper, key_block=64,
                       value_group=64)
-        y = np.array(attend(kernels.metal_nested_attention, q, "causal").astype(mx.float32))
-        ref = np.array(attend(kernels.nested_attention_reference, q, "causal").astype(mx.float32))
-        error = float(np.abs(y - ref).max() / np.abs(ref).max())
         bitwise = all(mx.array_equal(attend(kernels.metal_nested_attention, q[:, :, :L], "causal")[:, :, -1:],
                                      attend(kernels.metal_nested_attention, q[:, :, L - 1:L], None)).item()
                       for L in (2, 5, 8, 16))
-        out.append(dict(kernel=f"nested_attention ({'draft' if upper else 'verify'})",
-                        max_error=error, tolerance=rtol, rows_bitwise=bitwise,
-                        ok=error <= rtol and bitwise))
+        out.append(_check(f"nested_attention ({'draft' if upper else 'verify'})",
+                          lambda qq: attend(kernels.metal_nested_attention, qq, "causal"),
+                          lambda qq: attend(kernels.nested_attention_reference, qq, "causal"),
+                          q, rtol, bitwise))
     return out
 
 
@@ -239,12 +254,9 @@ def check_kernels(dtype=mx.float16, K: int = 576, N: int = 256, group: int = 32)
 
 # ------------------------------------------------------------------ 2. exactness
 def _generate(model, tokenizer, prompt, tokens: int, draft: str, kv_mode: str):
-    """The tokens of one greedy generation, and its stats."""
-    out, last = [], None
-    for last in stream_generate(model, tokenizer, prompt, max_tokens=tokens, draft=draft,
-                                num_draft_tokens=None if draft == "none" else GAMMA, kv_mode=kv_mode):
-        out.append(int(last.token))
-    return out, last
+    """The tokens of one greedy generation, and its last response."""
+    return drain(stream_generate(model, tokenizer, prompt, max_tokens=tokens, draft=draft,
+                                 num_draft_tokens=None if draft == "none" else GAMMA, kv_mode=kv_mode))
 
 
 def check_exactness(model, tokenizer, prompt, tokens: int, drafts) -> dict:
@@ -289,22 +301,17 @@ def time_decode(ours, theirs, prompt, tokens: int, repeats: int) -> dict:
         model, tokenizer = ours if engine == "ours" else theirs
         gen = (stream_generate(model, tokenizer, prompt, max_tokens=n, draft="none")
                if engine == "ours" else mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=n))
-        out, last = [], None
-        for last in gen:
-            out.append(int(last.token))
+        out, last = drain(gen)
         return last.generation_tps, out
 
     for engine in ("ours", "mlx-lm"):
         run(engine, 2)  # warm-up
-    tps, tokens_of = {"ours": [], "mlx-lm": []}, {}
-    for r in range(repeats):
-        for engine in (("ours", "mlx-lm") if r % 2 == 0 else ("mlx-lm", "ours")):
-            speed, tokens_of[engine] = run(engine)
-            tps[engine].append(speed)
+    runs = rounds({engine: (lambda e=engine: run(e)) for engine in ("ours", "mlx-lm")}, repeats)
+    tps = {engine: [speed for speed, _ in r] for engine, r in runs.items()}
     pairs = [a / b for a, b in zip(tps["ours"], tps["mlx-lm"])]
     return dict(status="ok", max_tokens=tokens, repeats=repeats, ours_tps=tps["ours"],
                 mlx_lm_tps=tps["mlx-lm"], ratio=statistics.median(pairs),
-                tokens_equal=tokens_of["ours"] == tokens_of["mlx-lm"])
+                tokens_equal=runs["ours"][-1][1] == runs["mlx-lm"][-1][1])
 
 
 def _largest_4bit_linear(model):
@@ -320,10 +327,9 @@ def _largest_4bit_linear(model):
 def time_verify_rows(model, context: list[int], rows, repeats: int) -> dict:
     """A verify forward at each row count (the prompt in the cache), and the largest 4-bit
     linear at each row count with our kernel and with MLX's quantized_matmul."""
-    cache = make_cache(model, "fp")
-    prefill(model, mx.array(context, mx.uint32), cache, 2048)
-    time_forward(model, cache, 1)  # warm-up
-    forward = interleaved({r: (lambda r=r: time_forward(model, cache, r)) for r in rows}, repeats)
+    cache = _prefilled(model, context)
+    cost.forward(model, cache)  # warm-up
+    forward = interleaved({r: (lambda r=r: cost.forward(model, cache, r)) for r in rows}, repeats)
     out = dict(status="ok", context=len(context), rows=list(rows),
                forward_s=[forward[r] for r in rows], our_kernel=kernels.backend())
     linear = _largest_4bit_linear(model)
@@ -361,15 +367,14 @@ def time_draft_steps(model, context: list[int], terms, repeats: int) -> dict:
     for name, kv_mode in terms:
         try:
             if kv_mode not in caches:
-                caches[kv_mode] = make_cache(model, kv_mode)
-                prefill(model, mx.array(context, mx.uint32), caches[kv_mode], 2048)
+                caches[kv_mode] = _prefilled(model, context, kv_mode)
             cache, read = caches[kv_mode], parse_precision(name)
-            time_forward(model, cache, 1, read)  # warm-up; raises where it cannot run
+            cost.forward(model, cache, 1, read)  # warm-up; raises where it cannot run
         except ValueError as e:  # UserError included: this model cannot run it
             skipped[name] = str(e)
             continue
-        t = interleaved({"plain": lambda: time_forward(model, cache, 1),
-                         name: lambda: time_forward(model, cache, 1, read)}, repeats)
+        t = interleaved({"plain": lambda: cost.forward(model, cache),
+                         name: lambda: cost.forward(model, cache, 1, read)}, repeats)
         out[name] = dict(kv_mode=kv_mode, seconds=t[name], plain_s=t["plain"], ratio=t[name] / t["plain"])
     return dict(status="ok", context=len(context), drafts=out, skipped=skipped)
 
@@ -389,27 +394,20 @@ def _fork(cache) -> list:
 def time_ngram_edit(model, tokenizer, tokens: int, repeats: int) -> dict:
     """``ngram`` end to end against plain decoding on an edit request (its answer repeats
     the prompt), interleaved; the prompt is prefilled once and each run starts from a copy."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": EDIT_REQUEST}], tokenize=False,
-                                         add_generation_prompt=True) if tokenizer.has_chat_template else EDIT_REQUEST
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    cache = make_cache(model, "fp")
-    prefill(model, mx.array(ids[:-1], mx.uint32), cache, 2048)
-    runs, outputs = {"none": [], "ngram": []}, {}
-    for r in range(repeats):
-        for draft in (("none", "ngram") if r % 2 == 0 else ("ngram", "none")):
-            out, last = [], None
-            for last in stream_generate(model, tokenizer, ids[-1:], max_tokens=tokens, draft=draft,
-                                        num_draft_tokens=GAMMA if draft != "none" else None,
-                                        prompt_cache=_fork(cache), cached_tokens=ids[:-1]):
-                out.append(int(last.token))
-            runs[draft].append((last.generation_tps, last.stats))
-            outputs[draft] = out
-    stats = runs["ngram"][-1][1]
-    plain = statistics.median(t for t, _ in runs["none"])
-    ngram = statistics.median(t for t, _ in runs["ngram"])
+    ids = chat_tokens(tokenizer, EDIT_REQUEST)
+    cache = _prefilled(model, ids[:-1])
+
+    def run(draft):
+        return drain(stream_generate(model, tokenizer, ids[-1:], max_tokens=tokens, draft=draft,
+                                     num_draft_tokens=GAMMA if draft != "none" else None,
+                                     prompt_cache=_fork(cache), cached_tokens=ids[:-1]))
+
+    runs = rounds({"none": lambda: run("none"), "ngram": lambda: run("ngram")}, repeats)
+    plain, ngram = (statistics.median(last.generation_tps for _, last in runs[d]) for d in ("none", "ngram"))
+    stats = runs["ngram"][-1][1].stats
     return dict(status="ok", prompt_tokens=len(ids), max_tokens=tokens, repeats=repeats,
                 plain_tps=plain, ngram_tps=ngram, speedup=ngram / plain, acceptance=stats.acceptance,
-                tokens_per_verify=stats.tokens_per_verify, equal=outputs["none"] == outputs["ngram"])
+                tokens_per_verify=stats.tokens_per_verify, equal=runs["none"][-1][0] == runs["ngram"][-1][0])
 
 
 def time_kv_upper(model, tokenizer, contexts, repeats: int) -> dict:
@@ -423,13 +421,13 @@ def time_kv_upper(model, tokenizer, contexts, repeats: int) -> dict:
             read = parse_precision("kv-upper")
             ids = mx.array(long_text(tokenizer, n), mx.uint32)
             prefill(model, ids, cache, 512, lambda: None)
-            time_forward(model, cache, 1, read)
+            cost.forward(model, cache, 1, read)
         except ValueError as e:
             return dict(status="skipped", why=f"kv-upper cannot run on this model: {e}")
-        rows = min(GAMMA + 1, min(c.room() + 1 for c in cache if hasattr(c, "room")))
-        t = interleaved({"plain": lambda: time_forward(model, cache, 1),
-                         "kv-upper": lambda: time_forward(model, cache, 1, read),
-                         "verify": lambda: time_forward(model, cache, rows)}, repeats)
+        rows = min(GAMMA + 1, room(cache) + 1)
+        t = interleaved({"plain": lambda: cost.forward(model, cache),
+                         "kv-upper": lambda: cost.forward(model, cache, 1, read),
+                         "verify": lambda: cost.forward(model, cache, rows)}, repeats)
         rows_out.append(dict(context=n, plain_step_s=t["plain"], draft_step_s=t["kv-upper"],
                              verify_rows=rows, verify_s=t["verify"], ratio=t["kv-upper"] / t["plain"]))
         log(f"  {n} tokens: prefill {time.perf_counter() - t0:.0f} s; kv-upper step "
@@ -446,36 +444,29 @@ def store_costs(model, verify: dict, steps: dict, exactness: dict, decode: dict,
     """The measured costs, as ``--draft auto``'s controller reads them: per KV mode and
     context bucket, a plain step, a block's fixed part and each further verify row, each
     draft's step, and the acceptance seen in the exactness runs."""
-    measured = controller.default_store()
-    device, version = cost.device_name(), mx.__version__
-    model_id = store.fingerprint(model)
+    measured, keys, written = controller.default_store(), [], []
+
+    def save(kv_mode: str, context: int, costs: controller.Costs):
+        key = controller.store_key(store.fingerprint(model), cost.device_name(), mx.__version__, kv_mode)
+        written.append(measured.save(key, context, costs))
+        keys.append(f"{key}|ctx={controller.context_bucket(context)}")
+
     acceptance = {r["draft"]: r["acceptance"] for r in exactness.get("drafts", []) if r.get("equal")}
-    keys = []
     if verify.get("status") == "ok":
-        rows, seconds = verify["rows"], verify["forward_s"]
-        one = seconds[0]
-        near = [(r, t) for r, t in zip(rows, seconds) if 1 < r <= 9]
-        row = (sum((r - 1) * (t - one) for r, t in near) / sum((r - 1) ** 2 for r, _ in near)
-               if near else one)
-        step = 1 / statistics.median(decode["ours_tps"]) if decode.get("status") == "ok" else one
         for kv_mode in ("fp", "nested"):
             drafts = {n: d["seconds"] for n, d in steps.get("drafts", {}).items()
                       if d["kv_mode"] == kv_mode or kv_mode == "nested"}
-            costs = controller.Costs(step=step, block=one, row=max(row, 0.0), draft=drafts,
-                                     acceptance={n: a for n, a in acceptance.items() if n in drafts},
-                                     source="measured", weight=controller.PRIOR_WEIGHT["measured"])
-            key = controller.store_key(model_id, device, version, kv_mode)
-            measured.save(key, verify["context"], costs)
-            keys.append(f"{key}|ctx={controller.context_bucket(verify['context'])}")
+            costs = controller.Costs.from_table(dict(zip(verify["rows"], verify["forward_s"])),
+                                                drafts, "measured")
+            if decode.get("status") == "ok":  # a plain step as plain decoding runs it
+                costs.step = 1 / statistics.median(decode["ours_tps"])
+            costs.acceptance = {n: a for n, a in acceptance.items() if n in drafts}
+            save(kv_mode, verify["context"], costs)
     for c in kv_upper.get("contexts", []):
-        row = (c["verify_s"] - c["plain_step_s"]) / max(c["verify_rows"] - 1, 1)
-        costs = controller.Costs(step=c["plain_step_s"], block=c["plain_step_s"], row=max(row, 0.0),
-                                 draft={"kv-upper": c["draft_step_s"]}, source="measured",
-                                 weight=controller.PRIOR_WEIGHT["measured"])
-        key = controller.store_key(model_id, device, version, "nested")
-        measured.save(key, c["context"], costs)
-        keys.append(f"{key}|ctx={controller.context_bucket(c['context'])}")
-    return dict(path=str(measured.path), written=measured.writable, keys=keys)
+        table = {c["verify_rows"]: c["verify_s"], 1: c["plain_step_s"]}
+        save("nested", c["context"], controller.Costs.from_table(
+            table, {"kv-upper": c["draft_step_s"]}, "measured"))
+    return dict(path=str(measured.path), written=all(written), keys=keys)
 
 
 # ------------------------------------------------------------------ the report
@@ -486,36 +477,36 @@ def markdown(report: dict) -> str:
              f"Measured on this machine: {m['system']}, MLX {m['mlx']}, mlx-lm {m['mlx_lm']}, "
              f"{m['cpus']} CPUs, load {m['load'][0]:.1f} → {m['load'][1]:.1f}; model "
              f"`{report['model']['path']}`; {'--quick, ' if report['quick'] else ''}"
-             f"{report['seconds']:.0f} s.", "", "| part | status | result |", "|---|---|---|"]
-    for name, sec in s.items():
-        lines.append(f"| {name} | {sec['status']} | {_summary(name, sec)} |")
-    k = s["kernels"]
-    if k.get("checks"):
-        lines += ["", "| kernel | max error | tolerance | rows bit for bit |", "|---|---|---|---|"]
-        lines += [f"| {c['kernel']} | {c['max_error']:.2e} | {c['tolerance']:.0e} | "
-                  f"{'yes' if c['rows_bitwise'] else 'NO'} |" for c in k["checks"]]
+             f"{report['seconds']:.0f} s."]
+    lines += _table("part | status | result", [(n, sec["status"], _summary(n, sec)) for n, sec in s.items()])
+    if s["kernels"].get("checks"):
+        lines += _table("kernel | max error | tolerance | rows bit for bit", [
+            (c["kernel"], f"{c['max_error']:.2e}", f"{c['tolerance']:.0e}",
+             "yes" if c["rows_bitwise"] else "NO") for c in s["kernels"]["checks"]])
     v = s["verify_rows"]
     if v.get("forward_s"):
-        lines += ["", "| rows | verify forward ÷ 1 row | MLX quantized_matmul ÷ 1 row | our kernel ÷ 1 row |",
-                  "|---|---|---|---|"]
-        for i, r in enumerate(v["rows"]):
-            mlx_r = f"{v['mlx_s'][i] / v['mlx_s'][0]:.2f}" if v.get("mlx_s") else "-"
-            ours_r = f"{v['ours_s'][i] / v['ours_s'][0]:.2f}" if v.get("ours_s") else "-"
-            lines.append(f"| {r} | {v['forward_s'][i] / v['forward_s'][0]:.2f} | {mlx_r} | {ours_r} |")
+        def ratios(key):  # each row count's time ÷ one row's
+            return [f"{t / v[key][0]:.2f}" for t in v[key]] if v.get(key) else ["-"] * len(v["rows"])
+        head = "rows | verify forward ÷ 1 row | MLX quantized_matmul ÷ 1 row | our kernel ÷ 1 row"
+        lines += _table(head, zip(v["rows"], ratios("forward_s"), ratios("mlx_s"), ratios("ours_s")))
     d = s["draft_steps"]
     if d.get("drafts"):
-        lines += ["", "| draft term | step (ms) | ÷ plain step |", "|---|---|---|"]
-        lines += [f"| {n} | {x['seconds'] * 1e3:.2f} | {x['ratio']:.2f} |" for n, x in d["drafts"].items()]
+        lines += _table("draft term | step (ms) | ÷ plain step", [
+            (n, f"{x['seconds'] * 1e3:.2f}", f"{x['ratio']:.2f}") for n, x in d["drafts"].items()])
     kv = s.get("kv_upper", {})
     if kv.get("contexts"):
-        lines += ["", "| context | plain step (ms) | kv-upper step ÷ plain | verify ÷ plain |",
-                  "|---|---|---|---|"]
-        lines += [f"| {c['context']} | {c['plain_step_s'] * 1e3:.2f} | {c['ratio']:.2f} | "
-                  f"{c['verify_s'] / c['plain_step_s']:.2f} ({c['verify_rows']} rows) |"
-                  for c in kv["contexts"]]
+        lines += _table("context | plain step (ms) | kv-upper step ÷ plain | verify ÷ plain", [
+            (c["context"], f"{c['plain_step_s'] * 1e3:.2f}", f"{c['ratio']:.2f}",
+             f"{c['verify_s'] / c['plain_step_s']:.2f} ({c['verify_rows']} rows)") for c in kv["contexts"]])
     if report["skipped"]:
         lines += ["", "Not run:"] + [f"- {why}" for why in report["skipped"]]
     return "\n".join(lines) + "\n"
+
+
+def _table(head: str, rows) -> list[str]:
+    """A Markdown table after a blank line: ``head``'s cells and each row's, between bars."""
+    rule = "|" + "---|" * len(head.split(" | "))
+    return ["", f"| {head} |", rule] + [f"| {' | '.join(map(str, row))} |" for row in rows]
 
 
 def _summary(name: str, sec: dict) -> str:
@@ -558,10 +549,11 @@ def plot(report: dict, path: Path) -> str | None:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     v, ax = s["verify_rows"], axes[0, 0]
     if v.get("forward_s"):
-        ax.plot(v["rows"], [t / v["forward_s"][0] for t in v["forward_s"]], "o-", label="verify forward")
-        for key, label in (("mlx_s", "MLX quantized_matmul"), ("ours_s", "our verify kernel")):
+        for key, label in (("forward_s", "verify forward"), ("mlx_s", "MLX quantized_matmul"),
+                           ("ours_s", "our verify kernel")):
             if v.get(key):
-                ax.plot(v["rows"], [t / v[key][0] for t in v[key]], "s--", label=label)
+                ax.plot(v["rows"], [t / v[key][0] for t in v[key]], "o-" if key == "forward_s" else "s--",
+                        label=label)
         ax.legend(fontsize=7)
     ax.set(xlabel="rows", ylabel="time ÷ 1 row", title="verify cost by rows")
     d, ax = s["draft_steps"], axes[0, 1]
@@ -624,10 +616,9 @@ def plan(quick: bool, metal: bool) -> dict:
     """How much of each part to run: ``--quick`` about a minute on the default model on
     this CPU; long contexts only where a prefill of them takes seconds (Metal)."""
     p = dict(repeats=2, tokens=8, drafts=[DRAFTS[i] for i in (0, 1, 3)], rows=KERNEL_ROWS,
-             row_repeats=1, edit_tokens=12, edit_repeats=1, contexts=(4096, 16384),
-             skipped=[]) if quick else dict(
-        repeats=3, tokens=48, drafts=DRAFTS, rows=VERIFY_ROWS, row_repeats=3, edit_tokens=96,
-        edit_repeats=3, contexts=(4096, 16384), skipped=[])
+             row_repeats=1, edit_tokens=12, edit_repeats=1) if quick else dict(
+        repeats=3, tokens=48, drafts=DRAFTS, rows=VERIFY_ROWS, row_repeats=3, edit_tokens=96, edit_repeats=3)
+    p.update(contexts=(4096, 16384), skipped=[])
     if not metal:  # a CPU prefills about as fast as it decodes: 16k tokens take an hour
         p["contexts"] = () if quick else (1024, 2048)
         p["skipped"].append("kv_upper: 4k and 16k context " + (
@@ -678,8 +669,7 @@ def run(args, parser):
 
 
 def write(report: dict, out: Path):
-    """report.md (also printed), report.json, report.png under ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+    """report.md (also printed), report.json, report.png under the folder ``out``."""
     why = plot(report, out / "report.png")
     if why:  # (before the text is written: report.md lists it)
         report["skipped"].append(f"plot: {why}")

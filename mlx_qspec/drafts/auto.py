@@ -12,7 +12,7 @@ serves its decisions to the decoder as plans on built drafts.
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import controller, cost, distributed, recurrent
+from .. import controller, cost, distributed, recurrent, store
 from ..caches import kv_mode, position
 from ..heads import mtp
 from ..heads.level import HeadDraft, head_level, mtp_level
@@ -49,8 +49,10 @@ def auto_candidates(model: nn.Module, kv: str) -> list[str]:
     """The precision drafts ``auto`` weighs: those that read fewer bytes (the upper planes
     of 8-bit weights and of a nested cache, alone and together) and the best activation
     draft."""
-    names = ["w-upper", "kv-upper", "w-upper+kv-upper", activation_draft(model)]
-    return [n for n in names if n and runs(model, n, kv)]
+    def candidates():
+        names = ["w-upper", "kv-upper", "w-upper+kv-upper", activation_draft(model)]
+        return [n for n in names if n and runs(model, n, kv)]
+    return store.per_model(model, f"auto_candidates {kv}", candidates)
 
 
 def auto_priors(model, kv: str) -> dict[str, float]:
@@ -96,14 +98,17 @@ class AutoPolicy:
     def __init__(self, model, cache, ngram: Ngram = Ngram(), max_gamma: int | None = None,
                  draft_head=None):
         self.model, self.kv, self.ngram = model, kv_mode(cache), ngram
-        self.unrewindable = recurrent.unsupported(model) is not None
+        self.unrewindable = store.per_model(model, "unrewindable",
+                                            lambda: recurrent.unsupported(model) is not None)
         priors = {} if self.unrewindable else auto_priors(model, self.kv)
         heads = {} if self.unrewindable else head_levels(model, draft_head)
         for name, level in heads.items():
             default = MTP_PRIOR if name == MTP else HEAD_PRIOR
             priors[name] = level.agreement if level.agreement is not None else default
         self.draft_head = heads.get(HEAD)
-        step_bytes = {name: level.step_reads().bytes() for name, level in heads.items()}
+        # a head step's bytes, counted only where a roofline prices them (a Mac)
+        step_bytes = {name: lambda level=level: level.step_reads().bytes()
+                      for name, level in heads.items()}
         gammas = tuple(g for g in controller.GAMMAS if g <= (max_gamma or max(controller.GAMMAS)))
         self.ranks = distributed.group().size()
         key = None if self.ranks > 1 else cost.store_key(model, cache)
@@ -158,6 +163,5 @@ class AutoPolicy:
 
     def close(self) -> None:
         """The generation ended: report a plain run cut short, store what was measured."""
-        if self.action is not None and self.action.draft is None:
-            self._report_plain()
+        self._report_plain()
         self.controller.close()
