@@ -1,26 +1,41 @@
-// nested_matmul — matmul with 8-bit weights stored as two 4-bit planes (SPEC.md "The
-// algebra that makes nesting free"). An MLX 8-bit code c = 16u + l, value s·c + b, is kept
-// as an upper plane u and a lower plane l, each in MLX's 4-bit packing (N, K/8) uint32,
-// with the 8-bit scales s and biases b (N, K/WG). Per weight
-//   verify (PLANES 2): s·(16u + l) + b   — the 8-bit value, both planes;
-//   draft  (PLANES 1): 16s·u + (b + 7.5s) — upper plane only, the missing lower plane at
-//                      its mid-point: half the weight bytes.
-// The draft variant is built without the `lower` input (header defines PLANES), so it cannot
-// touch the lower plane.
+// nested_matmul — the small-M matmuls of a verify or draft block: y = x @ W^T for M ≤ 16 rows
+// of x (the γ+1 tokens of a verify block), W in MLX's 4-bit packing (N, K/8) uint32, 8 codes per
+// word, low nibble first, with scales and biases (N, K/WG). Built three ways (header PLANES):
+//   PLANES 0 (w4a16_verify): w an MLX affine 4-bit weight in mlx-lm's own layout, s·q + b;
+//   PLANES 2 (nested_matmul_verify): an 8-bit weight kept as two 4-bit planes (SPEC.md "The
+//     algebra that makes nesting free"): code c = 16u + l, value s·(16u + l) + b, with the
+//     8-bit scales s and biases b — the 8-bit value, both planes;
+//   PLANES 1 (nested_matmul_draft): the upper plane only, 16s·u + (b + 7.5s) — the missing
+//     lower plane at its mid-point: half the weight bytes. Built without the `lower` input,
+//     so it cannot touch the lower plane.
 //
-// A thread works as in w4a16_verify: lanes are 4 groups of 8, a group owns RN outputs, lane
-// kl takes 32 K values (one uint4 per plane and output) of each 256-value chunk, whose M
-// activation rows and (scale, bias) — the draft's 16s and b + 7.5s — the threadgroup stages
-// in threadgroup memory. Each weight is dequantized once (verify: two bitfield extracts, one
-// insert, convert, fma: 5 ops; draft: extract, convert, fma: 3), then one fma per row; the 8
-// lanes of an output are summed by a 3-step xor shuffle. No row's arithmetic depends on M,
-// so row m of an M-row call is bit for bit the 1-row call.
-// Per output: K/2 bytes per plane read (K/2 draft, K verify) + K/WG scales and biases, once
-// for all M. Reads per threadgroup: the M·K activations once, shared by its 4·RN·NSG outputs.
+// Batch-1 decoding on Apple GPUs is bound by bytes read, so the kernel reads every weight
+// byte, scale and bias once for all M rows, and its ALU work per weight is one dequantize
+// (PLANES 0 and 1: bitfield extract, convert, fma with scale and bias: 3 ops; PLANES 2: two
+// extracts, one insert, convert, fma: 5) plus one fma per row — not M dequantizes — so a
+// verify block stays near one decode step for as long as the chip's ALUs keep up with its
+// memory (MLX's qmv repeats the whole dot product per row on M1/M2).
+//
+// A thread: lanes are 4 groups of 8; a group owns RN consecutive outputs, and its lane kl
+// takes 32 consecutive K values (one uint4 per plane and output) of each 256-value chunk. Per
+// chunk the threadgroup stages the chunk's M activation rows (as float) and its outputs'
+// scales and biases (the draft's 16s and b + 7.5s) in threadgroup memory; the lane
+// dequantizes its 32·RN weights once, word by word, and accumulates x·w with fma into M·RN
+// accumulators. At the end a 3-step xor shuffle sums the 8 lanes of each output. Per row the
+// arithmetic is the same chain whatever M is — a lane sums its values in K order, the lanes in
+// a fixed butterfly — so row m of an M-row call is bit for bit the 1-row call (exactness
+// across decode and verify needs it); simdgroup_matrix tiles are not used for that reason (a
+// one-row call would pay 8 rows of ALU, or run another summation order than the tiles).
+// Per output: K/2 bytes per plane read (K/2 for PLANES 0 and 1, K for 2) + K/WG scales and
+// biases, once for all M. Reads per threadgroup: the M·K activations once, shared by its
+// 4·RN·NSG outputs.
 //
 // Launch: grid (ceil(N / (4·RN·NSG)) · NSG·32, 1, 1), threadgroup (NSG·32, 1, 1).
 
 // --- body ---
+#if PLANES == 0
+    const device uint32_t* upper = w;  // one plane: the weight as stored
+#endif
     constexpr int NG = K / WG;
     constexpr int KC = 256;              // K values per chunk: 8 lanes × 32
     constexpr int OT = 4 * RN * NSG;     // outputs per threadgroup
@@ -52,10 +67,10 @@
             float2 v = float2(0.0f);
             if (t0 + o < N) {
                 const float s = scales[(t0 + o) * NG + g], b = biases[(t0 + o) * NG + g];
-#if PLANES == 2
-                v = float2(s, b);
-#else
+#if PLANES == 1
                 v = float2(16.0f * s, fma(7.5f, s, b));
+#else
+                v = float2(s, b);
 #endif
             }
             sb[o][i % (kc / WG)] = v;

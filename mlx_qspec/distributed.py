@@ -106,11 +106,6 @@ def same_seed(seed: int | None) -> int:
 # ---------------------------------------------------------------- loading
 
 
-def _heads(config: dict) -> tuple[int, int]:
-    heads = config.get("num_attention_heads")
-    return heads, config.get("num_key_value_heads") or heads
-
-
 def check_shardable(model: nn.Module, config: dict, size: int, pipeline: bool) -> None:
     """What mlx-lm's sharding would get wrong or fail on deep inside, as one line before
     any weight is read: no such sharding, or heads / layers a group of ``size`` does not
@@ -133,7 +128,8 @@ def check_shardable(model: nn.Module, config: dict, size: int, pipeline: bool) -
             raise DistributedError(f"{layers} layers cannot be split into {size} pipeline "
                                    f"stages; use at most {layers} ranks")
         return
-    heads, kv_heads = _heads(config)
+    heads = config.get("num_attention_heads")
+    kv_heads = config.get("num_key_value_heads") or heads
     if heads and (heads % size or kv_heads % size):
         fits = [n for n in range(2, heads + 1) if heads % n == 0 and kv_heads % n == 0]
         hint = f"use {' or '.join(map(str, fits))} ranks" if fits else "use one machine"

@@ -11,6 +11,7 @@ config, and the tokenizer rebuilt through transformers' GGUF converter.
 """
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,9 +149,8 @@ class _Reader:
         self.fid, self.path, self.size = fid, path, size
 
     def read(self, n):
-        if n > self.size - self.fid.tell():
-            raise ModelError(f"{self.path}: truncated GGUF file (header ends early)")
-        data = self.fid.read(n)
+        # a corrupt length past the end reads nothing (not gigabytes) and fails as short
+        data = self.fid.read(n) if n <= self.size - self.fid.tell() else b""
         if len(data) != n:
             raise ModelError(f"{self.path}: truncated GGUF file (header ends early)")
         return data
@@ -206,9 +206,7 @@ def read_header(path):
             if type_id not in GGML_TYPES:
                 raise ModelError(f"{path}: tensor '{name}' has unknown GGML type id {type_id}")
             type_name, block_bytes, block_values = GGML_TYPES[type_id]
-            count = 1
-            for d in dims:
-                count *= d
+            count = math.prod(dims)
             if count % block_values:
                 raise ModelError(
                     f"{path}: tensor '{name}' has {count} values, not a whole number of "

@@ -77,10 +77,6 @@ def _dispatcher(original):
     return scaled_dot_product_attention
 
 
-def _attention_modules(model: nn.Module) -> set[str]:
-    return {type(m).__module__ for m in (model, *model.modules())}
-
-
 def install(model: nn.Module) -> nn.Module:
     """QSpec layers, our attention, the LM head's capture, recurrent mixers and skippable
     blocks on ``model``; returns it. Installing an installed model again does nothing (to add
@@ -102,7 +98,7 @@ def install(model: nn.Module) -> nn.Module:
 def install_attention(module: nn.Module) -> nn.Module:
     """Our attention for every mlx-lm module ``module``'s classes come from (idempotent):
     the model's, or a draft head's block (:mod:`mlx_qspec.heads`)."""
-    for name in _attention_modules(module):
+    for name in {type(m).__module__ for m in (module, *module.modules())}:
         found = sys.modules.get(name)
         fn = getattr(found, ATTENTION, None)
         if fn is None:
@@ -141,11 +137,7 @@ def uninstall(model: nn.Module) -> nn.Module:
     for block in model.layers:
         if type(block) in _skippable_classes.values():
             block.__class__ = type(block).__bases__[0]
-    for name in _attention_modules(model):
-        users = _attention_users.get(name, set())
-        users.discard(id(model))
-        if not users:
-            _restore_attention(name)
+    _forget(id(model))
     return model
 
 

@@ -12,10 +12,11 @@ exactly, float parts to rounding. The ``metal_*`` functions always run the kerne
 ``ValueError`` on shapes it does not support; the ``*_reference`` functions are the plain-MLX
 definitions.
 
-Each Metal kernel is one file in ``metal/``: a header comment (what a thread does, what it
+Each Metal source is one file in ``metal/``: a header comment (what a thread does, what it
 reads per output, why the launch shape), then ``// --- body ---`` and the body that
-``mx.fast.metal_kernel`` wraps. Kernel objects are built on first use, through whatever
-``mx.fast.metal_kernel`` is at that moment, so a test can substitute the MSL emulator.
+``mx.fast.metal_kernel`` wraps; a file may build several kernels (``_VARIANTS``). Kernel
+objects are built on first use, through whatever ``mx.fast.metal_kernel`` is at that moment,
+so a test can substitute the MSL emulator.
 """
 
 from functools import lru_cache
@@ -62,13 +63,20 @@ _SIGNATURES = {
     "act_quant": (["x", "hscale"], ["codes", "scales", "sums"]),
     "w4a16_verify": (["x", "w", "scales", "biases"], ["y"]),
     "w4a_int_matmul": (["codes", "ascales", "sums", "w", "scales", "biases"], ["y"]),
-    "nested_matmul_draft": (["x", "upper", "scales", "biases"], ["y"]),
-    "nested_matmul_verify": (["x", "upper", "lower", "scales", "biases"], ["y"]),
-    # built by _attention_kernel: the draft variant drops k_lower and v_lower
+    # the nested kernels' verify variants; their draft variants drop the lower planes
+    "nested_matmul": (["x", "upper", "lower", "scales", "biases"], ["y"]),
     "nested_attention": (["q", "scale", "sizes", "k_upper", "k_lower", "k_scales", "k_mins",
                           "k_buf", "v_upper", "v_lower", "v_scales", "v_mins", "v_buf"],
                          ["o_part", "ml_part"]),
     "nested_attention_combine": (["o_part", "ml_part"], ["out"]),
+}
+# Kernels built from a file of another name, with the PLANES its header gets: 0 one plain 4-bit
+# weight, 1 the upper planes only (the lower ones are not even inputs), 2 both planes.
+_VARIANTS = {
+    "w4a16_verify": ("nested_matmul", 0),
+    "nested_matmul_draft": ("nested_matmul", 1), "nested_matmul_verify": ("nested_matmul", 2),
+    "nested_attention_draft": ("nested_attention", 1),
+    "nested_attention_verify": ("nested_attention", 2),
 }
 
 
@@ -79,19 +87,20 @@ def backend() -> str:
 
 @lru_cache(maxsize=None)
 def _kernel(name: str):
-    """Build the kernel object on first use (creating it needs no GPU; running it does)."""
-    file = "nested_matmul" if name.startswith("nested_matmul") else name
+    """Build the kernel object on first use (creating it needs no GPU; running it does).
+    The attention kernel reads its inputs in place through their strides (no copy of the
+    cache's slices)."""
+    file, planes = _VARIANTS.get(name, (name, None))
     if file not in SOURCES:
         raise RuntimeError(f"Metal source {file}.metal not found in {METAL_DIR}")
     header, body = SOURCES[file]
-    if name == "nested_matmul_draft":
-        header += "\n#define PLANES 1\n"
-    elif name == "nested_matmul_verify":
-        header += "\n#define PLANES 2\n"
-    inputs, outputs = _SIGNATURES[name]
-    return mx.fast.metal_kernel(
-        name=name, input_names=inputs, output_names=outputs, source=body, header=header
-    )
+    inputs, outputs = _SIGNATURES.get(name) or _SIGNATURES[file]
+    if planes is not None:
+        header += f"\n#define PLANES {planes}\n"
+    if planes == 1:
+        inputs = [n for n in inputs if "lower" not in n]
+    return mx.fast.metal_kernel(name=name, input_names=inputs, output_names=outputs, source=body,
+                                header=header, ensure_row_contiguous=file != "nested_attention")
 
 
 def clear_kernel_cache():
@@ -126,6 +135,18 @@ def _check_w4(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, grou
     if not 1 <= M <= MAX_M:
         raise ValueError(f"small-M kernel takes 1..{MAX_M} rows, got {M}")
     return M, K, N
+
+
+def _metal_takes(check, *args) -> bool:
+    """Whether a dispatcher runs the kernel: on Metal, for a call that ``check`` (raising
+    ValueError on what the kernel does not take) lets through."""
+    if backend() != "metal":
+        return False
+    try:
+        check(*args)
+    except ValueError:
+        return False
+    return True
 
 
 def _rows_per_simdgroup(group_size: int) -> int:
@@ -221,19 +242,6 @@ def metal_int_matmul(codes, ascales, sums, w, scales, biases, *, group_size, act
     return y.reshape(*codes.shape[:-1], N)
 
 
-def _int_path_ok(x, w, scales, biases, group_size, bits, act_bits, act_group_size) -> bool:
-    if bits != 4 or act_bits not in ACT_BITS:
-        return False
-    if act_group_size is not None and (act_group_size not in ACT_GROUP_SIZES or x.shape[-1] % act_group_size):
-        return False
-    try:
-        _check_float("x", x)
-        _check_w4(x, w, scales, biases, group_size)
-    except ValueError:
-        return False
-    return True
-
-
 def act_quant_matmul(
     x: mx.array,
     w: mx.array,
@@ -252,8 +260,10 @@ def act_quant_matmul(
     reference: quantize → dequantize x, then MLX's ``quantized_matmul``. Both equal
     ``dequant(a) @ dequant(W)^T``.
     """
-    if backend() == "metal" and _int_path_ok(x, w, scales, biases, group_size, bits, act_bits,
-                                              act_group_size):
+    groups_ok = act_group_size is None or (act_group_size in ACT_GROUP_SIZES
+                                           and not x.shape[-1] % act_group_size)
+    if (bits == 4 and act_bits in ACT_BITS and groups_ok and x.dtype in FLOAT_DTYPES
+            and _metal_takes(_check_w4, x, w, scales, biases, group_size)):
         K = x.shape[-1]
         sub = min(act_group_size or K, group_size)
         codes, ascales, sums = metal_act_quant(x, act_bits, act_group_size, sum_size=sub)
@@ -267,8 +277,9 @@ def act_quant_matmul(
 
 # ---------------------------------------------------------------- W4A16 verify
 def metal_verify_matmul(x, w, scales, biases, *, group_size):
-    """The kernel ``w4a16_verify.metal``: ``x @ W^T`` for ≤ 16 rows, each weight byte read
-    once for all rows. Returns ``(..., N)`` in x's dtype."""
+    """The kernel ``w4a16_verify`` (``nested_matmul.metal`` on one plain 4-bit weight):
+    ``x @ W^T`` for ≤ 16 rows, each weight byte read once for all rows. Returns ``(..., N)``
+    in x's dtype."""
     _check_float("x", x)
     M, K, N = _check_w4(x, w, scales, biases, group_size)
     return _float_matmul("w4a16_verify", x, [w], scales, biases, M, K, N, group_size=group_size)
@@ -291,13 +302,8 @@ def _float_matmul(name, x, planes, scales, biases, M, K, N, *, group_size):
 def verify_matmul(x, w, scales, biases, *, group_size, bits=4):
     """The verify pass's ``x @ W^T`` (activations in compute dtype). Metal kernel for 4-bit
     weights and ≤ 16 rows; MLX's ``quantized_matmul`` otherwise (prefill, other bit widths)."""
-    if backend() == "metal" and bits == 4 and x.dtype in FLOAT_DTYPES:
-        try:
-            _check_w4(x, w, scales, biases, group_size)
-        except ValueError:
-            pass
-        else:
-            return metal_verify_matmul(x, w, scales, biases, group_size=group_size)
+    if bits == 4 and x.dtype in FLOAT_DTYPES and _metal_takes(_check_w4, x, w, scales, biases, group_size):
+        return metal_verify_matmul(x, w, scales, biases, group_size=group_size)
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
 
 
@@ -351,14 +357,8 @@ def metal_nested_matmul(x, upper, lower, scales, biases, *, group_size, draft):
 def nested_matmul(x, upper, lower, scales, biases, *, group_size, draft):
     """``x @ W^T`` for an 8-bit weight kept as two 4-bit planes: ``draft=True`` reads the
     upper plane only. Metal kernel for ≤ 16 rows, the MLX reference otherwise."""
-    if backend() == "metal" and x.dtype in FLOAT_DTYPES:
-        try:
-            _check_w4(x, upper, scales, biases, group_size)
-        except ValueError:
-            pass
-        else:
-            return metal_nested_matmul(x, upper, lower, scales, biases, group_size=group_size,
-                                       draft=draft)
+    if x.dtype in FLOAT_DTYPES and _metal_takes(_check_w4, x, upper, scales, biases, group_size):
+        return metal_nested_matmul(x, upper, lower, scales, biases, group_size=group_size, draft=draft)
     return nested_matmul_reference(x, upper, lower, scales, biases, group_size=group_size, draft=draft)
 
 
@@ -423,22 +423,6 @@ ATTN_HEAD_DIMS = (32, 64, 128)
 ATTN_MAX_ROWS = 128  # R·L query rows of one kv head: 32 SIMD groups × _ATTN_SLOTS
 _ATTN_SLOTS = 4  # query rows per SIMD group, fixed: decode and verify run one compiled kernel
 _ATTN_CHUNK = 512  # positions per threadgroup, fixed: a row's arithmetic depends on T only
-
-
-@lru_cache(maxsize=None)
-def _attention_kernel(draft: bool, make):
-    """``nested_attention.metal`` as its draft variant (PLANES 1: the lower planes are not even
-    inputs) or its verify variant, built through ``make`` — the ``mx.fast.metal_kernel`` of the
-    moment, so a test's emulator gets kernels of its own. Inputs are read in place through
-    their strides (no copy of the cache's slices)."""
-    header, body = SOURCES["nested_attention"]
-    inputs, outputs = _SIGNATURES["nested_attention"]
-    if draft:
-        inputs = [n for n in inputs if n not in ("k_lower", "v_lower")]
-    return make(name="nested_attention_draft" if draft else "nested_attention_verify",
-                input_names=inputs, output_names=outputs, source=body,
-                header=header + f"\n#define PLANES {1 if draft else 2}\n",
-                ensure_row_contiguous=False)
 
 
 def _check_attention(q, keys, values, mask, upper, key_block, value_group):
@@ -512,7 +496,8 @@ def metal_nested_attention(q, keys, values, *, scale, mask, upper, key_block, va
     kq = [given(ku, True), *([] if upper else [given(kl, True)]), given(ks), given(km)]
     vq = [given(vu, True), *([] if upper else [given(vl, True)]), given(vs), given(vm)]
     sizes = mx.array([Tq, Tb, Hq // Hkv, L, Hkv, key_block, value_group, int(causal)], mx.int32)
-    o_part, ml_part = _attention_kernel(upper, mx.fast.metal_kernel)(
+    variant = "nested_attention_draft" if upper else "nested_attention_verify"
+    o_part, ml_part = _kernel(variant)(
         inputs=[q, mx.array(scale, mx.float32), sizes, *kq, given(kbuf), *vq, given(vbuf)],
         template=[("D", D), ("MAXR", _ATTN_SLOTS), ("TC", _ATTN_CHUNK)],
         grid=(chunks * nsg * 32, B * Hkv, 1),
@@ -535,13 +520,8 @@ def nested_attention(q, keys, values, *, scale, mask, upper, key_block, value_gr
     a verify block reads the cache about once and every row runs the decode step's arithmetic;
     otherwise, and for what the kernel does not take (L > 16, array masks, other head dims),
     :func:`nested_attention_reference`."""
-    if backend() == "metal":
-        try:
-            _check_attention(q, keys, values, mask, upper, key_block, value_group)
-        except ValueError:
-            pass
-        else:
-            return metal_nested_attention(q, keys, values, scale=scale, mask=mask, upper=upper,
-                                          key_block=key_block, value_group=value_group)
+    if _metal_takes(_check_attention, q, keys, values, mask, upper, key_block, value_group):
+        return metal_nested_attention(q, keys, values, scale=scale, mask=mask, upper=upper,
+                                      key_block=key_block, value_group=value_group)
     return nested_attention_reference(q, keys, values, scale=scale, mask=mask, upper=upper,
                                       key_block=key_block, value_group=value_group)

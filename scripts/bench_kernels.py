@@ -2,8 +2,8 @@
 
 Counted, on this machine, by the MSL emulator's counting build (tools/msl_emulator; rules in
 msl.h, "ALU counting"): for the kernels that serve a verify or draft block — ``verify``
-(w4a16_verify.metal), ``nested-verify`` and ``nested-draft`` (nested_matmul.metal, 8-bit
-weights as two 4-bit planes) — and each row count M, the lane-operations a launch issues
+(w4a16_verify), ``nested-verify`` and ``nested-draft`` (8-bit weights as two 4-bit planes),
+all three built from nested_matmul.metal — and each row count M, the lane-operations a launch issues
 (``alu``) and the bytes it moves: ``bytes`` = the bytes of each input read at least once plus
 the output written (what DRAM serves when caches keep every re-read: the activations of a
 verify block are at most 16 × 14336 × 2 bytes), ``requested`` = every load request, re-reads

@@ -8,13 +8,12 @@ from collections import Counter
 
 import mlx.core as mx
 import pytest
-from mlx_lm.models.cache import ArraysCache, make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 
 from helpers import build_tiny_model
 from helpers.hybrid_models import build, save
 from helpers.sampling import chi2_pvalue, joint
 from mlx_qspec import controller, cost, reads
-from mlx_qspec.caches import position
 from mlx_qspec.decoder import SpecStats, prefill
 from mlx_qspec.drafts.cascade import DraftModel
 from mlx_qspec.drafts.grammar import parse_precision
@@ -133,46 +132,6 @@ def test_auto_runs_on_each_model(name, tmp_path, capsys):
                    "--draft", "auto", "--verbose", "--ignore-chat-template"])
     err = capsys.readouterr().err
     assert "Speculation: SpecStats(" in err or "auto_reason" in err, err
-
-
-def _flat(cache):
-    """Every array a cache list holds (recurrent slots, live K/V), layer by layer."""
-    out = []
-    for c in cache:
-        for x in getattr(c, "caches", [c]):
-            out += list(x.cache) if isinstance(x, ArraysCache) else [
-                a[..., : x.offset, :] for a in (x.keys, x.values)]
-    return out
-
-
-def _plain_cache(model, tokens):
-    """mlx-lm's caches after plain decoding fed ``tokens`` (the prompt in the chunks the
-    runs here prefill it in, then one token at a time)."""
-    cache = make_prompt_cache(model)
-    prefill(model, mx.array(PROMPT[:-1]), cache, step=5)
-    for t in tokens[len(PROMPT) - 1:]:
-        model(mx.array([[t]]), cache=cache)
-    mx.eval(_flat(cache))
-    return cache
-
-
-def test_a_consumer_that_stops_inside_a_block_leaves_plain_decodings_state():
-    """The decoder commits a block as it settles, before it hands out the block's tokens; a
-    consumer that takes fewer (an EOS, a stop string) has the rest taken back: the recurrent
-    state then equals plain decoding's over exactly the tokens it took but the last."""
-    model = install(build("qwen3_5"))
-    stopped = 0
-    for take in range(1, 7):
-        cache = make_cache(model, "fp")
-        gen = speculative_generate_step(mx.array(PROMPT), model, draft="a8-g32", num_draft_tokens=4,
-                                        max_tokens=MAX_TOKENS, prompt_cache=cache, prefill_step_size=5)
-        out = [next(gen) for _ in range(take)]
-        gen.close()
-        stopped += out[-1][2]  # a drafted token: others of its block were left
-        tokens = PROMPT + [t for t, _, _ in out[:-1]]
-        assert position(cache) == len(tokens)
-        assert all(mx.array_equal(a, b) for a, b in zip(_flat(cache), _flat(_plain_cache(model, tokens))))
-    assert stopped
 
 
 def test_a_verifys_recurrent_replay_is_counted_in_its_reads():

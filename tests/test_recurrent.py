@@ -14,11 +14,12 @@ from helpers.hybrid_models import MORE, build
 from helpers.serving import Served
 from tools.msl_emulator import metal_kernel as emulated_metal_kernel
 from mlx_qspec import hooks, reads, recurrent
+from mlx_qspec.caches import position
 from mlx_qspec.decoder import SpecStats, prefill
 from mlx_qspec.drafts.auto import NOT_REWINDABLE
 from mlx_qspec.drafts.grammar import parse_precision
 from mlx_qspec.errors import UserError
-from mlx_qspec.kv_cache import make_rewindable
+from mlx_qspec.kv_cache import make_cache, make_rewindable
 from mlx_qspec.precision import reading
 from mlx_qspec.recurrent import RecurrentCache, ShiftedConv1d
 from mlx_qspec.speculative import plain_generate_step, speculative_generate_step
@@ -27,6 +28,7 @@ FAMILIES = ["qwen3_5", "qwen3_next", "lfm2", "mamba2", "nemotron_h", *MORE]
 PROMPT = [5, 77, 140, 3, 250, 19, 64, 8, 31, 99]
 BLOCK = [12, 200, 7, 45, 90]  # y and four drafts, the verify's rows
 KEPT = 2  # y and one accepted draft: the rest rejected
+REPEATS = [5, 77, 140, 3, 250, 19, 64, 8, 5, 77, 140, 3]
 
 
 def _flat(cache):
@@ -41,10 +43,11 @@ def _flat(cache):
     return out
 
 
-def _plain(model, tokens):
-    """Plain decoding's cache: mlx-lm's, the prompt prefilled in chunks, then one token at a time."""
+def _plain(model, tokens, prompt=PROMPT, step=4):
+    """Plain decoding's cache: mlx-lm's, the prompt but its last token prefilled in chunks of
+    ``step``, then ``tokens`` one at a time."""
     cache = make_prompt_cache(model)
-    prefill(model, mx.array(PROMPT[:-1]), cache, step=4)
+    prefill(model, mx.array(prompt[:-1]), cache, step=step)
     for t in tokens:
         model(mx.array([[t]]), cache=cache)
     mx.eval(_flat(cache))
@@ -72,6 +75,26 @@ def test_state_after_a_rejected_block_is_plain_decodings(name):
     # and it decodes on as plain decoding does
     assert mx.array_equal(model(mx.array([[BLOCK[KEPT]]]), cache=cache),
                           model(mx.array([[BLOCK[KEPT]]]), cache=want))
+
+
+def test_a_consumer_that_stops_inside_a_block_leaves_plain_decodings_state():
+    """The decoder commits a block as it settles, before it hands out the block's tokens; a
+    consumer that takes fewer (an EOS, a stop string) has the rest taken back: the recurrent
+    state then equals plain decoding's over exactly the tokens it took but the last."""
+    model = hooks.install(build("qwen3_5"))
+    stopped = 0
+    for take in range(1, 7):
+        cache = make_cache(model, "fp")
+        gen = speculative_generate_step(mx.array(REPEATS), model, draft="a8-g32", num_draft_tokens=4,
+                                        max_tokens=12, prompt_cache=cache, prefill_step_size=5)
+        out = [next(gen) for _ in range(take)]
+        gen.close()
+        stopped += out[-1][2]  # a drafted token: others of its block were left
+        tokens = REPEATS + [t for t, _, _ in out[:-1]]
+        assert position(cache) == len(tokens)
+        want = _plain(model, tokens[len(REPEATS) - 1:], REPEATS, step=5)
+        assert all(mx.array_equal(a, b) for a, b in zip(_flat(cache), _flat(want)))
+    assert stopped
 
 
 def test_a_rewind_stops_at_the_last_commit():

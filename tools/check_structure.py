@@ -8,6 +8,7 @@ positional parameters (``self`` / ``cls`` not counted).
 """
 
 import ast
+import graphlib
 import sys
 from pathlib import Path
 
@@ -69,37 +70,13 @@ def imports(known: dict) -> dict[str, set]:
     return graph, external
 
 
-def cycles(graph) -> list[list[str]]:
-    """Every strongly connected set of more than one module (Tarjan)."""
-    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
-
-    def visit(v):
-        index[v] = low[v] = counter[0]
-        counter[0] += 1
-        stack.append(v)
-        on.add(v)
-        for w in graph[v]:
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                out.append(sorted(comp))
-
-    sys.setrecursionlimit(10000)
-    for v in graph:
-        if v not in index:
-            visit(v)
-    return out
+def cycle(graph) -> list[str]:
+    """An import cycle (each module imports the next, the first again at the end), or []."""
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as e:
+        return e.args[1][::-1]  # graphlib lists each module before the one importing it
+    return []
 
 
 def longest_path(graph, start: str, end: str) -> list[str]:
@@ -146,15 +123,15 @@ def main() -> int:
     known = modules()
     graph, external = imports(known)
     problems = []
-    for comp in cycles(graph):
-        problems.append(f"import cycle: {' <-> '.join(comp)}")
+    if loop := cycle(graph):
+        problems.append(f"import cycle: {' -> '.join(loop)}")
     for m in sorted(LOWER & set(graph)):
         if up := sorted(graph[m] - LOWER):
             problems.append(f"lower layer {m} imports higher {', '.join(up)}")
     for m in sorted(ENGINE & set(graph)):
         if reaches(graph, external, m, "argparse"):
             problems.append(f"engine module {m} reaches argparse")
-    floors = longest_path(graph, "commands.server", "errors") if not cycles(graph) else []
+    floors = longest_path(graph, "commands.server", "errors") if not loop else []
     if len(floors) > MAX_FLOORS:
         problems.append(f"{len(floors)} floors from errors to server (at most {MAX_FLOORS})")
     sizes = list(functions(known))
@@ -165,7 +142,7 @@ def main() -> int:
                  for m, n, _, p in wide]
     edges = sum(map(len, graph.values()))
     print(f"{len(known)} modules, {edges} imports between them (lazy ones included), "
-          f"{len(cycles(graph))} cycles")
+          f"{'an import cycle' if loop else '0 cycles'}")
     print(f"floors from errors to server: {len(floors)}: {' -> '.join(reversed(floors))}")
     print(f"lower layers ({len(LOWER & set(graph))} modules) import only lower layers: "
           f"{not any('lower layer' in p for p in problems)}")

@@ -407,21 +407,19 @@ class EmulatedKernel:
                     meta = np.array([a.ndim], np.int32)
                 datas.append(meta.view(np.uint8))
                 items.append(meta.itemsize)
-        nb = len(buffers)
         keep = [np.ascontiguousarray(d) for d in datas]
-        ptrs = (ctypes.c_void_p * max(nb, 1))(*[d.ctypes.data for d in keep])
-        sizes = (ctypes.c_size_t * max(nb, 1))(*[d.nbytes for d in keep])
-        isz = (ctypes.c_size_t * max(nb, 1))(*items)
-        names = [p.encode() for p, _ in buffers]
-        cnames = (ctypes.c_char_p * max(nb, 1))(*names)
-        loaded = (ctypes.c_ulonglong * max(nb, 1))()
-        unique = (ctypes.c_ulonglong * max(nb, 1))()
-        alu = ctypes.c_ulonglong()
-        g = (ctypes.c_uint * 3)(*grid)
-        t = (ctypes.c_uint * 3)(*threadgroup)
-        err = ctypes.create_string_buffer(1024)
-        rc = lib.msl_launch(ptrs, sizes, isz, cnames, loaded, unique, ctypes.byref(alu), g, t, err,
-                            ctypes.c_size_t(1024))
+
+        def per_buffer(ctype, values=()):  # a C array, one element per buffer (at least one)
+            return (ctype * max(len(buffers), 1))(*values)
+
+        loaded, unique = per_buffer(ctypes.c_ulonglong), per_buffer(ctypes.c_ulonglong)
+        alu, err = ctypes.c_ulonglong(), ctypes.create_string_buffer(1024)
+        rc = lib.msl_launch(per_buffer(ctypes.c_void_p, [d.ctypes.data for d in keep]),
+                            per_buffer(ctypes.c_size_t, [d.nbytes for d in keep]),
+                            per_buffer(ctypes.c_size_t, items),
+                            per_buffer(ctypes.c_char_p, [p.encode() for p, _ in buffers]),
+                            loaded, unique, ctypes.byref(alu), (ctypes.c_uint * 3)(*grid),
+                            (ctypes.c_uint * 3)(*threadgroup), err, ctypes.c_size_t(1024))
         if rc:
             raise KernelError(f"kernel `{self.name}`: {err.value.decode()}")
         self.last_loads = {p: int(loaded[i]) for i, (p, _) in enumerate(buffers)}
