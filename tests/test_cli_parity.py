@@ -19,8 +19,11 @@ from collections import Counter
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import apply_xtc
 from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
+from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx_lm.utils import load as mlx_lm_load
 
 from mlx_qspec import load
 from mlx_qspec.cache_prompt import main as cache_prompt_main
@@ -29,42 +32,12 @@ from mlx_qspec.command import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 from mlx_qspec.generate import main, stream_generate
 from mlx_qspec.loader import ROTATED_PREFIX
 from mlx_qspec.sampling import make_sampler, xtc_cut
-from helpers import default_sigint
-from helpers.sampling import chi2_pvalue
+from helpers import assert_one_line, default_sigint, refused, run_command, run_main, summary
+from helpers.sampling import chi2_pvalue, random_logprobs
 
 PROMPT = "Name three colours."
 # the module, not the function of the same name the package exports
 generate_module = importlib.import_module("mlx_qspec.generate")
-
-
-def run_main(capsys, *args):
-    """(exit code, stdout, stderr) of one in-process CLI run."""
-    capsys.readouterr()
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def summary(err):
-    return dict(f.split("=", 1) for f in err.strip().splitlines()[-1].split())
-
-
-def assert_one_line(code, err, *words):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for w in words:
-        assert w in lines[0], lines[0]
-
-
-def cli(*args, stdin=None, module="generate"):
-    return subprocess.run([sys.executable, "-m", f"mlx_qspec.{module}", *args], input=stdin,
-                          capture_output=True, timeout=300,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
 
 
 # ---------------------------------------------------------------- mistakes before loading
@@ -87,8 +60,19 @@ BEFORE_LOAD = [
     (["--kv-bits", "8", "--quantized-kv-start", "-1"], "--quantized-kv-start: must be an integer >= 0"),
     (["--max-tokens", "0"], "argument --max-tokens/-m: must be an integer >= 1 (or -1), got 0"),
     (["--max-tokens", "-2"], "--max-tokens/-m"),
+    (["--max-tokens", "-5"], "--max-tokens"),
+    (["--temp", "-0.5"], "--temp"),
+    (["--kv-bits", "3"], "--kv-bits"),
+    (["--kv-bits", "16"], "--kv-bits"),
+    (["--kv-mode", "int4"], "--kv-mode"),
+    (["--kv-mode", "nested", "--kv-bits", "8"], "--kv-bits applies to --kv-mode fp"),
+    (["--max-kv-size", "64", "--kv-mode", "nested", "--draft", "a8"],
+     "--max-kv-size applies to --kv-mode fp only"),
+    (["--kv-group-size", "48"], "--kv-group-size"),
+    (["--num-draft-tokens", "0"], "--num-draft-tokens"),
     (["--num-draft-tokens", "33"], "--num-draft-tokens: must be an integer from 1 to 32, got 33"),
     (["--draft-p-min", "nan"], "--draft-p-min: must be a number in [0, 1)"),
+    (["--draft-p-min", "1.5"], "--draft-p-min"),
     (["--prefill-step-size", "0"], "--prefill-step-size: must be an integer >= 1"),
     (["--verbose", "maybe"], "--verbose: must be True or False, got 'maybe'"),
     (["--chat-template-config", "{oops"], "--chat-template-config: is not valid JSON"),
@@ -96,10 +80,14 @@ BEFORE_LOAD = [
     (["--chat-template-config", '{"add_generation_prompt": false}'],
      "--chat-template-config: cannot set add_generation_prompt"),
     (["--draft", "a5"], "--draft a5: unknown draft term"),
+    (["--draft", "a8+a4"], "two ways"),
+    (["--draft", "a8+kv-upper"], "pass --kv-mode nested"),
     (["--adapter-path", "/no/such/adapter"], "--adapter-path '/no/such/adapter' is not a directory"),
     (["--prompt-cache-file", "/no/such.safetensors"], "--prompt-cache-file '/no/such.safetensors' does not exist"),
     (["--prompt-cache-file", "/dev/null", "--max-kv-size", "64"], "--max-kv-size cannot change the cache"),
     (["--prompt", " \n "], "the prompt is empty"),
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "   "], "prompt is empty"),
     (["--system-prompt", "\udcff"], "--system-prompt is not valid UTF-8 (byte 0xff at character 0)"),
 ]
 
@@ -110,50 +98,57 @@ def test_mistakes_fail_before_the_model_loads(args, message, capsys, monkeypatch
         raise AssertionError("the model was loaded before the mistake was found")
 
     monkeypatch.setattr(generate_module, "load", no_load)
-    code, out, err = run_main(capsys, *(["--prompt", "hi"] if "--prompt" not in args else []), *args)
+    code, out, err = run_main(capsys, main, *(["--prompt", "hi"] if "--prompt" not in args else []), *args)
     assert_one_line(code, err, message)
     assert out == ""
 
 
 def test_draft_list_names_auto_and_none(capsys, monkeypatch):
-    code, _, err = run_main(capsys, "--prompt", "hi", "--draft", "bogus")
-    assert_one_line(code, err, "--draft bogus", "a8-g32", "none / auto")
+    line = refused(capsys, main, "--prompt", "hi", "--draft", "bogus")
+    assert "--draft bogus" in line and "a8-g32" in line and "none / auto" in line, line
 
 
-def test_mistakes_through_the_real_cli():
-    """Bytes that are not UTF-8 in argv and on stdin (Latin-1 ``café``), a seed below zero:
-    one line, exit 2, no traceback, in a real process (run side by side)."""
+def test_mistakes_through_the_real_cli(tmp_path):
+    """Bytes that are not UTF-8 in argv and on stdin (Latin-1 ``café``), a seed below zero, a
+    model that does not exist: one line, exit 2, no traceback, in a real process (run side by
+    side)."""
     runs = [
-        (["--prompt", b"caf\xe9"], None, "--prompt is not valid UTF-8 (byte 0xe9 at character 3)"),
-        (["--prompt", "-"], b"caf\xe9 au lait", "stdin is not valid UTF-8 (byte 0xe9 at offset 3)"),
-        (["--seed", "-1"], None, "--seed"),
+        (["--prompt", b"caf\xe9"], None, ["--prompt is not valid UTF-8 (byte 0xe9 at character 3)"]),
+        (["--prompt", "-"], b"caf\xe9 au lait", ["stdin is not valid UTF-8 (byte 0xe9 at offset 3)"]),
+        (["--seed", "-1"], None, ["--seed"]),
+        (["--model", str(tmp_path / "nope.gguf"), "--prompt", "hi"], None, ["nope.gguf", "does not exist"]),
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     procs = [subprocess.Popen([sys.executable, "-m", "mlx_qspec.generate", *args],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=env) for args, _, _ in runs]
-    for proc, (_, stdin, message) in zip(procs, runs):
+    for proc, (_, stdin, words) in zip(procs, runs):
         out, err = proc.communicate(stdin, timeout=120)
-        assert_one_line(proc.returncode, err.decode(), message)
+        assert_one_line(proc.returncode, err.decode(), *words)
         assert out == b""
 
 
-def test_mistakes_found_after_loading(capsys, tiny_gguf):
+def test_mistakes_found_after_loading(capsys, tiny_gguf, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = refused(capsys, main, "--model", "no-such-org/no-such-model", "--prompt", "hi")
+    assert "not in the Hugging Face cache" in line
     base = ("--model", tiny_gguf, "--prompt", PROMPT, "--max-tokens", "2")
-    code, _, err = run_main(capsys, *base, "--top-k", "100000", "--temp", "0.5")
-    assert_one_line(code, err, "--top-k must be below the vocabulary size", "100000")
-    code, _, err = run_main(capsys, *base, "--extra-eos-token", "no-such-token")
-    assert_one_line(code, err, "--extra-eos-token 'no-such-token' is not a token")
+    line = refused(capsys, main, *base, "--top-k", "100000", "--temp", "0.5")
+    assert "--top-k must be below the vocabulary size" in line and "100000" in line
+    assert "--extra-eos-token 'no-such-token' is not a token" in refused(
+        capsys, main, *base, "--extra-eos-token", "no-such-token")
 
 
-def test_bad_config_json_is_named(tmp_path, capsys):
+def test_bad_model_directory_is_named(tmp_path, capsys):
+    (tmp_path / "readme.txt").write_text("not a model")
+    assert "not a model directory" in refused(capsys, main, "--model", str(tmp_path), "--prompt", "hi")
     (tmp_path / "config.json").write_text("{not json")
     (tmp_path / "model.safetensors").write_bytes(b"")
-    code, _, err = run_main(capsys, "--model", str(tmp_path), "--prompt", "hi")
-    assert_one_line(code, err, str(tmp_path / "config.json"), "not valid JSON")
+    line = refused(capsys, main, "--model", str(tmp_path), "--prompt", "hi")
+    assert str(tmp_path / "config.json") in line and "not valid JSON" in line
     (tmp_path / "config.json").write_text('{"hidden_size": 8}')
-    code, _, err = run_main(capsys, "--model", str(tmp_path), "--prompt", "hi")
-    assert_one_line(code, err, str(tmp_path / "config.json"), "no model_type")
+    line = refused(capsys, main, "--model", str(tmp_path), "--prompt", "hi")
+    assert str(tmp_path / "config.json") in line and "no model_type" in line
 
 
 def test_help_says_which_drafts_a_model_can_run(capsys):
@@ -174,10 +169,10 @@ GENERATION = 1 + len(b"assistant\n")
 
 def test_verbose_true_false_and_bare(capsys, tiny_gguf):
     base = ("--model", tiny_gguf, "--prompt", PROMPT, "--max-tokens", "3", "--draft", "none")
-    code, out_false, err = run_main(capsys, *base, "--verbose", "F")
+    code, out_false, err = run_main(capsys, main, *base, "--verbose", "F")
     assert code == 0 and err == ""
     for flag in (("--verbose", "True"), ("--verbose",)):
-        code, out, err = run_main(capsys, *base, *flag)
+        code, out, err = run_main(capsys, main, *base, *flag)
         assert code == 0 and out == out_false
         lines = err.strip().splitlines()
         assert lines[0].startswith(f"Prompt: {len(PROMPT.encode()) + TURN + GENERATION} tokens, ")
@@ -190,7 +185,7 @@ def test_prefill_response_opens_the_assistant_turn(capsys, tiny_gguf):
     no end of turn after it."""
     base = ("--model", tiny_gguf, "--prompt", PROMPT, "--draft", "none", "--verbose",
             "--max-tokens", "1")
-    _, _, err = run_main(capsys, *base, "--prefill-response", "Red,")
+    _, _, err = run_main(capsys, main, *base, "--prefill-response", "Red,")
     assistant = 1 + len(b"assistant\n") + len(b"Red,")  # <|im_start|>assistant\nRed, (open)
     assert int(summary(err)["prompt_tokens"]) == len(PROMPT.encode()) + TURN + assistant
 
@@ -198,13 +193,13 @@ def test_prefill_response_opens_the_assistant_turn(capsys, tiny_gguf):
 def test_extra_eos_token_stops_generation(capsys, tiny_gguf):
     base = ("--model", tiny_gguf, "--prompt", PROMPT, "--max-tokens", "8", "--draft", "a8-g32",
             "--verbose")
-    _, _, err = run_main(capsys, *base)
+    _, _, err = run_main(capsys, main, *base)
     assert summary(err)["finish_reason"] == "length"
     model, tokenizer = load(tiny_gguf)
     tokens = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
                                            add_generation_prompt=True)
     third = [r.token for r in stream_generate(model, tokenizer, tokens, max_tokens=3)][2]
-    _, _, err = run_main(capsys, *base, "--extra-eos-token", str(third))
+    _, _, err = run_main(capsys, main, *base, "--extra-eos-token", str(third))
     fields = summary(err)
     assert fields["finish_reason"] == "stop" and int(fields["generation_tokens"]) <= 3
 
@@ -220,7 +215,7 @@ def test_prompt_cache_file_plain_and_speculative(capsys, tiny_gguf, tmp_path):
     query = "Which?"
     outs = []
     for draft in ("none", "a8-g32"):
-        code, out, err = run_main(capsys, "--model", tiny_gguf, "--prompt-cache-file", file,
+        code, out, err = run_main(capsys, main, "--model", tiny_gguf, "--prompt-cache-file", file,
                                   "--prompt", query, "--max-tokens", "10", "--draft", draft,
                                   "--verbose")
         assert code == 0, err
@@ -231,17 +226,13 @@ def test_prompt_cache_file_plain_and_speculative(capsys, tiny_gguf, tmp_path):
     assert outs[0] == outs[1]
     other = tmp_path / "other.gguf"
     other.write_bytes(b"")  # it exists: refused for the cache before it is read
-    code, _, err = run_main(capsys, "--model", str(other), "--prompt-cache-file", file,
-                            "--prompt", query)
-    assert_one_line(code, err, "is not the model that made the cache")
+    assert "is not the model that made the cache" in refused(
+        capsys, main, "--model", str(other), "--prompt-cache-file", file, "--prompt", query)
 
 
 def test_adapter_path_speculates_exactly(capsys, tiny_gguf, tmp_path):
     """A LoRA adapter (mlx-lm's format) changes the output, and with it speculative greedy
     output still equals plain output."""
-    from mlx.utils import tree_flatten
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
     model, _ = load(tiny_gguf)
     lora = {"rank": 4, "scale": 20.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "mlp.down_proj"]}
     linear_to_lora_layers(model, 2, lora)
@@ -252,9 +243,9 @@ def test_adapter_path_speculates_exactly(capsys, tiny_gguf, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(
         {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora}))
     base = ("--model", tiny_gguf, "--prompt", PROMPT, "--max-tokens", "10")
-    _, without, _ = run_main(capsys, *base, "--draft", "none")
-    _, plain, _ = run_main(capsys, *base, "--draft", "none", "--adapter-path", str(tmp_path))
-    code, spec, err = run_main(capsys, *base, "--draft", "a8-g32", "--adapter-path", str(tmp_path))
+    _, without, _ = run_main(capsys, main, *base, "--draft", "none")
+    _, plain, _ = run_main(capsys, main, *base, "--draft", "none", "--adapter-path", str(tmp_path))
+    code, spec, err = run_main(capsys, main, *base, "--draft", "a8-g32", "--adapter-path", str(tmp_path))
     assert code == 0, err
     assert spec == plain != without
 
@@ -310,17 +301,14 @@ def test_progress_is_lines_in_a_log_and_a_bar_on_a_terminal():
 def test_convert_refuses_an_impossible_destination_before_loading(tiny_gguf, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    proc = cli("--model", tiny_gguf, "--mlx-path", str(blocker / "out"), module="convert")
-    err = proc.stderr.decode()
-    assert_one_line(proc.returncode, err, f"--mlx-path '{blocker / 'out'}': cannot create it")
+    proc = run_command("convert", "--model", tiny_gguf, "--mlx-path", str(blocker / "out"))
+    assert_one_line(proc.returncode, proc.stderr, f"--mlx-path '{blocker / 'out'}': cannot create it")
 
 
 def test_rotated_directory_is_refused_by_stock_mlx_lm(tiny_gguf, tmp_path):
-    from mlx_lm.utils import load as mlx_lm_load
-
     out = tmp_path / "rotated"
-    proc = cli("--model", tiny_gguf, "--mlx-path", str(out), "--rotate", "--rotate-method", "rtn",
-               module="convert")
+    proc = run_command("convert", "--model", tiny_gguf, "--mlx-path", str(out), "--rotate",
+                       "--rotate-method", "rtn")
     assert proc.returncode == 0, proc.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == ROTATED_PREFIX + "llama"
@@ -352,11 +340,6 @@ def test_timings_of_a_draft_are_those_of_plain_decoding(smollm2):
 
 
 # ---------------------------------------------------------------- sampling
-def _logprobs(V=32, seed=5):
-    x = mx.random.normal((1, V), key=mx.random.key(seed)) * 2.0
-    return x - mx.logsumexp(x, axis=-1, keepdims=True)
-
-
 def test_sampler_draws_like_mlx_lm_with_min_tokens_to_keep_and_xtc():
     lp = mx.log(mx.softmax(mx.random.normal((3, 256), key=mx.random.key(1)) * 3, axis=-1))
     for kw in (dict(temp=0.8, min_p=0.3, min_tokens_to_keep=5),
@@ -370,7 +353,7 @@ def test_sampler_draws_like_mlx_lm_with_min_tokens_to_keep_and_xtc():
 
 
 def test_xtc_cut_is_mlx_lm_xtc_at_probability_1():
-    lp = _logprobs(V=64, seed=2)
+    lp = random_logprobs(64, seed=2)
     for threshold, special in ((0.02, []), (0.05, [0, 5]), (0.4, [])):
         ours = xtc_cut(lp, threshold, special)
         assert mx.array_equal(ours, apply_xtc(lp, 1.0, threshold, special)).item()
@@ -382,7 +365,7 @@ def test_xtc_distribution_is_the_mixture_mlx_lm_samples():
     mixture (1 − π)·plain + π·cut); the same draws are far from the plain distribution and
     from the cut one alone, so the test can tell."""
     n, V = 3000, 24
-    lp = _logprobs(V=V, seed=5)
+    lp = random_logprobs(V, seed=5)
     kw = dict(temp=0.8, xtc_probability=0.4, xtc_threshold=0.05, min_p=0.01)
     mx.random.seed(11)
     sampler = mlx_lm_make_sampler(**kw)  # one XTC coin per call: one row per call

@@ -11,6 +11,7 @@ one token and the expected prompt token counts are arithmetic, not a tokenizer c
 import mlx.core as mx
 import pytest
 
+from helpers import summary
 from mlx_qspec import load
 from mlx_qspec.generate import main, stream_generate
 from mlx_qspec.settings import Settings
@@ -27,8 +28,7 @@ def run_cli(capsys, *args):
     capsys.readouterr()
     main([*args, "--verbose"])
     out, err = capsys.readouterr()
-    last = err.strip().splitlines()[-1]
-    return out, dict(field.split("=", 1) for field in last.split())
+    return out, summary(err)
 
 
 # ---------------------------------------------------------------- the real model

@@ -9,9 +9,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_qspec
 from mlx_qspec import loader
+from mlx_qspec.convert import convert
+from mlx_qspec.quant.linear import compute_dtype, install
 from mlx_qspec.sampling import Sampler
 from helpers.gguf_raw import tiny_llama as tiny_32_value_llama  # Q4_0 / Q4_1 / Q8_0, float16 scales
 from helpers.gguf_kquants import Q4_K_M
@@ -112,8 +115,6 @@ def test_cpu_keeps_float32_everywhere(monkeypatch, k_quant_file, qwen2_file):
 
 def test_mlx_directory_on_metal_keeps_stored_dtypes(metal, tmp_path):
     """Only GGUF models are cast: an mlx directory keeps what it stores (float32 here)."""
-    from mlx_qspec.convert import convert
-
     src = tmp_path / "t.gguf"
     tiny_32_value_llama(src)
     out = convert(str(src), str(tmp_path / "mlx"), dtype="float32")
@@ -150,10 +151,6 @@ def test_k_quant_model_on_metal_computes_in_half(metal, k_quant_file, monkeypatc
     stream, KV cache and logits stay float16 through our layers: neither the embedding's
     float32-scaled rows nor a float32-scaled matmul promotes them. (Run on the CPU: only
     the dtypes are checked.)"""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    from mlx_qspec.quant.linear import compute_dtype, install
-
     model = _model(k_quant_file)
     monkeypatch.setattr(mx.metal, "is_available", lambda: False)  # compute on the CPU
     install(model)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from helpers import refused
 from mlx_qspec.errors import ModelError, UserError
 
 # The commands' code (where their names are bound), not the functions of the same name that
@@ -26,17 +27,12 @@ def boom(exc):
 @pytest.mark.parametrize("exc", [UserError("bad thing"), ModelError("bad model")])
 def test_user_errors_exit_2_in_one_line(exc, monkeypatch, capsys):
     monkeypatch.setattr(generate, "load", boom(exc))
-    with pytest.raises(SystemExit) as out:
-        generate.main(["--model", MODEL, "--prompt", "hi"])
-    assert out.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"mlx_qspec.generate: error: {exc}"]
+    line = refused(capsys, generate.main, "--model", MODEL, "--prompt", "hi")
+    assert line == f"mlx_qspec.generate: error: {exc}"
 
 
 def test_bad_flag_exits_2(capsys):
-    with pytest.raises(SystemExit) as out:
-        generate.main(["--no-such-flag"])
-    assert out.value.code == 2
-    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    assert "unrecognized arguments: --no-such-flag" in refused(capsys, generate.main, "--no-such-flag")
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("internal"), KeyError("internal"),

@@ -3,14 +3,13 @@ converted directory token for token, the rebuilt tokenizer, hub ids from the loc
 
 from pathlib import Path
 
+import huggingface_hub.constants as hf_constants
 import mlx_lm
 import pytest
 from mlx_lm.utils import load_tokenizer
 
 from mlx_qspec import generate, load, stream_generate
-from mlx_qspec.convert import convert
 from mlx_qspec.errors import ModelError
-from mlx_qspec.cli import default_model_path
 
 PROMPTS = [
     "What is the capital of France?",
@@ -18,29 +17,14 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def gguf_path():
-    return default_model_path()
-
-
-@pytest.fixture(scope="module")
-def ours(smollm2):
-    return smollm2
-
-
-@pytest.fixture(scope="module")
-def converted(smollm2_dir):
-    return Path(smollm2_dir)
-
-
 def _chat(tokenizer, text):
     messages = [{"role": "user", "content": text}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def test_greedy_tokens_equal_stock_mlx_lm_on_converted_dir(ours, converted):
-    model, tokenizer = ours
-    ref_model, ref_tokenizer = mlx_lm.load(str(converted))
+def test_greedy_tokens_equal_stock_mlx_lm_on_converted_dir(smollm2, smollm2_dir):
+    model, tokenizer = smollm2
+    ref_model, ref_tokenizer = mlx_lm.load(smollm2_dir)
     for text in PROMPTS:
         prompt = _chat(tokenizer, text)
         assert prompt == _chat(ref_tokenizer, text)
@@ -50,14 +34,14 @@ def test_greedy_tokens_equal_stock_mlx_lm_on_converted_dir(ours, converted):
         assert len(got) >= 3
 
 
-def test_generate_returns_coherent_text(ours):
-    model, tokenizer = ours
+def test_generate_returns_coherent_text(smollm2):
+    model, tokenizer = smollm2
     text = generate(model, tokenizer, _chat(tokenizer, PROMPTS[0]), max_tokens=10)
     assert "Paris" in text
 
 
-def test_stream_generate_response_fields(ours):
-    model, tokenizer = ours
+def test_stream_generate_response_fields(smollm2):
+    model, tokenizer = smollm2
     responses = list(stream_generate(model, tokenizer, "The sea is", max_tokens=5))
     last = responses[-1]
     assert last.finish_reason in ("length", "stop")
@@ -80,8 +64,8 @@ def test_stream_generate_response_fields(ours):
         "<|im_start|>user\nhi<|im_end|>",
     ],
 )
-def test_gguf_tokenizer_round_trips(ours, text):
-    _, tokenizer = ours
+def test_gguf_tokenizer_round_trips(smollm2, text):
+    _, tokenizer = smollm2
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert tokenizer.decode(ids) == text
     detok = tokenizer.detokenizer
@@ -92,8 +76,8 @@ def test_gguf_tokenizer_round_trips(ours, text):
     assert detok.text == text
 
 
-def test_special_tokens_are_single_ids(ours):
-    _, tokenizer = ours
+def test_special_tokens_are_single_ids(smollm2):
+    _, tokenizer = smollm2
     ids = tokenizer.encode("<|im_start|>assistant<|im_end|>", add_special_tokens=False)
     assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -104,9 +88,9 @@ def test_special_tokens_are_single_ids(ours):
     ]
 
 
-def test_chat_template_matches_converted_dir(ours, converted):
-    _, tokenizer = ours
-    ref = load_tokenizer(converted)
+def test_chat_template_matches_converted_dir(smollm2, smollm2_dir):
+    _, tokenizer = smollm2
+    ref = load_tokenizer(Path(smollm2_dir))
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi ünïcode"},
@@ -114,12 +98,8 @@ def test_chat_template_matches_converted_dir(ours, converted):
         {"role": "user", "content": "Again?"},
     ]
     for msgs in (messages, messages[1:2]):
-        assert tokenizer.apply_chat_template(msgs, add_generation_prompt=True) == ref.apply_chat_template(
-            msgs, add_generation_prompt=True
-        )
-        assert tokenizer.apply_chat_template(msgs, tokenize=False) == ref.apply_chat_template(
-            msgs, tokenize=False
-        )
+        for kw in (dict(add_generation_prompt=True), dict(tokenize=False)):
+            assert tokenizer.apply_chat_template(msgs, **kw) == ref.apply_chat_template(msgs, **kw)
 
 
 def _hub_cache(root, repo_id, files_from):
@@ -134,15 +114,13 @@ def _hub_cache(root, repo_id, files_from):
     (folder / "refs" / "main").write_text(commit)
 
 
-def test_hub_id_loads_from_local_cache_only(converted, tmp_path, monkeypatch, ours):
-    import huggingface_hub.constants as hf_constants
-
-    _hub_cache(tmp_path, "mlx-community/SmolLM2-test", converted)
+def test_hub_id_loads_from_local_cache_only(smollm2_dir, tmp_path, monkeypatch, smollm2):
+    _hub_cache(tmp_path, "mlx-community/SmolLM2-test", Path(smollm2_dir))
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     model, tokenizer = load("mlx-community/SmolLM2-test")
     prompt = _chat(tokenizer, PROMPTS[0])
-    ours_model, ours_tokenizer = ours
+    ours_model, ours_tokenizer = smollm2
     got = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=6)]
     want = [r.token for r in stream_generate(ours_model, ours_tokenizer, prompt, max_tokens=6)]
     assert got == want
@@ -170,18 +148,8 @@ def test_bad_paths(tmp_path):
         load(str(half))
 
 
-def test_convert_refuses_non_empty_destination(gguf_path, tmp_path):
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    (dest / "keep.txt").write_text("precious")
-    with pytest.raises(ModelError, match="exists and is not empty"):
-        convert(str(gguf_path), str(dest))
-    assert [p.name for p in dest.iterdir()] == ["keep.txt"]
-    assert (dest / "keep.txt").read_text() == "precious"
-
-
-def test_api_rejects_zero_tokens_and_empty_prompt(ours):
-    model, tokenizer = ours
+def test_api_rejects_zero_tokens_and_empty_prompt(smollm2):
+    model, tokenizer = smollm2
     with pytest.raises(ValueError, match="non-zero"):
         generate(model, tokenizer, "hi", max_tokens=0)
     with pytest.raises(ValueError, match="empty"):

@@ -3,14 +3,14 @@ bit for bit, config and tokenizer rebuilt from metadata, convert → stock mlx-l
 the same logits, and every kind of bad file is a one-line error."""
 
 import struct
-import subprocess
-import sys
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx_lm.utils import load as mlx_lm_load
 
+from helpers import assert_one_line, model_error, run_command
 from helpers.gguf_raw import (
     BOS_ID, CONTEXT, EOS_ID, EPS, FFN, HEADS, HIDDEN, KV_HEADS, LAYERS, THETA, tiny_llama, vocab,
     write_gguf,
@@ -30,13 +30,6 @@ def tiny(tmp_path_factory):
     return path, expected, model, tokenizer, config, header_bytes
 
 
-def module_at(model, dotted):
-    m = model
-    for part in dotted.split("."):
-        m = m[int(part)] if part.isdigit() else getattr(m, part)
-    return m
-
-
 def dequantized(module):
     """The values a loaded module stores, as float32 numpy (dequantized in float32, where
     they are exact whatever dtype the scales are kept in)."""
@@ -52,28 +45,14 @@ def dequantized(module):
 PROMPT = mx.array([[BOS_ID, 40, 71, 120, 7, 200, 3, 258, 259, 33, 80, EOS_ID]])
 
 
-def cli(module, *args):
-    return subprocess.run([sys.executable, "-m", f"mlx_qspec.{module}", *args],
-                          capture_output=True, text=True, timeout=120)
-
-
-def assert_one_line_error(proc, *words):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-
-
 # ---------------------------------------------------------------- (a) weights and config
 
 
 def test_quantized_tensors_are_kept_bit_exact(tiny):
     _, expected, model, _, _, _ = tiny
-    seen = set()
+    seen, modules = set(), dict(model.named_modules())
     for name, (type_name, values) in expected.items():
-        module = module_at(model, name)
+        module = modules[name]
         if type_name in ("Q4_0", "Q4_1", "Q8_0"):
             assert isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)), name
             assert (module.group_size, module.bits) == (32, 8 if type_name == "Q8_0" else 4), name
@@ -134,10 +113,6 @@ def test_untied_float_head(tmp_path):
 
 def test_qwen2_gguf_matches_stock_mlx_lm(tmp_path):
     """qwen2 GGUFs keep the NeoX RoPE layout (no Q/K permutation) and their q/k/v biases."""
-    from mlx_lm.utils import load as mlx_lm_load
-
-    from mlx_qspec.convert import convert
-
     path = tmp_path / "qwen2.gguf"
     expected, _ = tiny_llama(path, arch="qwen2", seed=3)
     model, _, config = mlx_qspec.load(path, dtype=mx.float32, return_config=True)
@@ -209,11 +184,9 @@ def test_chat_template_applied(tiny):
 
 
 def test_convert_then_stock_mlx_lm_gives_same_logits(tiny, tmp_path):
-    from mlx_lm.utils import load as mlx_lm_load
-
     path, _, _, tokenizer, _, _ = tiny
     out = tmp_path / "converted"
-    proc = cli("convert", "--model", str(path), "--mlx-path", str(out), "--dtype", "float32")
+    proc = run_command("convert", "--model", str(path), "--mlx-path", str(out), "--dtype", "float32")
     assert proc.returncode == 0, proc.stderr
     stock, stock_tokenizer = mlx_lm_load(str(out))
     for name, module in stock.named_modules():
@@ -235,7 +208,7 @@ def test_convert_rotate_loads_and_speculates_exactly(tiny, tmp_path):
 
     path = tiny[0]
     out = tmp_path / "rotated"
-    proc = cli("convert", "--model", str(path), "--mlx-path", str(out), "--rotate")
+    proc = run_command("convert", "--model", str(path), "--mlx-path", str(out), "--rotate")
     assert proc.returncode == 0, proc.stderr
     assert mx.load(str(out / "model.safetensors"))["model.layers.0.self_attn.q_proj.scales"].dtype == mx.float16
     model, tokenizer, config = mlx_qspec.load(out, return_config=True)
@@ -251,8 +224,8 @@ def test_convert_rotate_loads_and_speculates_exactly(tiny, tmp_path):
 def test_convert_rotate_rejects_unrotatable_sizes(tmp_path):
     path = tmp_path / "odd.gguf"
     tiny_llama(path, ffn=352)  # 11 * 32: no Hadamard of that size in MLX
-    proc = cli("convert", "--model", str(path), "--mlx-path", str(tmp_path / "out"), "--rotate")
-    assert_one_line_error(proc, "intermediate_size 352")
+    proc = run_command("convert", "--model", str(path), "--mlx-path", str(tmp_path / "out"), "--rotate")
+    assert_one_line(proc.returncode, proc.stderr, "intermediate_size 352")
     assert not (tmp_path / "out").exists()
 
 
@@ -262,47 +235,28 @@ def test_convert_rotate_rejects_unrotatable_sizes(tmp_path):
 @pytest.fixture(scope="module")
 def bad_files(tiny, tmp_path_factory):
     """``{case: (path, words the error must contain)}``."""
-    good = tiny[0]
     d = tmp_path_factory.mktemp("bad")
-    blob = good.read_bytes()
-    files = {}
-
-    data_cut = d / "cut_data.gguf"
-    data_cut.write_bytes(blob[: len(blob) - 3000])
-    files["truncated data"] = (data_cut, ["truncated"])
-
-    header_cut = d / "cut_header.gguf"
-    header_cut.write_bytes(blob[: tiny[5] // 2])
-    files["truncated header"] = (header_cut, ["truncated"])
-
-    foreign = d / "foreign.gguf"
-    foreign.write_bytes(b"PK\x03\x04 this is a zip, not a model " * 10)
-    files["not gguf"] = (foreign, ["not a GGUF file"])
-
-    q2k = d / "q2k.gguf"
-    tiny_llama(q2k, override={"blk.1.ffn_down.weight": ("Q2_K", (HIDDEN, 256))})
-    files["q2_k"] = (q2k, ["blk.1.ffn_down.weight", "Q2_K"])
-
-    mamba = d / "mamba.gguf"
-    tiny_llama(mamba, arch="mamba")
-    files["mamba"] = (mamba, ["mamba", "not supported"])
-
-    huge = d / "huge_string.gguf"  # a key length of 2^63 bytes: no read is attempted
-    huge.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 2**63) + bytes(64))
-    files["huge string length"] = (huge, ["truncated"])
-
-    unaligned = d / "alignment0.gguf"
-    write_gguf(unaligned, {"general.alignment": 0}, [])
-    files["zero alignment"] = (unaligned, ["general.alignment"])
-    return files
+    blob = tiny[0].read_bytes()
+    for name, data in (("cut_data.gguf", blob[: len(blob) - 3000]), ("cut_header.gguf", blob[: tiny[5] // 2]),
+                       ("foreign.gguf", b"PK\x03\x04 this is a zip, not a model " * 10),
+                       # a key length of 2^63 bytes: no read is attempted
+                       ("huge_string.gguf", b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 2**63) + bytes(64))):
+        (d / name).write_bytes(data)
+    tiny_llama(d / "q2k.gguf", override={"blk.1.ffn_down.weight": ("Q2_K", (HIDDEN, 256))})
+    tiny_llama(d / "mamba.gguf", arch="mamba")
+    write_gguf(d / "alignment0.gguf", {"general.alignment": 0}, [])
+    return {"truncated data": (d / "cut_data.gguf", ["truncated"]),
+            "truncated header": (d / "cut_header.gguf", ["truncated"]),
+            "not gguf": (d / "foreign.gguf", ["not a GGUF file"]),
+            "q2_k": (d / "q2k.gguf", ["blk.1.ffn_down.weight", "Q2_K"]),
+            "mamba": (d / "mamba.gguf", ["mamba", "not supported"]),
+            "huge string length": (d / "huge_string.gguf", ["truncated"]),
+            "zero alignment": (d / "alignment0.gguf", ["general.alignment"])}
 
 
 def test_bad_files_raise_model_error(bad_files):
     for case, (path, words) in bad_files.items():
-        with pytest.raises(ModelError) as info:
-            mlx_qspec.load(path)
-        message = str(info.value)
-        assert "\n" not in message, case
+        message = model_error(mlx_qspec.load, path)
         assert str(path) in message or path.name in message, (case, message)
         for word in words:
             assert word in message, (case, message)
@@ -327,7 +281,8 @@ def test_cli_bad_file_is_one_line_exit_2(bad_files, case, module, tmp_path):
         args += ["--mlx-path", str(tmp_path / "out")]
     else:
         args += ["--prompt", "hi", "--max-tokens", "2", "--draft", "none"]
-    assert_one_line_error(cli(module, *args), *words)
+    proc = run_command(module, *args)
+    assert_one_line(proc.returncode, proc.stderr, *words)
     assert not (tmp_path / "out").exists()
 
 
@@ -337,10 +292,9 @@ def test_convert_refuses_non_empty_destination(tiny, tmp_path):
     (dest / "keep.txt").write_text("precious")
     (dest / "config.json").write_text("{}")
     before = {p.name: p.read_bytes() for p in dest.iterdir()}
-    assert_one_line_error(
-        cli("convert", "--model", str(tiny[0]), "--mlx-path", str(dest)), str(dest), "not empty"
-    )
+    proc = run_command("convert", "--model", str(tiny[0]), "--mlx-path", str(dest))
+    assert_one_line(proc.returncode, proc.stderr, str(dest), "not empty")
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
-    with pytest.raises(ModelError):
+    with pytest.raises(ModelError, match="exists and is not empty"):
         convert(str(tiny[0]), str(dest))
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before

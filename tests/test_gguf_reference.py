@@ -14,33 +14,20 @@ Also: our reader's tensors, dequantized in float32, equal ``gguf.quants.dequanti
 the same file bytes (read back with ``gguf.GGUFReader``) bit for bit.
 """
 
-import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 from mlx.utils import tree_flatten
-from mlx_lm.models import llama
+from mlx_lm.utils import load as mlx_lm_load
 
 from helpers.gguf_reference import (
-    BITS, BLOCK, BOS_ID, GQA, MHA, TOKENS, Config, permute, unpermute, write_gguf,
+    BITS, BLOCK, BOS_ID, GQA, MHA, RTOL, file_tensors, permute, reference_llama, relative_gap,
+    unpermute, write_gguf,
 )
 import mlx_qspec
 from mlx_qspec import gguf as our_gguf
-
-def reference_llama(cfg: Config, weights: dict, *, traditional=False):
-    """mlx-lm's llama, float weights straight from ``weights`` (no quantized layers)."""
-    args = llama.ModelArgs(
-        model_type="llama", hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
-        intermediate_size=cfg.ffn, num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.kv_heads, rms_norm_eps=cfg.eps, vocab_size=len(TOKENS),
-        rope_theta=cfg.theta, rope_traditional=traditional, tie_word_embeddings=cfg.tied,
-    )
-    model = llama.Model(args)
-    model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
-    mx.eval(model.parameters())
-    return model
-
+from mlx_qspec.convert import convert
 
 PROMPT = mx.array([[BOS_ID, 40, 71, 120, 7, 200, 3, 258, 150, 33, 80, 99, 12, 64, 250, 31]])
 
@@ -90,38 +77,26 @@ def _dequantize_ours(get, base, qtype):
 
 def test_reader_tensors_equal_gguf_dequantize_bit_for_bit(written):
     cfg, path, _ = written
-    reader = gguf.GGUFReader(str(path))
     ours = our_gguf.load_weights(path)
-    model = mlx_qspec.load(path)[0]
-    params = dict(tree_flatten(model.parameters()))
-    seen = 0
-    for t in reader.tensors:
-        qtype = Q(t.tensor_type)
-        shape = tuple(int(d) for d in reversed(t.shape))
-        expected = gguf.quants.dequantize(t.data, qtype).reshape(shape).astype(np.float32)
-        base = _gguf_to_mlx(t.name)[: -len(".weight")]
+    params = dict(tree_flatten(mlx_qspec.load(path)[0].parameters()))
+    seen = []
+    for name, qtype, expected in file_tensors(path):
+        base = _gguf_to_mlx(name)[: -len(".weight")]
         for label, get in (("reader", ours.__getitem__), ("loaded model", params.__getitem__)):
             got = _dequantize_ours(get, base, qtype)
-            assert got.shape == expected.shape, (label, t.name, got.shape, expected.shape)
-            assert np.array_equal(got, expected), f"{label}: {t.name} differs from gguf's dequantize"
-        seen += 1
-    assert seen == sum(not k.endswith((".scales", ".biases")) for k in ours)
-    assert {Q(t.tensor_type) for t in reader.tensors} >= {Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.F32}
+            assert got.shape == expected.shape, (label, name, got.shape, expected.shape)
+            assert np.array_equal(got, expected), f"{label}: {name} differs from gguf's dequantize"
+        seen.append(qtype)
+    assert len(seen) == sum(not k.endswith((".scales", ".biases")) for k in ours)
+    assert set(seen) >= {Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.F32}
 
 
 # ---------------------------------------------------------------- forward
-RTOL = 2e-5  # float32 rounding: quantized_matmul vs dense matmul of the same values
-
-
-def _gap(a, b):
-    return np.abs(a - b).max() / np.abs(b).max()
-
-
 def test_forward_equals_model_built_from_the_tensors(written):
     cfg, path, reference = written
     ref = logits_of(reference_llama(cfg, reference))
     ours = logits_of(mlx_qspec.load(path)[0])
-    gap = _gap(ours, ref)
+    gap = relative_gap(ours, ref)
     assert gap <= RTOL, f"relative logit gap {gap:.3g}"
     # The comparison has power: mistakes of the mapping give gaps orders of magnitude larger.
     permuted = dict(reference)  # Q/K left in GGUF's row order under standard RoPE
@@ -129,24 +104,20 @@ def test_forward_equals_model_built_from_the_tensors(written):
         for proj, heads in (("q_proj", cfg.heads), ("k_proj", cfg.kv_heads)):
             key = f"model.layers.{i}.self_attn.{proj}.weight"
             permuted[key] = permute(reference[key], cfg.heads, heads)
-    assert _gap(logits_of(reference_llama(cfg, permuted)), ref) > 100 * RTOL
+    assert relative_gap(logits_of(reference_llama(cfg, permuted)), ref) > 100 * RTOL
     if cfg.heads == cfg.kv_heads:
         swapped = dict(reference)
         for i in range(cfg.layers):
             q, k = (f"model.layers.{i}.self_attn.{p}_proj.weight" for p in "qk")
             swapped[q], swapped[k] = reference[k], reference[q]
-        assert _gap(logits_of(reference_llama(cfg, swapped)), ref) > 100 * RTOL
+        assert relative_gap(logits_of(reference_llama(cfg, swapped)), ref) > 100 * RTOL
 
 
 def test_converted_directory_equals_model_built_from_the_tensors(written, tmp_path):
     """``mlx_qspec.convert`` → stock mlx-lm loads the directory → the same logits as the
     model built from the tensors (the converter's mapping checked independently too)."""
-    from mlx_lm.utils import load as mlx_lm_load
-
-    from mlx_qspec.convert import convert
-
     cfg, path, reference = written
     out = convert(str(path), str(tmp_path / "mlx"), dtype="float32")
     model, _ = mlx_lm_load(str(out))
-    gap = _gap(logits_of(model), logits_of(reference_llama(cfg, reference)))
+    gap = relative_gap(logits_of(model), logits_of(reference_llama(cfg, reference)))
     assert gap <= RTOL, f"relative logit gap {gap:.3g}"

@@ -9,17 +9,31 @@ float32; Q6_K (no group 16 in MLX) has a measured error bound. Tokenizers agains
 tokenizers trained here by other libraries; RoPE scaling honoured or refused.
 """
 
+import io
+import json
+import textwrap
+from pathlib import Path
+
 import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
+import sentencepiece as spm
 from gguf import GGMLQuantizationType as Q
+from mlx.utils import tree_flatten
+from mlx_lm.models.rope_utils import YarnRoPE
+from mlx_lm.utils import load as mlx_lm_load
+from mlx_lm.utils import load_tokenizer
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from helpers import write_gguf_file
+import mlx_qspec
+from helpers import byte_symbols, model_error, write_gguf_file
 from helpers.gguf_kquants import (
-    FFN, HEADS, HIDDEN, LAYERS, Q4_K_M, VOCAB, q6_k_blocks, random_k_blocks, tiny_llama,
+    FFN, HEADS, HIDDEN, LAYERS, Q4_K_M, q6_k_blocks, random_k_blocks, tiny_llama,
 )
+from helpers.gguf_reference import RTOL, Config, file_tensors, reference_llama, relative_gap
 from mlx_qspec import gguf as our_gguf
+from mlx_qspec.convert import convert
 from mlx_qspec.errors import ModelError
 
 ROWS, COLS = 48, 512
@@ -50,11 +64,6 @@ def ours_float32(weights, i):
                                   group_size=32, bits=bits)), bits
 
 
-def reference(path):
-    return [gguf.quants.dequantize(t.data, Q(t.tensor_type)).reshape(ROWS, COLS).astype(np.float32)
-            for t in gguf.GGUFReader(str(path)).tensors]
-
-
 @pytest.fixture(scope="module")
 def values():
     rng = np.random.default_rng(0)
@@ -72,7 +81,7 @@ def test_exact_types_equal_gguf_dequantize_bit_for_bit(values, tmp_path):
     path = tmp_path / "exact.gguf"
     write(path, tensors)
     weights = our_gguf.load_weights(path)
-    for i, ((qtype, _), expected) in enumerate(zip(tensors, reference(path))):
+    for i, ((qtype, _), (_, _, expected)) in enumerate(zip(tensors, file_tensors(path))):
         got, bits = ours_float32(weights, i)
         assert bits == EXACT.get(qtype), qtype.name
         assert np.array_equal(got, expected), f"{qtype.name} differs from gguf's dequantize"
@@ -87,7 +96,7 @@ def test_q6_k_is_8_bit_group_32_with_measured_error(values, tmp_path):
     path = tmp_path / "q6k.gguf"
     write(path, [(Q.Q6_K, q6_k_blocks(blocks)), (Q.Q6_K, q6_k_blocks(blocks, equal_pairs=True))])
     weights = our_gguf.load_weights(path)
-    (general, exact_pairs) = reference(path)
+    (_, _, general), (_, _, exact_pairs) = file_tensors(path)
     got, bits = ours_float32(weights, 1)
     assert bits == 8 and np.array_equal(got, exact_pairs)
     got, _ = ours_float32(weights, 0)
@@ -108,10 +117,8 @@ def test_unsupported_types_are_one_line_errors(qtype, tmp_path):
     rng = np.random.default_rng(1)
     path = tmp_path / "bad.gguf"
     write(path, [(qtype, random_k_blocks(rng, qtype, ROWS * COLS // 256))])
-    with pytest.raises(ModelError) as info:
-        our_gguf.read_header(path)
-    message = str(info.value)
-    assert "\n" not in message and qtype.name in message and "blk.0.ffn_up.weight" in message
+    message = model_error(our_gguf.read_header, path)
+    assert qtype.name in message and "blk.0.ffn_up.weight" in message
 
 
 def test_q4_k_m_style_llama_loads_through_mlx_lm(tmp_path):
@@ -119,11 +126,6 @@ def test_q4_k_m_style_llama_loads_through_mlx_lm(tmp_path):
     Q5_K / Q5_0; Q6_K with paired sub-block scales, so exact too): each module holds gguf's
     values bit for bit, the forward matches mlx-lm's llama built from gguf's floats, and
     the converted directory gives stock mlx-lm the same logits."""
-    from mlx.utils import tree_flatten
-    from mlx_lm.models import llama
-
-    import mlx_qspec
-
     path = tiny_llama(tmp_path / "km.gguf", Q4_K_M)
     model, _, config = mlx_qspec.load(path, dtype=mx.float32, return_config=True)
     q = config["quantization"]
@@ -132,34 +134,23 @@ def test_q4_k_m_style_llama_loads_through_mlx_lm(tmp_path):
             q["model.embed_tokens"]["bits"]) == (4, 8, 5, 8)
     params = dict(tree_flatten(model.parameters()))
     reference = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
-        qtype = Q(t.tensor_type)
-        shape = tuple(int(d) for d in reversed(t.shape))
-        expected = gguf.quants.dequantize(t.data, qtype).reshape(shape).astype(np.float32)
-        name = our_gguf.ARCHITECTURES["llama"].mlx_name(t.name)
+    for gguf_name, qtype, expected in file_tensors(path):
+        name = our_gguf.ARCHITECTURES["llama"].mlx_name(gguf_name)
         base = name[: -len(".weight")]
         if f"{base}.scales" in params:
             got = np.array(mx.dequantize(params[name], params[f"{base}.scales"], params[f"{base}.biases"],
                                          group_size=32, bits=EXACT.get(qtype, 8)))
         else:
             got = np.array(params[name])
-        assert np.array_equal(got, expected), t.name
+        assert np.array_equal(got, expected), gguf_name
         reference[name] = expected
-    args = llama.ModelArgs(model_type="llama", hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                           intermediate_size=FFN, num_attention_heads=HEADS, num_key_value_heads=HEADS,
-                           rms_norm_eps=1e-5, vocab_size=VOCAB, rope_traditional=True,
-                           tie_word_embeddings=True)
-    ref = llama.Model(args)
-    ref.load_weights([(k, mx.array(v)) for k, v in reference.items()], strict=True)
+    ref = reference_llama(Config(hidden=HIDDEN, layers=LAYERS, ffn=FFN, heads=HEADS, kv_heads=HEADS),
+                          reference, traditional=True)
     prompt = mx.array([[0, 40, 71, 120, 7, 200, 3, 250, 33]])
     a, b = np.array(model(prompt)), np.array(ref(prompt))
-    gap = np.abs(a - b).max() / np.abs(b).max()
-    assert np.isfinite(a).all() and gap < 2e-5, gap  # float32 rounding only
+    gap = relative_gap(a, b)
+    assert np.isfinite(a).all() and gap < RTOL, gap  # float32 rounding only
     # convert → stock mlx-lm reads the same triples (4-, 5- and 8-bit layers side by side)
-    from mlx_lm.utils import load as mlx_lm_load
-
-    from mlx_qspec.convert import convert
-
     stock, _ = mlx_lm_load(str(convert(str(path), str(tmp_path / "mlx"), dtype="float32")))
     assert mx.array_equal(stock(prompt), model(prompt)).item()
 
@@ -180,10 +171,6 @@ SPECIALS = ["<|im_start|>", "<|im_end|>"]
 
 def corpus():
     """Training text that does not change with this project: stdlib sources, numbers, Unicode."""
-    import json
-    import textwrap
-    from pathlib import Path
-
     text = Path(textwrap.__file__).read_text() + Path(json.__file__).read_text()
     text += "\n".join(f"in {y} there were {n} items, 1000 and 12345"
                       for y, n in zip(range(1990, 2030), range(7, 400, 9)))
@@ -194,15 +181,11 @@ def corpus():
 def our_tokenizer(tmp_path, arch, metadata):
     """Our tokenizer from a GGUF that gguf's writer writes (``metadata``: ``{writer method
     without 'add_': value}``) and our reader reads."""
-    from mlx_lm.utils import load_tokenizer
-
     path = tmp_path / "tok.gguf"
     w = gguf.GGUFWriter(str(path), arch)
     for key, value in metadata.items():
         getattr(w, f"add_{key}")(value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.close()
+    write_gguf_file(w)
     out = tmp_path / "tok"
     out.mkdir()
     our_gguf.write_tokenizer(our_gguf.read_header(path)[0], path, out)
@@ -212,10 +195,6 @@ def our_tokenizer(tmp_path, arch, metadata):
 
 def sentencepiece_metadata(**trainer):
     """A SentencePiece BPE model trained on ``corpus()``, as llama.cpp's converter stores it."""
-    import io
-
-    import sentencepiece as spm
-
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus()), model_writer=buf, vocab_size=700, model_type="bpe",
@@ -268,8 +247,6 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 @pytest.mark.parametrize("arch,pre,split", [("llama", "llama-bpe", LLAMA3_SPLIT),
                                             ("qwen2", "qwen2", QWEN2_SPLIT)])
 def test_byte_level_bpe_ids_equal_reference(arch, pre, split, tmp_path):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
     def splitting(regex):
         return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), "isolated"),
                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -283,8 +260,6 @@ def test_byte_level_bpe_ids_equal_reference(arch, pre, split, tmp_path):
         vocab_size=1200, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     ref.pre_tokenizer = splitting(split)
     data = ref.to_str()
-    import json
-
     model = json.loads(data)["model"]
     tokens = sorted(model["vocab"], key=model["vocab"].get)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
@@ -303,8 +278,6 @@ def test_byte_level_bpe_ids_equal_reference(arch, pre, split, tmp_path):
 
 
 def test_unknown_pre_tokenizer_is_refused(tmp_path):
-    from helpers import byte_symbols
-
     with pytest.raises(ModelError, match="pre-tokenizer 'made-up'"):
         our_tokenizer(tmp_path, "llama", {"tokenizer_model": "gpt2", "tokenizer_pre": "made-up",
                                           "token_list": byte_symbols()})
@@ -323,10 +296,6 @@ R = gguf.RopeScalingType
      {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 16.0}),
 ], ids=["absent", "none", "linear", "yarn"])
 def test_rope_scaling_is_honoured(extra, expected, tmp_path):
-    from mlx_lm.models.rope_utils import YarnRoPE
-
-    import mlx_qspec
-
     model, _, config = mlx_qspec.load(tiny_llama(tmp_path / "r.gguf", Q4_K_M, **extra), return_config=True)
     assert config.get("rope_scaling") == expected
     rope = model.layers[0].self_attn.rope
@@ -344,10 +313,6 @@ def test_rope_scaling_is_honoured(extra, expected, tmp_path):
     ({"rope_dimension_count": 32}, ["partial RoPE"]),
 ], ids=["longrope", "yarn-without-context", "yarn-log-multiplier", "partial"])
 def test_rope_scaling_not_reproducible_is_refused(extra, words, tmp_path):
-    import mlx_qspec
-
     path = tiny_llama(tmp_path / "r.gguf", Q4_K_M, **extra)
-    with pytest.raises(ModelError) as info:
-        mlx_qspec.load(path)
-    message = str(info.value)
-    assert "\n" not in message and all(w in message for w in words), message
+    message = model_error(mlx_qspec.load, path)
+    assert all(w in message for w in words), message

@@ -1,22 +1,36 @@
 """What a newcomer hit (issue 26): each command a new user tried that gave a traceback, a
 late check, a message naming the wrong thing or a progress line that lied, pinned."""
 
+import io
 import os
+import pty
+import select
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
-
-import pytest
+from pathlib import Path
 
 import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
 
-from helpers import build_tiny_model, default_sigint
+import mlx_qspec
+from helpers import build_tiny_model, default_sigint, refused
 from helpers.gguf_reference import MHA, write_gguf
 from mlx_qspec import decoder
+from mlx_qspec.bench import main as bench_main
 from mlx_qspec.cache_prompt import main as cache_prompt_main
+from mlx_qspec.chat import main as chat_main
+from mlx_qspec.cli import default_model_path
+from mlx_qspec.commands import bench, cache_prompt, chat, generate, server
+from mlx_qspec.controller import Controller
+from mlx_qspec.convert import main as convert_main
 from mlx_qspec.drafts import layer_skip
 from mlx_qspec.generate import main as generate_main
+from mlx_qspec.train_head import main as train_head_main
 
 
 @pytest.fixture(scope="module")
@@ -25,22 +39,6 @@ def three_blocks(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("three") / "three.gguf"
     write_gguf(path, replace(MHA, layers=3), seed=1, embed_std=0.2)
     return str(path)
-
-
-def _refused(capsys, main, *argv) -> str:
-    """The one line ``main(argv)`` is refused with (exit 2)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    assert exc.value.code == 2
-    return _error_line(capsys)
-
-
-def _error_line(capsys) -> str:
-    """The one line a refused command printed (asserted to be one)."""
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 def test_a_cache_dir_that_cannot_be_written_degrades_to_memory_with_one_line(
@@ -62,10 +60,8 @@ def test_a_cache_dir_that_cannot_be_written_degrades_to_memory_with_one_line(
 
 
 def test_a_skip_share_on_a_model_too_small_is_refused_before_calibrating(tiny_gguf, capsys):
-    with pytest.raises(SystemExit) as exc:
-        generate_main(["--model", tiny_gguf, "--prompt", "hi", "--draft", "skip-0.5"])
-    assert exc.value.code == 2
-    assert "has 2 blocks; a skip draft needs at least 3" in _error_line(capsys)
+    line = refused(capsys, generate_main, "--model", tiny_gguf, "--prompt", "hi", "--draft", "skip-0.5")
+    assert "has 2 blocks; a skip draft needs at least 3" in line
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "cache_prompt", "convert", "server"])
@@ -118,29 +114,22 @@ def test_a_prompt_cache_is_refused_for_another_model_at_the_same_path(tmp_path, 
             "--max-tokens", "3"]
     generate_main(args)  # the same model: accepted
     write_gguf(model, MHA, seed=2, embed_std=0.2)
-    line = _refused(capsys, generate_main, *args)
+    line = refused(capsys, generate_main, *args)
     assert "was made with another model" in line and "cache_prompt" in line
     write_gguf(model, replace(MHA, layers=3), seed=1, embed_std=0.2)
-    assert "was made with another model" in _refused(capsys, generate_main, *args)
+    assert "was made with another model" in refused(capsys, generate_main, *args)
 
 
 def test_cache_prompt_checks_its_file_before_loading(tmp_path, capsys, monkeypatch):
-    from mlx_qspec.commands import cache_prompt
-
     monkeypatch.setattr(cache_prompt, "load", lambda *a, **k: pytest.fail("loaded first"))
-    for path, says in ((tmp_path / "no" / "c.safetensors", "'" + str(tmp_path / "no") +
-                        "' does not exist"),
-                       (tmp_path, "must end in .safetensors")):
-        line = _refused(capsys, cache_prompt_main, "--prompt", "hi", "--prompt-cache-file",
-                        str(path))
-        assert says in line, line
     (tmp_path / "d.safetensors").mkdir()
-    line = _refused(capsys, cache_prompt_main, "--prompt", "hi", "--prompt-cache-file",
-                    str(tmp_path / "d.safetensors"))
-    assert "is a directory" in line
-    line = _refused(capsys, generate_main, "--prompt", "hi", "--prompt-cache-file",
-                    str(tmp_path / "d.safetensors"))
-    assert "is a directory" in line
+    for main, path, says in (
+            (cache_prompt_main, tmp_path / "no" / "c.safetensors", f"'{tmp_path / 'no'}' does not exist"),
+            (cache_prompt_main, tmp_path, "must end in .safetensors"),
+            (cache_prompt_main, tmp_path / "d.safetensors", "is a directory"),
+            (generate_main, tmp_path / "d.safetensors", "is a directory")):
+        line = refused(capsys, main, "--prompt", "hi", "--prompt-cache-file", str(path))
+        assert says in line, line
 
 
 def test_prefill_progress_is_reported_after_the_chunk_is_evaluated(monkeypatch):
@@ -150,8 +139,6 @@ def test_prefill_progress_is_reported_after_the_chunk_is_evaluated(monkeypatch):
     events = []
     evaluate = mx.eval
     monkeypatch.setattr(decoder.mx, "eval", lambda *a: events.append("eval") or evaluate(*a))
-    from mlx_lm.models.cache import make_prompt_cache
-
     decoder.prefill(model, mx.arange(10, dtype=mx.uint32), make_prompt_cache(model), 4,
                     after=lambda: events.append("after"),
                     progress=lambda done, total: events.append((done, total)))
@@ -178,23 +165,16 @@ def test_chat_checks_what_generate_checks_before_loading(argv, says, junk_adapte
                                                          monkeypatch):
     """With stdin at its end too: the mistake is one line and exit 2, before any model
     loads or the chat shows its prompt (it exited 0 at end of input and never said)."""
-    import io
-
-    from mlx_qspec.chat import main as chat_main
-    from mlx_qspec.commands import chat
-
     monkeypatch.setattr(chat, "load", lambda *a, **k: pytest.fail("loaded first"))
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     argv = [junk_adapter if a == "JUNK" else a for a in argv]
-    line = _refused(capsys, chat_main, *argv)
+    line = refused(capsys, chat_main, *argv)
     assert says in line and line.startswith("mlx_qspec.chat: error:"), line
 
 
 def test_a_junk_adapter_is_named_before_loading(junk_adapter, capsys, monkeypatch):
-    from mlx_qspec.commands import generate
-
     monkeypatch.setattr(generate, "load", lambda *a, **k: pytest.fail("loaded first"))
-    line = _refused(capsys, generate_main, "--adapter-path", junk_adapter)
+    line = refused(capsys, generate_main, "--adapter-path", junk_adapter)
     assert f"{junk_adapter}/adapter_config.json: no num_layers" in line
     assert "SimpleNamespace" not in line
 
@@ -202,51 +182,36 @@ def test_a_junk_adapter_is_named_before_loading(junk_adapter, capsys, monkeypatc
 def test_settings_refused_after_loading_name_their_flags(tiny_gguf, capsys):
     """A window too small for the positions it keeps is found when the cache is made: the
     message names --max-kv-size, not the Python name."""
-    line = _refused(capsys, generate_main, "--model", tiny_gguf, "--max-kv-size", "2",
+    line = refused(capsys, generate_main, "--model", tiny_gguf, "--max-kv-size", "2",
                     "--draft", "a8")
     assert line.startswith("mlx_qspec.generate: error: --max-kv-size must exceed"), line
 
 
 def test_a_gguf_is_recognised_by_its_magic_whatever_its_extension(tiny_gguf, tmp_path):
-    import shutil
-
-    from mlx_qspec import generate, load
-
     renamed = tmp_path / "model.txt"
     shutil.copy(tiny_gguf, renamed)
-    outs = [generate(*load(str(path)), "hello", max_tokens=4) for path in (tiny_gguf, renamed)]
+    outs = [mlx_qspec.generate(*mlx_qspec.load(str(path)), "hello", max_tokens=4)
+            for path in (tiny_gguf, renamed)]
     assert outs[0] == outs[1]
 
 
-@pytest.mark.parametrize("mlx_path, says", [
-    ("FILE", "is a file; name a directory"),
-    ("", "--mlx-path is empty"),
-    ("   ", "--mlx-path is empty"),
+@pytest.mark.parametrize("argv, says", [
+    (["--model", "GGUF", "--mlx-path", "FILE"], "is a file; name a directory"),
+    (["--model", "GGUF", "--mlx-path", ""], "--mlx-path is empty"),
+    (["--model", "GGUF", "--mlx-path", "   "], "--mlx-path is empty"),
+    ([], ""),  # argparse's errors
+    (["--model", "m.gguf", "--q-bits", "7"], ""),
+    (["--model", "m.gguf", "--bogus"], ""),
 ])
-def test_convert_says_what_is_wrong_with_its_destination(mlx_path, says, tiny_gguf, tmp_path,
-                                                         capsys):
-    from mlx_qspec.convert import main as convert_main
-
+def test_convert_says_what_is_wrong_in_one_line(argv, says, tiny_gguf, tmp_path, capsys):
     (tmp_path / "f").write_text("")
-    mlx_path = str(tmp_path / "f") if mlx_path == "FILE" else mlx_path
-    line = _refused(capsys, convert_main, "--model", tiny_gguf, "--mlx-path", mlx_path)
-    assert says in line, line
-
-
-@pytest.mark.parametrize("argv", [[], ["--model", "m.gguf", "--q-bits", "7"],
-                                  ["--model", "m.gguf", "--bogus"]])
-def test_convert_argparse_errors_are_one_line(argv, capsys):
-    from mlx_qspec.convert import main as convert_main
-
-    assert _refused(capsys, convert_main, *argv).startswith("mlx_qspec.convert: error:")
+    argv = [{"GGUF": tiny_gguf, "FILE": str(tmp_path / "f")}.get(a, a) for a in argv]
+    line = refused(capsys, convert_main, *argv)
+    assert line.startswith("mlx_qspec.convert: error:") and says in line, line
 
 
 def test_help_and_readme_say_what_happens(capsys):
     """Repo ids download (as mlx-lm's); the default model can be named from Python."""
-    import mlx_qspec
-    from mlx_qspec.cli import default_model_path
-    from pathlib import Path
-
     with pytest.raises(SystemExit):
         generate_main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -260,9 +225,6 @@ def test_help_and_readme_say_what_happens(capsys):
 def _read_pty(fd: int, seen: bytearray, done, timeout: float = 60) -> None:
     """Read the terminal's output into ``seen`` until ``done(seen)`` (or until the child
     closes the terminal, where ``done`` is None)."""
-    import select
-    import time
-
     end = time.monotonic() + timeout
     while done is None or not done(seen):
         assert time.monotonic() < end, bytes(seen[-400:])
@@ -284,9 +246,6 @@ def _shows(marker: bytes, after: int = 0):
 def test_chat_q_typed_while_an_answer_streams_is_neither_echoed_nor_the_next_message(tiny_gguf):
     """At a terminal: 'q' typed during an answer used to show inside the answer and then end
     the chat as if typed at the next prompt. It is dropped: the chat waits for a message."""
-    import pty
-    import time
-
     master, slave = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlx_qspec.chat", "--model", tiny_gguf, "--max-tokens", "300",
@@ -326,40 +285,33 @@ def test_chat_q_typed_while_an_answer_streams_is_neither_echoed_nor_the_next_mes
 def test_paths_named_by_flags_are_checked_before_loading_and_name_the_flag(tmp_path, capsys):
     """--draft-model nope.gguf said "model path 'nope.gguf' does not exist" once the model
     had loaded (which model?); train_head --out where nothing can be made was a traceback."""
-    from mlx_qspec.train_head import main as train_head_main
-
-    line = _refused(capsys, generate_main, "--draft-model", str(tmp_path / "nope.gguf"))
+    line = refused(capsys, generate_main, "--draft-model", str(tmp_path / "nope.gguf"))
     assert line.endswith(f"--draft-model '{tmp_path / 'nope.gguf'}' does not exist")
     (tmp_path / "f").write_text("")
-    line = _refused(capsys, train_head_main, "--out", str(tmp_path / "f" / "head"))
+    line = refused(capsys, train_head_main, "--out", str(tmp_path / "f" / "head"))
     assert f"--out '{tmp_path / 'f' / 'head'}': cannot create it" in line
-    line = _refused(capsys, train_head_main, "--model", str(tmp_path / "nope.gguf"), "--out",
+    line = refused(capsys, train_head_main, "--model", str(tmp_path / "nope.gguf"), "--out",
                     str(tmp_path / "new"))  # the model before --out is made
     assert line.endswith(f"--model '{tmp_path / 'nope.gguf'}' does not exist")
     assert not (tmp_path / "new").exists()
-    assert _refused(capsys, train_head_main, "--out", str(tmp_path / "new"), "--seq-len", "0"
+    assert refused(capsys, train_head_main, "--out", str(tmp_path / "new"), "--seq-len", "0"
                     ).endswith("argument --seq-len: must be an integer >= 1, got 0")
 
 
 def test_bench_makes_its_report_folder_before_the_work(tmp_path, capsys, monkeypatch):
     """It wrote the report only after minutes of checks and timings, and a folder it could
     not make was a traceback then; its argparse errors were several lines."""
-    from mlx_qspec.bench import main as bench_main
-    from mlx_qspec.commands import bench
-
     monkeypatch.setattr(bench, "load", lambda *a, **k: pytest.fail("loaded first"))
     (tmp_path / "f").write_text("")
     for out, says in ((tmp_path / "f" / "r", "cannot create it"), (tmp_path / "f", "is a file")):
-        assert says in _refused(capsys, bench_main, "--out", str(out))
-    assert _refused(capsys, bench_main, "--bogus").startswith("mlx_qspec.bench: error:")
+        assert says in refused(capsys, bench_main, "--out", str(out))
+    assert refused(capsys, bench_main, "--bogus").startswith("mlx_qspec.bench: error:")
 
 
 def test_auto_does_not_blame_acceptance_for_a_draft_it_never_timed():
     """A short run on a CPU (no roofline, nothing stored) times plain decoding and stops
     before trying a draft: it said acceptance_too_low(a8-g32_0.97) — untrue. It says the
     draft was not timed yet; once timed, what it measured."""
-    from mlx_qspec.controller import Controller
-
     controller = Controller({"a8-g32": 0.97, "ngram": 0.44})
     for _ in range(2):  # plain decoding timed first (a warm-up, then timed; 0.2 s a token) ...
         action = controller.next()
@@ -371,28 +323,22 @@ def test_auto_does_not_blame_acceptance_for_a_draft_it_never_timed():
 
 def test_the_server_checks_the_paths_it_is_given_before_loading(monkeypatch, capsys):
     """As generate and chat: a wrong --draft-model or --draft-head costs no model load."""
-    from mlx_qspec.commands import server
-
     monkeypatch.setattr(server, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     for flags, words in ((["--draft-model", "/nope.gguf"], "--draft-model '/nope.gguf' does not exist"),
                          (["--draft-head", "/nope"], "--draft-head '/nope' is not a directory")):
-        with pytest.raises(SystemExit) as exc:
-            server.main(flags)
-        assert exc.value.code == 2 and words in _error_line(capsys)
+        assert words in refused(capsys, server.main, *flags)
 
 
 @pytest.mark.parametrize("flag", ["--kv-group-size", "--quantized-kv-start"])
 def test_every_command_refuses_a_kv_flag_without_kv_bits(monkeypatch, capsys, tmp_path, flag):
     """generate refused --kv-group-size 32 alone; the server and cache_prompt take the same
     flags and ignored it: all three refuse it now, before loading."""
-    from mlx_qspec.commands import cache_prompt, server
-
     for module in (cache_prompt, server):
         monkeypatch.setattr(module, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     file = str(tmp_path / "c.safetensors")
     for main, argv in ((generate_main, ["--prompt", "hi"]), (server.main, []),
                        (cache_prompt_main, ["--prompt", "hi", "--prompt-cache-file", file])):
-        line = _refused(capsys, main, *argv, flag, "32")
+        line = refused(capsys, main, *argv, flag, "32")
         assert f"{flag} 32 applies with --kv-bits only" in line, line
 
 

@@ -25,7 +25,7 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
 
 from helpers import build_tiny_model
-from helpers.sampling import chi2_pvalue, sample_first_tokens
+from helpers.sampling import chi2_pvalue, random_logprobs, sample_first_tokens
 from mlx_qspec import kernels
 from mlx_qspec.quant.activations import quantize_activations
 from mlx_qspec.quant.linear import install
@@ -190,11 +190,16 @@ def _assert_close(y, ref, no_bias, rtol=5e-6):
     assert np.abs(no_bias - ref).max() > 10000 * rtol * scale
 
 
-@pytest.mark.parametrize("M,K,N,group,act_bits,act_group", INT_CASES)
-def test_act_quant_matmul_reference_path_matches_formula(monkeypatch, M, K, N, group, act_bits,
-                                                         act_group):
-    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
-    assert kernels.backend() == "mlx-reference"
+@pytest.mark.parametrize("backend,M,K,N,group,act_bits,act_group",
+                         [("mlx-reference", *c) for c in INT_CASES] + [("metal", *INT_CASES[1])])
+def test_act_quant_matmul_matches_formula(request, monkeypatch, backend, M, K, N, group, act_bits,
+                                          act_group):
+    """The dispatcher as the CPU runs it (MLX), and as a Mac does (backend "metal": act_quant
+    then the int matmul, through the emulator)."""
+    if backend == "metal":
+        request.getfixturevalue("emulated")
+    monkeypatch.setattr(mx.metal, "is_available", lambda: backend == "metal")
+    assert kernels.backend() == backend
     x, (wq, s, b), ref, no_bias = _int_case(M, K, N, group, act_bits, act_group)
     y = kernels.act_quant_matmul(mx.array(x), wq, s, b, group_size=group, bits=4,
                                  act_bits=act_bits, act_group_size=act_group)
@@ -208,17 +213,6 @@ def test_metal_int_matmul_matches_formula(emulated, M, K, N, group, act_bits, ac
     codes, ascales, sums = kernels.metal_act_quant(mx.array(x), act_bits, act_group, sum_size=sub)
     y = kernels.metal_int_matmul(codes, ascales, sums, wq, s, b, group_size=group,
                                  act_group_size=act_group)
-    _assert_close(y, ref, no_bias)
-
-
-def test_metal_dispatch_matches_formula(emulated, monkeypatch):
-    """The dispatcher as a Mac runs it (backend "metal"): act_quant then the int matmul."""
-    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
-    assert kernels.backend() == "metal"
-    M, K, N, group, act_bits, act_group = INT_CASES[1]
-    x, (wq, s, b), ref, no_bias = _int_case(M, K, N, group, act_bits, act_group)
-    y = kernels.act_quant_matmul(mx.array(x), wq, s, b, group_size=group, bits=4,
-                                 act_bits=act_bits, act_group_size=act_group)
     _assert_close(y, ref, no_bias)
 
 
@@ -239,11 +233,6 @@ def independent_distribution(logprobs: mx.array, temp, top_p=0.0, min_p=0.0, top
     return p / p.sum(axis=-1, keepdims=True)
 
 
-def logprobs_fixture(V=64, rows=3, seed=11):
-    x = mx.random.normal((rows, V), key=mx.random.key(seed)) * 2.5
-    return x - mx.logsumexp(x, axis=-1, keepdims=True)
-
-
 FILTERS = [dict(), dict(top_p=0.9), dict(min_p=0.05), dict(top_k=5),
            dict(top_p=0.95, min_p=0.02, top_k=12)]
 
@@ -251,7 +240,7 @@ FILTERS = [dict(), dict(top_p=0.9), dict(min_p=0.05), dict(top_k=5),
 @pytest.mark.parametrize("temp", [0.5, 0.7, 1.5])
 @pytest.mark.parametrize("filters", FILTERS, ids=lambda f: "-".join(f) or "nofilter")
 def test_sampler_distribution_equals_softmax_of_filtered_logits(temp, filters):
-    lp = logprobs_fixture()
+    lp = random_logprobs(64, rows=3, seed=11, scale=2.5)
     ours = np.exp(np.array(make_sampler(temp=temp, **filters).distribution(lp), np.float64))
     ref = independent_distribution(lp, temp, **filters)
     np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=1e-5)
@@ -269,7 +258,7 @@ def test_mlx_lm_sampler_histogram_matches_our_distribution(temp, filters):
     """20 000 draws of mlx-lm's own sampler against Sampler.distribution; the same draws are
     far from the distribution with the temperature upside down (the test has power)."""
     n, V = 20000, 24
-    lp = logprobs_fixture(V=V, rows=1, seed=5)
+    lp = random_logprobs(V, seed=5, scale=2.5)
     mx.random.seed(99)
     draws = mlx_lm_make_sampler(temp=temp, **filters)(mx.broadcast_to(lp, (n, V)))
     counts = Counter(np.array(draws).tolist())

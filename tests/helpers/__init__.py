@@ -1,15 +1,22 @@
 """What the tests share beside fixtures (those are in conftest.py): tiny models built in
-process, numerics, GGUF writing, child processes. Test modules import these, never each
-other. Submodules: ``gguf_reference`` / ``gguf_raw`` / ``gguf_kquants`` (tiny GGUF files, three
-ways), ``sampling`` (chi-square against an exact joint distribution), ``decoding`` (plain and
-speculative runs), ``serving`` (a chat server started in the test process)."""
+process, numerics, GGUF writing, the commands run in process or as child processes. Test
+modules import these, never each other. Submodules: ``gguf_reference`` / ``gguf_raw`` /
+``gguf_kquants`` (tiny GGUF files, three ways), ``sampling`` (chi-square against an exact
+joint distribution), ``hybrid_models`` (tiny models of other families), ``serving`` (a chat
+server started in the test process)."""
 
+import os
 import signal
+import subprocess
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import pytest
 from mlx_lm.models import llama
+
+from mlx_qspec.errors import ModelError
 
 TINY = dict(
     model_type="llama",
@@ -68,6 +75,55 @@ def default_sigint():
     shell that runs its jobs in the background (``cmd &``) has them ignore SIGINT, and Python
     started that way keeps ignoring it (no KeyboardInterrupt)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def run_command(module, *args, stdin=None):
+    """A real ``python -m mlx_qspec.<module>`` process, offline (no hub downloads), text in
+    and out: where only the process can show it (argv bytes, signals, pipes, exit codes)."""
+    return subprocess.run([sys.executable, "-m", f"mlx_qspec.{module}", *args], input=stdin,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
+def run_main(capsys, main, *argv):
+    """(exit code, stdout, stderr) of one in-process run of a command's ``main(argv)``."""
+    capsys.readouterr()
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def refused(capsys, main, *argv) -> str:
+    """The one line an in-process run of ``main(argv)`` is refused with (``assert_one_line``)."""
+    code, _, err = run_main(capsys, main, *argv)
+    return assert_one_line(code, err)
+
+
+def summary(err) -> dict:
+    """The ``key=value`` fields of the summary line ``--verbose`` ends stderr with."""
+    return dict(field.split("=", 1) for field in err.strip().splitlines()[-1].split())
+
+
+def assert_one_line(code, err, *words) -> str:
+    """A user mistake: exit 2 and one line without a traceback, naming ``words``; the line."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def model_error(call, *args, **kwargs) -> str:
+    """The message of the ModelError ``call(*args, **kwargs)`` raises, asserted to be one line."""
+    with pytest.raises(ModelError) as info:
+        call(*args, **kwargs)
+    assert "\n" not in str(info.value), info.value
+    return str(info.value)
 
 
 def write_gguf_file(writer):

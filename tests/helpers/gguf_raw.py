@@ -1,5 +1,6 @@
-"""A tiny GGUF v3 file written byte by byte (no library): a tiny llama (or qwen2) with Q4_0,
-Q4_1 and Q8_0 linears, a byte-level BPE tokenizer with a few merges."""
+"""A tiny GGUF v3 file written byte by byte (no library writes it): a tiny llama (or qwen2)
+with Q4_0, Q4_1 and Q8_0 linears, a byte-level BPE tokenizer with a few merges. Its block
+tensors, their types and the tokenizer's specials are ``gguf_reference``'s."""
 
 import struct
 from pathlib import Path
@@ -7,29 +8,14 @@ from pathlib import Path
 import numpy as np
 
 from . import byte_symbols
+# BLOCK: both Q4 flavours and Q8_0 in every block, so the per-module quantization overrides
+# are exercised too.
+from .gguf_reference import BLOCK, BOS_ID, CHAT_TEMPLATE, EOS_ID, SPECIALS
 
 HIDDEN, LAYERS, FFN, HEADS, KV_HEADS = 64, 2, 128, 4, 2
 EPS, THETA, CONTEXT = 1e-5, 10000.0, 512
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-EOS_ID, BOS_ID = 2, 1
 MERGES = ["t h", "th e", "Ġ the", "h e", "l l", "he ll", "hell o", "1 2"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 TYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q2_K": 10}
-# Linear layers by type: both Q4 flavours and Q8_0 in every block, so the
-# per-module quantization overrides are exercised too.
-BLOCK_TYPES = {
-    "attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q8_0", "attn_output": "Q4_0",
-    "ffn_gate": "Q4_1", "ffn_up": "Q4_0", "ffn_down": "Q8_0",
-}
-MLX_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 
 
 def vocab():
@@ -143,18 +129,16 @@ def tiny_llama(path, *, arch="llama", tied=True, pre="smollm", override=None, se
     }
     head_dim = HIDDEN // HEADS
     shapes = {
-        "attn_q": (HIDDEN, HIDDEN), "attn_k": (KV_HEADS * head_dim, HIDDEN),
+        "attn_norm": (HIDDEN,), "attn_q": (HIDDEN, HIDDEN), "attn_k": (KV_HEADS * head_dim, HIDDEN),
         "attn_v": (KV_HEADS * head_dim, HIDDEN), "attn_output": (HIDDEN, HIDDEN),
-        "ffn_gate": (ffn, HIDDEN), "ffn_up": (ffn, HIDDEN), "ffn_down": (HIDDEN, ffn),
+        "ffn_gate": (ffn, HIDDEN), "ffn_up": (ffn, HIDDEN), "ffn_down": (HIDDEN, ffn), "ffn_norm": (HIDDEN,),
     }
     specs = [("token_embd.weight", "model.embed_tokens", (len(tokens), HIDDEN), "Q8_0")]
     for i in range(LAYERS):
-        specs.append((f"blk.{i}.attn_norm.weight", f"model.layers.{i}.input_layernorm", (HIDDEN,), "F32"))
-        for k, shape in shapes.items():
-            specs.append((f"blk.{i}.{k}.weight", f"model.layers.{i}.{MLX_NAMES[k]}", shape, BLOCK_TYPES[k]))
+        for k, (module, qtype) in BLOCK.items():
+            specs.append((f"blk.{i}.{k}.weight", f"model.layers.{i}.{module}", shapes[k], qtype.name))
             if arch == "qwen2" and k in ("attn_q", "attn_k", "attn_v"):  # qwen2: q/k/v biases
-                specs.append((f"blk.{i}.{k}.bias", f"model.layers.{i}.{MLX_NAMES[k]}.bias", shape[:1], "F32"))
-        specs.append((f"blk.{i}.ffn_norm.weight", f"model.layers.{i}.post_attention_layernorm", (HIDDEN,), "F32"))
+                specs.append((f"blk.{i}.{k}.bias", f"model.layers.{i}.{module}.bias", shapes[k][:1], "F32"))
     specs.append(("output_norm.weight", "model.norm", (HIDDEN,), "F32"))
     if not tied:
         specs.append(("output.weight", "lm_head", (len(tokens), HIDDEN), "F16"))

@@ -1,13 +1,17 @@
 """A tiny llama GGUF written by llama.cpp's own Python package (``gguf.GGUFWriter``), its
 tensors quantized by ``gguf.quants`` (Q4_0, Q4_1, Q8_0) after permuting the Q and K rows as
 llama.cpp's converter does; a byte-level tokenizer with no merges, so any text is one token
-per UTF-8 byte (plus one per special token) and token counts are arithmetic."""
+per UTF-8 byte (plus one per special token) and token counts are arithmetic. And what the
+GGUF tests compare with: mlx-lm's llama built from float tensors, gguf's own dequantization
+of a file's tensors."""
 
 from dataclasses import dataclass
 
 import gguf
+import mlx.core as mx
 import numpy as np
 from gguf import GGMLQuantizationType as Q
+from mlx_lm.models import llama
 
 from . import byte_symbols, write_gguf_file
 
@@ -107,31 +111,19 @@ def write_gguf(path, cfg: Config, seed=0, embed_std=1.0):
     weights (mlx-lm names, HF layout, float32 — each the gguf dequantization of what was
     written, un-permuted)."""
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny-reference")
-    w.add_context_length(256)
-    w.add_embedding_length(cfg.hidden)
-    w.add_block_count(cfg.layers)
-    w.add_feed_forward_length(cfg.ffn)
-    w.add_head_count(cfg.heads)
-    w.add_head_count_kv(cfg.kv_heads)
-    w.add_layer_norm_rms_eps(cfg.eps)
-    w.add_rope_freq_base(cfg.theta)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(TOKENS)
-    w.add_token_types(TOKEN_TYPES)
-    w.add_bos_token_id(BOS_ID)
-    w.add_eos_token_id(EOS_ID)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    for key, value in [("name", "tiny-reference"), ("context_length", 256),
+                       ("embedding_length", cfg.hidden), ("block_count", cfg.layers),
+                       ("feed_forward_length", cfg.ffn), ("head_count", cfg.heads),
+                       ("head_count_kv", cfg.kv_heads), ("layer_norm_rms_eps", cfg.eps),
+                       ("rope_freq_base", cfg.theta), ("rope_dimension_count", cfg.head_dim),
+                       ("tokenizer_model", "gpt2"), ("tokenizer_pre", "default"), ("token_list", TOKENS),
+                       ("token_types", TOKEN_TYPES), ("bos_token_id", BOS_ID), ("eos_token_id", EOS_ID),
+                       ("add_bos_token", False), ("chat_template", CHAT_TEMPLATE)]:
+        getattr(w, f"add_{key}")(value)
     reference = {}
     for name, (value, qtype, mlx_name) in hf_tensors(cfg, seed, embed_std).items():
-        stored = value
-        if name.endswith("attn_q.weight"):
-            stored = permute(value, cfg.heads, cfg.heads)
-        elif name.endswith("attn_k.weight"):
-            stored = permute(value, cfg.heads, cfg.kv_heads)
+        heads = {"attn_q": cfg.heads, "attn_k": cfg.kv_heads}.get(name.split(".")[-2])  # Q, K: permuted
+        stored = value if heads is None else permute(value, heads)
         if qtype == Q.F32:
             w.add_tensor(name, stored)
             deq = stored
@@ -142,10 +134,37 @@ def write_gguf(path, cfg: Config, seed=0, embed_std=1.0):
             data = gguf.quants.quantize(stored, qtype)
             w.add_tensor(name, data, raw_dtype=qtype)
             deq = gguf.quants.dequantize(data, qtype).reshape(stored.shape)
-        if name.endswith("attn_q.weight"):
-            deq = unpermute(deq, cfg.heads)
-        elif name.endswith("attn_k.weight"):
-            deq = unpermute(deq, cfg.kv_heads)
-        reference[mlx_name] = deq.astype(np.float32)
+        reference[mlx_name] = (deq if heads is None else unpermute(deq, heads)).astype(np.float32)
     write_gguf_file(w)
     return reference
+
+
+def reference_llama(cfg: Config, weights: dict, *, traditional=False):
+    """mlx-lm's llama, float weights straight from ``weights`` (no quantized layers)."""
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
+        intermediate_size=cfg.ffn, num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads, rms_norm_eps=cfg.eps, vocab_size=len(TOKENS),
+        rope_theta=cfg.theta, rope_traditional=traditional, tie_word_embeddings=cfg.tied,
+    )
+    model = llama.Model(args)
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+RTOL = 2e-5  # float32 rounding: quantized_matmul vs dense matmul of the same values
+
+
+def relative_gap(a, b):
+    """The largest difference of ``a`` from ``b``, relative to ``b``'s scale."""
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+def file_tensors(path):
+    """Every tensor of the GGUF file at ``path``: (name, type, float32 values), as gguf's own
+    reader and dequantizer give them (in MLX's shape order)."""
+    for t in gguf.GGUFReader(str(path)).tensors:
+        qtype = Q(t.tensor_type)
+        shape = tuple(int(d) for d in reversed(t.shape))
+        yield t.name, qtype, gguf.quants.dequantize(t.data, qtype).reshape(shape).astype(np.float32)

@@ -2,7 +2,7 @@
 weights: hybrids with recurrent state (gated delta, short convolutions, Mamba-2), mixtures of
 experts, and mxfp4 experts (gpt-oss).
 
-Random weights make a model that repeats one token; as ``conftest.build_tiny_model`` does,
+Random weights make a model that repeats one token; as ``helpers.build_tiny_model`` does,
 the LM head is a permutation of the embedding (the next token depends on the current one)
 and each block's output projections are scaled up (the context matters), so drafts that
 read less disagree some of the time.
@@ -17,6 +17,10 @@ from mlx_lm.models import (
     falcon_h1, gpt_oss, granitemoehybrid, kimi_linear, lfm2, lfm2_moe, mamba2, nemotron_h, olmo_hybrid,
     plamo2, qwen3_5, qwen3_moe, qwen3_next,
 )
+from mlx_lm.utils import save_config, save_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from . import byte_symbols
 
 VOCAB = 256
 COMMON = dict(vocab_size=VOCAB, hidden_size=128, tie_word_embeddings=False)
@@ -137,11 +141,6 @@ def save(name: str, root, experts_mode: str = "affine"):
     """The tiny ``name`` model as an mlx-community style directory: weights, config (mlx-lm
     infers each layer's quantization from its arrays), a byte-level BPE tokenizer with a
     chat template that joins the messages' texts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from mlx_lm.utils import save_config, save_model
-
-    from helpers import byte_symbols
-
     save_model(root, build(name, experts_mode=experts_mode), donate_model=True)
     save_config({**CONFIGS[name][1], "quantization": {"group_size": 32, "bits": 4}},
                 root / "config.json")

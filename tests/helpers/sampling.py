@@ -1,6 +1,6 @@
 """Shared by the speculative-sampling distribution tests: draw the first tokens many times
 from one prefilled cache, the exact joint distribution of those tokens, and Pearson's
-chi-square between them."""
+chi-square between them; random log-probabilities for the samplers' own tests."""
 
 import math
 from collections import Counter
@@ -30,6 +30,12 @@ def sample_first_tokens(model, prompt, sampler, steps: int, n: int, seed: int,
         trim_prompt_cache(cache, steps)
     assert cache[0].offset == len(prompt) - 1
     return counts, stats
+
+
+def random_logprobs(V: int, rows: int = 1, seed: int = 0, scale: float = 2.0) -> mx.array:
+    """Log-probabilities over ``V`` tokens of ``rows`` random logit rows (normal × ``scale``)."""
+    x = mx.random.normal((rows, V), key=mx.random.key(seed)) * scale
+    return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
 
 def chi2_pvalue(counts: Counter, probs: dict, n: int) -> float:
