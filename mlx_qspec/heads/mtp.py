@@ -193,9 +193,7 @@ def load_converted(path) -> tuple | str | None:
         return None
     try:
         cfg = store.read_config(folder)
-        weights = mx.load(str(folder / store.WEIGHTS))
-        head = store.build(cfg, weights)
-        head.load_weights(list(weights.items()), strict=True)
+        head = store.build(cfg, folder)
     except (ModelError, KeyError, ValueError, RuntimeError) as e:
         return f"{folder}: {' '.join(str(e).split())[:200]}"
     return head, cfg
