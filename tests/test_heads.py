@@ -279,16 +279,22 @@ def test_train_head_writes_a_head_that_loads_and_resumes(tiny, tmp_path, capsys,
     main(argv + ["--steps", "3"])
     state = json.loads((tmp_path / "head" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 3
-    with monkeypatch.context() as m:  # other shapes: refused in one line, before loading
+    other = tmp_path / "other.txt"
+    other.write_text("another text " * 60)
+    with monkeypatch.context() as m:  # other shapes or text: refused in one line, before loading
         from mlx_qspec.commands import train_head
 
         m.setattr(train_head, "load", lambda *a, **k: pytest.fail("the model was loaded"))
         capsys.readouterr()
-        with pytest.raises(SystemExit) as exc:
-            main(argv + ["--seq-len", "16", "--draft-vocab", "0"])  # (the last flag counts)
-        err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == 2 and len(err) == 1, err
-    assert "--seq-len 32 (this run: 16), --draft-vocab 40 (this run: 0)" in err[0]
+        for extra, words in (  # (the last flag counts)
+                (["--seq-len", "16", "--draft-vocab", "0"],
+                 "--seq-len 32 (this run: 16), --draft-vocab 40 (this run: 0)"),
+                (["--text", str(other)], f"--text {text.resolve()} (this run: {other.resolve()})")):
+            with pytest.raises(SystemExit) as exc:
+                main(argv + extra)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert exc.value.code == 2 and len(err) == 1, err
+            assert words in err[0]
     model, tokenizer = load(src)
     prepare(model)
     head, cfg = store.load(tmp_path / "head", model, capture.ModelEnds(model))

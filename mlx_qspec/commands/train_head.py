@@ -365,20 +365,25 @@ def _check_out(out: Path):
         raise UserError(f"--out '{out}': cannot create it ({e.strerror or e})") from None
 
 
-# The flags whose values shape the checkpoint (hidden states' width, windows, the head's vocabulary)
-RESUMED_FLAGS = ("model", "seq_len", "draft_vocab")
+# The flags whose values shape the checkpoint (hidden states' width, the text and its windows,
+# the head's vocabulary)
+RESUMED_FLAGS = ("model", "text", "seq_len", "draft_vocab")
 
 
 def _check_resume(state: dict, args, out: Path) -> None:
     """A checkpoint resumes only under the flags it was made with (state.json records them
-    from its first write): other ones failed deep in the run with a ValueError on shapes."""
+    from its first write): other ones failed deep in the run with a ValueError on shapes, or
+    (another --text) trained on windows of two texts."""
     given = {name: getattr(args, name) for name in RESUMED_FLAGS}
     if given["model"] is not None and (path := Path(given["model"]).expanduser()).exists():
         given["model"] = str(path.resolve())  # (the same model named from another folder)
-    made = state.setdefault("arguments", given)  # (a checkpoint from before: taken as is)
-    if differ := [name for name in RESUMED_FLAGS if made.get(name) != given[name]]:
+    if given["text"] is not None:  # (the same files named from another folder)
+        given["text"] = " ".join(str(Path(t).expanduser().resolve()) for t in given["text"])
+    # what a checkpoint from before did not record is taken as this run's
+    made = state["arguments"] = {**given, **state.get("arguments", {})}
+    if differ := [name for name in RESUMED_FLAGS if made[name] != given[name]]:
         show = lambda v: "its default" if v is None else v  # noqa: E731
-        flags = ", ".join(f"--{n.replace('_', '-')} {show(made.get(n))} (this run: {show(given[n])})"
+        flags = ", ".join(f"--{n.replace('_', '-')} {show(made[n])} (this run: {show(given[n])})"
                           for n in differ)
         raise UserError(f"--out '{out}' holds a checkpoint made with {flags}: resume with the "
                         "same flags, or write to another --out")
