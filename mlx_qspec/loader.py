@@ -331,10 +331,8 @@ def load(
     tokenizer_config = dict(tokenizer_config or {})
     if trust_remote_code:
         tokenizer_config["trust_remote_code"] = True
-    from_gguf = path.is_file()
+    from_gguf = path.is_file() and _is_gguf(path)
     if from_gguf:
-        if not _is_gguf(path):
-            raise ModelError(f"'{path}' is neither a model directory nor a GGUF file")
         model, tokenizer, config, _ = load_gguf(path, tokenizer_config)
     elif path.is_dir():
         model_type = read_config(path)["model_type"]
@@ -357,15 +355,14 @@ def load(
     if adapter_path is not None:
         _load_adapters(model, adapter_path)
     apply_online_rotations(model, config)  # a no-op unless config.json records a rotation
-    if dtype == "auto":
-        dtype = default_dtype()
-        if dtype is None and from_gguf:  # Metal: half-precision compute, weights untouched
-            cast_float32_to_half(model)
-    cast_floats(model, dtype)
-    if isinstance(kept := mtp.attached(model), tuple):  # the MTP head computes as the model does
-        cast_floats(kept[0], dtype)
-        if dtype is None and from_gguf:
-            cast_float32_to_half(kept[0])
+    # Metal, "auto": a GGUF computes in half precision, its weights untouched
+    half = dtype == "auto" and from_gguf and default_dtype() is None
+    dtype = default_dtype() if dtype == "auto" else dtype
+    mtp_head = [attached[0]] if isinstance(attached := mtp.attached(model), tuple) else []
+    for m in [model, *mtp_head]:  # the MTP head computes as the model does
+        if half:
+            cast_float32_to_half(m)
+        cast_floats(m, dtype)
     if not lazy:  # (not the MTP head's: a whole layer, read only if a level is built of it,
         mx.eval(model.parameters())  # which evaluates it then: heads.level._prepare)
     return (model, tokenizer, config) if return_config else (model, tokenizer)

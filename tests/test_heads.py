@@ -17,12 +17,12 @@ from mlx_lm.models import deepseek_v3, llama, mimo, qwen3_next
 from mlx_lm.models.base import create_attention_mask
 
 from helpers import build_tiny_model, byte_symbols, write_gguf_file
-from mlx_qspec import load
+from mlx_qspec import load, reads
 from mlx_qspec.convert import convert
-from mlx_qspec.errors import ModelError
+from mlx_qspec.errors import ModelError, UserError
 from mlx_qspec.heads import capture, mtp, store
 from mlx_qspec.heads.block import NextTokenHead, build_layer, quantize
-from mlx_qspec.heads.level import HeadDraft
+from mlx_qspec.heads.level import HeadDraft, head_level, mtp_level
 from mlx_qspec.hooks import install as prepare
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -159,7 +159,7 @@ def test_level_catch_up_and_chain_equal_a_cacheless_reference(tiny):
     context = [5, 70, 71, 72, 9, 100, 101, 40, 41, 42, 43]
     hidden = hidden_states(model, context[:-1])
     level = HeadDraft(model, head, "head")
-    counter = __import__("mlx_qspec.reads", fromlist=["ReadCounter"]).ReadCounter()
+    counter = reads.ReadCounter()
     drafted, qs = level.propose(context, hidden, 4, counter=counter)
     ref, ref_logits = reference_drafts(head, level.ends, context, hidden, 4)
     assert drafted == ref
@@ -348,20 +348,35 @@ DEEPSEEK = dict(model_type="deepseek_v3", vocab_size=96, hidden_size=HIDDEN, int
                 rms_norm_eps=1e-6, num_nextn_predict_layers=1)
 
 
-def deepseek_hf_layer(layer, args):
-    """A DeepSeek-V3 decoder layer's weights as the Hugging Face checkpoint stores them:
-    experts one by one, the MLA key/value up-projection as one kv_b_proj."""
-    out = {}
+def hf_experts(layer):
+    """A layer's parameters as a Hugging Face checkpoint stores them: experts one by one."""
     for k, v in tree_flatten(layer.parameters()):
         if ".switch_mlp." in k:
-            for e in range(v.shape[0]):
-                out[k.replace("switch_mlp", f"experts.{e}")] = v[e]
-        elif not k.endswith(("embed_q.weight", "unembed_out.weight")):
-            out[k] = v
-    wk, wv = layer.self_attn.embed_q.weight, layer.self_attn.unembed_out.weight
-    kv_b = mx.concatenate([wk.swapaxes(-1, -2), wv], axis=1)
-    out["self_attn.kv_b_proj.weight"] = kv_b.reshape(-1, kv_b.shape[-1])
-    return out
+            yield from ((k.replace("switch_mlp", f"experts.{e}"), v[e]) for e in range(v.shape[0]))
+        else:
+            yield k, v
+
+
+def deepseek_checkpoint(folder, seed, own_ends=True):
+    """``(model, MTP layer, MTP extras, loaded)``: a tiny DeepSeek-V3 written in Hugging Face
+    layout with its MTP module at layer L (experts one by one, the MLA key/value
+    up-projection as one kv_b_proj; ``own_ends``: its own LM head and embedding), loaded."""
+    mx.random.seed(seed)
+    args = deepseek_v3.ModelArgs.from_dict(DEEPSEEK)
+    model = deepseek_v3.Model(args)
+    layer = deepseek_v3.DeepseekV3DecoderLayer(args, 2)
+    extras = {"enorm.weight": _norm(), "hnorm.weight": _norm(), "shared_head.norm.weight": _norm(),
+              "eh_proj.weight": mx.random.normal((HIDDEN, 2 * HIDDEN)) * 0.1}
+    if own_ends:
+        extras.update({"shared_head.head.weight": mx.random.normal((96, HIDDEN)) * 0.3,
+                       "embed_tokens.weight": mx.random.normal((96, HIDDEN))})
+    attn = layer.self_attn
+    block = {k: v for k, v in hf_experts(layer) if not k.endswith(("embed_q.weight", "unembed_out.weight"))}
+    kv_b = mx.concatenate([attn.embed_q.weight.swapaxes(-1, -2), attn.unembed_out.weight], axis=1)
+    block["self_attn.kv_b_proj.weight"] = kv_b.reshape(-1, kv_b.shape[-1])
+    weights = dict(tree_flatten(model.parameters()))
+    weights.update({f"model.layers.2.{k}": v for k, v in {**block, **extras}.items()})
+    return model, layer, extras, load(str(write_checkpoint(folder, DEEPSEEK, weights)))[0]
 
 
 def test_deepseek_mtp_kept_with_its_own_head_and_matches_reference(tmp_path):
@@ -371,17 +386,7 @@ def test_deepseek_mtp_kept_with_its_own_head_and_matches_reference(tmp_path):
     distributions equal DeepSeek's formula on the original tensors: the head
     shared_head.head(shared_head.norm(block(eh_proj([enorm(e); hnorm(h)])))), the block's
     raw output fed back."""
-    mx.random.seed(3)
-    args = deepseek_v3.ModelArgs.from_dict(DEEPSEEK)
-    model = deepseek_v3.Model(args)
-    layer = deepseek_v3.DeepseekV3DecoderLayer(args, 2)
-    extras = {"enorm.weight": _norm(), "hnorm.weight": _norm(), "shared_head.norm.weight": _norm(),
-              "eh_proj.weight": mx.random.normal((HIDDEN, 2 * HIDDEN)) * 0.1,
-              "shared_head.head.weight": mx.random.normal((96, HIDDEN)) * 0.3,
-              "embed_tokens.weight": mx.random.normal((96, HIDDEN))}
-    weights = dict(tree_flatten(model.parameters()))
-    weights.update({f"model.layers.2.{k}": v for k, v in {**deepseek_hf_layer(layer, args), **extras}.items()})
-    loaded, _ = load(str(write_checkpoint(tmp_path / "ds", DEEPSEEK, weights)))
+    model, layer, extras, loaded = deepseek_checkpoint(tmp_path / "ds", 3)
     for k, v in tree_flatten(model.parameters()):
         assert mx.array_equal(v, dict(tree_flatten(loaded.parameters()))[k]).item(), k
     head, cfg = mtp.attached(loaded)
@@ -427,13 +432,8 @@ def test_qwen3_next_mtp_kept_with_offset_norms():
     args = qwen3_next.ModelArgs.from_dict(QWEN3_NEXT)
     model = qwen3_next.Model(args)
     layer = qwen3_next.Qwen3NextDecoderLayer(args, 3)
-    raw = {}
-    for k, v in tree_flatten(layer.parameters()):
-        if ".switch_mlp." in k:
-            for e in range(v.shape[0]):
-                raw[f"mtp.layers.0.{k.replace('switch_mlp', f'experts.{e}')}"] = v[e]
-        else:
-            raw[f"mtp.layers.0.{k}"] = v - 1.0 if k.endswith(("layernorm.weight", "q_norm.weight", "k_norm.weight")) else v
+    offset = ("layernorm.weight", "q_norm.weight", "k_norm.weight")
+    raw = {f"mtp.layers.0.{k}": v - 1.0 if k.endswith(offset) else v for k, v in hf_experts(layer)}
     norms = {n: _norm() for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")}
     raw.update({f"mtp.{n}.weight": w - 1.0 for n, w in norms.items()})
     raw["mtp.fc.weight"] = mx.random.normal((HIDDEN, 2 * HIDDEN)) * 0.1
@@ -527,13 +527,13 @@ def test_gguf_nextn_tensors_load_as_mtp(tmp_path):
         assert mx.array_equal(v, dict(tree_flatten(kept.parameters()))[k]).item(), k
     plain, _ = load(write_tiny_gguf(tmp_path / "p.gguf"))
     assert mtp.attached(plain) is None
+    stored, _ = load(tmp_path / "n.gguf", dtype=None)  # the stored dtypes, the MTP head's too
+    assert mtp.attached(stored)[0].norm.weight.dtype == stored.model.norm.weight.dtype == mx.float32
 
 
 def test_loading_leaves_the_mtp_head_to_the_level_that_reads_it(tmp_path, monkeypatch):
     """A load evaluates the model, not its MTP head (a whole MoE layer on DeepSeek-V3, read
     only with --draft mtp): the mtp level evaluates the head when it is built."""
-    from mlx_qspec.heads.level import mtp_level
-
     evaluated, eval_ = set(), mx.eval
 
     def recording(*trees):
@@ -551,9 +551,6 @@ def test_loading_leaves_the_mtp_head_to_the_level_that_reads_it(tmp_path, monkey
 
 def test_levels_refuse_in_one_line(tiny, tmp_path):
     """``mtp`` on a model without MTP layers and ``head`` without --draft-head say what to do."""
-    from mlx_qspec.errors import UserError
-    from mlx_qspec.heads.level import head_level, mtp_level
-
     model, _ = tiny
     with pytest.raises(UserError) as info:
         mtp_level(model)
@@ -582,8 +579,6 @@ def test_given_tokens_run_through_the_chain(tiny):
 def test_step_reads_are_a_fraction_of_a_plain_step(tiny):
     """One draft step reads the head's block and the LM head (its draft rows where it has a
     draft vocabulary), far less than the model's forward."""
-    from mlx_qspec import reads
-
     model, _ = tiny
     level = HeadDraft(model, random_head(model), "head")
     plain = reads.ReadCounter()
@@ -694,15 +689,7 @@ def test_head_sampling_keeps_the_model_distribution(bigram):
 def test_mtp_drafts_exactly(tmp_path):
     """The tiny DeepSeek-V3 with its MTP module (MLA attention, MoE) drafts with ``mtp`` and
     gives plain decoding's tokens at γ 1, 4 and 8."""
-    mx.random.seed(8)
-    args = deepseek_v3.ModelArgs.from_dict(DEEPSEEK)
-    model = deepseek_v3.Model(args)
-    layer = deepseek_v3.DeepseekV3DecoderLayer(args, 2)
-    extras = {"enorm.weight": _norm(), "hnorm.weight": _norm(), "shared_head.norm.weight": _norm(),
-              "eh_proj.weight": mx.random.normal((HIDDEN, 2 * HIDDEN)) * 0.1}
-    weights = dict(tree_flatten(model.parameters()))
-    weights.update({f"model.layers.2.{k}": v for k, v in {**deepseek_hf_layer(layer, args), **extras}.items()})
-    loaded, _ = load(str(write_checkpoint(tmp_path / "ds", DEEPSEEK, weights)))
+    loaded = deepseek_checkpoint(tmp_path / "ds", 8, own_ends=False)[3]
     prompt = [3, 17, 40, 41, 42, 60, 7, 8, 9]
     plain, _ = _generate(loaded, prompt, max_tokens=24)
     for gamma in (1, 4, 8):
@@ -759,8 +746,6 @@ def test_head_reading_the_upper_plane(bigram):
     """``head+w-upper`` reads 8-bit layers (the model's 8-bit LM head here) as their upper
     plane: exact, fewer bytes per draft step; refused on a model without 8-bit layers, and
     any other precision on a head level is refused in one line."""
-    from mlx_qspec.errors import UserError
-
     model8 = prepare(build_tiny_model(residual_gain=1.0, head_bits=8))
     level = HeadDraft(model8, bigram_head(model8), "head")
     prompt = [5, 77, 140, 3, 250, 19, 64, 8]
