@@ -119,21 +119,17 @@ class ModelEnds:
         those rows of the LM head, copied once, stored and read like the model's (QSpec layers
         for quantized heads: precision-read, reads counted)."""
         m, dims = self.head, self.hidden_size
-        bias = None if self.bias is None else self.bias[ids]
         if "scales" in m:
             out = nn.QuantizedLinear(dims, ids.size, bias=False, group_size=m.group_size, bits=m.bits)
             out.weight = kernels.merge_planes(m["upper"][ids], m["lower"][ids]) if "upper" in m else m["weight"][ids]
             out.scales, out.biases = m["scales"][ids], m["biases"][ids]
-            if bias is not None:
-                out.bias = bias
-            mx.eval(out.parameters())
-            return QSpecLinear(out, act_draft=False)
-        out = nn.Linear(dims, ids.size, bias=bias is not None)
-        out.weight = m["weight"][ids]
-        if bias is not None:
-            out.bias = bias
+        else:
+            out = nn.Linear(dims, ids.size, bias=False)
+            out.weight = m["weight"][ids]
+        if self.bias is not None:
+            out.bias = self.bias[ids]
         mx.eval(out.parameters())
-        return out
+        return QSpecLinear(out, act_draft=False) if "scales" in m else out
 
 
 def uninstall(model: nn.Module) -> nn.Module:

@@ -180,7 +180,6 @@ class HeadDraft:
         return self._forward([token], back, counter)
 
 
-
 def _prepare(head: NextTokenHead) -> NextTokenHead:
     """What the model's forwards read through, for the head too (idempotent): QSpec layers
     (precision-read, reads counted) and our attention routing (KV reads counted)."""
