@@ -69,12 +69,10 @@ def write_tiny_gguf(path, seed=0, nextn=False):
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(model, tokenizer) of the tiny GGUF, prepared (QSpec layers) and hidden-state capturing."""
-    model, tokenizer = load(write_tiny_gguf(tmp_path_factory.mktemp("heads") / "tiny.gguf"))
-    prepare(model)
-    return model, tokenizer
+@pytest.fixture(scope="module", name="model")
+def tiny_model(tmp_path_factory):
+    """The tiny GGUF's model, prepared (QSpec layers) and hidden-state capturing."""
+    return prepare(load(write_tiny_gguf(tmp_path_factory.mktemp("heads") / "tiny.gguf"))[0])
 
 
 def random_head(model, seed=0, bits=4):
@@ -99,12 +97,10 @@ def hidden_states(model, tokens):
 
 
 @pytest.mark.parametrize("kind", ["tied-qspec", "untied-float", "untied-quantized", "untied-qspec"])
-def test_captured_hidden_state_is_the_lm_head_input(tiny, kind):
+def test_captured_hidden_state_is_the_lm_head_input(model, kind):
     """The LM head applied to what the capture recorded gives the model's own logits, bit for
     bit; nothing is recorded outside a capture; the model's output is unchanged by the hook."""
-    if kind == "tied-qspec":
-        model = tiny[0]
-    else:
+    if kind != "tied-qspec":
         model = build_tiny_model()
         if kind == "untied-float":
             model = llama.Model(model.args)
@@ -150,11 +146,10 @@ def reference_drafts(head, ends, context, hidden, k):
     return drafts, logits
 
 
-def test_level_catch_up_and_chain_equal_a_cacheless_reference(tiny):
+def test_level_catch_up_and_chain_equal_a_cacheless_reference(model):
     """The level's first draft (its cache caught up from the model's hidden states in one
     forward) and its chained drafts (its own output fed back) equal a computation without a
     KV cache, and its reads — its own layers, the LM head, its KV — are counted."""
-    model, _ = tiny
     head = random_head(model)
     context = [5, 70, 71, 72, 9, 100, 101, 40, 41, 42, 43]
     hidden = hidden_states(model, context[:-1])
@@ -173,11 +168,10 @@ def test_level_catch_up_and_chain_equal_a_cacheless_reference(tiny):
     assert level.cache.offset == len(context) + 3
 
 
-def test_head_cache_after_blocks_equals_built_from_scratch(tiny):
+def test_head_cache_after_blocks_equals_built_from_scratch(model):
     """Blocks accept some drafts and reject the rest; the model's hidden states of each
     block's accepted rows are handed over as the decoder hands them. The head's cache then
     equals one built from scratch over the final context, and so does its next draft."""
-    model, _ = tiny
     head = random_head(model, seed=1)
     seq = [5, 70, 71, 72, 9, 100, 101, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52]
     hidden = hidden_states(model, seq)
@@ -201,10 +195,9 @@ def test_head_cache_after_blocks_equals_built_from_scratch(tiny):
         np.testing.assert_allclose(np.array(a[..., :n, :]), np.array(b[..., :n, :]), rtol=1e-4, atol=1e-5)
 
 
-def test_level_with_only_the_last_hidden_state(tiny):
+def test_level_with_only_the_last_hidden_state(model):
     """Handed only the last row (the minimum contract 2 promises), the level still drafts:
     positions it never saw get a zero hidden state, chained entries are kept."""
-    model, _ = tiny
     level = HeadDraft(model, random_head(model), "head")
     seq = [5, 70, 71, 72, 9, 100, 101, 40, 41, 42]
     hidden = hidden_states(model, seq)
@@ -217,10 +210,9 @@ def test_level_with_only_the_last_hidden_state(tiny):
 # ------------------------------------------------------------------ head directories
 
 
-def test_head_directory_round_trip_and_bad_heads(tiny, tmp_path):
+def test_head_directory_round_trip_and_bad_heads(model, tmp_path):
     """A saved head loads back with the same weights and drafts the same; a head for another
     model (hidden size, vocabulary) or a broken directory is one line naming it."""
-    model, _ = tiny
     ends = capture.ModelEnds(model)
     head = random_head(model, seed=2)
     cfg = store.head_config(head, "llama", 1, {**vars(model.args)}, {"kind": "test"})
@@ -262,7 +254,7 @@ def _edit(d, **changes):
 # ------------------------------------------------------------------ train_head
 
 
-def test_train_head_writes_a_head_that_loads_and_resumes(tiny, tmp_path, capsys, monkeypatch):
+def test_train_head_writes_a_head_that_loads_and_resumes(tmp_path, capsys, monkeypatch):
     """A few steps on a tiny model: the directory loads as a head of the model (quantized like
     it, a draft vocabulary of the text's most frequent tokens), drafts only from that
     vocabulary, and a second run with more steps resumes from the checkpoint."""
@@ -314,30 +306,23 @@ def test_train_head_writes_a_head_that_loads_and_resumes(tiny, tmp_path, capsys,
 # ------------------------------------------------------------------ MTP layers
 
 
-def write_tokenizer(folder, size):
-    """A word-level tokenizer of ``size`` tokens ("t0" ...): what load() reads beside weights."""
+def write_checkpoint(folder, config, weights):
+    """A directory load() reads: the weights, the config and a word-level tokenizer of the
+    vocabulary's size ("t0" ...)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(size)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-
-
-def write_checkpoint(folder, config, weights):
     folder.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(folder / "model.safetensors"), weights)
     (folder / "config.json").write_text(json.dumps(config))
-    write_tokenizer(folder, config["vocab_size"])
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(config["vocab_size"])}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
     return folder
 
 
 def _norm():
     return mx.random.uniform(0.6, 1.4, (HIDDEN,))
-
-
-def _rms(x, w, eps):
-    return mx.fast.rms_norm(x, w, eps)
 
 
 DEEPSEEK = dict(model_type="deepseek_v3", vocab_size=96, hidden_size=HIDDEN, intermediate_size=128,
@@ -400,10 +385,11 @@ def test_deepseek_mtp_kept_with_its_own_head_and_matches_reference(tmp_path):
     drafted, qs = level.propose(context, hidden, 3)
 
     def ref_step(tokens, states):  # DeepSeek's MTP module on the original tensors, no cache
-        e = _rms(extras["embed_tokens.weight"][mx.array(tokens)][None], extras["enorm.weight"], 1e-6)
-        x = mx.concatenate([e, _rms(states[None], extras["hnorm.weight"], 1e-6)], -1) @ extras["eh_proj.weight"].T
+        rms = mx.fast.rms_norm
+        e = rms(extras["embed_tokens.weight"][mx.array(tokens)][None], extras["enorm.weight"], 1e-6)
+        x = mx.concatenate([e, rms(states[None], extras["hnorm.weight"], 1e-6)], -1) @ extras["eh_proj.weight"].T
         y = layer(x, create_attention_mask(x, None, return_array=True), None)
-        return y, _rms(y, extras["shared_head.norm.weight"], 1e-6) @ extras["shared_head.head.weight"].T
+        return y, rms(y, extras["shared_head.norm.weight"], 1e-6) @ extras["shared_head.head.weight"].T
 
     tokens, states = context, mx.concatenate([mx.zeros((1, HIDDEN)), hidden])
     for d, q in zip(drafted, qs):
@@ -486,24 +472,14 @@ def test_mimo_mtp_round_trips_through_convert(tmp_path):
     head, cfg = mtp.attached(converted)
     assert cfg["quantization"] == {"group_size": 32, "bits": 4}
     assert isinstance(head.fc, nn.QuantizedLinear) and isinstance(head.block.mlp.up_proj, nn.QuantizedLinear)
-    expected = quantize_copy(head_src)
-    for k, v in tree_flatten(expected.parameters()):
+    quantize(head_src, 32, 4)  # as convert -q --q-bits 4 --q-group-size 32 quantizes it
+    for k, v in tree_flatten(head_src.parameters()):
         assert mx.array_equal(v, dict(tree_flatten(head.parameters()))[k]).item(), k
     prepare(converted)
     context = [3, 17, 40, 41, 42, 60, 7]
     drafted, _ = HeadDraft(converted, head, "mtp").propose(
         context, hidden_states(converted, context[:-1]), 3)
     assert len(drafted) == 3
-
-
-def quantize_copy(head):
-    """The MTP head quantized as convert -q --q-bits 4 --q-group-size 32 quantizes it."""
-    copy = NextTokenHead(mimo.TransformerBlock(mimo.ModelArgs.from_dict(MIMO)), HIDDEN, 96, 1e-6,
-                         hidden_first=True)
-    copy.update(head.parameters())
-    quantize(copy, 32, 4)
-    mx.eval(copy.parameters())
-    return copy
 
 
 def test_gguf_nextn_tensors_load_as_mtp(tmp_path):
@@ -549,9 +525,8 @@ def test_loading_leaves_the_mtp_head_to_the_level_that_reads_it(tmp_path, monkey
     assert ids(head) <= evaluated
 
 
-def test_levels_refuse_in_one_line(tiny, tmp_path):
+def test_levels_refuse_in_one_line(model, tmp_path):
     """``mtp`` on a model without MTP layers and ``head`` without --draft-head say what to do."""
-    model, _ = tiny
     with pytest.raises(UserError) as info:
         mtp_level(model)
     assert "\n" not in str(info.value) and "mlx_qspec.convert" in str(info.value) and "train_head" in str(info.value)
@@ -562,10 +537,9 @@ def test_levels_refuse_in_one_line(tiny, tmp_path):
         head_level(model, tmp_path)
 
 
-def test_given_tokens_run_through_the_chain(tiny):
+def test_given_tokens_run_through_the_chain(model):
     """Tokens after the pending one (a lower level's proposals) are chained as if drafted:
     the drafts after them equal the level's own drafts after drafting those tokens itself."""
-    model, _ = tiny
     head = random_head(model, seed=6)
     context = [5, 70, 71, 72, 9, 100, 101, 40]
     hidden = hidden_states(model, context[:-1])
@@ -576,10 +550,9 @@ def test_given_tokens_run_through_the_chain(tiny):
     assert len(none) == 2
 
 
-def test_step_reads_are_a_fraction_of_a_plain_step(tiny):
+def test_step_reads_are_a_fraction_of_a_plain_step(model):
     """One draft step reads the head's block and the LM head (its draft rows where it has a
     draft vocabulary), far less than the model's forward."""
-    model, _ = tiny
     level = HeadDraft(model, random_head(model), "head")
     plain = reads.ReadCounter()
     with reads.counting(plain):
@@ -697,12 +670,11 @@ def test_mtp_drafts_exactly(tmp_path):
         assert out == plain and stats.drafted, gamma
 
 
-def test_cli_draft_head_mistakes_are_one_line(tiny, tmp_path, capsys):
+def test_cli_draft_head_mistakes_are_one_line(tmp_path, capsys):
     """--draft head without --draft-head, a directory that is no head, a head of another
     model: exit 2, one line each, before generating."""
     from mlx_qspec.generate import main
 
-    model, _ = tiny
     gguf_path = write_tiny_gguf(tmp_path / "t.gguf")
     other = tmp_path / "other"
     small = build_tiny_model()  # hidden 128: not the GGUF model's 64
