@@ -50,12 +50,7 @@ KL_WEIGHT = 1.0  # the distribution loss beside the feature regression (EAGLE: 0
 # measured to learn several times faster at 1 on the test model)
 KL_ROWS = 512  # rows per step scored through the LM head when it is the full vocabulary
 DRAFT_VOCAB = 8192  # default reduced vocabulary, for vocabularies over twice its size
-HELD_BACK_MOD = 8
-
-
-def is_held_back(path: Path) -> bool:
-    """Default-corpus files kept out of training, for measuring what a head gives."""
-    return zlib.crc32(path.name.encode()) % HELD_BACK_MOD == 0
+HELD_BACK_MOD = 8  # default-corpus files whose name hashes to 0 mod this are kept for measuring
 
 
 def default_corpus(held_back: bool = False) -> list[Path]:
@@ -64,12 +59,11 @@ def default_corpus(held_back: bool = False) -> list[Path]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = [p for p in sorted(stdlib.rglob("*.py"))
              if not {"test", "tests", "site-packages", "idlelib"} & set(p.relative_to(stdlib).parts)]
-    for folder in (Path("/usr/share/common-licenses"), Path(sysconfig.get_paths()["purelib"])):
-        if folder.is_dir():
-            files += sorted(p for p in folder.glob("*") if p.is_file()) if "licenses" in str(folder) \
-                else sorted(folder.glob("*.dist-info/LICENSE*"))
+    for folder, pattern in ((Path("/usr/share/common-licenses"), "*"),
+                            (Path(sysconfig.get_paths()["purelib"]), "*.dist-info/LICENSE*")):
+        files += sorted(p for p in folder.glob(pattern) if p.is_file())
     random.Random(0).shuffle(files)
-    return [p for p in files if is_held_back(p) == held_back]
+    return [p for p in files if (zlib.crc32(p.name.encode()) % HELD_BACK_MOD == 0) == held_back]
 
 
 def user_corpus(texts: list[str]) -> list[Path]:
@@ -258,9 +252,7 @@ def read_text(model, tokenizer, files, args, state, ckpt, budget, show):
 
 def _read(model, tokenizer, files, args, state, ckpt, budget, show):
     start, saved = time.monotonic() - state["teacher_seconds"], time.monotonic()
-    source = windows(tokenizer, files, args.seq_len)
-    for _ in range(state["windows"]):
-        next(source, None)
+    source = itertools.islice(windows(tokenizer, files, args.seq_len), state["windows"], None)
     batch, tokens, hidden = [], [], []
     for ids in source:
         batch.append(ids)

@@ -46,11 +46,10 @@ class Layout:
         return self.prefix.format(L=config["num_hidden_layers"])
 
     def is_mtp(self, key: str, config: dict) -> bool:
-        n = config["num_hidden_layers"]
         if self.drop:
             return key.startswith(self.drop)
-        parts = key.split(".")  # model.layers.{i}.… with i >= n
-        return key.startswith("model.layers.") and int(parts[2]) >= n
+        # model.layers.{i}.… with i >= the number of hidden layers
+        return key.startswith("model.layers.") and int(key.split(".")[2]) >= config["num_hidden_layers"]
 
 
 _DEEPSEEK = Layout("model.layers.{L}.", {
@@ -104,11 +103,8 @@ def _sanitized(model_class, model, layout: Layout, config: dict, mtp: dict) -> t
     layer FIXED_INDEX meanwhile (sanitizers process, or drop, layers by index), then split
     into (block weights, NextTokenHead extras)."""
     prefix, fixed = layout.prefix_for(config), f"model.layers.{FIXED_INDEX}."
-    mine = {}
-    for k, v in mtp.items():
-        if k.startswith(prefix):
-            rest = k[len(prefix):]
-            mine[fixed + (rest[len(layout.block):] if rest.startswith(layout.block) else rest)] = v
+    mine = {fixed + k.removeprefix(prefix).removeprefix(layout.block): v
+            for k, v in mtp.items() if k.startswith(prefix)}
     before = {k: v for k, v in mine.items() if k.endswith("input_layernorm.weight")}
     if hasattr(model_class, "sanitize"):
         mine = model_class.sanitize(model, mine)
