@@ -161,9 +161,8 @@ def test_level_catch_up_and_chain_equal_a_cacheless_reference(model):
     for q, lg in zip(qs, ref_logits):
         np.testing.assert_allclose(np.array(q), np.array(lg - mx.logsumexp(lg, -1, keepdims=True)), atol=1e-4)
     assert counter.forwards == 4
-    lm_head = level.ends.head
     head_bytes = sum(v.nbytes for _, v in tree_flatten(head.parameters()) if v.dtype == mx.uint32)
-    assert counter.bytes("weights") > 4 * (head_bytes + lm_head["upper"].nbytes)
+    assert counter.bytes("weights") > 4 * (head_bytes + level.ends.head["upper"].nbytes)
     assert counter.bytes("kv") > 0
     assert level.cache.offset == len(context) + 3
 
@@ -225,30 +224,28 @@ def test_head_directory_round_trip_and_bad_heads(model, tmp_path):
     assert (HeadDraft(model, head, "head").propose(seq, hidden, 3)[0]
             == HeadDraft(model, loaded, "head").propose(seq, hidden, 3)[0])
 
-    def broken(name, edit):
+    def broken(name, unlink=None, **changes):  # a saved head, one file gone or its config changed
         d = tmp_path / name
         store.save(d, head, cfg)
-        edit(d)
+        if unlink:
+            (d / unlink).unlink()
+        else:
+            (d / "config.json").write_text(json.dumps({**cfg, **changes}))
         return d
 
     cases = {
-        "hidden states of size 32": broken("hidden", lambda d: _edit(d, hidden_size=32)),
-        "vocabulary has 1000 tokens": broken("vocab", lambda d: _edit(d, vocab_size=1000)),
-        "no model.safetensors": broken("weights", lambda d: (d / "model.safetensors").unlink()),
-        "no config.json": broken("config", lambda d: (d / "config.json").unlink()),
-        "not an mlx_qspec head": broken("format", lambda d: _edit(d, format="other")),
-        "do not fit its config": broken("shape", lambda d: _edit(d, block_config={**cfg["block_config"], "intermediate_size": 96})),
+        "hidden states of size 32": broken("hidden", hidden_size=32),
+        "vocabulary has 1000 tokens": broken("vocab", vocab_size=1000),
+        "no model.safetensors": broken("weights", unlink="model.safetensors"),
+        "no config.json": broken("config", unlink="config.json"),
+        "not an mlx_qspec head": broken("format", format="other"),
+        "do not fit its config": broken("shape", block_config={**cfg["block_config"], "intermediate_size": 96}),
         "is not a directory": tmp_path / "absent",
     }
     for words, d in cases.items():
         with pytest.raises(ModelError) as info:
             store.load(d, model, ends)
         assert "\n" not in str(info.value) and words in str(info.value) and str(d) in str(info.value)
-
-
-def _edit(d, **changes):
-    cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**cfg, **changes}))
 
 
 # ------------------------------------------------------------------ train_head
