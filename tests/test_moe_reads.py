@@ -32,13 +32,8 @@ def _file_bytes(path):
     arrays = {}
     for f in sorted(path.glob("model*.safetensors")):
         arrays.update(mx.load(str(f)))
-    out = {}
-    for key in arrays:
-        if key.endswith(".scales"):
-            prefix = key[: -len(".scales")]
-            parts = (".weight", ".scales", ".biases")
-            out[prefix] = [arrays[prefix + s] for s in parts if prefix + s in arrays]
-    return out
+    prefixes = [key.removesuffix(".scales") for key in arrays if key.endswith(".scales")]
+    return {p: [arrays[p + s] for s in (".weight", ".scales", ".biases") if p + s in arrays] for p in prefixes}
 
 
 def _prefilled(model):

@@ -288,7 +288,6 @@ def train(head, ends, tokens, hidden, args, state, ckpt, *, budget, show):
     """Epochs over the kept windows in a seeded order per epoch until the steps or the
     seconds run out; returns the last step's (loss, feature loss, KL, top-1 agreement).
     With the full vocabulary the LM head scores KL_ROWS rows a step, else every row."""
-    full_vocab = "draft_vocab" not in head
     optimizer = optim.AdamW(learning_rate=args.lr, weight_decay=0.0)
     if not ckpt.restore_training(head, optimizer):
         optimizer.init(head.trainable_parameters())
@@ -304,7 +303,7 @@ def train(head, ends, tokens, hidden, args, state, ckpt, *, budget, show):
         order = list(range(n))
         random.Random(epoch).shuffle(order)
         pick = mx.array(order[i * args.batch:(i + 1) * args.batch])
-        rows = None if full_vocab is False else mx.array(
+        rows = None if "draft_vocab" in head else mx.array(
             random.Random(step).sample(range(pick.size * per_row), min(KL_ROWS, pick.size * per_row)))
         fraction = step / args.steps if args.steps else spent() / budget
         optimizer.learning_rate = learning_rate(args, step, fraction)

@@ -162,10 +162,7 @@ class HeadDraft:
         drafted, qs = [], []
         for t in context[m + 1:]:  # given, not drawn: chained like drafts
             back, logits = self._chain(t, back, counter)
-        while True:
-            drawn = draw(logits, context + drafted)
-            if drawn is None:
-                break
+        while (drawn := draw(logits, context + drafted)) is not None:
             drafted.append(drawn[0])
             qs.append(drawn[1])
             if len(drafted) == k:
