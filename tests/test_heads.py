@@ -75,12 +75,21 @@ def tiny_model(tmp_path_factory):
     return prepare(load(write_tiny_gguf(tmp_path_factory.mktemp("heads") / "tiny.gguf"))[0])
 
 
-def random_head(model, seed=0, bits=4):
-    """A quantized head of ``model``'s architecture with random weights (no training)."""
+def random_head(model, seed=0, bigram=False):
+    """A quantized head of ``model``'s architecture with random weights (no training). A
+    ``bigram`` head's block passes its input through and its projection keeps the embedding:
+    it drafts the LM head's best match for the next token alone — what the tiny model (its LM
+    head a permutation of its embedding) predicts where the context does not sway it. So
+    blocks are accepted and rejected."""
     mx.random.seed(seed)
+    d = model.args.hidden_size
     block = build_layer(llama.TransformerBlock, vars(model.args), 1)
-    head = NextTokenHead(block, HIDDEN, len(TOKENS), 1e-5)
-    quantize(head, 32, bits)
+    head = NextTokenHead(block, d, model.args.vocab_size, 1e-5)
+    if bigram:
+        block.self_attn.o_proj.weight = mx.zeros_like(block.self_attn.o_proj.weight)
+        block.mlp.down_proj.weight = mx.zeros_like(block.mlp.down_proj.weight)
+        head.fc.weight = mx.concatenate([mx.eye(d), mx.zeros((d, d))], axis=1)
+    quantize(head, 32, 4)
     mx.eval(head.parameters())
     return head
 
@@ -561,26 +570,10 @@ def test_step_reads_are_a_fraction_of_a_plain_step(model):
 # ------------------------------------------------------------------ decoding with a head
 
 
-def bigram_head(model):
-    """A head whose block passes its input through and whose projection keeps the embedding:
-    it drafts the LM head's best match for the next token alone — what the tiny model (its LM
-    head a permutation of its embedding) predicts where the context does not sway it. So
-    blocks are accepted and rejected."""
-    d = model.args.hidden_size
-    block = build_layer(llama.TransformerBlock, vars(model.args), 1)
-    block.self_attn.o_proj.weight = mx.zeros_like(block.self_attn.o_proj.weight)
-    block.mlp.down_proj.weight = mx.zeros_like(block.mlp.down_proj.weight)
-    head = NextTokenHead(block, d, model.args.vocab_size, 1e-5)
-    head.fc.weight = mx.concatenate([mx.eye(d), mx.zeros((d, d))], axis=1)
-    quantize(head, 32, 4)
-    mx.eval(head.parameters())
-    return head
-
-
 @pytest.fixture(scope="module")
 def bigram():
     model = prepare(build_tiny_model(residual_gain=1.0))  # the context sways some tokens
-    return model, HeadDraft(model, bigram_head(model), "head")
+    return model, HeadDraft(model, random_head(model, bigram=True), "head")
 
 
 def _generate(model, prompt, **kw):
@@ -675,8 +668,7 @@ def test_cli_draft_head_mistakes_are_one_line(tmp_path, capsys):
     gguf_path = write_tiny_gguf(tmp_path / "t.gguf")
     other = tmp_path / "other"
     small = build_tiny_model()  # hidden 128: not the GGUF model's 64
-    block = build_layer(llama.TransformerBlock, vars(small.args), 1)
-    head = NextTokenHead(block, 128, 256, 1e-5)
+    head = random_head(small)
     store.save(other, head, store.head_config(head, "llama", 1, vars(small.args), {"kind": "test"}))
     for extra, words in ((["--draft", "head"], "--draft-head"),
                          (["--draft", "head", "--draft-head", str(tmp_path)], "no config.json"),
@@ -716,7 +708,7 @@ def test_head_reading_the_upper_plane(bigram):
     plane: exact, fewer bytes per draft step; refused on a model without 8-bit layers, and
     any other precision on a head level is refused in one line."""
     model8 = prepare(build_tiny_model(residual_gain=1.0, head_bits=8))
-    level = HeadDraft(model8, bigram_head(model8), "head")
+    level = HeadDraft(model8, random_head(model8, bigram=True), "head")
     prompt = [5, 77, 140, 3, 250, 19, 64, 8]
     plain, _ = _generate(model8, prompt, max_tokens=24)
     full, s_full = _generate(model8, prompt, draft="head", draft_head=level, max_tokens=24)

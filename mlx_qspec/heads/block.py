@@ -9,6 +9,7 @@ x_{i+2} through the model's LM head after a final norm (or its own head, where a
 ships one). Chained drafting feeds the block's output back as the next row's hidden state.
 """
 
+import importlib
 import inspect
 import sys
 
@@ -79,8 +80,6 @@ def decoder_layer_class(model: nn.Module) -> type:
 
 def layer_class(model_type: str, class_name: str) -> type:
     """A decoder-layer class by its mlx-lm module and name (what a head's config records)."""
-    import importlib
-
     try:
         module = importlib.import_module(f"mlx_lm.models.{model_type}")
     except ImportError:

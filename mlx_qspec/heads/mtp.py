@@ -42,9 +42,6 @@ class Layout:
     feed_back: str = NORMED
     drop: tuple = field(default=())  # prefixes of every MTP key (all depths)
 
-    def prefix_for(self, config: dict) -> str:
-        return self.prefix.format(L=config["num_hidden_layers"])
-
     def is_mtp(self, key: str, config: dict) -> bool:
         if self.drop:
             return key.startswith(self.drop)
@@ -102,7 +99,7 @@ def _sanitized(model_class, model, layout: Layout, config: dict, mtp: dict) -> t
     """The first MTP module's weights sanitized by the architecture's own sanitize: renamed to
     layer FIXED_INDEX meanwhile (sanitizers process, or drop, layers by index), then split
     into (block weights, NextTokenHead extras)."""
-    prefix, fixed = layout.prefix_for(config), f"model.layers.{FIXED_INDEX}."
+    prefix, fixed = layout.prefix.format(L=config["num_hidden_layers"]), f"model.layers.{FIXED_INDEX}."
     mine = {fixed + k.removeprefix(prefix).removeprefix(layout.block): v
             for k, v in mtp.items() if k.startswith(prefix)}
     before = {k: v for k, v in mine.items() if k.endswith("input_layernorm.weight")}

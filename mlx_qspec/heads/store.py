@@ -26,12 +26,11 @@ def head_config(head: NextTokenHead, model_type: str, layer_index: int, config: 
                 source: dict) -> dict:
     """What :func:`build` needs to rebuild ``head``: ``config`` is the model's config.json
     (the block's arguments), ``source`` says where the head came from."""
-    block = head.block
     quantized = [m for _, m in head.named_modules() if isinstance(m, nn.QuantizedLinear)]
     return {
         "format": FORMAT,
         "model_type": model_type,
-        "block_class": type(block).__name__,
+        "block_class": type(head.block).__name__,
         "layer_index": layer_index,
         "hidden_size": head.fc.weight.shape[0],
         "vocab_size": config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"),
