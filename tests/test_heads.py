@@ -70,7 +70,7 @@ def write_tiny_gguf(path, seed=0, nextn=False):
 
 
 @pytest.fixture(scope="module", name="model")
-def tiny_model(tmp_path_factory):
+def gguf_model(tmp_path_factory):
     """The tiny GGUF's model, prepared (QSpec layers) and hidden-state capturing."""
     return prepare(load(write_tiny_gguf(tmp_path_factory.mktemp("heads") / "tiny.gguf"))[0])
 
