@@ -127,7 +127,7 @@ def new_head(model: nn.Module, config: dict, ends: TeacherEnds, vocab: mx.array 
     """A float head for ``model``: a fresh block of its last attention layer's kind (random
     init learned faster than a copy of that layer on the test model) and, as the final norm,
     the model's (its outputs then start on the scale of the hidden states it regresses);
-    its config for the head directory."""
+    and where its block comes from, ``(model type, layer index)``, for the head's config."""
     cls, index = decoder_layer_class(model), _attention_layer(model)
     block = build_layer(cls, config, index)
     hidden, n_vocab = ends.hidden_size, int(ends.weight.shape[0])
@@ -139,8 +139,7 @@ def new_head(model: nn.Module, config: dict, ends: TeacherEnds, vocab: mx.array 
     if vocab is not None:
         head.draft_vocab = vocab
     head.set_dtype(mx.float32)
-    cfg = store.head_config(head, cls.__module__.rsplit(".", 1)[-1], index, config, {"kind": "trained"})
-    return head, cfg
+    return head, (cls.__module__.rsplit(".", 1)[-1], index)
 
 
 def draft_vocabulary(tokens: mx.array, size: int) -> mx.array:
@@ -225,12 +224,10 @@ class Checkpoint:
         mx.save_safetensors(str(self.dir / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         self._write(state)
 
-    def restore_training(self, head, optimizer) -> bool:
-        if not (self.dir / "head.safetensors").is_file():
-            return False
-        head.load_weights(str(self.dir / "head.safetensors"))
-        optimizer.state = tree_unflatten(list(mx.load(str(self.dir / "optimizer.safetensors")).items()))
-        return True
+    def restore_training(self, head, optimizer):
+        if (self.dir / "head.safetensors").is_file():  # (else the optimizer starts on its first update)
+            head.load_weights(str(self.dir / "head.safetensors"))
+            optimizer.state = tree_unflatten(list(mx.load(str(self.dir / "optimizer.safetensors")).items()))
 
     def _write(self, state):
         tmp = self.state_file.with_suffix(".tmp")
@@ -289,8 +286,7 @@ def train(head, ends, tokens, hidden, args, state, ckpt, *, budget, show):
     seconds run out; returns the last step's (loss, feature loss, KL, top-1 agreement).
     With the full vocabulary the LM head scores KL_ROWS rows a step, else every row."""
     optimizer = optim.AdamW(learning_rate=args.lr, weight_decay=0.0)
-    if not ckpt.restore_training(head, optimizer):
-        optimizer.init(head.trainable_parameters())
+    ckpt.restore_training(head, optimizer)
     step_fn = nn.value_and_grad(head, lambda t, h, r: loss_fn(head, ends, t, h, r))
     n, per_row = tokens.shape[0], tokens.shape[1] - 1
     per_epoch = max(n // args.batch, 1)
@@ -402,7 +398,7 @@ def train_head(args) -> Path:
     size = args.draft_vocab if args.draft_vocab is not None else (
         DRAFT_VOCAB if n_vocab > 2 * DRAFT_VOCAB else 0)
     vocab = draft_vocabulary(tokens, size) if 0 < size < n_vocab else None
-    head, cfg = new_head(model, config, ends, vocab)
+    head, layer = new_head(model, config, ends, vocab)
     if vocab is not None:
         ends.restrict(vocab)
     metrics = train(head, ends, tokens, hidden, args, state, ckpt,
@@ -411,7 +407,7 @@ def train_head(args) -> Path:
         quantize(head, q["group_size"], q["bits"])
     held = [] if args.text else list(itertools.islice(
         windows(tokenizer, default_corpus(held_back=True), args.seq_len), 4))
-    cfg = store.head_config(head, cfg["model_type"], cfg["layer_index"], config, {
+    cfg = store.head_config(head, *layer, config, {
         "kind": "trained", "model": str(model_path), "text": args.text or "default",
         "tokens": int(tokens.size), "steps": state["step"], "minutes": args.minutes,
         "loss": metrics[0], "top1": metrics[3],
