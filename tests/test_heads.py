@@ -15,15 +15,23 @@ from gguf import GGMLQuantizationType as Q
 from mlx.utils import tree_flatten
 from mlx_lm.models import deepseek_v3, llama, mimo, qwen3_next
 from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.utils import load as mlx_lm_load
 
 from helpers import build_tiny_model, byte_symbols, write_gguf_file
-from mlx_qspec import load, reads
+from helpers.sampling import chi2_pvalue, sample_first_tokens
+from mlx_qspec import cost, load, reads
 from mlx_qspec.convert import convert
+from mlx_qspec.decoder import SpecStats
+from mlx_qspec.drafts.auto import AutoPolicy
+from mlx_qspec.drafts.cascade import Cascade
 from mlx_qspec.errors import ModelError, UserError
 from mlx_qspec.heads import capture, mtp, store
 from mlx_qspec.heads.block import NextTokenHead, build_layer, quantize
 from mlx_qspec.heads.level import HeadDraft, head_level, mtp_level
 from mlx_qspec.hooks import install as prepare
+from mlx_qspec.sampling import make_sampler
+from mlx_qspec.speculative import plain_generate_step, speculative_generate_step
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TOKENS = SPECIALS + byte_symbols()
@@ -455,8 +463,6 @@ def test_mimo_mtp_round_trips_through_convert(tmp_path):
     """A MiMo checkpoint (its MTP under model.mtp_layers.0, hidden state first) converts with
     -q: stock mlx-lm's files hold the model, DIR/mtp the MTP head quantized like it; loading
     the directory gives the MTP head back, drafting as the loaded-from-source one does."""
-    from mlx_lm.utils import load as mlx_lm_load
-
     mx.random.seed(5)
     args = mimo.ModelArgs.from_dict(MIMO)
     model = mimo.Model(args)
@@ -577,9 +583,6 @@ def bigram():
 
 
 def _generate(model, prompt, **kw):
-    from mlx_qspec.decoder import SpecStats
-    from mlx_qspec.speculative import plain_generate_step, speculative_generate_step
-
     if kw.get("draft") is None:
         return [t for t, _, _ in plain_generate_step(mx.array(prompt), model, **kw)], None
     stats = SpecStats()
@@ -608,8 +611,6 @@ def test_head_cache_after_decoding_equals_built_from_scratch(bigram):
     """After a generation the head's cache holds, for every position before the last block,
     the entry built from the model's own hidden state there (the decoder handed over every
     accepted row, the prefill's too), as one built from scratch over the context."""
-    from mlx_qspec.drafts.cascade import Cascade
-
     model, level = bigram
     mine = level.fresh()
     prompt = [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
@@ -627,10 +628,6 @@ def test_head_cache_after_decoding_equals_built_from_scratch(bigram):
 def test_head_sampling_keeps_the_model_distribution(bigram):
     """At temperature > 0 the first tokens follow the model's exact joint distribution
     (chi-square), and not the head's (the test has power)."""
-    from helpers.sampling import chi2_pvalue, sample_first_tokens
-
-    from mlx_qspec.sampling import make_sampler
-
     model, level = bigram
     prompt, steps, n = [5, 77, 140, 3, 250, 19, 64, 8], 2, 300
     sampler = make_sampler(temp=1.0, top_k=4)
@@ -683,11 +680,6 @@ def test_auto_weighs_a_head_by_its_agreement_and_bytes(bigram, monkeypatch):
     """``auto`` weighs the head as an arm of its controller: at its measured agreement, and
     on a Mac at the roofline's cost of the bytes one head step reads (a fraction of a plain
     step's); the cache unmoved."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    from mlx_qspec import cost
-    from mlx_qspec.drafts.auto import AutoPolicy
-
     model, level = bigram
     level = level.fresh()
     level.agreement = 0.42
