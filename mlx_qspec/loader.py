@@ -81,14 +81,8 @@ def resolve(path_or_repo: str, revision: str | None = None) -> Path:
         return path
     if not is_hub_id(path_or_repo):
         raise ModelError(f"model path '{path_or_repo}' does not exist")
+    import huggingface_hub.errors as hub
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
     fetch = dict(revision=revision, allow_patterns=DEFAULT_ALLOW_PATTERNS)
     not_here = f"model '{path_or_repo}' is not a local path and is not in the Hugging Face cache"
@@ -96,9 +90,9 @@ def resolve(path_or_repo: str, revision: str | None = None) -> Path:
         cached = Path(snapshot_download(path_or_repo, local_files_only=True, **fetch))
         if _is_model_dir(cached):
             return cached
-    except HFValidationError:
+    except hub.HFValidationError:
         raise ModelError(f"model path '{path_or_repo}' does not exist") from None
-    except LocalEntryNotFoundError:
+    except hub.LocalEntryNotFoundError:
         pass  # absent, or incomplete by the cached file listing
     # partly cached (e.g. `hf download <id> config.json`): download what is missing
     if _offline():
@@ -106,16 +100,16 @@ def resolve(path_or_repo: str, revision: str | None = None) -> Path:
                          f"`hf download {path_or_repo}` on a machine with network access")
     try:
         return Path(snapshot_download(path_or_repo, **fetch))
-    except RepositoryNotFoundError:
+    except hub.RepositoryNotFoundError:
         raise ModelError(f"model '{path_or_repo}' is not a local path and not a model on the "
                          "Hugging Face hub (private or gated? `hf auth login`)") from None
-    except RevisionNotFoundError:
+    except hub.RevisionNotFoundError:
         raise ModelError(f"model '{path_or_repo}' has no revision '{revision}'") from None
-    except LocalEntryNotFoundError as e:  # how snapshot_download reports an unreachable hub
+    except hub.LocalEntryNotFoundError as e:  # how snapshot_download reports an unreachable hub
         raise ModelError(f"{not_here}, and the hub cannot be reached "
                          f"({type(e.__cause__ or e).__name__}); download it with "
                          f"`hf download {path_or_repo}` on a machine with network access") from None
-    except HfHubHTTPError as e:
+    except hub.HfHubHTTPError as e:
         raise ModelError(f"model '{path_or_repo}': the hub refused the download "
                          f"({str(e).splitlines()[0]})") from None
 

@@ -47,9 +47,8 @@ CHAT = [
 def workloads(tokenizer, n: int, prompt_tokens: int) -> dict[str, list[list[int]]]:
     """``held-back``: the first tokens of default-corpus files train_head never reads;
     ``chat``: chat-formatted questions."""
-    files = default_corpus(held_back=True)
     text = []
-    for f in files:
+    for f in default_corpus(held_back=True):
         ids = tokenizer.encode(f.read_text(errors="replace"))
         if len(ids) >= prompt_tokens:
             text.append(ids[:prompt_tokens])
