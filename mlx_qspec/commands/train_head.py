@@ -162,8 +162,8 @@ def loss_fn(head, ends, tokens, hidden, rows):
         normed, target = normed[rows], target[rows]
     student = ends.logits(normed)
     teacher = mx.stop_gradient(ends.logits(target))
-    p = mx.softmax(teacher, axis=-1)
-    kl = (p * (nn.log_softmax(teacher, axis=-1) - nn.log_softmax(student, axis=-1))).sum(-1).mean()
+    kl = nn.losses.kl_div_loss(nn.log_softmax(student, axis=-1), nn.log_softmax(teacher, axis=-1),
+                               reduction="mean")
     top1 = (mx.argmax(student, -1) == mx.argmax(teacher, -1)).mean()
     return reg + KL_WEIGHT * kl, (reg, kl, top1)
 
