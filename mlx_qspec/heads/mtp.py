@@ -16,7 +16,7 @@ A converted directory keeps its MTP as a head directory ``DIR/mtp`` (:mod:`.stor
 which stock mlx-lm does not read.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -40,7 +40,7 @@ class Layout:
     block: str = ""  # the decoder layer's weights under the prefix
     hidden_first: bool = False
     feed_back: str = NORMED
-    drop: tuple = field(default=())  # prefixes of every MTP key (all depths)
+    drop: tuple = ()  # prefixes of every MTP key (all depths)
 
     def is_mtp(self, key: str, config: dict) -> bool:
         if self.drop:
