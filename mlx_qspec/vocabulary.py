@@ -11,9 +11,7 @@ def vocabulary_size(model: nn.Module) -> int | None:
     """Rows of the model's token embedding, as its config gives them (None: it does not say)."""
     args = getattr(model, "args", None)
     size = getattr(args, "vocab_size", None)
-    if size is None:
-        size = (getattr(args, "text_config", None) or {}).get("vocab_size")
-    return size
+    return size if size is not None else (getattr(args, "text_config", None) or {}).get("vocab_size")
 
 
 def check_token_ids(ids, vocab_size: int | None, what: str) -> list[int]:

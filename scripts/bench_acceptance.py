@@ -139,26 +139,37 @@ def print_table(rows):
               f"{r['accepted']:8d}")
 
 
-def plot(rows, path):
+def tau_plot(path, series: dict, decorate=None):
+    """τ against γ as a PNG at ``path`` (if matplotlib is there): a line per ``series`` entry
+    (label → its (γ, τ) points), over what ``decorate(ax)`` draws first; bench_head's too."""
     plt = pyplot(path)
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    ceiling = dict(sorted((r["gamma"], r["tokens_per_verify_ceiling"]) for r in rows))
-    gammas = list(ceiling)
-    ax.plot(gammas, list(ceiling.values()), "k:", label="every draft accepted (at this max_tokens)")
-    for mode in dict.fromkeys(r["draft"] for r in rows):
-        pts = sorted((r["gamma"], r["tokens_per_verify"]) for r in rows if r["draft"] == mode)
-        ax.plot(*zip(*pts), "o-", label=mode)
+    if decorate is not None:
+        decorate(ax)
+    for label, pts in series.items():
+        ax.plot(*zip(*sorted(pts)), "o-", label=label)
     ax.set_xlabel("draft length γ")
     ax.set_ylabel("tokens per verify pass τ")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(gammas, [str(g) for g in gammas])
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}", file=sys.stderr)
+
+
+def plot(rows, path):
+    ceiling = dict(sorted((r["gamma"], r["tokens_per_verify_ceiling"]) for r in rows))
+    gammas = list(ceiling)
+
+    def ceiling_on_log2(ax):
+        ax.plot(gammas, list(ceiling.values()), "k:", label="every draft accepted (at this max_tokens)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(gammas, [str(g) for g in gammas])
+
+    tau_plot(path, {mode: [(r["gamma"], r["tokens_per_verify"]) for r in rows if r["draft"] == mode]
+                    for mode in dict.fromkeys(r["draft"] for r in rows)}, ceiling_on_log2)
 
 
 def main(argv=None):

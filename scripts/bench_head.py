@@ -25,7 +25,7 @@ import time
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from plotting import pyplot
+from bench_acceptance import tau_plot
 from mlx_qspec import load, precision, reads, roofline
 from mlx_qspec.cli import default_model_path
 from mlx_qspec.heads import capture, store
@@ -47,9 +47,8 @@ CHAT = [
 def workloads(tokenizer, n: int, prompt_tokens: int) -> dict[str, list[list[int]]]:
     """``held-back``: the first tokens of default-corpus files train_head never reads;
     ``chat``: chat-formatted questions."""
-    files = default_corpus(held_back=True)
     text = []
-    for f in files:
+    for f in default_corpus(held_back=True):
         ids = tokenizer.encode(f.read_text(errors="replace"))
         if len(ids) >= prompt_tokens:
             text.append(ids[:prompt_tokens])
@@ -184,22 +183,10 @@ def print_table(rows):
 
 
 def plot(rows, path):
-    plt = pyplot(path)
-    if plt is None:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for w in dict.fromkeys(r["workload"] for r in rows):
-        for read in dict.fromkeys(r["read"] for r in rows):
-            pts = sorted((r["gamma"], r["tokens_per_verify"]) for r in rows
-                         if r["workload"] == w and r["read"] == read)
-            ax.plot(*zip(*pts), "o-", label=f"τ, {w}, {read}")
-    ax.set_xlabel("draft length γ")
-    ax.set_ylabel("tokens per verify pass τ")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}", file=sys.stderr)
+    tau_plot(path, {f"τ, {w}, {read}": [(r["gamma"], r["tokens_per_verify"]) for r in rows
+                                         if r["workload"] == w and r["read"] == read]
+                    for w in dict.fromkeys(r["workload"] for r in rows)
+                    for read in dict.fromkeys(r["read"] for r in rows)})
 
 
 if __name__ == "__main__":

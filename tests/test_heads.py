@@ -15,15 +15,23 @@ from gguf import GGMLQuantizationType as Q
 from mlx.utils import tree_flatten
 from mlx_lm.models import deepseek_v3, llama, mimo, qwen3_next
 from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.utils import load as mlx_lm_load
 
 from helpers import build_tiny_model, byte_symbols, write_gguf_file
-from mlx_qspec import load
+from helpers.sampling import chi2_pvalue, sample_first_tokens
+from mlx_qspec import cost, load, reads
 from mlx_qspec.convert import convert
-from mlx_qspec.errors import ModelError
+from mlx_qspec.decoder import SpecStats
+from mlx_qspec.drafts.auto import AutoPolicy
+from mlx_qspec.drafts.cascade import Cascade
+from mlx_qspec.errors import ModelError, UserError
 from mlx_qspec.heads import capture, mtp, store
 from mlx_qspec.heads.block import NextTokenHead, build_layer, quantize
-from mlx_qspec.heads.level import HeadDraft
+from mlx_qspec.heads.level import HeadDraft, head_level, mtp_level
 from mlx_qspec.hooks import install as prepare
+from mlx_qspec.sampling import make_sampler
+from mlx_qspec.speculative import plain_generate_step, speculative_generate_step
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TOKENS = SPECIALS + byte_symbols()
@@ -69,20 +77,27 @@ def write_tiny_gguf(path, seed=0, nextn=False):
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(model, tokenizer) of the tiny GGUF, prepared (QSpec layers) and hidden-state capturing."""
-    model, tokenizer = load(write_tiny_gguf(tmp_path_factory.mktemp("heads") / "tiny.gguf"))
-    prepare(model)
-    return model, tokenizer
+@pytest.fixture(scope="module", name="model")
+def gguf_model(tmp_path_factory):
+    """The tiny GGUF's model, prepared (QSpec layers) and hidden-state capturing."""
+    return prepare(load(write_tiny_gguf(tmp_path_factory.mktemp("heads") / "tiny.gguf"))[0])
 
 
-def random_head(model, seed=0, bits=4):
-    """A quantized head of ``model``'s architecture with random weights (no training)."""
+def random_head(model, seed=0, bigram=False):
+    """A quantized head of ``model``'s architecture with random weights (no training). A
+    ``bigram`` head's block passes its input through and its projection keeps the embedding:
+    it drafts the LM head's best match for the next token alone — what the tiny model (its LM
+    head a permutation of its embedding) predicts where the context does not sway it. So
+    blocks are accepted and rejected."""
     mx.random.seed(seed)
+    d = model.args.hidden_size
     block = build_layer(llama.TransformerBlock, vars(model.args), 1)
-    head = NextTokenHead(block, HIDDEN, len(TOKENS), 1e-5)
-    quantize(head, 32, bits)
+    head = NextTokenHead(block, d, model.args.vocab_size, 1e-5)
+    if bigram:
+        block.self_attn.o_proj.weight = mx.zeros_like(block.self_attn.o_proj.weight)
+        block.mlp.down_proj.weight = mx.zeros_like(block.mlp.down_proj.weight)
+        head.fc.weight = mx.concatenate([mx.eye(d), mx.zeros((d, d))], axis=1)
+    quantize(head, 32, 4)
     mx.eval(head.parameters())
     return head
 
@@ -99,12 +114,10 @@ def hidden_states(model, tokens):
 
 
 @pytest.mark.parametrize("kind", ["tied-qspec", "untied-float", "untied-quantized", "untied-qspec"])
-def test_captured_hidden_state_is_the_lm_head_input(tiny, kind):
+def test_captured_hidden_state_is_the_lm_head_input(model, kind):
     """The LM head applied to what the capture recorded gives the model's own logits, bit for
     bit; nothing is recorded outside a capture; the model's output is unchanged by the hook."""
-    if kind == "tied-qspec":
-        model = tiny[0]
-    else:
+    if kind != "tied-qspec":
         model = build_tiny_model()
         if kind == "untied-float":
             model = llama.Model(model.args)
@@ -150,34 +163,31 @@ def reference_drafts(head, ends, context, hidden, k):
     return drafts, logits
 
 
-def test_level_catch_up_and_chain_equal_a_cacheless_reference(tiny):
+def test_level_catch_up_and_chain_equal_a_cacheless_reference(model):
     """The level's first draft (its cache caught up from the model's hidden states in one
     forward) and its chained drafts (its own output fed back) equal a computation without a
     KV cache, and its reads — its own layers, the LM head, its KV — are counted."""
-    model, _ = tiny
     head = random_head(model)
     context = [5, 70, 71, 72, 9, 100, 101, 40, 41, 42, 43]
     hidden = hidden_states(model, context[:-1])
     level = HeadDraft(model, head, "head")
-    counter = __import__("mlx_qspec.reads", fromlist=["ReadCounter"]).ReadCounter()
+    counter = reads.ReadCounter()
     drafted, qs = level.propose(context, hidden, 4, counter=counter)
     ref, ref_logits = reference_drafts(head, level.ends, context, hidden, 4)
     assert drafted == ref
     for q, lg in zip(qs, ref_logits):
         np.testing.assert_allclose(np.array(q), np.array(lg - mx.logsumexp(lg, -1, keepdims=True)), atol=1e-4)
     assert counter.forwards == 4
-    lm_head = level.ends.head
     head_bytes = sum(v.nbytes for _, v in tree_flatten(head.parameters()) if v.dtype == mx.uint32)
-    assert counter.bytes("weights") > 4 * (head_bytes + lm_head["upper"].nbytes)
+    assert counter.bytes("weights") > 4 * (head_bytes + level.ends.head["upper"].nbytes)
     assert counter.bytes("kv") > 0
     assert level.cache.offset == len(context) + 3
 
 
-def test_head_cache_after_blocks_equals_built_from_scratch(tiny):
+def test_head_cache_after_blocks_equals_built_from_scratch(model):
     """Blocks accept some drafts and reject the rest; the model's hidden states of each
     block's accepted rows are handed over as the decoder hands them. The head's cache then
     equals one built from scratch over the final context, and so does its next draft."""
-    model, _ = tiny
     head = random_head(model, seed=1)
     seq = [5, 70, 71, 72, 9, 100, 101, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52]
     hidden = hidden_states(model, seq)
@@ -201,10 +211,9 @@ def test_head_cache_after_blocks_equals_built_from_scratch(tiny):
         np.testing.assert_allclose(np.array(a[..., :n, :]), np.array(b[..., :n, :]), rtol=1e-4, atol=1e-5)
 
 
-def test_level_with_only_the_last_hidden_state(tiny):
+def test_level_with_only_the_last_hidden_state(model):
     """Handed only the last row (the minimum contract 2 promises), the level still drafts:
     positions it never saw get a zero hidden state, chained entries are kept."""
-    model, _ = tiny
     level = HeadDraft(model, random_head(model), "head")
     seq = [5, 70, 71, 72, 9, 100, 101, 40, 41, 42]
     hidden = hidden_states(model, seq)
@@ -217,10 +226,9 @@ def test_level_with_only_the_last_hidden_state(tiny):
 # ------------------------------------------------------------------ head directories
 
 
-def test_head_directory_round_trip_and_bad_heads(tiny, tmp_path):
+def test_head_directory_round_trip_and_bad_heads(model, tmp_path):
     """A saved head loads back with the same weights and drafts the same; a head for another
     model (hidden size, vocabulary) or a broken directory is one line naming it."""
-    model, _ = tiny
     ends = capture.ModelEnds(model)
     head = random_head(model, seed=2)
     cfg = store.head_config(head, "llama", 1, {**vars(model.args)}, {"kind": "test"})
@@ -233,19 +241,22 @@ def test_head_directory_round_trip_and_bad_heads(tiny, tmp_path):
     assert (HeadDraft(model, head, "head").propose(seq, hidden, 3)[0]
             == HeadDraft(model, loaded, "head").propose(seq, hidden, 3)[0])
 
-    def broken(name, edit):
+    def broken(name, unlink=None, **changes):  # a saved head, one file gone or its config changed
         d = tmp_path / name
         store.save(d, head, cfg)
-        edit(d)
+        if unlink:
+            (d / unlink).unlink()
+        else:
+            (d / "config.json").write_text(json.dumps({**cfg, **changes}))
         return d
 
     cases = {
-        "hidden states of size 32": broken("hidden", lambda d: _edit(d, hidden_size=32)),
-        "vocabulary has 1000 tokens": broken("vocab", lambda d: _edit(d, vocab_size=1000)),
-        "no model.safetensors": broken("weights", lambda d: (d / "model.safetensors").unlink()),
-        "no config.json": broken("config", lambda d: (d / "config.json").unlink()),
-        "not an mlx_qspec head": broken("format", lambda d: _edit(d, format="other")),
-        "do not fit its config": broken("shape", lambda d: _edit(d, block_config={**cfg["block_config"], "intermediate_size": 96})),
+        "hidden states of size 32": broken("hidden", hidden_size=32),
+        "vocabulary has 1000 tokens": broken("vocab", vocab_size=1000),
+        "no model.safetensors": broken("weights", unlink="model.safetensors"),
+        "no config.json": broken("config", unlink="config.json"),
+        "not an mlx_qspec head": broken("format", format="other"),
+        "do not fit its config": broken("shape", block_config={**cfg["block_config"], "intermediate_size": 96}),
         "is not a directory": tmp_path / "absent",
     }
     for words, d in cases.items():
@@ -254,15 +265,10 @@ def test_head_directory_round_trip_and_bad_heads(tiny, tmp_path):
         assert "\n" not in str(info.value) and words in str(info.value) and str(d) in str(info.value)
 
 
-def _edit(d, **changes):
-    cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**cfg, **changes}))
-
-
 # ------------------------------------------------------------------ train_head
 
 
-def test_train_head_writes_a_head_that_loads_and_resumes(tiny, tmp_path, capsys, monkeypatch):
+def test_train_head_writes_a_head_that_loads_and_resumes(tmp_path, capsys, monkeypatch):
     """A few steps on a tiny model: the directory loads as a head of the model (quantized like
     it, a draft vocabulary of the text's most frequent tokens), drafts only from that
     vocabulary, and a second run with more steps resumes from the checkpoint."""
@@ -279,16 +285,22 @@ def test_train_head_writes_a_head_that_loads_and_resumes(tiny, tmp_path, capsys,
     main(argv + ["--steps", "3"])
     state = json.loads((tmp_path / "head" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 3
-    with monkeypatch.context() as m:  # other shapes: refused in one line, before loading
+    other = tmp_path / "other.txt"
+    other.write_text("another text " * 60)
+    with monkeypatch.context() as m:  # other shapes or text: refused in one line, before loading
         from mlx_qspec.commands import train_head
 
         m.setattr(train_head, "load", lambda *a, **k: pytest.fail("the model was loaded"))
         capsys.readouterr()
-        with pytest.raises(SystemExit) as exc:
-            main(argv + ["--seq-len", "16", "--draft-vocab", "0"])  # (the last flag counts)
-        err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == 2 and len(err) == 1, err
-    assert "--seq-len 32 (this run: 16), --draft-vocab 40 (this run: 0)" in err[0]
+        for extra, words in (  # (the last flag counts)
+                (["--seq-len", "16", "--draft-vocab", "0"],
+                 "--seq-len 32 (this run: 16), --draft-vocab 40 (this run: 0)"),
+                (["--text", str(other)], f"--text {text.resolve()} (this run: {other.resolve()})")):
+            with pytest.raises(SystemExit) as exc:
+                main(argv + extra)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert exc.value.code == 2 and len(err) == 1, err
+            assert words in err[0]
     model, tokenizer = load(src)
     prepare(model)
     head, cfg = store.load(tmp_path / "head", model, capture.ModelEnds(model))
@@ -308,30 +320,23 @@ def test_train_head_writes_a_head_that_loads_and_resumes(tiny, tmp_path, capsys,
 # ------------------------------------------------------------------ MTP layers
 
 
-def write_tokenizer(folder, size):
-    """A word-level tokenizer of ``size`` tokens ("t0" ...): what load() reads beside weights."""
+def write_checkpoint(folder, config, weights):
+    """A directory load() reads: the weights, the config and a word-level tokenizer of the
+    vocabulary's size ("t0" ...)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(size)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-
-
-def write_checkpoint(folder, config, weights):
     folder.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(folder / "model.safetensors"), weights)
     (folder / "config.json").write_text(json.dumps(config))
-    write_tokenizer(folder, config["vocab_size"])
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(config["vocab_size"])}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
     return folder
 
 
 def _norm():
     return mx.random.uniform(0.6, 1.4, (HIDDEN,))
-
-
-def _rms(x, w, eps):
-    return mx.fast.rms_norm(x, w, eps)
 
 
 DEEPSEEK = dict(model_type="deepseek_v3", vocab_size=96, hidden_size=HIDDEN, intermediate_size=128,
@@ -342,20 +347,35 @@ DEEPSEEK = dict(model_type="deepseek_v3", vocab_size=96, hidden_size=HIDDEN, int
                 rms_norm_eps=1e-6, num_nextn_predict_layers=1)
 
 
-def deepseek_hf_layer(layer, args):
-    """A DeepSeek-V3 decoder layer's weights as the Hugging Face checkpoint stores them:
-    experts one by one, the MLA key/value up-projection as one kv_b_proj."""
-    out = {}
+def hf_experts(layer):
+    """A layer's parameters as a Hugging Face checkpoint stores them: experts one by one."""
     for k, v in tree_flatten(layer.parameters()):
         if ".switch_mlp." in k:
-            for e in range(v.shape[0]):
-                out[k.replace("switch_mlp", f"experts.{e}")] = v[e]
-        elif not k.endswith(("embed_q.weight", "unembed_out.weight")):
-            out[k] = v
-    wk, wv = layer.self_attn.embed_q.weight, layer.self_attn.unembed_out.weight
-    kv_b = mx.concatenate([wk.swapaxes(-1, -2), wv], axis=1)
-    out["self_attn.kv_b_proj.weight"] = kv_b.reshape(-1, kv_b.shape[-1])
-    return out
+            yield from ((k.replace("switch_mlp", f"experts.{e}"), v[e]) for e in range(v.shape[0]))
+        else:
+            yield k, v
+
+
+def deepseek_checkpoint(folder, seed, own_ends=True):
+    """``(model, MTP layer, MTP extras, loaded)``: a tiny DeepSeek-V3 written in Hugging Face
+    layout with its MTP module at layer L (experts one by one, the MLA key/value
+    up-projection as one kv_b_proj; ``own_ends``: its own LM head and embedding), loaded."""
+    mx.random.seed(seed)
+    args = deepseek_v3.ModelArgs.from_dict(DEEPSEEK)
+    model = deepseek_v3.Model(args)
+    layer = deepseek_v3.DeepseekV3DecoderLayer(args, 2)
+    extras = {"enorm.weight": _norm(), "hnorm.weight": _norm(), "shared_head.norm.weight": _norm(),
+              "eh_proj.weight": mx.random.normal((HIDDEN, 2 * HIDDEN)) * 0.1}
+    if own_ends:
+        extras.update({"shared_head.head.weight": mx.random.normal((96, HIDDEN)) * 0.3,
+                       "embed_tokens.weight": mx.random.normal((96, HIDDEN))})
+    attn = layer.self_attn
+    block = {k: v for k, v in hf_experts(layer) if not k.endswith(("embed_q.weight", "unembed_out.weight"))}
+    kv_b = mx.concatenate([attn.embed_q.weight.swapaxes(-1, -2), attn.unembed_out.weight], axis=1)
+    block["self_attn.kv_b_proj.weight"] = kv_b.reshape(-1, kv_b.shape[-1])
+    weights = dict(tree_flatten(model.parameters()))
+    weights.update({f"model.layers.2.{k}": v for k, v in {**block, **extras}.items()})
+    return model, layer, extras, load(str(write_checkpoint(folder, DEEPSEEK, weights)))[0]
 
 
 def test_deepseek_mtp_kept_with_its_own_head_and_matches_reference(tmp_path):
@@ -365,17 +385,7 @@ def test_deepseek_mtp_kept_with_its_own_head_and_matches_reference(tmp_path):
     distributions equal DeepSeek's formula on the original tensors: the head
     shared_head.head(shared_head.norm(block(eh_proj([enorm(e); hnorm(h)])))), the block's
     raw output fed back."""
-    mx.random.seed(3)
-    args = deepseek_v3.ModelArgs.from_dict(DEEPSEEK)
-    model = deepseek_v3.Model(args)
-    layer = deepseek_v3.DeepseekV3DecoderLayer(args, 2)
-    extras = {"enorm.weight": _norm(), "hnorm.weight": _norm(), "shared_head.norm.weight": _norm(),
-              "eh_proj.weight": mx.random.normal((HIDDEN, 2 * HIDDEN)) * 0.1,
-              "shared_head.head.weight": mx.random.normal((96, HIDDEN)) * 0.3,
-              "embed_tokens.weight": mx.random.normal((96, HIDDEN))}
-    weights = dict(tree_flatten(model.parameters()))
-    weights.update({f"model.layers.2.{k}": v for k, v in {**deepseek_hf_layer(layer, args), **extras}.items()})
-    loaded, _ = load(str(write_checkpoint(tmp_path / "ds", DEEPSEEK, weights)))
+    model, layer, extras, loaded = deepseek_checkpoint(tmp_path / "ds", 3)
     for k, v in tree_flatten(model.parameters()):
         assert mx.array_equal(v, dict(tree_flatten(loaded.parameters()))[k]).item(), k
     head, cfg = mtp.attached(loaded)
@@ -389,10 +399,11 @@ def test_deepseek_mtp_kept_with_its_own_head_and_matches_reference(tmp_path):
     drafted, qs = level.propose(context, hidden, 3)
 
     def ref_step(tokens, states):  # DeepSeek's MTP module on the original tensors, no cache
-        e = _rms(extras["embed_tokens.weight"][mx.array(tokens)][None], extras["enorm.weight"], 1e-6)
-        x = mx.concatenate([e, _rms(states[None], extras["hnorm.weight"], 1e-6)], -1) @ extras["eh_proj.weight"].T
+        rms = mx.fast.rms_norm
+        e = rms(extras["embed_tokens.weight"][mx.array(tokens)][None], extras["enorm.weight"], 1e-6)
+        x = mx.concatenate([e, rms(states[None], extras["hnorm.weight"], 1e-6)], -1) @ extras["eh_proj.weight"].T
         y = layer(x, create_attention_mask(x, None, return_array=True), None)
-        return y, _rms(y, extras["shared_head.norm.weight"], 1e-6) @ extras["shared_head.head.weight"].T
+        return y, rms(y, extras["shared_head.norm.weight"], 1e-6) @ extras["shared_head.head.weight"].T
 
     tokens, states = context, mx.concatenate([mx.zeros((1, HIDDEN)), hidden])
     for d, q in zip(drafted, qs):
@@ -421,13 +432,8 @@ def test_qwen3_next_mtp_kept_with_offset_norms():
     args = qwen3_next.ModelArgs.from_dict(QWEN3_NEXT)
     model = qwen3_next.Model(args)
     layer = qwen3_next.Qwen3NextDecoderLayer(args, 3)
-    raw = {}
-    for k, v in tree_flatten(layer.parameters()):
-        if ".switch_mlp." in k:
-            for e in range(v.shape[0]):
-                raw[f"mtp.layers.0.{k.replace('switch_mlp', f'experts.{e}')}"] = v[e]
-        else:
-            raw[f"mtp.layers.0.{k}"] = v - 1.0 if k.endswith(("layernorm.weight", "q_norm.weight", "k_norm.weight")) else v
+    offset = ("layernorm.weight", "q_norm.weight", "k_norm.weight")
+    raw = {f"mtp.layers.0.{k}": v - 1.0 if k.endswith(offset) else v for k, v in hf_experts(layer)}
     norms = {n: _norm() for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")}
     raw.update({f"mtp.{n}.weight": w - 1.0 for n, w in norms.items()})
     raw["mtp.fc.weight"] = mx.random.normal((HIDDEN, 2 * HIDDEN)) * 0.1
@@ -457,8 +463,6 @@ def test_mimo_mtp_round_trips_through_convert(tmp_path):
     """A MiMo checkpoint (its MTP under model.mtp_layers.0, hidden state first) converts with
     -q: stock mlx-lm's files hold the model, DIR/mtp the MTP head quantized like it; loading
     the directory gives the MTP head back, drafting as the loaded-from-source one does."""
-    from mlx_lm.utils import load as mlx_lm_load
-
     mx.random.seed(5)
     args = mimo.ModelArgs.from_dict(MIMO)
     model = mimo.Model(args)
@@ -480,24 +484,14 @@ def test_mimo_mtp_round_trips_through_convert(tmp_path):
     head, cfg = mtp.attached(converted)
     assert cfg["quantization"] == {"group_size": 32, "bits": 4}
     assert isinstance(head.fc, nn.QuantizedLinear) and isinstance(head.block.mlp.up_proj, nn.QuantizedLinear)
-    expected = quantize_copy(head_src)
-    for k, v in tree_flatten(expected.parameters()):
+    quantize(head_src, 32, 4)  # as convert -q --q-bits 4 --q-group-size 32 quantizes it
+    for k, v in tree_flatten(head_src.parameters()):
         assert mx.array_equal(v, dict(tree_flatten(head.parameters()))[k]).item(), k
     prepare(converted)
     context = [3, 17, 40, 41, 42, 60, 7]
     drafted, _ = HeadDraft(converted, head, "mtp").propose(
         context, hidden_states(converted, context[:-1]), 3)
     assert len(drafted) == 3
-
-
-def quantize_copy(head):
-    """The MTP head quantized as convert -q --q-bits 4 --q-group-size 32 quantizes it."""
-    copy = NextTokenHead(mimo.TransformerBlock(mimo.ModelArgs.from_dict(MIMO)), HIDDEN, 96, 1e-6,
-                         hidden_first=True)
-    copy.update(head.parameters())
-    quantize(copy, 32, 4)
-    mx.eval(copy.parameters())
-    return copy
 
 
 def test_gguf_nextn_tensors_load_as_mtp(tmp_path):
@@ -521,13 +515,13 @@ def test_gguf_nextn_tensors_load_as_mtp(tmp_path):
         assert mx.array_equal(v, dict(tree_flatten(kept.parameters()))[k]).item(), k
     plain, _ = load(write_tiny_gguf(tmp_path / "p.gguf"))
     assert mtp.attached(plain) is None
+    stored, _ = load(tmp_path / "n.gguf", dtype=None)  # the stored dtypes, the MTP head's too
+    assert mtp.attached(stored)[0].norm.weight.dtype == stored.model.norm.weight.dtype == mx.float32
 
 
 def test_loading_leaves_the_mtp_head_to_the_level_that_reads_it(tmp_path, monkeypatch):
     """A load evaluates the model, not its MTP head (a whole MoE layer on DeepSeek-V3, read
     only with --draft mtp): the mtp level evaluates the head when it is built."""
-    from mlx_qspec.heads.level import mtp_level
-
     evaluated, eval_ = set(), mx.eval
 
     def recording(*trees):
@@ -543,12 +537,8 @@ def test_loading_leaves_the_mtp_head_to_the_level_that_reads_it(tmp_path, monkey
     assert ids(head) <= evaluated
 
 
-def test_levels_refuse_in_one_line(tiny, tmp_path):
+def test_levels_refuse_in_one_line(model, tmp_path):
     """``mtp`` on a model without MTP layers and ``head`` without --draft-head say what to do."""
-    from mlx_qspec.errors import UserError
-    from mlx_qspec.heads.level import head_level, mtp_level
-
-    model, _ = tiny
     with pytest.raises(UserError) as info:
         mtp_level(model)
     assert "\n" not in str(info.value) and "mlx_qspec.convert" in str(info.value) and "train_head" in str(info.value)
@@ -559,10 +549,9 @@ def test_levels_refuse_in_one_line(tiny, tmp_path):
         head_level(model, tmp_path)
 
 
-def test_given_tokens_run_through_the_chain(tiny):
+def test_given_tokens_run_through_the_chain(model):
     """Tokens after the pending one (a lower level's proposals) are chained as if drafted:
     the drafts after them equal the level's own drafts after drafting those tokens itself."""
-    model, _ = tiny
     head = random_head(model, seed=6)
     context = [5, 70, 71, 72, 9, 100, 101, 40]
     hidden = hidden_states(model, context[:-1])
@@ -573,12 +562,9 @@ def test_given_tokens_run_through_the_chain(tiny):
     assert len(none) == 2
 
 
-def test_step_reads_are_a_fraction_of_a_plain_step(tiny):
+def test_step_reads_are_a_fraction_of_a_plain_step(model):
     """One draft step reads the head's block and the LM head (its draft rows where it has a
     draft vocabulary), far less than the model's forward."""
-    from mlx_qspec import reads
-
-    model, _ = tiny
     level = HeadDraft(model, random_head(model), "head")
     plain = reads.ReadCounter()
     with reads.counting(plain):
@@ -590,32 +576,13 @@ def test_step_reads_are_a_fraction_of_a_plain_step(tiny):
 # ------------------------------------------------------------------ decoding with a head
 
 
-def bigram_head(model):
-    """A head whose block passes its input through and whose projection keeps the embedding:
-    it drafts the LM head's best match for the next token alone — what the tiny model (its LM
-    head a permutation of its embedding) predicts where the context does not sway it. So
-    blocks are accepted and rejected."""
-    d = model.args.hidden_size
-    block = build_layer(llama.TransformerBlock, vars(model.args), 1)
-    block.self_attn.o_proj.weight = mx.zeros_like(block.self_attn.o_proj.weight)
-    block.mlp.down_proj.weight = mx.zeros_like(block.mlp.down_proj.weight)
-    head = NextTokenHead(block, d, model.args.vocab_size, 1e-5)
-    head.fc.weight = mx.concatenate([mx.eye(d), mx.zeros((d, d))], axis=1)
-    quantize(head, 32, 4)
-    mx.eval(head.parameters())
-    return head
-
-
 @pytest.fixture(scope="module")
 def bigram():
     model = prepare(build_tiny_model(residual_gain=1.0))  # the context sways some tokens
-    return model, HeadDraft(model, bigram_head(model), "head")
+    return model, HeadDraft(model, random_head(model, bigram=True), "head")
 
 
 def _generate(model, prompt, **kw):
-    from mlx_qspec.decoder import SpecStats
-    from mlx_qspec.speculative import plain_generate_step, speculative_generate_step
-
     if kw.get("draft") is None:
         return [t for t, _, _ in plain_generate_step(mx.array(prompt), model, **kw)], None
     stats = SpecStats()
@@ -644,8 +611,6 @@ def test_head_cache_after_decoding_equals_built_from_scratch(bigram):
     """After a generation the head's cache holds, for every position before the last block,
     the entry built from the model's own hidden state there (the decoder handed over every
     accepted row, the prefill's too), as one built from scratch over the context."""
-    from mlx_qspec.drafts.cascade import Cascade
-
     model, level = bigram
     mine = level.fresh()
     prompt = [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
@@ -663,10 +628,6 @@ def test_head_cache_after_decoding_equals_built_from_scratch(bigram):
 def test_head_sampling_keeps_the_model_distribution(bigram):
     """At temperature > 0 the first tokens follow the model's exact joint distribution
     (chi-square), and not the head's (the test has power)."""
-    from helpers.sampling import chi2_pvalue, sample_first_tokens
-
-    from mlx_qspec.sampling import make_sampler
-
     model, level = bigram
     prompt, steps, n = [5, 77, 140, 3, 250, 19, 64, 8], 2, 300
     sampler = make_sampler(temp=1.0, top_k=4)
@@ -688,15 +649,7 @@ def test_head_sampling_keeps_the_model_distribution(bigram):
 def test_mtp_drafts_exactly(tmp_path):
     """The tiny DeepSeek-V3 with its MTP module (MLA attention, MoE) drafts with ``mtp`` and
     gives plain decoding's tokens at γ 1, 4 and 8."""
-    mx.random.seed(8)
-    args = deepseek_v3.ModelArgs.from_dict(DEEPSEEK)
-    model = deepseek_v3.Model(args)
-    layer = deepseek_v3.DeepseekV3DecoderLayer(args, 2)
-    extras = {"enorm.weight": _norm(), "hnorm.weight": _norm(), "shared_head.norm.weight": _norm(),
-              "eh_proj.weight": mx.random.normal((HIDDEN, 2 * HIDDEN)) * 0.1}
-    weights = dict(tree_flatten(model.parameters()))
-    weights.update({f"model.layers.2.{k}": v for k, v in {**deepseek_hf_layer(layer, args), **extras}.items()})
-    loaded, _ = load(str(write_checkpoint(tmp_path / "ds", DEEPSEEK, weights)))
+    loaded = deepseek_checkpoint(tmp_path / "ds", 8, own_ends=False)[3]
     prompt = [3, 17, 40, 41, 42, 60, 7, 8, 9]
     plain, _ = _generate(loaded, prompt, max_tokens=24)
     for gamma in (1, 4, 8):
@@ -704,17 +657,15 @@ def test_mtp_drafts_exactly(tmp_path):
         assert out == plain and stats.drafted, gamma
 
 
-def test_cli_draft_head_mistakes_are_one_line(tiny, tmp_path, capsys):
+def test_cli_draft_head_mistakes_are_one_line(tmp_path, capsys):
     """--draft head without --draft-head, a directory that is no head, a head of another
     model: exit 2, one line each, before generating."""
     from mlx_qspec.generate import main
 
-    model, _ = tiny
     gguf_path = write_tiny_gguf(tmp_path / "t.gguf")
     other = tmp_path / "other"
     small = build_tiny_model()  # hidden 128: not the GGUF model's 64
-    block = build_layer(llama.TransformerBlock, vars(small.args), 1)
-    head = NextTokenHead(block, 128, 256, 1e-5)
+    head = random_head(small)
     store.save(other, head, store.head_config(head, "llama", 1, vars(small.args), {"kind": "test"}))
     for extra, words in ((["--draft", "head"], "--draft-head"),
                          (["--draft", "head", "--draft-head", str(tmp_path)], "no config.json"),
@@ -729,11 +680,6 @@ def test_auto_weighs_a_head_by_its_agreement_and_bytes(bigram, monkeypatch):
     """``auto`` weighs the head as an arm of its controller: at its measured agreement, and
     on a Mac at the roofline's cost of the bytes one head step reads (a fraction of a plain
     step's); the cache unmoved."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    from mlx_qspec import cost
-    from mlx_qspec.drafts.auto import AutoPolicy
-
     model, level = bigram
     level = level.fresh()
     level.agreement = 0.42
@@ -753,10 +699,8 @@ def test_head_reading_the_upper_plane(bigram):
     """``head+w-upper`` reads 8-bit layers (the model's 8-bit LM head here) as their upper
     plane: exact, fewer bytes per draft step; refused on a model without 8-bit layers, and
     any other precision on a head level is refused in one line."""
-    from mlx_qspec.errors import UserError
-
     model8 = prepare(build_tiny_model(residual_gain=1.0, head_bits=8))
-    level = HeadDraft(model8, bigram_head(model8), "head")
+    level = HeadDraft(model8, random_head(model8, bigram=True), "head")
     prompt = [5, 77, 140, 3, 250, 19, 64, 8]
     plain, _ = _generate(model8, prompt, max_tokens=24)
     full, s_full = _generate(model8, prompt, draft="head", draft_head=level, max_tokens=24)

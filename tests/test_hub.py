@@ -87,8 +87,7 @@ def hub(tmp_path_factory):
     files = tiny_repo(tmp_path_factory.mktemp("repo"))
     log = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler(files, log))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}", files, log
     server.shutdown()
     server.server_close()

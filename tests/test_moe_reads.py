@@ -32,27 +32,26 @@ def _file_bytes(path):
     arrays = {}
     for f in sorted(path.glob("model*.safetensors")):
         arrays.update(mx.load(str(f)))
-    out = {}
-    for key in arrays:
-        if key.endswith(".scales"):
-            prefix = key[: -len(".scales")]
-            parts = (".weight", ".scales", ".biases")
-            out[prefix] = [arrays[prefix + s] for s in parts if prefix + s in arrays]
-    return out
+    prefixes = [key.removesuffix(".scales") for key in arrays if key.endswith(".scales")]
+    return {p: [arrays[p + s] for s in (".weight", ".scales", ".biases") if p + s in arrays] for p in prefixes}
+
+
+def _prefilled(model):
+    cache = make_cache(model, "fp")
+    prefill(model, mx.array(PROMPT), cache, step=16)
+    return cache
 
 
 @pytest.fixture
 def routes(monkeypatch):
     """The routing indices each expert layer was called with, taken at mlx-lm's SwitchGLU."""
-    seen = []
-    for cls in (switch_layers.SwitchGLU,):
-        original = cls.__call__
+    seen, original = [], switch_layers.SwitchGLU.__call__
 
-        def call(self, x, indices, original=original):
-            seen.append(indices)
-            return original(self, x, indices)
+    def call(self, x, indices):
+        seen.append(indices)
+        return original(self, x, indices)
 
-        monkeypatch.setattr(cls, "__call__", call)
+    monkeypatch.setattr(switch_layers.SwitchGLU, "__call__", call)
     return seen
 
 
@@ -67,8 +66,7 @@ def test_the_counter_reads_the_routed_experts(name, mode, tmp_path, routes):
         per_expert[layer] = per_expert.get(layer, 0) + sum(a.nbytes for a in arrays) / arrays[0].shape[0]
     assert mode == "affine" or all(a[1].dtype == mx.uint8 for a in expert.values())  # mxfp4 scales
     model = install(build(name, experts_mode=mode))
-    cache = make_cache(model, "fp")
-    prefill(model, mx.array(PROMPT), cache, step=16)
+    cache = _prefilled(model)
     dense_bytes = sum(a.nbytes for arrays in dense for a in arrays)
     for rows in ([ROWS[0]], ROWS):  # a decode step, a verify of five rows
         routes.clear()
@@ -129,15 +127,12 @@ def test_forward_expert_bytes_from_the_routes_decoding_saw():
     model = install(build("qwen3_moe"))
     layers = moe.expert_layers(model, half=False)
     assert [x.experts for x in layers] == [8, 8] and all(x.top_k == 2 for x in layers)
-    per = {m.route_key: 0 for _, m in model.named_modules() if isinstance(m, QSpecSwitchLinear)}
-    for _, m in model.named_modules():
-        if isinstance(m, QSpecSwitchLinear):
-            per[m.route_key] += (m.weight.nbytes + m.scales.nbytes + m.biases.nbytes) / 8
+    per = {}
+    for m in (m for _, m in model.named_modules() if isinstance(m, QSpecSwitchLinear)):
+        per[m.route_key] = per.get(m.route_key, 0) + (m.weight.nbytes + m.scales.nbytes + m.biases.nbytes) / 8
     assert {x.key: x.expert_bytes for x in layers} == per
     assert moe.forward_expert_bytes(layers, 1) == sum(2 * b for b in per.values())
-    counter = reads.ReadCounter()
-    cache = make_cache(model, "fp")
-    prefill(model, mx.array(PROMPT), cache, step=16)
+    counter, cache = reads.ReadCounter(), _prefilled(model)
     with reads.counting(counter):
         for t in ROWS * 3:
             mx.eval(model(mx.array([[t]]), cache=cache))
@@ -146,12 +141,6 @@ def test_forward_expert_bytes_from_the_routes_decoding_saw():
     measured = moe.forward_expert_bytes(layers, 4, seen)
     assert measured == pytest.approx(sum(
         moe.expected_distinct(8, 2, 4, seen[k][1]) * b for k, b in per.items()))
-
-
-def _prefilled(model):
-    cache = make_cache(model, "fp")
-    prefill(model, mx.array(PROMPT), cache, step=16)
-    return cache
 
 
 def _step_reads(model, cache) -> reads.ReadCounter:

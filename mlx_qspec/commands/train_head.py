@@ -50,12 +50,7 @@ KL_WEIGHT = 1.0  # the distribution loss beside the feature regression (EAGLE: 0
 # measured to learn several times faster at 1 on the test model)
 KL_ROWS = 512  # rows per step scored through the LM head when it is the full vocabulary
 DRAFT_VOCAB = 8192  # default reduced vocabulary, for vocabularies over twice its size
-HELD_BACK_MOD = 8
-
-
-def is_held_back(path: Path) -> bool:
-    """Default-corpus files kept out of training, for measuring what a head gives."""
-    return zlib.crc32(path.name.encode()) % HELD_BACK_MOD == 0
+HELD_BACK_MOD = 8  # default-corpus files whose name hashes to 0 mod this are kept for measuring
 
 
 def default_corpus(held_back: bool = False) -> list[Path]:
@@ -64,12 +59,11 @@ def default_corpus(held_back: bool = False) -> list[Path]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = [p for p in sorted(stdlib.rglob("*.py"))
              if not {"test", "tests", "site-packages", "idlelib"} & set(p.relative_to(stdlib).parts)]
-    for folder in (Path("/usr/share/common-licenses"), Path(sysconfig.get_paths()["purelib"])):
-        if folder.is_dir():
-            files += sorted(p for p in folder.glob("*") if p.is_file()) if "licenses" in str(folder) \
-                else sorted(folder.glob("*.dist-info/LICENSE*"))
+    for folder, pattern in ((Path("/usr/share/common-licenses"), "*"),
+                            (Path(sysconfig.get_paths()["purelib"]), "*.dist-info/LICENSE*")):
+        files += sorted(p for p in folder.glob(pattern) if p.is_file())
     random.Random(0).shuffle(files)
-    return [p for p in files if is_held_back(p) == held_back]
+    return [p for p in files if (zlib.crc32(p.name.encode()) % HELD_BACK_MOD == 0) == held_back]
 
 
 def user_corpus(texts: list[str]) -> list[Path]:
@@ -96,16 +90,14 @@ def windows(tokenizer, files: list[Path], length: int):
             yield ids[i:i + length]
 
 
-class TeacherEnds:
-    """The model's embedding and a float copy of its LM head (the loss differentiates through
-    the head, which quantized kernels need not support), or of its rows for a draft
-    vocabulary (:meth:`restrict`)."""
+class TeacherEnds(capture.ModelEnds):
+    """The model's ends (:class:`~mlx_qspec.heads.capture.ModelEnds`) with a float copy of
+    its LM head (the loss differentiates through the head, which quantized kernels need not
+    support), or of its rows for a draft vocabulary (:meth:`restrict`)."""
 
     def __init__(self, model: nn.Module):
-        head, method = capture.find_head(model)
-        self.weight = _float_weight(head)
-        self.bias = head["bias"] if method == "__call__" and "bias" in head else None
-        self.embedding = capture.find_embedding(model)[1]
+        super().__init__(model)
+        self.weight = _float_weight(self.head)
 
     def restrict(self, ids: mx.array):
         """Logits of ``ids`` only from now on (teacher and student alike)."""
@@ -116,9 +108,6 @@ class TeacherEnds:
     def logits(self, h):
         y = h @ self.weight.T
         return y if self.bias is None else y + self.bias
-
-    def embed(self, tokens):
-        return self.embedding(tokens)
 
 
 def _float_weight(m: nn.Module) -> mx.array:
@@ -138,10 +127,10 @@ def new_head(model: nn.Module, config: dict, ends: TeacherEnds, vocab: mx.array 
     """A float head for ``model``: a fresh block of its last attention layer's kind (random
     init learned faster than a copy of that layer on the test model) and, as the final norm,
     the model's (its outputs then start on the scale of the hidden states it regresses);
-    its config for the head directory."""
+    and where its block comes from, ``(model type, layer index)``, for the head's config."""
     cls, index = decoder_layer_class(model), _attention_layer(model)
     block = build_layer(cls, config, index)
-    hidden, n_vocab = int(ends.weight.shape[1]), int(ends.weight.shape[0])
+    hidden, n_vocab = ends.hidden_size, int(ends.weight.shape[0])
     norms = [m for _, m in model.named_modules() if isinstance(m, nn.RMSNorm) and m.weight.shape == (hidden,)]
     eps = norms[-1].eps if norms else 1e-6
     head = NextTokenHead(block, hidden, n_vocab, eps, draft_vocab=0 if vocab is None else vocab.size)
@@ -149,10 +138,8 @@ def new_head(model: nn.Module, config: dict, ends: TeacherEnds, vocab: mx.array 
         head.norm.weight = norms[-1].weight
     if vocab is not None:
         head.draft_vocab = vocab
-    head.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in tree_flatten(head.parameters())
-                                if mx.issubdtype(v.dtype, mx.floating)]))
-    cfg = store.head_config(head, cls.__module__.rsplit(".", 1)[-1], index, config, {"kind": "trained"})
-    return head, cfg
+    head.set_dtype(mx.float32)
+    return head, (cls.__module__.rsplit(".", 1)[-1], index)
 
 
 def draft_vocabulary(tokens: mx.array, size: int) -> mx.array:
@@ -175,8 +162,8 @@ def loss_fn(head, ends, tokens, hidden, rows):
         normed, target = normed[rows], target[rows]
     student = ends.logits(normed)
     teacher = mx.stop_gradient(ends.logits(target))
-    p = mx.softmax(teacher, axis=-1)
-    kl = (p * (nn.log_softmax(teacher, axis=-1) - nn.log_softmax(student, axis=-1))).sum(-1).mean()
+    kl = nn.losses.kl_div_loss(nn.log_softmax(student, axis=-1), nn.log_softmax(teacher, axis=-1),
+                               reduction="mean")
     top1 = (mx.argmax(student, -1) == mx.argmax(teacher, -1)).mean()
     return reg + KL_WEIGHT * kl, (reg, kl, top1)
 
@@ -233,16 +220,14 @@ class Checkpoint:
 
     def save_training(self, head, optimizer, state):
         self.dir.mkdir(parents=True, exist_ok=True)
-        mx.save_safetensors(str(self.dir / "head.safetensors"), dict(tree_flatten(head.parameters())))
+        head.save_weights(str(self.dir / "head.safetensors"))
         mx.save_safetensors(str(self.dir / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         self._write(state)
 
-    def restore_training(self, head, optimizer) -> bool:
-        if not (self.dir / "head.safetensors").is_file():
-            return False
-        head.load_weights(str(self.dir / "head.safetensors"))
-        optimizer.state = tree_unflatten(list(mx.load(str(self.dir / "optimizer.safetensors")).items()))
-        return True
+    def restore_training(self, head, optimizer):
+        if (self.dir / "head.safetensors").is_file():  # (else the optimizer starts on its first update)
+            head.load_weights(str(self.dir / "head.safetensors"))
+            optimizer.state = tree_unflatten(list(mx.load(str(self.dir / "optimizer.safetensors")).items()))
 
     def _write(self, state):
         tmp = self.state_file.with_suffix(".tmp")
@@ -264,9 +249,7 @@ def read_text(model, tokenizer, files, args, state, ckpt, budget, show):
 
 def _read(model, tokenizer, files, args, state, ckpt, budget, show):
     start, saved = time.monotonic() - state["teacher_seconds"], time.monotonic()
-    source = windows(tokenizer, files, args.seq_len)
-    for _ in range(state["windows"]):
-        next(source, None)
+    source = itertools.islice(windows(tokenizer, files, args.seq_len), state["windows"], None)
     batch, tokens, hidden = [], [], []
     for ids in source:
         batch.append(ids)
@@ -302,10 +285,8 @@ def train(head, ends, tokens, hidden, args, state, ckpt, *, budget, show):
     """Epochs over the kept windows in a seeded order per epoch until the steps or the
     seconds run out; returns the last step's (loss, feature loss, KL, top-1 agreement).
     With the full vocabulary the LM head scores KL_ROWS rows a step, else every row."""
-    full_vocab = "draft_vocab" not in head
     optimizer = optim.AdamW(learning_rate=args.lr, weight_decay=0.0)
-    if not ckpt.restore_training(head, optimizer):
-        optimizer.init(head.trainable_parameters())
+    ckpt.restore_training(head, optimizer)
     step_fn = nn.value_and_grad(head, lambda t, h, r: loss_fn(head, ends, t, h, r))
     n, per_row = tokens.shape[0], tokens.shape[1] - 1
     per_epoch = max(n // args.batch, 1)
@@ -318,7 +299,7 @@ def train(head, ends, tokens, hidden, args, state, ckpt, *, budget, show):
         order = list(range(n))
         random.Random(epoch).shuffle(order)
         pick = mx.array(order[i * args.batch:(i + 1) * args.batch])
-        rows = None if full_vocab is False else mx.array(
+        rows = None if "draft_vocab" in head else mx.array(
             random.Random(step).sample(range(pick.size * per_row), min(KL_ROWS, pick.size * per_row)))
         fraction = step / args.steps if args.steps else spent() / budget
         optimizer.learning_rate = learning_rate(args, step, fraction)
@@ -371,20 +352,25 @@ def _check_out(out: Path):
         raise UserError(f"--out '{out}': cannot create it ({e.strerror or e})") from None
 
 
-# The flags whose values shape the checkpoint (hidden states' width, windows, the head's vocabulary)
-RESUMED_FLAGS = ("model", "seq_len", "draft_vocab")
+# The flags whose values shape the checkpoint (hidden states' width, the text and its windows,
+# the head's vocabulary)
+RESUMED_FLAGS = ("model", "text", "seq_len", "draft_vocab")
 
 
 def _check_resume(state: dict, args, out: Path) -> None:
     """A checkpoint resumes only under the flags it was made with (state.json records them
-    from its first write): other ones failed deep in the run with a ValueError on shapes."""
+    from its first write): other ones failed deep in the run with a ValueError on shapes, or
+    (another --text) trained on windows of two texts."""
     given = {name: getattr(args, name) for name in RESUMED_FLAGS}
     if given["model"] is not None and (path := Path(given["model"]).expanduser()).exists():
         given["model"] = str(path.resolve())  # (the same model named from another folder)
-    made = state.setdefault("arguments", given)  # (a checkpoint from before: taken as is)
-    if differ := [name for name in RESUMED_FLAGS if made.get(name) != given[name]]:
+    if given["text"] is not None:  # (the same files named from another folder)
+        given["text"] = " ".join(str(Path(t).expanduser().resolve()) for t in given["text"])
+    # what a checkpoint from before did not record is taken as this run's
+    made = state["arguments"] = {**given, **state.get("arguments", {})}
+    if differ := [name for name in RESUMED_FLAGS if made[name] != given[name]]:
         show = lambda v: "its default" if v is None else v  # noqa: E731
-        flags = ", ".join(f"--{n.replace('_', '-')} {show(made.get(n))} (this run: {show(given[n])})"
+        flags = ", ".join(f"--{n.replace('_', '-')} {show(made[n])} (this run: {show(given[n])})"
                           for n in differ)
         raise UserError(f"--out '{out}' holds a checkpoint made with {flags}: resume with the "
                         "same flags, or write to another --out")
@@ -412,7 +398,7 @@ def train_head(args) -> Path:
     size = args.draft_vocab if args.draft_vocab is not None else (
         DRAFT_VOCAB if n_vocab > 2 * DRAFT_VOCAB else 0)
     vocab = draft_vocabulary(tokens, size) if 0 < size < n_vocab else None
-    head, cfg = new_head(model, config, ends, vocab)
+    head, layer = new_head(model, config, ends, vocab)
     if vocab is not None:
         ends.restrict(vocab)
     metrics = train(head, ends, tokens, hidden, args, state, ckpt,
@@ -421,7 +407,7 @@ def train_head(args) -> Path:
         quantize(head, q["group_size"], q["bits"])
     held = [] if args.text else list(itertools.islice(
         windows(tokenizer, default_corpus(held_back=True), args.seq_len), 4))
-    cfg = store.head_config(head, cfg["model_type"], cfg["layer_index"], config, {
+    cfg = store.head_config(head, *layer, config, {
         "kind": "trained", "model": str(model_path), "text": args.text or "default",
         "tokens": int(tokens.size), "steps": state["step"], "minutes": args.minutes,
         "loss": metrics[0], "top1": metrics[3],

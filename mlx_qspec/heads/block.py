@@ -9,6 +9,7 @@ x_{i+2} through the model's LM head after a final norm (or its own head, where a
 ships one). Chained drafting feeds the block's output back as the next row's hidden state.
 """
 
+import importlib
 import inspect
 import sys
 
@@ -68,7 +69,6 @@ class NextTokenHead(nn.Module):
         return self.embed_tokens(tokens) if "embed_tokens" in self else ends.embed(tokens)
 
 
-
 def decoder_layer_class(model: nn.Module) -> type:
     """mlx-lm's decoder-layer class of ``model`` (under any subclass of ours, e.g. a
     skippable block)."""
@@ -80,8 +80,6 @@ def decoder_layer_class(model: nn.Module) -> type:
 
 def layer_class(model_type: str, class_name: str) -> type:
     """A decoder-layer class by its mlx-lm module and name (what a head's config records)."""
-    import importlib
-
     try:
         module = importlib.import_module(f"mlx_lm.models.{model_type}")
     except ImportError:
@@ -115,10 +113,6 @@ def build_layer(cls: type, config: dict, layer_index: int) -> nn.Module:
     return cls(args)
 
 
-def _names(module: nn.Module) -> set[str]:
-    return {k for k, _ in tree_flatten(module.parameters())}
-
-
 def matching_layer(cls: type, config: dict, names: set[str], candidates) -> tuple[nn.Module, int]:
     """The first of ``candidates`` (layer indices) whose layer has exactly the parameters
     ``names`` (quantization scales and biases aside): which of the architecture's layer kinds
@@ -126,7 +120,7 @@ def matching_layer(cls: type, config: dict, names: set[str], candidates) -> tupl
     wanted = {n for n in names if not n.endswith((".scales", ".biases"))}
     for i in candidates:
         layer = build_layer(cls, config, i)
-        if _names(layer) == wanted:
+        if {k for k, _ in tree_flatten(layer.parameters())} == wanted:
             return layer, i
     raise ModelError(f"the MTP block's weights match no {cls.__name__} of this architecture "
                      f"(e.g. {sorted(wanted)[:3]})")

@@ -105,6 +105,8 @@ class ModelEnds:
         self.head, self.method = find_head(model)
         self.embedding = find_embedding(model)[1]
         self._call = getattr(getattr(type(self.head), "_head_base", type(self.head)), self.method)
+        self.bias = self.head["bias"] if self.method == "__call__" and "bias" in self.head else None
+        self.hidden_size = int(self.embed(mx.array([0])).shape[-1])  # the width the LM head reads
 
     def logits(self, hidden: mx.array) -> mx.array:
         return self._call(self.head, hidden)
@@ -116,23 +118,18 @@ class ModelEnds:
         """A linear layer computing only the logits of ``ids`` (a head's draft vocabulary):
         those rows of the LM head, copied once, stored and read like the model's (QSpec layers
         for quantized heads: precision-read, reads counted)."""
-        m = self.head
-        dims = int(self.embed(mx.array([0])).shape[-1])
-        bias = m["bias"][ids] if self.method == "__call__" and "bias" in m else None
+        m, dims = self.head, self.hidden_size
         if "scales" in m:
             out = nn.QuantizedLinear(dims, ids.size, bias=False, group_size=m.group_size, bits=m.bits)
             out.weight = kernels.merge_planes(m["upper"][ids], m["lower"][ids]) if "upper" in m else m["weight"][ids]
             out.scales, out.biases = m["scales"][ids], m["biases"][ids]
-            if bias is not None:
-                out.bias = bias
-            mx.eval(out.parameters())
-            return QSpecLinear(out, act_draft=False)
-        out = nn.Linear(dims, ids.size, bias=bias is not None)
-        out.weight = m["weight"][ids]
-        if bias is not None:
-            out.bias = bias
+        else:
+            out = nn.Linear(dims, ids.size, bias=False)
+            out.weight = m["weight"][ids]
+        if self.bias is not None:
+            out.bias = self.bias[ids]
         mx.eval(out.parameters())
-        return out
+        return QSpecLinear(out, act_draft=False) if "scales" in m else out
 
 
 def uninstall(model: nn.Module) -> nn.Module:

@@ -60,7 +60,6 @@ class HeadDraft:
             vocab_head = self.ends.restricted_head(self.vocab)
         self.vocab_head = vocab_head
         self.vocab_size = rows_of(self.ends.embedding)
-        self.hidden_size = int(self.ends.embed(mx.array([0])).shape[-1])
         self.reset()
 
     def fresh(self) -> "HeadDraft":
@@ -141,7 +140,7 @@ class HeadDraft:
         if k <= 0:
             return [], []
         m = len(context) - 1 if cached is None else cached
-        hidden = (mx.zeros((0, self.hidden_size)) if hidden is None
+        hidden = (mx.zeros((0, self.ends.hidden_size)) if hidden is None
                   else hidden.reshape(-1, hidden.shape[-1]))
         start = m - hidden.shape[0]
         if start < 0:
@@ -163,10 +162,7 @@ class HeadDraft:
         drafted, qs = [], []
         for t in context[m + 1:]:  # given, not drawn: chained like drafts
             back, logits = self._chain(t, back, counter)
-        while True:
-            drawn = draw(logits, context + drafted)
-            if drawn is None:
-                break
+        while (drawn := draw(logits, context + drafted)) is not None:
             drafted.append(drawn[0])
             qs.append(drawn[1])
             if len(drafted) == k:
@@ -179,7 +175,6 @@ class HeadDraft:
         self.tokens.append(token)
         self.exact.append(False)
         return self._forward([token], back, counter)
-
 
 
 def _prepare(head: NextTokenHead) -> NextTokenHead:

@@ -16,7 +16,7 @@ A converted directory keeps its MTP as a head directory ``DIR/mtp`` (:mod:`.stor
 which stock mlx-lm does not read.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -40,17 +40,13 @@ class Layout:
     block: str = ""  # the decoder layer's weights under the prefix
     hidden_first: bool = False
     feed_back: str = NORMED
-    drop: tuple = field(default=())  # prefixes of every MTP key (all depths)
-
-    def prefix_for(self, config: dict) -> str:
-        return self.prefix.format(L=config["num_hidden_layers"])
+    drop: tuple = ()  # prefixes of every MTP key (all depths)
 
     def is_mtp(self, key: str, config: dict) -> bool:
-        n = config["num_hidden_layers"]
         if self.drop:
             return key.startswith(self.drop)
-        parts = key.split(".")  # model.layers.{i}.… with i >= n
-        return key.startswith("model.layers.") and int(parts[2]) >= n
+        # model.layers.{i}.… with i >= the number of hidden layers
+        return key.startswith("model.layers.") and int(key.split(".")[2]) >= config["num_hidden_layers"]
 
 
 _DEEPSEEK = Layout("model.layers.{L}.", {
@@ -103,12 +99,9 @@ def _sanitized(model_class, model, layout: Layout, config: dict, mtp: dict) -> t
     """The first MTP module's weights sanitized by the architecture's own sanitize: renamed to
     layer FIXED_INDEX meanwhile (sanitizers process, or drop, layers by index), then split
     into (block weights, NextTokenHead extras)."""
-    prefix, fixed = layout.prefix_for(config), f"model.layers.{FIXED_INDEX}."
-    mine = {}
-    for k, v in mtp.items():
-        if k.startswith(prefix):
-            rest = k[len(prefix):]
-            mine[fixed + (rest[len(layout.block):] if rest.startswith(layout.block) else rest)] = v
+    prefix, fixed = layout.prefix.format(L=config["num_hidden_layers"]), f"model.layers.{FIXED_INDEX}."
+    mine = {fixed + k.removeprefix(prefix).removeprefix(layout.block): v
+            for k, v in mtp.items() if k.startswith(prefix)}
     before = {k: v for k, v in mine.items() if k.endswith("input_layernorm.weight")}
     if hasattr(model_class, "sanitize"):
         mine = model_class.sanitize(model, mine)
@@ -193,9 +186,7 @@ def load_converted(path) -> tuple | str | None:
         return None
     try:
         cfg = store.read_config(folder)
-        weights = mx.load(str(folder / store.WEIGHTS))
-        head = store.build(cfg, weights)
-        head.load_weights(list(weights.items()), strict=True)
+        head = store.build(cfg, folder)
     except (ModelError, KeyError, ValueError, RuntimeError) as e:
         return f"{folder}: {' '.join(str(e).split())[:200]}"
     return head, cfg

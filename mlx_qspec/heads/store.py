@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 from ..errors import ModelError
 from ..vocabulary import vocabulary_size
@@ -26,12 +26,11 @@ def head_config(head: NextTokenHead, model_type: str, layer_index: int, config: 
                 source: dict) -> dict:
     """What :func:`build` needs to rebuild ``head``: ``config`` is the model's config.json
     (the block's arguments), ``source`` says where the head came from."""
-    block = head.block
     quantized = [m for _, m in head.named_modules() if isinstance(m, nn.QuantizedLinear)]
     return {
         "format": FORMAT,
         "model_type": model_type,
-        "block_class": type(block).__name__,
+        "block_class": type(head.block).__name__,
         "layer_index": layer_index,
         "hidden_size": head.fc.weight.shape[0],
         "vocab_size": config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"),
@@ -48,9 +47,10 @@ def head_config(head: NextTokenHead, model_type: str, layer_index: int, config: 
     }
 
 
-def build(cfg: dict, weights: dict | None = None) -> NextTokenHead:
-    """A NextTokenHead from a head config (parameters random until loaded), quantized as
-    ``cfg`` says (with ``weights``: exactly the layers they store quantized)."""
+def build(cfg: dict, directory) -> NextTokenHead:
+    """The NextTokenHead a head config describes, with the weights in ``directory`` (quantized
+    as ``cfg`` says: exactly the layers the weights store quantized)."""
+    weights = mx.load(str(Path(directory) / WEIGHTS))
     cls = layer_class(cfg["model_type"], cfg["block_class"])
     block = build_layer(cls, cfg["block_config"], cfg["layer_index"])
     head = NextTokenHead(block, cfg["hidden_size"], cfg["vocab_size"], cfg["rms_norm_eps"],
@@ -59,6 +59,7 @@ def build(cfg: dict, weights: dict | None = None) -> NextTokenHead:
                          draft_vocab=cfg.get("draft_vocab", 0))
     if q := cfg.get("quantization"):
         quantize(head, q["group_size"], q["bits"], weights)
+    head.load_weights(list(weights.items()), strict=True)
     return head
 
 
@@ -83,23 +84,27 @@ def read_config(directory) -> dict:
         raise ModelError(f"{where} has no {CONFIG} (not a head directory); {TRAIN_HINT}")
     if not (directory / WEIGHTS).is_file():
         raise ModelError(f"{where} has no {WEIGHTS}; {TRAIN_HINT}")
-    try:
-        cfg = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+    cfg = json_object(file)
+    if cfg.get("format") != FORMAT:
         raise ModelError(f"{file}: not an mlx_qspec head (no \"format\": \"{FORMAT}\")")
     return cfg
 
 
-def model_hidden_size(ends) -> int:
-    """The model's hidden size as its LM head reads it (the width of its embedding rows)."""
-    return int(ends.embed(mx.array([0])).shape[-1])
+def json_object(file: Path) -> dict:
+    """``file``'s JSON object, or a ModelError naming the file and what is wrong (a head's
+    config and the loader's config files alike)."""
+    try:
+        cfg = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{file}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
 
 
 def check(cfg: dict, model: nn.Module, ends, where: str) -> None:
     """ModelError unless the head fits ``model``: same hidden size, same vocabulary."""
-    hidden, vocab = model_hidden_size(ends), vocabulary_size(model)
+    hidden, vocab = ends.hidden_size, vocabulary_size(model)
     if cfg.get("hidden_size") != hidden:
         raise ModelError(f"{where}: the head reads hidden states of size {cfg.get('hidden_size')}, "
                          f"the model's are {hidden} (a head is trained for one model); {TRAIN_HINT}")
@@ -117,12 +122,9 @@ def load(directory, model: nn.Module, ends, dtype=None) -> tuple[NextTokenHead, 
     cfg = read_config(directory)
     check(cfg, model, ends, where)
     try:
-        weights = mx.load(str(directory / WEIGHTS))
-        head = build(cfg, weights)
-        head.load_weights(list(weights.items()), strict=True)
+        head = build(cfg, directory)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ModelError(f"{where}: the weights do not fit its config ({' '.join(str(e).split())[:200]})") from None
     if dtype is not None:  # scales included: a head is stored at the precision it was written in
-        head.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
-                             head.parameters()))
+        head.set_dtype(dtype)
     return head, cfg
