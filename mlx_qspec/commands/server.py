@@ -407,12 +407,13 @@ class _Service:
                 "system_fingerprint": f"mlx_qspec-{mx.__version__}"}
 
     # ------------------------------------------------------------ a job's life
-    async def run_job(self, request: Request, rid: str, field: str, prompt: list, params: dict,
+    async def run_job(self, request: Request, field: str, prompt: list, params: dict,
                       logprobs: tuple, build):
-        """Queue the job (``field`` holds the prompt; ``rid`` names it in logs and errors;
-        ``logprobs``: whether asked for, and how many alternatives); answer with one JSON body
-        or a stream of events. ``build.chunk(text, logprobs)`` and ``build.final(text,
-        logprobs, done event, with_usage)`` make the OpenAI objects."""
+        """Queue the job (``field`` holds the prompt; ``logprobs``: whether asked for, and how
+        many alternatives); answer with one JSON body or a stream of events.
+        ``build.chunk(text, logprobs)`` and ``build.final(text, logprobs, done event,
+        with_usage)`` make the OpenAI objects; ``build.rid`` names the job in logs and
+        errors."""
         params = dict(params, max_tokens=self.budget(prompt, params["max_tokens"], field))
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -423,14 +424,14 @@ class _Service:
                 job.cancel()
 
         job = Job(prompt=prompt, deliver=deliver, logprobs=logprobs[0],
-                  top_logprobs=logprobs[1], rid=rid,
+                  top_logprobs=logprobs[1], rid=build.rid,
                   **{k: params[k] for k in ("max_tokens", "temperature", "top_p", "top_k",
                                             "min_p", "seed", "stop")})
         try:
             self.engine.submit(job)
         except QueueFull as e:
             raise APIError(429, str(e), None, "server_busy", type="server_overloaded")
-        if not params["stream"]:
+        if not build.stream:
             return await _answer(request, job, events, build)
         return StreamingResponse(_stream(job, events, build, params["include_usage"]),
                                  media_type="text/event-stream",
@@ -448,10 +449,9 @@ class _Service:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs",
                            "invalid_value")
         prompt = await run_in_threadpool(self.chat_prompt, messages)
-        rid = f"chatcmpl-{uuid.uuid4()}"
-        build = _ChatObjects(self.envelope, rid, params["stream"], logprobs)
-        return await self.run_job(request, rid, "messages", prompt, params, (logprobs, top),
-                                  build)
+        build = _ChatObjects(self.envelope, f"chatcmpl-{uuid.uuid4()}", params["stream"],
+                             logprobs)
+        return await self.run_job(request, "messages", prompt, params, (logprobs, top), build)
 
     async def completions(self, request: Request):
         self.authorize(request)
@@ -473,10 +473,9 @@ class _Service:
                            "invalid_type")
         params = _sampling(body, self.settings, chat=False, vocab_size=self.vocab_size)
         top = _number(body, "logprobs", None, low=0, high=5, integer=True)
-        rid = f"cmpl-{uuid.uuid4()}"
-        build = _CompletionObjects(self.envelope, rid, params["stream"], top)
-        return await self.run_job(request, rid, "prompt", tokens, params,
-                                  (top is not None, top or 0), build)
+        build = _CompletionObjects(self.envelope, f"cmpl-{uuid.uuid4()}", params["stream"], top)
+        return await self.run_job(request, "prompt", tokens, params, (top is not None, top or 0),
+                                  build)
 
     async def models(self, request: Request):
         self.authorize(request)
