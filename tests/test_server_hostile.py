@@ -23,9 +23,9 @@ def served(smollm2):
         yield s
 
 
-def _raw(served, text: str, path=CHAT, **headers):
+def _raw(served, text: str, **headers):
     headers = {"Content-Type": "application/json", **headers}
-    return served.http.post(path, content=text.encode("utf-8", "surrogatepass"), headers=headers)
+    return served.http.post(CHAT, content=text.encode("utf-8", "surrogatepass"), headers=headers)
 
 
 BASE = '"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1'
