@@ -173,9 +173,8 @@ def run_level(server: Server, concurrency: int, texts: list, max_tokens: int,
     results, wall, before, after = send_all(server, texts, concurrency, max_tokens, time_limit)
     done = [r for r in results if "latency" in r]
     counted = "emitted_tokens" in after  # ours: engine totals in /health
-    emitted = after["emitted_tokens"] - before["emitted_tokens"] if counted else None
-    forwards = after["forwards"] - before["forwards"] if counted else None
-    verifies = after["verify_forwards"] - before["verify_forwards"] if counted else None
+    emitted, forwards, verifies = (after[k] - before[k] if counted else None
+                                   for k in ("emitted_tokens", "forwards", "verify_forwards"))
     return {
         "server": server.name,
         "concurrency": concurrency,
@@ -184,10 +183,8 @@ def run_level(server: Server, concurrency: int, texts: list, max_tokens: int,
         "errors": sum("error" in r for r in results),
         "skipped": sum("skipped" in r for r in results),
         "error_messages": sorted({r["error"] for r in results if "error" in r})[:5],
-        "latency_p50_s": percentile([r["latency"] for r in done], 50),
-        "latency_p95_s": percentile([r["latency"] for r in done], 95),
-        "ttft_p50_s": percentile([r["ttft"] for r in done], 50),
-        "ttft_p95_s": percentile([r["ttft"] for r in done], 95),
+        **{f"{k}_p{q}_s": percentile([r[k] for r in done], q)
+           for k in ("latency", "ttft") for q in (50, 95)},
         "completion_tokens": sum(r["tokens"] for r in done),
         "wall_s": wall,
         "tokens_per_s": sum(r["tokens"] for r in done) / wall if wall else 0.0,

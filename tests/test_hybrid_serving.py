@@ -3,14 +3,13 @@ with: the server's engine decodes requests queued together each at batch 1, inte
 each gets plain decoding's tokens; a chat's position after each turn is the cache's
 (``caches.position``), and its second turn is plain decoding of the whole conversation."""
 
-import threading
-
 import pytest
 
 from helpers.hybrid_models import save
+from helpers.serving import check_interleaved, serve_together
 from mlx_qspec import load, settings
 from mlx_qspec.api import stream_generate
-from mlx_qspec.batch import BatchEngine, Job
+from mlx_qspec.batch import BatchEngine
 from mlx_qspec.chat import Conversation, setup_arg_parser
 from mlx_qspec.cli import settings_from_args
 
@@ -42,30 +41,12 @@ def test_requests_served_together_get_plain_decodings_tokens(hybrid, plain, draf
     engine = BatchEngine(model, tokenizer, prompt_cache_size=0,
                          settings=settings.from_kwargs({}, draft=draft, num_draft_tokens=3))
     assert not engine.batched  # the ragged batch holds attention's K/V, not recurrent state
-    events, done = [], threading.Semaphore(0)
-
-    def deliver(i):
-        def on(event):
-            events.append((i, event))
-            if event["type"] in ("done", "error"):
-                done.release()
-        return on
-
     engine.start()
     try:
-        with engine.ready:  # all queued before the engine takes any
-            for i, p in enumerate(PROMPTS):
-                engine.submit(Job(tokenizer.encode(p), TOKENS, deliver(i), logprobs=True))
-        for _ in PROMPTS:
-            assert done.acquire(timeout=120)
+        _, events = serve_together(engine, [tokenizer.encode(p) for p in PROMPTS], TOKENS, 120)
     finally:
         engine.stop()
-    assert not [e for _, e in events if e["type"] == "error"], events
-    for i, p in enumerate(PROMPTS):
-        ids = [x["id"] for j, e in events if j == i for x in e.get("logprobs", [])]
-        assert ids == plain[p], draft
-    first_done = next(n for n, (_, e) in enumerate(events) if e["type"] == "done")
-    assert {i for i, e in events[:first_done] if e.get("logprobs")} == {0, 1}  # interleaved
+    check_interleaved(events, [plain[p] for p in PROMPTS], draft)
     if draft != "auto":
         assert sum(e["speculative"]["drafted"] for _, e in events if e["type"] == "done") > 0
 

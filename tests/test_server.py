@@ -2,16 +2,16 @@
 never send), on a loopback port, serving the SmolLM2 test model with an explicit draft."""
 
 import json
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx2
 import openai
 import pytest
 
-from helpers.serving import MAX_CONTEXT, Served
+from helpers.serving import (MAX_CONTEXT, VOCAB, Served, answered, check_interleaved, error_of,
+                             serve_together)
 from mlx_qspec import api as generate_module
-from mlx_qspec.batch import Job
 from mlx_qspec.server import main
 
 MODEL = "default_model"  # mlx-lm's name for whatever the server serves
@@ -20,10 +20,9 @@ MODEL = "default_model"  # mlx-lm's name for whatever the server serves
 @pytest.fixture(scope="module")
 def served(smollm2):
     """The batching engine, one sequence at a time, one request waiting at most."""
-    s = Served("--decode-concurrency", "1", "--queue-size", "1", loaded=smollm2)
-    assert s.engine.batched  # its draft steps and verifies are batched forwards
-    yield s
-    s.close()
+    with Served("--decode-concurrency", "1", "--queue-size", "1", loaded=smollm2) as s:
+        assert s.engine.batched  # its draft steps and verifies are batched forwards
+        yield s
 
 
 JOKE = [{"role": "user", "content": "Tell me a joke about cats."}]
@@ -96,13 +95,6 @@ def test_models_and_health(served):
                       **served.engine.totals}
 
 
-def _error(response, status):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    return error
-
-
 MSG = [{"role": "user", "content": "hi"}]
 BAD = {
     "messages missing": ({"max_tokens": 2}, 400, "messages"),
@@ -130,28 +122,24 @@ BAD = {
 
 @pytest.mark.parametrize("body,status,param", BAD.values(), ids=BAD.keys())
 def test_bad_request_fields(served, body, status, param):
-    assert _error(served.http.post("/v1/chat/completions", json=body), status)["param"] == param
+    error_of(served.http.post("/v1/chat/completions", json=body), status, param)
 
 
 def test_bad_requests_and_the_server_stays_up(served):
-    post = lambda path, **kw: served.http.post(path, **kw)  # noqa: E731
-    _error(post("/v1/chat/completions", content=b"{not json"), 400)
-    _error(post("/v1/chat/completions", content=b"[1, 2]"), 400)
-    _error(post("/v1/completions", json={"prompt": {"a": 1}}), 400)
-    _error(post("/v1/nothing", json={}), 404)
-    _error(served.http.get("/v1/chat/completions"), 405)
-    _error(httpx2.post(f"{served.url}/v1/chat/completions", json={"messages": MSG}), 401)
+    post = served.http.post
+    error_of(post("/v1/chat/completions", content=b"{not json"), 400)
+    error_of(post("/v1/chat/completions", content=b"[1, 2]"), 400)
+    error_of(post("/v1/completions", json={"prompt": {"a": 1}}), 400)
+    error_of(post("/v1/nothing", json={}), 404)
+    error_of(served.http.get("/v1/chat/completions"), 405)
+    error_of(httpx2.post(f"{served.url}/v1/chat/completions", json={"messages": MSG}), 401)
     bad_key = openai.OpenAI(base_url=f"{served.url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad_key.chat.completions.create(model=MODEL, messages=MSG, max_tokens=1)
     with pytest.raises(openai.NotFoundError):
         served.client.chat.completions.create(model="gpt-4", messages=MSG, max_tokens=1)
     # unknown fields are ignored
-    ok = post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 1, "frobnicate": 1})
-    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 1
-
-
-VOCAB = 49152  # the test model's
+    answered(post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 1, "frobnicate": 1}))
 
 
 @pytest.mark.parametrize("prompt,bad", [
@@ -160,12 +148,11 @@ VOCAB = 49152  # the test model's
     ([2**40], str(2**40)),
 ])
 def test_token_ids_outside_the_vocabulary_are_400_and_the_server_stays_up(served, prompt, bad):
-    error = _error(served.http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2}),
-                   400)
-    assert error["param"] == "prompt" and bad in error["message"]
+    error = error_of(served.http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2}),
+                     400, "prompt")
+    assert bad in error["message"]
     assert str(VOCAB) in error["message"] or bad.startswith("-")
-    ok = served.http.post("/v1/completions", json={"prompt": [1, 2, VOCAB - 1], "max_tokens": 1})
-    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 1
+    answered(served.http.post("/v1/completions", json={"prompt": [1, 2, VOCAB - 1], "max_tokens": 1}))
 
 
 # A completion that runs long: counting on (an end-of-text token would end it early)
@@ -207,7 +194,7 @@ def test_full_queue_is_429(served):
         rest = _first_text(running)  # the engine has it
         with served.http.stream("POST", "/v1/completions", json=LONG) as waiting:
             assert waiting.status_code == 200 and served.engine.queued() == 1
-            error = _error(served.http.post("/v1/completions", json=LONG), 429)
+            error = error_of(served.http.post("/v1/completions", json=LONG), 429)
             assert "busy" in error["message"]
         assert next(line for line in rest if line).startswith("data:")  # still streaming
     _wait_idle(served)
@@ -221,42 +208,28 @@ STARTS = ["The capital of France is", "Once upon a time", "def add(a, b):", "1, 
 def test_concurrent_requests_are_batched_and_give_the_same_text(smollm2):
     """8 greedy requests at once give what each gives alone, in fewer (batched) forwards.
     No prompt cache, so both runs prefill the same way."""
-    s = Served("--prompt-cache-size", "0", "--queue-size", "8", loaded=smollm2)
-    try:
+    with Served("--prompt-cache-size", "0", "--queue-size", "8", loaded=smollm2) as s:
         ask = lambda p: s.client.completions.create(  # noqa: E731
             model=MODEL, prompt=p, max_tokens=3).choices[0].text
         start = s.engine.totals["forwards"]
         alone = [ask(p) for p in STARTS]
         sequential = s.engine.totals["forwards"] - start
-        together = [None] * len(STARTS)
-
-        def run(i):
-            together[i] = ask(STARTS[i])
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(STARTS))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        with ThreadPoolExecutor(len(STARTS)) as pool:  # all at once
+            together = list(pool.map(ask, STARTS))
         batched = s.engine.totals["forwards"] - start - sequential
         assert together == alone and all(alone)
         assert batched < sequential / 2, (batched, sequential)
-    finally:
-        s.close()
 
 
 def test_one_at_a_time_engine_for_an_8bit_cache(smollm2):
     """An 8-bit KV cache (no ragged batch) is served request by request at batch 1."""
-    s = Served("--kv-mode", "8bit", loaded=smollm2)
-    try:
+    with Served("--kv-mode", "8bit", loaded=smollm2) as s:
         assert not s.engine.batched  # each request decoded at batch 1
         prompt = "The capital of France is"
         full = s.client.completions.create(model=MODEL, prompt=prompt, max_tokens=3)
         assert full.usage.completion_tokens == 3
         tokens = s.engine.tokenizer.encode(prompt)
         assert full.choices[0].text == s.offline(tokens, 3, kv_mode="8bit")
-    finally:
-        s.close()
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -289,9 +262,9 @@ def plain_texts(smollm2):
     """Plain greedy decoding of each prompt through the API: computed once, the reference
     for every draft the server serves."""
     model, tokenizer = smollm2
-    return {p: [r.token for r in generate_module.stream_generate(
+    return [[r.token for r in generate_module.stream_generate(
         model, tokenizer, tokenizer.encode(p), max_tokens=SERVED_TOKENS, draft="none")]
-        for p in PROMPTS}
+        for p in PROMPTS]
 
 
 @pytest.fixture(scope="module")
@@ -323,29 +296,8 @@ def test_every_draft_is_served_concurrently_with_plain_decodings_text(smollm2, s
     in turn: requests queued together all emit before any finishes, and each gets the
     tokens plain decoding gives its prompt."""
     flags = [{"MODEL": str(smollm2_gguf), "HEAD": str(smollm2_head)}.get(f, f) for f in flags]
-    s = Served("--prompt-cache-size", "0", *flags, loaded=smollm2)
-    try:
+    with Served("--prompt-cache-size", "0", *flags, loaded=smollm2) as s:
         assert not s.engine.batched
-        events, done = [], threading.Semaphore(0)
-
-        def deliver(i):
-            def on(event):
-                events.append((i, event["type"], [e["id"] for e in event.get("logprobs", [])]))
-                if event["type"] in ("done", "error"):
-                    done.release()
-            return on
-
-        jobs = [Job(s.engine.tokenizer.encode(p), SERVED_TOKENS, deliver(i), logprobs=True)
-                for i, p in enumerate(PROMPTS)]
-        with s.engine.ready:  # all queued before the engine takes any
-            for job in jobs:
-                s.engine.submit(job)
-        for _ in jobs:
-            assert done.acquire(timeout=300)
-        assert not [e for e in events if e[1] == "error"], events
-        for i, p in enumerate(PROMPTS):
-            assert [t for j, _, ids in events if j == i for t in ids] == plain_texts[p], flags
-        first_done = next(n for n, (_, kind, _) in enumerate(events) if kind == "done")
-        assert {i for i, kind, ids in events[:first_done] if ids} == set(range(len(PROMPTS)))
-    finally:
-        s.close()
+        _, events = serve_together(s.engine, [s.engine.tokenizer.encode(p) for p in PROMPTS],
+                                   SERVED_TOKENS)
+        check_interleaved(events, plain_texts, flags)

@@ -6,13 +6,12 @@ with the text they get alone. A tiny random llama with the test model's tokenize
 
 import json
 import logging
-import threading
+from dataclasses import dataclass
 
 import pytest
 
-from helpers.serving import Served
+from helpers.serving import Served, answered, error_of, serve_together
 from mlx_qspec import decoder as decoder_module
-from mlx_qspec.batch import Job
 from mlx_qspec.ragged_cache import RaggedKVCache
 
 # Three prompts of different lengths: the victim's is the longest, so its row is the only one
@@ -26,22 +25,16 @@ FRESH = list(range(4000, 4010))  # a prompt no earlier request left in the promp
 
 @pytest.fixture(scope="module")
 def served(tiny_served_dir):
-    s = Served("--model", str(tiny_served_dir), "--prompt-cache-size", "4")
-    assert s.engine.batched  # the requests are rows of one batched decoder
-    yield s
-    s.close()
+    with Served("--model", str(tiny_served_dir), "--prompt-cache-size", "4") as s:
+        assert s.engine.batched  # the requests are rows of one batched decoder
+        yield s
 
 
+@dataclass
 class Collected:
-    """A job's events, and when it ended."""
+    """A job's events."""
 
-    def __init__(self):
-        self.events, self.ended = [], threading.Event()
-
-    def __call__(self, event):
-        self.events.append(event)
-        if event["type"] in ("done", "error"):
-            self.ended.set()
+    events: list
 
     @property
     def ids(self):
@@ -57,16 +50,12 @@ class Collected:
 
 
 def _run(engine, names) -> dict:
-    """The named prompts queued together (all taken in one round), run to their end."""
-    out = {name: Collected() for name in names}
-    jobs = {name: Job(PROMPTS.get(name, FRESH), MAX_TOKENS.get(name, 4), out[name],
-                      logprobs=True) for name in names}
-    with engine.ready:
-        for job in jobs.values():
-            engine.submit(job)
-    for name in names:
-        assert out[name].ended.wait(60), name
-    return {name: (jobs[name], out[name]) for name in names}
+    """The named prompts queued together (all taken in one round), run to their end: each
+    name's job and what it got."""
+    jobs, events = serve_together(engine, [PROMPTS.get(name, FRESH) for name in names],
+                                  [MAX_TOKENS.get(name, 4) for name in names], timeout=60)
+    return {name: (jobs[i], Collected([e for j, e in events if j == i]))
+            for i, name in enumerate(names)}
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +117,11 @@ def test_at_batch_1_a_fault_in_one_requests_block_fails_it_alone(tiny_served_dir
     """The engine that steps each request's own decoder in turn (a lookup draft): the
     others still get their greedy text, which is plain decoding's whatever the draft."""
     caplog.set_level(logging.ERROR, logger="mlx_qspec.server")
-    s = Served("--model", str(tiny_served_dir), "--draft", "ngram", "--ngram-min", "1")
-    try:
+    with Served("--model", str(tiny_served_dir), "--draft", "ngram", "--ngram-min", "1") as s:
         assert not s.engine.batched
         _faulty_forward(monkeypatch, lambda tokens, cache: not isinstance(
             cache[0], RaggedKVCache) and cache[0].offset >= FAULT_AT)
         _failed_alone(s.engine, _run(s.engine, list(PROMPTS)), alone, "victim", caplog)
-    finally:
-        s.close()
 
 
 def test_a_fault_in_one_prefill_fails_that_request_alone(served, alone, monkeypatch, caplog):
@@ -159,10 +145,7 @@ def test_a_sampler_fault_is_a_500_in_openai_shape_naming_the_logged_request_id(
 
     monkeypatch.setattr(decoder_module, "accept", accept)
     body = {"prompt": PROMPTS["a"], "max_tokens": 4, "temperature": 0.8, "seed": 3}
-    r = served.http.post("/v1/completions", json=body)
-    assert r.status_code == 500 and r.headers["content-type"].startswith("application/json")
-    error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    error = error_of(served.http.post("/v1/completions", json=body), 500)
     assert error["type"] == "server_error" and "ValueError" in error["message"]
     rid = error["message"].split("request id ")[1]
     assert rid.startswith("cmpl-") and any(f"request {rid} failed" in x.getMessage()
@@ -170,8 +153,7 @@ def test_a_sampler_fault_is_a_500_in_openai_shape_naming_the_logged_request_id(
     streamed = served.http.post("/v1/completions", json={**body, "stream": True})
     lines = [x[6:] for x in streamed.text.split("\n") if x.startswith("data: ")]
     assert lines[-1] == "[DONE]" and json.loads(lines[-2])["error"]["type"] == "server_error"
-    greedy = served.http.post("/v1/completions", json={**body, "temperature": 0})
-    assert greedy.status_code == 200 and greedy.json()["usage"]["completion_tokens"] == 4
+    answered(served.http.post("/v1/completions", json={**body, "temperature": 0}), 4)
 
 
 def test_a_fault_in_the_engines_own_bookkeeping_fails_the_requests_in_hand_not_the_engine(

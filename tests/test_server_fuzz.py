@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx2
@@ -30,10 +31,9 @@ CONTEXT = 64
 
 @pytest.fixture(scope="module")
 def served(tiny_served_dir):
-    s = Served("--model", str(tiny_served_dir), "--max-context", str(CONTEXT),
-               "--max-tokens", "4", "--queue-size", "4")
-    yield s
-    s.close()
+    with Served("--model", str(tiny_served_dir), "--max-context", str(CONTEXT),
+                "--max-tokens", "4", "--queue-size", "4") as s:
+        yield s
 
 
 def _rss_bytes() -> int:
@@ -214,9 +214,7 @@ def test_fuzzed_requests_get_a_2xx_or_an_openai_4xx_and_the_server_survives(serv
 
     started = time.monotonic()
     one()
-    statuses = {}
-    for status in sent:
-        statuses[status] = statuses.get(status, 0) + 1
+    statuses = Counter(sent)
     summary = {"requests": len(sent), "statuses": dict(sorted(statuses.items())),
                "seconds": round(time.monotonic() - started, 1)}
     print(f"fuzz: {summary}")

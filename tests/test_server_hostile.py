@@ -11,7 +11,7 @@ from mlx_qspec.commands import server as server_module
 from mlx_qspec.server import (MAX_BODY_BYTES, MAX_STOP_CHARS, build, check_host, main,
                               setup_arg_parser)
 from mlx_qspec.errors import SettingError, UserError
-from helpers.serving import KEY, Served
+from helpers.serving import KEY, Served, answered, error_of
 
 CHAT = "/v1/chat/completions"
 MSG = [{"role": "user", "content": "hi"}]
@@ -19,31 +19,13 @@ MSG = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture(scope="module")
 def served(smollm2):
-    s = Served(loaded=smollm2)
-    yield s
-    s.close()
+    with Served(loaded=smollm2) as s:
+        yield s
 
 
-def _error(response, status, param=None):
-    """The body of an OpenAI-shaped error with ``status`` (and ``param``)."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if param is not None:
-        assert error["param"] == param, error
-    return error
-
-
-def _raw(served, text: str, path=CHAT, **headers):
+def _raw(served, text: str, **headers):
     headers = {"Content-Type": "application/json", **headers}
-    return served.http.post(path, content=text.encode("utf-8", "surrogatepass"), headers=headers)
-
-
-def _ok(response, tokens=1):
-    assert response.status_code == 200, response.text
-    assert response.json()["usage"]["completion_tokens"] == tokens
-    return response.json()
+    return served.http.post(CHAT, content=text.encode("utf-8", "surrogatepass"), headers=headers)
 
 
 BASE = '"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1'
@@ -74,25 +56,25 @@ BAD_VALUES = {
 
 @pytest.mark.parametrize("text,param", BAD_VALUES.values(), ids=BAD_VALUES.keys())
 def test_bad_values_are_400_in_openai_shape(served, text, param):
-    _error(_raw(served, text), 400, param)
+    error_of(_raw(served, text), 400, param)
 
 
 def test_limits_themselves_are_accepted(served):
-    _ok(_raw(served, '{%s, "temperature": 1, "seed": %d}' % (BASE, 2**64 - 1)))
-    _ok(_raw(served, '{%s, "temperature": 2, "top_k": 49151}' % BASE))
+    answered(_raw(served, '{%s, "temperature": 1, "seed": %d}' % (BASE, 2**64 - 1)))
+    answered(_raw(served, '{%s, "temperature": 2, "top_k": 49151}' % BASE))
     stops = json.dumps([c * MAX_STOP_CHARS for c in "wxyz"])
-    _ok(_raw(served, '{%s, "stop": %s}' % (BASE, stops)))
-    _ok(_raw(served, '{%s, "x": %s%s}' % (BASE, "[" * 63, "]" * 63)))  # 64 deep, with the body
-    _ok(_raw(served, '{"messages": [{"role": "user", "content": "Hi \\ud83d\\ude00"}], '
-                     '"max_tokens": 1}'))  # an escaped surrogate pair is one character
+    answered(_raw(served, '{%s, "stop": %s}' % (BASE, stops)))
+    answered(_raw(served, '{%s, "x": %s%s}' % (BASE, "[" * 63, "]" * 63)))  # 64 deep, with the body
+    answered(_raw(served, '{"messages": [{"role": "user", "content": "Hi \\ud83d\\ude00"}], '
+                          '"max_tokens": 1}'))  # an escaped surrogate pair is one character
 
 
 def test_bodies_that_are_not_json_text(served):
-    _error(served.http.post(CHAT, content=b'{"messages": "\xff\xfe"}',
-                            headers={"Content-Type": "application/json"}), 400)
+    error_of(served.http.post(CHAT, content=b'{"messages": "\xff\xfe"}',
+                              headers={"Content-Type": "application/json"}), 400)
     big = b'{"messages": [], "x": "' + b"x" * MAX_BODY_BYTES + b'"}'
-    _error(served.http.post(CHAT, content=big, headers={"Content-Type": "application/json"}),
-           413)
+    error_of(served.http.post(CHAT, content=big, headers={"Content-Type": "application/json"}),
+             413)
 
 
 def test_content_type_is_read_deliberately(served):
@@ -101,20 +83,20 @@ def test_content_type_is_read_deliberately(served):
     body = json.dumps({"messages": MSG, "max_tokens": 1})
     for kind in ("text/plain", "application/x-www-form-urlencoded",
                  "application/json; charset=latin-1"):
-        error = _error(_raw(served, body, **{"Content-Type": kind}), 415)
+        error = error_of(_raw(served, body, **{"Content-Type": kind}), 415)
         assert "application/json" in error["message"]
-    _ok(_raw(served, body, **{"Content-Type": "application/json; charset=UTF-8"}))
+    answered(_raw(served, body, **{"Content-Type": "application/json; charset=UTF-8"}))
     unlabelled = served.http.post(CHAT, content=body.encode())  # bytes: no Content-Type
     assert "content-type" not in unlabelled.request.headers
-    _ok(unlabelled)
+    answered(unlabelled)
 
 
 def test_the_bearer_scheme_is_case_insensitive(served):
     body = json.dumps({"messages": MSG, "max_tokens": 1})
     for scheme in ("bearer", "BEARER", "Bearer"):
-        _ok(_raw(served, body, Authorization=f"{scheme} {KEY}"))
+        answered(_raw(served, body, Authorization=f"{scheme} {KEY}"))
     for header in (f"Basic {KEY}", f"bearer {KEY}x", "bearer", KEY):
-        _error(_raw(served, body, Authorization=header), 401)
+        error_of(_raw(served, body, Authorization=header), 401)
 
 
 NOT_IMPLEMENTED = {
@@ -135,16 +117,16 @@ NOT_IMPLEMENTED = {
 
 @pytest.mark.parametrize("param,fields", NOT_IMPLEMENTED.values(), ids=NOT_IMPLEMENTED.keys())
 def test_fields_that_would_be_ignored_are_refused_by_name(served, param, fields):
-    error = _error(served.http.post(CHAT, json={"messages": MSG, "max_tokens": 1, **fields}),
-                   400, param)
+    error = error_of(served.http.post(CHAT, json={"messages": MSG, "max_tokens": 1, **fields}),
+                     400, param)
     assert error["code"] == "unsupported_parameter"
 
 
 def test_their_off_values_are_accepted(served):
-    _ok(served.http.post(CHAT, json={
+    answered(served.http.post(CHAT, json={
         "messages": MSG, "max_tokens": 1, "tools": [], "tool_choice": "none",
         "response_format": {"type": "text"}, "logit_bias": {}, "presence_penalty": 0}))
-    error = _error(served.http.post("/v1/completions", json={
+    error = error_of(served.http.post("/v1/completions", json={
         "prompt": "hi", "max_tokens": 1, "echo": True}), 400, "echo")
     assert error["code"] == "unsupported_parameter"
 
@@ -170,12 +152,12 @@ def test_an_internal_error_is_a_500_in_openai_shape_and_the_server_stays_up(
         raise RuntimeError("injected")
 
     monkeypatch.setattr(served.engine.tokenizer, "apply_chat_template", broken)
-    error = _error(served.http.post(CHAT, json={"messages": MSG, "max_tokens": 1}), 500)
+    error = error_of(served.http.post(CHAT, json={"messages": MSG, "max_tokens": 1}), 500)
     assert error["type"] == "server_error" and "RuntimeError" in error["message"]
     rid = error["message"].split("request id ")[1]
     assert any(rid in r.getMessage() for r in caplog.records)
     monkeypatch.undo()
-    _ok(served.http.post(CHAT, json={"messages": MSG, "max_tokens": 1}))
+    answered(served.http.post(CHAT, json={"messages": MSG, "max_tokens": 1}))
 
 
 def test_a_top_k_flag_past_the_vocabulary_is_refused_at_start(smollm2):

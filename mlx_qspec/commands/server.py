@@ -110,10 +110,7 @@ class Settings:
     api_key: Optional[str]
     max_context: int
     max_tokens: int
-    temp: float
-    top_p: float
-    top_k: int
-    min_p: float
+    defaults: decoding.Settings  # the flags': a request's sampling defaults to them
     chat_template_args: dict
 
 
@@ -126,13 +123,14 @@ def _show(v) -> str:
     return text if len(text) <= 200 else text[:200] + "…"
 
 
-def _value(body: dict, name: str, default, kinds, what: str):
-    """``body[name]`` (null or absent: ``default``), or a 400 naming the field and the type."""
-    v = body.get(name)
+def _value(body: dict, name: str, default, kinds, what: str, param: Optional[str] = None):
+    """``body[name]`` (null or absent: ``default``), or a 400 naming the field (``param``:
+    where it is, if not at the top) and the type."""
+    v, param = body.get(name), param or name
     if v is None:
         return default
     if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
-        raise APIError(400, f"'{name}' must be {what}, got {_show(v)}", name, "invalid_type")
+        raise APIError(400, f"'{param}' must be {what}, got {_show(v)}", param, "invalid_type")
     return v
 
 
@@ -149,11 +147,13 @@ def _number(body, name, default, low=None, high=None, low_open=False, integer=Fa
     return v
 
 
-def _setting(value, name: str, field: str):
-    """``value`` through its setting's one check (:func:`mlx_qspec.settings.check`), or a
-    400 naming the request's ``field``."""
+def _setting(body: dict, field: str, default, name: Optional[str] = None, **bounds):
+    """The request's ``field`` (:func:`_number`, in ``bounds``) through its setting's one
+    check (:func:`mlx_qspec.settings.check`; ``name``: the setting, if not ``field``), or a
+    400 naming ``field``."""
+    value = _number(body, field, default, **bounds)
     try:
-        return decoding.check(name, value)
+        return decoding.check(name or field, value)
     except decoding.SettingError as e:
         raise APIError(400, f"'{field}' {e.problem}", field, "invalid_value") from None
 
@@ -174,14 +174,12 @@ def _sampling(body: dict, s: Settings, chat: bool, vocab_size: int) -> dict:
     stream_options = _value(body, "stream_options", {}, (dict,), "an object")
     return dict(
         max_tokens=max_tokens,
-        temperature=float(_setting(_number(body, "temperature", s.temp, high=MAX_TEMPERATURE),
-                                   "temp", "temperature")),
-        top_p=float(_setting(_number(body, "top_p", s.top_p, low=0, low_open=True), "top_p",
-                             "top_p")),
-        top_k=_setting(_number(body, "top_k", s.top_k, high=vocab_size - 1, integer=True),
-                       "top_k", "top_k"),
-        min_p=float(_setting(_number(body, "min_p", s.min_p), "min_p", "min_p")),
-        seed=_setting(_value(body, "seed", None, (int,), "an integer"), "seed", "seed"),
+        temperature=float(_setting(body, "temperature", s.defaults.temp, "temp",
+                                   high=MAX_TEMPERATURE)),
+        top_p=float(_setting(body, "top_p", s.defaults.top_p, low=0, low_open=True)),
+        top_k=_setting(body, "top_k", s.defaults.top_k, high=vocab_size - 1, integer=True),
+        min_p=float(_setting(body, "min_p", s.defaults.min_p)),
+        seed=_setting(body, "seed", None, integer=True),
         stop=_stop(body),
         stream=_value(body, "stream", False, (bool,), "a boolean"),
         include_usage=_value(stream_options, "include_usage", False, (bool,), "a boolean"),
@@ -246,11 +244,8 @@ def _messages(body: dict) -> list:
             raise APIError(400, f"'{where}.tool_calls': tool calls are not supported by this "
                            "server", f"{where}.tool_calls", "unsupported_parameter")
         message = {"role": role, "content": content or ""}
-        if m.get("name") is not None:
-            if not isinstance(m["name"], str):
-                raise APIError(400, f"'{where}.name' must be a string, got {_show(m['name'])}",
-                               f"{where}.name", "invalid_type")
-            message["name"] = m["name"]
+        if (name := _value(m, "name", None, (str,), "a string", f"{where}.name")) is not None:
+            message["name"] = name
         out.append(message)  # what the chat template reads, and nothing else
     return out
 
@@ -307,12 +302,10 @@ def _parse_json(raw: bytes) -> dict:
         raise _not_json(f"not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})")
     try:
         body = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except json.JSONDecodeError as e:
-        raise _not_json(str(e))
     except RecursionError:
         raise _not_json(f"nested deeper than {MAX_JSON_DEPTH} levels")
-    except ValueError as e:  # an integer of more digits than Python converts
-        raise _not_json(str(e).split(";")[0])
+    except ValueError as e:  # not JSON (a JSONDecodeError), or an integer of more digits than
+        raise _not_json(str(e).split(";")[0])  # Python converts: its message's first clause
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", None, "invalid_type")
     _check_structure(body)
@@ -327,21 +320,12 @@ def _check_structure(body: dict):
         node, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
             raise _not_json(f"nested deeper than {MAX_JSON_DEPTH} levels")
-        if isinstance(node, dict):
-            if any(_SURROGATE.search(key) for key in node):
-                raise _surrogate()
-            node = node.values()
-        for v in node:
-            if isinstance(v, str):
-                if _SURROGATE.search(v):
-                    raise _surrogate()
-            elif isinstance(v, (dict, list)):
+        for v in [*node, *node.values()] if isinstance(node, dict) else node:  # keys too
+            if isinstance(v, str) and _SURROGATE.search(v):
+                raise APIError(400, "the request holds a string that is not Unicode text (a "
+                               "lone surrogate, such as \\ud800)", None, "invalid_value")
+            if isinstance(v, (dict, list)):
                 stack.append((v, depth + 1))
-
-
-def _surrogate() -> APIError:
-    return APIError(400, "the request holds a string that is not Unicode text (a lone "
-                    "surrogate, such as \\ud800)", None, "invalid_value")
 
 
 # ---------------------------------------------------------------- the app
@@ -423,12 +407,13 @@ class _Service:
                 "system_fingerprint": f"mlx_qspec-{mx.__version__}"}
 
     # ------------------------------------------------------------ a job's life
-    async def run_job(self, request: Request, rid: str, field: str, prompt: list, params: dict,
+    async def run_job(self, request: Request, field: str, prompt: list, params: dict,
                       logprobs: tuple, build):
-        """Queue the job (``field`` holds the prompt; ``rid`` names it in logs and errors;
-        ``logprobs``: whether asked for, and how many alternatives); answer with one JSON body
-        or a stream of events. ``build.chunk(text, logprobs)`` and ``build.final(text,
-        logprobs, done event, with_usage)`` make the OpenAI objects."""
+        """Queue the job (``field`` holds the prompt; ``logprobs``: whether asked for, and how
+        many alternatives); answer with one JSON body or a stream of events.
+        ``build.chunk(text, logprobs)`` and ``build.final(text, logprobs, done event,
+        with_usage)`` make the OpenAI objects; ``build.rid`` names the job in logs and
+        errors."""
         params = dict(params, max_tokens=self.budget(prompt, params["max_tokens"], field))
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -439,14 +424,14 @@ class _Service:
                 job.cancel()
 
         job = Job(prompt=prompt, deliver=deliver, logprobs=logprobs[0],
-                  top_logprobs=logprobs[1], rid=rid,
+                  top_logprobs=logprobs[1], rid=build.rid,
                   **{k: params[k] for k in ("max_tokens", "temperature", "top_p", "top_k",
                                             "min_p", "seed", "stop")})
         try:
             self.engine.submit(job)
         except QueueFull as e:
             raise APIError(429, str(e), None, "server_busy", type="server_overloaded")
-        if not params["stream"]:
+        if not build.stream:
             return await _answer(request, job, events, build)
         return StreamingResponse(_stream(job, events, build, params["include_usage"]),
                                  media_type="text/event-stream",
@@ -464,10 +449,9 @@ class _Service:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs",
                            "invalid_value")
         prompt = await run_in_threadpool(self.chat_prompt, messages)
-        rid = f"chatcmpl-{uuid.uuid4()}"
-        build = _ChatObjects(self.envelope, rid, params["stream"], logprobs)
-        return await self.run_job(request, rid, "messages", prompt, params, (logprobs, top),
-                                  build)
+        build = _ChatObjects(self.envelope, f"chatcmpl-{uuid.uuid4()}", params["stream"],
+                             logprobs)
+        return await self.run_job(request, "messages", prompt, params, (logprobs, top), build)
 
     async def completions(self, request: Request):
         self.authorize(request)
@@ -489,10 +473,9 @@ class _Service:
                            "invalid_type")
         params = _sampling(body, self.settings, chat=False, vocab_size=self.vocab_size)
         top = _number(body, "logprobs", None, low=0, high=5, integer=True)
-        rid = f"cmpl-{uuid.uuid4()}"
-        build = _CompletionObjects(self.envelope, rid, params["stream"], top)
-        return await self.run_job(request, rid, "prompt", tokens, params,
-                                  (top is not None, top or 0), build)
+        build = _CompletionObjects(self.envelope, f"cmpl-{uuid.uuid4()}", params["stream"], top)
+        return await self.run_job(request, "prompt", tokens, params, (top is not None, top or 0),
+                                  build)
 
     async def models(self, request: Request):
         self.authorize(request)
@@ -546,19 +529,17 @@ async def _stream(job: Job, events: asyncio.Queue, build, include_usage: bool):
             else:
                 yield f"data: {json.dumps(build.final('', [], event, with_usage=False))}\n\n"
                 if include_usage:
-                    usage = dict(build.final("", [], event, with_usage=True), choices=[])
-                    yield f"data: {json.dumps(usage)}\n\n"
+                    yield f"data: {json.dumps(build.final('', [], event, with_usage=True))}\n\n"
                 break
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()
 
 
-def _done_fields(event: dict, with_usage: bool) -> dict:
-    out = {"speculative": event["speculative"]}
-    if with_usage:
-        out["usage"] = event["usage"]
-    return out
+def _done(envelope: dict, choices: list, event: dict, with_usage: bool) -> dict:
+    """A job's last object (streamed: ``with_usage``, the usage chunk after it, no choices)."""
+    usage = {"usage": event["usage"]} if with_usage else {}
+    return dict(envelope, choices=choices, speculative=event["speculative"], **usage)
 
 
 @dataclass
@@ -577,16 +558,15 @@ class _ChatObjects:
         return dict(self.envelope(self.rid, "chat.completion.chunk"), choices=[choice])
 
     def final(self, text, lps, event, with_usage):
-        if self.stream and not with_usage:
-            choice = {"index": 0, "delta": {}, "finish_reason": event["finish_reason"],
-                      "logprobs": None}
-            return dict(self.envelope(self.rid, "chat.completion.chunk"), choices=[choice],
-                        **_done_fields(event, False))
-        obj = "chat.completion.chunk" if self.stream else "chat.completion"
+        if self.stream:
+            last = {"index": 0, "delta": {}, "finish_reason": event["finish_reason"],
+                    "logprobs": None}
+            return _done(self.envelope(self.rid, "chat.completion.chunk"),
+                         [] if with_usage else [last], event, with_usage)
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
                   "finish_reason": event["finish_reason"],
                   "logprobs": {"content": lps} if self.logprobs else None}
-        return dict(self.envelope(self.rid, obj), choices=[choice], **_done_fields(event, True))
+        return _done(self.envelope(self.rid, "chat.completion"), [choice], event, True)
 
 
 @dataclass
@@ -622,10 +602,8 @@ class _CompletionObjects:
         choice = {"index": 0, "text": text, "finish_reason": event["finish_reason"],
                   "logprobs": self.legacy(lps) if self.top is not None and not self.stream
                   else None}
-        if self.stream and with_usage:
-            choice = None
-        return dict(self.envelope(self.rid, "text_completion"),
-                    choices=[choice] if choice else [], **_done_fields(event, with_usage))
+        return _done(self.envelope(self.rid, "text_completion"),
+                     [] if self.stream and with_usage else [choice], event, with_usage)
 
 
 class _CatchAll:
@@ -729,12 +707,9 @@ def build(args, loaded: Optional[tuple] = None) -> tuple:
     max_context = args.max_context or getattr(model.args, "max_position_embeddings", None)
     if max_context is None:
         raise ModelError("the model does not say its context length: pass --max-context")
-    server = Settings(
-        model_id=args.model or cli.DEFAULT_GGUF_FILE, api_key=args.api_key,
-        max_context=max_context, max_tokens=args.max_tokens, temp=settings.temp,
-        top_p=settings.top_p, top_k=settings.top_k, min_p=settings.min_p,
-        chat_template_args=args.chat_template_args,
-    )
+    server = Settings(model_id=args.model or cli.DEFAULT_GGUF_FILE, api_key=args.api_key,
+                      max_context=max_context, max_tokens=args.max_tokens, defaults=settings,
+                      chat_template_args=args.chat_template_args)
     engine = BatchEngine(model, tokenizer, settings=settings, draft_model=draft_model,
                          draft_head=draft_head,
                          decode_concurrency=args.decode_concurrency,

@@ -12,6 +12,7 @@ from mlx_lm.utils import save_config, save_model
 
 from helpers import TINY, build_tiny_model
 from mlx_qspec import generate
+from mlx_qspec.batch import Job
 from mlx_qspec.server import build, setup_arg_parser
 
 KEY = "test-key"
@@ -64,6 +65,12 @@ class Served:
         self.thread.join()
         self.engine.stop()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def offline(self, prompt_tokens, max_tokens, **kwargs) -> str:
         """What the offline API gives for the same tokens and draft."""
         return generate(self.engine.model, self.engine.tokenizer, prompt_tokens,
@@ -71,3 +78,54 @@ class Served:
 
     def chat_tokens(self, messages):
         return self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def error_of(response, status, param=None) -> dict:
+    """The body of an OpenAI-shaped error with ``status`` (and ``param``)."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+def answered(response, tokens=1) -> dict:
+    """The body of a 200 that generated ``tokens`` tokens."""
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == tokens
+    return response.json()
+
+
+def serve_together(engine, prompts: list, max_tokens, timeout=300) -> tuple:
+    """Jobs (logprobs on) for ``prompts`` (token lists) of ``max_tokens`` (one count, or one
+    each), all queued before the engine takes any, run to their end: ``(jobs, events)``,
+    every event as ``(job's index, event)`` in the order delivered."""
+    events, done = [], threading.Semaphore(0)
+
+    def deliver(i):
+        def on(event):
+            events.append((i, event))
+            if event["type"] in ("done", "error"):
+                done.release()
+        return on
+
+    counts = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    jobs = [Job(p, n, deliver(i), logprobs=True) for i, (p, n) in enumerate(zip(prompts, counts))]
+    with engine.ready:
+        for job in jobs:
+            engine.submit(job)
+    for _ in jobs:
+        assert done.acquire(timeout=timeout)
+    return jobs, events
+
+
+def check_interleaved(events, expected: list, note=None):
+    """Of :func:`serve_together`'s ``events``: no job failed, job i emitted the tokens
+    ``expected[i]``, and every job emitted some before any finished (decoded in turn)."""
+    assert not [e for _, e in events if e["type"] == "error"], events
+    for i, tokens in enumerate(expected):
+        assert [x["id"] for j, e in events if j == i for x in e.get("logprobs", [])] == tokens, note
+    first_done = next(n for n, (_, e) in enumerate(events) if e["type"] == "done")
+    assert {i for i, e in events[:first_done] if e.get("logprobs")} == set(range(len(expected)))
