@@ -84,14 +84,13 @@ def check_residual(config: dict, residual: str) -> None:
                          f"use the 'random' residual rotation")
 
 
-def _float_weight(m: nn.Module) -> mx.array:
-    """The module's weight as float32, dequantized if it is stored quantized."""
-    if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size,
-                          bits=m.bits, mode=m.mode)
-    else:
-        w = m.weight
-    return w.astype(mx.float32)
+def float_weight(m: nn.Module) -> mx.array:
+    """The module's weight as float32, dequantized if it is stored quantized (any module with
+    ``scales``: mlx's quantized layers and ours)."""
+    if "scales" in m:
+        return mx.dequantize(m["weight"], m["scales"], m.get("biases"), m.group_size, m.bits,
+                             mode=getattr(m, "mode", "affine")).astype(mx.float32)
+    return m["weight"].astype(mx.float32)
 
 
 def _scale_dtype(model: nn.Module) -> mx.Dtype:
@@ -145,8 +144,8 @@ def rotate_weights(model: nn.Module, config: dict, *, residual: str = "hadamard"
     factors = _online_factors(config)
     Q = residual_rotation(hidden, residual, seed)
     inner = model.model
-    embed = _float_weight(inner.embed_tokens)
-    head = embed if getattr(model, "lm_head", None) is None else _float_weight(model.lm_head)
+    embed = float_weight(inner.embed_tokens)
+    head = embed if getattr(model, "lm_head", None) is None else float_weight(model.lm_head)
     out = {
         "model.embed_tokens.weight": embed @ Q,
         "lm_head.weight": (head * inner.norm.weight.astype(mx.float32)) @ Q,
@@ -160,13 +159,13 @@ def rotate_weights(model: nn.Module, config: dict, *, residual: str = "hadamard"
         g_attn = layer.input_layernorm.weight.astype(mx.float32)
         g_mlp = layer.post_attention_layernorm.weight.astype(mx.float32)
         for name in ("q_proj", "k_proj", "v_proj"):
-            out[p + f"self_attn.{name}.weight"] = (_float_weight(getattr(attn, name)) * g_attn) @ Q
+            out[p + f"self_attn.{name}.weight"] = (float_weight(getattr(attn, name)) * g_attn) @ Q
         for name in ("gate_proj", "up_proj"):
-            out[p + f"mlp.{name}.weight"] = (_float_weight(getattr(mlp, name)) * g_mlp) @ Q
+            out[p + f"mlp.{name}.weight"] = (float_weight(getattr(mlp, name)) * g_mlp) @ Q
         # o = h Wᵀ; online h ↦ h H, so the stored weight is (Qᵀ W) H, row by row.
-        out[p + "self_attn.o_proj.weight"] = hadamard(Q.T @ _float_weight(attn.o_proj),
+        out[p + "self_attn.o_proj.weight"] = hadamard(Q.T @ float_weight(attn.o_proj),
                                                        factors["o_proj"])
-        out[p + "mlp.down_proj.weight"] = hadamard(Q.T @ _float_weight(mlp.down_proj),
+        out[p + "mlp.down_proj.weight"] = hadamard(Q.T @ float_weight(mlp.down_proj),
                                                     factors["down_proj"])
         out[p + "input_layernorm.weight"] = mx.ones((hidden,), mx.float32)
         out[p + "post_attention_layernorm.weight"] = mx.ones((hidden,), mx.float32)

@@ -41,6 +41,7 @@ from ..errors import UserError
 from ..heads import capture, store
 from ..heads.block import NextTokenHead, build_layer, decoder_layer_class, quantize
 from ..loader import load
+from ..rotate import float_weight
 
 DEFAULT_MINUTES = 15.0
 TEACHER_SHARE = 0.6  # of the time budget: the model reading the text (fresh text generalizes;
@@ -97,7 +98,7 @@ class TeacherEnds(capture.ModelEnds):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.weight = _float_weight(self.head)
+        self.weight = float_weight(self.head)
 
     def restrict(self, ids: mx.array):
         """Logits of ``ids`` only from now on (teacher and student alike)."""
@@ -108,13 +109,6 @@ class TeacherEnds(capture.ModelEnds):
     def logits(self, h):
         y = h @ self.weight.T
         return y if self.bias is None else y + self.bias
-
-
-def _float_weight(m: nn.Module) -> mx.array:
-    if "scales" in m:
-        return mx.dequantize(m["weight"], m["scales"], m.get("biases"), m.group_size, m.bits,
-                             mode=getattr(m, "mode", "affine")).astype(mx.float32)
-    return m["weight"].astype(mx.float32)
 
 
 def _attention_layer(model: nn.Module) -> int:
