@@ -17,7 +17,7 @@ import pytest
 from mlx_lm.utils import save_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from helpers import TINY, build_tiny_model, byte_symbols
+from helpers import TINY, assert_one_line, build_tiny_model, byte_symbols
 
 REPO = "test-org/tiny-4bit"
 SHA = "a" * 40
@@ -115,14 +115,6 @@ def generate(endpoint, hf_home, *args, offline=False):
                   "--max-tokens", "4", "--draft", "none", *args, offline=offline)
 
 
-def assert_one_line_error(proc, *words):
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-
-
 def test_download_fetches_mlx_lm_patterns_then_runs_from_cache(hub, tmp_path):
     """First run downloads (with progress bars) exactly the files mlx-lm would; the second
     finds them in the cache and never needs the hub."""
@@ -159,15 +151,15 @@ def test_offline_names_the_id_and_hf_download(hub, tmp_path):
     endpoint, _, log = hub
     log.clear()
     proc = generate(endpoint, tmp_path / "hf", "--model", REPO, offline=True)
-    assert_one_line_error(proc, REPO, f"hf download {REPO}", "HF_HUB_OFFLINE")
+    assert_one_line(proc.returncode, proc.stderr, REPO, f"hf download {REPO}", "HF_HUB_OFFLINE")
     assert log == []
 
 
 def test_unreachable_hub_names_the_id_and_hf_download(tmp_path):
     proc = generate(dead_endpoint(), tmp_path / "hf", "--model", REPO)
-    assert_one_line_error(proc, REPO, f"hf download {REPO}", "cannot be reached")
+    assert_one_line(proc.returncode, proc.stderr, REPO, f"hf download {REPO}", "cannot be reached")
 
 
 def test_unknown_repo_is_a_one_line_error(hub, tmp_path):
     proc = generate(hub[0], tmp_path / "hf", "--model", "test-org/no-such-model")
-    assert_one_line_error(proc, "test-org/no-such-model", "not a model on the Hugging Face hub")
+    assert_one_line(proc.returncode, proc.stderr, "test-org/no-such-model", "not a model on the Hugging Face hub")
