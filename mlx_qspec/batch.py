@@ -40,22 +40,21 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
 import mlx.core as mx
-from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
+from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import (
     ArraysCache, CacheList, LRUPromptCache, make_prompt_cache, trim_prompt_cache,
 )
 
 from . import hooks
 from .caches import position, positions, rewind
-from .decoder import VERIFY, Decoder, Row, SpecStats, new_key, prefill
+from .decoder import VERIFY, Decoder, Row, prefill, quantize_kv
 from .drafts.auto import AutoPolicy
 from .drafts.cascade import DraftModel, build
 from .heads.level import heads_available
-from .drafts.grammar import NONE
 from .kv_cache import WINDOWS, check_kv_bits, make_cache, make_rewindable, make_rotating_cache
 from .policy import FixedGamma
 from .ragged_cache import RaggedKVCache
-from .sampling import make_sampler, resolve_sampler
+from .sampling import make_sampler
 from .settings import Settings
 from .stop_strings import StopMatcher
 
@@ -199,7 +198,7 @@ class _Prefill:
 @dataclass(eq=False)
 class _Request:
     """A job being decoded: its decoder row, its tokens so far, where its text stands, and
-    at batch 1 its own decoder and cache."""
+    at batch 1 its own decoder (on its own cache)."""
 
     job: Job
     cached: int
@@ -210,7 +209,6 @@ class _Request:
     stopped: bool = False
     failed: bool = False
     decoder: Optional[Decoder] = None
-    cache: Optional[list] = None
 
 
 class BatchEngine:
@@ -376,25 +374,18 @@ class BatchEngine:
         """Feed the next ``n`` prompt tokens (``prefill_step_size`` but for the last chunk):
         the chunks a single request is prefilled in (the CLI's, with the same flag), so the
         cache is the CLI's."""
-        s = self.settings
-        quantize = lambda: maybe_quantize_kv_cache(  # noqa: E731
-            p.cache, s.quantized_kv_start, s.kv_group_size, s.kv_bits)
         with mx.stream(generation_stream):
             prefill(self.model, mx.array(p.job.prompt[p.done:p.done + n], mx.uint32), p.cache,
-                    n, quantize, p.hidden)
+                    n, lambda: quantize_kv(p.cache, self.settings), p.hidden)
         p.done += n
         self.totals["prefill_chunks"] += 1
         self.totals["prefill_tokens"] += n
 
     def _join(self, p: _Prefill):
         """A prefilled job starts decoding: a row of the batch, or a decoder of its own."""
-        job, s = p.job, self.settings
-        sampler = resolve_sampler(make_sampler(job.temperature, job.top_p, job.min_p,
-                                               top_k=job.top_k))
-        stats = SpecStats(draft=self.cascade.name if self.cascade else NONE,
-                          num_draft_tokens=s.gamma if self.cascade else 0)
-        row = Row(job.prompt[-1], sampler=sampler, budget=job.max_tokens, stats=stats,
-                  key=None if sampler is None else new_key(job.seed))
+        job = p.job
+        sampler = make_sampler(job.temperature, job.top_p, job.min_p, top_k=job.top_k)
+        row = Row.new(job.prompt[-1], sampler, job.seed, job.max_tokens)
         if p.hidden:
             row.keep_hidden(mx.concatenate(p.hidden, axis=1)[0])
         request = _Request(job, p.cached, row, self.tokenizer.detokenizer)
@@ -403,17 +394,10 @@ class BatchEngine:
                       else (None, None) for c in p.cache]
             self._reshape(list(range(len(self.running))), [(request, layers)])
             return
-        policy = self._policy(p.cache)
-        if isinstance(policy, AutoPolicy):
-            stats.draft, stats.auto_reason = policy.name or NONE, policy.reason
-        if (policy.reads_context if isinstance(policy, AutoPolicy)
-                else policy.draft is not None and policy.draft.reads_context):
+        request.decoder = Decoder(self.model, p.cache, [row], self._policy(p.cache),
+                                  self.settings, keep_hidden=self.keep_hidden)
+        if request.decoder.policy.reads_context:
             row.context = list(job.prompt)
-        request.cache = p.cache
-        request.decoder = Decoder(self.model, p.cache, [row], policy, draft_p_min=s.draft_p_min,
-                                  kv_bits=s.kv_bits, kv_group_size=s.kv_group_size,
-                                  quantized_kv_start=s.quantized_kv_start,
-                                  keep_hidden=self.keep_hidden)
         self.running.append(request)
 
     def _policy(self, cache):
@@ -449,7 +433,8 @@ class BatchEngine:
         cache = [RaggedKVCache(rows) for rows in per_layer]
         mx.eval([(c.keys, c.values) for c in cache if c.keys is not None])
         rows = ([batch.rows[b] for b in keep] if batch else []) + [r.row for r, _ in new]
-        return Decoder(self.model, cache, rows, FixedGamma(self.cascade, self.settings.gamma))
+        return Decoder(self.model, cache, rows, FixedGamma(self.cascade, self.settings.gamma),
+                       self.settings)
 
     # ------------------------------------------------------------ decode
     def _decode(self):
@@ -506,7 +491,7 @@ class BatchEngine:
                 layers = [c.row(b, lengths[b]) for c in self.batch.cache]
                 mx.eval(layers)
                 single = Decoder(self.model, [RaggedKVCache([kv]) for kv in layers], [r.row],
-                                 FixedGamma(self.cascade, self.settings.gamma))
+                                 FixedGamma(self.cascade, self.settings.gamma), self.settings)
                 outs.append((r, self._counted(single)[0]))
                 alone.append((r, [c.row(0, c.lengths[0]) for c in single.cache]))
             except Exception as e:
@@ -572,15 +557,14 @@ class BatchEngine:
             self.prompt_cache.store(tokens, _trimmed_cache(
                 self.model, [c.row(b, held) for c in self.batch.cache]))
         else:
+            r.decoder.close()  # auto stores what it measured
+            cache = r.decoder.cache
             try:
-                rewind(r.cache, min(position(r.cache), len(tokens)))
-                self.prompt_cache.store(tokens, r.cache)
+                rewind(cache, min(position(cache), len(tokens)))
+                self.prompt_cache.store(tokens, cache)
             except ValueError:  # a nested cache cannot go back that far: not kept
                 pass
         stats = r.row.stats
-        if r.decoder is not None and isinstance(r.decoder.policy, AutoPolicy):
-            r.decoder.policy.close()  # store what auto measured
-            stats.draft, stats.auto_reason = r.decoder.policy.name or NONE, r.decoder.policy.reason
         stats.emitted = len(r.tokens)
         self._done(r.job, r.tokens, r.cached, r.finish, stats.as_dict(), stats.forwards)
 
