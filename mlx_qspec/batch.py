@@ -164,11 +164,7 @@ class PromptCache:
 
     def store(self, tokens: List[int], cache):
         """Keep ``cache``; it holds a prefix of ``tokens`` (the prompt and generated text)."""
-        held = position(cache)
-        if not 0 < held <= len(tokens):
-            raise RuntimeError(f"cache holds {held} positions, the request {len(tokens)} tokens")
-        self.lru.insert_cache("model", tokens[:held], cache)
-
+        self.lru.insert_cache("model", tokens[:position(cache)], cache)
 
 
 def _trimmed_cache(model, rows: list):
@@ -341,7 +337,7 @@ class BatchEngine:
     def _start(self, job: Job):
         """``job`` joins the prefill line, on the longest cached prefix of its prompt."""
         cache, cached = self.prompt_cache.fetch(job.prompt)
-        hidden = [] if self.keep_hidden and not self.batched else None  # levels that read it
+        hidden = [] if self.keep_hidden else None  # levels that read it (never batched)
         self.prefilling.append(_Prefill(job, cache, cached, cached, hidden))
 
     def _prefill(self):
@@ -394,20 +390,16 @@ class BatchEngine:
                       else (None, None) for c in p.cache]
             self._reshape(list(range(len(self.running))), [(request, layers)])
             return
-        request.decoder = Decoder(self.model, p.cache, [row], self._policy(p.cache),
-                                  self.settings, keep_hidden=self.keep_hidden)
-        if request.decoder.policy.reads_context:
-            row.context = list(job.prompt)
-        self.running.append(request)
-
-    def _policy(self, cache):
-        """A batch-1 request's block policy: ``auto``'s (chosen on its prefilled cache), or
-        the served draft at a fixed γ (a fresh draft-model cache of its own), or plain."""
+        # Its own policy: auto's (chosen on its prefilled cache), or the served draft at a
+        # fixed γ (a fresh draft-model cache of its own), or plain.
         s = self.settings
-        if s.draft.auto:
-            return AutoPolicy(self.model, cache, s.ngram, s.num_draft_tokens,
-                              self.draft_head and self.draft_head.fresh())
-        return FixedGamma(self.cascade and self.cascade.fresh(), s.gamma)
+        policy = (AutoPolicy(self.model, p.cache, s.ngram, s.num_draft_tokens,
+                             self.draft_head and self.draft_head.fresh()) if s.draft.auto
+                  else FixedGamma(self.cascade and self.cascade.fresh(), s.gamma))
+        if policy.reads_context:
+            row.context = list(job.prompt)
+        request.decoder = Decoder(self.model, p.cache, [row], policy, s, keep_hidden=self.keep_hidden)
+        self.running.append(request)
 
     # ------------------------------------------------------------ the batch's shape
     def _reshape(self, keep: list, new: list):
@@ -451,7 +443,7 @@ class BatchEngine:
                         self._fail_request(r, e)
             for r, out in outs:
                 try:
-                    self._emit_all(r, out)
+                    self._emit(r, out)
                 except Exception as e:
                     self._fail_request(r, e)
         self.totals["decode_steps"] += 1
@@ -524,33 +516,33 @@ class BatchEngine:
             log.exception("request %s: its error could not be delivered", job.rid)
 
     # ------------------------------------------------------------ text out
-    def _emit_all(self, r: _Request, out: list):
-        for token, logprobs, _ in out:
-            if self._emit(r, token, logprobs):
-                break
-
-    def _emit(self, r: _Request, token: int, logprobs: mx.array) -> bool:
-        """Hand one token to the request's job as ``stream_generate`` would; True once done."""
+    def _emit(self, r: _Request, out: list):
+        """Hand a block's ``(token, logprobs, from_draft)`` to the request's job one token at
+        a time, as ``stream_generate`` would, until it is done."""
         job = r.job
-        r.tokens.append(token)
-        lp = [self._logprobs(token, logprobs, job.top_logprobs)] if job.logprobs else None
-        eos = token in self.tokenizer.eos_token_ids
-        if not eos:
-            r.detokenizer.add_token(token)
-        if eos or len(r.tokens) == job.max_tokens:
-            r.detokenizer.finalize()
-            r.finish = "stop" if eos else "length"
-        if job.add(r.detokenizer.last_segment, lp):
-            r.finish, r.stopped = "stop", True
-        return r.finish is not None
+        for token, logprobs, _ in out:
+            r.tokens.append(token)
+            lp = [self._logprobs(token, logprobs, job.top_logprobs)] if job.logprobs else None
+            eos = token in self.tokenizer.eos_token_ids
+            if not eos:
+                r.detokenizer.add_token(token)
+            if eos or len(r.tokens) == job.max_tokens:
+                r.detokenizer.finalize()
+                r.finish = "stop" if eos else "length"
+            if job.add(r.detokenizer.last_segment, lp):
+                r.finish, r.stopped = "stop", True
+            if r.finish is not None:
+                return
 
     def _retire(self, r: _Request):
-        """Send the job's last text and event; keep its cache (up to what it emitted)."""
-        if r.job.cancelled.is_set():
+        """Send the job's last text and event, the job counted in the totals; keep its cache
+        (up to what it emitted)."""
+        job = r.job
+        if job.cancelled.is_set():
             return
         if not r.stopped:
-            r.job.flush()
-        tokens = r.job.prompt + r.tokens
+            job.flush()
+        tokens = job.prompt + r.tokens
         if r.decoder is None:
             b = self.running.index(r)
             held = min(self.batch.cache[0].lengths[b], len(tokens))
@@ -564,9 +556,26 @@ class BatchEngine:
                 self.prompt_cache.store(tokens, cache)
             except ValueError:  # a nested cache cannot go back that far: not kept
                 pass
-        stats = r.row.stats
-        stats.emitted = len(r.tokens)
-        self._done(r.job, r.tokens, r.cached, r.finish, stats.as_dict(), stats.forwards)
+        stats, n = r.row.stats, len(r.tokens)
+        stats.emitted = n
+        self.totals["requests"] += 1
+        self.totals["emitted_tokens"] += n
+        job.deliver({
+            "type": "done",
+            "finish_reason": r.finish,
+            "usage": {
+                "prompt_tokens": len(job.prompt),
+                "completion_tokens": n,
+                "total_tokens": len(job.prompt) + n,
+                "prompt_tokens_details": {"cached_tokens": r.cached},
+            },
+            "speculative": {
+                **{k: getattr(stats, k) for k in ("draft", "num_draft_tokens", "acceptance",
+                                                  "tokens_per_verify", "drafted", "accepted",
+                                                  "verify_passes")},
+                "forwards": stats.forwards,  # those the job took part in
+            },
+        })
 
     def _logprobs(self, token: int, logprobs: mx.array, top: int) -> dict:
         """OpenAI's logprob entry of one token (and its ``top`` most likely alternatives)."""
@@ -583,25 +592,3 @@ class BatchEngine:
     def _entry(self, token: int, logprob: float) -> dict:
         text = self.tokenizer.decode([token])
         return {"id": token, "token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-    def _done(self, job: Job, tokens: list, cached: int, finish: str, stats: dict, forwards: int):
-        """Count the job in the totals and send its last event (``forwards``: those the job
-        took part in)."""
-        self.totals["requests"] += 1
-        self.totals["emitted_tokens"] += len(tokens)
-        job.deliver({
-            "type": "done",
-            "finish_reason": finish,
-            "usage": {
-                "prompt_tokens": len(job.prompt),
-                "completion_tokens": len(tokens),
-                "total_tokens": len(job.prompt) + len(tokens),
-                "prompt_tokens_details": {"cached_tokens": cached},
-            },
-            "speculative": {
-                **{k: stats[k] for k in ("draft", "num_draft_tokens", "acceptance",
-                                         "tokens_per_verify", "drafted", "accepted",
-                                         "verify_passes")},
-                "forwards": forwards,
-            },
-        })

@@ -30,7 +30,7 @@ block, with its wall-clock seconds measured after the ``mx.eval`` that ends it.
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 import mlx.core as mx
@@ -115,13 +115,6 @@ class SpecStats:
                 f"tokens_per_verify={self.tokens_per_verify:.3f}, drafted={self.drafted}, "
                 f"accepted={self.accepted}, verify_passes={self.verify_passes}, "
                 f"bytes_per_token={b['total']:.0f}, plain_bytes_per_token={b['plain']:.0f})")
-
-    def as_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if not k.endswith("_reads")}
-        d.update(acceptance=self.acceptance, tokens_per_verify=self.tokens_per_verify)
-        d.update({f"{k}_bytes_per_token": v for k, v in self.bytes_per_token().items()})
-        d.update({f"{k}_bytes_per_token_f16": v for k, v in self.bytes_per_token(True).items()})
-        return d
 
 
 @dataclass
