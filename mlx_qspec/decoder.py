@@ -314,18 +314,19 @@ class Decoder:
         return [[] for _ in self.rows], [[] for _ in self.rows]
 
     # ------------------------------------------------------------ propose
-    def propose(self, levels, k: int):
-        """Up to ``k`` drafts per row from the cascade ``levels`` (cheapest first), and the
-        distribution each was drawn from (None: a point mass); the cache ends where it began."""
+    def propose(self, levels, k: int, before: Optional[list] = None):
+        """Up to ``k`` drafts per row from the cascade ``levels`` (cheapest first) after
+        ``before`` (per row: this block's tokens so far), and the distribution each was drawn
+        from (None: a point mass); the cache ends where it began."""
         base = positions(self.cache)
-        out = self._propose(tuple(levels), k, [[] for _ in self.rows])
+        out = self._propose(levels, k, before or [[] for _ in self.rows])
         self._rewind(base, DRAFT)
         return out
 
     def _propose(self, levels, k: int, before: list):
-        """``levels``' proposals after ``before`` (per row: this block's tokens so far). A
-        precision level drafts a token per forward, or, above lower levels, checks their
-        offers with one forward and extends what it keeps."""
+        """:meth:`propose`, the cache left as the forwards leave it. A precision level drafts
+        a token per forward, or, above lower levels, checks their offers with one forward and
+        extends what it keeps."""
         *lower, top = levels
         if not isinstance(top, Precision):  # a level that proposes by itself (batch 1)
             return self._propose_alone(lower, top, k, before)
@@ -334,9 +335,7 @@ class Decoder:
         tokens, q = self._nothing()
         while len(tokens[0]) < k:
             so_far = [b + t for b, t in zip(before, tokens)]
-            base = positions(self.cache)
-            offered = self._propose(lower, k - len(tokens[0]), so_far) if lower else None
-            self._rewind(base, DRAFT)  # what the lower levels' forwards appended
+            offered = self.propose(lower, k - len(tokens[0]), so_far) if lower else None
             if offered and offered[0][0]:
                 out, qs = self._check_level(top, offered, so_far)
             else:
@@ -356,9 +355,7 @@ class Decoder:
         (row,) = self.rows
         offered, offered_q = [[]], [[]]
         if lower:
-            base = positions(self.cache)
-            offered, offered_q = self._propose(lower, k, before)
-            self._rewind(base, DRAFT)  # what the lower levels' forwards appended
+            offered, offered_q = self.propose(lower, k, before)
         reads_hidden = getattr(top, "reads_hidden", False)
         context = Context(row.context + before[0] + offered[0],
                           row.kept_hidden() if reads_hidden else None,
