@@ -32,10 +32,6 @@ def xtc_cut(logprobs: mx.array, threshold: float, special_tokens: Sequence[int])
     return mx.where(mask, -mx.inf, logprobs)
 
 
-def _normalized(x: mx.array) -> mx.array:
-    return x - mx.logsumexp(x, axis=-1, keepdims=True)
-
-
 class Sampler:
     """An mlx-lm sampler (log-probs → token) that also exposes the distribution it draws from.
 
@@ -78,7 +74,8 @@ class Sampler:
         return logprobs
 
     def _scaled(self, x: mx.array) -> mx.array:
-        return _normalized(self._chain(self.after_xtc, x) * (1.0 / self.temp))
+        x = self._chain(self.after_xtc, x) * (1.0 / self.temp)
+        return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
     def distribution(self, logprobs: mx.array) -> mx.array:
         """Normalized log-probabilities of the distribution :meth:`__call__` samples (temp > 0),
