@@ -106,8 +106,7 @@ def stream_generate(
         raise UserError("The prompt is empty.")
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
-    given = {k: v for k, v in (("draft", draft), ("num_draft_tokens", num_draft_tokens),
-                               ("kv_mode", kv_mode)) if v is not None}
+    given = dict(draft=draft, num_draft_tokens=num_draft_tokens, kv_mode=kv_mode)  # None: not given
     stats, plain, token_generator = _token_generator(model, tokenizer, prompt, max_tokens,
                                                         kwargs, given)
 
@@ -183,14 +182,9 @@ def summary_line(response: GenerationResponse) -> str:
     if stats.measured_speedup is not None:
         fields["measured_speedup"] = f"{stats.measured_speedup:.3f}"
     if stats.drafted or stats.draft != NONE:
-        fields.update(
-            num_draft_tokens=stats.num_draft_tokens,
-            drafted=stats.drafted,
-            accepted=stats.accepted,
-            verify_passes=stats.verify_passes,
-            acceptance=f"{stats.acceptance:.3f}",
-            tokens_per_verify=f"{stats.tokens_per_verify:.3f}",
-        )
+        fields.update({k: getattr(stats, k)
+                       for k in ("num_draft_tokens", "drafted", "accepted", "verify_passes")})
+        fields.update({k: f"{getattr(stats, k):.3f}" for k in ("acceptance", "tokens_per_verify")})
     per_token = stats.bytes_per_token()
     fields.update(
         draft_bytes_per_token=f"{per_token['draft']:.0f}",

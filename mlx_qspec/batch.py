@@ -40,22 +40,21 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
 import mlx.core as mx
-from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
+from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import (
     ArraysCache, CacheList, LRUPromptCache, make_prompt_cache, trim_prompt_cache,
 )
 
 from . import hooks
 from .caches import position, positions, rewind
-from .decoder import VERIFY, Decoder, Row, SpecStats, new_key, prefill
+from .decoder import VERIFY, Decoder, Row, prefill, quantize_kv
 from .drafts.auto import AutoPolicy
 from .drafts.cascade import DraftModel, build
 from .heads.level import heads_available
-from .drafts.grammar import NONE
 from .kv_cache import WINDOWS, check_kv_bits, make_cache, make_rewindable, make_rotating_cache
 from .policy import FixedGamma
 from .ragged_cache import RaggedKVCache
-from .sampling import make_sampler, resolve_sampler
+from .sampling import make_sampler
 from .settings import Settings
 from .stop_strings import StopMatcher
 
@@ -165,11 +164,7 @@ class PromptCache:
 
     def store(self, tokens: List[int], cache):
         """Keep ``cache``; it holds a prefix of ``tokens`` (the prompt and generated text)."""
-        held = position(cache)
-        if not 0 < held <= len(tokens):
-            raise RuntimeError(f"cache holds {held} positions, the request {len(tokens)} tokens")
-        self.lru.insert_cache("model", tokens[:held], cache)
-
+        self.lru.insert_cache("model", tokens[:position(cache)], cache)
 
 
 def _trimmed_cache(model, rows: list):
@@ -199,7 +194,7 @@ class _Prefill:
 @dataclass(eq=False)
 class _Request:
     """A job being decoded: its decoder row, its tokens so far, where its text stands, and
-    at batch 1 its own decoder and cache."""
+    at batch 1 its own decoder (on its own cache)."""
 
     job: Job
     cached: int
@@ -210,7 +205,6 @@ class _Request:
     stopped: bool = False
     failed: bool = False
     decoder: Optional[Decoder] = None
-    cache: Optional[list] = None
 
 
 class BatchEngine:
@@ -343,7 +337,7 @@ class BatchEngine:
     def _start(self, job: Job):
         """``job`` joins the prefill line, on the longest cached prefix of its prompt."""
         cache, cached = self.prompt_cache.fetch(job.prompt)
-        hidden = [] if self.keep_hidden and not self.batched else None  # levels that read it
+        hidden = [] if self.keep_hidden else None  # levels that read it (never batched)
         self.prefilling.append(_Prefill(job, cache, cached, cached, hidden))
 
     def _prefill(self):
@@ -376,25 +370,18 @@ class BatchEngine:
         """Feed the next ``n`` prompt tokens (``prefill_step_size`` but for the last chunk):
         the chunks a single request is prefilled in (the CLI's, with the same flag), so the
         cache is the CLI's."""
-        s = self.settings
-        quantize = lambda: maybe_quantize_kv_cache(  # noqa: E731
-            p.cache, s.quantized_kv_start, s.kv_group_size, s.kv_bits)
         with mx.stream(generation_stream):
             prefill(self.model, mx.array(p.job.prompt[p.done:p.done + n], mx.uint32), p.cache,
-                    n, quantize, p.hidden)
+                    n, lambda: quantize_kv(p.cache, self.settings), p.hidden)
         p.done += n
         self.totals["prefill_chunks"] += 1
         self.totals["prefill_tokens"] += n
 
     def _join(self, p: _Prefill):
         """A prefilled job starts decoding: a row of the batch, or a decoder of its own."""
-        job, s = p.job, self.settings
-        sampler = resolve_sampler(make_sampler(job.temperature, job.top_p, job.min_p,
-                                               top_k=job.top_k))
-        stats = SpecStats(draft=self.cascade.name if self.cascade else NONE,
-                          num_draft_tokens=s.gamma if self.cascade else 0)
-        row = Row(job.prompt[-1], sampler=sampler, budget=job.max_tokens, stats=stats,
-                  key=None if sampler is None else new_key(job.seed))
+        job = p.job
+        sampler = make_sampler(job.temperature, job.top_p, job.min_p, top_k=job.top_k)
+        row = Row.new(job.prompt[-1], sampler, job.seed, job.max_tokens)
         if p.hidden:
             row.keep_hidden(mx.concatenate(p.hidden, axis=1)[0])
         request = _Request(job, p.cached, row, self.tokenizer.detokenizer)
@@ -403,27 +390,16 @@ class BatchEngine:
                       else (None, None) for c in p.cache]
             self._reshape(list(range(len(self.running))), [(request, layers)])
             return
-        policy = self._policy(p.cache)
-        if isinstance(policy, AutoPolicy):
-            stats.draft, stats.auto_reason = policy.name or NONE, policy.reason
-        if (policy.reads_context if isinstance(policy, AutoPolicy)
-                else policy.draft is not None and policy.draft.reads_context):
-            row.context = list(job.prompt)
-        request.cache = p.cache
-        request.decoder = Decoder(self.model, p.cache, [row], policy, draft_p_min=s.draft_p_min,
-                                  kv_bits=s.kv_bits, kv_group_size=s.kv_group_size,
-                                  quantized_kv_start=s.quantized_kv_start,
-                                  keep_hidden=self.keep_hidden)
-        self.running.append(request)
-
-    def _policy(self, cache):
-        """A batch-1 request's block policy: ``auto``'s (chosen on its prefilled cache), or
-        the served draft at a fixed γ (a fresh draft-model cache of its own), or plain."""
+        # Its own policy: auto's (chosen on its prefilled cache), or the served draft at a
+        # fixed γ (a fresh draft-model cache of its own), or plain.
         s = self.settings
-        if s.draft.auto:
-            return AutoPolicy(self.model, cache, s.ngram, s.num_draft_tokens,
-                              self.draft_head and self.draft_head.fresh())
-        return FixedGamma(self.cascade and self.cascade.fresh(), s.gamma)
+        policy = (AutoPolicy(self.model, p.cache, s.ngram, s.num_draft_tokens,
+                             self.draft_head and self.draft_head.fresh()) if s.draft.auto
+                  else FixedGamma(self.cascade and self.cascade.fresh(), s.gamma))
+        if policy.reads_context:
+            row.context = list(job.prompt)
+        request.decoder = Decoder(self.model, p.cache, [row], policy, s, keep_hidden=self.keep_hidden)
+        self.running.append(request)
 
     # ------------------------------------------------------------ the batch's shape
     def _reshape(self, keep: list, new: list):
@@ -449,7 +425,8 @@ class BatchEngine:
         cache = [RaggedKVCache(rows) for rows in per_layer]
         mx.eval([(c.keys, c.values) for c in cache if c.keys is not None])
         rows = ([batch.rows[b] for b in keep] if batch else []) + [r.row for r, _ in new]
-        return Decoder(self.model, cache, rows, FixedGamma(self.cascade, self.settings.gamma))
+        return Decoder(self.model, cache, rows, FixedGamma(self.cascade, self.settings.gamma),
+                       self.settings)
 
     # ------------------------------------------------------------ decode
     def _decode(self):
@@ -466,7 +443,7 @@ class BatchEngine:
                         self._fail_request(r, e)
             for r, out in outs:
                 try:
-                    self._emit_all(r, out)
+                    self._emit(r, out)
                 except Exception as e:
                     self._fail_request(r, e)
         self.totals["decode_steps"] += 1
@@ -506,7 +483,7 @@ class BatchEngine:
                 layers = [c.row(b, lengths[b]) for c in self.batch.cache]
                 mx.eval(layers)
                 single = Decoder(self.model, [RaggedKVCache([kv]) for kv in layers], [r.row],
-                                 FixedGamma(self.cascade, self.settings.gamma))
+                                 FixedGamma(self.cascade, self.settings.gamma), self.settings)
                 outs.append((r, self._counted(single)[0]))
                 alone.append((r, [c.row(0, c.lengths[0]) for c in single.cache]))
             except Exception as e:
@@ -539,50 +516,66 @@ class BatchEngine:
             log.exception("request %s: its error could not be delivered", job.rid)
 
     # ------------------------------------------------------------ text out
-    def _emit_all(self, r: _Request, out: list):
-        for token, logprobs, _ in out:
-            if self._emit(r, token, logprobs):
-                break
-
-    def _emit(self, r: _Request, token: int, logprobs: mx.array) -> bool:
-        """Hand one token to the request's job as ``stream_generate`` would; True once done."""
+    def _emit(self, r: _Request, out: list):
+        """Hand a block's ``(token, logprobs, from_draft)`` to the request's job one token at
+        a time, as ``stream_generate`` would, until it is done."""
         job = r.job
-        r.tokens.append(token)
-        lp = [self._logprobs(token, logprobs, job.top_logprobs)] if job.logprobs else None
-        eos = token in self.tokenizer.eos_token_ids
-        if not eos:
-            r.detokenizer.add_token(token)
-        if eos or len(r.tokens) == job.max_tokens:
-            r.detokenizer.finalize()
-            r.finish = "stop" if eos else "length"
-        if job.add(r.detokenizer.last_segment, lp):
-            r.finish, r.stopped = "stop", True
-        return r.finish is not None
+        for token, logprobs, _ in out:
+            r.tokens.append(token)
+            lp = [self._logprobs(token, logprobs, job.top_logprobs)] if job.logprobs else None
+            eos = token in self.tokenizer.eos_token_ids
+            if not eos:
+                r.detokenizer.add_token(token)
+            if eos or len(r.tokens) == job.max_tokens:
+                r.detokenizer.finalize()
+                r.finish = "stop" if eos else "length"
+            if job.add(r.detokenizer.last_segment, lp):
+                r.finish, r.stopped = "stop", True
+            if r.finish is not None:
+                return
 
     def _retire(self, r: _Request):
-        """Send the job's last text and event; keep its cache (up to what it emitted)."""
-        if r.job.cancelled.is_set():
+        """Send the job's last text and event, the job counted in the totals; keep its cache
+        (up to what it emitted)."""
+        job = r.job
+        if job.cancelled.is_set():
             return
         if not r.stopped:
-            r.job.flush()
-        tokens = r.job.prompt + r.tokens
+            job.flush()
+        tokens = job.prompt + r.tokens
         if r.decoder is None:
             b = self.running.index(r)
             held = min(self.batch.cache[0].lengths[b], len(tokens))
             self.prompt_cache.store(tokens, _trimmed_cache(
                 self.model, [c.row(b, held) for c in self.batch.cache]))
         else:
+            r.decoder.close()  # auto stores what it measured
+            cache = r.decoder.cache
             try:
-                rewind(r.cache, min(position(r.cache), len(tokens)))
-                self.prompt_cache.store(tokens, r.cache)
+                rewind(cache, min(position(cache), len(tokens)))
+                self.prompt_cache.store(tokens, cache)
             except ValueError:  # a nested cache cannot go back that far: not kept
                 pass
-        stats = r.row.stats
-        if r.decoder is not None and isinstance(r.decoder.policy, AutoPolicy):
-            r.decoder.policy.close()  # store what auto measured
-            stats.draft, stats.auto_reason = r.decoder.policy.name or NONE, r.decoder.policy.reason
-        stats.emitted = len(r.tokens)
-        self._done(r.job, r.tokens, r.cached, r.finish, stats.as_dict(), stats.forwards)
+        stats, n = r.row.stats, len(r.tokens)
+        stats.emitted = n
+        self.totals["requests"] += 1
+        self.totals["emitted_tokens"] += n
+        job.deliver({
+            "type": "done",
+            "finish_reason": r.finish,
+            "usage": {
+                "prompt_tokens": len(job.prompt),
+                "completion_tokens": n,
+                "total_tokens": len(job.prompt) + n,
+                "prompt_tokens_details": {"cached_tokens": r.cached},
+            },
+            "speculative": {
+                **{k: getattr(stats, k) for k in ("draft", "num_draft_tokens", "acceptance",
+                                                  "tokens_per_verify", "drafted", "accepted",
+                                                  "verify_passes")},
+                "forwards": stats.forwards,  # those the job took part in
+            },
+        })
 
     def _logprobs(self, token: int, logprobs: mx.array, top: int) -> dict:
         """OpenAI's logprob entry of one token (and its ``top`` most likely alternatives)."""
@@ -599,25 +592,3 @@ class BatchEngine:
     def _entry(self, token: int, logprob: float) -> dict:
         text = self.tokenizer.decode([token])
         return {"id": token, "token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-    def _done(self, job: Job, tokens: list, cached: int, finish: str, stats: dict, forwards: int):
-        """Count the job in the totals and send its last event (``forwards``: those the job
-        took part in)."""
-        self.totals["requests"] += 1
-        self.totals["emitted_tokens"] += len(tokens)
-        job.deliver({
-            "type": "done",
-            "finish_reason": finish,
-            "usage": {
-                "prompt_tokens": len(job.prompt),
-                "completion_tokens": len(tokens),
-                "total_tokens": len(job.prompt) + len(tokens),
-                "prompt_tokens_details": {"cached_tokens": cached},
-            },
-            "speculative": {
-                **{k: stats[k] for k in ("draft", "num_draft_tokens", "acceptance",
-                                         "tokens_per_verify", "drafted", "accepted",
-                                         "verify_passes")},
-                "forwards": forwards,
-            },
-        })

@@ -17,7 +17,7 @@ attention path, on which exactness on Metal depends (:meth:`Decoder.generate`; p
 run through mlx-lm's pipelined ``generate_step``). The server decodes its batched rows on a
 ragged cache with the same decoder (one precision level or none, shared by the rows), and
 each request that cannot share a batched forward as a decoder of its own at batch 1.
-Each row draws from its own key (:func:`new_key`: a request's seed, or one drawn from MLX's
+Each row draws from its own key (:meth:`Row.new`: a request's seed, or one drawn from MLX's
 generator), never by reseeding the global generator.
 
 The contracts other parts build on: caches rewind and commit through
@@ -30,7 +30,7 @@ block, with its wall-clock seconds measured after the ``mx.eval`` that ends it.
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 import mlx.core as mx
@@ -39,11 +39,12 @@ from mlx_lm.generate import generate_step, maybe_quantize_kv_cache
 from . import kernels, precision, reads
 from .caches import commit, position, positions, rewind, room
 from .drafts.cascade import Context
+from .drafts.grammar import NONE
 from .heads import capture
 from .kv_cache import SpeculativeRotatingKVCache
-from .policy import BlockResult
+from .policy import BlockResult, FixedGamma
 from .precision import FULL_PRECISION, Precision
-from .sampling import accept
+from .sampling import accept, resolve_sampler
 
 VERIFY_ROWS = kernels.MAX_M  # verify rows per forward: one kernel path (γ ≥ 16: two forwards)
 DRAFT, VERIFY = "draft", "verify"
@@ -115,21 +116,6 @@ class SpecStats:
                 f"accepted={self.accepted}, verify_passes={self.verify_passes}, "
                 f"bytes_per_token={b['total']:.0f}, plain_bytes_per_token={b['plain']:.0f})")
 
-    def as_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if not k.endswith("_reads")}
-        d.update(acceptance=self.acceptance, tokens_per_verify=self.tokens_per_verify)
-        d.update({f"{k}_bytes_per_token": v for k, v in self.bytes_per_token().items()})
-        d.update({f"{k}_bytes_per_token_f16": v for k, v in self.bytes_per_token(True).items()})
-        return d
-
-
-def new_key(seed: Optional[int] = None) -> mx.array:
-    """A row's PRNG key: from ``seed``, else random bits drawn from MLX's global generator
-    (so a process seeded with ``mx.random.seed`` still repeats itself; lazily, no sync)."""
-    if seed is None:
-        return mx.random.randint(0, 2**31 - 1, shape=(2,)).astype(mx.uint32)
-    return mx.random.key(seed)
-
 
 @dataclass
 class Row:
@@ -147,6 +133,19 @@ class Row:
     processors: list = field(default_factory=list)
     # final hidden states of the last cached positions not yet handed to a level, in pieces
     hidden: List[mx.array] = field(default_factory=list)
+
+    @classmethod
+    def new(cls, y: int, sampler, seed: Optional[int], budget: int, stats=None, processors=None):
+        """A row starting from ``y`` (``sampler``: :func:`~mlx_qspec.sampling.resolve_sampler`'s,
+        None when greedy; ``budget`` < 0 never ends). A sampling row's key is ``seed``'s, else
+        random bits drawn from MLX's global generator (so a process seeded with
+        ``mx.random.seed`` still repeats itself; lazily, no sync)."""
+        sampler, key = resolve_sampler(sampler), None
+        if sampler is not None:
+            key = (mx.random.key(seed) if seed is not None
+                   else mx.random.randint(0, 2**31 - 1, shape=(2,)).astype(mx.uint32))
+        return cls(y, sampler, key, math.inf if budget < 0 else budget, stats or SpecStats(),
+                   processors=list(processors or []))
 
     def split_key(self) -> Optional[mx.array]:
         """A fresh key for one draw (None for a greedy row: it draws nothing)."""
@@ -200,6 +199,12 @@ def forward(model, tokens: mx.array, cache, at: Precision = FULL_PRECISION, coun
     return logits
 
 
+def quantize_kv(cache, s) -> None:
+    """mlx-lm's KV quantization as the settings ``s`` ask, after a prefill chunk or a block
+    (plain decoding quantizes after each step)."""
+    maybe_quantize_kv_cache(cache, s.quantized_kv_start, s.kv_group_size, s.kv_bits)
+
+
 def prefill(model, tokens: mx.array, cache, step: int, after=None, hidden: Optional[list] = None,
             progress=None):
     """Feed ``tokens`` into ``cache`` at full precision in chunks of ``step``, as mlx-lm's
@@ -230,23 +235,40 @@ def prefill(model, tokens: mx.array, cache, step: int, after=None, hidden: Optio
 
 class Decoder:
     """Speculative decoding of ``rows`` on ``cache`` (one list of per-layer caches: the
-    model's own at batch 1, a ragged one for a batch), block by block as ``policy`` plans.
-    ``kv_bits`` / ``kv_group_size`` / ``quantized_kv_start``: mlx-lm's KV quantization,
-    applied after each block as plain decoding applies it after each step."""
+    model's own at batch 1, a ragged one for a batch), block by block as ``policy`` plans
+    (None: plain decoding only). ``settings``: ``draft_p_min``, and mlx-lm's KV quantization
+    (:func:`quantize_kv`), applied after each block as plain decoding applies it after each
+    step."""
 
-    def __init__(self, model, cache, rows: List[Row], policy, *, draft_p_min: float = 0.0,
-                 kv_bits=None, kv_group_size: int = 64, quantized_kv_start: int = 0,
+    def __init__(self, model, cache, rows: List[Row], policy, settings, *,
                  keep_hidden: bool = False):
         self.model, self.cache, self.rows, self.policy = model, cache, rows, policy
-        self.draft_p_min = draft_p_min
+        self.settings = settings
         # Levels that read the hidden state (heads.level) get the verify's rows of each
         # block's accepted positions, and a plain stretch's (DEVELOPERS.md, "The decoder's
         # contracts").
         self.keep_hidden = keep_hidden
         self._hidden: list = []  # the LM head inputs of this block's verify forwards
         self.forwards = {DRAFT: 0, VERIFY: 0}  # model forwards made, by kind
-        self.kv = dict(kv_bits=kv_bits, kv_group_size=kv_group_size,
-                       quantized_kv_start=quantized_kv_start)
+        if policy is not None:
+            self.describe()
+
+    def describe(self) -> None:
+        """Each row's stats say what the policy runs (``none``: plain decoding), why, and the
+        γ asked for: a fixed draft's, else ``auto``'s cap (``num_draft_tokens``) if given."""
+        p = self.policy
+        for r in self.rows:
+            r.stats.draft, r.stats.auto_reason = p.name or NONE, p.reason
+            r.stats.num_draft_tokens = (p.gamma if isinstance(p, FixedGamma)
+                                        else self.settings.num_draft_tokens or 0)
+
+    def close(self) -> None:
+        """The generation ended: the policy stores what it measured, and the stats say what
+        it ran last, why, and its measured speed-up."""
+        self.policy.close()
+        self.describe()
+        for r in self.rows:
+            r.stats.measured_speedup = self.policy.measured_speedup
 
     # ------------------------------------------------------------ the step
     def step(self, plan=None) -> list:
@@ -261,7 +283,7 @@ class Decoder:
         counts, out = self.settle(lp, drafts, q)
         commit(self.cache)  # the block is settled: no rewind goes back past it
         self._keep_hidden(counts)
-        maybe_quantize_kv_cache(self.cache, **self.kv)
+        quantize_kv(self.cache, self.settings)
         end = time.perf_counter()
         for r, d, n in zip(self.rows, drafts, counts):
             r.stats.drafted += len(d)
@@ -285,28 +307,26 @@ class Decoder:
     def block_size(self, gamma: int) -> int:
         """Drafts the next block may hold: γ, cut to what the rows may still emit and to
         the cache's room (no block straddles a change of how it stores earlier positions)."""
-        budget = max(r.budget for r in self.rows)
-        return int(max(0, min(gamma, budget - 1, room(self.cache, **self._room_args()))))
-
-    def _room_args(self) -> dict:
-        return dict(kv_bits=self.kv["kv_bits"], quantized_kv_start=self.kv["quantized_kv_start"])
+        budget, s = max(r.budget for r in self.rows), self.settings
+        return int(max(0, min(gamma, budget - 1, room(self.cache, s.kv_bits, s.quantized_kv_start))))
 
     def _nothing(self):
         return [[] for _ in self.rows], [[] for _ in self.rows]
 
     # ------------------------------------------------------------ propose
-    def propose(self, levels, k: int):
-        """Up to ``k`` drafts per row from the cascade ``levels`` (cheapest first), and the
-        distribution each was drawn from (None: a point mass); the cache ends where it began."""
+    def propose(self, levels, k: int, before: Optional[list] = None):
+        """Up to ``k`` drafts per row from the cascade ``levels`` (cheapest first) after
+        ``before`` (per row: this block's tokens so far), and the distribution each was drawn
+        from (None: a point mass); the cache ends where it began."""
         base = positions(self.cache)
-        out = self._propose(tuple(levels), k, [[] for _ in self.rows])
+        out = self._propose(levels, k, before or [[] for _ in self.rows])
         self._rewind(base, DRAFT)
         return out
 
     def _propose(self, levels, k: int, before: list):
-        """``levels``' proposals after ``before`` (per row: this block's tokens so far). A
-        precision level drafts a token per forward, or, above lower levels, checks their
-        offers with one forward and extends what it keeps."""
+        """:meth:`propose`, the cache left as the forwards leave it. A precision level drafts
+        a token per forward, or, above lower levels, checks their offers with one forward and
+        extends what it keeps."""
         *lower, top = levels
         if not isinstance(top, Precision):  # a level that proposes by itself (batch 1)
             return self._propose_alone(lower, top, k, before)
@@ -315,9 +335,7 @@ class Decoder:
         tokens, q = self._nothing()
         while len(tokens[0]) < k:
             so_far = [b + t for b, t in zip(before, tokens)]
-            base = positions(self.cache)
-            offered = self._propose(lower, k - len(tokens[0]), so_far) if lower else None
-            self._rewind(base, DRAFT)  # what the lower levels' forwards appended
+            offered = self.propose(lower, k - len(tokens[0]), so_far) if lower else None
             if offered and offered[0][0]:
                 out, qs = self._check_level(top, offered, so_far)
             else:
@@ -337,9 +355,7 @@ class Decoder:
         (row,) = self.rows
         offered, offered_q = [[]], [[]]
         if lower:
-            base = positions(self.cache)
-            offered, offered_q = self._propose(lower, k, before)
-            self._rewind(base, DRAFT)  # what the lower levels' forwards appended
+            offered, offered_q = self.propose(lower, k, before)
         reads_hidden = getattr(top, "reads_hidden", False)
         context = Context(row.context + before[0] + offered[0],
                           row.kept_hidden() if reads_hidden else None,
@@ -400,7 +416,8 @@ class Decoder:
         was drawn from, or None where its top probability is below ``draft_p_min``
         (llama.cpp's --draft-p-min: an unsure draft ends the block)."""
         q = row.distribution(lp)
-        if self.draft_p_min and math.exp(q.max().item()) < self.draft_p_min:
+        p_min = self.settings.draft_p_min
+        if p_min and math.exp(q.max().item()) < p_min:
             return None
         return row.draw(q).item(), q
 
@@ -523,10 +540,12 @@ class Decoder:
         hidden = [] if self.keep_hidden else None  # one row per step, in order
         model = lambda x, cache: forward(self.model, x, cache, FULL_PRECISION,  # noqa: E731
                                          row.stats.verify_reads, hidden=hidden)
-        emitted, seconds = 0, 0.0  # the time spent waiting for tokens, not the consumer's
+        emitted, seconds, s = 0, 0.0, self.settings  # seconds waiting for tokens, not the consumer's
         steps = generate_step(mx.array([row.y], mx.uint32), model,
                               max_tokens=-1 if math.isinf(n) else int(n), sampler=sampler,
-                              logits_processors=processors, prompt_cache=self.cache, **self.kv)
+                              logits_processors=processors, prompt_cache=self.cache,
+                              kv_bits=s.kv_bits, kv_group_size=s.kv_group_size,
+                              quantized_kv_start=s.quantized_kv_start)
         try:
             asked = time.perf_counter()
             for tok, lp in steps:  # each token an int: evaluated

@@ -5,8 +5,10 @@ Before every block the decoder asks its policy :meth:`plan` for a :class:`Plan` 
 tokens (None: to the end, through mlx-lm's pipelined ``generate_step``). After the block it
 calls :meth:`report` with a :class:`BlockResult`: drafted, accepted, emitted, and the block's
 wall-clock seconds, measured after the ``mx.eval`` that ends it (MLX evaluates lazily: before
-that there is only a graph). :class:`FixedGamma` serves explicit drafts; ``auto`` is
-:class:`mlx_qspec.drafts.auto.AutoPolicy`.
+that there is only a graph). A policy also says what it runs (``name``: None for plain
+decoding), why (``reason``), whether a level it may run reads the token ids
+(``reads_context``), and its ``measured_speedup``; :meth:`close` ends it. :class:`FixedGamma`
+serves explicit drafts; ``auto`` is :class:`mlx_qspec.drafts.auto.AutoPolicy`.
 """
 
 from dataclasses import dataclass
@@ -34,13 +36,21 @@ class BlockResult:
 
 
 class FixedGamma:
-    """An explicit draft: ``gamma`` drafts every block (fewer where the decoder must cut)."""
+    """An explicit draft: ``gamma`` drafts every block (fewer where the decoder must cut);
+    ``draft`` None: plain decoding (γ 0)."""
+
+    reason, measured_speedup = "", None
 
     def __init__(self, draft, gamma: int):
-        self.draft, self.gamma = draft, gamma
+        self.draft, self.gamma = draft, gamma if draft is not None else 0
+        self.name = None if draft is None else draft.name
+        self.reads_context = draft is not None and draft.reads_context
 
     def plan(self) -> Plan:
         return Plan(self.draft, self.gamma)
 
     def report(self, result: BlockResult) -> None:
+        pass
+
+    def close(self) -> None:
         pass

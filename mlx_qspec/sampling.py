@@ -32,10 +32,6 @@ def xtc_cut(logprobs: mx.array, threshold: float, special_tokens: Sequence[int])
     return mx.where(mask, -mx.inf, logprobs)
 
 
-def _normalized(x: mx.array) -> mx.array:
-    return x - mx.logsumexp(x, axis=-1, keepdims=True)
-
-
 class Sampler:
     """An mlx-lm sampler (log-probs → token) that also exposes the distribution it draws from.
 
@@ -78,7 +74,8 @@ class Sampler:
         return logprobs
 
     def _scaled(self, x: mx.array) -> mx.array:
-        return _normalized(self._chain(self.after_xtc, x) * (1.0 / self.temp))
+        x = self._chain(self.after_xtc, x) * (1.0 / self.temp)
+        return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
     def distribution(self, logprobs: mx.array) -> mx.array:
         """Normalized log-probabilities of the distribution :meth:`__call__` samples (temp > 0),
@@ -112,20 +109,9 @@ class Sampler:
         return mx.random.categorical(self._chain(self.after_xtc, x) * (1.0 / self.temp), key=key)
 
 
-def make_sampler(
-    temp: float = 0.0,
-    top_p: float = 0.0,
-    min_p: float = 0.0,
-    min_tokens_to_keep: int = 1,
-    top_k: int = 0,
-    xtc_probability: float = 0.0,
-    xtc_threshold: float = 0.1,
-    xtc_special_tokens: Optional[List[int]] = None,
-) -> Sampler:
-    """Drop-in for ``mlx_lm.sample_utils.make_sampler`` that speculative sampling can read.
-    Out-of-range values raise UserError (a ValueError) here, not at the first draw."""
-    return Sampler(temp, top_p, min_p, min_tokens_to_keep, top_k, xtc_probability,
-                   xtc_threshold, xtc_special_tokens)
+# Drop-in for ``mlx_lm.sample_utils.make_sampler`` that speculative sampling can read (same
+# parameters); out-of-range values raise UserError (a ValueError) here, not at the first draw.
+make_sampler = Sampler
 
 
 def resolve_sampler(sampler) -> Optional[Sampler]:

@@ -9,22 +9,21 @@ leaves the cache holding the prompt and every emitted token but the last; plain 
 leaves what mlx-lm's pipelined ``generate_step`` leaves (it runs a step ahead of its yields).
 """
 
-import math
 import time
 from pathlib import Path
 from typing import Callable, Generator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
+from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import can_trim_prompt_cache
 
 from . import hooks, recurrent, settings as settings_module
 from .caches import kv_mode, position, rewind
-from .decoder import Decoder, Row, SpecStats, new_key, prefill
+from .decoder import Decoder, Row, SpecStats, prefill, quantize_kv
 from .drafts.auto import NOT_REWINDABLE, AutoPolicy
 from .drafts.cascade import Cascade, DraftModel, build
-from .drafts.grammar import AUTO, NONE
+from .drafts.grammar import NONE
 from .errors import UserError
 from .heads.level import head_level, heads_available
 from .kv_cache import check_kv_bits, make_generation_cache, make_rewindable
@@ -92,17 +91,10 @@ def speculative_generate_step(
         raise UserError(f"speculative decoding needs a trimmable prompt cache, got {types}")
     if prompt.size == 0:
         raise UserError("the prompt is empty")
-    stats = SpecStats() if stats is None else stats
-    stats.draft = AUTO if cascade is None else cascade.name
-    stats.num_draft_tokens = s.num_draft_tokens or (0 if cascade is None else s.gamma)
-    row = Row(prompt[-1].item(), sampler=dist, stats=stats,
-              budget=math.inf if max_tokens < 0 else max_tokens,
-              key=new_key(s.seed) if dist is not None else None,
-              processors=list(logits_processors or []))
-    if cascade is not None and cascade.reads_context:
-        row.context = list(cached_tokens) + prompt.tolist()
+    row = Row.new(prompt[-1].item(), dist, s.seed, max_tokens, stats, logits_processors)
     if unrewindable:
-        stats.draft, stats.auto_reason = NONE, NOT_REWINDABLE
+        row.stats.draft, row.stats.auto_reason = NONE, NOT_REWINDABLE
+        row.stats.num_draft_tokens = s.num_draft_tokens or 0
         return _generate(prompt, hooks.install(model), cache, row, s, None, None, plain=True)
     return _generate(prompt, hooks.install(model), cache, row, s, cascade,
                      list(cached_tokens), draft_head=draft_head)
@@ -119,12 +111,8 @@ def plain_generate_step(prompt: mx.array, model: nn.Module, *, max_tokens: int =
     cache = (make_generation_cache(model, s.kv_mode, s.max_kv_size, plain=True)
              if prompt_cache is None else prompt_cache)
     check_kv_bits(cache, s.kv_bits)
-    stats = SpecStats(draft=NONE) if stats is None else stats
-    dist = resolve_sampler(sampler)
-    row = Row(prompt[-1].item(), sampler=dist, stats=stats,
-              budget=math.inf if max_tokens < 0 else max_tokens,
-              key=new_key(s.seed) if dist is not None else None,
-              processors=list(logits_processors or []))
+    row = Row.new(prompt[-1].item(), sampler, s.seed, max_tokens,
+                  SpecStats(draft=NONE) if stats is None else stats, logits_processors)
     return _generate(prompt, hooks.install(model), cache, row, s, None, None, plain=True)
 
 
@@ -141,8 +129,6 @@ def _generate(prompt, model, cache, row: Row, s: Settings, cascade, cached_token
               plain: bool = False, draft_head=None):
     """Prefill, the policy, then the decoder's blocks; the cache left holding the prompt
     and every yielded token but the last, however the consumer stops."""
-    quantize = lambda: maybe_quantize_kv_cache(  # noqa: E731
-        cache, s.quantized_kv_start, s.kv_group_size, s.kv_bits)
     prompt = prompt.astype(mx.uint32)
     if row.processors:
         row.history = prompt
@@ -153,22 +139,20 @@ def _generate(prompt, model, cache, row: Row, s: Settings, cascade, cached_token
         keep_hidden = not plain and (cascade.reads_hidden if cascade is not None
                                      else heads_available(model, draft_head))
         hidden = [] if keep_hidden else None
-        prefill(model, prompt[:-1], cache, s.prefill_step_size, quantize, hidden)
+        prefill(model, prompt[:-1], cache, s.prefill_step_size, lambda: quantize_kv(cache, s),
+                hidden)
         if hidden:
             row.keep_hidden(mx.concatenate(hidden, axis=1)[0])
         if plain:
             policy = None
         elif cascade is None:
             policy = AutoPolicy(model, cache, s.ngram, s.num_draft_tokens, draft_head)
-            row.stats.draft, row.stats.auto_reason = policy.name or NONE, policy.reason
-            if policy.reads_context:
-                row.context = cached_tokens + prompt.tolist()
         else:
             policy = FixedGamma(cascade, s.gamma)
+        if policy is not None and policy.reads_context:
+            row.context = cached_tokens + prompt.tolist()
         row.stats.prefill_time += time.perf_counter() - t0
-        decoder = Decoder(model, cache, [row], policy, draft_p_min=s.draft_p_min,
-                          kv_bits=s.kv_bits, kv_group_size=s.kv_group_size,
-                          quantized_kv_start=s.quantized_kv_start, keep_hidden=keep_hidden)
+        decoder = Decoder(model, cache, [row], policy, s, keep_hidden=keep_hidden)
         if plain:  # the cache as mlx-lm's generate_step leaves it
             yield from decoder.decode_plainly(settle=False)
             return
@@ -178,7 +162,4 @@ def _generate(prompt, model, cache, row: Row, s: Settings, cascade, cached_token
                 yield out
         finally:
             rewind(cache, start + prompt.size + emitted - 1)
-            if isinstance(policy, AutoPolicy):  # what it ran last, why, and its measured speed
-                policy.close()
-                row.stats.draft, row.stats.auto_reason = policy.name or NONE, policy.reason
-                row.stats.measured_speedup = policy.measured_speedup
+            decoder.close()

@@ -8,6 +8,7 @@ same kind of cache — is computed once per setup, prompt and cache kind, and sh
 The server's column of the matrix is tests/test_server.py (the batched a8 engine, and
 ngram, a cascade, nested kv-upper and a draft model served concurrently at batch 1)."""
 
+import functools
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -88,16 +89,14 @@ def cache_of(model, kind: str, plain: bool = False) -> list:
 def plain(models):
     """Plain decoding's ``[(token, logprobs)]`` per (setup, cache kind, prompt), each
     computed on first use only."""
-    done = {}
 
+    @functools.cache
     def of(setup: str, kind: str, i: int):
-        if (setup, kind, i) not in done:
-            s, model = SETUPS[setup], models[setup]
-            done[setup, kind, i] = list(generate_step(
-                mx.array(s.prompts[i]), model, max_tokens=s.max_tokens,
-                prompt_cache=cache_of(model, kind, plain=True), prefill_step_size=s.prefill_step_size,
-                **(KV_BITS if kind == "kv_bits" else {})))
-        return done[setup, kind, i]
+        s, model = SETUPS[setup], models[setup]
+        return list(generate_step(
+            mx.array(s.prompts[i]), model, max_tokens=s.max_tokens,
+            prompt_cache=cache_of(model, kind, plain=True), prefill_step_size=s.prefill_step_size,
+            **(KV_BITS if kind == "kv_bits" else {})))
 
     return of
 

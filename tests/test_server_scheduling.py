@@ -12,9 +12,9 @@ import httpx2
 import pytest
 
 from helpers.serving import Served
-from mlx_qspec import decoder as decoder_module
+from mlx_qspec import decoder as decoder_module, settings
 from mlx_qspec.api import stream_generate
-from mlx_qspec.batch import Job
+from mlx_qspec.batch import BatchEngine, Job
 
 CHUNK = 4
 LONG = list(range(5000, 5081))  # 80 tokens to prefill: 20 chunks
@@ -46,6 +46,7 @@ class Watch:
                     self.on_token(self)
         else:
             self.kinds.append(event["type"])
+            self.done = event
             self.ended.set()
 
     @property
@@ -167,3 +168,22 @@ def test_health_shows_a_prefill_and_a_client_that_leaves_stops_it(served, monkey
         time.sleep(0.02)
     assert state["prefilling"] == [] and state["running"] == 0
     assert served.engine.totals["prefill_tokens"] - fed < len(LONG) - 1
+
+
+def test_auto_reports_the_num_draft_tokens_it_was_given_as_the_api_does(served):
+    """``auto`` served at batch 1 reports the γ cap it was given, as the API's stats do (it
+    reported 0)."""
+    model, tokenizer = served.engine.model, served.engine.tokenizer
+    engine = BatchEngine(model, tokenizer, prompt_cache_size=0,
+                         settings=settings.from_kwargs({}, draft="auto", num_draft_tokens=3))
+    watch = Watch(engine)
+    engine.start()
+    try:
+        engine.submit(Job(SHORT, 3, watch))
+        assert watch.ended.wait(120)
+    finally:
+        engine.stop()
+    *_, last = stream_generate(model, tokenizer, SHORT, max_tokens=3, draft="auto",
+                               num_draft_tokens=3)
+    assert watch.kinds == ["done"]
+    assert watch.done["speculative"]["num_draft_tokens"] == last.stats.num_draft_tokens == 3
