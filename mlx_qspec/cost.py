@@ -63,7 +63,7 @@ def forward(model, cache, rows: int = 1, read: precision.Precision = precision.F
         rewind(cache, at)
 
 
-def _counted(model, cache, read: precision.Precision) -> reads.ReadCounter:
+def counted(model, cache, read: precision.Precision = precision.FULL_PRECISION) -> reads.ReadCounter:
     """The bytes one untimed one-row forward at ``read`` reads."""
     counter = reads.ReadCounter()
     with reads.counting(counter):
@@ -122,7 +122,7 @@ def forward_shape(model, cache, plain: reads.ReadCounter | None = None) -> Forwa
             for p in (m.weight, m.get("bias")) if p is not None)))
     if linears is None:
         return None
-    plain = plain or _counted(model, cache, precision.FULL_PRECISION)
+    plain = plain or counted(model, cache)
     known = sum(m.nbytes for m in linears) + moe.forward_expert_bytes(experts, 1) + convs
     if not math.isclose(plain.bytes(reads.WEIGHTS), known, rel_tol=1e-6, abs_tol=0.5):
         return None
@@ -141,7 +141,7 @@ def modeled(model, cache, candidates, chip: str, step_bytes=None) -> controller.
     that cannot run here is left out. None where the roofline does not describe the model's
     matmuls."""
     step_bytes = step_bytes or {}
-    plain = _counted(model, cache, precision.FULL_PRECISION)
+    plain = counted(model, cache)
     shape = forward_shape(model, cache, plain)
     if shape is None:
         return None
@@ -155,7 +155,7 @@ def modeled(model, cache, candidates, chip: str, step_bytes=None) -> controller.
             continue
         try:
             read = (step_bytes[name]() if name in step_bytes
-                    else _counted(model, cache, parse_precision(name)).bytes())
+                    else counted(model, cache, parse_precision(name)).bytes())
         except ValueError:
             continue
         draft[name] = fixed + (verify[1] - fixed) * read / plain.bytes()

@@ -30,7 +30,6 @@ from mlx_qspec.decoder import SpecStats, prefill
 from mlx_qspec.drafts.cascade import build
 from mlx_qspec.hooks import install
 from mlx_qspec.kv_cache import NestedKVCache, make_cache
-from mlx_qspec.precision import FULL_PRECISION
 from mlx_qspec.speculative import speculative_generate_step
 
 CONTEXTS = (1024, 4096, 16384, 32768)
@@ -53,7 +52,7 @@ def plain_reads(model, kv_mode: str, context: int) -> dict:
     zeros = mx.zeros((1, heads, context, dim), mx.float32)
     for c in cache:
         c.update_and_fetch(zeros, zeros)
-    return per_forward(cost._counted(model, cache, FULL_PRECISION))
+    return per_forward(cost.counted(model, cache))
 
 
 def run_mode(model, prompt_last, state, mode, gamma, max_tokens):

