@@ -90,24 +90,23 @@ class ForwardShape:
     state: float  # of which recurrent state
     offset: int  # positions in the cache before the forward
 
-    def _kv(self, rows: int) -> float:
-        return self.kv * (self.offset + rows) / (self.offset + 1)
-
-    def _once(self, rows: int) -> float:
-        """A verify (rows > 1) that rejects replays the recurrent state from the block's
-        start: read and written again (charged to every verify, an upper bound)."""
-        return self.once + (self.state if rows > 1 else 0.0)
+    def _beside(self, rows: int) -> float:
+        """Bytes beside the matmuls: the KV cache, growing with the rows, and what is read once;
+        a verify (rows > 1) that rejects replays the recurrent state from the block's start:
+        read and written again (charged to every verify, an upper bound)."""
+        kv = self.kv * (self.offset + rows) / (self.offset + 1)
+        return kv + self.once + (self.state if rows > 1 else 0.0)
 
     def bytes(self, rows: int) -> float:
         """Bytes a forward of ``rows`` rows reads."""
-        return (sum(m.nbytes for m in self.linears) + moe.forward_expert_bytes(self.experts, rows)
-                + self._kv(rows) + self._once(rows))
+        experts = moe.forward_expert_bytes(self.experts, rows)
+        return sum(m.nbytes for m in self.linears) + experts + self._beside(rows)
 
     def seconds(self, rows: int, chip: str) -> float:
         """A forward of ``rows`` ≤ kernels.MAX_M rows on ``chip``, by the roofline."""
         experts = moe.forward_expert_bytes(self.experts, rows)
         row_weights = sum(x.top_k * x.expert_weights for x in self.experts)
-        return (roofline.forward_seconds(self.linears, self._kv(rows) + self._once(rows), rows, chip)
+        return (roofline.forward_seconds(self.linears, self._beside(rows), rows, chip)
                 + (roofline.experts_seconds(experts, row_weights, rows, chip) if self.experts else 0.0))
 
 

@@ -149,9 +149,8 @@ def plot(plt, rows, names):
         ax.plot([r["context"] for r in pts], [r[n + "_x_8bit"] for r in pts], "x--", label=f"{n} vs 8-bit-KV plain")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("modeled speedup on an M4 Max (calibrated roofline)")
-    ax.set_title("MODELED Mac speedup from measured τ and counted bytes")
+    ax.set(xlabel="context (tokens)", ylabel="modeled speedup on an M4 Max (calibrated roofline)",
+           title="MODELED Mac speedup from measured τ and counted bytes")
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
     return fig

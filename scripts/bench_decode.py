@@ -137,8 +137,7 @@ def main(argv=None):
             order = ENGINES if (rep + i) % 2 == 0 else ENGINES[::-1]
             pair = {}
             for engine in order:
-                model, tok = engines[engine]
-                pair[engine] = run_once(engine, model, tok, prompt, args.max_tokens)
+                pair[engine] = run_once(engine, *engines[engine], prompt, args.max_tokens)
                 done += 1
                 log(f"[{done}/{total}] prompt {i + 1} repeat {rep + 1} {engine:<6} "
                     f"{pair[engine]['generation_tps']:.2f} tok/s {pair[engine]['generation_tokens']} tokens")

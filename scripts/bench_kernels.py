@@ -209,8 +209,7 @@ def plot(plt, records):
                             label=f"{kind}{' (modeled)' if kind in MODELED else ''}, {model}")
         ax.axhline(1.15, color="k", lw=0.6, ls=":")
         ax.axhline(1.5, color="k", lw=0.6, ls=":")
-        ax.set_title(chip)
-        ax.set_xticks(ROWS)
+        ax.set(title=chip, xticks=ROWS)
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("rows M")
