@@ -22,14 +22,12 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
-import mlx_lm
 from mlx.utils import tree_flatten
 
 from plotting import arguments, write
 from mlx_qspec import load
 from mlx_qspec.errors import ModelError
-from mlx_qspec.api import stream_generate
-from mlx_qspec.bench import chat_tokens, drain, log, stock_mlx_lm
+from mlx_qspec.bench import chat_tokens, log, plain_decode, stock_mlx_lm
 from mlx_qspec.cli import default_model_path
 from mlx_qspec.loader import default_dtype
 
@@ -54,11 +52,7 @@ def run_once(engine: str, model, tokenizer, prompt: mx.array, max_tokens: int) -
     mx.clear_cache()
     mx.reset_peak_memory()
     before = mx.get_active_memory()
-    if engine == "ours":
-        responses = stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, draft=None)
-    else:
-        responses = mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens)
-    tokens, last = drain(responses)
+    tokens, last = plain_decode(engine, model, tokenizer, prompt, max_tokens)
     own_peak = last.peak_memory * 1e9 - before + param_bytes(model)
     return {
         "generation_tps": last.generation_tps,

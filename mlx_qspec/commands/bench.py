@@ -296,23 +296,24 @@ def stock_mlx_lm(model_path: Path, workdir: Path):
     return mlx_lm.load(source)
 
 
+def plain_decode(engine: str, model, tokenizer, prompt, tokens: int):
+    """Greedy plain decoding by ``ours`` or stock ``mlx-lm``: its tokens and last response."""
+    if engine == "ours":
+        return drain(stream_generate(model, tokenizer, prompt, max_tokens=tokens, draft="none"))
+    return drain(mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=tokens))
+
+
 def time_decode(ours, theirs, prompt, tokens: int, repeats: int) -> dict:
     """Plain decoding tokens/s, ours vs stock mlx-lm, interleaved; whether they agree."""
-    def run(engine, n=tokens):
-        model, tokenizer = ours if engine == "ours" else theirs
-        gen = (stream_generate(model, tokenizer, prompt, max_tokens=n, draft="none")
-               if engine == "ours" else mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=n))
-        out, last = drain(gen)
-        return last.generation_tps, out
-
-    for engine in ("ours", "mlx-lm"):
-        run(engine, 2)  # warm-up
-    runs = rounds({engine: (lambda e=engine: run(e)) for engine in ("ours", "mlx-lm")}, repeats)
-    tps = {engine: [speed for speed, _ in r] for engine, r in runs.items()}
+    engines = {"ours": ours, "mlx-lm": theirs}
+    for engine, (model, tokenizer) in engines.items():
+        plain_decode(engine, model, tokenizer, prompt, 2)  # warm-up
+    runs = rounds({e: (lambda e=e: plain_decode(e, *engines[e], prompt, tokens)) for e in engines}, repeats)
+    tps = {engine: [last.generation_tps for _, last in r] for engine, r in runs.items()}
     pairs = [a / b for a, b in zip(tps["ours"], tps["mlx-lm"])]
     return dict(status="ok", max_tokens=tokens, repeats=repeats, ours_tps=tps["ours"],
                 mlx_lm_tps=tps["mlx-lm"], ratio=statistics.median(pairs),
-                tokens_equal=runs["ours"][-1][1] == runs["mlx-lm"][-1][1])
+                tokens_equal=runs["ours"][-1][0] == runs["mlx-lm"][-1][0])
 
 
 def _largest_4bit_linear(model):
