@@ -466,15 +466,14 @@ class Controller:
         if measured:
             d = max(measured, key=lambda n: est[n].rate)
             return f"measured_not_faster({d}_x{est[d].rate / plain:.2f})"
+        top = max(self.arms, key=lambda d: est[d].rate)
         if self.prior.source == "timed":  # the drafts' costs are guesses until one is timed
-            top = max(self.arms, key=lambda d: est[d].rate)
             return f"not_timed_yet({top})"
         cheapest = min(self.arms, key=lambda d: block[d])
         perfect = max((n + 1) / (block["block"] + n * (max(block["row"], 0.0) + block[cheapest]))
                       for n in self.gammas)
         if perfect <= plain * (1 + HYSTERESIS):
             return f"draft_too_costly({cheapest}_x{block[cheapest] / step:.2f})"
-        top = max(self.arms, key=lambda d: est[d].rate)
         return f"acceptance_too_low({top}_{self.arms[top].acceptance:.2f})"
 
     def measured_costs(self) -> Costs:

@@ -63,7 +63,7 @@ def forward(model, cache, rows: int = 1, read: precision.Precision = precision.F
         rewind(cache, at)
 
 
-def _counted(model, cache, read: precision.Precision) -> reads.ReadCounter:
+def counted(model, cache, read: precision.Precision = precision.FULL_PRECISION) -> reads.ReadCounter:
     """The bytes one untimed one-row forward at ``read`` reads."""
     counter = reads.ReadCounter()
     with reads.counting(counter):
@@ -90,24 +90,23 @@ class ForwardShape:
     state: float  # of which recurrent state
     offset: int  # positions in the cache before the forward
 
-    def _kv(self, rows: int) -> float:
-        return self.kv * (self.offset + rows) / (self.offset + 1)
-
-    def _once(self, rows: int) -> float:
-        """A verify (rows > 1) that rejects replays the recurrent state from the block's
-        start: read and written again (charged to every verify, an upper bound)."""
-        return self.once + (self.state if rows > 1 else 0.0)
+    def _beside(self, rows: int) -> float:
+        """Bytes beside the matmuls: the KV cache, growing with the rows, and what is read once;
+        a verify (rows > 1) that rejects replays the recurrent state from the block's start:
+        read and written again (charged to every verify, an upper bound)."""
+        kv = self.kv * (self.offset + rows) / (self.offset + 1)
+        return kv + self.once + (self.state if rows > 1 else 0.0)
 
     def bytes(self, rows: int) -> float:
         """Bytes a forward of ``rows`` rows reads."""
-        return (sum(m.nbytes for m in self.linears) + moe.forward_expert_bytes(self.experts, rows)
-                + self._kv(rows) + self._once(rows))
+        experts = moe.forward_expert_bytes(self.experts, rows)
+        return sum(m.nbytes for m in self.linears) + experts + self._beside(rows)
 
     def seconds(self, rows: int, chip: str) -> float:
         """A forward of ``rows`` ≤ kernels.MAX_M rows on ``chip``, by the roofline."""
         experts = moe.forward_expert_bytes(self.experts, rows)
         row_weights = sum(x.top_k * x.expert_weights for x in self.experts)
-        return (roofline.forward_seconds(self.linears, self._kv(rows) + self._once(rows), rows, chip)
+        return (roofline.forward_seconds(self.linears, self._beside(rows), rows, chip)
                 + (roofline.experts_seconds(experts, row_weights, rows, chip) if self.experts else 0.0))
 
 
@@ -122,7 +121,7 @@ def forward_shape(model, cache, plain: reads.ReadCounter | None = None) -> Forwa
             for p in (m.weight, m.get("bias")) if p is not None)))
     if linears is None:
         return None
-    plain = plain or _counted(model, cache, precision.FULL_PRECISION)
+    plain = plain or counted(model, cache)
     known = sum(m.nbytes for m in linears) + moe.forward_expert_bytes(experts, 1) + convs
     if not math.isclose(plain.bytes(reads.WEIGHTS), known, rel_tol=1e-6, abs_tol=0.5):
         return None
@@ -141,7 +140,7 @@ def modeled(model, cache, candidates, chip: str, step_bytes=None) -> controller.
     that cannot run here is left out. None where the roofline does not describe the model's
     matmuls."""
     step_bytes = step_bytes or {}
-    plain = _counted(model, cache, precision.FULL_PRECISION)
+    plain = counted(model, cache)
     shape = forward_shape(model, cache, plain)
     if shape is None:
         return None
@@ -155,7 +154,7 @@ def modeled(model, cache, candidates, chip: str, step_bytes=None) -> controller.
             continue
         try:
             read = (step_bytes[name]() if name in step_bytes
-                    else _counted(model, cache, parse_precision(name)).bytes())
+                    else counted(model, cache, parse_precision(name)).bytes())
         except ValueError:
             continue
         draft[name] = fixed + (verify[1] - fixed) * read / plain.bytes()

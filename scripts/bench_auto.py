@@ -17,8 +17,6 @@ On Linux this is an MLX-CPU timing (float32 compute), not a Mac number.
     PYTHONPATH=. python scripts/bench_auto.py --max-tokens 128 --repeats 3 --json auto.json --plot auto.png
 """
 
-import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from plotting import pyplot
+from plotting import arguments, write
 from mlx_qspec import load
 from mlx_qspec.bench import EDIT_REQUEST, _fork, _prefilled, chat_tokens, drain, log
 from mlx_qspec.generate import default_model_path, stream_generate
@@ -96,10 +94,7 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
-def plot(results, path):
-    plt = pyplot(path)
-    if plt is None:
-        return
+def plot(plt, results):
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     names = [r["prompt"] for r in results]
     x = range(len(names))
@@ -113,18 +108,14 @@ def plot(results, path):
     ax.set_title(f"--draft auto vs plain, MEASURED on {platform.system()} "
                  f"({'Metal' if mx.metal.is_available() else 'CPU backend'})")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="model path (default: the SmolLM2 test GGUF)")
+    ap = arguments(__doc__)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="rounds of (plain, auto) per prompt")
     ap.add_argument("--prompts", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
-    ap.add_argument("--json")
-    ap.add_argument("--plot")
     args = ap.parse_args(argv)
     if args.max_tokens < 1 or args.repeats < 1:
         ap.error("--max-tokens and --repeats must be >= 1")
@@ -146,11 +137,8 @@ def main(argv=None):
     cpu_worst = min(min(r["cpu_pair_ratio"], r["cpu_first_run_ratio"]) for r in results)
     print(f"goal auto >= 0.95x plain (first run included): {'met' if worst >= 0.95 else 'NOT met'} "
           f"on the wall clock (worst {worst:.3f}); on CPU time worst {cpu_worst:.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(config=vars(args), platform=note, results=results),
-                                              indent=1))
-    if args.plot:
-        plot(results, args.plot)
+    write(args, dict(config=vars(args), platform=note, results=results),
+          lambda plt: plot(plt, results), dpi=120)
 
 
 if __name__ == "__main__":

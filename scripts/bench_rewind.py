@@ -15,17 +15,14 @@ written per call; what each way keeps alive is the memory column. Times are this
     python scripts/bench_rewind.py --json out/rewind.json --plot out/rewind.png
 """
 
-import argparse
-import json
 import statistics
-import time
-from pathlib import Path
+import timeit
 
 import mlx.core as mx
 from mlx_lm.models.gated_delta import gated_delta_update
 from mlx_lm.models.ssm import ssm_update
 
-from plotting import pyplot
+from plotting import arguments, write
 
 # Qwen3.5 / Qwen3-Next gated-delta layers; Mamba-2 2.7B's SSD layers.
 SHAPES = {
@@ -71,12 +68,7 @@ def steps(kind, args, state, T, keep=False):
 
 
 def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timeit.repeat(lambda: mx.eval(fn()), number=1, repeat=repeats))
 
 
 def measure(kind: str, shape: dict, gamma: int, repeats: int) -> dict:
@@ -110,10 +102,8 @@ def measure(kind: str, shape: dict, gamma: int, repeats: int) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arguments(__doc__, model=None, whole_doc=True)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json", type=Path)
-    p.add_argument("--plot", type=Path)
     a = p.parse_args()
     mx.random.seed(0)
     results = [measure(k, s, g, a.repeats) for k, s in SHAPES.items() for g in GAMMAS]
@@ -126,11 +116,8 @@ def main():
             print(f"{r['layer']:22} {r['gamma']:>2} {way:12} {mb(w['verify_bytes'])} "
                   f"{mb(w['rewind_bytes'])} {mb(w['verify_bytes'] + w['rewind_bytes'])} "
                   f"{mb(w['memory_bytes'])} {1e3 * w['verify_s']:9.2f} {1e3 * w['rewind_s']:9.2f}")
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"device": str(mx.default_device()), "results": results}, indent=1))
-    plt = pyplot(a.plot) if a.plot else None
-    if plt:
+
+    def draw(plt):
         fig, axes = plt.subplots(1, len(SHAPES), figsize=(10, 4))
         for ax, kind in zip(axes, SHAPES):
             rs = [r for r in results if r["layer"] == kind]
@@ -140,9 +127,9 @@ def main():
                         marker="o", label=way)
             ax.set(title=kind, xlabel="γ (block of γ+1 rows, half kept)", ylabel="state MB per block")
             ax.legend()
-        fig.tight_layout()
-        a.plot.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(a.plot)
+        return fig
+
+    write(a, {"device": str(mx.default_device()), "results": results}, draw)
 
 
 if __name__ == "__main__":

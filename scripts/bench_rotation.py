@@ -20,11 +20,9 @@ up to float rounding; all models and modes in one comparison use this same path.
 GPTQ calibrates on text disjoint from the evaluation text.
 """
 
-import argparse
 import json
 import math
 import os
-import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -32,9 +30,13 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
+from mlx_lm.utils import dequantize_model
 
+from plotting import arguments, write
 from mlx_qspec import load
+from mlx_qspec.bench import log
 from mlx_qspec.cli import default_model_path
+from mlx_qspec.controller import expected_tokens
 from mlx_qspec.quant.activations import fake_quantize_activations
 from mlx_qspec.calibration_text import calibration_tokens
 from mlx_qspec.rotate import (
@@ -50,24 +52,10 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 EVAL_TEXTS = [STDLIB / "LICENSE.txt", STDLIB / "argparse.py", STDLIB / "json" / "__init__.py"]
 
 
-def tokens_of(tokenizer, paths, n: int) -> list[mx.array]:
-    return [mx.array(tokenizer.encode(p.read_text(errors="replace"))[:n]) for p in paths]
-
-
 def densify(model: nn.Module) -> nn.Module:
     """Replace quantized layers by float32 ones holding the dequantized weights (exact)."""
-
-    def dense(_, m):
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            w = mx.dequantize(m.weight, m.scales, m.biases, group_size=m.group_size,
-                              bits=m.bits).astype(mx.float32)
-            out = nn.Linear(1, 1, bias=False) if isinstance(m, nn.QuantizedLinear) else nn.Embedding(1, 1)
-            out.weight = w
-            return out
-        return m
-
-    model.update_modules(tree_map_with_path(dense, model.leaf_modules(),
-                                            is_leaf=nn.Module.is_module))
+    model = dequantize_model(model)
+    model.set_dtype(mx.float32)
     mx.eval(model.parameters())
     return model
 
@@ -128,29 +116,22 @@ def measure(model, state, texts, ref_argmax=None) -> dict:
     }
 
 
-def tau(p: float, gamma: int = 4) -> float:
-    return gamma + 1.0 if p >= 1 else (1 - p ** (gamma + 1)) / (1 - p)
-
-
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="model path (default: the SmolLM2 test GGUF)")
+    ap = arguments(__doc__, plot=False)
     ap.add_argument("--tokens", type=int, default=256, help="tokens per evaluation text")
     ap.add_argument("--residuals", default="hadamard,random")
     ap.add_argument("--methods", default="float,rtn,gptq")
     ap.add_argument("--calib-tokens", type=int, default=256, help="tokens per GPTQ sample")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json")
     args = ap.parse_args()
     if "openblas" not in os.environ.get("LD_PRELOAD", ""):
-        print("note: OpenBLAS not preloaded; dense matmuls will be ~70x slower (see docstring)",
-              file=sys.stderr)
+        log("note: OpenBLAS not preloaded; dense matmuls will be ~70x slower (see docstring)")
 
     # The rotation source keeps its stored dtypes, so rotated scales are stored as a
     # converter would store them (float16 for GGUF); measurements cast to float32.
     args.model = str(args.model or default_model_path())
     original, tokenizer, config = load(args.model, dtype=None, return_config=True)
-    texts = tokens_of(tokenizer, EVAL_TEXTS, args.tokens)
+    texts = [mx.array(tokenizer.encode(p.read_text(errors="replace"))[:args.tokens]) for p in EVAL_TEXTS]
     calib = calibration_tokens(tokenizer, length=args.calib_tokens)
 
     rows = {}
@@ -187,7 +168,7 @@ def main():
         res["build_s"] = round(built, 1)
         res.update(extra)
         rows[name] = res
-        print(f"{name}: {json.dumps(res)}", file=sys.stderr, flush=True)
+        log(f"{name}: {json.dumps(res)}")
         del model
 
     heads = ["model", "ppl", "greedy-match"] + list(MODES) + ["tau(a4) g=4", "tau(a4-g32)"]
@@ -196,17 +177,16 @@ def main():
         a = r["agreement"]
         gm = "-" if r["greedy_match"] is None else f"{r['greedy_match']:.3f}"
         print(" | ".join([name, f"{r['perplexity']:.2f}", gm] + [f"{a[m]:.3f}" for m in MODES]
-                         + [f"{tau(a['a4']):.2f}", f"{tau(a['a4-g32']):.2f}"]))
+                         + [f"{expected_tokens(a[m], 4):.2f}" for m in ("a4", "a4-g32")]))
     for name, r in rows.items():
         if "untied_lm_head_bytes" in r:
             print(f"{name}: untied LM head {r['untied_lm_head_bytes'] / 2**20:.1f} MiB "
                   f"({r['lm_head_scales_dtype']} scales) of {r['weights_bytes'] / 2**20:.1f} MiB")
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "model": args.model, "eval_texts": [str(p) for p in EVAL_TEXTS],
-            "tokens_per_text": args.tokens, "calibration_samples": calib.shape[0],
-            "calibration_tokens": args.calib_tokens, "path": "dequantized float32, dense matmul",
-            "results": rows}, indent=2))
+    write(args, {
+        "model": args.model, "eval_texts": [str(p) for p in EVAL_TEXTS],
+        "tokens_per_text": args.tokens, "calibration_samples": calib.shape[0],
+        "calibration_tokens": args.calib_tokens, "path": "dequantized float32, dense matmul",
+        "results": rows}, indent=2)
 
 
 if __name__ == "__main__":

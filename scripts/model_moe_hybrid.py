@@ -15,13 +15,10 @@ what the verify reads); its first choice, before it has timed anything, is the v
     python scripts/model_moe_hybrid.py --chip "M3 Max" --json out/moe_hybrid.json --plot out/moe_hybrid.png
 """
 
-import argparse
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
-from plotting import pyplot
-from mlx_qspec import controller, cost, moe, roofline
+from plotting import arguments, write
+from mlx_qspec import controller, cost, moe
 from mlx_qspec.roofline import CHIPS, Linear
 
 BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4-bit codes, a float16 scale and bias per 64 weights
@@ -43,31 +40,26 @@ class Shape:
     attention_layers: int
     kv_heads: int
     head_dim: int
-    expert_layers: int = 0
-    experts: int = 0
-    top_k: int = 0
-    expert_dims: tuple = ()  # (K, N) of each projection of one expert
+    experts: tuple = ()  # moe.ExpertLayer of every expert layer
     state_bytes: int = 0  # every recurrent layer's state, float32, together
 
-    def seconds(self, rows: int, context: int, chip: str) -> float:
-        kv = self.attention_layers * 2 * self.kv_heads * self.head_dim * (context + rows) * 2
-        state = (2 if rows == 1 else 4) * self.state_bytes  # read and written; a replay's again
-        t = roofline.forward_seconds(self.dense, kv + state, rows, chip)
-        if self.expert_layers:
-            per_expert = sum(K * N for K, N in self.expert_dims)
-            distinct = moe.expected_distinct(self.experts, self.top_k, rows)
-            nbytes = self.expert_layers * distinct * per_expert * BYTES_PER_WEIGHT
-            t += roofline.experts_seconds(nbytes, self.expert_layers * self.top_k * per_expert,
-                                          rows, chip)
-        return t
+    def at(self, context: int) -> cost.ForwardShape:
+        """Its forwards at ``context``, as ``cost`` models a loaded model's: the state read and
+        written (twice where a verify's rewind replays it)."""
+        kv = self.attention_layers * 2 * self.kv_heads * self.head_dim * (context + 1) * 2
+        state = 2 * self.state_bytes
+        return cost.ForwardShape(self.dense, list(self.experts), kv, state, state, context)
 
 
 def qwen3_30b_a3b() -> Shape:
     h, layers = 2048, 48
     per_layer = [linear(h, 32 * 128), linear(h, 4 * 128), linear(h, 4 * 128), linear(32 * 128, h),
                  linear(h, 128)]  # q, k, v, o, router
+    per_expert = 3 * h * 768  # gate, up, down
+    experts = [moe.ExpertLayer(str(i), 128, 8, per_expert * BYTES_PER_WEIGHT, per_expert)
+               for i in range(layers)]  # 128 experts, top 8
     return Shape("Qwen3-30B-A3B-shaped MoE", per_layer * layers + [linear(h, 151936)], layers, 4, 128,
-                 expert_layers=layers, experts=128, top_k=8, expert_dims=((h, 768), (h, 768), (768, h)))
+                 experts)
 
 
 def qwen3_5_9b() -> Shape:
@@ -84,7 +76,7 @@ def qwen3_5_9b() -> Shape:
 def verdict(shape: Shape, context: int, chip: str) -> dict:
     """``auto``'s first choice on the modeled costs: the controller started from them as
     ``AutoPolicy`` starts it on a Mac (before any block is timed)."""
-    verify = {r: shape.seconds(r, context, chip) for r in ROWS}
+    verify = {r: shape.at(context).seconds(r, chip) for r in ROWS}
     costs = controller.Costs.from_table(verify, {"ngram": 0.0, "a8-g32": verify[1]},
                                         f"modeled({chip.replace(' ', '_')})")
     auto = controller.Controller({n: cost.PRIOR_ACCEPTANCE[n] for n in DRAFTS}, prior=costs)
@@ -99,38 +91,31 @@ def verdict(shape: Shape, context: int, chip: str) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arguments(__doc__, model=None, whole_doc=True)
     p.add_argument("--chip", default="M3 Max", choices=sorted(CHIPS))
-    p.add_argument("--json", type=Path)
-    p.add_argument("--plot", type=Path)
     a = p.parse_args()
     rows = [verdict(s, c, chip) for s in (qwen3_30b_a3b(), qwen3_5_9b()) for c in CONTEXTS
             for chip in sorted(CHIPS)]
+    mine = [r for r in rows if r["chip"] == a.chip]
     print(f"MODELED on {a.chip} (roofline, 4-bit g64, fp16 KV): auto's verdict")
     print(f"{'model':28} {'ctx':>6} {'step ms':>8} {'verify/step at 2,5,9 rows':>26} {'auto':>14}  reason")
-    for r in rows:
-        if r["chip"] != a.chip:
-            continue
+    for r in mine:
         v = r["verify_over_step"]
         pick = f"{r['draft']}/γ{r['gamma']}" if r["gamma"] else "plain"
         print(f"{r['model']:28} {r['context']:>6} {r['step_ms']:8.2f} "
               f"{v[2]:8.2f} {v[5]:8.2f} {v[9]:8.2f} {pick:>14}  {r['auto_reason']}")
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"modeled": True, "verdicts": rows}, indent=1))
-    plt = pyplot(a.plot) if a.plot else None
-    if plt:
+
+    def draw(plt):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for r in rows:
-            if r["chip"] == a.chip:
-                ax.plot(list(ROWS), [r["verify_over_step"][n] for n in ROWS], marker="o",
-                        label=f"{r['model']}, {r['context'] // 1024}k")
+        for r in mine:
+            ax.plot(list(ROWS), [r["verify_over_step"][n] for n in ROWS], marker="o",
+                    label=f"{r['model']}, {r['context'] // 1024}k")
         ax.set(title=f"MODELED verify cost on {a.chip}", xlabel="rows verified at once",
                ylabel="× one decode step")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        a.plot.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(a.plot)
+        return fig
+
+    write(a, {"modeled": True, "verdicts": rows}, draw)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
 import mlx.core as mx
@@ -132,10 +133,10 @@ def interleaved(named, repeats: int) -> dict[str, float]:
     return {n: statistics.median(t) for n, t in rounds(named, repeats).items()}
 
 
-def _prefilled(model, ids: list[int], kv_mode: str = "fp") -> list:
-    """A ``kv_mode`` cache holding ``ids``."""
+def _prefilled(model, ids: list[int], kv_mode: str = "fp", chunk: int = 2048) -> list:
+    """A ``kv_mode`` cache holding ``ids`` (prefilled ``chunk`` tokens at a time)."""
     cache = make_cache(model, kv_mode)
-    prefill(model, mx.array(ids, mx.uint32), cache, 2048)
+    prefill(model, mx.array(ids, mx.uint32), cache, chunk)
     return cache
 
 
@@ -253,10 +254,10 @@ def check_kernels(dtype=mx.float16, K: int = 576, N: int = 256, group: int = 32)
 
 
 # ------------------------------------------------------------------ 2. exactness
-def _generate(model, tokenizer, prompt, tokens: int, draft: str, kv_mode: str):
-    """The tokens of one greedy generation, and its last response."""
+def _generate(model, tokenizer, prompt, tokens: int, draft: str, **options):
+    """The tokens of one greedy generation (γ = GAMMA), and its last response."""
     return drain(stream_generate(model, tokenizer, prompt, max_tokens=tokens, draft=draft,
-                                 num_draft_tokens=None if draft == "none" else GAMMA, kv_mode=kv_mode))
+                                 num_draft_tokens=None if draft == "none" else GAMMA, **options))
 
 
 def check_exactness(model, tokenizer, prompt, tokens: int, drafts) -> dict:
@@ -266,8 +267,8 @@ def check_exactness(model, tokenizer, prompt, tokens: int, drafts) -> dict:
     for draft, kv_mode in drafts:
         try:
             if kv_mode not in plain:
-                plain[kv_mode] = _generate(model, tokenizer, prompt, tokens, "none", kv_mode)[0]
-            spec, last = _generate(model, tokenizer, prompt, tokens, draft, kv_mode)
+                plain[kv_mode] = _generate(model, tokenizer, prompt, tokens, "none", kv_mode=kv_mode)[0]
+            spec, last = _generate(model, tokenizer, prompt, tokens, draft, kv_mode=kv_mode)
         except UserError as e:  # this model cannot run the draft, or that KV mode
             rows.append(dict(draft=draft, kv_mode=kv_mode, equal=None, why=f"not applicable: {e}"))
             continue
@@ -295,23 +296,24 @@ def stock_mlx_lm(model_path: Path, workdir: Path):
     return mlx_lm.load(source)
 
 
+def plain_decode(engine: str, model, tokenizer, prompt, tokens: int):
+    """Greedy plain decoding by ``ours`` or stock ``mlx-lm``: its tokens and last response."""
+    if engine == "ours":
+        return drain(stream_generate(model, tokenizer, prompt, max_tokens=tokens, draft="none"))
+    return drain(mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=tokens))
+
+
 def time_decode(ours, theirs, prompt, tokens: int, repeats: int) -> dict:
     """Plain decoding tokens/s, ours vs stock mlx-lm, interleaved; whether they agree."""
-    def run(engine, n=tokens):
-        model, tokenizer = ours if engine == "ours" else theirs
-        gen = (stream_generate(model, tokenizer, prompt, max_tokens=n, draft="none")
-               if engine == "ours" else mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=n))
-        out, last = drain(gen)
-        return last.generation_tps, out
-
-    for engine in ("ours", "mlx-lm"):
-        run(engine, 2)  # warm-up
-    runs = rounds({engine: (lambda e=engine: run(e)) for engine in ("ours", "mlx-lm")}, repeats)
-    tps = {engine: [speed for speed, _ in r] for engine, r in runs.items()}
+    engines = {"ours": ours, "mlx-lm": theirs}
+    for engine, (model, tokenizer) in engines.items():
+        plain_decode(engine, model, tokenizer, prompt, 2)  # warm-up
+    runs = rounds({e: (lambda e=e: plain_decode(e, *engines[e], prompt, tokens)) for e in engines}, repeats)
+    tps = {engine: [last.generation_tps for _, last in r] for engine, r in runs.items()}
     pairs = [a / b for a, b in zip(tps["ours"], tps["mlx-lm"])]
     return dict(status="ok", max_tokens=tokens, repeats=repeats, ours_tps=tps["ours"],
                 mlx_lm_tps=tps["mlx-lm"], ratio=statistics.median(pairs),
-                tokens_equal=runs["ours"][-1][1] == runs["mlx-lm"][-1][1])
+                tokens_equal=runs["ours"][-1][0] == runs["mlx-lm"][-1][0])
 
 
 def _largest_4bit_linear(model):
@@ -342,9 +344,7 @@ def time_verify_rows(model, context: list[int], rows, repeats: int) -> dict:
     def per_call(fn, m):
         x = mx.random.normal((m, w.shape[1] * 8), key=mx.random.key(m)).astype(dtype)
         mx.eval(fn(x))
-        start = time.perf_counter()
-        mx.eval([fn(x + i) for i in range(calls)])
-        return (time.perf_counter() - start) / calls
+        return timeit.timeit(lambda: mx.eval([fn(x + i) for i in range(calls)]), number=1) / calls
 
     ours = lambda x: kernels.verify_matmul(x, w, s, b, group_size=group)  # noqa: E731
     theirs = lambda x: mx.quantized_matmul(x, w, s, b, transpose=True, group_size=group, bits=4)  # noqa: E731
@@ -396,13 +396,8 @@ def time_ngram_edit(model, tokenizer, tokens: int, repeats: int) -> dict:
     the prompt), interleaved; the prompt is prefilled once and each run starts from a copy."""
     ids = chat_tokens(tokenizer, EDIT_REQUEST)
     cache = _prefilled(model, ids[:-1])
-
-    def run(draft):
-        return drain(stream_generate(model, tokenizer, ids[-1:], max_tokens=tokens, draft=draft,
-                                     num_draft_tokens=GAMMA if draft != "none" else None,
-                                     prompt_cache=_fork(cache), cached_tokens=ids[:-1]))
-
-    runs = rounds({"none": lambda: run("none"), "ngram": lambda: run("ngram")}, repeats)
+    runs = rounds({d: (lambda d=d: _generate(model, tokenizer, ids[-1:], tokens, d, prompt_cache=_fork(cache),
+                                            cached_tokens=ids[:-1])) for d in ("none", "ngram")}, repeats)
     plain, ngram = (statistics.median(last.generation_tps for _, last in runs[d]) for d in ("none", "ngram"))
     stats = runs["ngram"][-1][1].stats
     return dict(status="ok", prompt_tokens=len(ids), max_tokens=tokens, repeats=repeats,
@@ -416,11 +411,9 @@ def time_kv_upper(model, tokenizer, contexts, repeats: int) -> dict:
     rows_out = []
     for n in contexts:
         t0 = time.perf_counter()
-        cache = make_cache(model, "nested")
         try:
             read = parse_precision("kv-upper")
-            ids = mx.array(long_text(tokenizer, n), mx.uint32)
-            prefill(model, ids, cache, 512, lambda: None)
+            cache = _prefilled(model, long_text(tokenizer, n), "nested", 512)
             cost.forward(model, cache, 1, read)
         except ValueError as e:
             return dict(status="skipped", why=f"kv-upper cannot run on this model: {e}")
@@ -535,15 +528,24 @@ def _summary(name: str, sec: dict) -> str:
     return ", ".join(f"{c['context']}: kv-upper step ×{c['ratio']:.2f}" for c in sec["contexts"])
 
 
-def plot(report: dict, path: Path) -> str | None:
-    """report.png: row growth of a verify, draft steps, decode speeds, kv-upper by context.
-    Returns why not where matplotlib is missing."""
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (no display needed), or None where matplotlib
+    is not installed (it is optional; the benchmark scripts draw through this too)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(report: dict, path: Path) -> str | None:
+    """report.png: row growth of a verify, draft steps, decode speeds, kv-upper by context.
+    Returns why not where matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
         return "matplotlib is not installed (pip install 'mlx-qspec[bench]'): no PNG"
     s = report["sections"]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
