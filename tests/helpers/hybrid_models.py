@@ -2,10 +2,8 @@
 weights: hybrids with recurrent state (gated delta, short convolutions, Mamba-2), mixtures of
 experts, and mxfp4 experts (gpt-oss).
 
-Random weights make a model that repeats one token; as ``helpers.build_tiny_model`` does,
-the LM head is a permutation of the embedding (the next token depends on the current one)
-and each block's output projections are scaled up (the context matters), so drafts that
-read less disagree some of the time.
+Random weights make a model that repeats one token: ``helpers.liven`` makes the next token
+depend on the current one and on the context, as ``helpers.build_tiny_model`` does.
 """
 
 import json
@@ -20,7 +18,7 @@ from mlx_lm.models import (
 from mlx_lm.utils import save_config, save_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from . import byte_symbols
+from . import byte_symbols, liven
 
 VOCAB = 256
 COMMON = dict(vocab_size=VOCAB, hidden_size=128, tie_word_embeddings=False)
@@ -106,29 +104,13 @@ MORE = {
         v_head_dim=32, num_experts=0, moe_intermediate_size=64, first_k_dense_replace=2)),
 }
 
-GAIN = 4.0
-OUTPUTS = ("out_proj", "o_proj", "down_proj", "w2", "fc2", "dense")
-
-
-def _liven(model: nn.Module):
-    """Permuted-embedding head, scaled block outputs (see the module docstring)."""
-    modules = dict(model.named_modules())
-    head = next((m for p, m in modules.items() if p.split(".")[-1] == "lm_head"), None)
-    embed = next(m for m in modules.values() if isinstance(m, nn.Embedding))
-    if head is not None and head.weight.shape == embed.weight.shape:
-        head.weight = embed.weight[mx.random.permutation(embed.weight.shape[0])]
-    for path, m in modules.items():
-        if path.split(".")[-1] in OUTPUTS and "weight" in m and "layers" in path:
-            m.weight = m.weight * GAIN
-
-
 def build(name: str, seed: int = 0, bits: int = 4, experts_mode: str = "affine") -> nn.Module:
     """The tiny ``name`` model, affine ``bits``-bit (group 32) but its convolutions and
     norms; its experts in ``experts_mode`` (``mxfp4``: as gpt-oss ships them)."""
     module, config = {**CONFIGS, **MORE}[name]
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(dict(config)))
-    _liven(model)
+    liven(model)
     if experts_mode != "affine":
         nn.quantize(model, group_size=32, bits=4, mode=experts_mode,
                     class_predicate=lambda _, m: isinstance(m, switch_layers.SwitchLinear))
