@@ -35,8 +35,7 @@ def _split(model):
     quant, other = {}, {}
     for k, p in tree_flatten(model.parameters()):
         if mx.issubdtype(p.dtype, mx.floating):
-            is_quant = k.endswith((".scales", ".biases"))
-            (quant if is_quant else other)[k] = p.dtype
+            (quant if k.endswith((".scales", ".biases")) else other)[k] = p.dtype
     return quant, other
 
 

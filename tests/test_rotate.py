@@ -11,21 +11,12 @@ from mlx_qspec.drafts.grammar import parse_precision as parse
 from mlx_qspec.precision import reading
 from mlx_qspec.quant.linear import QSpecLinear, install
 from mlx_qspec.quant.hadamard import (
-    OnlineHadamard,
-    apply_online_rotations,
-    hadamard_factors,
-    hadamard_size_ok,
+    OnlineHadamard, apply_online_rotations, hadamard_factors, hadamard_size_ok,
 )
 from mlx_qspec.calibration_text import calibration_tokens
 from mlx_qspec.rotate import (
-    build_model,
-    check_residual,
-    check_rotatable,
-    residual_rotation,
-    rotate_model,
-    rotate_weights,
-    rotated_config,
-    save_rotated,
+    build_model, check_residual, check_rotatable, residual_rotation, rotate_model, rotate_weights,
+    rotated_config, save_rotated,
 )
 
 CONFIG = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
