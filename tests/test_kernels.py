@@ -226,8 +226,7 @@ def test_unsupported_shapes_raise_clear_errors(emulated):
             call()
 
 
-def test_verify_dispatch_falls_back_for_prefill_and_8bit(emulated, monkeypatch):
-    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+def test_verify_dispatch_falls_back_for_prefill_and_8bit(mac):
     x = acts(24, 256, seed=17)
     w, s, b = weight(16, 256, 64, seed=18)
     with recording() as runs:
