@@ -51,15 +51,6 @@ def draft_model():
     return build_tiny_model()  # llama, the same 256-token vocabulary
 
 
-def _run(model, draft, gamma, cache, draft_model):
-    stats = SpecStats()
-    kw = dict(draft="none", draft_model=draft_model) if draft == "draft-model" else dict(draft=draft)
-    out = speculative_generate_step(mx.array(PROMPT), model, num_draft_tokens=gamma,
-                                    max_tokens=MAX_TOKENS, prompt_cache=cache, stats=stats,
-                                    prefill_step_size=5, **kw)
-    return [t for t, _, _ in out], stats
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_greedy_speculation_equals_plain_decoding(name, draft_model):
     _check_greedy(name, install(build(name, experts_mode=EXPERTS.get(name, "affine"))), draft_model)
@@ -83,9 +74,12 @@ def _check_greedy(name, model, draft_model, drafts=DRAFTS):
     for draft in (d for d in drafts if applies(model, name, d)):
         for gamma in gammas(name, draft):
             kv = "nested" if draft == "kv-upper" else "fp"
-            cache = make_cache(model, kv)
-            out, stats = _run(model, draft, gamma, cache, draft_model)
-            assert out == want[kv], (draft, gamma)
+            cache, stats = make_cache(model, kv), SpecStats()
+            kw = dict(draft="none", draft_model=draft_model) if draft == "draft-model" else dict(draft=draft)
+            out = speculative_generate_step(mx.array(PROMPT), model, num_draft_tokens=gamma,
+                                            max_tokens=MAX_TOKENS, prompt_cache=cache, stats=stats,
+                                            prefill_step_size=5, **kw)
+            assert [t for t, _, _ in out] == want[kv], (draft, gamma)
             assert stats.emitted == MAX_TOKENS == stats.accepted + stats.verify_passes
             accepted += stats.accepted
             rejected += stats.drafted - stats.accepted
