@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from helpers import quantized_weight as weight
 from mlx_qspec import kernels, roofline
 from tools.msl_emulator import counting_alu, metal_kernel
 
@@ -50,14 +51,9 @@ def test_alu_count_of_a_hand_written_kernel_is_exact():
     assert k.last_unique == {"in0": 64 * 4, "in1": 32 * 4}
 
 
-def weight(N, K, group, bits=4, seed=0):
-    w = mx.random.normal((N, K), key=mx.random.key(seed))
-    return mx.quantize(w, group_size=group, bits=bits)
-
-
-def counted_call(kind, M, K, N, group, dtype=mx.float32):
+def counted_call(kind, M, K, N, group):
     """(alu, unique bytes, requested bytes, weight arrays) of one counted launch."""
-    x = mx.random.normal((M, K), key=mx.random.key(M)).astype(dtype)
+    x = mx.random.normal((M, K), key=mx.random.key(M))
     with counting_alu():
         if kind == "verify":
             w, s, b = weight(N, K, group)

@@ -183,28 +183,21 @@ def test_unsupported_shapes_raise_clear_errors(emulated):
     def run(qq=q, k=keys, v=values, upper=False, kb=32, vg=32, mask="causal"):
         return attend(kernels.metal_nested_attention, qq, k, v, upper, kb, vg, mask=mask)
 
-    with pytest.raises(ValueError, match="1..16 query rows"):
-        run(qq=queries(1, 2, 17, 64, seed=1))
-    with pytest.raises(ValueError, match="not an array mask"):
-        run(mask=mx.ones((4, 84), mx.bool_))
-    with pytest.raises(ValueError, match="not an array mask"):
-        run(mask="sliding")
-    with pytest.raises(ValueError, match="head dim"):
-        run(qq=queries(1, 2, 4, 96, seed=1))
-    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
-        run(qq=q.astype(mx.int32))
-    with pytest.raises(ValueError, match="value group"):
-        run(vg=16)
-    with pytest.raises(ValueError, match="whole key blocks"):
-        run(kb=128)
     k2, v2 = nested_cache(1, 2, 64, 64, 20, 32, 32, seed=1)
-    with pytest.raises(ValueError, match="multiple"):
-        run(qq=queries(1, 3, 4, 64, seed=1), k=k2, v=v2)
-    with pytest.raises(ValueError, match="at most 128 rows"):
-        run(qq=queries(1, 9, 16, 64, seed=1))
-    with pytest.raises(ValueError, match="key planes"):
-        run(k=(keys[0], None, *keys[2:]))
+    for args, match in [
+        (dict(qq=queries(1, 2, 17, 64, seed=1)), "1..16 query rows"),
+        (dict(mask=mx.ones((4, 84), mx.bool_)), "not an array mask"),
+        (dict(mask="sliding"), "not an array mask"),
+        (dict(qq=queries(1, 2, 4, 96, seed=1)), "head dim"),
+        (dict(qq=q.astype(mx.int32)), "float32, float16 or bfloat16"),
+        (dict(vg=16), "value group"),
+        (dict(kb=128), "whole key blocks"),
+        (dict(qq=queries(1, 3, 4, 64, seed=1), k=k2, v=v2), "multiple"),
+        (dict(qq=queries(1, 9, 16, 64, seed=1)), "at most 128 rows"),
+        (dict(k=(keys[0], None, *keys[2:])), "key planes"),
+        (dict(qq=queries(1, 2, 4, 64, seed=1), k=(None,) * 4 + (keys[4][:, :, :3],),
+              v=(None,) * 4 + (values[4][:, :, :3],)), "causal query rows"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            run(**args)
     run(k=(keys[0], None, *keys[2:]), v=(values[0], None, *values[2:]), upper=True)  # draft: fine
-    with pytest.raises(ValueError, match="causal query rows"):
-        run(qq=queries(1, 2, 4, 64, seed=1), k=(None,) * 4 + (keys[4][:, :, :3],),
-            v=(None,) * 4 + (values[4][:, :, :3],))

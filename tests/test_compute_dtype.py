@@ -35,8 +35,7 @@ def _split(model):
     quant, other = {}, {}
     for k, p in tree_flatten(model.parameters()):
         if mx.issubdtype(p.dtype, mx.floating):
-            is_quant = k.endswith((".scales", ".biases"))
-            (quant if is_quant else other)[k] = p.dtype
+            (quant if k.endswith((".scales", ".biases")) else other)[k] = p.dtype
     return quant, other
 
 
@@ -67,6 +66,8 @@ def test_k_quant_gguf_on_metal_casts_norms_keeps_scales(metal, k_quant_file):
         assert quant[f"{layer}.{name}.biases"] == mx.float32, name
     assert quant["model.embed_tokens.scales"] == mx.float32
     assert quant[f"{layer}.self_attn.o_proj.scales"] == mx.float16
+    _, other = _split(_model(k_quant_file, dtype=None, lazy=True))  # dtype=None: as stored
+    assert set(other.values()) == {mx.float32}
 
 
 def test_k_quant_weights_are_the_files_values_on_metal(metal, k_quant_file, monkeypatch):
@@ -98,11 +99,6 @@ def test_bfloat16_scales_give_bfloat16(metal, qwen2_file):
     loader.cast_float32_to_half(model)
     _, other = _split(model)
     assert set(other.values()) == {mx.bfloat16}
-
-
-def test_explicit_dtype_none_keeps_stored_on_metal(metal, k_quant_file):
-    _, other = _split(_model(k_quant_file, dtype=None, lazy=True))
-    assert set(other.values()) == {mx.float32}
 
 
 def test_cpu_keeps_float32_everywhere(monkeypatch, k_quant_file, qwen2_file):

@@ -3,6 +3,7 @@ Macs: mx.distributed's ring backend on 127.0.0.1, one process per rank
 (tests/distributed_worker.py). Every rank must emit the same tokens as plain decoding, and
 the collectives counted must be the ones a forward makes, once per forward."""
 
+import contextlib
 import json
 import os
 import re
@@ -33,18 +34,13 @@ LAUNCH_TIMEOUT = 240  # seconds; a run takes ~15-60 s on 2 busy cores
 def _free_ports(n: int) -> int:
     """The first of ``n`` consecutive free ports on 127.0.0.1 (the ring listens on them)."""
     for base in range(41000 + os.getpid() % 2000 * 8, 60000, n):
-        try:
-            socks = []
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
+        with contextlib.ExitStack() as sockets:  # closed once all n are bound, or one is taken
+            try:
+                for port in range(base, base + n):
+                    sockets.enter_context(socket.socket()).bind(("127.0.0.1", port))
+                return base
+            except OSError:
+                continue
     raise RuntimeError("no free ports")
 
 

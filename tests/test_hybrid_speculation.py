@@ -3,23 +3,20 @@ mixture of experts, mxfp4 experts. Greedy speculation equals plain decoding toke
 for every draft that applies, with drafts accepted and rejected; sampling keeps the verify's
 distribution on a hybrid; ``auto`` runs on each of them."""
 
-import copy
-from collections import Counter
-
 import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 from helpers import build_tiny_model
 from helpers.hybrid_models import build, save
-from helpers.sampling import chi2_pvalue, joint
+from helpers.sampling import assert_fits, joint, sample_first_tokens
 from mlx_qspec import controller, cost, reads
-from mlx_qspec.decoder import SpecStats, prefill
+from mlx_qspec.decoder import SpecStats
 from mlx_qspec.drafts.cascade import DraftModel
 from mlx_qspec.drafts.grammar import parse_precision
 from mlx_qspec.generate import main
 from mlx_qspec.hooks import install
-from mlx_qspec.kv_cache import make_cache, make_rewindable
+from mlx_qspec.kv_cache import make_cache
 from mlx_qspec.quant.linear import QSpecSwitchLinear
 from mlx_qspec.recurrent import RecurrentCache
 from mlx_qspec.sampling import make_sampler
@@ -54,15 +51,6 @@ def draft_model():
     return build_tiny_model()  # llama, the same 256-token vocabulary
 
 
-def _run(model, draft, gamma, cache, draft_model):
-    stats = SpecStats()
-    kw = dict(draft="none", draft_model=draft_model) if draft == "draft-model" else dict(draft=draft)
-    out = speculative_generate_step(mx.array(PROMPT), model, num_draft_tokens=gamma,
-                                    max_tokens=MAX_TOKENS, prompt_cache=cache, stats=stats,
-                                    prefill_step_size=5, **kw)
-    return [t for t, _, _ in out], stats
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_greedy_speculation_equals_plain_decoding(name, draft_model):
     _check_greedy(name, install(build(name, experts_mode=EXPERTS.get(name, "affine"))), draft_model)
@@ -86,9 +74,12 @@ def _check_greedy(name, model, draft_model, drafts=DRAFTS):
     for draft in (d for d in drafts if applies(model, name, d)):
         for gamma in gammas(name, draft):
             kv = "nested" if draft == "kv-upper" else "fp"
-            cache = make_cache(model, kv)
-            out, stats = _run(model, draft, gamma, cache, draft_model)
-            assert out == want[kv], (draft, gamma)
+            cache, stats = make_cache(model, kv), SpecStats()
+            kw = dict(draft="none", draft_model=draft_model) if draft == "draft-model" else dict(draft=draft)
+            out = speculative_generate_step(mx.array(PROMPT), model, num_draft_tokens=gamma,
+                                            max_tokens=MAX_TOKENS, prompt_cache=cache, stats=stats,
+                                            prefill_step_size=5, **kw)
+            assert [t for t, _, _ in out] == want[kv], (draft, gamma)
             assert stats.emitted == MAX_TOKENS == stats.accepted + stats.verify_passes
             accepted += stats.accepted
             rejected += stats.drafted - stats.accepted
@@ -107,20 +98,8 @@ def test_sampling_on_a_hybrid_keeps_the_verify_distribution():
     sampler = make_sampler(temp=1.0, top_k=4)
     p_joint = joint(model, prompt, sampler, steps)
     q_joint = joint(model, prompt, sampler, steps, parse_precision("a4"))
-    start = make_rewindable(make_cache(model, "fp"), model)
-    prefill(model, mx.array(prompt[:-1]), start, step=16)
-    mx.random.seed(1234)
-    counts, stats = Counter(), SpecStats()
-    for _ in range(n):
-        gen = speculative_generate_step(mx.array(prompt[-1:]), model, draft="a4", num_draft_tokens=2,
-                                        max_tokens=steps, sampler=sampler,
-                                        prompt_cache=copy.deepcopy(start), stats=stats)
-        counts[tuple(t for t, _, _ in gen)] += 1
-    assert 0.1 < stats.acceptance < 0.9  # both the accept and the residual paths ran
-    p_value, q_value = chi2_pvalue(counts, p_joint, n), chi2_pvalue(counts, q_joint, n)
-    print(f"chi-square p-values: verify {p_value:.3g}, draft {q_value:.3g}")
-    assert p_value > 1e-3
-    assert q_value < 1e-6
+    counts, stats = sample_first_tokens(model, prompt, sampler, steps, n, seed=1234, copies=True)
+    assert_fits(counts, n, p_joint, q_joint, stats)
 
 
 @pytest.mark.parametrize("name", MODELS)

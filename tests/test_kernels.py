@@ -7,14 +7,8 @@ import numpy as np
 import pytest
 
 from mlx_qspec import kernels
-from helpers import close
+from helpers import close, quantized_weight as weight
 from tools.msl_emulator import recording
-
-
-def weight(N, K, group_size, seed, bits=4, dtype=mx.float32):
-    w = mx.random.normal((N, K), key=mx.random.key(seed))
-    q, s, b = mx.quantize(w, group_size=group_size, bits=bits)
-    return q, s.astype(dtype), b.astype(dtype)
 
 
 def acts(M, K, seed, dtype=mx.float32):
@@ -218,24 +212,21 @@ def test_nested_dispatch_falls_back_on_cpu(monkeypatch):
 def test_unsupported_shapes_raise_clear_errors(emulated):
     x = acts(2, 256, seed=15)
     w, s, b = weight(16, 256, 64, seed=16)
-    with pytest.raises(ValueError, match="1..16 rows"):
-        kernels.metal_verify_matmul(acts(17, 256, seed=1), w, s, b, group_size=64)
-    with pytest.raises(ValueError, match="group size"):
-        kernels.metal_verify_matmul(x, w, s, b, group_size=16)
-    with pytest.raises(ValueError, match="does not match"):
-        kernels.metal_verify_matmul(acts(2, 128, seed=1), w, s, b, group_size=64)
-    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
-        kernels.metal_verify_matmul(x.astype(mx.int32), w, s, b, group_size=64)
-    with pytest.raises(ValueError, match="too small"):
-        kernels.metal_verify_matmul(acts(1, 32, seed=1), *weight(1, 32, 32, seed=1), group_size=32)
-    with pytest.raises(ValueError, match="does not divide"):
-        kernels.metal_act_quant(acts(1, 96, seed=1), 4, 64, sum_size=32)
-    with pytest.raises(ValueError, match="bits"):
-        kernels.metal_act_quant(x, 3, None, sum_size=32)
+    verify, act_quant = kernels.metal_verify_matmul, kernels.metal_act_quant
+    for match, call in [
+        ("1..16 rows", lambda: verify(acts(17, 256, seed=1), w, s, b, group_size=64)),
+        ("group size", lambda: verify(x, w, s, b, group_size=16)),
+        ("does not match", lambda: verify(acts(2, 128, seed=1), w, s, b, group_size=64)),
+        ("float32, float16 or bfloat16", lambda: verify(x.astype(mx.int32), w, s, b, group_size=64)),
+        ("too small", lambda: verify(acts(1, 32, seed=1), *weight(1, 32, 32, seed=1), group_size=32)),
+        ("does not divide", lambda: act_quant(acts(1, 96, seed=1), 4, 64, sum_size=32)),
+        ("bits", lambda: act_quant(x, 3, None, sum_size=32)),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()
 
 
-def test_verify_dispatch_falls_back_for_prefill_and_8bit(emulated, monkeypatch):
-    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+def test_verify_dispatch_falls_back_for_prefill_and_8bit(mac):
     x = acts(24, 256, seed=17)
     w, s, b = weight(16, 256, 64, seed=18)
     with recording() as runs:

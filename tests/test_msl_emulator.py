@@ -136,11 +136,9 @@ def test_partial_threadgroups_and_position_attributes():
 
 
 def test_out_of_bounds_read_fails_naming_buffer_and_index():
-    src = "uint i = thread_position_in_grid.x; out0[i] = weights[i + 1];"
-    k = metal_kernel(name="oob", input_names=["weights"], output_names=["out0"], source=src)
     with pytest.raises(KernelError, match=r"'weights'.*element 64\b.*64 elements"):
-        k(inputs=[mx.ones((64,))], grid=(64, 1, 1), threadgroup=(32, 1, 1),
-          output_shapes=[(64,)], output_dtypes=[mx.float32])
+        run("uint i = thread_position_in_grid.x; out0[i] = weights[i + 1];", [mx.ones((64,))],
+            [(64,)], [mx.float32], (64, 1, 1), (32, 1, 1), names=["weights"])
 
 
 def test_out_of_bounds_write_and_vector_cast_fail():
@@ -190,11 +188,9 @@ def test_generated_signature_scalars_shapes_strides_templates():
         out1[i] = static_cast<bfloat16_t>(metal::precise::rsqrt(metal::abs(v) + 1.0f));
     """
     x = mx.random.normal((5, 7)).astype(mx.float16).T  # not row contiguous
-    k = metal_kernel(name="sig", input_names=["x", "s"], output_names=["out0", "out1"], source=src,
-                     ensure_row_contiguous=False)
-    o0, o1 = k(inputs=[x, 2.0], template=[("T", mx.float16), ("N", 3), ("FLIP", True)],
-               grid=(35, 1, 1), threadgroup=(16, 1, 1), output_shapes=[(7, 5), (7, 5)],
-               output_dtypes=[mx.float16, mx.bfloat16])
+    (o0, o1), k = run(src, [x, 2.0], [(7, 5), (7, 5)], [mx.float16, mx.bfloat16], (35, 1, 1),
+                      (16, 1, 1), names=["x", "s"], ensure_row_contiguous=False,
+                      template=[("T", mx.float16), ("N", 3), ("FLIP", True)])
     assert "const constant float& s" in k.last_source and "x_strides" in k.last_source
     xf = x.astype(mx.float32)
     assert mx.allclose(o0.astype(mx.float32), (-xf * 2 + 3).astype(mx.float16).astype(mx.float32))

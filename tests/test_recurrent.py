@@ -12,7 +12,6 @@ from mlx_lm.models.cache import ArraysCache, make_prompt_cache
 
 from helpers.hybrid_models import MORE, build
 from helpers.serving import Served
-from tools.msl_emulator import metal_kernel as emulated_metal_kernel
 from mlx_qspec import hooks, reads, recurrent
 from mlx_qspec.caches import position
 from mlx_qspec.decoder import SpecStats, prefill
@@ -209,10 +208,8 @@ def test_a_filled_mlx_lm_state_takes_its_offset_from_the_attention_layers():
 
 
 @pytest.fixture
-def metal_gated_delta(monkeypatch):
+def metal_gated_delta(monkeypatch, mac):
     """mlx-lm's gated-delta Metal kernels, built through the MSL emulator."""
-    monkeypatch.setattr(mx.fast, "metal_kernel", emulated_metal_kernel)
-    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
     monkeypatch.setattr(gated_delta, "_gated_delta_kernel", gated_delta._make_gated_delta_kernel())
     monkeypatch.setattr(gated_delta, "_gated_delta_kernel_packed",
                         gated_delta._make_gated_delta_packed_kernel())

@@ -1,5 +1,7 @@
 """Rotation is exact before re-quantization, and the saved directory reloads to the same model."""
 
+from types import SimpleNamespace
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -11,21 +13,12 @@ from mlx_qspec.drafts.grammar import parse_precision as parse
 from mlx_qspec.precision import reading
 from mlx_qspec.quant.linear import QSpecLinear, install
 from mlx_qspec.quant.hadamard import (
-    OnlineHadamard,
-    apply_online_rotations,
-    hadamard_factors,
-    hadamard_size_ok,
+    OnlineHadamard, apply_online_rotations, hadamard_factors, hadamard_size_ok,
 )
 from mlx_qspec.calibration_text import calibration_tokens
 from mlx_qspec.rotate import (
-    build_model,
-    check_residual,
-    check_rotatable,
-    residual_rotation,
-    rotate_model,
-    rotate_weights,
-    rotated_config,
-    save_rotated,
+    build_model, check_residual, check_rotatable, residual_rotation, rotate_model, rotate_weights,
+    rotated_config, save_rotated,
 )
 
 CONFIG = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
@@ -155,13 +148,9 @@ def test_kronecker_hadamard_for_sizes_mlx_does_not_take():
         check_residual({**CONFIG, "hidden_size": 352}, "hadamard")
 
 
-class ByteTokenizer:
-    def encode(self, text):
-        return list(text.encode())
-
-
 def test_calibration_and_method_errors():
-    calib = calibration_tokens(ByteTokenizer(), samples=3, length=64)
+    byte_tokenizer = SimpleNamespace(encode=lambda text: list(text.encode()))
+    calib = calibration_tokens(byte_tokenizer, samples=3, length=64)
     assert calib.shape == (3, 64) and calib.dtype == mx.int32
     with pytest.raises(ValueError, match="calibration token ids"):
         rotate_model(tiny_model(True), CONFIG, method="gptq", progress=False)

@@ -31,30 +31,45 @@ TINY = dict(
 )
 
 
+OUTPUTS = ("out_proj", "o_proj", "down_proj", "w2", "fc2", "dense")  # blocks' output projections
+
+
+def liven(model: nn.Module, gain: float = 4.0):
+    """Random weights make a model that repeats one token. Here the LM head becomes a
+    permutation of the embedding (so the next token depends on the current one) and each
+    block's output projections are scaled by ``gain`` (so the context matters and drafts
+    that read fewer bits disagree some of the time)."""
+    modules = dict(model.named_modules())
+    head = next((m for p, m in modules.items() if p.split(".")[-1] == "lm_head"), None)
+    embed = next(m for m in modules.values() if isinstance(m, nn.Embedding))
+    if head is not None and head.weight.shape == embed.weight.shape:
+        head.weight = embed.weight[mx.random.permutation(embed.weight.shape[0])]
+    for path, m in modules.items():
+        if path.split(".")[-1] in OUTPUTS and "weight" in m and "layers" in path:
+            m.weight = m.weight * gain
+
+
 def build_tiny_model(seed: int = 0, residual_gain: float = 4.0, head_bits: int = 4,
                      **overrides) -> nn.Module:
-    """A 4-bit (group 32) float32 llama whose greedy output is not one repeated token.
-
-    Random weights make a model that repeats one token. Here the LM head is a
-    permutation of the embedding (so the next token depends on the current one)
-    and the attention/MLP outputs are scaled by ``residual_gain`` (so the context
-    matters and drafts that read fewer bits disagree some of the time).
-    """
+    """A 4-bit (group 32) float32 llama whose greedy output is not one repeated token
+    (``liven``: its attention/MLP outputs scaled by ``residual_gain``)."""
     mx.random.seed(seed)
-    args = llama.ModelArgs.from_dict({**TINY, **overrides})
-    model = llama.Model(args)
-    if not args.tie_word_embeddings:
-        perm = mx.random.permutation(args.vocab_size)
-        model.lm_head.weight = model.model.embed_tokens.weight[perm]
-    for layer in model.model.layers:
-        layer.self_attn.o_proj.weight = layer.self_attn.o_proj.weight * residual_gain
-        layer.mlp.down_proj.weight = layer.mlp.down_proj.weight * residual_gain
+    model = llama.Model(llama.ModelArgs.from_dict({**TINY, **overrides}))
+    liven(model, residual_gain)
     if head_bits != 4:  # an 8-bit head: what ``w-upper`` reads as its upper plane
         nn.quantize(model, group_size=32, bits=head_bits,
                     class_predicate=lambda path, m: path in ("lm_head", "model.embed_tokens"))
     nn.quantize(model, group_size=32, bits=4)
     mx.eval(model.parameters())
     return model
+
+
+def quantized_weight(N: int, K: int, group_size: int, seed: int = 0, bits: int = 4,
+                     dtype=mx.float32):
+    """A normal (N, K) weight quantized by MLX (affine), its scales and biases as ``dtype``."""
+    w = mx.random.normal((N, K), key=mx.random.key(seed))
+    q, s, b = mx.quantize(w, group_size=group_size, bits=bits)
+    return q, s.astype(dtype), b.astype(dtype)
 
 
 def byte_symbols():

@@ -2,10 +2,8 @@
 weights: hybrids with recurrent state (gated delta, short convolutions, Mamba-2), mixtures of
 experts, and mxfp4 experts (gpt-oss).
 
-Random weights make a model that repeats one token; as ``helpers.build_tiny_model`` does,
-the LM head is a permutation of the embedding (the next token depends on the current one)
-and each block's output projections are scaled up (the context matters), so drafts that
-read less disagree some of the time.
+Random weights make a model that repeats one token: ``helpers.liven`` makes the next token
+depend on the current one and on the context, as ``helpers.build_tiny_model`` does.
 """
 
 import json
@@ -20,21 +18,23 @@ from mlx_lm.models import (
 from mlx_lm.utils import save_config, save_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from . import byte_symbols
+from . import byte_symbols, liven
 
 VOCAB = 256
 COMMON = dict(vocab_size=VOCAB, hidden_size=128, tie_word_embeddings=False)
 ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+GATED_DELTA = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=32,
+                   linear_value_head_dim=32)
+MAMBA = dict(mamba_d_conv=4, mamba_d_state=16, mamba_n_groups=1, mamba_n_heads=8, mamba_d_head=16,
+             mamba_conv_bias=True, mamba_proj_bias=False)
 
 CONFIGS = {
     "qwen3_5": (qwen3_5, dict(
-        COMMON, **ATTENTION, model_type="qwen3_5", intermediate_size=256, num_hidden_layers=4,
-        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=32,
-        linear_value_head_dim=32, full_attention_interval=2)),
+        COMMON, **ATTENTION, **GATED_DELTA, model_type="qwen3_5", intermediate_size=256,
+        num_hidden_layers=4, full_attention_interval=2)),
     "qwen3_next": (qwen3_next, dict(
-        COMMON, **ATTENTION, model_type="qwen3_next", intermediate_size=256, num_hidden_layers=2,
-        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=32,
-        linear_value_head_dim=32, linear_conv_kernel_dim=4, full_attention_interval=2,
+        COMMON, **ATTENTION, **GATED_DELTA, model_type="qwen3_next", intermediate_size=256,
+        num_hidden_layers=2, linear_conv_kernel_dim=4, full_attention_interval=2,
         num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, shared_expert_intermediate_size=64,
         moe_intermediate_size=64, mlp_only_layers=[], rms_norm_eps=1e-6, rope_theta=10000.0,
         partial_rotary_factor=0.5, max_position_embeddings=1024, norm_topk_prob=True)),
@@ -66,18 +66,15 @@ CONFIGS = {
 # Further hybrids whose mixers recurrent.MIXERS lists, for the rewind tests only.
 MORE = {
     "granitemoehybrid": (granitemoehybrid, dict(
-        COMMON, **ATTENTION, model_type="granitemoehybrid", intermediate_size=256,
+        COMMON, **ATTENTION, **MAMBA, model_type="granitemoehybrid", intermediate_size=256,
         max_position_embeddings=1024, attention_bias=False, embedding_multiplier=1.0,
         attention_multiplier=0.1, logits_scaling=1.0, residual_multiplier=1.0, num_local_experts=0,
-        num_experts_per_tok=0, shared_intermediate_size=256, mamba_n_heads=8, mamba_d_head=16,
-        mamba_proj_bias=False, mamba_d_state=16, mamba_d_conv=4, mamba_n_groups=1,
-        mamba_conv_bias=True, layer_types=["mamba", "attention"], rms_norm_eps=1e-5,
-        rope_theta=10000.0, num_hidden_layers=2, position_embedding_type="rope")),
+        num_experts_per_tok=0, shared_intermediate_size=256, layer_types=["mamba", "attention"],
+        rms_norm_eps=1e-5, rope_theta=10000.0, num_hidden_layers=2, position_embedding_type="rope")),
     "falcon_h1": (falcon_h1, dict(
-        COMMON, **ATTENTION, model_type="falcon_h1", intermediate_size=256, num_hidden_layers=2,
-        mamba_d_conv=4, mamba_d_ssm=128, mamba_d_state=16, mamba_n_groups=1, mamba_n_heads=8,
-        mamba_d_head=16, mamba_conv_bias=True, mamba_proj_bias=False, mamba_chunk_size=256,
-        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=1024)),
+        COMMON, **ATTENTION, **MAMBA, model_type="falcon_h1", intermediate_size=256,
+        num_hidden_layers=2, mamba_d_ssm=128, mamba_chunk_size=256, rms_norm_eps=1e-5,
+        rope_theta=10000.0, max_position_embeddings=1024)),
     "plamo2": (plamo2, dict(
         COMMON, model_type="plamo2", num_hidden_layers=2, rms_norm_eps=1e-5,
         num_attention_heads=4, num_key_value_heads=2, hidden_size_per_head=32,
@@ -85,9 +82,8 @@ MORE = {
         mamba_d_state=16, mamba_d_conv=4, mamba_num_heads=8, mamba_step=2, mamba_chunk_size=256,
         mamba_enabled=True, intermediate_size=256, rope_theta=10000.0)),
     "olmo_hybrid": (olmo_hybrid, dict(
-        COMMON, **ATTENTION, model_type="olmo_hybrid", intermediate_size=256, num_hidden_layers=2,
-        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
-        linear_value_head_dim=32, linear_conv_kernel_dim=4, linear_allow_neg_eigval=True,
+        COMMON, **ATTENTION, **GATED_DELTA, model_type="olmo_hybrid", intermediate_size=256,
+        num_hidden_layers=2, linear_conv_kernel_dim=4, linear_allow_neg_eigval=True,
         attention_bias=False, layer_types=["linear_attention", "full_attention"],
         rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=1024)),
     "lfm2_moe": (lfm2_moe, dict(
@@ -106,29 +102,13 @@ MORE = {
         v_head_dim=32, num_experts=0, moe_intermediate_size=64, first_k_dense_replace=2)),
 }
 
-GAIN = 4.0
-OUTPUTS = ("out_proj", "o_proj", "down_proj", "w2", "fc2", "dense")
-
-
-def _liven(model: nn.Module):
-    """Permuted-embedding head, scaled block outputs (see the module docstring)."""
-    modules = dict(model.named_modules())
-    head = next((m for p, m in modules.items() if p.split(".")[-1] == "lm_head"), None)
-    embed = next(m for m in modules.values() if isinstance(m, nn.Embedding))
-    if head is not None and head.weight.shape == embed.weight.shape:
-        head.weight = embed.weight[mx.random.permutation(embed.weight.shape[0])]
-    for path, m in modules.items():
-        if path.split(".")[-1] in OUTPUTS and "weight" in m and "layers" in path:
-            m.weight = m.weight * GAIN
-
-
 def build(name: str, seed: int = 0, bits: int = 4, experts_mode: str = "affine") -> nn.Module:
     """The tiny ``name`` model, affine ``bits``-bit (group 32) but its convolutions and
     norms; its experts in ``experts_mode`` (``mxfp4``: as gpt-oss ships them)."""
     module, config = {**CONFIGS, **MORE}[name]
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(dict(config)))
-    _liven(model)
+    liven(model)
     if experts_mode != "affine":
         nn.quantize(model, group_size=32, bits=4, mode=experts_mode,
                     class_predicate=lambda _, m: isinstance(m, switch_layers.SwitchLinear))
