@@ -82,17 +82,6 @@ def parse_precision(name: str) -> Precision:
     return Precision(**fields)
 
 
-def parse_levels(name: str) -> list[str]:
-    """``'ngram > a8+kv-upper > verify'`` → ``['ngram', 'a8+kv-upper']`` (the trailing
-    ``verify`` is implied); UserError for an empty level."""
-    parts = [p.strip().lower() for p in str(name).split(SEPARATOR)]
-    if len(parts) > 1 and parts[-1] == VERIFY_NAME:
-        parts.pop()
-    if not all(parts):
-        raise UserError(f"draft {name!r} has an empty level; write levels as ngram>a8-g32>verify")
-    return parts
-
-
 @dataclass(frozen=True)
 class DraftName:
     """A draft name read once: ``auto``, or its levels cheapest first (a name of
@@ -148,8 +137,13 @@ def parse(name) -> DraftName:
         return DraftName()
     if str(name).strip().lower() == AUTO:
         return DraftName(auto=True)
+    parts = [p.strip().lower() for p in str(name).split(SEPARATOR)]
+    if len(parts) > 1 and parts[-1] == VERIFY_NAME:  # the verify is implied last
+        parts.pop()
+    if not all(parts):
+        raise UserError(f"draft {name!r} has an empty level; write levels as ngram>a8-g32>verify")
     levels = []
-    for part in parse_levels(name):
+    for part in parts:
         try:
             levels.append(part if part in NAMED_LEVELS else
                           _head_level(part) if part.split("+")[0] in (MTP, HEAD) else
