@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.utils import quantize_model, save, save_config, save_model
 
 from .. import gguf
@@ -166,9 +166,7 @@ def write_mtp(model_obj, mlx_path: Path, quantization, dtype=None) -> None:
     if not isinstance(kept, tuple):
         return
     head, cfg = kept
-    if dtype is not None:
-        head.update(tree_map(lambda v: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v,
-                             head.parameters()))
+    cast_floats(head, dtype)
     if quantization:
         quantize_head(head, quantization[1], quantization[0])
         cfg = {**cfg, "quantization": {"group_size": quantization[1], "bits": quantization[0]}}
