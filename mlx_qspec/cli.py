@@ -30,7 +30,7 @@ from .kv_cache import GROUP_SIZES, KV_MODES, MAX_DRAFT_TOKENS
 from .loader import DEFAULT_GGUF_FILE, check_adapters, is_hub_id, load
 from .loader import default_model_path  # noqa: F401  (the commands take it from here)
 from .sampling import make_sampler
-from .settings import KV_BITS, SettingError, Settings, check
+from .settings import KV_BITS, NAMES, SettingError, Settings, check
 from .vocabulary import vocabulary_size
 
 MODEL_HELP = ("mlx model directory, Hugging Face repo id (downloaded on first use, as "
@@ -249,11 +249,7 @@ def add_draft_args(parser, named: bool = False,
 def settings_from_args(args) -> Settings:
     """The decoding settings the flags give (those a parser has), checked together;
     ``--draft-model`` with the default ``--draft auto`` drafts alone (as in mlx-lm)."""
-    values = {name: getattr(args, name) for name in (
-        "draft", "num_draft_tokens", "draft_p_min", "kv_mode", "kv_bits", "kv_group_size",
-        "quantized_kv_start", "max_kv_size", "prefill_step_size", "temp", "top_p", "min_p",
-        "top_k", "min_tokens_to_keep", "xtc_probability", "xtc_threshold", "seed")
-        if getattr(args, name, None) is not None}
+    values = {name: getattr(args, name) for name in NAMES if getattr(args, name, None) is not None}
     if getattr(args, "draft_model", None) is not None and grammar.parse(args.draft).auto:
         values["draft"] = grammar.NONE
     try:
