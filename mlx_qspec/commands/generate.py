@@ -68,17 +68,6 @@ def setup_arg_parser():
     return parser
 
 
-def check_args(args) -> Settings:
-    """What needs no model, checked before one loads: the decoding settings, and the flags
-    that only make sense together."""
-    settings = check_before_load(args, kv_from_file=args.prompt_cache_file is not None)
-    if args.prompt_cache_file is not None:
-        if args.kv_mode != "fp" or args.max_kv_size is not None:
-            flag = "--max-kv-size" if args.max_kv_size is not None else f"--kv-mode {args.kv_mode}"
-            raise UserError(f"{flag} cannot change the cache read from --prompt-cache-file")
-    return settings
-
-
 def load_prompt_cache_file(path: str):
     """``(cache, metadata)`` of a file ``cache_prompt`` wrote, or a UserError naming it."""
     try:
@@ -206,7 +195,11 @@ def _load(args, ranks: int, settings: Settings):
 
 def run(args, parser) -> None:
     check_text_args(parser, args)
-    settings = check_args(args)
+    from_file = args.prompt_cache_file is not None
+    settings = check_before_load(args, kv_from_file=from_file)
+    if from_file and (args.kv_mode != "fp" or args.max_kv_size is not None):
+        flag = "--max-kv-size" if args.max_kv_size is not None else f"--kv-mode {args.kv_mode}"
+        raise UserError(f"{flag} cannot change the cache read from --prompt-cache-file")
     prompt = read_prompt(args.prompt)
     ranks = distributed.connect().size()  # 1 unless mlx.launch started several
     if ranks > 1:  # every rank draws alike: same drafts, same accept draws, same samples
