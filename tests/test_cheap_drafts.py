@@ -168,6 +168,12 @@ def test_bad_cascades_fail_before_any_compute(model, draft, msg):
         speculative_generate_step(mx.array(PROMPT), model, draft=draft)
 
 
+def test_an_uncalibrated_share_names_the_function_that_calibrates_it(model):
+    """The message named mlx_qspec.layer_skip.resolve, a module that is not there any more."""
+    with pytest.raises(ValueError, match="resolve it with mlx_qspec.drafts.layer_skip.resolve"):
+        build(model, "skip-0.5")
+
+
 def test_bad_lookup_settings_name_the_setting():
     with pytest.raises(ValueError, match="min .3. is larger than ngram max .2."):
         Ngram(min_n=3, max_n=2)

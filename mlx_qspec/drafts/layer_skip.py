@@ -35,7 +35,7 @@ def check(model: nn.Module, p: Precision) -> None:
         raise UserError(
             f"draft {p.name!r} names a share of blocks, which is calibrated with the "
             "tokenizer: pass it through mlx_qspec.generate / stream_generate, or resolve it "
-            "with mlx_qspec.layer_skip.resolve(model, tokenizer, draft)"
+            "with mlx_qspec.drafts.layer_skip.resolve(model, tokenizer, draft)"
         )
     if p.skip and (p.skip[-1] >= n or len(p.skip) >= n - 1):
         raise UserError(f"draft {p.name!r}: this model has blocks 0..{n - 1} and block 0 always runs")
