@@ -199,7 +199,9 @@ def build(model: nn.Module, name, kv_mode: str = "fp", ngram: Ngram = Ngram(),
         levels = [_named_level(model, x, ngram, draft_head) if isinstance(x, str) else x
                   for x in grammar.parse(name).levels]
     if draft_model is not None:
-        _check_vocabulary(model, draft_model.model)
+        if vocabulary_size(model) != (vocab := vocabulary_size(draft_model.model)):
+            raise UserError(f"the draft model's vocabulary ({vocab} tokens) is not the model's "
+                            f"({vocabulary_size(model)}): a draft model must share the tokenizer")
         if why := recurrent.unsupported(draft_model.model):
             raise UserError(f"cannot draft with the draft model: {why}")
         if levels and isinstance(levels[0], Ngram):
@@ -234,14 +236,6 @@ def _named_level(model, name: str, ngram: Ngram, draft_head):
     if isinstance(draft_head, HeadDraft):  # its cache goes on with the conversation it drafts for
         return draft_head if draft_head.precision == at else draft_head.reading(at)
     return head_level(model, draft_head, at)
-
-
-def _check_vocabulary(model: nn.Module, draft: nn.Module):
-    if vocabulary_size(model) != vocabulary_size(draft):
-        raise UserError(
-            f"the draft model's vocabulary ({vocabulary_size(draft)} tokens) is not the model's "
-            f"({vocabulary_size(model)}): a draft model must share the tokenizer"
-        )
 
 
 def resolve(model: nn.Module, tokenizer, name, progress=None):

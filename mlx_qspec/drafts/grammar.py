@@ -59,10 +59,6 @@ def _skip_fields(term: str) -> dict:
         ) from None
 
 
-def _axis(term: str) -> str:
-    return "activations" if term.startswith("a") else term.split("-")[0]
-
-
 def parse_precision(name: str) -> Precision:
     """``'a8+kv-upper'`` → ``Precision(act_bits=8, kv='upper')``; UserError naming the bad
     part for an unknown term or two terms on one axis (``a8+a4``)."""
@@ -74,7 +70,7 @@ def parse_precision(name: str) -> Precision:
                 f"unknown draft term {term!r} in {name!r}; terms: {', '.join(TERMS)} "
                 "(combine with '+', e.g. a8+kv-upper)"
             )
-        axis = _axis(term)
+        axis = "activations" if term.startswith("a") else term.split("-")[0]
         if axis in axes:
             raise UserError(f"draft {name!r} reads {axis} two ways ({axes[axis]} and {term})")
         axes[axis] = term
