@@ -2,7 +2,4 @@
 (:mod:`mlx_qspec.commands.bench`; this shell handles Ctrl-C before that code is imported)."""
 from .command import shell
 
-main, __getattr__ = shell("mlx_qspec.commands.bench")
-
-if __name__ == "__main__":
-    main()
+main, __getattr__ = shell("mlx_qspec.commands.bench", __name__)

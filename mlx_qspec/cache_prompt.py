@@ -3,7 +3,4 @@
 imported)."""
 from .command import shell
 
-main, __getattr__ = shell("mlx_qspec.commands.cache_prompt")
-
-if __name__ == "__main__":
-    main()
+main, __getattr__ = shell("mlx_qspec.commands.cache_prompt", __name__)

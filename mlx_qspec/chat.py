@@ -2,7 +2,4 @@
 (:mod:`mlx_qspec.commands.chat`; this shell handles Ctrl-C before that code is imported)."""
 from .command import shell
 
-main, __getattr__ = shell("mlx_qspec.commands.chat")
-
-if __name__ == "__main__":
-    main()
+main, __getattr__ = shell("mlx_qspec.commands.chat", __name__)

@@ -20,15 +20,17 @@ from typing import Optional
 
 from . import hooks
 from .drafts import grammar
+from .drafts.cascade import resolve
 from .heads.level import head_level
+from .heads.store import read_config
 from .drafts.ngram import Ngram
 from .command import EXIT_BROKEN_PIPE, exit_interrupted
 from .errors import ModelError, UserError
 from .kv_cache import GROUP_SIZES, KV_MODES, MAX_DRAFT_TOKENS
 from .loader import DEFAULT_GGUF_FILE, check_adapters, is_hub_id, load
 from .loader import default_model_path  # noqa: F401  (the commands take it from here)
-from .sampling import Sampler, make_sampler
-from .settings import KV_BITS, SettingError, Settings, check
+from .sampling import make_sampler
+from .settings import KV_BITS, NAMES, SettingError, Settings, check
 from .vocabulary import vocabulary_size
 
 MODEL_HELP = ("mlx model directory, Hugging Face repo id (downloaded on first use, as "
@@ -43,6 +45,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def decoding_parser(prog: str, description: str) -> ArgumentParser:
+    """The parser of a command that decodes (generate, chat): the model flags first, the
+    draft modes closing its ``--help``."""
+    parser = ArgumentParser(prog=prog, description=description, epilog=grammar.drafts_epilog(),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    return parser
 
 
 def run_cli(parser, argv, body) -> None:
@@ -238,11 +249,7 @@ def add_draft_args(parser, named: bool = False,
 def settings_from_args(args) -> Settings:
     """The decoding settings the flags give (those a parser has), checked together;
     ``--draft-model`` with the default ``--draft auto`` drafts alone (as in mlx-lm)."""
-    values = {name: getattr(args, name) for name in (
-        "draft", "num_draft_tokens", "draft_p_min", "kv_mode", "kv_bits", "kv_group_size",
-        "quantized_kv_start", "max_kv_size", "prefill_step_size", "temp", "top_p", "min_p",
-        "top_k", "min_tokens_to_keep", "xtc_probability", "xtc_threshold", "seed")
-        if getattr(args, name, None) is not None}
+    values = {name: getattr(args, name) for name in NAMES if getattr(args, name, None) is not None}
     if getattr(args, "draft_model", None) is not None and grammar.parse(args.draft).auto:
         values["draft"] = grammar.NONE
     try:
@@ -272,10 +279,8 @@ def check_before_load(args, kv_from_file: bool = False) -> Settings:
             raise ModelError(f"--{flag.replace('_', '-')} '{name}' does not exist")
     if getattr(args, "adapter_path", None) is not None:
         check_adapters(args.adapter_path, "--adapter-path")
-    head = getattr(args, "draft_head", None)
-    if head is not None and not Path(head).expanduser().is_dir():
-        raise UserError(f"--draft-head '{head}' is not a directory (python -m "
-                        "mlx_qspec.train_head --out DIR writes one)")
+    if getattr(args, "draft_head", None) is not None:
+        read_config(args.draft_head)  # its files, as the load reads them
     return settings
 
 
@@ -304,12 +309,19 @@ def check_top_k(top_k: int, model) -> None:
         raise UserError(f"--top-k must be below the vocabulary size {vocab}, got {top_k}")
 
 
-def make_cli_sampler(settings: Settings, model, tokenizer) -> Sampler:
-    """mlx-lm's CLI sampler (XTC spares newline and EOS), after the check that needs the
-    model (:func:`check_top_k`)."""
+def load_drafts(args, settings: Settings, model, tokenizer, show: bool = True) -> tuple:
+    """``(sampler, draft model, draft head, settings)`` of a command that decodes: mlx-lm's
+    CLI sampler (XTC spares newline and EOS) after the check that needs the model
+    (:func:`check_top_k`), ``--draft-model``, ``--draft-head``, and the settings with every
+    ``skip-<share>`` calibrated (its progress shown where ``show``)."""
     check_top_k(settings.top_k, model)
-    return make_sampler(**settings.sampling(),
-                        xtc_special_tokens=tokenizer.encode("\n") + list(tokenizer.eos_token_ids))
+    sampler = make_sampler(**settings.sampling(),
+                           xtc_special_tokens=tokenizer.encode("\n") + list(tokenizer.eos_token_ids))
+    draft_model = load_draft_model(args.draft_model, tokenizer)
+    draft_head = load_draft_head(args.draft_head, model)
+    calibrating = progress_of("skip calibration (forwards)") if show else None
+    return sampler, draft_model, draft_head, settings.but(
+        draft=resolve(model, tokenizer, settings.draft, calibrating))
 
 
 # ---------------------------------------------------------------- text

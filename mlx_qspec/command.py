@@ -80,9 +80,10 @@ def importing():
         exit_interrupted()
 
 
-def shell(code: str):
+def shell(code: str, module_name: str = ""):
     """``(main, __getattr__)`` for a command module whose code is the module ``code``: ``main``
-    handles Ctrl-C from its first line, then imports ``code`` and runs its ``main``."""
+    handles Ctrl-C from its first line, then imports ``code`` and runs its ``main``. A module
+    run as a script (``module_name``, its ``__name__``, is ``__main__``) runs ``main`` at once."""
 
     def main(argv=None):
         with importing():
@@ -95,4 +96,6 @@ def shell(code: str):
             raise AttributeError(name)
         return getattr(importlib.import_module(code), name)
 
+    if module_name == "__main__":
+        main()
     return main, __getattr__

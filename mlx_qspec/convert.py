@@ -3,7 +3,4 @@ model → an mlx directory (:mod:`mlx_qspec.commands.convert`, also its ``conver
 handles Ctrl-C before that code is imported)."""
 from .command import shell
 
-main, __getattr__ = shell("mlx_qspec.commands.convert")
-
-if __name__ == "__main__":
-    main()
+main, __getattr__ = shell("mlx_qspec.commands.convert", __name__)

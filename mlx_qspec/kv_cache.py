@@ -427,9 +427,6 @@ class SpeculativeRotatingKVCache(_RewindableCache):
         self.offset -= n
         return n
 
-    def to_quantized(self, group_size: int = 64, bits: int = 4):
-        raise NotImplementedError("a rotating cache cannot be quantized (as mlx-lm's)")
-
     def empty(self):
         return self.keys is None
 

@@ -3,7 +3,4 @@
 
 from .command import shell
 
-main, __getattr__ = shell("mlx_qspec.commands.server")
-
-if __name__ == "__main__":
-    main()
+main, __getattr__ = shell("mlx_qspec.commands.server", __name__)

@@ -158,18 +158,13 @@ NAMES = tuple(f.name for f in fields(Settings))
 def from_kwargs(kwargs: dict, **given) -> Settings:
     """Settings from ``given`` and the settings among an API call's ``kwargs`` (removed from
     it; what is left is not a setting). None for a setting means its default."""
-    values = {k: kwargs.pop(k) for k in NAMES if k in kwargs}
-    values.update(given)
-    return Settings(**{k: v for k, v in values.items() if v is not None})
+    return resolve({k: kwargs.pop(k) for k in NAMES if k in kwargs}, **given)
 
 
 def resolve(kwargs: dict, **given) -> Settings:
-    """The settings of an API call: its ``settings=`` value (removed from ``kwargs``) changed
-    by the setting names beside it and ``given``, or :func:`from_kwargs` without one. Either
-    way the setting names leave ``kwargs``; None for one means not given."""
-    settings = kwargs.pop("settings", None)
-    if settings is None:
-        return from_kwargs(kwargs, **given)
-    changes = {k: kwargs.pop(k) for k in NAMES if k in kwargs}
-    changes.update(given)
+    """The settings of an API call: its ``settings=`` value (removed from ``kwargs``; the
+    defaults without one) changed by the setting names beside it and ``given``. Either way
+    the setting names leave ``kwargs``; None for one means not given."""
+    settings = kwargs.pop("settings", None) or Settings()
+    changes = {k: kwargs.pop(k) for k in NAMES if k in kwargs} | given
     return settings.but(**{k: v for k, v in changes.items() if v is not None})

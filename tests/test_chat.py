@@ -16,12 +16,13 @@ from helpers import default_sigint
 QUESTIONS = ["Name three colours.", "And three animals?"]
 
 
-def chat(tiny_gguf, draft, stdin: bytes):
+def chat(tiny_gguf, draft, max_tokens="12", **popen):
+    """``python -m mlx_qspec.chat`` on the tiny model, its stdin, stdout and stderr piped."""
     return subprocess.Popen(
-        [sys.executable, "-m", "mlx_qspec.chat", "--model", tiny_gguf, "--max-tokens", "12",
+        [sys.executable, "-m", "mlx_qspec.chat", "--model", tiny_gguf, "--max-tokens", max_tokens,
          "--draft", draft],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        env=dict(os.environ, HF_HUB_OFFLINE="1"), **popen)
 
 
 def answers(stdout: bytes) -> list:
@@ -47,7 +48,7 @@ def test_chat_through_stdin_speculative_equals_plain(tiny_gguf):
     the second answer differs from what the first question alone gets."""
     script = ("\n".join([QUESTIONS[0], QUESTIONS[1]]) + "\n").encode() + b"caf\xe9\nh\nr\n" + (
         QUESTIONS[0] + "\n").encode()
-    procs = {d: chat(tiny_gguf, d, script) for d in ("none", "a8-g32")}
+    procs = {d: chat(tiny_gguf, d) for d in ("none", "a8-g32")}
     results = {d: p.communicate(script, timeout=120) for d, p in procs.items()}
     for d, (out, err) in results.items():
         assert procs[d].returncode == 0, err
@@ -117,11 +118,7 @@ def _read_until(stream, seen: bytearray, marker: bytes, after: bytes = b"") -> N
 def test_ctrl_c_stops_the_answer_then_leaves_at_the_prompt(tiny_gguf):
     """Ctrl-C during an answer (here an endless one) stops it and the chat goes on; at the
     prompt it leaves with exit 130; never a traceback."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_qspec.chat", "--model", tiny_gguf, "--max-tokens", "-1",
-         "--draft", "a8-g32"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=dict(os.environ, HF_HUB_OFFLINE="1"), preexec_fn=default_sigint)
+    proc = chat(tiny_gguf, "a8-g32", max_tokens="-1", preexec_fn=default_sigint)
     watchdog = threading.Timer(120, proc.kill)  # a chat stuck at its prompt fails, not hangs
     watchdog.start()
     seen = bytearray()

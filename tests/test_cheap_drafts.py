@@ -6,6 +6,7 @@ measured agreement and is cached."""
 
 import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
 from helpers import build_tiny_model
@@ -97,7 +98,7 @@ def test_copying_output_is_drafted_whole_by_the_lookup():
 def test_a_skip_draft_reads_only_the_blocks_it_runs(model):
     hooks.install(model)
     layer = model.model.layers[2]
-    block_bytes = sum(v.nbytes for k, v in _flat(layer.parameters()) if "norm" not in k)
+    block_bytes = sum(v.nbytes for k, v in tree_flatten(layer.parameters()) if "norm" not in k)
     counted = {}
     for p in (FULL_PRECISION, Precision(skip=(2,))):
         cache = make_cache(model, "fp", BLOCK, BLOCK)
@@ -110,14 +111,6 @@ def test_a_skip_draft_reads_only_the_blocks_it_runs(model):
     full, draft = (counted[p] for p in counted)
     assert full.bytes(reads.WEIGHTS) - draft.bytes(reads.WEIGHTS) == block_bytes
     assert draft.bytes(reads.KV) == pytest.approx(full.bytes(reads.KV) * 3 / 4)
-
-
-def _flat(params, prefix=""):
-    for k, v in params.items():
-        if isinstance(v, dict):
-            yield from _flat(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
 
 
 def test_calibration_picks_blocks_by_measured_agreement_and_is_cached(model, tmp_path, monkeypatch):
@@ -173,6 +166,12 @@ def test_speculative_sampling_with_a_point_mass_draft_keeps_the_distribution(dra
 def test_bad_cascades_fail_before_any_compute(model, draft, msg):
     with pytest.raises(ValueError, match=msg):
         speculative_generate_step(mx.array(PROMPT), model, draft=draft)
+
+
+def test_an_uncalibrated_share_names_the_function_that_calibrates_it(model):
+    """The message named mlx_qspec.layer_skip.resolve, a module that is not there any more."""
+    with pytest.raises(ValueError, match="resolve it with mlx_qspec.drafts.layer_skip.resolve"):
+        build(model, "skip-0.5")
 
 
 def test_bad_lookup_settings_name_the_setting():

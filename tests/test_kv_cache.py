@@ -259,3 +259,18 @@ def test_bad_input():
     with pytest.raises(ValueError, match="pass value_group_size=32"):
         NestedKVCache(32, 64).update_and_fetch(*kv(4, D=96))
     assert make_cache(model, "nested")[0].value_group_size == 32  # head dim 32 < default 64
+
+
+def test_generate_reads_a_prompt_cache_file_named_from_home(tiny_gguf, tmp_path, monkeypatch,
+                                                            capsys):
+    """--prompt-cache-file ~/c.safetensors (quoted, or as --flag=~/…: no shell expands it):
+    cache_prompt wrote $HOME/c.safetensors, and generate said it did not exist."""
+    from mlx_qspec.cache_prompt import main as cache_prompt_main
+    from mlx_qspec.generate import main as generate_main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    file = "~/c.safetensors"
+    cache_prompt_main(["--model", tiny_gguf, "--prompt", "hi", "--prompt-cache-file", file])
+    capsys.readouterr()
+    generate_main(["--prompt-cache-file", file, "--prompt", "there", "--max-tokens", "3"])
+    assert capsys.readouterr().out.strip()

@@ -135,9 +135,8 @@ W, PROMPT, T = 24, 40, 100
 def plain_windowed(tiny):
     """mlx-lm's plain decoding with what ``make_prompt_cache(model, W)`` builds."""
     prompt = mx.arange(3, 3 + PROMPT).astype(mx.uint32)
-    ref = [t for t, _ in generate_step(prompt, tiny, max_tokens=T,
-                                       prompt_cache=[RotatingKVCache(W, 4) for _ in tiny.layers])]
-    full = [t for t, _ in generate_step(prompt, tiny, max_tokens=T)]
+    ref = _plain(tiny, prompt, [RotatingKVCache(W, 4) for _ in tiny.layers], T)
+    full = _plain(tiny, prompt, None, T)
     assert ref != full  # the window slides and changes the text
     return prompt, ref
 
@@ -150,28 +149,21 @@ def test_greedy_speculation_equals_plain_rotating_decoding(tiny, plain_windowed,
     for c in cache:
         c.step = 8  # drop old positions often
     stats = SpecStats()
-    out = [t for t, *_ in speculative_generate_step(
-        prompt, tiny, draft=draft, num_draft_tokens=gamma, max_tokens=T, prompt_cache=cache,
-        stats=stats)]
-    assert out == ref
+    assert _speculate(tiny, prompt, cache, T, draft, gamma, stats) == ref
     assert stats.accepted > 0
     if draft == "a8":  # on this model a8 drafts are sometimes rejected: verifies rewound
         assert stats.drafted > stats.accepted
     assert cache[0].start > 0 and cache[0].keys.shape[2] <= 4 + W + REWIND_SLOTS + 2 * 16 + 8
 
 
-def test_plain_generate_step_applies_the_window_too(tiny, plain_windowed):
-    """The API's plain loop given ``max_kv_size`` decodes on the same window as mlx-lm's
-    rotating cache (mlx-lm's own make_prompt_cache would ignore it on llama)."""
+def test_plain_and_speculative_loops_without_a_cache_apply_the_window(tiny, plain_windowed):
+    """Given ``max_kv_size`` and no cache, the API's plain loop decodes on the same window as
+    mlx-lm's rotating cache (mlx-lm's own make_prompt_cache would ignore it on llama), and
+    ``speculative_generate_step`` builds it too (it built an unbounded cache) and keeps plain
+    decoding's output on it."""
     prompt, ref = plain_windowed
     out = [t for t, *_ in plain_generate_step(prompt, tiny, max_tokens=T, max_kv_size=W)]
     assert out == ref
-
-
-def test_speculation_without_a_cache_applies_the_window(tiny, plain_windowed):
-    """Given no cache, ``speculative_generate_step`` builds the ``max_kv_size`` window too
-    (it built an unbounded cache) and keeps plain decoding's output on it."""
-    prompt, ref = plain_windowed
     stats = SpecStats()
     out = [t for t, *_ in speculative_generate_step(prompt, tiny, draft="a8", num_draft_tokens=4,
                                                     max_tokens=T, max_kv_size=W, stats=stats)]
@@ -181,12 +173,9 @@ def test_speculation_without_a_cache_applies_the_window(tiny, plain_windowed):
 def test_keep_zero_window(tiny):
     """mlx-lm's ``RotatingKVCache(max_size)`` default (keep 0), prompt shorter than W."""
     prompt = mx.arange(3, 13).astype(mx.uint32)
-    ref = [t for t, _ in generate_step(prompt, tiny, max_tokens=T,
-                                       prompt_cache=[RotatingKVCache(W) for _ in tiny.layers])]
+    ref = _plain(tiny, prompt, [RotatingKVCache(W) for _ in tiny.layers], T)
     cache = [SpeculativeRotatingKVCache(W) for _ in tiny.layers]
-    out = [t for t, *_ in speculative_generate_step(
-        prompt, tiny, draft="a8-g32", num_draft_tokens=8, max_tokens=T, prompt_cache=cache)]
-    assert out == ref
+    assert _speculate(tiny, prompt, cache, T, "a8-g32", 8) == ref
 
 
 def test_make_rotating_cache_windows_every_full_attention_layer(tiny):
@@ -239,9 +228,7 @@ def test_auto_calibrates_and_decodes_on_the_window(tiny, plain_windowed):
     prompt, ref = plain_windowed
     cache = make_rotating_cache(tiny, W)
     stats = SpecStats()
-    out = [t for t, *_ in speculative_generate_step(
-        prompt, tiny, draft="auto", max_tokens=T, prompt_cache=cache, stats=stats)]
-    assert stats.auto_reason and out == ref
+    assert _speculate(tiny, prompt, cache, T, "auto", None, stats) == ref and stats.auto_reason
 
 
 def test_a_next_prompt_on_a_wrapped_window_is_prefilled_as_plain_decoding_does(tiny):

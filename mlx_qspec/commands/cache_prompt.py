@@ -70,17 +70,22 @@ def prompt_tokens(tokenizer, prompt: str) -> list:
     return tokenizer.encode(prompt)
 
 
-def check_destination(path: str) -> Path:
-    """The file to write (``~`` expanded), checked before the model loads and the prompt is
-    prefilled (minutes for a long one): a .safetensors name, in a folder that exists and can
-    be written."""
-    if not path.endswith(".safetensors"):
+def prompt_cache_path(path: str, writing: bool = False) -> Path:
+    """The file ``--prompt-cache-file`` names (``~`` expanded), checked before the model
+    loads: to read, one that exists; to write (before the prompt is prefilled: minutes for a
+    long one), a .safetensors name in a folder that exists and can be written."""
+    if writing and not path.endswith(".safetensors"):
         # mx.save_safetensors would add the suffix, and generate would not find the file
         raise UserError(f"--prompt-cache-file '{path}' must end in .safetensors")
     file = Path(path).expanduser()
     folder = file.parent
     if file.is_dir():
-        raise UserError(f"--prompt-cache-file '{path}' is a directory; name a file in it")
+        raise UserError(f"--prompt-cache-file '{path}' is a directory" + (
+            "; name a file in it" if writing else ", not a file cache_prompt wrote"))
+    if not writing:
+        if not file.is_file():
+            raise UserError(f"--prompt-cache-file '{path}' does not exist")
+        return file
     if not folder.is_dir():
         what = "is not a directory" if folder.exists() else "does not exist"
         raise UserError(f"--prompt-cache-file '{path}': the folder '{folder}' {what}")
@@ -93,7 +98,7 @@ def run(args, parser) -> None:
     check_text_args(parser, args)
     settings = check_before_load(args)
     prompt = read_prompt(args.prompt)
-    file = check_destination(args.prompt_cache_file)
+    file = prompt_cache_path(args.prompt_cache_file, writing=True)
     tokenizer_config = {"trust_remote_code": args.trust_remote_code}
     if args.eos_token is not None:
         tokenizer_config["eos_token"] = args.eos_token

@@ -7,7 +7,6 @@ holds (the prompt and every generated token, the last one included), so a specul
 conversation stays token for token the plain one, turn after turn.
 """
 
-import argparse
 import sys
 import termios
 from contextlib import contextmanager
@@ -20,23 +19,18 @@ from rich.console import Console
 from ..api import GenerationResponse, make_generation_cache, stream_generate
 from ..caches import commit, position, rewind
 from ..cli import (
-    ArgumentParser,
     add_draft_args,
-    add_model_args,
     add_sampling_args,
     check_before_load,
     check_text_args,
+    decoding_parser,
     default_model_path,
     integer,
-    load_draft_head,
-    load_draft_model,
-    make_cli_sampler,
-    progress_of,
+    load_drafts,
     run_cli,
 )
 from ..decoder import forward
-from ..drafts.cascade import resolve
-from ..drafts.grammar import NONE, drafts_epilog
+from ..drafts.grammar import NONE
 from ..errors import UserError
 from ..loader import load
 from ..settings import Settings
@@ -47,14 +41,9 @@ DEFAULT_SEED = 0  # mlx_lm.chat seeds 0
 
 
 def setup_arg_parser():
-    parser = ArgumentParser(
-        prog="mlx_qspec.chat",
-        description="Chat with an LLM, decoding with exactly-lossless self-speculation "
-        "(the flags of mlx_lm.chat, plus the draft's). Commands: q exit, r reset, h help.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=drafts_epilog(),
-    )
-    add_model_args(parser)
+    parser = decoding_parser("mlx_qspec.chat", "Chat with an LLM, decoding with exactly-lossless "
+                             "self-speculation (the flags of mlx_lm.chat, plus the draft's). "
+                             "Commands: q exit, r reset, h help.")
     add_sampling_args(parser)
     parser.set_defaults(seed=DEFAULT_SEED)
     parser.add_argument("--max-tokens", "-m", type=integer(1, also=-1),
@@ -72,11 +61,8 @@ class Conversation:
     def __init__(self, model, tokenizer, args, settings: Settings):
         """``settings``: those ``args`` give, as :func:`cli.check_before_load` returned them."""
         self.model, self.tokenizer, self.args = model, tokenizer, args
-        self.sampler = make_cli_sampler(settings, model, tokenizer)
-        self.draft_model = load_draft_model(args.draft_model, tokenizer)
-        self.draft_head = load_draft_head(args.draft_head, model)  # one head cache per chat
-        self.settings = settings.but(draft=resolve(model, tokenizer, settings.draft,
-                                                   progress_of("skip calibration (forwards)")))
+        self.sampler, self.draft_model, self.draft_head, self.settings = load_drafts(
+            args, settings, model, tokenizer)  # (the head: one head cache per chat)
         self.turns = 0  # each turn draws from its own key: the seed + the turn's number
         self.reset()
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.utils import quantize_model, save, save_config, save_model
 
 from .. import gguf
@@ -78,15 +78,18 @@ def convert(
     created = _make_destination(mlx_path)
     try:
         if src.is_dir():
-            return _convert_hf(model, src, mlx_path, dtype, quantize and (q_bits, q_group_size))
-        return _convert(src, mlx_path, dtype, rotate, rotate_method)
+            _convert_hf(model, src, mlx_path, dtype, quantize and (q_bits, q_group_size))
+        else:
+            _convert(src, mlx_path, dtype, rotate, rotate_method)
     except BaseException:
         # The destination was absent or empty: clearing it loses nothing.
         shutil.rmtree(created, ignore_errors=True)
         raise
+    print(f"wrote {mlx_path}", file=sys.stderr)
+    return mlx_path
 
 
-def _convert(src: Path, mlx_path: Path, dtype, rotate: bool, rotate_method: str) -> Path:
+def _convert(src: Path, mlx_path: Path, dtype, rotate: bool, rotate_method: str) -> None:
     """:func:`convert` into an existing empty ``mlx_path``, its arguments checked."""
     model_obj, tokenizer, config, metadata = load_gguf(src)
     if rotate:
@@ -133,11 +136,9 @@ def _convert(src: Path, mlx_path: Path, dtype, rotate: bool, rotate_method: str)
         save_config(config, mlx_path / "config.json")
         write_mtp(model_obj, mlx_path, None, DTYPES.get(dtype))
     gguf.write_tokenizer(metadata, src, mlx_path)
-    print(f"wrote {mlx_path}", file=sys.stderr)
-    return mlx_path
 
 
-def _convert_hf(name: str, src: Path, mlx_path: Path, dtype, quantization) -> Path:
+def _convert_hf(name: str, src: Path, mlx_path: Path, dtype, quantization) -> None:
     """mlx-lm's convert of a Hugging Face model (its dtype rule, its quantization, its
     save), through our loader so that the MTP layers are kept."""
     model_obj, tokenizer, config = load(str(src), dtype=None, lazy=True, return_config=True)
@@ -152,8 +153,6 @@ def _convert_hf(name: str, src: Path, mlx_path: Path, dtype, quantization) -> Pa
     write_mtp(model_obj, mlx_path, quantization, DTYPES.get(dtype))
     print("writing model.safetensors", file=sys.stderr)
     save(mlx_path, src, model_obj, tokenizer, config)
-    print(f"wrote {mlx_path}", file=sys.stderr)
-    return mlx_path
 
 
 def write_mtp(model_obj, mlx_path: Path, quantization, dtype=None) -> None:
@@ -166,9 +165,7 @@ def write_mtp(model_obj, mlx_path: Path, quantization, dtype=None) -> None:
     if not isinstance(kept, tuple):
         return
     head, cfg = kept
-    if dtype is not None:
-        head.update(tree_map(lambda v: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v,
-                             head.parameters()))
+    cast_floats(head, dtype)
     if quantization:
         quantize_head(head, quantization[1], quantization[0])
         cfg = {**cfg, "quantization": {"group_size": quantization[1], "bits": quantization[0]}}

@@ -2,10 +2,8 @@
 thin shell over the API (:mod:`mlx_qspec.api`), whose ``stream_generate`` and ``generate``
 it holds as ``mlx_lm.generate`` does (``mlx_qspec.generate`` finds them here)."""
 
-import argparse
 import json
 import sys
-from pathlib import Path
 from typing import List
 
 from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache
@@ -13,44 +11,34 @@ from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache
 from .. import distributed, store
 from ..api import GenerationResponse, generate, stream_generate, summary_line  # noqa: F401
 from ..cli import (
-    ArgumentParser,
     add_draft_args,
     add_kv_args,
-    add_model_args,
     add_sampling_args,
     boolean,
     check_before_load,
     check_text_args,
+    decoding_parser,
     default_model_path,
     integer,
-    load_draft_head,
-    load_draft_model,
-    make_cli_sampler,
-    progress_of,
+    load_drafts,
     read_prompt,
     run_cli,
     template_config,
 )
-from ..drafts.cascade import resolve
-from ..drafts.grammar import NONE, drafts_epilog
+from ..drafts.grammar import NONE
 from ..errors import UserError
 from ..loader import load
 from ..settings import Settings
-from .cache_prompt import MODEL_FINGERPRINT
+from .cache_prompt import MODEL_FINGERPRINT, prompt_cache_path
 
 DEFAULT_PROMPT = "hello"
 DEFAULT_MAX_TOKENS = 100
 
 
 def setup_arg_parser():
-    parser = ArgumentParser(
-        prog="mlx_qspec.generate",
-        description="Generate text with exactly-lossless self-speculative decoding "
-        "(the flags of mlx_lm.generate, plus the draft's).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=drafts_epilog(),
-    )
-    add_model_args(parser)
+    parser = decoding_parser("mlx_qspec.generate", "Generate text with exactly-lossless "
+                             "self-speculative decoding (the flags of mlx_lm.generate, plus the "
+                             "draft's).")
     parser.add_argument("--pipeline", action="store_true",
                         help="Under mlx.launch with several ranks: give each machine a share of "
                         "the layers (pipeline) instead of a share of every layer (tensor parallel)")
@@ -80,26 +68,10 @@ def setup_arg_parser():
     return parser
 
 
-def check_args(args) -> Settings:
-    """What needs no model, checked before one loads: the decoding settings, and the flags
-    that only make sense together."""
-    settings = check_before_load(args, kv_from_file=args.prompt_cache_file is not None)
-    if args.prompt_cache_file is not None:
-        if args.kv_mode != "fp" or args.max_kv_size is not None:
-            flag = "--max-kv-size" if args.max_kv_size is not None else f"--kv-mode {args.kv_mode}"
-            raise UserError(f"{flag} cannot change the cache read from --prompt-cache-file")
-    return settings
-
-
 def load_prompt_cache_file(path: str):
     """``(cache, metadata)`` of a file ``cache_prompt`` wrote, or a UserError naming it."""
-    if Path(path).is_dir():
-        raise UserError(f"--prompt-cache-file '{path}' is a directory, not a file "
-                        "cache_prompt wrote")
-    if not Path(path).is_file():
-        raise UserError(f"--prompt-cache-file '{path}' does not exist")
     try:
-        cache, metadata = load_prompt_cache(path, return_metadata=True)
+        cache, metadata = load_prompt_cache(str(prompt_cache_path(path)), return_metadata=True)
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"--prompt-cache-file '{path}': cannot read it ({e})") from None
     if not {"model", "tokenizer_config"} <= set(metadata):
@@ -223,7 +195,11 @@ def _load(args, ranks: int, settings: Settings):
 
 def run(args, parser) -> None:
     check_text_args(parser, args)
-    settings = check_args(args)
+    from_file = args.prompt_cache_file is not None
+    settings = check_before_load(args, kv_from_file=from_file)
+    if from_file and (args.kv_mode != "fp" or args.max_kv_size is not None):
+        flag = "--max-kv-size" if args.max_kv_size is not None else f"--kv-mode {args.kv_mode}"
+        raise UserError(f"{flag} cannot change the cache read from --prompt-cache-file")
     prompt = read_prompt(args.prompt)
     ranks = distributed.connect().size()  # 1 unless mlx.launch started several
     if ranks > 1:  # every rank draws alike: same drafts, same accept draws, same samples
@@ -235,13 +211,10 @@ def run(args, parser) -> None:
         raise UserError("--adapter-path is not supported across machines (as in mlx-lm)")
     model, tokenizer, cache, settings = _load(args, ranks, settings)
     add_eos_tokens(tokenizer, args.extra_eos_token)
-    sampler = make_cli_sampler(settings, model, tokenizer)
     tokens = build_prompt(args, tokenizer, prompt, from_cache=cache is not None)
-    draft_model = load_draft_model(args.draft_model, tokenizer)
-    draft_head = load_draft_head(args.draft_head, model)
     show = distributed.is_main()  # one rank prints
-    calibrating = progress_of("skip calibration (forwards)") if show else None
-    settings = settings.but(draft=resolve(model, tokenizer, settings.draft, calibrating))
+    sampler, draft_model, draft_head, settings = load_drafts(args, settings, model, tokenizer,
+                                                             show)
 
     text, response = "", None
     counter = distributed.CollectiveCounter()

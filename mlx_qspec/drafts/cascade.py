@@ -27,15 +27,15 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import precision, reads, recurrent
-from ..errors import SettingError, UserError
+from ..errors import UserError
 from ..heads.level import HeadDraft, head_level, mtp_level
-from ..kv_cache import KV_MODES, make_rotating_cache
+from ..kv_cache import make_rotating_cache
 from ..precision import FULL_PRECISION, UPPER, Precision
 from ..quant.modes import draftable_layers, eight_bit_layers, input_dims
 from ..caches import commit, rewind
 from ..vocabulary import vocabulary_size
 from . import grammar, layer_skip
-from .grammar import DRAFT_MODEL, NESTED_KV, NGRAM, SEPARATOR
+from .grammar import DRAFT_MODEL, NGRAM, SEPARATOR
 from .ngram import Ngram
 
 
@@ -152,14 +152,8 @@ def check_draft(model: nn.Module, name, kv_mode: str = "fp") -> Precision | None
     p = name if isinstance(name, Precision) else grammar.parse_precision(name)
     if p.is_full:
         raise UserError(f"draft {name!r} reads nothing with fewer bits; use --draft none")
-    if kv_mode not in KV_MODES:
-        raise SettingError(f"unknown {{kv_mode}} {kv_mode!r}; valid: {', '.join(KV_MODES)}")
-    if p.kv == UPPER and kv_mode != NESTED_KV:
-        raise UserError(f"draft {p.name!r} reads the upper plane of a nested KV cache: "
-                        f"pass --kv-mode nested (got --kv-mode {kv_mode})")
-    if p.weights == UPPER and not eight_bit_layers(model):
-        raise UserError(f"draft {p.name!r} reads 8-bit weights as their upper plane, and this "
-                        "model has no 8-bit layers; use an -8bit model, or a8-g32 / kv-upper")
+    grammar.check(p, kv_mode)  # (kv-upper needs the nested cache)
+    _check_upper_weights(model, p, p.name, "; use an -8bit model, or a8-g32 / kv-upper")
     if p.act_bits is not None:
         layers = draftable_layers(model)
         if not layers:
@@ -171,6 +165,13 @@ def check_draft(model: nn.Module, name, kv_mode: str = "fp") -> Precision | None
                 raise UserError(f"draft {p.name!r}: activation group size {g} does not divide "
                                 f"the input size {input_dims(layer)} of {path}")
     return p
+
+
+def _check_upper_weights(model: nn.Module, p: Precision, name: str, hint: str = "") -> None:
+    """``w-upper`` reads 8-bit layers as their upper plane: UserError where there are none."""
+    if p.weights == UPPER and not eight_bit_layers(model):
+        raise UserError(f"draft {name!r} reads 8-bit weights as their upper plane, and this "
+                        f"model has no 8-bit layers{hint}")
 
 
 def runs(model: nn.Module, name, kv_mode: str) -> bool:
@@ -198,7 +199,9 @@ def build(model: nn.Module, name, kv_mode: str = "fp", ngram: Ngram = Ngram(),
         levels = [_named_level(model, x, ngram, draft_head) if isinstance(x, str) else x
                   for x in grammar.parse(name).levels]
     if draft_model is not None:
-        _check_vocabulary(model, draft_model.model)
+        if vocabulary_size(model) != (vocab := vocabulary_size(draft_model.model)):
+            raise UserError(f"the draft model's vocabulary ({vocab} tokens) is not the model's "
+                            f"({vocabulary_size(model)}): a draft model must share the tokenizer")
         if why := recurrent.unsupported(draft_model.model):
             raise UserError(f"cannot draft with the draft model: {why}")
         if levels and isinstance(levels[0], Ngram):
@@ -227,22 +230,12 @@ def _named_level(model, name: str, ngram: Ngram, draft_head):
     if name == NGRAM:
         return ngram
     at = grammar.head_precision(name)
-    if at.weights == UPPER and not eight_bit_layers(model):
-        raise UserError(f"draft {name!r} reads 8-bit weights as their upper plane, and this "
-                        "model has no 8-bit layers")
+    _check_upper_weights(model, at, name)
     if name.startswith(grammar.MTP):
         return mtp_level(model, at)
     if isinstance(draft_head, HeadDraft):  # its cache goes on with the conversation it drafts for
         return draft_head if draft_head.precision == at else draft_head.reading(at)
     return head_level(model, draft_head, at)
-
-
-def _check_vocabulary(model: nn.Module, draft: nn.Module):
-    if vocabulary_size(model) != vocabulary_size(draft):
-        raise UserError(
-            f"the draft model's vocabulary ({vocabulary_size(draft)} tokens) is not the model's "
-            f"({vocabulary_size(model)}): a draft model must share the tokenizer"
-        )
 
 
 def resolve(model: nn.Module, tokenizer, name, progress=None):

@@ -59,10 +59,6 @@ def _skip_fields(term: str) -> dict:
         ) from None
 
 
-def _axis(term: str) -> str:
-    return "activations" if term.startswith("a") else term.split("-")[0]
-
-
 def parse_precision(name: str) -> Precision:
     """``'a8+kv-upper'`` → ``Precision(act_bits=8, kv='upper')``; UserError naming the bad
     part for an unknown term or two terms on one axis (``a8+a4``)."""
@@ -74,23 +70,12 @@ def parse_precision(name: str) -> Precision:
                 f"unknown draft term {term!r} in {name!r}; terms: {', '.join(TERMS)} "
                 "(combine with '+', e.g. a8+kv-upper)"
             )
-        axis = _axis(term)
+        axis = "activations" if term.startswith("a") else term.split("-")[0]
         if axis in axes:
             raise UserError(f"draft {name!r} reads {axis} two ways ({axes[axis]} and {term})")
         axes[axis] = term
         fields.update(_skip_fields(term) if term.startswith(SKIP) else TERMS[term])
     return Precision(**fields)
-
-
-def parse_levels(name: str) -> list[str]:
-    """``'ngram > a8+kv-upper > verify'`` → ``['ngram', 'a8+kv-upper']`` (the trailing
-    ``verify`` is implied); UserError for an empty level."""
-    parts = [p.strip().lower() for p in str(name).split(SEPARATOR)]
-    if len(parts) > 1 and parts[-1] == VERIFY_NAME:
-        parts.pop()
-    if not all(parts):
-        raise UserError(f"draft {name!r} has an empty level; write levels as ngram>a8-g32>verify")
-    return parts
 
 
 @dataclass(frozen=True)
@@ -148,8 +133,13 @@ def parse(name) -> DraftName:
         return DraftName()
     if str(name).strip().lower() == AUTO:
         return DraftName(auto=True)
+    parts = [p.strip().lower() for p in str(name).split(SEPARATOR)]
+    if len(parts) > 1 and parts[-1] == VERIFY_NAME:  # the verify is implied last
+        parts.pop()
+    if not all(parts):
+        raise UserError(f"draft {name!r} has an empty level; write levels as ngram>a8-g32>verify")
     levels = []
-    for part in parse_levels(name):
+    for part in parts:
         try:
             levels.append(part if part in NAMED_LEVELS else
                           _head_level(part) if part.split("+")[0] in (MTP, HEAD) else

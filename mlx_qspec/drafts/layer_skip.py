@@ -5,7 +5,7 @@ the skipped blocks' caches (their weights and KV are not read): the blocks pass 
 through when the current precision skips them (:func:`mlx_qspec.hooks.install`). The
 verify runs all blocks over the drafted positions and so writes every block's KV for them,
 as it already rewrites the draft's positions; the decoder rewinds each block's cache back
-to where it stood, whatever each one appended (:func:`mlx_qspec.rewind.rewind`).
+to where it stood, whatever each one appended (:func:`mlx_qspec.caches.rewind`).
 
 Which blocks to skip for a share ``skip-<f>`` is calibrated (Draft & Verify / SWIFT-style,
 no training): teacher-forced on real text (the start of Python stdlib files, present on
@@ -27,6 +27,7 @@ CALIBRATION_SAMPLES, CALIBRATION_LENGTH = 1, 128  # forwards of 128 tokens (slow
 STORE = "skip.json"  # beside the measured costs (measured.json)
 SHORTLIST = 6  # blocks tried at each greedy step: the best by their agreement when skipped alone
 
+
 def check(model: nn.Module, p: Precision) -> None:
     """UserError unless ``p``'s skipped blocks exist in ``model`` and leave some to run."""
     n = len(model.layers)
@@ -34,7 +35,7 @@ def check(model: nn.Module, p: Precision) -> None:
         raise UserError(
             f"draft {p.name!r} names a share of blocks, which is calibrated with the "
             "tokenizer: pass it through mlx_qspec.generate / stream_generate, or resolve it "
-            "with mlx_qspec.layer_skip.resolve(model, tokenizer, draft)"
+            "with mlx_qspec.drafts.layer_skip.resolve(model, tokenizer, draft)"
         )
     if p.skip and (p.skip[-1] >= n or len(p.skip) >= n - 1):
         raise UserError(f"draft {p.name!r}: this model has blocks 0..{n - 1} and block 0 always runs")
@@ -99,10 +100,8 @@ def calibrate_cached(model, tokenizer, fraction: float, progress=None) -> Calibr
     the cost tables); a corrupt entry is recomputed."""
     key = f"{store.fingerprint(model)}|{fraction:g}"
     stored = store.read(STORE)
-    try:
-        return _entry(fraction, stored[key])
-    except (KeyError, TypeError, ValueError, AttributeError):
-        pass
+    if (found := _entry(fraction, stored.get(key))) is not None:
+        return found
     tokens = calibration_tokens(tokenizer, CALIBRATION_SAMPLES, CALIBRATION_LENGTH)
     result = calibrate(model, tokens, fraction, progress)
     stored[key] = dict(skip=list(result.skip), agreement=result.agreement, single=result.single)
@@ -113,19 +112,19 @@ def calibrate_cached(model, tokenizer, fraction: float, progress=None) -> Calibr
 def cached_calibrations(model: nn.Module) -> list[Calibration]:
     """Every calibration stored for ``model`` (what ``auto`` may weigh without calibrating)."""
     prefix = store.fingerprint(model) + "|"
-    out = []
-    for key, entry in store.read(STORE).items():
-        if key.startswith(prefix):
-            try:
-                out.append(_entry(float(key[len(prefix):]), entry))
-            except (KeyError, TypeError, ValueError, AttributeError):
-                continue
-    return out
+    found = [_entry(key[len(prefix):], entry) for key, entry in store.read(STORE).items()
+             if key.startswith(prefix)]
+    return [c for c in found if c is not None]
 
 
-def _entry(fraction: float, entry) -> Calibration:
-    return Calibration(fraction, tuple(int(i) for i in entry["skip"]), float(entry["agreement"]),
-                       {int(k): float(v) for k, v in entry["single"].items()})
+def _entry(fraction, entry) -> Calibration | None:
+    """A stored calibration (``fraction``: a number or its text); None if missing or corrupt."""
+    try:
+        return Calibration(float(fraction), tuple(int(i) for i in entry["skip"]),
+                           float(entry["agreement"]),
+                           {int(k): float(v) for k, v in entry["single"].items()})
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
 
 
 def resolve(model: nn.Module, tokenizer, p: Precision, progress=None) -> Precision:
