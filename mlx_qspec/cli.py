@@ -284,41 +284,25 @@ def check_before_load(args, kv_from_file: bool = False) -> Settings:
     return settings
 
 
-def load_draft_model(path: Optional[str], tokenizer):
-    """``--draft-model``: the smaller model, its tokenizer checked against the model's."""
-    if path is None:
-        return None
-    draft_model, draft_tokenizer = load(path)
-    if draft_tokenizer.vocab_size != tokenizer.vocab_size:
-        raise ModelError(f"--draft-model {path}: its tokenizer has {draft_tokenizer.vocab_size} "
-                         f"tokens, the model's {tokenizer.vocab_size}; a draft model must share "
-                         "the tokenizer")
-    return draft_model
-
-
-def load_draft_head(path: Optional[str], model):
-    """``--draft-head``: the head level, checked against the model (one line if it does not
-    fit); None without the flag."""
-    return None if path is None else head_level(hooks.install(model), path)
-
-
-def check_top_k(top_k: int, model) -> None:
-    """``--top-k`` below the vocabulary size: the check of it that needs the model."""
-    vocab = vocabulary_size(model)
-    if vocab is not None and top_k >= vocab:
-        raise UserError(f"--top-k must be below the vocabulary size {vocab}, got {top_k}")
-
-
 def load_drafts(args, settings: Settings, model, tokenizer, show: bool = True) -> tuple:
-    """``(sampler, draft model, draft head, settings)`` of a command that decodes: mlx-lm's
-    CLI sampler (XTC spares newline and EOS) after the check that needs the model
-    (:func:`check_top_k`), ``--draft-model``, ``--draft-head``, and the settings with every
-    ``skip-<share>`` calibrated (its progress shown where ``show``)."""
-    check_top_k(settings.top_k, model)
+    """``(sampler, draft model, draft head, settings)`` of a command that decodes, after the
+    check of ``--top-k`` that needs the model (below its vocabulary): mlx-lm's CLI sampler
+    (XTC spares newline and EOS), ``--draft-model`` (its tokenizer checked against the
+    model's), ``--draft-head`` (checked against the model, one line if it does not fit), and
+    the settings with every ``skip-<share>`` calibrated (its progress shown where ``show``)."""
+    vocab = vocabulary_size(model)
+    if vocab is not None and settings.top_k >= vocab:
+        raise UserError(f"--top-k must be below the vocabulary size {vocab}, got {settings.top_k}")
     sampler = make_sampler(**settings.sampling(),
                            xtc_special_tokens=tokenizer.encode("\n") + list(tokenizer.eos_token_ids))
-    draft_model = load_draft_model(args.draft_model, tokenizer)
-    draft_head = load_draft_head(args.draft_head, model)
+    draft_model = None
+    if args.draft_model is not None:
+        draft_model, draft_tokenizer = load(args.draft_model)
+        if draft_tokenizer.vocab_size != tokenizer.vocab_size:
+            raise ModelError(f"--draft-model {args.draft_model}: its tokenizer has "
+                             f"{draft_tokenizer.vocab_size} tokens, the model's "
+                             f"{tokenizer.vocab_size}; a draft model must share the tokenizer")
+    draft_head = None if args.draft_head is None else head_level(hooks.install(model), args.draft_head)
     calibrating = progress_of("skip calibration (forwards)") if show else None
     return sampler, draft_model, draft_head, settings.but(
         draft=resolve(model, tokenizer, settings.draft, calibrating))

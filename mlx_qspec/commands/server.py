@@ -37,7 +37,6 @@ from starlette.routing import Route
 from .. import settings as decoding
 from ..batch import BatchEngine, Job, QueueFull
 from .. import cli, recurrent
-from ..drafts.cascade import resolve
 from ..errors import ModelError, UserError
 from ..loader import load
 from ..vocabulary import check_token_ids, vocabulary_size
@@ -700,10 +699,7 @@ def build(args, loaded: Optional[tuple] = None) -> tuple:
     settings = cli.check_before_load(args)  # its mistakes before the model loads
     model, tokenizer = loaded or load(args.model or cli.default_model_path())
     recurrent.check_conversational(model, "mlx_qspec.server")
-    cli.check_top_k(settings.top_k, model)  # (every request would default to it)
-    draft_model = cli.load_draft_model(args.draft_model, tokenizer)
-    draft_head = cli.load_draft_head(args.draft_head, model)
-    settings = settings.but(draft=resolve(model, tokenizer, settings.draft))
+    _, draft_model, draft_head, settings = cli.load_drafts(args, settings, model, tokenizer, show=False)
     max_context = args.max_context or getattr(model.args, "max_position_embeddings", None)
     if max_context is None:
         raise ModelError("the model does not say its context length: pass --max-context")
