@@ -1,8 +1,8 @@
 """What tells models apart in what mlx_qspec keeps between runs: the entries of the JSON
 files under :func:`~mlx_qspec.cache_dir.cache_dir` (layer-skip calibrations in ``skip.json``,
-through :func:`read` / :func:`write`; measured costs in ``measured.json``) are keyed by the
-model's :func:`fingerprint`; a prompt cache records its :func:`weights_fingerprint`. And what
-is computed once per loaded model (:func:`per_model`)."""
+measured costs in ``measured.json``) are keyed by the model's :func:`fingerprint`; a prompt
+cache records its :func:`weights_fingerprint`. And what is computed once per loaded model
+(:func:`per_model`)."""
 
 import hashlib
 import weakref
@@ -10,8 +10,6 @@ import weakref
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-
-from .cache_dir import read_json as read, write_json as write  # noqa: F401  (drafts.layer_skip)
 
 _MODELS: dict = {}  # id(model) → what was computed of it, dropped with the model
 

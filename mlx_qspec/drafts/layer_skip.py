@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import hooks, precision, store
+from ..cache_dir import read_json, write_json
 from ..calibration_text import calibration_tokens
 from ..errors import UserError
 from ..precision import Precision
@@ -99,20 +100,20 @@ def calibrate_cached(model, tokenizer, fraction: float, progress=None) -> Calibr
     """:func:`calibrate` on stdlib text, or its stored result for the same model (beside
     the cost tables); a corrupt entry is recomputed."""
     key = f"{store.fingerprint(model)}|{fraction:g}"
-    stored = store.read(STORE)
+    stored = read_json(STORE)
     if (found := _entry(fraction, stored.get(key))) is not None:
         return found
     tokens = calibration_tokens(tokenizer, CALIBRATION_SAMPLES, CALIBRATION_LENGTH)
     result = calibrate(model, tokens, fraction, progress)
     stored[key] = dict(skip=list(result.skip), agreement=result.agreement, single=result.single)
-    store.write(STORE, stored)
+    write_json(STORE, stored)
     return result
 
 
 def cached_calibrations(model: nn.Module) -> list[Calibration]:
     """Every calibration stored for ``model`` (what ``auto`` may weigh without calibrating)."""
     prefix = store.fingerprint(model) + "|"
-    found = [_entry(key[len(prefix):], entry) for key, entry in store.read(STORE).items()
+    found = [_entry(key[len(prefix):], entry) for key, entry in read_json(STORE).items()
              if key.startswith(prefix)]
     return [c for c in found if c is not None]
 
