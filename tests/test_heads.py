@@ -19,7 +19,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load as mlx_lm_load
 
 from helpers import build_tiny_model, byte_symbols, model_error, write_gguf_file
-from helpers.sampling import chi2_pvalue, sample_first_tokens
+from helpers.sampling import assert_fits, joint, sample_first_tokens
 from mlx_qspec import cost, load, reads
 from mlx_qspec.convert import convert
 from mlx_qspec.decoder import SpecStats
@@ -630,19 +630,11 @@ def test_head_sampling_keeps_the_model_distribution(bigram):
     model, level = bigram
     prompt, steps, n = [5, 77, 140, 3, 250, 19, 64, 8], 2, 300
     sampler = make_sampler(temp=1.0, top_k=4)
-    joint = {(): 1.0}
-    for _ in range(steps):
-        nxt = {}
-        for prefix, pp in joint.items():
-            logits = model(mx.array([*prompt, *prefix])[None])[0, -1:]
-            p = mx.exp(sampler.distribution(logits - mx.logsumexp(logits, -1, keepdims=True)))[0]
-            nxt.update({prefix + (t,): pp * pt for t, pt in enumerate(p.tolist()) if pt > 0})
-        joint = nxt
+    exact = joint(model, prompt, sampler, steps)
     counts, stats = sample_first_tokens(model, prompt, sampler, steps, n, seed=7, draft="head",
                                         gamma=2, draft_head=level)
-    assert 0.05 < stats.acceptance < 0.95  # the accept and the residual paths both ran
-    assert chi2_pvalue(counts, joint, n) > 1e-3
-    assert chi2_pvalue(counts, {k: 1.0 / len(joint) for k in joint}, n) < 1e-6  # power
+    assert_fits(counts, n, exact, {k: 1.0 / len(exact) for k in exact}, stats,
+                acceptance=(0.05, 0.95))
 
 
 def test_mtp_drafts_exactly(tmp_path):
