@@ -35,7 +35,7 @@ from helpers.gguf_reference import (
     BOS_ID, EOS_ID, RTOL, TOKEN_TYPES, TOKENS, file_tensors, permute, relative_gap,
 )
 from helpers.gguf_kquants import random_k_blocks
-from helpers import model_error, write_gguf_file
+from helpers import add_tensor, gguf_writer, model_error, write_gguf_file
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,6 @@ def write_gguf(path, case: Case, seed=0, **extra):
     ``{writer method without 'add_': value}``. Returns the reference weights (mlx-lm names,
     HF convention, float32: each the gguf dequantization of what was written, norms unshifted)."""
     rng = np.random.default_rng(seed + 1)
-    w = gguf.GGUFWriter(str(path), case.arch)
     meta = [("context_length", 256), ("embedding_length", case.hidden), ("block_count", case.layers),
             ("feed_forward_length", case.ffn), ("head_count", case.heads),
             ("head_count_kv", case.kv_heads), ("key_length", case.head_dim),
@@ -122,23 +121,17 @@ def write_gguf(path, case: Case, seed=0, **extra):
             ("eos_token_id", EOS_ID), ("add_bos_token", False)]
     if case.arch == "gemma3":
         meta.append(("sliding_window", case.window))
-    for key, value in [*meta, *extra.items()]:
-        getattr(w, f"add_{key}")(value)
+    w = gguf_writer(path, case.arch, [*meta, *extra.items()])
     reference = {}
     for name, (value, qtype, mlx_name) in hf_tensors(case, seed).items():
         if qtype == Q.F32:  # norms: w + 1 for Gemma, in float32 as the converter adds it
-            w.add_tensor(name, value + np.float32(case.shift) if name.endswith("norm.weight") else value)
+            add_tensor(w, name, value + np.float32(case.shift), qtype)
             deq = value  # the reference keeps w
-        elif qtype == Q.F16:
-            w.add_tensor(name, value.astype(np.float16))
-            deq = value.astype(np.float16).astype(np.float32)
         else:
+            data = None
             if qtype == Q.Q4_K:
                 data = random_k_blocks(rng, qtype, value.size // 256, high=4e-4).reshape(len(value), -1)
-            else:
-                data = gguf.quants.quantize(value, qtype)
-            w.add_tensor(name, data, raw_dtype=qtype)
-            deq = gguf.quants.dequantize(data, qtype).reshape(value.shape)
+            deq = add_tensor(w, name, value, qtype, data)
         reference[mlx_name] = deq.astype(np.float32)
     write_gguf_file(w)
     return reference
@@ -300,8 +293,7 @@ def test_settings_mlx_lm_cannot_follow_are_refused(case, extra, words, tmp_path)
 
 def test_unknown_architecture_lists_the_supported_ones(tmp_path):
     path = tmp_path / "x.gguf"
-    w = gguf.GGUFWriter(str(path), "made-up")
-    w.add_token_list(TOKENS)
+    w = gguf_writer(path, "made-up", [("token_list", TOKENS)])
     write_gguf_file(w)
     message = model_error(mlx_qspec.load, path)
     assert "'made-up'" in message

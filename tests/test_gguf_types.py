@@ -27,7 +27,7 @@ from mlx_lm.utils import load_tokenizer
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import mlx_qspec
-from helpers import byte_symbols, model_error, write_gguf_file
+from helpers import byte_symbols, gguf_writer, model_error, write_gguf_file
 from helpers.gguf_kquants import (
     FFN, HEADS, HIDDEN, LAYERS, Q4_K_M, q6_k_blocks, random_k_blocks, tiny_llama,
 )
@@ -182,10 +182,7 @@ def our_tokenizer(tmp_path, arch, metadata):
     """Our tokenizer from a GGUF that gguf's writer writes (``metadata``: ``{writer method
     without 'add_': value}``) and our reader reads."""
     path = tmp_path / "tok.gguf"
-    w = gguf.GGUFWriter(str(path), arch)
-    for key, value in metadata.items():
-        getattr(w, f"add_{key}")(value)
-    write_gguf_file(w)
+    write_gguf_file(gguf_writer(path, arch, metadata.items()))
     out = tmp_path / "tok"
     out.mkdir()
     our_gguf.write_tokenizer(our_gguf.read_header(path)[0], path, out)

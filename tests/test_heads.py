@@ -18,7 +18,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load as mlx_lm_load
 
-from helpers import build_tiny_model, byte_symbols, model_error, write_gguf_file
+from helpers import build_tiny_model, byte_symbols, gguf_writer, model_error, write_gguf_file
 from helpers.sampling import assert_fits, joint, sample_first_tokens
 from mlx_qspec import cost, load, reads
 from mlx_qspec.convert import convert
@@ -42,16 +42,13 @@ def write_tiny_gguf(path, seed=0, nextn=False):
     """A two-block llama GGUF (Q4_0 linears, Q8_0 tied embedding, byte tokenizer); with
     ``nextn``, a third block carrying llama.cpp's MTP tensors (blk.2.nextn.*)."""
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
     blocks = 3 if nextn else 2
-    for add, value in ((w.add_context_length, 256), (w.add_embedding_length, HIDDEN),
-                       (w.add_block_count, blocks), (w.add_feed_forward_length, FFN),
-                       (w.add_head_count, HEADS), (w.add_head_count_kv, KV_HEADS),
-                       (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 10000.0),
-                       (w.add_tokenizer_model, "gpt2"), (w.add_tokenizer_pre, "default"),
-                       (w.add_token_list, TOKENS), (w.add_token_types, [3] * 3 + [1] * 256),
-                       (w.add_eos_token_id, 2), (w.add_add_bos_token, False)):
-        add(value)
+    w = gguf_writer(path, "llama", [
+        ("context_length", 256), ("embedding_length", HIDDEN), ("block_count", blocks),
+        ("feed_forward_length", FFN), ("head_count", HEADS), ("head_count_kv", KV_HEADS),
+        ("layer_norm_rms_eps", 1e-5), ("rope_freq_base", 10000.0), ("tokenizer_model", "gpt2"),
+        ("tokenizer_pre", "default"), ("token_list", TOKENS), ("token_types", [3] * 3 + [1] * 256),
+        ("eos_token_id", 2), ("add_bos_token", False)])
     if nextn:
         w.add_uint32("llama.nextn_predict_layers", 1)
     hd = HIDDEN // HEADS

@@ -2,11 +2,10 @@
 bytes (every 6-bit scale and min occurs, finite f16 super-scales), Q6_K blocks from a small
 quantizer, and a tiny llama typed like a Q4_K_M file."""
 
-import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from . import byte_symbols, write_gguf_file
+from . import add_tensor, byte_symbols, gguf_writer, write_gguf_file
 
 BLOCK_BYTES = {Q.Q4_K: 144, Q.Q5_K: 176, Q.Q6_K: 210, Q.Q2_K: 84, Q.Q3_K: 110, Q.IQ4_XS: 136}
 
@@ -46,25 +45,21 @@ def tiny_llama(path, types, **extra):
     """A tiny llama GGUF with linear layers of ``types``; ``extra``: further metadata as
     ``{writer method without 'add_': value}``. Q6_K with paired sub-block scales (exact)."""
     rng = np.random.default_rng(2)
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in [("context_length", 128), ("embedding_length", HIDDEN), ("block_count", LAYERS),
-                       ("feed_forward_length", FFN), ("head_count", HEADS), ("head_count_kv", HEADS),
-                       ("layer_norm_rms_eps", 1e-5), ("tokenizer_model", "gpt2"),
-                       ("token_list", ["<s>", "</s>", "<pad>"] + byte_symbols()),
-                       ("token_types", [3, 3, 3] + [1] * 256), *extra.items()]:
-        getattr(w, f"add_{key}")(value)
+    w = gguf_writer(path, "llama", [
+        ("context_length", 128), ("embedding_length", HIDDEN), ("block_count", LAYERS),
+        ("feed_forward_length", FFN), ("head_count", HEADS), ("head_count_kv", HEADS),
+        ("layer_norm_rms_eps", 1e-5), ("tokenizer_model", "gpt2"),
+        ("token_list", ["<s>", "</s>", "<pad>"] + byte_symbols()),
+        ("token_types", [3, 3, 3] + [1] * 256), *extra.items()])
 
     def tensor(name, qtype, shape):
         x = rng.normal(0, 0.05, shape).astype(np.float32)
-        if qtype == Q.F32:
-            data = (1 + x).astype(np.float32)
-        elif qtype == Q.Q6_K:
+        data = None
+        if qtype == Q.Q6_K:
             data = q6_k_blocks(x.reshape(-1, 256), equal_pairs=True).reshape(shape[0], -1)
         elif qtype in (Q.Q4_K, Q.Q5_K):
             data = random_k_blocks(rng, qtype, x.size // 256, high=3e-4).reshape(shape[0], -1)
-        else:
-            data = gguf.quants.quantize(x, qtype)
-        w.add_tensor(name, data, raw_dtype=None if qtype == Q.F32 else qtype)
+        add_tensor(w, name, 1 + x if qtype == Q.F32 else x, qtype, data)
 
     shapes = {"ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN)}
     tensor("token_embd.weight", types["token_embd"], (VOCAB, HIDDEN))
