@@ -156,3 +156,15 @@ def file_tensors(path):
         qtype = Q(t.tensor_type)
         shape = tuple(int(d) for d in reversed(t.shape))
         yield t.name, qtype, gguf.quants.dequantize(t.data, qtype).reshape(shape).astype(np.float32)
+
+
+def dequantized(module):
+    """The values a loaded module stores, as float32 numpy (dequantized in float32, where
+    they are exact whatever dtype the scales are kept in)."""
+    if hasattr(module, "scales"):
+        f32 = mx.float32
+        w = mx.dequantize(module.weight, module.scales.astype(f32), module.biases.astype(f32),
+                          group_size=module.group_size, bits=module.bits)
+    else:
+        w = module.weight
+    return np.array(w.astype(mx.float32))
