@@ -2,10 +2,11 @@
 bytes (every 6-bit scale and min occurs, finite f16 super-scales), Q6_K blocks from a small
 quantizer, and a tiny llama typed like a Q4_K_M file."""
 
+import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from . import add_tensor, byte_symbols, gguf_writer, write_gguf_file
+from . import byte_symbols, gguf_writer, write_gguf_file
 
 BLOCK_BYTES = {Q.Q4_K: 144, Q.Q5_K: 176, Q.Q6_K: 210, Q.Q2_K: 84, Q.Q3_K: 110, Q.IQ4_XS: 136}
 
@@ -54,12 +55,15 @@ def tiny_llama(path, types, **extra):
 
     def tensor(name, qtype, shape):
         x = rng.normal(0, 0.05, shape).astype(np.float32)
-        data = None
-        if qtype == Q.Q6_K:
+        if qtype == Q.F32:
+            data = (1 + x).astype(np.float32)
+        elif qtype == Q.Q6_K:
             data = q6_k_blocks(x.reshape(-1, 256), equal_pairs=True).reshape(shape[0], -1)
         elif qtype in (Q.Q4_K, Q.Q5_K):
             data = random_k_blocks(rng, qtype, x.size // 256, high=3e-4).reshape(shape[0], -1)
-        add_tensor(w, name, 1 + x if qtype == Q.F32 else x, qtype, data)
+        else:
+            data = gguf.quants.quantize(x, qtype)
+        w.add_tensor(name, data, raw_dtype=None if qtype == Q.F32 else qtype)
 
     shapes = {"ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN)}
     tensor("token_embd.weight", types["token_embd"], (VOCAB, HIDDEN))
