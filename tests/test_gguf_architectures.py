@@ -286,8 +286,7 @@ def test_settings_mlx_lm_cannot_follow_are_refused(case, extra, words, tmp_path)
 
 def test_unknown_architecture_lists_the_supported_ones(tmp_path):
     path = tmp_path / "x.gguf"
-    w = gguf_writer(path, "made-up", [("token_list", TOKENS)])
-    write_gguf_file(w)
+    write_gguf_file(gguf_writer(path, "made-up", [("token_list", TOKENS)]))
     message = model_error(mlx_qspec.load, path)
     assert "'made-up'" in message
     assert all(a in message for a in ("llama", "qwen2", "qwen3", "gemma3")), message
