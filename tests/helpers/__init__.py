@@ -1,5 +1,5 @@
 """What the tests share beside fixtures (those are in conftest.py): tiny models built in
-process, numerics, GGUF writing, the commands run in process or as child processes. Test
+process, numerics, GGUF and tokenizer writing, the commands run in process or as child processes. Test
 modules import these, never each other. Submodules: ``gguf_reference`` / ``gguf_raw`` /
 ``gguf_kquants`` (tiny GGUF files, three ways), ``sampling`` (chi-square against an exact
 joint distribution), ``hybrid_models`` (tiny models of other families), ``serving`` (a chat

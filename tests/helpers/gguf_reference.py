@@ -3,7 +3,7 @@ tensors quantized by ``gguf.quants`` (Q4_0, Q4_1, Q8_0) after permuting the Q an
 llama.cpp's converter does; a byte-level tokenizer with no merges, so any text is one token
 per UTF-8 byte (plus one per special token) and token counts are arithmetic. And what the
 GGUF tests compare with: mlx-lm's llama built from float tensors, gguf's own dequantization
-of a file's tensors."""
+of a file's tensors, a loaded module's values in float32."""
 
 from dataclasses import dataclass
 
