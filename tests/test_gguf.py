@@ -15,6 +15,7 @@ from helpers.gguf_raw import (
     BOS_ID, CONTEXT, EOS_ID, EPS, FFN, HEADS, HIDDEN, KV_HEADS, LAYERS, THETA, tiny_llama, vocab,
     write_gguf,
 )
+from helpers.gguf_reference import dequantized
 import mlx_qspec
 from mlx_qspec.convert import convert
 from mlx_qspec.errors import ModelError
@@ -28,18 +29,6 @@ def tiny(tmp_path_factory):
     expected, header_bytes = tiny_llama(path)
     model, tokenizer, config = mlx_qspec.load(path, return_config=True)
     return path, expected, model, tokenizer, config, header_bytes
-
-
-def dequantized(module):
-    """The values a loaded module stores, as float32 numpy (dequantized in float32, where
-    they are exact whatever dtype the scales are kept in)."""
-    if hasattr(module, "scales"):
-        f32 = mx.float32
-        w = mx.dequantize(module.weight, module.scales.astype(f32), module.biases.astype(f32),
-                          group_size=module.group_size, bits=module.bits)
-    else:
-        w = module.weight
-    return np.array(w.astype(mx.float32))
 
 
 PROMPT = mx.array([[BOS_ID, 40, 71, 120, 7, 200, 3, 258, 259, 33, 80, EOS_ID]])

@@ -32,10 +32,10 @@ import mlx_qspec
 from mlx_qspec import gguf as our_gguf
 from mlx_qspec.convert import convert
 from helpers.gguf_reference import (
-    BOS_ID, EOS_ID, RTOL, TOKEN_TYPES, TOKENS, file_tensors, permute, relative_gap,
+    BOS_ID, EOS_ID, RTOL, TOKEN_TYPES, TOKENS, dequantized, file_tensors, permute, relative_gap,
 )
 from helpers.gguf_kquants import random_k_blocks
-from helpers import model_error, write_gguf_file
+from helpers import add_tensor, gguf_writer, model_error, write_gguf_file
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,6 @@ def write_gguf(path, case: Case, seed=0, **extra):
     ``{writer method without 'add_': value}``. Returns the reference weights (mlx-lm names,
     HF convention, float32: each the gguf dequantization of what was written, norms unshifted)."""
     rng = np.random.default_rng(seed + 1)
-    w = gguf.GGUFWriter(str(path), case.arch)
     meta = [("context_length", 256), ("embedding_length", case.hidden), ("block_count", case.layers),
             ("feed_forward_length", case.ffn), ("head_count", case.heads),
             ("head_count_kv", case.kv_heads), ("key_length", case.head_dim),
@@ -122,23 +121,17 @@ def write_gguf(path, case: Case, seed=0, **extra):
             ("eos_token_id", EOS_ID), ("add_bos_token", False)]
     if case.arch == "gemma3":
         meta.append(("sliding_window", case.window))
-    for key, value in [*meta, *extra.items()]:
-        getattr(w, f"add_{key}")(value)
+    w = gguf_writer(path, case.arch, [*meta, *extra.items()])
     reference = {}
     for name, (value, qtype, mlx_name) in hf_tensors(case, seed).items():
         if qtype == Q.F32:  # norms: w + 1 for Gemma, in float32 as the converter adds it
-            w.add_tensor(name, value + np.float32(case.shift) if name.endswith("norm.weight") else value)
+            add_tensor(w, name, value + np.float32(case.shift), qtype)
             deq = value  # the reference keeps w
-        elif qtype == Q.F16:
-            w.add_tensor(name, value.astype(np.float16))
-            deq = value.astype(np.float16).astype(np.float32)
         else:
+            data = None
             if qtype == Q.Q4_K:
                 data = random_k_blocks(rng, qtype, value.size // 256, high=4e-4).reshape(len(value), -1)
-            else:
-                data = gguf.quants.quantize(value, qtype)
-            w.add_tensor(name, data, raw_dtype=qtype)
-            deq = gguf.quants.dequantize(data, qtype).reshape(value.shape)
+            deq = add_tensor(w, name, value, qtype, data)
         reference[mlx_name] = deq.astype(np.float32)
     write_gguf_file(w)
     return reference
@@ -229,26 +222,19 @@ def test_tensors_are_the_written_ones(written):
     """Every loaded tensor dequantizes to gguf's dequantization of the file (bit for bit), a
     Gemma norm w as the stored w + 1 gives back: 1 + w == stored wherever stored >= 0.5."""
     case, path, reference, model, _ = written
-    params = dict(tree_flatten(model.parameters()))
+    params, modules = dict(tree_flatten(model.parameters())), dict(model.named_modules())
     assert "lm_head.weight" not in params if case.tied else "lm_head.weight" in params
     for gguf_name, _, stored in file_tensors(path):
-        name = our_gguf.ARCHITECTURES[case.arch].mlx_name(gguf_name)
-        base = name[: -len(".weight")]
-        if f"{base}.scales" in params:
-            bits = params[name].shape[-1] * 32 // stored.shape[-1]
-            got = np.array(mx.dequantize(params[name], params[f"{base}.scales"].astype(mx.float32),
-                                         params[f"{base}.biases"].astype(mx.float32),
-                                         group_size=32, bits=bits))
-            assert np.array_equal(got, stored), gguf_name
-        elif gguf_name.endswith("norm.weight") and case.shift:
-            got = np.array(params[name])
+        module = modules[our_gguf.ARCHITECTURES[case.arch].mlx_name(gguf_name)[: -len(".weight")]]
+        if gguf_name.endswith("norm.weight") and case.shift:
+            got = np.array(module.weight)
             assert got.dtype == np.float32
             back = np.float32(1) + got
             exact = stored >= 0.5
             assert exact.mean() > 0.5 and np.array_equal(back[exact], stored[exact]), gguf_name
             assert np.abs(back - stored).max() <= 2.0 ** -24, gguf_name
         else:
-            assert np.array_equal(np.array(params[name].astype(mx.float32)), stored), gguf_name
+            assert np.array_equal(dequantized(module), stored), gguf_name
 
 
 # ---------------------------------------------------------------- Gemma 3's configuration
@@ -300,9 +286,7 @@ def test_settings_mlx_lm_cannot_follow_are_refused(case, extra, words, tmp_path)
 
 def test_unknown_architecture_lists_the_supported_ones(tmp_path):
     path = tmp_path / "x.gguf"
-    w = gguf.GGUFWriter(str(path), "made-up")
-    w.add_token_list(TOKENS)
-    write_gguf_file(w)
+    write_gguf_file(gguf_writer(path, "made-up", [("token_list", TOKENS)]))
     message = model_error(mlx_qspec.load, path)
     assert "'made-up'" in message
     assert all(a in message for a in ("llama", "qwen2", "qwen3", "gemma3")), message

@@ -20,18 +20,17 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 from gguf import GGMLQuantizationType as Q
-from mlx.utils import tree_flatten
 from mlx_lm.models.rope_utils import YarnRoPE
 from mlx_lm.utils import load as mlx_lm_load
 from mlx_lm.utils import load_tokenizer
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import mlx_qspec
-from helpers import byte_symbols, model_error, write_gguf_file
+from helpers import byte_symbols, gguf_writer, model_error, write_gguf_file
 from helpers.gguf_kquants import (
     FFN, HEADS, HIDDEN, LAYERS, Q4_K_M, q6_k_blocks, random_k_blocks, tiny_llama,
 )
-from helpers.gguf_reference import RTOL, Config, file_tensors, reference_llama, relative_gap
+from helpers.gguf_reference import RTOL, Config, dequantized, file_tensors, reference_llama, relative_gap
 from mlx_qspec import gguf as our_gguf
 from mlx_qspec.convert import convert
 from mlx_qspec.errors import ModelError
@@ -132,17 +131,11 @@ def test_q4_k_m_style_llama_loads_through_mlx_lm(tmp_path):
     layer = "model.layers.0"
     assert (q["bits"], q[f"{layer}.mlp.down_proj"]["bits"], q[f"{layer}.self_attn.v_proj"]["bits"],
             q["model.embed_tokens"]["bits"]) == (4, 8, 5, 8)
-    params = dict(tree_flatten(model.parameters()))
-    reference = {}
-    for gguf_name, qtype, expected in file_tensors(path):
+    modules, reference = dict(model.named_modules()), {}
+    for gguf_name, _, expected in file_tensors(path):
         name = our_gguf.ARCHITECTURES["llama"].mlx_name(gguf_name)
-        base = name[: -len(".weight")]
-        if f"{base}.scales" in params:
-            got = np.array(mx.dequantize(params[name], params[f"{base}.scales"], params[f"{base}.biases"],
-                                         group_size=32, bits=EXACT.get(qtype, 8)))
-        else:
-            got = np.array(params[name])
-        assert np.array_equal(got, expected), gguf_name
+        module = modules[name[: -len(".weight")]]
+        assert np.array_equal(dequantized(module), expected), gguf_name
         reference[name] = expected
     ref = reference_llama(Config(hidden=HIDDEN, layers=LAYERS, ffn=FFN, heads=HEADS, kv_heads=HEADS),
                           reference, traditional=True)
@@ -182,10 +175,7 @@ def our_tokenizer(tmp_path, arch, metadata):
     """Our tokenizer from a GGUF that gguf's writer writes (``metadata``: ``{writer method
     without 'add_': value}``) and our reader reads."""
     path = tmp_path / "tok.gguf"
-    w = gguf.GGUFWriter(str(path), arch)
-    for key, value in metadata.items():
-        getattr(w, f"add_{key}")(value)
-    write_gguf_file(w)
+    write_gguf_file(gguf_writer(path, arch, metadata.items()))
     out = tmp_path / "tok"
     out.mkdir()
     our_gguf.write_tokenizer(our_gguf.read_header(path)[0], path, out)

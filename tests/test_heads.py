@@ -18,8 +18,8 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load as mlx_lm_load
 
-from helpers import build_tiny_model, byte_symbols, model_error, write_gguf_file
-from helpers.sampling import chi2_pvalue, sample_first_tokens
+from helpers import build_tiny_model, byte_symbols, gguf_writer, model_error, refused, write_gguf_file
+from helpers.sampling import assert_fits, joint, sample_first_tokens
 from mlx_qspec import cost, load, reads
 from mlx_qspec.convert import convert
 from mlx_qspec.decoder import SpecStats
@@ -42,16 +42,13 @@ def write_tiny_gguf(path, seed=0, nextn=False):
     """A two-block llama GGUF (Q4_0 linears, Q8_0 tied embedding, byte tokenizer); with
     ``nextn``, a third block carrying llama.cpp's MTP tensors (blk.2.nextn.*)."""
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
     blocks = 3 if nextn else 2
-    for add, value in ((w.add_context_length, 256), (w.add_embedding_length, HIDDEN),
-                       (w.add_block_count, blocks), (w.add_feed_forward_length, FFN),
-                       (w.add_head_count, HEADS), (w.add_head_count_kv, KV_HEADS),
-                       (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 10000.0),
-                       (w.add_tokenizer_model, "gpt2"), (w.add_tokenizer_pre, "default"),
-                       (w.add_token_list, TOKENS), (w.add_token_types, [3] * 3 + [1] * 256),
-                       (w.add_eos_token_id, 2), (w.add_add_bos_token, False)):
-        add(value)
+    w = gguf_writer(path, "llama", [
+        ("context_length", 256), ("embedding_length", HIDDEN), ("block_count", blocks),
+        ("feed_forward_length", FFN), ("head_count", HEADS), ("head_count_kv", KV_HEADS),
+        ("layer_norm_rms_eps", 1e-5), ("rope_freq_base", 10000.0), ("tokenizer_model", "gpt2"),
+        ("tokenizer_pre", "default"), ("token_list", TOKENS), ("token_types", [3] * 3 + [1] * 256),
+        ("eos_token_id", 2), ("add_bos_token", False)])
     if nextn:
         w.add_uint32("llama.nextn_predict_layers", 1)
     hd = HIDDEN // HEADS
@@ -290,16 +287,11 @@ def test_train_head_writes_a_head_that_loads_and_resumes(tmp_path, capsys, monke
         from mlx_qspec.commands import train_head
 
         m.setattr(train_head, "load", lambda *a, **k: pytest.fail("the model was loaded"))
-        capsys.readouterr()
         for extra, words in (  # (the last flag counts)
                 (["--seq-len", "16", "--draft-vocab", "0"],
                  "--seq-len 32 (this run: 16), --draft-vocab 40 (this run: 0)"),
                 (["--text", str(other)], f"--text {text.resolve()} (this run: {other.resolve()})")):
-            with pytest.raises(SystemExit) as exc:
-                main(argv + extra)
-            err = capsys.readouterr().err.strip().splitlines()
-            assert exc.value.code == 2 and len(err) == 1, err
-            assert words in err[0]
+            assert words in refused(capsys, main, *argv, *extra)
     model, tokenizer = load(src)
     prepare(model)
     head, cfg = store.load(tmp_path / "head", model, capture.ModelEnds(model))
@@ -630,19 +622,11 @@ def test_head_sampling_keeps_the_model_distribution(bigram):
     model, level = bigram
     prompt, steps, n = [5, 77, 140, 3, 250, 19, 64, 8], 2, 300
     sampler = make_sampler(temp=1.0, top_k=4)
-    joint = {(): 1.0}
-    for _ in range(steps):
-        nxt = {}
-        for prefix, pp in joint.items():
-            logits = model(mx.array([*prompt, *prefix])[None])[0, -1:]
-            p = mx.exp(sampler.distribution(logits - mx.logsumexp(logits, -1, keepdims=True)))[0]
-            nxt.update({prefix + (t,): pp * pt for t, pt in enumerate(p.tolist()) if pt > 0})
-        joint = nxt
+    exact = joint(model, prompt, sampler, steps)
     counts, stats = sample_first_tokens(model, prompt, sampler, steps, n, seed=7, draft="head",
                                         gamma=2, draft_head=level)
-    assert 0.05 < stats.acceptance < 0.95  # the accept and the residual paths both ran
-    assert chi2_pvalue(counts, joint, n) > 1e-3
-    assert chi2_pvalue(counts, {k: 1.0 / len(joint) for k in joint}, n) < 1e-6  # power
+    assert_fits(counts, n, exact, {k: 1.0 / len(exact) for k in exact}, stats,
+                acceptance=(0.05, 0.95))
 
 
 def test_mtp_drafts_exactly(tmp_path):
@@ -669,10 +653,8 @@ def test_cli_draft_head_mistakes_are_one_line(tmp_path, capsys):
     for extra, words in ((["--draft", "head"], "--draft-head"),
                          (["--draft", "head", "--draft-head", str(tmp_path)], "no config.json"),
                          (["--draft", "head", "--draft-head", str(other)], "hidden states of size 128")):
-        with pytest.raises(SystemExit) as info:
-            main(["--model", str(gguf_path), "--prompt", "hi", "--max-tokens", "3", *extra])
-        err = capsys.readouterr().err.strip()
-        assert info.value.code == 2 and "\n" not in err and words in err, (extra, err)
+        assert words in refused(capsys, main, "--model", str(gguf_path), "--prompt", "hi", "--max-tokens", "3",
+                                *extra)
 
 
 def test_auto_weighs_a_head_by_its_agreement_and_bytes(bigram, monkeypatch):

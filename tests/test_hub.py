@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 from mlx_lm.utils import save_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from helpers import TINY, assert_one_line, build_tiny_model, byte_symbols
+from helpers import TINY, assert_one_line, build_tiny_model, write_byte_tokenizer
 
 REPO = "test-org/tiny-4bit"
 SHA = "a" * 40
@@ -31,13 +30,7 @@ def tiny_repo(root: Path) -> dict[str, bytes]:
     save_model(root, build_tiny_model(), donate_model=True)
     config = {**TINY, "quantization": {"group_size": 32, "bits": 4}}
     (root / "config.json").write_text(json.dumps(config))
-    vocab = {s: i for i, s in enumerate(byte_symbols())}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(root / "tokenizer.json"))
-    (root / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    write_byte_tokenizer(root)
     for name in NOT_FETCHED:
         (root / name).write_bytes(b"not for mlx")
     return {p.name: p.read_bytes() for p in root.iterdir()}

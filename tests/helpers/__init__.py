@@ -1,20 +1,24 @@
 """What the tests share beside fixtures (those are in conftest.py): tiny models built in
-process, numerics, GGUF writing, the commands run in process or as child processes. Test
+process, numerics, GGUF and tokenizer writing, the commands run in process or as child processes. Test
 modules import these, never each other. Submodules: ``gguf_reference`` / ``gguf_raw`` /
 ``gguf_kquants`` (tiny GGUF files, three ways), ``sampling`` (chi-square against an exact
 joint distribution), ``hybrid_models`` (tiny models of other families), ``serving`` (a chat
 server started in the test process)."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 
+import gguf
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as Q
 from mlx_lm.models import llama
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from mlx_qspec.errors import ModelError
 
@@ -85,6 +89,17 @@ def byte_symbols():
     return [chr(c) for _, c in sorted(zip(bs, cs))]
 
 
+def write_byte_tokenizer(root, **config):
+    """A byte-level BPE tokenizer without merges (one token per byte) saved in ``root``, its
+    tokenizer_config.json a ``PreTrainedTokenizerFast`` with ``config`` (a chat template...)."""
+    tok = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(byte_symbols())}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **config}))
+
+
 def default_sigint():
     """``preexec_fn`` for a child that a test stops with SIGINT, as Ctrl-C at a terminal: a
     shell that runs its jobs in the background (``cmd &``) has them ignore SIGINT, and Python
@@ -139,6 +154,29 @@ def model_error(call, *args, **kwargs) -> str:
         call(*args, **kwargs)
     assert "\n" not in str(info.value), info.value
     return str(info.value)
+
+
+def gguf_writer(path, arch, metadata):
+    """A ``gguf.GGUFWriter`` of ``arch`` for ``path`` holding ``metadata``: ``(writer method
+    without 'add_', value)`` pairs, added in their order."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in metadata:
+        getattr(writer, f"add_{key}")(value)
+    return writer
+
+
+def add_tensor(writer, name, value, qtype, data=None):
+    """Add float32 ``value`` as ``qtype``: F32 as is, F16 cast, else ``data`` (raw blocks;
+    gguf's quantizer where not given). Returns what gguf's reader dequantizes it to."""
+    if qtype == Q.F32:
+        writer.add_tensor(name, value)
+        return value
+    if qtype == Q.F16:
+        writer.add_tensor(name, value.astype(np.float16))
+        return value.astype(np.float16).astype(np.float32)
+    data = gguf.quants.quantize(value, qtype) if data is None else data
+    writer.add_tensor(name, data, raw_dtype=qtype)
+    return gguf.quants.dequantize(data, qtype).reshape(value.shape)
 
 
 def write_gguf_file(writer):

@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from . import byte_symbols, write_gguf_file
+from . import byte_symbols, gguf_writer, write_gguf_file
 
 BLOCK_BYTES = {Q.Q4_K: 144, Q.Q5_K: 176, Q.Q6_K: 210, Q.Q2_K: 84, Q.Q3_K: 110, Q.IQ4_XS: 136}
 
@@ -46,13 +46,12 @@ def tiny_llama(path, types, **extra):
     """A tiny llama GGUF with linear layers of ``types``; ``extra``: further metadata as
     ``{writer method without 'add_': value}``. Q6_K with paired sub-block scales (exact)."""
     rng = np.random.default_rng(2)
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in [("context_length", 128), ("embedding_length", HIDDEN), ("block_count", LAYERS),
-                       ("feed_forward_length", FFN), ("head_count", HEADS), ("head_count_kv", HEADS),
-                       ("layer_norm_rms_eps", 1e-5), ("tokenizer_model", "gpt2"),
-                       ("token_list", ["<s>", "</s>", "<pad>"] + byte_symbols()),
-                       ("token_types", [3, 3, 3] + [1] * 256), *extra.items()]:
-        getattr(w, f"add_{key}")(value)
+    w = gguf_writer(path, "llama", [
+        ("context_length", 128), ("embedding_length", HIDDEN), ("block_count", LAYERS),
+        ("feed_forward_length", FFN), ("head_count", HEADS), ("head_count_kv", HEADS),
+        ("layer_norm_rms_eps", 1e-5), ("tokenizer_model", "gpt2"),
+        ("token_list", ["<s>", "</s>", "<pad>"] + byte_symbols()),
+        ("token_types", [3, 3, 3] + [1] * 256), *extra.items()])
 
     def tensor(name, qtype, shape):
         x = rng.normal(0, 0.05, shape).astype(np.float32)

@@ -3,7 +3,7 @@ tensors quantized by ``gguf.quants`` (Q4_0, Q4_1, Q8_0) after permuting the Q an
 llama.cpp's converter does; a byte-level tokenizer with no merges, so any text is one token
 per UTF-8 byte (plus one per special token) and token counts are arithmetic. And what the
 GGUF tests compare with: mlx-lm's llama built from float tensors, gguf's own dequantization
-of a file's tensors."""
+of a file's tensors, a loaded module's values in float32."""
 
 from dataclasses import dataclass
 
@@ -13,7 +13,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from mlx_lm.models import llama
 
-from . import byte_symbols, write_gguf_file
+from . import add_tensor, byte_symbols, gguf_writer, write_gguf_file
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_ID, BOS_ID = 2, 1
@@ -110,30 +110,18 @@ def write_gguf(path, cfg: Config, seed=0, embed_std=1.0):
     """Write the tiny llama with llama.cpp's writer and quantizers. Returns the reference
     weights (mlx-lm names, HF layout, float32 — each the gguf dequantization of what was
     written, un-permuted)."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in [("name", "tiny-reference"), ("context_length", 256),
-                       ("embedding_length", cfg.hidden), ("block_count", cfg.layers),
-                       ("feed_forward_length", cfg.ffn), ("head_count", cfg.heads),
-                       ("head_count_kv", cfg.kv_heads), ("layer_norm_rms_eps", cfg.eps),
-                       ("rope_freq_base", cfg.theta), ("rope_dimension_count", cfg.head_dim),
-                       ("tokenizer_model", "gpt2"), ("tokenizer_pre", "default"), ("token_list", TOKENS),
-                       ("token_types", TOKEN_TYPES), ("bos_token_id", BOS_ID), ("eos_token_id", EOS_ID),
-                       ("add_bos_token", False), ("chat_template", CHAT_TEMPLATE)]:
-        getattr(w, f"add_{key}")(value)
+    w = gguf_writer(path, "llama", [
+        ("name", "tiny-reference"), ("context_length", 256), ("embedding_length", cfg.hidden),
+        ("block_count", cfg.layers), ("feed_forward_length", cfg.ffn), ("head_count", cfg.heads),
+        ("head_count_kv", cfg.kv_heads), ("layer_norm_rms_eps", cfg.eps),
+        ("rope_freq_base", cfg.theta), ("rope_dimension_count", cfg.head_dim),
+        ("tokenizer_model", "gpt2"), ("tokenizer_pre", "default"), ("token_list", TOKENS),
+        ("token_types", TOKEN_TYPES), ("bos_token_id", BOS_ID), ("eos_token_id", EOS_ID),
+        ("add_bos_token", False), ("chat_template", CHAT_TEMPLATE)])
     reference = {}
     for name, (value, qtype, mlx_name) in hf_tensors(cfg, seed, embed_std).items():
         heads = {"attn_q": cfg.heads, "attn_k": cfg.kv_heads}.get(name.split(".")[-2])  # Q, K: permuted
-        stored = value if heads is None else permute(value, heads)
-        if qtype == Q.F32:
-            w.add_tensor(name, stored)
-            deq = stored
-        elif qtype == Q.F16:
-            w.add_tensor(name, stored.astype(np.float16))
-            deq = stored.astype(np.float16).astype(np.float32)
-        else:
-            data = gguf.quants.quantize(stored, qtype)
-            w.add_tensor(name, data, raw_dtype=qtype)
-            deq = gguf.quants.dequantize(data, qtype).reshape(stored.shape)
+        deq = add_tensor(w, name, value if heads is None else permute(value, heads), qtype)
         reference[mlx_name] = (deq if heads is None else unpermute(deq, heads)).astype(np.float32)
     write_gguf_file(w)
     return reference
@@ -168,3 +156,15 @@ def file_tensors(path):
         qtype = Q(t.tensor_type)
         shape = tuple(int(d) for d in reversed(t.shape))
         yield t.name, qtype, gguf.quants.dequantize(t.data, qtype).reshape(shape).astype(np.float32)
+
+
+def dequantized(module):
+    """The values a loaded module stores, as float32 numpy (dequantized in float32, where
+    they are exact whatever dtype the scales are kept in)."""
+    if hasattr(module, "scales"):
+        f32 = mx.float32
+        w = mx.dequantize(module.weight, module.scales.astype(f32), module.biases.astype(f32),
+                          group_size=module.group_size, bits=module.bits)
+    else:
+        w = module.weight
+    return np.array(w.astype(mx.float32))

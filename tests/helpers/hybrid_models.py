@@ -6,8 +6,6 @@ Random weights make a model that repeats one token: ``helpers.liven`` makes the 
 depend on the current one and on the context, as ``helpers.build_tiny_model`` does.
 """
 
-import json
-
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import switch_layers
@@ -16,9 +14,8 @@ from mlx_lm.models import (
     plamo2, qwen3_5, qwen3_moe, qwen3_next,
 )
 from mlx_lm.utils import save_config, save_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from . import byte_symbols, liven
+from . import liven, write_byte_tokenizer
 
 VOCAB = 256
 COMMON = dict(vocab_size=VOCAB, hidden_size=128, tie_word_embeddings=False)
@@ -124,11 +121,5 @@ def save(name: str, root, experts_mode: str = "affine"):
     save_model(root, build(name, experts_mode=experts_mode), donate_model=True)
     save_config({**CONFIGS[name][1], "quantization": {"group_size": 32, "bits": 4}},
                 root / "config.json")
-    tok = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(byte_symbols())}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(root / "tokenizer.json"))
-    (root / "tokenizer_config.json").write_text(json.dumps({  # a chat template: each message's text
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"}))
+    write_byte_tokenizer(root, chat_template="{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
     return root
