@@ -68,25 +68,22 @@ GROUNDED = [
 ]
 
 
-def grounded_prompts(tokenizer, n: int) -> list[list[int]]:
-    """Chat-formatted requests to rewrite a given function (output copies the input)."""
+def prompts(tokenizer, workload: str, n: int, length: int) -> list[list[int]]:
+    """``free``: the first ``length`` tokens of ``n`` real texts; ``grounded``: ``n``
+    chat-formatted requests to rewrite a given function (output copies the input)."""
+    if workload == "free":
+        texts = real_texts()
+        if len(texts) < n:
+            raise SystemExit(f"only {len(texts)} real texts found, asked for {n}")
+        return [tokenizer.encode(t)[:length] for t in texts[:n]]
+    if n > len(GROUNDED):
+        raise SystemExit(f"only {len(GROUNDED)} grounded prompts, asked for {n}")
     out = []
     for module, name, ask in GROUNDED[:n]:
         src = "\n".join(inspect.getsource(getattr(__import__(module), name)).splitlines()[:25])
         msg = [{"role": "user", "content": f"{ask}\n\n```python\n{src}\n```"}]
         out.append(tokenizer.apply_chat_template(msg, add_generation_prompt=True))
     return out
-
-
-def prompts(tokenizer, workload: str, n: int, length: int) -> list[list[int]]:
-    if workload == "grounded":
-        if n > len(GROUNDED):
-            raise SystemExit(f"only {len(GROUNDED)} grounded prompts, asked for {n}")
-        return grounded_prompts(tokenizer, n)
-    texts = real_texts()
-    if len(texts) < n:
-        raise SystemExit(f"only {len(texts)} real texts found, asked for {n}")
-    return [tokenizer.encode(t)[:length] for t in texts[:n]]
 
 
 def run_config(model, prompt_sets, plain_outs, mode, gamma, max_tokens, kv_mode="fp"):
@@ -102,12 +99,8 @@ def run_config(model, prompt_sets, plain_outs, mode, gamma, max_tokens, kv_mode=
     return {
         "draft": mode.name,
         "gamma": gamma,
-        "drafted": stats.drafted,
-        "accepted": stats.accepted,
-        "verify_passes": stats.verify_passes,
-        "emitted": stats.emitted,
-        "acceptance": stats.acceptance,
-        "tokens_per_verify": stats.tokens_per_verify,
+        **{k: getattr(stats, k) for k in ("drafted", "accepted", "verify_passes", "emitted",
+                                          "acceptance", "tokens_per_verify")},
         "verify_passes_per_token": stats.verify_passes / stats.emitted,
         "bytes_per_token_vs_plain": stats.bytes_per_token()["total"] / stats.bytes_per_token()["plain"],
         "modeled_mac_speedup": b["plain"] / b["total"],

@@ -264,7 +264,7 @@ def parse_args(argv):
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens per request")
     parser.add_argument("--time-limit", type=float, default=300,
                         help="Seconds per level after which no new request starts")
-    parser.add_argument("--png", dest="plot", help="Plot the levels here")
+    parser.add_argument("--png", dest="plot", metavar="PNG", help="Plot the levels here")
     args = parser.parse_args(argv)
     try:
         args.levels = [int(c) for c in args.concurrency.split(",")]
