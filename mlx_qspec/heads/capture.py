@@ -23,21 +23,17 @@ from ..vocabulary import vocabulary_size
 _open: ContextVar[list | None] = ContextVar("mlx_qspec_hidden_capture", default=None)
 
 
-def _record(x: mx.array):
-    rows = _open.get()
-    if rows is not None:
-        rows.append(x)
-
-
 @cache
 def _capturing(cls: type, method: str) -> type:
     """A subclass of ``cls`` (one per class and method) whose ``method`` (``__call__`` of a
     linear head, ``as_linear`` of a tied embedding) records its input in the open capture first."""
     def hooked(self, x, *args, **kwargs):
-        _record(x)
+        rows = _open.get()
+        if rows is not None:
+            rows.append(x)
         return getattr(cls, method)(self, x, *args, **kwargs)
 
-    return type(cls.__name__, (cls,), {method: hooked, "_head_base": cls, "_head_method": method})
+    return type(cls.__name__, (cls,), {method: hooked, "_head_base": cls})
 
 
 def find_embedding(model: nn.Module) -> tuple[str, nn.Module]:
