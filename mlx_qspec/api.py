@@ -41,10 +41,8 @@ def _encode_prompt(tokenizer: TokenizerWrapper, prompt, vocab_size: Optional[int
     """As mlx-lm: a string gets special tokens unless it already starts with BOS. Token ids
     given as such are checked against the vocabulary (UserError naming the bad one)."""
     if isinstance(prompt, str):
-        add_special_tokens = tokenizer.bos_token is None or not prompt.startswith(
-            tokenizer.bos_token
-        )
-        return mx.array(tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+        add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
+        return mx.array(tokenizer.encode(prompt, add_special_tokens=add_special))
     ids = prompt.tolist() if isinstance(prompt, mx.array) else prompt
     if isinstance(ids, (int, float)) or isinstance(prompt, mx.array) and prompt.ndim != 1:
         raise UserError(f"the prompt must be a string or a flat list of token ids, got shape "
@@ -56,32 +54,25 @@ def _token_generator(model, tokenizer, prompt, max_tokens, kwargs, given):
     """``(its stats, whether it is plain, the generator of (token, logprobs, from_draft))``."""
     s = settings_module.resolve(kwargs, **given)
     kwargs.pop("prompt_progress_callback", None)
-    plain = s.plain and kwargs.get("draft_model") is None
-    if kwargs.get("prompt_cache") is None:
-        kwargs["prompt_cache"] = make_generation_cache(model, s.kv_mode, s.max_kv_size, plain)
     stats = kwargs.pop("stats", None) or SpecStats()
-    if plain:
+    if s.plain and kwargs.get("draft_model") is None:  # it makes its own cache
         for name in ("draft_model", "draft_head", "cached_tokens"):
             kwargs.pop(name, None)
         stats.draft = NONE
         return stats, True, plain_generate_step(prompt, model, max_tokens=max_tokens, stats=stats,
                                             settings=s, **kwargs)
+    if kwargs.get("prompt_cache") is None:  # passed in: its sliding windows made rewindable (8bit too)
+        kwargs["prompt_cache"] = make_generation_cache(model, s.kv_mode, s.max_kv_size)
     s = s.but(draft=resolve(model, tokenizer, s.draft))  # skip-<share>: calibrated blocks
     return stats, False, speculative_generate_step(prompt, model, draft=s.draft,
                                                max_tokens=max_tokens, stats=stats,
                                                settings=s, **kwargs)
 
 
-def stream_generate(
-    model: nn.Module,
-    tokenizer,
-    prompt: Union[str, mx.array, List[int]],
-    max_tokens: int = 256,
-    draft: Optional[str] = None,
-    num_draft_tokens: Optional[int] = None,
-    kv_mode: Optional[str] = None,
-    **kwargs,
-) -> Generator[GenerationResponse, None, None]:
+def stream_generate(model: nn.Module, tokenizer, prompt: Union[str, mx.array, List[int]],
+                    max_tokens: int = 256, draft: Optional[str] = None,
+                    num_draft_tokens: Optional[int] = None, kv_mode: Optional[str] = None,
+                    **kwargs) -> Generator[GenerationResponse, None, None]:
     """Yield :class:`GenerationResponse` objects as text is generated.
 
     ``draft``: ``None`` / ``"none"`` for plain decoding, a draft name (``"a8"``,
@@ -142,13 +133,8 @@ def stream_generate(
         yield response(n, token, logprobs, from_draft, finish_reason)
 
 
-def generate(
-    model: nn.Module,
-    tokenizer,
-    prompt: Union[str, List[int]],
-    verbose: bool = False,
-    **kwargs,
-) -> str:
+def generate(model: nn.Module, tokenizer, prompt: Union[str, List[int]], verbose: bool = False,
+             **kwargs) -> str:
     """Generate a complete response; arguments as :func:`stream_generate`.
     ``verbose`` streams the text to stdout and a summary line to stderr."""
     text = ""

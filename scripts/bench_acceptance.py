@@ -22,9 +22,7 @@ real text shipped with every Python install (the license, stdlib docs and source
         "ngram>skip-0.2" --gammas 4 8 --max-tokens 128
 """
 
-import argparse
 import inspect
-import json
 import pydoc
 import sys
 import time
@@ -32,7 +30,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from plotting import pyplot
+from plotting import arguments, write
 from mlx_qspec import load, settings
 from mlx_qspec.cli import default_model_path, progress_of
 from mlx_qspec.decoder import SpecStats
@@ -70,25 +68,22 @@ GROUNDED = [
 ]
 
 
-def grounded_prompts(tokenizer, n: int) -> list[list[int]]:
-    """Chat-formatted requests to rewrite a given function (output copies the input)."""
+def prompts(tokenizer, workload: str, n: int, length: int) -> list[list[int]]:
+    """``free``: the first ``length`` tokens of ``n`` real texts; ``grounded``: ``n``
+    chat-formatted requests to rewrite a given function (output copies the input)."""
+    if workload == "free":
+        texts = real_texts()
+        if len(texts) < n:
+            raise SystemExit(f"only {len(texts)} real texts found, asked for {n}")
+        return [tokenizer.encode(t)[:length] for t in texts[:n]]
+    if n > len(GROUNDED):
+        raise SystemExit(f"only {len(GROUNDED)} grounded prompts, asked for {n}")
     out = []
     for module, name, ask in GROUNDED[:n]:
         src = "\n".join(inspect.getsource(getattr(__import__(module), name)).splitlines()[:25])
         msg = [{"role": "user", "content": f"{ask}\n\n```python\n{src}\n```"}]
         out.append(tokenizer.apply_chat_template(msg, add_generation_prompt=True))
     return out
-
-
-def prompts(tokenizer, workload: str, n: int, length: int) -> list[list[int]]:
-    if workload == "grounded":
-        if n > len(GROUNDED):
-            raise SystemExit(f"only {len(GROUNDED)} grounded prompts, asked for {n}")
-        return grounded_prompts(tokenizer, n)
-    texts = real_texts()
-    if len(texts) < n:
-        raise SystemExit(f"only {len(texts)} real texts found, asked for {n}")
-    return [tokenizer.encode(t)[:length] for t in texts[:n]]
 
 
 def run_config(model, prompt_sets, plain_outs, mode, gamma, max_tokens, kv_mode="fp"):
@@ -104,12 +99,8 @@ def run_config(model, prompt_sets, plain_outs, mode, gamma, max_tokens, kv_mode=
     return {
         "draft": mode.name,
         "gamma": gamma,
-        "drafted": stats.drafted,
-        "accepted": stats.accepted,
-        "verify_passes": stats.verify_passes,
-        "emitted": stats.emitted,
-        "acceptance": stats.acceptance,
-        "tokens_per_verify": stats.tokens_per_verify,
+        **{k: getattr(stats, k) for k in ("drafted", "accepted", "verify_passes", "emitted",
+                                          "acceptance", "tokens_per_verify")},
         "verify_passes_per_token": stats.verify_passes / stats.emitted,
         "bytes_per_token_vs_plain": stats.bytes_per_token()["total"] / stats.bytes_per_token()["plain"],
         "modeled_mac_speedup": b["plain"] / b["total"],
@@ -139,12 +130,9 @@ def print_table(rows):
               f"{r['accepted']:8d}")
 
 
-def tau_plot(path, series: dict, decorate=None):
-    """τ against γ as a PNG at ``path`` (if matplotlib is there): a line per ``series`` entry
-    (label → its (γ, τ) points), over what ``decorate(ax)`` draws first; bench_head's too."""
-    plt = pyplot(path)
-    if plt is None:
-        return
+def tau_figure(plt, series: dict, decorate=None):
+    """τ against γ: a line per ``series`` entry (label → its (γ, τ) points), over what
+    ``decorate(ax)`` draws first; bench_head's too."""
     fig, ax = plt.subplots(figsize=(6, 4))
     if decorate is not None:
         decorate(ax)
@@ -154,12 +142,10 @@ def tau_plot(path, series: dict, decorate=None):
     ax.set_ylabel("tokens per verify pass τ")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}", file=sys.stderr)
+    return fig
 
 
-def plot(rows, path):
+def figure(plt, rows):
     ceiling = dict(sorted((r["gamma"], r["tokens_per_verify_ceiling"]) for r in rows))
     gammas = list(ceiling)
 
@@ -168,13 +154,12 @@ def plot(rows, path):
         ax.set_xscale("log", base=2)
         ax.set_xticks(gammas, [str(g) for g in gammas])
 
-    tau_plot(path, {mode: [(r["gamma"], r["tokens_per_verify"]) for r in rows if r["draft"] == mode]
-                    for mode in dict.fromkeys(r["draft"] for r in rows)}, ceiling_on_log2)
+    return tau_figure(plt, {mode: [(r["gamma"], r["tokens_per_verify"]) for r in rows if r["draft"] == mode]
+                            for mode in dict.fromkeys(r["draft"] for r in rows)}, ceiling_on_log2)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="model path (default: the SmolLM2 test GGUF)")
+    ap = arguments(__doc__)
     ap.add_argument("--modes", nargs="+", default=["a8", "a8-g32", "a4", "a4-g32"])
     ap.add_argument("--gammas", nargs="+", type=int, default=[1, 2, 4, 8])
     ap.add_argument("--kv-mode", choices=KV_MODES, default="fp", help="KV cache for every run")
@@ -183,8 +168,6 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=3, help="number of real-text prompts")
     ap.add_argument("--prompt-tokens", type=int, default=64, help="tokens of text per prompt")
     ap.add_argument("--max-tokens", type=int, default=24, help="tokens generated per prompt")
-    ap.add_argument("--json", help="write the rows here")
-    ap.add_argument("--plot", help="write a τ-vs-γ PNG here (needs matplotlib)")
     args = ap.parse_args(argv)
 
     try:
@@ -214,15 +197,10 @@ def main(argv=None):
               f"({time.perf_counter() - t:.0f}s)", file=sys.stderr, flush=True)
 
     print_table(rows)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        meta = dict(model=str(args.model or default_model_path()), prompts=len(prompt_sets),
-                    prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
-                    kv_mode=args.kv_mode, workload=args.workload)
-        Path(args.json).write_text(json.dumps({"config": meta, "rows": rows}, indent=1))
-    if args.plot:
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        plot(rows, args.plot)
+    meta = dict(model=str(args.model or default_model_path()), prompts=len(prompt_sets),
+                prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
+                kv_mode=args.kv_mode, workload=args.workload)
+    write(args, {"config": meta, "rows": rows}, lambda plt: figure(plt, rows), dpi=120)
 
 
 if __name__ == "__main__":

@@ -17,15 +17,14 @@ is bound by bytes), a verify of γ+1 rows the roofline's forward of γ+1 rows.
         --json out/head.json --plot out/head.png
 """
 
-import argparse
-import json
 import sys
 import time
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from bench_acceptance import tau_plot
+from bench_acceptance import tau_figure
+from plotting import arguments, write
 from mlx_qspec import load, precision, reads, roofline
 from mlx_qspec.cli import default_model_path
 from mlx_qspec.heads import capture, store
@@ -97,8 +96,7 @@ def step_bytes(model, level: HeadDraft, seq: list[int], hidden) -> tuple[float, 
     cache = make_prompt_cache(model)
     with precision.reading(precision.FULL_PRECISION):
         model(mx.array(seq[:-1])[None], cache=cache)
-    plain = reads.ReadCounter()
-    with precision.reading(precision.FULL_PRECISION), reads.counting(plain):
+    with precision.reading(precision.FULL_PRECISION), reads.counting(reads.ReadCounter()) as plain:
         mx.eval(model(mx.array(seq[-1:])[None], cache=cache))
     level.reset()
     level.propose(seq, hidden, 1)
@@ -131,8 +129,7 @@ def measure(model, level, refs, g, read, workload, args, *, plain_b, draft_b) ->
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="model (default: the SmolLM2 test GGUF)")
+    ap = arguments(__doc__)
     ap.add_argument("--draft-head", required=True, help="the head directory to measure")
     ap.add_argument("--draft", default="head", help="the level's name in the table")
     ap.add_argument("--reads", nargs="+", default=["verify"],
@@ -143,8 +140,6 @@ def main(argv=None):
     ap.add_argument("--prompt-tokens", type=int, default=96, help="held-back text tokens per prompt")
     ap.add_argument("--max-tokens", type=int, default=96, help="tokens generated per prompt")
     ap.add_argument("--chip", default="M2 Max", help="chip of the modeled speedup")
-    ap.add_argument("--json")
-    ap.add_argument("--plot")
     args = ap.parse_args(argv)
     model, tokenizer = load(args.model or default_model_path())
     prepare(model)
@@ -164,11 +159,7 @@ def main(argv=None):
                                     plain_b=plain_b, draft_b=draft_b))
         print(f"{workload}: {len(prompts)} prompts, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    if args.plot:
-        plot(rows, args.plot)
+    write(args, rows, lambda plt: figure(plt, rows), indent=2, dpi=120)
 
 
 def print_table(rows):
@@ -182,11 +173,11 @@ def print_table(rows):
               f"{r['modeled_mac_speedup']:18.2f}")
 
 
-def plot(rows, path):
-    tau_plot(path, {f"τ, {w}, {read}": [(r["gamma"], r["tokens_per_verify"]) for r in rows
-                                         if r["workload"] == w and r["read"] == read]
-                    for w in dict.fromkeys(r["workload"] for r in rows)
-                    for read in dict.fromkeys(r["read"] for r in rows)})
+def figure(plt, rows):
+    return tau_figure(plt, {f"τ, {w}, {read}": [(r["gamma"], r["tokens_per_verify"]) for r in rows
+                                                 if r["workload"] == w and r["read"] == read]
+                            for w in dict.fromkeys(r["workload"] for r in rows)
+                            for read in dict.fromkeys(r["read"] for r in rows)})
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ suite's fixed sequence) and prints how many it sent and what they got.
     PYTHONPATH=. python scripts/fuzz_server.py --examples 5000 --json fuzz.json
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -13,13 +12,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from plotting import arguments, write
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__doc__, model=None, plot=False)
     parser.add_argument("--examples", type=int, default=5000, help="Requests to generate")
-    parser.add_argument("--json", type=Path, help="Write the summary here")
     args = parser.parse_args(argv)
     if args.examples < 1:
         parser.error("--examples must be >= 1")
@@ -35,8 +35,7 @@ def main(argv=None):
             sys.exit(f"the fuzz test failed before it finished (exit {code})")
         summary = {**json.loads(report.read_text()), "passed": code == 0}
     print(json.dumps(summary))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=1))
+    write(args, summary)
     sys.exit(code)
 
 

@@ -21,7 +21,6 @@ MLX-CPU timings, not a Mac's; the JSON records the load average around the run.
         --json load.json --png load.png
 """
 
-import argparse
 import json
 import os
 import platform
@@ -39,7 +38,7 @@ from typing import Optional
 import httpx2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plotting import pyplot  # noqa: E402
+from plotting import arguments, write  # noqa: E402
 
 QUESTIONS = [
     "Write a short story about a lighthouse keeper.",
@@ -218,11 +217,8 @@ def table(levels) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
 
 
-def plot(levels, path: Path, title: str):
+def figure(plt, levels, title: str):
     """Tokens/s, latency p50 and TTFT p50 against concurrency, one line per server."""
-    plt = pyplot(path)
-    if plt is None:
-        return
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, (key, label) in zip(axes, [("tokens_per_s", "completion tokens/s"),
                                        ("latency_p50_s", "latency p50 (s)"),
@@ -236,9 +232,7 @@ def plot(levels, path: Path, title: str):
         ax.set_title(label)
         ax.legend()
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}", file=sys.stderr)
+    return fig
 
 
 def converted_model(model: Optional[str]) -> str:
@@ -258,9 +252,8 @@ def converted_model(model: Optional[str]) -> str:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="mlx model directory both servers load (default: the "
-                        "test GGUF, converted once)")
+    parser = arguments(__doc__, model="mlx model directory both servers load (default: the "
+                       "test GGUF, converted once)", plot=False)
     parser.add_argument("--url", help="Our server, already running (default: start one)")
     parser.add_argument("--server-args", default="--draft a8 --num-draft-tokens 3",
                         help="Flags for our server")
@@ -271,8 +264,7 @@ def parse_args(argv):
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens per request")
     parser.add_argument("--time-limit", type=float, default=300,
                         help="Seconds per level after which no new request starts")
-    parser.add_argument("--json", type=Path, help="Write the results here")
-    parser.add_argument("--png", type=Path, help="Plot the levels here")
+    parser.add_argument("--png", dest="plot", metavar="PNG", help="Plot the levels here")
     args = parser.parse_args(argv)
     try:
         args.levels = [int(c) for c in args.concurrency.split(",")]
@@ -342,18 +334,14 @@ def main(argv=None):
     note = (f"MLX-CPU timings on Linux, not a Mac's; load average {load_before[0]:.1f} before, "
             f"{os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs"
             if platform.system() == "Linux" else "")
-    if args.json:
-        args.json.write_text(json.dumps({
-            "platform": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
-            "note": note, "nice": os.nice(0), "model": model,
-            "server_args": None if args.url else args.server_args,
-            "peer_args": None if args.no_peer else args.peer_args,
-            "max_tokens": args.max_tokens, **result,
-        }, indent=1))
-        print(f"wrote {args.json}", file=sys.stderr)
-    if args.png:
-        plot(result["levels"], args.png, f"{args.requests} greedy chat requests per level, "
-             f"max_tokens {args.max_tokens}. {note}")
+    title = f"{args.requests} greedy chat requests per level, max_tokens {args.max_tokens}. {note}"
+    write(args, {
+        "platform": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+        "note": note, "nice": os.nice(0), "model": model,
+        "server_args": None if args.url else args.server_args,
+        "peer_args": None if args.no_peer else args.peer_args,
+        "max_tokens": args.max_tokens, **result,
+    }, lambda plt: figure(plt, result["levels"], title), dpi=110)
 
 
 if __name__ == "__main__":

@@ -6,17 +6,8 @@ import random
 
 import pytest
 
-from mlx_qspec.controller import (
-    EXPLORE_ALLOWANCE,
-    EXPLORE_SHARE,
-    LEAVE_AFTER,
-    Action,
-    Controller,
-    Costs,
-    Store,
-    context_bucket,
-    expected_tokens,
-)
+from mlx_qspec.controller import (EXPLORE_ALLOWANCE, EXPLORE_SHARE, LEAVE_AFTER, Action, Controller,
+                                   Costs, Store, context_bucket, expected_tokens)
 
 
 class Machine:
@@ -67,17 +58,15 @@ DRAFTS = {"kv-upper": 0.94, "ngram": 0.44}
 
 def mac(**over):
     """A Mac at 100 tok/s: a verify of a few rows costs about one step."""
-    costs = dict(step=0.010, block=0.011, row=0.0005, draft={"kv-upper": 0.004, "ngram": 0.0},
-                 acceptance={"kv-upper": 0.94, "ngram": 0.44}, chunk=0.002)
-    return Machine(**{**costs, **over})
+    return Machine(**{**dict(step=0.010, block=0.011, row=0.0005, draft={"kv-upper": 0.004, "ngram": 0.0},
+                             acceptance=DRAFTS, chunk=0.002), **over})
 
 
 def cpu(**over):
     """This machine's CPU backend on the test model: each verify row costs ~¾ of a step, and
     nothing is compiled on first use."""
-    costs = dict(step=0.185, block=0.19, row=0.14, draft={"kv-upper": 0.2, "ngram": 0.0},
-                 acceptance={"kv-upper": 0.94, "ngram": 0.44}, chunk=0.02, warm_up=1.2)
-    return Machine(**{**costs, **over})
+    return Machine(**{**dict(step=0.185, block=0.19, row=0.14, draft={"kv-upper": 0.2, "ngram": 0.0},
+                             acceptance=DRAFTS, chunk=0.02, warm_up=1.2), **over})
 
 
 def roofline_prior():
@@ -176,13 +165,13 @@ def test_does_not_oscillate_between_arms_of_about_the_same_speed(speed):
     assert rate(log) >= 0.95 * min(speed, 1.0) / 0.010
 
 
-def test_gamma_follows_acceptance():
+@pytest.mark.parametrize("acceptance, low, high", [(0.95, 4, 8), (0.3, 1, 2)])
+def test_gamma_follows_acceptance(acceptance, low, high):
     # Flat verify, free lookup: high acceptance asks for long blocks, low for short ones.
-    for acceptance, low, high in ((0.95, 4, 8), (0.3, 1, 2)):
-        machine = mac(acceptance={"kv-upper": 0.0, "ngram": acceptance}, row=0.002)
-        controller = Controller({"ngram": acceptance}, prior=roofline_prior())
-        drive(controller, machine, 600)
-        assert low <= controller.gamma <= high, acceptance
+    machine = mac(acceptance={"kv-upper": 0.0, "ngram": acceptance}, row=0.002)
+    controller = Controller({"ngram": acceptance}, prior=roofline_prior())
+    drive(controller, machine, 600)
+    assert low <= controller.gamma <= high
 
 
 def test_restores_from_the_store(tmp_path):

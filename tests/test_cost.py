@@ -24,18 +24,23 @@ def test_priors():
         cost.prior_acceptance("a8-g64")
 
 
-def _prefilled(model, n=24):
+@pytest.fixture(autouse=True)
+def own_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLX_QSPEC_CACHE", str(tmp_path))
+
+
+def _prefilled(n=24):
+    """A tiny installed model, and its cache after ``n`` positions."""
+    model = install(build_tiny_model())
     cache = make_prompt_cache(model)
     mx.eval(model(mx.zeros((1, n), mx.uint32), cache=cache))
-    return cache
+    return model, cache
 
 
 @pytest.mark.parametrize("device, chip", [("Apple M1", "M1"), ("Apple M4 Max", "M4_Max")])
 def test_a_mac_models_its_costs_without_timing(mac, monkeypatch, tmp_path, device, chip):
-    monkeypatch.setenv("MLX_QSPEC_CACHE", str(tmp_path))
     monkeypatch.setattr(mx, "device_info", lambda: {"device_name": device})
-    model = install(build_tiny_model())
-    cache = _prefilled(model)
+    model, cache = _prefilled()
     costs = cost.prior(model, cache, ["ngram", "a8-g32", "kv-upper"])  # kv-upper: no nested cache
     assert costs.source == f"modeled({chip})" and sorted(costs.draft) == ["a8-g32", "ngram"]
     assert all(c.offset == 24 for c in cache)  # the bytes were counted on untimed forwards
@@ -47,19 +52,15 @@ def test_a_mac_models_its_costs_without_timing(mac, monkeypatch, tmp_path, devic
     assert not (tmp_path / "measured.json").exists()  # nothing measured yet: nothing stored
 
 
-def test_elsewhere_there_is_no_prior(monkeypatch, tmp_path):
+def test_elsewhere_there_is_no_prior():
     """MLX's CPU backend (or a chip the roofline does not know): no prior; the controller
     times plain decoding first and explores the drafts."""
-    monkeypatch.setenv("MLX_QSPEC_CACHE", str(tmp_path))
-    model = install(build_tiny_model())
-    assert cost.prior(model, _prefilled(model), ["ngram", "a8-g32"]) is None
+    assert cost.prior(*_prefilled(), ["ngram", "a8-g32"]) is None
 
 
-def test_a_stored_measurement_wins_over_the_model(mac, monkeypatch, tmp_path):
-    monkeypatch.setenv("MLX_QSPEC_CACHE", str(tmp_path))
+def test_a_stored_measurement_wins_over_the_model(mac, monkeypatch):
     monkeypatch.setattr(mx, "device_info", lambda: {"device_name": "Apple M1"})
-    model = install(build_tiny_model())
-    cache = _prefilled(model)
+    model, cache = _prefilled()
     modeled = cost.prior(model, cache, ["ngram", "a8-g32"])
     measured = controller.Costs(step=2 * modeled.step, block=1.0, row=0.5, draft={"ngram": 0.1},
                                 acceptance={"ngram": 0.1}, source="measured", weight=4.0)
@@ -71,11 +72,10 @@ def test_a_stored_measurement_wins_over_the_model(mac, monkeypatch, tmp_path):
     assert costs.acceptance == {}  # the last prompt's acceptance is not this one's
 
 
-def test_auto_on_a_modeled_mac_starts_from_the_model_and_times_what_it_runs(mac, monkeypatch, tmp_path):
+def test_auto_on_a_modeled_mac_starts_from_the_model_and_times_what_it_runs(mac, monkeypatch):
     """The flat modeled verify makes the free n-gram lookup the first choice; the policy
     hands the decoder built drafts, reports every block to the controller, and stores
     what it measured."""
-    monkeypatch.setenv("MLX_QSPEC_CACHE", str(tmp_path))
     monkeypatch.setattr(mx, "device_info", lambda: {"device_name": "Apple M2 Max"})
     monkeypatch.setattr(auto_module, "WARM", set())  # as in a fresh process
     model = install(build_tiny_model(head_bits=8))

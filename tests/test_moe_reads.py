@@ -70,8 +70,7 @@ def test_the_counter_reads_the_routed_experts(name, mode, tmp_path, routes):
     dense_bytes = sum(a.nbytes for arrays in dense for a in arrays)
     for rows in ([ROWS[0]], ROWS):  # a decode step, a verify of five rows
         routes.clear()
-        counter = reads.ReadCounter()
-        with reads.counting(counter):
+        with reads.counting(reads.ReadCounter()) as counter:
             mx.eval(model(mx.array([rows]), cache=cache))
         assert len(routes) == len(per_expert)
         routed = sum(np.unique(np.array(r)).size * b for r, b in zip(routes, per_expert.values()))
@@ -80,8 +79,7 @@ def test_the_counter_reads_the_routed_experts(name, mode, tmp_path, routes):
             c.trim(len(rows))
     # the verify read more experts than its first row alone would have
     assert any(np.unique(np.array(r)).size > np.unique(np.array(r[:, :1])).size for r in routes)
-    kinds = {type(m) for _, m in model.named_modules()}
-    assert QSpecSwitchLinear in kinds
+    assert QSpecSwitchLinear in {type(m) for _, m in model.named_modules()}
 
 
 def test_experts_take_part_in_activation_drafts():
@@ -107,8 +105,7 @@ def test_non_affine_linears_are_counted():
     model.lm_head = head
     install(model)
     assert isinstance(model.lm_head, CountedQuantizedLinear)
-    counter = reads.ReadCounter()
-    with reads.counting(counter):
+    with reads.counting(reads.ReadCounter()) as counter:
         model.lm_head(mx.zeros((1, 1, 128)))
     assert counter.bytes(reads.WEIGHTS) == head.weight.nbytes + head.scales.nbytes
     assert counter.ints[reads.WEIGHTS] == counter.bytes(reads.WEIGHTS)  # uint8 scales: as stored
@@ -132,8 +129,8 @@ def test_forward_expert_bytes_from_the_routes_decoding_saw():
         per[m.route_key] = per.get(m.route_key, 0) + (m.weight.nbytes + m.scales.nbytes + m.biases.nbytes) / 8
     assert {x.key: x.expert_bytes for x in layers} == per
     assert moe.forward_expert_bytes(layers, 1) == sum(2 * b for b in per.values())
-    counter, cache = reads.ReadCounter(), _prefilled(model)
-    with reads.counting(counter):
+    cache = _prefilled(model)
+    with reads.counting(reads.ReadCounter()) as counter:
         for t in ROWS * 3:
             mx.eval(model(mx.array([[t]]), cache=cache))
     seen = counter.recent_routes()
@@ -145,8 +142,7 @@ def test_forward_expert_bytes_from_the_routes_decoding_saw():
 
 def _step_reads(model, cache) -> reads.ReadCounter:
     """A one-row full-precision forward's reads at the cache's context (rewound after)."""
-    counter = reads.ReadCounter()
-    with reads.counting(counter):
+    with reads.counting(reads.ReadCounter()) as counter:
         mx.eval(model(mx.array([ROWS[:1]]), cache=cache))
     rewind(cache, len(PROMPT))
     return counter

@@ -24,10 +24,9 @@ RUNNING = [7000, 7001]
 
 @pytest.fixture(scope="module")
 def served(tiny_served_dir):
-    s = Served("--model", str(tiny_served_dir), "--draft", "none", "--prefill-step-size",
-               str(CHUNK), "--prompt-cache-size", "0")
-    yield s
-    s.close()
+    with Served("--model", str(tiny_served_dir), "--draft", "none", "--prefill-step-size",
+                str(CHUNK), "--prompt-cache-size", "0") as s:
+        yield s
 
 
 class Watch:

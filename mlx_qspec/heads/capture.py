@@ -10,6 +10,7 @@ slower.
 
 from contextlib import contextmanager
 from contextvars import ContextVar
+from functools import cache
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,27 +21,19 @@ from ..quant.linear import QSpecLinear
 from ..vocabulary import vocabulary_size
 
 _open: ContextVar[list | None] = ContextVar("mlx_qspec_hidden_capture", default=None)
-_capturing_classes: dict[type, type] = {}
 
 
-def _record(x: mx.array):
-    rows = _open.get()
-    if rows is not None:
-        rows.append(x)
-
-
+@cache
 def _capturing(cls: type, method: str) -> type:
-    """A subclass of ``cls`` whose ``method`` (``__call__`` of a linear head, ``as_linear`` of
-    a tied embedding) records its input in the open capture first."""
-    key = (cls, method)
-    if key not in _capturing_classes:
-        def hooked(self, x, *args, **kwargs):
-            _record(x)
-            return getattr(cls, method)(self, x, *args, **kwargs)
+    """A subclass of ``cls`` (one per class and method) whose ``method`` (``__call__`` of a
+    linear head, ``as_linear`` of a tied embedding) records its input in the open capture first."""
+    def hooked(self, x, *args, **kwargs):
+        rows = _open.get()
+        if rows is not None:
+            rows.append(x)
+        return getattr(cls, method)(self, x, *args, **kwargs)
 
-        sub = type(cls.__name__, (cls,), {method: hooked, "_head_base": cls, "_head_method": method})
-        _capturing_classes[key] = sub
-    return _capturing_classes[key]
+    return type(cls.__name__, (cls,), {method: hooked, "_head_base": cls})
 
 
 def find_embedding(model: nn.Module) -> tuple[str, nn.Module]:

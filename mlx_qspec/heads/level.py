@@ -15,7 +15,7 @@ Where a position's hidden state was never given (only the last row was handed ov
 entry keeps the chained state, or, with none, a zero hidden state (the token alone).
 """
 
-import contextlib
+from contextlib import nullcontext
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
@@ -108,8 +108,7 @@ class HeadDraft:
     def _forward(self, tokens: list[int], hidden: mx.array, counter, last: bool = True):
         """The head over rows (tokens[j], hidden[j]) appended to its cache: the fed-back state
         of the last row and (``last``) its logits, the LM head's reads counted with the rest."""
-        count = contextlib.nullcontext() if counter is None else reads.counting(counter)
-        with precision.reading(self.precision), count:
+        with precision.reading(self.precision), reads.counting(counter) if counter else nullcontext():
             emb = self.head.embed(mx.array(tokens, mx.uint32)[None], self.ends)
             back, normed = self.head(emb, hidden[None].astype(emb.dtype), self.cache)
             return back[0, -1:], self._logits(normed[:, -1]) if last else None
