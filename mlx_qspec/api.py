@@ -24,7 +24,6 @@ from .drafts.cascade import resolve
 from .drafts.grammar import NONE
 from .errors import UserError
 from .kernels import backend
-from .kv_cache import make_generation_cache
 from .speculative import plain_generate_step, speculative_generate_step
 from .vocabulary import check_token_ids, vocabulary_size
 
@@ -61,8 +60,6 @@ def _token_generator(model, tokenizer, prompt, max_tokens, kwargs, given):
         stats.draft = NONE
         return stats, True, plain_generate_step(prompt, model, max_tokens=max_tokens, stats=stats,
                                             settings=s, **kwargs)
-    if kwargs.get("prompt_cache") is None:  # passed in: its sliding windows made rewindable (8bit too)
-        kwargs["prompt_cache"] = make_generation_cache(model, s.kv_mode, s.max_kv_size)
     s = s.but(draft=resolve(model, tokenizer, s.draft))  # skip-<share>: calibrated blocks
     return stats, False, speculative_generate_step(prompt, model, draft=s.draft,
                                                max_tokens=max_tokens, stats=stats,

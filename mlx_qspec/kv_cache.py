@@ -484,9 +484,10 @@ def make_generation_cache(model: nn.Module, kv_mode: str = "fp", max_kv_size=Non
     model's, its full-attention layers ours for ``kv_mode`` 8bit / nested or a window of
     ``max_kv_size``; the same windows for plain decoding and a draft (whose are rewindable
     unless ``plain``)."""
-    if kv_mode != "fp":
-        return make_cache(model, kv_mode)
-    return make_rotating_cache(model, max_kv_size, rewindable=not plain)
+    if kv_mode == "fp":
+        return make_rotating_cache(model, max_kv_size, rewindable=not plain)
+    caches = make_cache(model, kv_mode)
+    return caches if plain else make_rewindable(caches, model)
 
 
 def check_kv_bits(cache, kv_bits) -> None:

@@ -377,6 +377,9 @@ def test_kv_modes_with_sliding_layers(gemma, gemma_plain):
     assert kv_mode(cache) == "8bit"  # what its full-attention layers hold
     want = _plain(gemma, prompt, cache, GT)
     assert _speculate(gemma, prompt, make_cache(gemma, "8bit"), GT) == want
+    made = [t for t, _, _ in speculative_generate_step(prompt, gemma, draft="a8", kv_mode="8bit",
+                                                       num_draft_tokens=4, max_tokens=GT)]
+    assert made == want  # the cache it makes when given none: its windows rewindable too
     with pytest.raises(UserError, match="nested needs full attention in every layer"):
         make_cache(gemma, "nested")
     with pytest.raises(UserError, match="kv_bits cannot quantize a sliding-window cache"):

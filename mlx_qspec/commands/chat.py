@@ -16,7 +16,7 @@ import mlx.core as mx
 from mlx_lm.cli_ui import ChatUI, _make_theme, print_chat_help, print_header_panel
 from rich.console import Console
 
-from ..api import GenerationResponse, make_generation_cache, stream_generate
+from ..api import GenerationResponse, stream_generate
 from ..caches import commit, position, rewind
 from ..cli import (
     add_draft_args,
@@ -32,6 +32,7 @@ from ..cli import (
 from ..decoder import forward
 from ..drafts.grammar import NONE
 from ..errors import UserError
+from ..kv_cache import make_generation_cache
 from ..loader import load
 from ..settings import Settings
 from .. import recurrent
