@@ -184,3 +184,21 @@ def test_hooks_install_and_uninstall_leave_the_model_as_it_was(tiny_model):
     others = hooks._attention_users.get(llama.__name__)
     assert (llama.scaled_dot_product_attention is base.scaled_dot_product_attention) != bool(others)
     assert mx.array_equal(tiny_model(TOKENS), ref)
+
+
+def test_collective_counting_installs_once_and_uninstalls():
+    """Every mx.distributed collective calls the counter first (installed twice: still once),
+    and uninstall gives each back the function it wrapped (distributed.counting installs it
+    again whenever it counts, so another test's install is undone here first)."""
+    hooks.uninstall_collective_counting()
+    before = {name: getattr(mx.distributed, name, None) for name in hooks.COLLECTIVES}
+    calls = []
+    hooks.install_collective_counting(lambda: calls.append(1))
+    hooks.install_collective_counting(lambda: calls.append(2))
+    try:
+        x = mx.ones((3,))
+        assert mx.array_equal(mx.distributed.all_sum(x), before["all_sum"](x))  # one process
+        assert calls == [1]
+    finally:
+        hooks.uninstall_collective_counting()
+    assert {name: getattr(mx.distributed, name, None) for name in hooks.COLLECTIVES} == before
