@@ -40,7 +40,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import ArraysCache, CacheList, make_prompt_cache
 
-from . import reads
+from . import reads, store
 from .errors import UserError
 from .kernels import MAX_M
 
@@ -413,8 +413,12 @@ def mixers(model: nn.Module) -> list[tuple[nn.Module, Mixer]]:
 
 def unsupported(model: nn.Module) -> str | None:
     """Why ``model``'s recurrent state cannot be rewound (it has more recurrent layers than
-    mixers listed in :data:`MIXERS`), or None: a one-line reason for a refusal."""
+    mixers listed in :data:`MIXERS`), or None: a one-line reason for a refusal. Worked out once
+    per loaded model (asked for at every cache made, on the server's engine thread too)."""
+    return store.per_model(model, "unsupported", lambda: _unsupported(model))
 
+
+def _unsupported(model: nn.Module) -> str | None:
     def recurrent(c):
         return isinstance(c, ArraysCache) or (isinstance(c, CacheList) and any(map(recurrent, c.caches)))
 

@@ -98,8 +98,7 @@ class AutoPolicy:
     def __init__(self, model, cache, ngram: Ngram = Ngram(), max_gamma: int | None = None,
                  draft_head=None):
         self.model, self.kv, self.ngram = model, kv_mode(cache), ngram
-        self.unrewindable = store.per_model(model, "unrewindable",
-                                            lambda: recurrent.unsupported(model) is not None)
+        self.unrewindable = recurrent.unsupported(model) is not None
         priors = {} if self.unrewindable else auto_priors(model, self.kv)
         heads = {} if self.unrewindable else head_levels(model, draft_head)
         for name, level in heads.items():
