@@ -51,7 +51,7 @@ from .decoder import VERIFY, Decoder, Row, prefill, quantize_kv
 from .drafts.auto import AutoPolicy
 from .drafts.cascade import DraftModel, build
 from .heads.level import heads_available
-from .kv_cache import WINDOWS, check_kv_bits, make_cache, make_rewindable, make_rotating_cache
+from .kv_cache import WINDOWS, check_kv_bits, make_cache, make_generation_cache
 from .policy import FixedGamma
 from .ragged_cache import RaggedKVCache
 from .sampling import make_sampler
@@ -140,9 +140,7 @@ class PromptCache:
 
     def fresh(self) -> list:
         """An empty cache of the served kind (a window of ``max_kv_size``: rewindable)."""
-        if self.max_kv_size is not None:
-            return make_rotating_cache(self.model, self.max_kv_size)
-        return make_rewindable(make_cache(self.model, self.kv_mode), self.model)
+        return make_generation_cache(self.model, self.kv_mode, self.max_kv_size)
 
     def fetch(self, prompt: List[int]):
         """``(cache, cached)``: a cache holding ``prompt[:cached]``."""

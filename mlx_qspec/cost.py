@@ -180,10 +180,11 @@ def prior(model, cache, candidates, step_bytes=None) -> controller.Costs | None:
         return None
     stored = controller.default_store().load(store_key(model, cache), position(cache))
     chip = roofline.this_chip()
-    costs = modeled(model, cache, list(candidates), chip, step_bytes) if chip else None
     if stored is None:
-        return costs
+        return modeled(model, cache, list(candidates), chip, step_bytes) if chip else None
     stored.acceptance = {}  # the last prompt's acceptance says little of this one's
+    never_timed = [d for d in candidates if d not in stored.draft]
+    costs = modeled(model, cache, never_timed, chip, step_bytes) if chip and never_timed else None
     if costs is not None:  # drafts never timed here: the roofline's, in this machine's scale
         scale = stored.step / costs.step
         stored.draft = {**{d: t * scale for d, t in costs.draft.items()}, **stored.draft}
