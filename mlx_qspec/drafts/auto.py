@@ -113,7 +113,8 @@ class AutoPolicy:
         key = None if self.ranks > 1 else cost.store_key(model, cache)
         self.controller = controller.Controller(
             priors, gammas, cost.prior(model, cache, priors, step_bytes=step_bytes),
-            start=position(cache), warm=WARM, store=None if key is None else controller.default_store(), key=key)
+            start=position(cache), warm=WARM,
+            store=None if key is None else controller.default_store(), key=key)
         self.reads_context = NGRAM in priors  # the lookup may run any time: keep the context
         self.drafts: dict = {}
         self.action = self.plain = None  # the controller's action; a plain run's [emitted, seconds]
