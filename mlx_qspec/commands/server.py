@@ -355,6 +355,14 @@ def create_app(engine: BatchEngine, tokenizer, settings: Settings) -> Starlette:
     )
 
 
+def _token_ids(prompt: list, vocab_size) -> list[int] | None:
+    """A completions prompt of token ids, checked against the vocabulary; None where it is
+    not a list of ints at all (then it is the wrong type, not a bad id)."""
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return check_token_ids(prompt, vocab_size, "prompt")
+    return None
+
+
 class _Service:
     """The endpoints: each checks its request, queues a job on the engine and answers with its
     events, as one JSON body or a stream of server-sent events."""
@@ -457,17 +465,15 @@ class _Service:
         body = await _json_body(request)
         if "prompt" not in body:
             raise APIError(400, "'prompt' is required", "prompt", "missing_required_parameter")
-        prompt = body["prompt"]
-        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                            for t in prompt):
+        prompt, tokens = body["prompt"], None
+        if isinstance(prompt, list):  # off the event loop: a long list is walked twice
             try:
-                tokens = await run_in_threadpool(check_token_ids, prompt, self.vocab_size,
-                                                 "prompt")
+                tokens = await run_in_threadpool(_token_ids, prompt, self.vocab_size)
             except UserError as e:
                 raise APIError(400, str(e), "prompt", "invalid_value") from None
         elif isinstance(prompt, str):
             tokens = await run_in_threadpool(self.tokenizer.encode, prompt)
-        else:
+        if tokens is None:
             raise APIError(400, "'prompt' must be a string or a list of token ids", "prompt",
                            "invalid_type")
         params = _sampling(body, self.settings, chat=False, vocab_size=self.vocab_size)
