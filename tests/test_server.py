@@ -142,6 +142,14 @@ def test_bad_requests_and_the_server_stays_up(served):
     answered(post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 1, "frobnicate": 1}))
 
 
+@pytest.mark.parametrize("prompt", [[1, "a"], ["x"], [1, True], 5, {"ids": [1]}, None])
+def test_a_prompt_neither_text_nor_token_ids_is_400(served, prompt):
+    error = error_of(served.http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2}),
+                     400, "prompt")
+    assert error["message"] == "'prompt' must be a string or a list of token ids"
+    assert error["code"] == "invalid_type"
+
+
 @pytest.mark.parametrize("prompt,bad", [
     ([1, 2, -5], "-5"),  # a negative id: a segmentation fault in the embedding once
     ([1, VOCAB], str(VOCAB)),  # just past the vocabulary: out-of-bounds rows were read
