@@ -3,7 +3,7 @@
 :class:`Settings` holds what a generation decodes with: the draft (parsed once), γ, the
 draft's p-min, the KV cache (mode, bits, group, start, window), the n-gram lookup, the
 prefill chunk and the sampling values. :func:`check` is the one check of each value; the
-command lines' argparse types (:mod:`mlx_qspec.cli`), the API (:func:`from_kwargs`), the
+command lines' argparse types (:mod:`mlx_qspec.cli`), the API (:func:`resolve`), the
 server's flags and its request checks all call it. The checks that join values (a KV mode
 and its bits, a draft and its cache) run when a Settings is made.
 
@@ -153,12 +153,6 @@ class Settings:
 
 
 NAMES = tuple(f.name for f in fields(Settings))
-
-
-def from_kwargs(kwargs: dict, **given) -> Settings:
-    """Settings from ``given`` and the settings among an API call's ``kwargs`` (removed from
-    it; what is left is not a setting). None for a setting means its default."""
-    return resolve({k: kwargs.pop(k) for k in NAMES if k in kwargs}, **given)
 
 
 def resolve(kwargs: dict, **given) -> Settings:

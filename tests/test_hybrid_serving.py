@@ -39,7 +39,7 @@ def plain(hybrid):
 def test_requests_served_together_get_plain_decodings_tokens(hybrid, plain, draft):
     model, tokenizer = hybrid
     engine = BatchEngine(model, tokenizer, prompt_cache_size=0,
-                         settings=settings.from_kwargs({}, draft=draft, num_draft_tokens=3))
+                         settings=settings.Settings(draft=draft, num_draft_tokens=3))
     assert not engine.batched  # the ragged batch holds attention's K/V, not recurrent state
     engine.start()
     try:

@@ -174,7 +174,7 @@ def test_auto_reports_the_num_draft_tokens_it_was_given_as_the_api_does(served):
     reported 0)."""
     model, tokenizer = served.engine.model, served.engine.tokenizer
     engine = BatchEngine(model, tokenizer, prompt_cache_size=0,
-                         settings=settings.from_kwargs({}, draft="auto", num_draft_tokens=3))
+                         settings=settings.Settings(draft="auto", num_draft_tokens=3))
     watch = Watch(engine)
     engine.start()
     try:
