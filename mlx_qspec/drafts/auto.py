@@ -76,8 +76,8 @@ def head_levels(model, draft_head) -> dict:
     the checkpoint's MTP layers (``mtp``) and a ``--draft-head`` (``head``: a
     :class:`HeadDraft` used as given, or its directory)."""
     levels = {}
-    if isinstance(mtp.attached(model), tuple):
-        levels[MTP] = mtp_level(model)
+    if isinstance(mtp.attached(model), tuple):  # built once per model, a cache per request
+        levels[MTP] = store.per_model(model, "mtp level", lambda: mtp_level(model)).fresh()
     if draft_head is not None:
         levels[HEAD] = draft_head if isinstance(draft_head, HeadDraft) else head_level(model, draft_head)
     return levels

@@ -15,6 +15,7 @@ Where a position's hidden state was never given (only the last row was handed ov
 entry keeps the chained state, or, with none, a zero hidden state (the token alone).
 """
 
+import copy
 from contextlib import nullcontext
 
 import mlx.core as mx
@@ -52,7 +53,6 @@ class HeadDraft:
     def __init__(self, model, head: NextTokenHead, name: str, at: Precision = FULL_PRECISION,
                  ends: ModelEnds | None = None, vocab_head=None, agreement: float | None = None):
         self.head, self.base, self.precision = _prepare(head), name, at
-        self.name = name if at.is_full else f"{name}+{at.name}"  # as --draft names it
         self.agreement = agreement  # measured when it was trained (held-back text), if known
         self.ends = ends or ModelEnds(hooks.install(model))
         self.vocab = head["draft_vocab"] if "draft_vocab" in head else None
@@ -62,14 +62,23 @@ class HeadDraft:
         self.vocab_size = rows_of(self.ends.embedding)
         self.reset()
 
+    @property
+    def name(self) -> str:
+        """As --draft names it (``head+w-upper``)."""
+        return self.base if self.precision.is_full else f"{self.base}+{self.precision.name}"
+
     def fresh(self) -> "HeadDraft":
         """The same head with a cache of its own (for another request)."""
         return self.reading(self.precision)
 
     def reading(self, at: Precision) -> "HeadDraft":
         """The same head read at ``at`` (``w-upper``: 8-bit layers as their upper plane), with
-        a cache of its own."""
-        return HeadDraft(None, self.head, self.base, at, self.ends, self.vocab_head, self.agreement)
+        a cache of its own: a copy sharing the prepared head and the model's ends (per request
+        on the server's engine thread, so nothing is walked or evaluated again)."""
+        other = copy.copy(self)
+        other.precision = at
+        other.reset()
+        return other
 
     def step_reads(self) -> reads.ReadCounter:
         """What one draft step reads (its layers, the LM head or its draft rows, its KV):
