@@ -461,8 +461,7 @@ class Controller:
         verify = block["block"] + g * max(block["row"], 0.0)
         if (g + 1) / verify <= plain * (1 + HYSTERESIS):
             return f"verify_cost_grows_with_rows(x{verify / step:.1f}_at_{g + 1}_rows)"
-        stored = self.prior.draft if self.prior.source == "measured" else {}
-        measured = [d for d, a in self.arms.items() if a.measured() or d in stored]
+        measured = self._timed()
         if measured:
             d = max(measured, key=lambda n: est[n].rate)
             return f"measured_not_faster({d}_x{est[d].rate / plain:.2f})"
@@ -476,13 +475,17 @@ class Controller:
             return f"draft_too_costly({cheapest}_x{block[cheapest] / step:.2f})"
         return f"acceptance_too_low({top}_{self.arms[top].acceptance:.2f})"
 
+    def _timed(self) -> list:
+        """The drafts timed in this run or in the stored measurement it started from."""
+        stored = self.prior.draft if self.prior.source == "measured" else {}
+        return [d for d, a in self.arms.items() if a.measured() or d in stored]
+
     def measured_costs(self) -> Costs:
         """The fitted costs and acceptances, as the next run's prior (``measured``): the
         drafts timed in this run or in the stored measurement it started from."""
         plain = {k: max(v, 0.0) for k, v in self.plain.solve().items()}
         block = {k: max(v, 0.0) for k, v in self.blocks.solve().items()}
-        stored = self.prior.draft if self.prior.source == "measured" else {}
-        timed = [d for d, a in self.arms.items() if a.measured() or d in stored]
+        timed = self._timed()
         return Costs(step=plain["step"], chunk=plain["chunk"], block=block["block"],
                      row=block["row"], draft={d: block[d] for d in timed},
                      acceptance={d: self.arms[d].acceptance for d in timed},
