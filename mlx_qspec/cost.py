@@ -166,10 +166,10 @@ def device_name() -> str:
     return f"{mx.default_device()}:{mx.device_info().get('device_name', 'unknown')}"
 
 
-def store_key(model, cache) -> str:
-    """What this model's measured costs are kept under on this machine (with this KV mode)."""
+def store_key(model, kv: str) -> str:
+    """What this model's measured costs are kept under on this machine with KV mode ``kv``."""
     fingerprint = store.per_model(model, "fingerprint", lambda: store.fingerprint(model))
-    return controller.store_key(fingerprint, device_name(), mx.__version__, kv_mode(cache))
+    return controller.store_key(fingerprint, device_name(), mx.__version__, kv)
 
 
 def prior(model, cache, candidates, step_bytes=None) -> controller.Costs | None:
@@ -178,7 +178,7 @@ def prior(model, cache, candidates, step_bytes=None) -> controller.Costs | None:
     and all must decide alike (they then time from rank 0's clock)."""
     if distributed.group().size() > 1:
         return None
-    stored = controller.default_store().load(store_key(model, cache), position(cache))
+    stored = controller.default_store().load(store_key(model, kv_mode(cache)), position(cache))
     chip = roofline.this_chip()
     if stored is None:
         return modeled(model, cache, list(candidates), chip, step_bytes) if chip else None

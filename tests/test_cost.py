@@ -8,6 +8,7 @@ from helpers import build_tiny_model
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_qspec import controller, cost, roofline
+from mlx_qspec.caches import kv_mode
 from mlx_qspec.drafts import auto as auto_module
 from mlx_qspec.drafts.auto import AutoPolicy, auto_priors
 from mlx_qspec.drafts.ngram import Ngram
@@ -64,7 +65,7 @@ def test_a_stored_measurement_wins_over_the_model(mac, monkeypatch):
     modeled = cost.prior(model, cache, ["ngram", "a8-g32"])
     measured = controller.Costs(step=2 * modeled.step, block=1.0, row=0.5, draft={"ngram": 0.1},
                                 acceptance={"ngram": 0.1}, source="measured", weight=4.0)
-    controller.default_store().save(cost.store_key(model, cache), 24, measured)
+    controller.default_store().save(cost.store_key(model, kv_mode(cache)), 24, measured)
     costs = cost.prior(model, cache, ["ngram", "a8-g32"])
     assert costs.source == "measured" and (costs.step, costs.block, costs.row) == (measured.step, 1.0, 0.5)
     assert costs.draft["ngram"] == 0.1  # measured here
@@ -98,5 +99,5 @@ def test_auto_on_a_modeled_mac_starts_from_the_model_and_times_what_it_runs(mac,
     assert auto.plan().steps == plan.steps - 1  # the same plain run goes on
     auto.report(BlockResult(0, 0, plan.steps - 1, 0.003))
     auto.close()
-    stored = controller.default_store().load(cost.store_key(model, cache), 24)
+    stored = controller.default_store().load(cost.store_key(model, kv_mode(cache)), 24)
     assert stored.source == "measured" and "ngram" in stored.draft

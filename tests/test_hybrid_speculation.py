@@ -11,6 +11,7 @@ from helpers import build_tiny_model
 from helpers.hybrid_models import build, save
 from helpers.sampling import assert_fits, joint, sample_first_tokens
 from mlx_qspec import controller, cost, reads
+from mlx_qspec.caches import kv_mode
 from mlx_qspec.decoder import SpecStats
 from mlx_qspec.drafts.cascade import DraftModel
 from mlx_qspec.drafts.grammar import parse_precision
@@ -155,7 +156,7 @@ def test_auto_drafting_on_hybrid_and_moe_models_is_plain_decoding(name):
     measured = controller.Costs(step=1.0, block=1.0, row=0.05, draft={"ngram": 0.0},
                                 acceptance={"ngram": 0.9}, source="measured",
                                 weight=controller.PRIOR_WEIGHT["measured"])
-    controller.default_store().save(cost.store_key(model, cache), len(PROMPT), measured)
+    controller.default_store().save(cost.store_key(model, kv_mode(cache)), len(PROMPT), measured)
     want = [t for t, _, _ in plain_generate_step(mx.array(PROMPT), model, max_tokens=MAX_TOKENS,
                                                  prompt_cache=make_prompt_cache(model))]
     stats = SpecStats()

@@ -440,7 +440,7 @@ def store_costs(model, verify: dict, steps: dict, exactness: dict, decode: dict,
     measured, keys, written = controller.default_store(), [], []
 
     def save(kv_mode: str, context: int, costs: controller.Costs):
-        key = controller.store_key(store.fingerprint(model), cost.device_name(), mx.__version__, kv_mode)
+        key = cost.store_key(model, kv_mode)
         written.append(measured.save(key, context, costs))
         keys.append(f"{key}|ctx={controller.context_bucket(context)}")
 

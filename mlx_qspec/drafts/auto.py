@@ -110,7 +110,7 @@ class AutoPolicy:
                       for name, level in heads.items()}
         gammas = tuple(g for g in controller.GAMMAS if g <= (max_gamma or max(controller.GAMMAS)))
         self.ranks = distributed.group().size()
-        key = None if self.ranks > 1 else cost.store_key(model, cache)
+        key = None if self.ranks > 1 else cost.store_key(model, self.kv)
         self.controller = controller.Controller(
             priors, gammas, cost.prior(model, cache, priors, step_bytes=step_bytes),
             start=position(cache), warm=WARM,
