@@ -72,10 +72,6 @@ def install(model: nn.Module) -> nn.Module:
     return model
 
 
-def is_installed(model: nn.Module) -> bool:
-    return hasattr(type(find_head(model)[0]), "_head_base")
-
-
 @contextmanager
 def capturing():
     """Record the LM head's input of every forward built inside the block: a list that gets
