@@ -17,6 +17,7 @@ from helpers.gguf_raw import (
 )
 from helpers.gguf_reference import dequantized
 import mlx_qspec
+from mlx_qspec.commands import convert as convert_module
 from mlx_qspec.convert import convert
 from mlx_qspec.errors import ModelError
 
@@ -287,3 +288,20 @@ def test_convert_refuses_non_empty_destination(tiny, tmp_path):
     with pytest.raises(ModelError, match="exists and is not empty"):
         convert(str(tiny[0]), str(dest))
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+
+
+@pytest.mark.parametrize("model, options, message", [
+    ("org/not-cached", dict(rotate=True), "--rotate converts a GGUF file"),  # a hub id: a directory
+    ("GGUF", dict(quantize=True), "is a GGUF file, quantized already: drop -q"),
+    ("GGUF", dict(dtype="float8"), "--dtype must be one of"),
+])
+def test_convert_refuses_before_it_resolves_the_model(tiny, tmp_path, monkeypatch, model, options,
+                                                      message):
+    """Mistakes that need no model are found before a hub id would be downloaded."""
+    def no_resolve(*a, **k):
+        raise AssertionError("the model was resolved (a hub id downloaded) before the mistake was found")
+
+    monkeypatch.setattr(convert_module, "resolve", no_resolve)
+    model = str(tiny[0]) if model == "GGUF" else model
+    assert message in model_error(convert, model, str(tmp_path / "out"), **options)
+    assert not (tmp_path / "out").exists()

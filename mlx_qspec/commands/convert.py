@@ -23,7 +23,7 @@ from ..cli import ArgumentParser, progress, run_cli
 from ..errors import ModelError
 from ..heads import mtp, store
 from ..heads.block import quantize as quantize_head
-from ..loader import cast_floats, load, load_gguf, resolve, rotated_model_type
+from ..loader import cast_floats, is_hub_id, load, load_gguf, resolve, rotated_model_type
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -68,13 +68,14 @@ def convert(
     directory. ``quantize``, ``q_bits``, ``q_group_size``: for a Hugging Face model, as
     mlx-lm's convert takes them (a GGUF keeps its own quantization)."""
     mlx_path = _check_destination(str(mlx_path))
-    src = resolve(model)
     if dtype is not None and dtype not in DTYPES:
         raise ModelError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
-    if src.is_dir() and rotate:
+    local = Path(model).expanduser()  # a GGUF file is local; a hub id resolves to a directory
+    if rotate and not local.is_file() and (local.exists() or is_hub_id(model)):
         raise ModelError("--rotate converts a GGUF file; convert the model to GGUF first")
-    if src.is_file() and quantize:
+    if local.is_file() and quantize:
         raise ModelError(f"--model '{model}' is a GGUF file, quantized already: drop -q")
+    src = resolve(model)  # (a hub id downloads: after every check that needs no model)
     created = _make_destination(mlx_path)
     try:
         if src.is_dir():
