@@ -28,7 +28,7 @@ import mlx.core as mx
 
 from plotting import arguments, write
 from mlx_qspec import load
-from mlx_qspec.bench import EDIT_REQUEST, _fork, _prefilled, chat_tokens, drain, log
+from mlx_qspec.bench import EDIT_REQUEST, _fork, _prefilled, chat_tokens, drain, log, rounds
 from mlx_qspec.generate import default_model_path, stream_generate
 
 FREE = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -55,14 +55,16 @@ def bench_prompt(model, tokenizer, name, text, max_tokens, repeats) -> dict:
     cache = _prefilled(model, ids[:-1])
     first = run_once(model, tokenizer, ids, cache, "auto", max_tokens)  # an empty store
     log(f"{name}: first auto run {first['wall_s']:.1f} s ({first['auto_reason']})")
-    runs = []
-    for r in range(repeats):
-        for draft in (("none", "auto") if r % 2 == 0 else ("auto", "none")):
-            runs.append(run_once(model, tokenizer, ids, cache, draft, max_tokens))
-            log(f"{name}: round {r + 1} {draft:5s} {runs[-1]['wall_s']:.1f} s "
-                f"(CPU {runs[-1]['cpu_s']:.1f} s) {runs[-1]['auto_reason']}")
-    plain = [x for x in runs if x["draft"] == "none"]
-    auto = [x for x in runs if x["draft"] == "auto"]
+    runs = []  # in the order they ran
+
+    def timed(draft):
+        runs.append(run_once(model, tokenizer, ids, cache, draft, max_tokens))
+        log(f"{name}: round {(len(runs) + 1) // 2} {draft:5s} {runs[-1]['wall_s']:.1f} s "
+            f"(CPU {runs[-1]['cpu_s']:.1f} s) {runs[-1]['auto_reason']}")
+        return runs[-1]
+
+    by_draft = rounds({draft: lambda draft=draft: timed(draft) for draft in ("none", "auto")}, repeats)
+    plain, auto = by_draft["none"], by_draft["auto"]
     out = dict(prompt=name, prompt_tokens=len(ids), same_tokens=all(
         x["tokens"] == plain[0]["tokens"] for x in [first, *runs]),
         auto_reasons=sorted({x["auto_reason"] for x in [first, *auto]}),
