@@ -209,10 +209,9 @@ def add_kv_args(parser, named: bool = False):
 
 
 def add_draft_args(parser, named: bool = False,
-                   prefill_step_size: int = Settings.prefill_step_size,
                    prefill_help: str = "Smaller values lower peak memory during prefill"):
     """How the model drafts, the caches drafts read, and the prefill's chunk (the server
-    gives its own default and why)."""
+    says why its own default, set with ``parser.set_defaults``)."""
     parser.add_argument("--max-kv-size", type=setting("max_kv_size", int, named), default=None,
                         help="Maximum key-value cache size: attention sees a window of this "
                         "many tokens (--kv-mode fp; drafts keep it exactly)")
@@ -241,9 +240,9 @@ def add_draft_args(parser, named: bool = False,
                         help="End a draft block early when the draft's top probability falls "
                         "below this (0 = never; llama.cpp's --draft-p-min)")
     parser.add_argument("--prefill-step-size", type=setting("prefill_step_size", int, named),
-                        default=prefill_step_size,
+                        default=Settings.prefill_step_size,
                         help=f"Number of prompt tokens to process at a time. {prefill_help} "
-                        f"(default: {prefill_step_size})")
+                        "(default: %(default)s)")
 
 
 def settings_from_args(args) -> Settings:

@@ -690,10 +690,11 @@ def setup_arg_parser():
     parser.add_argument("--queue-size", type=cli.integer(1, name="--queue-size"), default=64,
                         help="Requests that may wait for the engine; more get 429 (default: 64)")
     cli.add_kv_args(parser, named=True)
-    cli.add_draft_args(parser, named=True, prefill_step_size=PREFILL_STEP_SIZE, prefill_help=(
+    cli.add_draft_args(parser, named=True, prefill_help=(
         "Prompts are prefilled this many tokens per round, between the running requests' "
         "decode steps: smaller values keep them flowing while a long prompt prefills (the "
         "same value at the CLI builds the same cache)"))
+    parser.set_defaults(prefill_step_size=PREFILL_STEP_SIZE)
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     return parser
