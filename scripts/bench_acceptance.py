@@ -30,7 +30,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from plotting import arguments, write
+from plotting import arguments, text_table, write
 from mlx_qspec import load, settings
 from mlx_qspec.cli import default_model_path, progress_of
 from mlx_qspec.decoder import SpecStats
@@ -115,19 +115,13 @@ def run_config(model, prompt_sets, plain_outs, mode, gamma, max_tokens, kv_mode=
 
 
 def print_table(rows):
-    w = max(8, *(len(r["draft"]) for r in rows))
-    head = (f"{'draft':{w}} {'γ':>2} {'α':>6} {'τ':>6} {'τ max':>6} {'verify/tok':>10} "
-            f"{'bytes/tok':>9} {'modeled×':>8} {'match':>6} "
-            f"{'drafted':>7} {'accepted':>8}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        print(f"{r['draft']:{w}} {r['gamma']:>2} {r['acceptance']:6.3f} {r['tokens_per_verify']:6.2f} "
-              f"{r['tokens_per_verify_ceiling']:6.2f} "
-              f"{r['verify_passes_per_token']:10.3f} {r['bytes_per_token_vs_plain']:9.2f} "
-              f"{r['modeled_mac_speedup']:8.2f} "
-              f"{r['greedy_match']:6.3f} {r['drafted']:7d} "
-              f"{r['accepted']:8d}")
+    print(text_table([
+        ("draft", "draft", "{}"), ("γ", "gamma", "{}"), ("α", "acceptance", "{:.3f}"),
+        ("τ", "tokens_per_verify", "{:.2f}"), ("τ max", "tokens_per_verify_ceiling", "{:.2f}"),
+        ("verify/tok", "verify_passes_per_token", "{:.3f}"),
+        ("bytes/tok", "bytes_per_token_vs_plain", "{:.2f}"), ("modeled×", "modeled_mac_speedup", "{:.2f}"),
+        ("match", "greedy_match", "{:.3f}"), ("drafted", "drafted", "{}"), ("accepted", "accepted", "{}")],
+        rows))
 
 
 def tau_figure(plt, series: dict, decorate=None):

@@ -24,7 +24,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from plotting import arguments, write
+from plotting import arguments, text_table, write
 from mlx_qspec import load
 from mlx_qspec.errors import ModelError
 from mlx_qspec.bench import chat_tokens, log, plain_decode, stock_mlx_lm
@@ -84,16 +84,14 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
-    head = (f"{'prompt':<8} {'ours tok/s':>10} {'mlx-lm tok/s':>12} {'ratio':>6} "
-            f"{'ours GB':>8} {'mlx-lm GB':>9} {'ratio':>6} {'tokens equal':>12}")
-    lines = [head, "-" * len(head)]
-    for name, s in rows:
-        lines.append(
-            f"{name:<8} {s['ours']['tps']:>10.2f} {s['mlx-lm']['tps']:>12.2f} {s['speed_ratio']:>6.3f} "
-            f"{s['ours']['peak_gb']:>8.3f} {s['mlx-lm']['peak_gb']:>9.3f} {s['memory_ratio']:>6.3f} "
-            f"{'yes' if s['tokens_equal'] else 'NO':>12}"
-        )
-    return "\n".join(lines)
+    return text_table([
+        ("prompt", lambda r: r[0], "{}"), ("ours tok/s", lambda r: r[1]["ours"]["tps"], "{:.2f}"),
+        ("mlx-lm tok/s", lambda r: r[1]["mlx-lm"]["tps"], "{:.2f}"),
+        ("ratio", lambda r: r[1]["speed_ratio"], "{:.3f}"),
+        ("ours GB", lambda r: r[1]["ours"]["peak_gb"], "{:.3f}"),
+        ("mlx-lm GB", lambda r: r[1]["mlx-lm"]["peak_gb"], "{:.3f}"),
+        ("ratio", lambda r: r[1]["memory_ratio"], "{:.3f}"),
+        ("tokens equal", lambda r: "yes" if r[1]["tokens_equal"] else "NO", "{}")], rows)
 
 
 def main(argv=None):

@@ -24,7 +24,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
 from bench_acceptance import tau_figure
-from plotting import arguments, write
+from plotting import arguments, text_table, write
 from mlx_qspec import load, precision, reads, roofline
 from mlx_qspec.cli import default_model_path
 from mlx_qspec.heads import capture, store
@@ -163,14 +163,11 @@ def main(argv=None):
 
 
 def print_table(rows):
-    head = (f"{'workload':10} {'draft':8} {'read':8} {'γ':>2} {'α':>6} {'τ':>5} {'draft/plain bytes':>17} "
-            f"{'modeled× (' + rows[0]['chip'] + ')':>18}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        print(f"{r['workload']:10} {r['draft']:8} {r['read']:8} {r['gamma']:>2} {r['acceptance']:6.3f} "
-              f"{r['tokens_per_verify']:5.2f} {r['draft_step_vs_plain']:17.3f} "
-              f"{r['modeled_mac_speedup']:18.2f}")
+    print(text_table([
+        ("workload", "workload", "{}"), ("draft", "draft", "{}"), ("read", "read", "{}"),
+        ("γ", "gamma", "{}"), ("α", "acceptance", "{:.3f}"), ("τ", "tokens_per_verify", "{:.2f}"),
+        ("draft/plain bytes", "draft_step_vs_plain", "{:.3f}"),
+        (f"modeled× ({rows[0]['chip']})", "modeled_mac_speedup", "{:.2f}")], rows))
 
 
 def figure(plt, rows):

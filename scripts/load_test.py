@@ -38,7 +38,7 @@ from typing import Optional
 import httpx2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plotting import arguments, write  # noqa: E402
+from plotting import arguments, text_table, write  # noqa: E402
 
 QUESTIONS = [
     "Write a short story about a lighthouse keeper.",
@@ -204,17 +204,14 @@ def compare(a: dict, b: dict) -> dict:
 
 
 def table(levels) -> str:
-    cols = [("server", "server", "{}"), ("C", "concurrency", "{}"), ("done", "completed", "{}"),
-            ("err", "errors", "{}"), ("skip", "skipped", "{}"),
-            ("p50 s", "latency_p50_s", "{:.2f}"), ("p95 s", "latency_p95_s", "{:.2f}"),
-            ("TTFT p50", "ttft_p50_s", "{:.2f}"), ("TTFT p95", "ttft_p95_s", "{:.2f}"),
-            ("tok/s", "tokens_per_s", "{:.2f}"), ("RSS before", "rss_before_mib", "{:.0f}"),
-            ("RSS after", "rss_after_mib", "{:.0f}"), ("fwd/tok", "forwards_per_token", "{:.3f}"),
-            ("verify fwd/tok", "verify_forwards_per_token", "{:.3f}")]
-    fmt = lambda f, v: "-" if v is None else f.format(v)  # noqa: E731
-    rows = [[name for name, _, _ in cols]] + [[fmt(f, lv[k]) for _, k, f in cols] for lv in levels]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+    return text_table([
+        ("server", "server", "{}"), ("C", "concurrency", "{}"), ("done", "completed", "{}"),
+        ("err", "errors", "{}"), ("skip", "skipped", "{}"),
+        ("p50 s", "latency_p50_s", "{:.2f}"), ("p95 s", "latency_p95_s", "{:.2f}"),
+        ("TTFT p50", "ttft_p50_s", "{:.2f}"), ("TTFT p95", "ttft_p95_s", "{:.2f}"),
+        ("tok/s", "tokens_per_s", "{:.2f}"), ("RSS before", "rss_before_mib", "{:.0f}"),
+        ("RSS after", "rss_after_mib", "{:.0f}"), ("fwd/tok", "forwards_per_token", "{:.3f}"),
+        ("verify fwd/tok", "verify_forwards_per_token", "{:.3f}")], levels)
 
 
 def figure(plt, levels, title: str):

@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: their common flags, their JSON and PNG (matplotlib is
-optional: :func:`mlx_qspec.bench.pyplot`)."""
+"""What the benchmark scripts share: their common flags, their table, their JSON and PNG
+(matplotlib is optional: :func:`mlx_qspec.bench.pyplot`)."""
 
 import argparse
 import json
@@ -45,3 +45,17 @@ def write(args, results, draw=None, indent: int = 1, dpi=None):
         fig.tight_layout()
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.plot, dpi=dpi)
+
+
+def text_table(columns, rows) -> str:
+    """A fixed-width table: ``columns`` are ``(header, key or function of a row, format)``,
+    each column as wide as its widest cell, right-aligned; None prints as ``-``."""
+    def cell(row, key, fmt):
+        value = key(row) if callable(key) else row[key]
+        return "-" if value is None else fmt.format(value)
+
+    cells = [[header for header, _, _ in columns]]
+    cells += [[cell(row, key, fmt) for _, key, fmt in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
