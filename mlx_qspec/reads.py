@@ -89,13 +89,17 @@ class ReadCounter:
 
     def _resolve(self):
         pending, self._routed = self._routed, []
+        seen = {}  # id(indices) → (routes, distinct, own): a layer's projections share one array
         for kind, key, experts, indices, (ints, floats, elems) in pending:
-            routed = np.array(indices)
-            distinct = np.unique(routed).size
-            own = distinct  # the distinct experts of one row, on average (sorted rows: unknown)
-            if routed.ndim >= 2 and routed.size:
-                rows = np.sort(routed.reshape(-1, routed.shape[-1]), axis=1)
-                own = 1 + np.count_nonzero(np.diff(rows, axis=1), axis=1).mean()
+            if id(indices) not in seen:
+                routed = np.array(indices)
+                distinct = np.unique(routed).size
+                own = distinct  # the distinct experts of one row, on average (sorted rows: unknown)
+                if routed.ndim >= 2 and routed.size:
+                    rows = np.sort(routed.reshape(-1, routed.shape[-1]), axis=1)
+                    own = 1 + np.count_nonzero(np.diff(rows, axis=1), axis=1).mean()
+                seen[id(indices)] = routed, distinct, own
+            routed, distinct, own = seen[id(indices)]
             total = [round(distinct * n) for n in (ints, floats, elems)]
             step = [round(own * n) for n in (ints, floats, elems)]
             self._tally(kind, *step, False)
