@@ -307,6 +307,17 @@ def load_drafts(args, settings: Settings, model, tokenizer, show: bool = True) -
         draft=resolve(model, tokenizer, settings.draft, calibrating))
 
 
+def make_out_folder(out: Path, is_a_file: str = "") -> None:
+    """``--out``'s folder, made now, before minutes of work: one line where it is a file
+    (``is_a_file`` says what to do) or cannot be made."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file{is_a_file}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out '{out}': cannot create it ({e.strerror or e})") from None
+
+
 # ---------------------------------------------------------------- text
 def check_text_args(parser, args) -> None:
     """Every text flag is UTF-8: argv bytes that are not (e.g. Latin-1 ``caf\\xe9``) reach

@@ -51,7 +51,7 @@ import numpy as np
 from .. import controller, cost, kernels, store
 from ..api import stream_generate
 from ..caches import room
-from ..cli import ArgumentParser, default_model_path, run_cli
+from ..cli import ArgumentParser, default_model_path, make_out_folder, run_cli
 from ..decoder import prefill
 from ..drafts.grammar import parse_precision
 from ..errors import UserError
@@ -629,19 +629,9 @@ def plan(quick: bool, metal: bool) -> dict:
     return p
 
 
-def _make_out(out: Path) -> None:
-    """The report's folder, made before any work (a bench runs for minutes)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out}' is a file; name a folder for the report")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out '{out}': cannot create it ({e.strerror or e})") from None
-
-
 def run(args, parser):
     start = time.perf_counter()
-    _make_out(Path(args.out))
+    make_out_folder(Path(args.out), "; name a folder for the report")  # before any work
     model_path = Path(args.model) if args.model else default_model_path()
     model, tokenizer = load(str(model_path))
     install(model)

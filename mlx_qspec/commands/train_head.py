@@ -36,7 +36,8 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import dequantize_model
 
-from ..cli import MODEL_HELP, ArgumentParser, check_before_load, default_model_path, integer, run_cli
+from ..cli import (MODEL_HELP, ArgumentParser, check_before_load, default_model_path, integer,
+                   make_out_folder, run_cli)
 from ..errors import UserError
 from ..heads import capture, store
 from ..heads.block import NextTokenHead, build_layer, decoder_layer_class, quantize
@@ -335,15 +336,10 @@ def agreement(model, head, ends, vocab, windows_: list) -> float | None:
 def _check_out(out: Path):
     """The directory to write: a new or empty one, or a run's to resume; made now, so that a
     place that cannot be written fails before the model loads and the text is read."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out}' is a file")
     if out.is_dir() and any(out.iterdir()) and not (out / "checkpoint").is_dir():
         raise UserError(f"--out '{out}' exists, is not empty and holds no train_head checkpoint; "
                         "refusing to overwrite")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out '{out}': cannot create it ({e.strerror or e})") from None
+    make_out_folder(out)
 
 
 # The flags whose values shape the checkpoint (hidden states' width, the text and its windows,
