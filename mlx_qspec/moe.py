@@ -3,9 +3,9 @@
 A decode step reads top-k experts per expert layer; a verify of k rows reads the union of its
 rows' choices, up to k× that. So on a MoE model the verify is far from flat, and a cost model
 that takes a verify's bytes as a step's would speculate where it cannot pay. This module says
-how many distinct experts a forward of r rows is expected to read — from the router's top-k
-alone, or from the routes decoding has seen (consecutive tokens often share experts) — and so
-how many expert bytes, for the cost model (``cost.py``) and the roofline (``roofline.py``).
+how many distinct experts a forward of r rows is expected to read from the router's top-k
+(rows routing independently and uniformly: consecutive tokens often share experts, so it is an
+upper bound) — and so how many expert bytes, for the cost model (``cost.py``) and the roofline (``roofline.py``).
 """
 
 from dataclasses import dataclass
@@ -20,17 +20,11 @@ from .quant.linear import QSpecSwitchLinear
 TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_top_k", "top_k")
 
 
-def expected_distinct(experts: int, top_k: int, rows: int, routes=None) -> float:
+def expected_distinct(experts: int, top_k: int, rows: int) -> float:
     """Expected number of distinct experts among ``rows`` rows' choices of ``top_k`` of
-    ``experts``. From ``routes`` (the expert sets of consecutive rows, as
-    ``ReadCounter.recent_routes`` keeps them) where they hold more than ``rows`` rows: the
-    mean size of the union over every window of ``rows`` consecutive rows. Else rows that
-    choose independently and uniformly: n·(1 − (1 − k/n)^rows)."""
+    ``experts``, rows choosing independently and uniformly: n·(1 − (1 − k/n)^rows)."""
     if rows <= 0:
         return 0.0
-    if routes is not None and len(routes) > rows:
-        windows = [set().union(*routes[i : i + rows]) for i in range(len(routes) - rows + 1)]
-        return sum(map(len, windows)) / len(windows)
     return experts * (1 - (1 - top_k / experts) ** rows)
 
 
@@ -76,11 +70,7 @@ def expert_layers(model: nn.Module, half: bool = True) -> list[ExpertLayer]:
     return [ExpertLayer(key, n, k, b, w) for key, (n, b, w) in sizes.items()]
 
 
-def forward_expert_bytes(layers: list[ExpertLayer], rows: int, routes: dict | None = None) -> float:
+def forward_expert_bytes(layers: list[ExpertLayer], rows: int) -> float:
     """Expected expert bytes a forward of ``rows`` rows reads: per layer, its expected
-    distinct experts (from ``routes[key]`` where seen) times an expert's bytes."""
-    routes = routes or {}
-    return sum(
-        expected_distinct(x.experts, x.top_k, rows, routes.get(x.key, (None, None))[1]) * x.expert_bytes
-        for x in layers
-    )
+    distinct experts times an expert's bytes."""
+    return sum(expected_distinct(x.experts, x.top_k, rows) * x.expert_bytes for x in layers)

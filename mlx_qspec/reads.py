@@ -17,8 +17,7 @@ rewind replays it.
 Mixture-of-experts layers read only the experts their rows route to: :func:`count_routed`
 takes the routing indices (still lazy while the graph is built) and the per-expert arrays;
 the counter resolves them when asked for bytes — the union of the experts over the forward's
-rows, so a verify of k rows reads up to k× a step's expert bytes — and keeps the routes it
-saw (:meth:`ReadCounter.recent_routes`) for the cost model (``moe.py``).
+rows, so a verify of k rows reads up to k× a step's expert bytes.
 
 What plain decoding would have read in the same forwards (:meth:`ReadCounter.step_bytes`):
 the count less what only a forward of several rows reads — the experts beyond each row's own
@@ -26,7 +25,6 @@ the count less what only a forward of several rows reads — the experts beyond 
 forward (``counting(…, forward=False)``: a recurrent state's replay after a rejection).
 """
 
-from collections import deque
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -36,7 +34,6 @@ import numpy as np
 
 WEIGHTS, KV, STATE = "weights", "kv", "state"
 KINDS = (WEIGHTS, KV, STATE)
-ROUTES_KEPT = 256  # rows of routes remembered per expert layer
 _RESOLVE_AT = 4096  # routed reads held lazily before they are resolved
 
 
@@ -55,8 +52,7 @@ class ReadCounter:
     float_elems: dict = field(default_factory=_per_kind)
     # What no plain step reads (see the module docstring): bytes as stored, float bytes, float elements
     beyond_step: list = field(default_factory=lambda: [0, 0, 0])
-    _routed: list = field(default_factory=list, repr=False)  # (kind, key, indices, per expert)
-    _routes: dict = field(default_factory=dict, repr=False)  # key → [experts, rows, last indices]
+    _routed: list = field(default_factory=list, repr=False)  # (kind, indices, per expert)
 
     def add(self, kind: str, arrays, as_stored: bool = False, beyond_step: bool = False):
         for a in arrays:
@@ -75,7 +71,7 @@ class ReadCounter:
             for i, n in enumerate((ints, floats, elems)):
                 self.beyond_step[i] += n
 
-    def add_routed(self, kind: str, key, indices: mx.array, arrays):
+    def add_routed(self, kind: str, indices: mx.array, arrays):
         """Expert arrays (leading axis: experts) of which a forward reads the rows
         ``indices`` (…, top-k) select; resolved into bytes on the next :meth:`bytes`."""
         arrays = [a for a in arrays if a is not None]
@@ -83,14 +79,14 @@ class ReadCounter:
         per = (sum(a.nbytes for a in arrays if not mx.issubdtype(a.dtype, mx.floating)) / experts,
                sum(a.nbytes for a in arrays if mx.issubdtype(a.dtype, mx.floating)) / experts,
                sum(a.size for a in arrays if mx.issubdtype(a.dtype, mx.floating)) / experts)
-        self._routed.append((kind, key, experts, indices, per))
+        self._routed.append((kind, indices, per))
         if len(self._routed) > _RESOLVE_AT:
             self._resolve()
 
     def _resolve(self):
         pending, self._routed = self._routed, []
-        seen = {}  # id(indices) → (routes, distinct, own): a layer's projections share one array
-        for kind, key, experts, indices, (ints, floats, elems) in pending:
+        seen = {}  # id(indices) → (distinct, own): a layer's projections share one array
+        for kind, indices, (ints, floats, elems) in pending:
             if id(indices) not in seen:
                 routed = np.array(indices)
                 distinct = np.unique(routed).size
@@ -98,23 +94,12 @@ class ReadCounter:
                 if routed.ndim >= 2 and routed.size:
                     rows = np.sort(routed.reshape(-1, routed.shape[-1]), axis=1)
                     own = 1 + np.count_nonzero(np.diff(rows, axis=1), axis=1).mean()
-                seen[id(indices)] = routed, distinct, own
-            routed, distinct, own = seen[id(indices)]
+                seen[id(indices)] = distinct, own
+            distinct, own = seen[id(indices)]
             total = [round(distinct * n) for n in (ints, floats, elems)]
             step = [round(own * n) for n in (ints, floats, elems)]
             self._tally(kind, *step, False)
             self._tally(kind, *(t - s for t, s in zip(total, step)), True)
-            history = self._routes.setdefault(key, [experts, deque(maxlen=ROUTES_KEPT), None])
-            # A layer's projections share one indices array: its rows are recorded once. Rows
-            # sorted by expert (mlx-lm's SwitchGLU for a long prompt) come flattened: no rows.
-            if history[2] is not indices and indices.ndim >= 2:
-                history[1].extend(frozenset(r) for r in routed.reshape(-1, indices.shape[-1]).tolist())
-            history[2] = indices
-
-    def recent_routes(self) -> dict:
-        """Per expert layer: ``(number of experts, the expert sets of its latest rows)``."""
-        self._resolve()
-        return {k: (n, list(rows)) for k, (n, rows, _) in self._routes.items()}
 
     def bytes(self, kind: str | None = None) -> int:
         """Bytes read here (in this machine's dtypes), of one kind or all."""
@@ -147,12 +132,12 @@ def count(kind: str, *arrays, as_stored: bool = False):
         counter.add(kind, arrays, as_stored, beyond_step=_outside_forward.get())
 
 
-def count_routed(key, indices: mx.array, *arrays):
+def count_routed(indices: mx.array, *arrays):
     """Add the rows of expert ``arrays`` a forward reads — those ``indices`` route to — to
-    the open counter, if any (``key``: the expert layer, for the routes it keeps)."""
+    the open counter, if any."""
     counter = _active.get()
     if counter is not None:
-        counter.add_routed(WEIGHTS, key, indices, arrays)
+        counter.add_routed(WEIGHTS, indices, arrays)
 
 
 @contextmanager

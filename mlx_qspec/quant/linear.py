@@ -136,7 +136,7 @@ UNSORTED_ROWS = kernels.MAX_M * 16
 class QSpecSwitchLinear(QuantizedSwitchLinear):
     """mlx-lm's ``QuantizedSwitchLinear`` (a mixture's experts, same arrays) read at the
     forward's precision, counting only the experts its rows route to
-    (:func:`reads.count_routed`; ``route_key`` names the expert layer).
+    (:func:`reads.count_routed`; ``route_key`` names the expert layer its projections share).
 
     Activation drafts quantize the rows' activations before affine experts (4- or 8-bit).
     ``w-upper`` reads 8-bit experts whole (halving them would take a second copy of their
@@ -156,8 +156,8 @@ class QSpecSwitchLinear(QuantizedSwitchLinear):
         p = precision.current()
         if self.mode == "affine" and p.act_bits is not None:
             x = fake_quantize_activations(x, p.act_bits, p.act_group_size)
-        reads.count_routed(self.route_key, indices, self["weight"], self["scales"],
-                           self.get("biases"), self.global_scale)
+        reads.count_routed(indices, self["weight"], self["scales"], self.get("biases"),
+                           self.global_scale)
         return super().__call__(x, indices, sorted_indices and indices.size > UNSORTED_ROWS)
 
 
