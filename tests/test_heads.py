@@ -4,7 +4,9 @@ directories and their errors, train_head, and the MTP layers checkpoints ship ke
 (DeepSeek-V3 with its experts and MLA weights in Hugging Face layout, Qwen3-Next with its
 offset norms, MiMo through convert, a GGUF's nextn tensors)."""
 
+import io
 import json
+import sys
 
 import gguf
 import mlx.core as mx
@@ -262,6 +264,17 @@ def test_head_directory_round_trip_and_bad_heads(model, tmp_path):
 
 
 # ------------------------------------------------------------------ train_head
+
+
+def test_train_head_progress_writes_to_stderr_as_it_is_when_made(monkeypatch):
+    """Not to the stream that was sys.stderr when the module was imported (in a test suite,
+    another test's capture, closed since: a ValueError mid-run)."""
+    from mlx_qspec.commands.train_head import Progress
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    Progress()("reading text", final=True)
+    assert err.getvalue() == "reading text\n"
 
 
 def test_train_head_writes_a_head_that_loads_and_resumes(tmp_path, capsys, monkeypatch):

@@ -167,8 +167,9 @@ class Progress:
     """One status line: redrawn in place on a terminal, a new line every ``every`` seconds
     in a log file."""
 
-    def __init__(self, stream=sys.stderr, every: float = 10.0):
-        self.stream, self.every, self.last = stream, every, 0.0
+    def __init__(self, stream=None, every: float = 10.0):
+        # sys.stderr as it is now, not as it was at import (a test's capture, since closed)
+        self.stream, self.every, self.last = stream or sys.stderr, every, 0.0
 
     def __call__(self, text: str, final: bool = False):
         now = time.monotonic()
